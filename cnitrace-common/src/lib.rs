@@ -1,0 +1,212 @@
+//! The kernel/user boundary of cnitrace, and nothing else.
+//!
+//! Every record the eBPF programs write to the ring buffer is one fixed-size [`Event`]: a header that
+//! every hook fills (kind, time, skb, namespace, interface), the packet's parsed headers, and a few
+//! kind-specific words. One size keeps the ring buffer reservation and the userspace decoder trivial.
+//! [`Config`] travels the other way: the struct offsets read from the running kernel's BTF and the pair to
+//! follow, handed to the programs as one global before load.
+//!
+//! Numbers here are ABI: event kinds are stable, leave gaps, never renumber. No `bool` in records.
+#![no_std]
+
+/// What a hook saw. Stable numbers; gaps leave room per family.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// net:net_dev_start_xmit: the device is about to transmit the frame.
+    Xmit = 1,
+    /// net:netif_receive_skb: the device received the frame (after eth_type_trans).
+    Receive = 2,
+    /// net:net_dev_queue: handed to the device's queue.
+    Queue = 3,
+    /// skb:kfree_skb: the kernel dropped the packet (location + reason).
+    Drop = 10,
+    /// skb:consume_skb: the packet was consumed normally (delivered to a socket, freed after copy...).
+    Consume = 11,
+    /// fib:fib_table_lookup: a route lookup for the pair.
+    FibLookup = 20,
+    /// neigh:neigh_update: a neighbour entry for one of the pair changed state.
+    NeighUpdate = 30,
+    /// neigh:neigh_timer_handler: the neighbour timer ran (INCOMPLETE -> FAILED happens here).
+    NeighTimer = 31,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Xmit,
+            2 => Self::Receive,
+            3 => Self::Queue,
+            10 => Self::Drop,
+            11 => Self::Consume,
+            20 => Self::FibLookup,
+            30 => Self::NeighUpdate,
+            31 => Self::NeighTimer,
+            _ => return None,
+        })
+    }
+}
+
+/// Header every record starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    pub cpu: u32,
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Address of the sk_buff: the packet's identity inside the kernel.
+    pub skb: u64,
+    /// Inode of the network namespace of the device (0 when unknown).
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
+/// `PacketInfo::flags` bits.
+pub mod pkt_flags {
+    /// The addresses below are the inner headers of a VXLAN packet; outer_* hold the underlay.
+    pub const ENCAP: u8 = 1 << 0;
+    /// An ICMP error whose quoted header is the pair: addresses below are the quoted (inner) ones.
+    pub const ICMP_ERROR: u8 = 1 << 1;
+    /// Matched through the tracking map, headers could not be parsed at this hook.
+    pub const TRACKED_ONLY: u8 = 1 << 2;
+}
+
+/// ethertypes in host order.
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+/// The parsed headers of a matched packet. Addresses are in network byte order, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PacketInfo {
+    /// ETH_P_IP or ETH_P_ARP (host order).
+    pub ethertype: u16,
+    /// IP protocol (1 icmp, 6 tcp, 17 udp).
+    pub ip_proto: u8,
+    /// [`pkt_flags`].
+    pub flags: u8,
+    /// IPv4 saddr/daddr, or ARP sender/target protocol address.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// TCP/UDP ports (host order); for ICMP: type and code.
+    pub sport: u16,
+    pub dport: u16,
+    /// ICMP echo id and sequence (host order); ARP: opcode in `id`.
+    pub id: u16,
+    pub seq: u16,
+    /// IP total length (host order) or skb->len for ARP.
+    pub len: u32,
+    /// Underlay addresses when ENCAP (network order).
+    pub outer_saddr: u32,
+    pub outer_daddr: u32,
+    /// VXLAN network identifier when ENCAP.
+    pub vni: u32,
+    pub _pad: u32,
+}
+
+/// One record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Event {
+    pub header: EventHeader,
+    pub pkt: PacketInfo,
+    /// Drop: kfree_skb location (kernel text address). Neigh: link-layer address (6 bytes, low end).
+    pub location: u64,
+    /// Drop: `enum skb_drop_reason` value (0 when the kernel has none). Fib: table id. Neigh: nud state.
+    pub reason: u32,
+    /// Fib: the lookup's error (0 found, negative errno). Neigh: error of the timer/update.
+    pub err: i32,
+    /// Fib: ifindex the route resolved to (0 when none).
+    pub oif: u32,
+    pub _pad: u32,
+}
+
+/// Counter slots of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Records that passed the filter.
+    pub const MATCHED: u32 = 0;
+    /// Records written to the ring buffer.
+    pub const EMITTED: u32 = 1;
+    /// Records lost because the ring buffer was full. MATCHED = EMITTED + LOST, always.
+    pub const LOST: u32 = 2;
+    pub const LEN: u32 = 4;
+}
+
+/// What userspace tells the programs before load (one global, `CONFIG`).
+/// Offsets are byte offsets read from the running kernel's BTF; 0xffff_ffff means "not present here".
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// The pair, network byte order. Traffic between them in either direction is followed.
+    pub addr_a: u32,
+    pub addr_b: u32,
+    /// VXLAN UDP ports to look inside (host order); 0 = unused.
+    pub vxlan_port_1: u16,
+    pub vxlan_port_2: u16,
+    /// 1 when the loaded programs should emit anything (lets start-up attach before filtering starts).
+    pub enabled: u32,
+
+    pub skb_head: u32,
+    pub skb_data: u32,
+    pub skb_len: u32,
+    pub skb_dev: u32,
+    pub skb_protocol: u32,
+    pub skb_network_header: u32,
+    pub dev_ifindex: u32,
+    pub dev_nd_net: u32,
+    pub net_ns_inum: u32,
+    pub flowi4_saddr: u32,
+    pub flowi4_daddr: u32,
+    pub nhc_dev: u32,
+    pub neigh_primary_key: u32,
+    pub neigh_dev: u32,
+    pub neigh_nud_state: u32,
+    pub neigh_ha: u32,
+    pub _pad: u32,
+}
+
+impl Config {
+    pub const ABSENT: u32 = u32::MAX;
+
+    pub const fn zeroed() -> Self {
+        Config {
+            addr_a: 0,
+            addr_b: 0,
+            vxlan_port_1: 0,
+            vxlan_port_2: 0,
+            enabled: 0,
+            skb_head: 0,
+            skb_data: 0,
+            skb_len: 0,
+            skb_dev: 0,
+            skb_protocol: 0,
+            skb_network_header: 0,
+            dev_ifindex: 0,
+            dev_nd_net: 0,
+            net_ns_inum: 0,
+            flowi4_saddr: 0,
+            flowi4_daddr: 0,
+            nhc_dev: 0,
+            neigh_primary_key: 0,
+            neigh_dev: 0,
+            neigh_nud_state: 0,
+            neigh_ha: 0,
+            _pad: 0,
+        }
+    }
+}
+
+// The layout is ABI between two compilers: pin it.
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
+const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
+const _: () = assert!(core::mem::size_of::<Event>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 84);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), no padding holes that matter, no pointers.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Config {}
+}

@@ -1,0 +1,42 @@
+//! Every device on the path: transmit, queue and receive.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use cnitrace_common::EventKind;
+
+use crate::filter::{config, emit, match_skb, new_event, stamp_dev, L3At};
+
+#[inline(always)]
+fn on_skb(ctx: &BtfTracePointContext, kind: EventKind, at: L3At) -> i32 {
+    let c = config();
+    if c.enabled == 0 {
+        return 0;
+    }
+    let skb: *const u8 = ctx.arg(0);
+    let mut ev = new_event(kind, skb);
+    unsafe {
+        if !match_skb(&c, skb, at, &mut ev) {
+            return 0;
+        }
+        stamp_dev(&c, skb, &mut ev);
+    }
+    emit(&mut ev);
+    0
+}
+
+// TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
+#[btf_tracepoint(function = "net_dev_start_xmit")]
+pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
+    on_skb(&ctx, EventKind::Xmit, L3At::NetworkHeader)
+}
+
+// TP_PROTO(struct sk_buff *skb)
+#[btf_tracepoint(function = "net_dev_queue")]
+pub fn net_dev_queue(ctx: BtfTracePointContext) -> i32 {
+    on_skb(&ctx, EventKind::Queue, L3At::NetworkHeader)
+}
+
+// TP_PROTO(struct sk_buff *skb); the MAC header is already pulled: skb->data is the L3 header.
+#[btf_tracepoint(function = "netif_receive_skb")]
+pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+    on_skb(&ctx, EventKind::Receive, L3At::Data)
+}

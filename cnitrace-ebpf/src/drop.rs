@@ -1,0 +1,63 @@
+//! Where packets end: dropped (kfree_skb, with location and reason) or consumed.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use cnitrace_common::EventKind;
+
+use crate::filter::{config, emit, forget, match_skb, new_event, stamp_dev, L3At};
+
+#[inline(always)]
+fn on_drop(ctx: &BtfTracePointContext, reason: u32) -> i32 {
+    let c = config();
+    if c.enabled == 0 {
+        return 0;
+    }
+    let skb: *const u8 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    let mut ev = new_event(EventKind::Drop, skb);
+    unsafe {
+        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev) {
+            return 0;
+        }
+        stamp_dev(&c, skb, &mut ev);
+    }
+    forget(skb);
+    ev.location = location;
+    ev.reason = reason;
+    emit(&mut ev);
+    0
+}
+
+// >= 5.17: TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason[, struct sock *rx_sk])
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_reason(ctx: BtfTracePointContext) -> i32 {
+    let reason: u32 = ctx.arg(2);
+    on_drop(&ctx, reason)
+}
+
+// < 5.17: TP_PROTO(struct sk_buff *skb, void *location). Userspace loads one of the two.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_legacy(ctx: BtfTracePointContext) -> i32 {
+    on_drop(&ctx, 0)
+}
+
+// TP_PROTO(struct sk_buff *skb[, void *location]). Only skbs we follow: every freed packet passes here.
+#[btf_tracepoint(function = "consume_skb")]
+pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
+    let c = config();
+    if c.enabled == 0 {
+        return 0;
+    }
+    let skb: *const u8 = ctx.arg(0);
+    if !forget(skb) {
+        return 0;
+    }
+    let mut ev = new_event(EventKind::Consume, skb);
+    unsafe {
+        // Headers are still there; parse for the record, but the map already said it is ours.
+        let _ = match_skb(&c, skb, L3At::NetworkHeader, &mut ev);
+        stamp_dev(&c, skb, &mut ev);
+    }
+    forget(skb); // match_skb re-inserted it
+    emit(&mut ev);
+    0
+}

@@ -1,0 +1,48 @@
+//! ARP resolution of the pair's addresses: state changes and the timer that fails them.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use cnitrace_common::{EventKind, ETH_P_ARP};
+
+use crate::filter::{config, dev_ids, emit, new_event, read};
+
+#[inline(always)]
+fn on_neigh(n: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> i32 {
+    let c = config();
+    if c.enabled == 0 {
+        return 0;
+    }
+    let key: u32 = unsafe { read(n, c.neigh_primary_key) }.unwrap_or(0);
+    if key != c.addr_a && key != c.addr_b {
+        return 0;
+    }
+    let mut ev = new_event(kind, core::ptr::null());
+    ev.pkt.ethertype = ETH_P_ARP;
+    ev.pkt.daddr = key;
+    let dev: *const u8 = unsafe { read(n, c.neigh_dev) }.unwrap_or(core::ptr::null());
+    let (netns, ifindex) = unsafe { dev_ids(&c, dev) };
+    ev.header.netns = netns;
+    ev.header.ifindex = ifindex;
+    let state: u8 = unsafe { read(n, c.neigh_nud_state) }.unwrap_or(0);
+    ev.reason = new_state.unwrap_or(state as u32);
+    let ha: [u8; 8] = unsafe { read(n, c.neigh_ha) }.unwrap_or([0; 8]);
+    ev.location = u64::from_le_bytes(ha) & 0x0000_ffff_ffff_ffff;
+    ev.err = err;
+    emit(&mut ev);
+    0
+}
+
+// TP_PROTO(struct neighbour *n, const u8 *lladdr, u8 new, u32 flags, u32 nlmsg_pid)
+#[btf_tracepoint(function = "neigh_update")]
+pub fn neigh_update(ctx: BtfTracePointContext) -> i32 {
+    let n: *const u8 = ctx.arg(0);
+    let new: u64 = ctx.arg(2);
+    on_neigh(n, EventKind::NeighUpdate, Some((new & 0xff) as u32), 0)
+}
+
+// TP_PROTO(struct neighbour *n, int err)
+#[btf_tracepoint(function = "neigh_timer_handler")]
+pub fn neigh_timer_handler(ctx: BtfTracePointContext) -> i32 {
+    let n: *const u8 = ctx.arg(0);
+    let err: i32 = ctx.arg(1);
+    on_neigh(n, EventKind::NeighTimer, None, err)
+}

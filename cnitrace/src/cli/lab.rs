@@ -1,0 +1,136 @@
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use crate::{
+    exit,
+    lab::{self, check, faults, topology, Lab, DEFAULT_PREFIX},
+};
+
+#[derive(Args)]
+pub struct LabArgs {
+    /// Name prefix of every namespace of the lab (lets two labs, e.g. a test's, stay apart).
+    #[arg(long, global = true, default_value = DEFAULT_PREFIX, env = "CNITRACE_LAB_PREFIX")]
+    prefix: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab, with zero or more faults on.
+    Up {
+        /// A fault from `cnitrace lab list`; repeat to combine.
+        #[arg(long = "fault", value_name = "NAME")]
+        faults: Vec<String>,
+    },
+    /// Tear everything of the lab down: namespaces, links, rules, processes.
+    Down,
+    /// What is up, which faults are on, and which paths flow.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The faults, one line each.
+    List,
+    /// Add or remove a pod through the CNI plugin, as the runtime does.
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+    /// (internal) The HTTP server the lab runs inside its namespaces.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    Add {
+        name: String,
+        /// Node index: 0 = storagenodet3500, 1 = storagenodet3501.
+        #[arg(long, default_value_t = 0)]
+        node: usize,
+    },
+    Del {
+        name: String,
+    },
+}
+
+pub fn run(args: LabArgs) -> Result<u8> {
+    let prefix = args.prefix.as_str();
+    match args.command {
+        LabCommand::Up { faults } => {
+            let lab = lab::up(prefix, &faults)?;
+            println!("lab up: prefix {prefix}");
+            print_layout(&lab);
+            if lab.state.faults.is_empty() {
+                println!("faults: none");
+            } else {
+                for f in &lab.state.faults {
+                    let fault = faults::find(f).expect("applied faults are known");
+                    println!("fault: {f} — {}", fault.summary);
+                }
+            }
+        }
+        LabCommand::Down => {
+            let removed = lab::down(prefix)?;
+            if removed.is_empty() {
+                println!("lab down: nothing was up under prefix {prefix}");
+            } else {
+                println!("lab down: removed {}", removed.join(", "));
+            }
+        }
+        LabCommand::Status { json } => {
+            let lab = Lab::load(prefix)?;
+            let results = check::check_all(&lab);
+            if json {
+                let v = serde_json::json!({ "state": lab.state, "paths": results });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_layout(&lab);
+                println!("faults: {}", if lab.state.faults.is_empty() { "none".into() } else { lab.state.faults.join(", ") });
+                for r in results {
+                    println!("  {:<20} {:<6} {}", r.path.name(), if r.ok { "ok" } else { "BROKEN" }, if r.ok { "" } else { &r.detail });
+                }
+            }
+        }
+        LabCommand::List => {
+            for f in faults::FAULTS {
+                println!("{:<26} {:<24} {}", f.name, f.cause, f.summary);
+            }
+        }
+        LabCommand::Pod { command } => {
+            let mut lab = Lab::load(prefix)?;
+            match command {
+                PodCommand::Add { name, node } => {
+                    anyhow::ensure!(node < topology::NODES.len(), "no node {node}: the lab has nodes 0 and 1");
+                    let ip = lab.free_ip(node);
+                    lab.add_pod(&name, node, ip)?;
+                    println!("pod {name} added on {}: {ip}, host veth {}", topology::NODES[node].name, lab.host_veth(&name)?);
+                }
+                PodCommand::Del { name } => {
+                    lab.del_pod(&name)?;
+                    println!("pod {name} removed");
+                }
+            }
+        }
+        LabCommand::Serve { port, name } => {
+            lab::serve::serve(port, &name).context("lab HTTP server")?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn print_layout(lab: &Lab) {
+    for (i, n) in topology::NODES.iter().enumerate() {
+        println!("node {} (netns {}): cni0 {} underlay {}", n.name, lab.node_ns(i), n.gateway(), n.underlay);
+    }
+    for (name, p) in &lab.state.pods {
+        println!("  pod {name:<10} {:<13} netns {:<28} host veth {}", p.ip.to_string(), lab.pod_ns(name), p.host_veth);
+    }
+    println!("external (netns {}): {}:{}", lab.external_ns(), topology::EXTERNAL_IP, topology::EXTERNAL_PORT);
+}

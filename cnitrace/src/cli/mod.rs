@@ -1,0 +1,45 @@
+//! The only place clap appears: raw arguments become resolved, typed requests before any command runs.
+
+mod lab;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::exit;
+
+#[derive(Parser)]
+#[command(name = "cnitrace", version, about = "Follows the packets between two pods through the kernel, names where and why they die, and repairs it.")]
+#[command(after_help = "Exit codes: 0 delivered / success, 1 dropped (drop point found), 2 usage or environment error, 3 inconclusive.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
+    Lab(lab::LabArgs),
+}
+
+/// Parses, runs, and maps the outcome to the documented exit code. Errors are printed once, as a chain.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return exit::code(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Lab(args) => lab::run(args),
+    };
+    match result {
+        Ok(code) => exit::code(code),
+        Err(e) => {
+            eprintln!("cnitrace: {e:#}");
+            exit::code(exit::USAGE)
+        }
+    }
+}

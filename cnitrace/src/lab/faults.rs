@@ -1,0 +1,288 @@
+//! The fault catalog: each fault breaks exactly one thing, the way it breaks on real nodes, and names the
+//! cause `follow` must report for it and the lab paths it must break (the rest must keep working).
+
+use anyhow::Result;
+
+use super::{
+    check::PathId::{self, *},
+    topology::NODES,
+    Lab,
+};
+use crate::sys;
+
+pub struct Fault {
+    pub name: &'static str,
+    /// The cause id of `follow`'s catalog this fault produces.
+    pub cause: &'static str,
+    pub summary: &'static str,
+    /// The lab paths this fault breaks; every other path keeps working.
+    pub breaks: &'static [PathId],
+    /// The (source pod, destination pod) pair that shows it best.
+    pub pair: (&'static str, &'static str),
+    apply: fn(&Lab) -> Result<()>,
+}
+
+impl Fault {
+    pub fn apply(&self, lab: &Lab) -> Result<()> {
+        (self.apply)(lab)
+    }
+}
+
+/// The seed's incident: debug cannot reach jellyfin on the same node, "Destination Host Unreachable".
+pub const SEED_FAULT: &str = "veth-detached";
+
+pub fn find(name: &str) -> Option<&'static Fault> {
+    FAULTS.iter().find(|f| f.name == name)
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<()> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    sys::run("ip", &full).map(|_| ())
+}
+
+fn bridge(ns: &str, args: &[&str]) -> Result<()> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    sys::run("bridge", &full).map(|_| ())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    sys::run_in(ns, "sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
+}
+
+const SAME: (&str, &str) = ("debug", "jellyfin");
+const CROSS: (&str, &str) = ("debug", "web");
+
+pub static FAULTS: &[Fault] = &[
+    Fault {
+        name: "bridge-down",
+        cause: "bridge-down",
+        summary: "cni0 is administratively down on storagenodet3500",
+        breaks: &[SameNode, CrossNode, External, CrossNodeFullMtu],
+        pair: SAME,
+        apply: |lab| ip(&lab.node_ns(0), &["link", "set", "cni0", "down"]),
+    },
+    Fault {
+        name: "veth-down-host",
+        cause: "veth-down",
+        summary: "the host end of jellyfin's veth is down",
+        breaks: &[SameNode],
+        pair: SAME,
+        apply: |lab| ip(&lab.node_ns(0), &["link", "set", lab.host_veth("jellyfin")?, "down"]),
+    },
+    Fault {
+        name: "veth-down-pod",
+        cause: "veth-down",
+        summary: "jellyfin's eth0 (the pod end of its veth) is down",
+        breaks: &[SameNode],
+        pair: SAME,
+        apply: |lab| ip(&lab.pod_ns("jellyfin"), &["link", "set", "eth0", "down"]),
+    },
+    Fault {
+        name: "veth-detached",
+        cause: "veth-detached",
+        summary: "jellyfin's host veth is no longer a port of cni0 (what deleting cni0 leaves behind)",
+        breaks: &[SameNode],
+        pair: SAME,
+        apply: |lab| ip(&lab.node_ns(0), &["link", "set", lab.host_veth("jellyfin")?, "nomaster"]),
+    },
+    Fault {
+        name: "veth-wrong-bridge",
+        cause: "veth-wrong-bridge",
+        summary: "jellyfin's host veth is a port of another bridge (docker0)",
+        breaks: &[SameNode],
+        pair: SAME,
+        apply: |lab| {
+            let node = lab.node_ns(0);
+            ip(&node, &["link", "add", "docker0", "type", "bridge"])?;
+            ip(&node, &["link", "set", "docker0", "up"])?;
+            ip(&node, &["link", "set", lab.host_veth("jellyfin")?, "master", "docker0"])
+        },
+    },
+    Fault {
+        name: "bridge-port-blocked",
+        cause: "bridge-port-blocked",
+        summary: "cni0's port for jellyfin is not forwarding (port state disabled)",
+        breaks: &[SameNode],
+        pair: SAME,
+        apply: |lab| bridge(&lab.node_ns(0), &["link", "set", "dev", lab.host_veth("jellyfin")?, "state", "0"]),
+    },
+    Fault {
+        name: "bridge-ip-conflict",
+        cause: "bridge-ip-conflict",
+        summary: "cni0 holds 10.88.0.1/16 instead of the pods' gateway 10.244.0.1/24 (new pods fail too)",
+        breaks: &[CrossNode, External, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| {
+            let node = lab.node_ns(0);
+            ip(&node, &["addr", "del", "10.244.0.1/24", "dev", "cni0"])?;
+            ip(&node, &["addr", "add", "10.88.0.1/16", "dev", "cni0"])
+        },
+    },
+    Fault {
+        name: "forward-policy-drop",
+        cause: "netfilter-policy-drop",
+        summary: "br_netfilter on and FORWARD policy DROP (what Docker does), no accept for the pod network",
+        breaks: &[SameNode, CrossNode, External, CrossNodeFullMtu],
+        pair: SAME,
+        apply: |lab| {
+            let node = lab.node_ns(0);
+            sysctl(&node, "net.bridge.bridge-nf-call-iptables", "1")?;
+            sys::run_in(&node, "iptables-nft", &["-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"])?;
+            sys::run_in(&node, "iptables-nft", &["-P", "FORWARD", "DROP"]).map(|_| ())
+        },
+    },
+    Fault {
+        name: "iptables-drop",
+        cause: "netfilter-rule-drop",
+        summary: "an explicit iptables DROP rule in FORWARD for traffic to storagenodet3501's pods",
+        breaks: &[CrossNode, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| {
+            sys::run_in(&lab.node_ns(0), "iptables-nft", &["-I", "FORWARD", "1", "-d", "10.244.1.0/24", "-j", "DROP"]).map(|_| ())
+        },
+    },
+    Fault {
+        name: "nft-drop",
+        cause: "netfilter-rule-drop",
+        summary: "an explicit native nftables drop rule in a forward hook for storagenodet3501's pods",
+        breaks: &[CrossNode, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| {
+            sys::run_in_stdin(
+                &lab.node_ns(0),
+                "nft",
+                &["-f", "-"],
+                "table inet hardening {\n chain forward {\n  type filter hook forward priority filter + 10; policy accept;\n  ip daddr 10.244.1.0/24 counter drop\n }\n}\n",
+            )
+            .map(|_| ())
+        },
+    },
+    Fault {
+        name: "iptables-backend-conflict",
+        cause: "iptables-backend-conflict",
+        summary: "flannel's accept rules live in iptables-nft while iptables-legacy holds FORWARD policy DROP",
+        breaks: &[SameNode, CrossNode, External, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| sys::run_in(&lab.node_ns(0), "iptables-legacy", &["-P", "FORWARD", "DROP"]).map(|_| ()),
+    },
+    Fault {
+        name: "ip-forward-off",
+        cause: "ip-forward-disabled",
+        summary: "net.ipv4.ip_forward = 0 on storagenodet3500",
+        breaks: &[CrossNode, External, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| sysctl(&lab.node_ns(0), "net.ipv4.ip_forward", "0"),
+    },
+    Fault {
+        name: "rp-filter-strict",
+        cause: "rp-filter",
+        summary: "strict rp_filter on storagenodet3500, whose route back to storagenodet3501 leaves by the uplink",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| {
+            let node = lab.node_ns(0);
+            let peer = format!("{}/32", NODES[1].underlay);
+            ip(&node, &["route", "add", &peer, "via", &super::topology::EXTERNAL_IP.to_string(), "dev", "eth1"])?;
+            sysctl(&node, "net.ipv4.conf.all.rp_filter", "1")?;
+            sysctl(&node, "net.ipv4.conf.eth0.rp_filter", "1")
+        },
+    },
+    Fault {
+        name: "route-missing",
+        cause: "route-missing",
+        summary: "storagenodet3500 has no route to storagenodet3501's pod subnet 10.244.1.0/24",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| ip(&lab.node_ns(0), &["route", "del", "10.244.1.0/24"]),
+    },
+    Fault {
+        name: "pod-routes-missing",
+        cause: "pod-route-missing",
+        summary: "the debug pod lost its default and cluster routes",
+        breaks: &[CrossNode, External, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| {
+            let pod = lab.pod_ns("debug");
+            ip(&pod, &["route", "del", "default"])?;
+            ip(&pod, &["route", "del", super::topology::CLUSTER_CIDR])
+        },
+    },
+    Fault {
+        name: "neighbor-stale",
+        cause: "neighbor-stale",
+        summary: "the debug pod holds a permanent neighbour entry for jellyfin with a wrong MAC",
+        breaks: &[SameNode],
+        pair: SAME,
+        apply: |lab| {
+            ip(&lab.pod_ns("debug"), &["neigh", "replace", "10.244.0.19", "lladdr", "02:00:00:de:ad:01", "dev", "eth0", "nud", "permanent"])
+        },
+    },
+    Fault {
+        name: "vxlan-down",
+        cause: "vxlan-down",
+        summary: "flannel.1 is down on storagenodet3500",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| ip(&lab.node_ns(0), &["link", "set", "flannel.1", "down"]),
+    },
+    Fault {
+        name: "vxlan-fdb-missing",
+        cause: "vxlan-fdb-missing",
+        summary: "flannel.1 on storagenodet3500 lost the FDB entry for storagenodet3501's VTEP",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| {
+            let dst = NODES[1].underlay.to_string();
+            bridge(&lab.node_ns(0), &["fdb", "del", NODES[1].vtep_mac, "dev", "flannel.1", "dst", &dst])
+        },
+    },
+    Fault {
+        name: "vxlan-neigh-missing",
+        cause: "vxlan-neigh-missing",
+        summary: "flannel.1 on storagenodet3500 lost the neighbour entry for storagenodet3501's VTEP",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| ip(&lab.node_ns(0), &["neigh", "del", &NODES[1].vtep_ip().to_string(), "dev", "flannel.1"]),
+    },
+    Fault {
+        name: "vxlan-port-mismatch",
+        cause: "vxlan-config-mismatch",
+        summary: "storagenodet3501's flannel.1 listens on UDP 4789 instead of 8472",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| lab.rebuild_vxlan(1, 4789, super::topology::VXLAN_VNI),
+    },
+    Fault {
+        name: "vxlan-vni-mismatch",
+        cause: "vxlan-config-mismatch",
+        summary: "storagenodet3501's flannel.1 uses VNI 2 instead of 1",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| lab.rebuild_vxlan(1, super::topology::VXLAN_PORT, 2),
+    },
+    Fault {
+        name: "vxlan-address-zero",
+        cause: "vxlan-address-invalid",
+        summary: "flannel.1 on storagenodet3500 holds 0.0.0.0/32 instead of 10.244.0.0/32",
+        breaks: &[CrossNode, CrossNodeFullMtu, NodeToRemotePod],
+        pair: CROSS,
+        apply: |lab| {
+            let node = lab.node_ns(0);
+            ip(&node, &["addr", "del", "10.244.0.0/32", "dev", "flannel.1"])?;
+            ip(&node, &["addr", "add", "0.0.0.0/32", "dev", "flannel.1"])
+        },
+    },
+    Fault {
+        name: "mtu-mismatch",
+        cause: "mtu-mismatch",
+        summary: "the debug pod's veth has MTU 1500 while the VXLAN path carries 1450",
+        breaks: &[CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| {
+            ip(&lab.node_ns(0), &["link", "set", lab.host_veth("debug")?, "mtu", "1500"])?;
+            ip(&lab.pod_ns("debug"), &["link", "set", "eth0", "mtu", "1500"])
+        },
+    },
+];

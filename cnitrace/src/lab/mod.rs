@@ -1,0 +1,398 @@
+//! `cnitrace lab`: the node of the incident, built in network namespaces, with faults on demand.
+//!
+//! Everything lives in namespaces named `<prefix>-…` (default prefix `cnitrace`); the root namespace is
+//! never touched. Pods are made by the real CNI bridge plugin; flanneld is not packaged, so the lab writes
+//! the VXLAN state its vxlan backend would. The same code is the kernel tests' only harness.
+
+pub mod check;
+pub mod cni;
+pub mod faults;
+pub mod serve;
+pub mod topology;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{netns, sys};
+use topology::{Names, NODES, PODS};
+
+/// Lab state (pids, IPAM data, which faults are on) lives under here, one folder per prefix.
+pub const STATE_ROOT: &str = "/run/cnitrace/lab";
+pub const DEFAULT_PREFIX: &str = "cnitrace";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodState {
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+    pub container_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Server {
+    pub name: String,
+    pub netns: String,
+    pub port: u16,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub prefix: String,
+    pub faults: Vec<String>,
+    pub pods: BTreeMap<String, PodState>,
+    pub servers: Vec<Server>,
+}
+
+/// A lab that is up (or being built).
+pub struct Lab {
+    pub names: Names,
+    pub state: LabState,
+}
+
+impl Lab {
+    pub fn node_ns(&self, i: usize) -> String {
+        self.names.node(i)
+    }
+    pub fn pod_ns(&self, pod: &str) -> String {
+        self.names.pod(pod)
+    }
+    pub fn external_ns(&self) -> String {
+        self.names.external()
+    }
+    pub fn host_veth(&self, pod: &str) -> Result<&str> {
+        self.state
+            .pods
+            .get(pod)
+            .map(|p| p.host_veth.as_str())
+            .ok_or_else(|| anyhow!("the lab has no pod {pod}"))
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.names.state_dir().join("state.json")
+    }
+
+    fn save(&self) -> Result<()> {
+        std::fs::create_dir_all(self.names.state_dir())?;
+        std::fs::write(self.state_file(), serde_json::to_vec_pretty(&self.state)?)
+            .context("write the lab state")
+    }
+
+    /// The lab that is up under `prefix`.
+    pub fn load(prefix: &str) -> Result<Lab> {
+        let names = Names::new(prefix);
+        let path = names.state_dir().join("state.json");
+        let data = std::fs::read(&path)
+            .map_err(|_| anyhow!("no lab is up (prefix {prefix}); start one with `cnitrace lab up`"))?;
+        let state = serde_json::from_slice(&data).context("read the lab state")?;
+        Ok(Lab { names, state })
+    }
+
+    /// Recreates flannel.1 on node `i` with another port or VNI (the config-mismatch faults).
+    pub fn rebuild_vxlan(&self, i: usize, port: u16, vni: u32) -> Result<()> {
+        ip(&self.node_ns(i), &["link", "del", "flannel.1"])?;
+        self.setup_vxlan(i, port, vni)
+    }
+
+    /// flannel.1 as flannel's vxlan backend writes it: the device, its /32, and per remote node the
+    /// route, the permanent neighbour and the FDB entry.
+    fn setup_vxlan(&self, i: usize, port: u16, vni: u32) -> Result<()> {
+        let ns = self.node_ns(i);
+        let node = &NODES[i];
+        let (vni, port, local) = (vni.to_string(), port.to_string(), node.underlay.to_string());
+        ip(&ns, &["link", "add", "flannel.1", "address", node.vtep_mac, "type", "vxlan", "id", &vni, "local", &local, "dev", "eth0", "dstport", &port, "nolearning"])?;
+        ip(&ns, &["link", "set", "flannel.1", "mtu", &topology::POD_MTU.to_string(), "up"])?;
+        ip(&ns, &["addr", "add", &format!("{}/32", node.vtep_ip()), "dev", "flannel.1"])?;
+        for (j, peer) in NODES.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            let vtep = peer.vtep_ip().to_string();
+            ip(&ns, &["route", "add", &peer.subnet(), "via", &vtep, "dev", "flannel.1", "onlink"])?;
+            ip(&ns, &["neigh", "replace", &vtep, "lladdr", peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
+            sys::run("bridge", &["-n", &ns, "fdb", "append", peer.vtep_mac, "dev", "flannel.1", "dst", &peer.underlay.to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// Creates a pod through the CNI bridge plugin, as the runtime does.
+    pub fn add_pod(&mut self, name: &str, node: usize, addr: Ipv4Addr) -> Result<()> {
+        if self.state.pods.contains_key(name) {
+            bail!("pod {name} exists already");
+        }
+        let pod_ns = self.pod_ns(name);
+        sys::run("ip", &["netns", "add", &pod_ns])?;
+        let container_id = format!("{}-{}", self.names.prefix, name);
+        let config = self.cni_config(node);
+        let call = cni::Call { node_ns: &self.node_ns(node), pod_ns: &pod_ns, container_id: &container_id, ip: addr, config: &config };
+        let host_veth = match cni::add(&call) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = sys::run("ip", &["netns", "del", &pod_ns]);
+                return Err(e);
+            }
+        };
+        ip(&pod_ns, &["link", "set", "lo", "up"])?;
+        self.state.pods.insert(name.to_string(), PodState { node, ip: addr, host_veth, container_id });
+        self.save()
+    }
+
+    /// Removes a pod through CNI DEL, then its namespace.
+    pub fn del_pod(&mut self, name: &str) -> Result<()> {
+        let pod = self.state.pods.get(name).cloned().ok_or_else(|| anyhow!("the lab has no pod {name}"))?;
+        self.stop_servers(|s| s.name == name);
+        let pod_ns = self.pod_ns(name);
+        let config = self.cni_config(pod.node);
+        let call = cni::Call { node_ns: &self.node_ns(pod.node), pod_ns: &pod_ns, container_id: &pod.container_id, ip: pod.ip, config: &config };
+        let del = cni::del(&call);
+        sys::run("ip", &["netns", "del", &pod_ns])?;
+        self.state.pods.remove(name);
+        self.save()?;
+        del
+    }
+
+    fn cni_config(&self, node: usize) -> String {
+        let dir = self.names.state_dir().join("ipam").join(NODES[node].name);
+        cni::delegate_config(&NODES[node], &dir.to_string_lossy())
+    }
+
+    /// The next free address of a node's pod subnet for `lab pod add`.
+    pub fn free_ip(&self, node: usize) -> Ipv4Addr {
+        let octet = NODES[node].subnet_octet;
+        (30..250)
+            .map(|h| Ipv4Addr::new(10, 244, octet, h))
+            .find(|ip| !self.state.pods.values().any(|p| p.ip == *ip))
+            .expect("a free pod address")
+    }
+
+    fn start_server(&mut self, name: &str, ns: &str, port: u16) -> Result<()> {
+        let exe = std::env::current_exe().context("locate the cnitrace binary")?;
+        let log = std::fs::File::create(self.names.state_dir().join(format!("{name}.log")))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(&exe)
+            .args(["lab", "serve", "--port", &port.to_string(), "--name", name])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Its own session: the server outlives `lab up` and ignores the terminal's signals.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("start the lab's HTTP server")?;
+        self.state.servers.push(Server { name: name.into(), netns: ns.into(), port, pid: child.id() });
+        self.save()?;
+        wait_listening(ns, port)
+    }
+
+    fn stop_servers(&mut self, which: impl Fn(&Server) -> bool) {
+        let (stop, keep): (Vec<_>, Vec<_>) = self.state.servers.drain(..).partition(|s| which(s));
+        self.state.servers = keep;
+        for s in stop {
+            stop_server_pid(s.pid);
+        }
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<()> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    sys::run("ip", &full).map(|_| ())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    sys::run_in(ns, "sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
+}
+
+/// Is `pid` one of the lab's servers (checked before signalling it: pids are reused)?
+fn is_lab_server(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"serve")
+        })
+        .unwrap_or(false)
+}
+
+fn stop_server_pid(pid: u32) {
+    if is_lab_server(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+fn wait_listening(ns: &str, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let path = netns::named(ns);
+    loop {
+        let ok = netns::in_netns(&path, move || {
+            Ok(std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok())
+        })?;
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the lab's HTTP server in {ns} did not start listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The lab namespaces that exist under `prefix`.
+pub fn existing_namespaces(prefix: &str) -> Vec<String> {
+    let names = Names::new(prefix);
+    let mut found: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| names.owns(n)).collect())
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Builds the lab with `faults` on. On any error, whatever was built is torn down again.
+pub fn up(prefix: &str, fault_names: &[String]) -> Result<Lab> {
+    if !sys::is_root() {
+        bail!("`cnitrace lab up` needs root (it creates network namespaces)");
+    }
+    let faults: Vec<&faults::Fault> = fault_names
+        .iter()
+        .map(|n| faults::find(n).ok_or_else(|| anyhow!("unknown fault {n:?}; `cnitrace lab list` shows them")))
+        .collect::<Result<_>>()?;
+    let existing = existing_namespaces(prefix);
+    if !existing.is_empty() {
+        bail!("a lab is already up under prefix {prefix} ({}); run `cnitrace lab down` first", existing.join(", "));
+    }
+    let names = Names::new(prefix);
+    let _ = std::fs::remove_dir_all(names.state_dir());
+    std::fs::create_dir_all(names.state_dir()).context("create the lab's state folder")?;
+    let mut lab = Lab { names, state: LabState { prefix: prefix.into(), ..Default::default() } };
+    lab.save()?;
+    match build(&mut lab, &faults) {
+        Ok(()) => Ok(lab),
+        Err(e) => {
+            let _ = down(prefix);
+            Err(e.context("building the lab failed; it was torn down again"))
+        }
+    }
+}
+
+fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
+    let ext = lab.external_ns();
+    for ns in (0..NODES.len()).map(|i| lab.node_ns(i)).chain([ext.clone()]) {
+        sys::run("ip", &["netns", "add", &ns])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+    }
+    let (n0, n1) = (lab.node_ns(0), lab.node_ns(1));
+    // Underlay: the two nodes' eth0 on one link.
+    sys::run("ip", &["link", "add", "cnt-ul0", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul1", "netns", &n1])?;
+    for (i, ns) in [&n0, &n1].into_iter().enumerate() {
+        ip(ns, &["link", "set", &format!("cnt-ul{i}"), "name", "eth0"])?;
+        ip(ns, &["addr", "add", &format!("{}/24", NODES[i].underlay), "dev", "eth0"])?;
+        ip(ns, &["link", "set", "eth0", "up"])?;
+    }
+    // Uplink: storagenodet3500's eth1 to the external host.
+    sys::run("ip", &["link", "add", "cnt-up0", "netns", &n0, "type", "veth", "peer", "name", "cnt-up1", "netns", &ext])?;
+    ip(&n0, &["link", "set", "cnt-up0", "name", "eth1"])?;
+    ip(&n0, &["addr", "add", &format!("{}/24", topology::UPLINK_IP), "dev", "eth1"])?;
+    ip(&n0, &["link", "set", "eth1", "up"])?;
+    ip(&ext, &["link", "set", "cnt-up1", "name", "eth0"])?;
+    ip(&ext, &["addr", "add", &format!("{}/24", topology::EXTERNAL_IP), "dev", "eth0"])?;
+    ip(&ext, &["link", "set", "eth0", "up"])?;
+
+    for i in 0..NODES.len() {
+        let ns = lab.node_ns(i);
+        sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        // What kubeadm requires on every node.
+        sysctl(&ns, "net.bridge.bridge-nf-call-iptables", "1")?;
+        sys::run_in_stdin(&ns, "iptables-nft-restore", &["--noflush", "-w"], &flannel_rules(i))?;
+        lab.setup_vxlan(i, topology::VXLAN_PORT, topology::VXLAN_VNI)?;
+    }
+    for pod in &PODS {
+        lab.add_pod(pod.name, pod.node, pod.ip)?;
+    }
+    for pod in &PODS {
+        if let Some(port) = pod.serves {
+            let ns = lab.pod_ns(pod.name);
+            lab.start_server(pod.name, &ns, port)?;
+        }
+    }
+    lab.start_server("external", &ext, topology::EXTERNAL_PORT)?;
+    for f in faults {
+        f.apply(lab).with_context(|| format!("apply fault {}", f.name))?;
+        lab.state.faults.push(f.name.to_string());
+    }
+    lab.save()
+}
+
+/// The iptables rules flanneld installs (forward accepts for the cluster CIDR, masquerade out of it).
+fn flannel_rules(node: usize) -> String {
+    let net = topology::CLUSTER_CIDR;
+    let sub = NODES[node].subnet();
+    format!(
+        "*filter\n:FLANNEL-FWD - [0:0]\n\
+         -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+         -A FLANNEL-FWD -s {net} -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+         -A FLANNEL-FWD -d {net} -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+         COMMIT\n\
+         *nat\n:FLANNEL-POSTRTG - [0:0]\n\
+         -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+         -A FLANNEL-POSTRTG -s {sub} -d {net} -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {net} -d {sub} -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG ! -s {net} -d {sub} -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {net} ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+         -A FLANNEL-POSTRTG ! -s {net} -d {net} -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+         COMMIT\n"
+    )
+}
+
+/// Tears down every piece of the lab under `prefix`: servers (by their recorded pid), namespaces (with
+/// them every link, route and rule inside), the state folder. Safe to run twice, and after a crash.
+pub fn down(prefix: &str) -> Result<Vec<String>> {
+    if !sys::is_root() {
+        bail!("`cnitrace lab down` needs root");
+    }
+    let names = Names::new(prefix);
+    if let Ok(mut lab) = Lab::load(prefix) {
+        lab.stop_servers(|_| true);
+    }
+    let namespaces = existing_namespaces(prefix);
+    // Servers whose pid was never recorded (a crash mid-`up`): ours by command line and namespace.
+    sweep_servers(&namespaces);
+    let mut errors = Vec::new();
+    for ns in &namespaces {
+        if let Err(e) = sys::run("ip", &["netns", "del", ns]) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(names.state_dir());
+    if !errors.is_empty() {
+        bail!("lab down left something behind: {}", errors.join("; "));
+    }
+    Ok(namespaces)
+}
+
+fn sweep_servers(namespaces: &[String]) {
+    use std::os::unix::fs::MetadataExt;
+    let inodes: Vec<u64> = namespaces
+        .iter()
+        .filter_map(|n| std::fs::metadata(netns::named(n)).ok().map(|m| m.ino()))
+        .collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(md) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else { continue };
+        if inodes.contains(&md.ino()) {
+            stop_server_pid(pid);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The lab's cluster: two flannel nodes, their pods and an "internet", with the names the namespaces get.
+
+use std::net::Ipv4Addr;
+
+/// The pod network flannel manages (`Network` in flannel's net-conf.json).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// VXLAN as flannel's vxlan backend sets it up.
+pub const VXLAN_VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+pub const POD_MTU: u32 = 1450;
+/// The external host ("the internet"): documentation range TEST-NET-2, lab-only.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+pub const EXTERNAL_PORT: u16 = 80;
+/// Node 0's uplink address towards the external host.
+pub const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// Pods serve HTTP here (jellyfin's port).
+pub const HTTP_PORT: u16 = 8096;
+
+pub struct NodeSpec {
+    pub name: &'static str,
+    /// The node's pod subnet: 10.244.N.0/24.
+    pub subnet_octet: u8,
+    /// Underlay address: TEST-NET-1, lab-only.
+    pub underlay: Ipv4Addr,
+    /// flannel.1's MAC (flannel records it in the node's `flannel.alpha.coreos.com/backend-data`).
+    pub vtep_mac: &'static str,
+}
+
+impl NodeSpec {
+    pub fn subnet(&self) -> String {
+        format!("10.244.{}.0/24", self.subnet_octet)
+    }
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.subnet_octet, 1)
+    }
+    /// flannel.1's address: the subnet's network address as /32.
+    pub fn vtep_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.subnet_octet, 0)
+    }
+}
+
+pub struct PodSpec {
+    pub name: &'static str,
+    /// Index into [`NODES`].
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    /// HTTP port served from inside the pod, if any.
+    pub serves: Option<u16>,
+}
+
+pub const NODES: [NodeSpec; 2] = [
+    NodeSpec {
+        name: "storagenodet3500",
+        subnet_octet: 0,
+        underlay: Ipv4Addr::new(192, 0, 2, 1),
+        vtep_mac: "0e:c1:7a:00:00:01",
+    },
+    NodeSpec {
+        name: "storagenodet3501",
+        subnet_octet: 1,
+        underlay: Ipv4Addr::new(192, 0, 2, 2),
+        vtep_mac: "0e:c1:7a:00:00:02",
+    },
+];
+
+pub const PODS: [PodSpec; 3] = [
+    PodSpec { name: "debug", node: 0, ip: Ipv4Addr::new(10, 244, 0, 20), serves: None },
+    PodSpec { name: "jellyfin", node: 0, ip: Ipv4Addr::new(10, 244, 0, 19), serves: Some(HTTP_PORT) },
+    PodSpec { name: "web", node: 1, ip: Ipv4Addr::new(10, 244, 1, 10), serves: Some(HTTP_PORT) },
+];
+
+pub fn pod(name: &str) -> Option<&'static PodSpec> {
+    PODS.iter().find(|p| p.name == name)
+}
+
+/// Namespace names of one lab, all under one prefix so `lab down` can find every piece.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Names { prefix: prefix.to_string() }
+    }
+    pub fn node(&self, i: usize) -> String {
+        format!("{}-{}", self.prefix, NODES[i].name)
+    }
+    pub fn pod(&self, pod: &str) -> String {
+        format!("{}-pod-{}", self.prefix, pod)
+    }
+    pub fn external(&self) -> String {
+        format!("{}-external", self.prefix)
+    }
+    /// Is this namespace name one of this lab's?
+    pub fn owns(&self, ns: &str) -> bool {
+        ns.starts_with(&format!("{}-", self.prefix))
+    }
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new(super::STATE_ROOT).join(&self.prefix)
+    }
+}

@@ -1,0 +1,17 @@
+//! cnitrace: follows the packets between two pods through the kernel, names where and why they die,
+//! and repairs it.
+//!
+//! The pipeline, one module per stage:
+//! `probe` (eBPF programs, loaded and attached) → `event` (raw records decoded once) → `path`
+//! (per-packet timelines) → `finding` (the verdict: drop point + cause) → plan / apply / verify (the
+//! `fix` command). `state` is the node's state read through netlink, `resolve` turns addresses into
+//! pods and namespaces, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
+
+pub mod cli;
+pub mod exit;
+pub mod lab;
+pub mod netns;
+pub mod sys;
+
+/// The eBPF object built by build.rs from cnitrace-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace"));
