@@ -14,4 +14,4 @@ pub mod netns;
 pub mod sys;
 
 /// The eBPF object built by build.rs from cnitrace-ebpf.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace-ebpf"));

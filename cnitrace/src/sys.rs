@@ -39,7 +39,8 @@ pub fn run_in_stdin(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<
     run_stdin("ip", &full, input)
 }
 
-fn output(prog: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
+/// Runs a command with optional stdin and returns its raw output, whatever its exit status.
+pub fn output(prog: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
     let mut cmd = Command::new(prog);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });

@@ -1,1 +1,73 @@
-fn main(){}
+//! cnitrace's task runner: it orchestrates (setup, build, test, demo) and builds nothing itself; the eBPF
+//! object is built by cnitrace's build.rs.
+
+mod demo;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build, the lab and the tests need (idempotent).
+    Setup,
+    /// Set up if needed, then build the release binary (eBPF included).
+    Build,
+    /// Set up if needed, build, run the unit tests and the kernel tests (root).
+    Test {
+        /// Only kernel tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// The main job on the built-in lab: the seed's incident, traced.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Task::Setup => setup::run(false).map(|_| ()),
+        Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
+        Task::Test { filter } => test::run(filter.as_deref()),
+        Task::Demo => demo::run(),
+    };
+    if let Err(e) = r {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// `cargo build --release` of the cnitrace binary; returns its path.
+pub fn build() -> Result<PathBuf> {
+    let root = workspace_root();
+    cargo(&["build", "--release", "-p", "cnitrace"])?;
+    Ok(root.join("target/release/cnitrace"))
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin())
+        .status()
+        .with_context(|| format!("run {cargo}"))?;
+    if !st.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}

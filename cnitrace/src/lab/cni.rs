@@ -86,16 +86,15 @@ fn invoke(call: &Call, command: &str) -> Result<String> {
     full.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
     full.push(format!("{CNI_BIN_DIR}/bridge"));
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
-    match sys::run_stdin("ip", &full, call.config) {
-        Ok(out) => Ok(out),
-        Err(e) => {
-            // The plugin reports errors as JSON on stdout: surface its own message.
-            let text = e.to_string();
-            let msg = text
-                .find("\"msg\"")
-                .and_then(|i| text[i..].split('"').nth(3).map(str::to_string))
-                .unwrap_or(text);
-            Err(anyhow!("CNI {command} for {} failed: {msg}", call.container_id))
-        }
+    let out = sys::output("ip", &full, Some(call.config))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok(stdout);
     }
+    // The plugin reports its error as JSON on stdout: surface its own message.
+    let msg = serde_json::from_str::<serde_json::Value>(&stdout)
+        .ok()
+        .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("{} {}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim()));
+    Err(anyhow!("CNI {command} for {} failed: {msg}", call.container_id))
 }

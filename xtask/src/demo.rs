@@ -1,0 +1,36 @@
+//! `cargo xtask demo`: the seed's incident on the built-in lab — debug (10.244.0.20) cannot reach
+//! jellyfin (10.244.0.19) on storagenodet3500 — shown failing, then traced by cnitrace.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const FAULT: &str = "veth-detached";
+
+pub fn run() -> Result<()> {
+    crate::setup::run(true)?;
+    let bin = crate::build()?;
+    let cnitrace = |args: &[&str]| -> Result<i32> {
+        println!("\n$ sudo cnitrace {}", args.join(" "));
+        let st = Command::new(&bin).args(args).status().context("run cnitrace")?;
+        Ok(st.code().unwrap_or(-1))
+    };
+    let shell = |ns: &str, cmd: &[&str]| -> Result<i32> {
+        println!("\n$ ip netns exec {ns} {}", cmd.join(" "));
+        let st = Command::new("ip").args(["netns", "exec", ns]).args(cmd).status().context("run ip netns exec")?;
+        Ok(st.code().unwrap_or(-1))
+    };
+    let _ = Command::new(&bin).args(["lab", "down"]).output();
+    if cnitrace(&["lab", "up", "--fault", FAULT])? != 0 {
+        bail!("the lab did not come up");
+    }
+    let result = (|| -> Result<()> {
+        println!("\n# The incident: the debug pod cannot reach jellyfin on the same node.");
+        shell("cnitrace-pod-debug", &["ping", "-c", "2", "-W", "1", "10.244.0.19"])?;
+        println!("\n# cnitrace follows the packets through the kernel and names where and why they die.");
+        cnitrace(&["follow", "10.244.0.20", "10.244.0.19"])?;
+        Ok(())
+    })();
+    cnitrace(&["lab", "down"])?;
+    result
+}
