@@ -8,9 +8,18 @@
 //! pods and namespaces, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
 
 pub mod cli;
+pub mod event;
 pub mod exit;
+pub mod finding;
+pub mod follow;
+pub mod inject;
 pub mod lab;
 pub mod netns;
+pub mod path;
+pub mod probe;
+pub mod render;
+pub mod resolve;
+pub mod state;
 pub mod sys;
 
 /// The eBPF object built by build.rs from cnitrace-ebpf.

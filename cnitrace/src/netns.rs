@@ -66,8 +66,12 @@ pub struct NetNs {
 /// Every network namespace reachable from here: named ones, the root one and those of running processes.
 pub fn list() -> Result<Vec<NetNs>> {
     let mut by_inode: BTreeMap<u32, NetNs> = BTreeMap::new();
-    let root_path = PathBuf::from("/proc/1/ns/net");
-    let root_inode = std::fs::metadata(&root_path).context("stat /proc/1/ns/net")?.ino() as u32;
+    // The host's namespace is init's; where init's is hidden from us (a sandbox), it is our own.
+    let (root_path, root_md) = match std::fs::metadata("/proc/1/ns/net") {
+        Ok(md) => (PathBuf::from("/proc/1/ns/net"), md),
+        Err(_) => (PathBuf::from("/proc/self/ns/net"), std::fs::metadata("/proc/self/ns/net").context("stat /proc/self/ns/net")?),
+    };
+    let root_inode = root_md.ino() as u32;
     by_inode.insert(
         root_inode,
         NetNs { inode: root_inode, name: "root".into(), path: root_path, is_root: true },

@@ -1,5 +1,6 @@
 //! The only place clap appears: raw arguments become resolved, typed requests before any command runs.
 
+mod follow;
 mod lab;
 
 use std::process::ExitCode;
@@ -18,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Follow the packets between two pods through the kernel and name where and why they die.
+    Follow(follow::FollowArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
 }
@@ -33,6 +36,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Follow(args) => follow::run(args),
         Command::Lab(args) => lab::run(args),
     };
     match result {

@@ -1,0 +1,71 @@
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::{
+    follow::{self, FollowRequest},
+    inject::ProbeKind,
+    render,
+};
+
+#[derive(Args)]
+pub struct FollowArgs {
+    /// Source pod address (probe traffic starts in its namespace).
+    src: String,
+    /// Destination address (a pod here, a pod on another node, or anything beyond).
+    dst: String,
+    /// Probe traffic: icmp, tcp:PORT, udp:PORT, or none (wait for real traffic).
+    #[arg(long, default_value = "icmp")]
+    probe: ProbeKind,
+    /// Number of probes (plus one full-size echo when --size is not given).
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Seconds to wait for an answer or a drop (an ARP failure takes about 3 s to show).
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+    /// ICMP payload size in bytes (MTU problems); sent with DF.
+    #[arg(long)]
+    size: Option<usize>,
+    /// JSON Lines: one object per event, the verdict object last.
+    #[arg(long)]
+    json: bool,
+}
+
+fn addr(s: &str, what: &str) -> Result<Ipv4Addr> {
+    match s.parse::<Ipv4Addr>() {
+        Ok(a) => Ok(a),
+        Err(_) if s.contains('/') => bail!("{what} {s:?} is a network, not an address: give one pod address"),
+        Err(_) => bail!("{what} {s:?} is not an IPv4 address"),
+    }
+}
+
+impl FollowArgs {
+    /// Raw arguments → a validated request (no system access here).
+    pub fn request(&self) -> Result<FollowRequest> {
+        let src = addr(&self.src, "source")?;
+        let dst = addr(&self.dst, "destination")?;
+        if !(self.timeout > 0.0 && self.timeout <= 600.0) {
+            bail!("--timeout must be between 0 and 600 seconds");
+        }
+        if self.count == 0 || self.count > 100 {
+            bail!("--count must be between 1 and 100");
+        }
+        if self.size.is_some_and(|s| s > 65_000) {
+            bail!("--size must be at most 65000 bytes");
+        }
+        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size })
+    }
+}
+
+pub fn run(args: FollowArgs) -> Result<u8> {
+    let req = args.request()?;
+    let report = follow::run(&req)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        render::json(&report, &mut out)?;
+    } else {
+        render::text(&report, &mut out)?;
+    }
+    Ok(report.verdict.exit_code())
+}

@@ -1,0 +1,254 @@
+//! Raw kernel records, decoded once into rich events: names for namespaces, interfaces, drop reasons and
+//! locations. Text and JSON both render from this model.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use cnitrace_common::{pkt_flags, Event, EventKind, ETH_P_ARP};
+use serde::{Deserialize, Serialize};
+
+use crate::probe::kallsyms::Kallsyms;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Xmit,
+    Receive,
+    Queue,
+    Drop,
+    Consume,
+    Route,
+    Neigh,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Packet {
+    /// "icmp", "tcp", "udp", "arp", or the protocol number.
+    pub proto: String,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// A short description: "echo request id 7 seq 1", "who-has 10.244.0.19", "SYN 8096"...
+    pub what: String,
+    pub len: u32,
+    /// Underlay header when this packet travelled inside VXLAN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer: Option<Outer>,
+    /// An ICMP error quoting a packet of the pair.
+    pub icmp_error: bool,
+    /// Key that groups all events of one packet (direction, protocol, id/seq).
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outer {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub vni: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DropInfo {
+    /// The kernel's drop reason name (from BTF), or "unknown (no reason on this kernel)".
+    pub reason: String,
+    pub reason_code: u32,
+    /// The function that freed the packet ("br_handle_frame"), from the location symbol.
+    pub function: String,
+    pub location: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub table: u32,
+    /// 0 found; a negative errno otherwise.
+    pub err: i32,
+    pub oif: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NeighInfo {
+    pub ip: Ipv4Addr,
+    pub state: String,
+    pub lladdr: String,
+}
+
+/// One decoded event.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// Nanoseconds since the first event of the trace.
+    pub t_ns: u64,
+    pub kind: Kind,
+    pub netns: u32,
+    /// Pod or node name ("debug", "storagenodet3500", "root").
+    pub where_: String,
+    pub ifindex: u32,
+    pub ifname: String,
+    pub cpu: u32,
+    pub skb: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet: Option<Packet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neigh: Option<NeighInfo>,
+}
+
+/// Names the decoder needs, gathered before tracing.
+#[derive(Default)]
+pub struct Names {
+    /// netns inode → display name (pod or node name).
+    pub netns: HashMap<u32, String>,
+    /// (netns inode, ifindex) → interface name.
+    pub ifnames: HashMap<(u32, u32), String>,
+    pub drop_reasons: std::collections::BTreeMap<u32, String>,
+    pub has_reasons: bool,
+}
+
+pub struct Decoder {
+    names: Names,
+    kallsyms: Option<Kallsyms>,
+    t0: Option<u64>,
+}
+
+fn ip(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+fn nud(state: u32) -> String {
+    let names = [
+        (0x01, "incomplete"),
+        (0x02, "reachable"),
+        (0x04, "stale"),
+        (0x08, "delay"),
+        (0x10, "probe"),
+        (0x20, "failed"),
+        (0x40, "noarp"),
+        (0x80, "permanent"),
+    ];
+    let s: Vec<&str> = names.iter().filter(|(b, _)| state & b != 0).map(|(_, n)| *n).collect();
+    if s.is_empty() { "none".into() } else { s.join("|") }
+}
+
+fn mac(v: u64) -> String {
+    v.to_le_bytes()[..6].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl Decoder {
+    pub fn new(names: Names) -> Self {
+        Decoder { names, kallsyms: None, t0: None }
+    }
+
+    fn where_(&self, netns: u32) -> String {
+        if netns == 0 {
+            return "?".into();
+        }
+        self.names.netns.get(&netns).cloned().unwrap_or_else(|| format!("netns:{netns}"))
+    }
+
+    fn ifname(&self, netns: u32, ifindex: u32) -> String {
+        if ifindex == 0 {
+            return String::new();
+        }
+        self.names.ifnames.get(&(netns, ifindex)).cloned().unwrap_or_else(|| format!("if{ifindex}"))
+    }
+
+    fn packet(&self, e: &Event) -> Option<Packet> {
+        let p = &e.pkt;
+        if p.ethertype == 0 {
+            return None;
+        }
+        let (src, dst) = (ip(p.saddr), ip(p.daddr));
+        if p.ethertype == ETH_P_ARP {
+            let what = match p.id {
+                1 => format!("ARP who-has {dst} tell {src}"),
+                2 => format!("ARP reply {src} is-at"),
+                op => format!("ARP op {op}"),
+            };
+            return Some(Packet {
+                proto: "arp".into(),
+                src,
+                dst,
+                what,
+                len: p.len,
+                outer: None,
+                icmp_error: false,
+                key: format!("arp {} {src}>{dst}", p.id),
+            });
+        }
+        let icmp_error = p.flags & pkt_flags::ICMP_ERROR != 0;
+        let (proto, what, key) = match p.ip_proto {
+            1 if icmp_error => (
+                "icmp".to_string(),
+                format!("ICMP error type {} code {} from {} about {src} > {dst}", p.sport, p.dport, ip(p.outer_saddr)),
+                format!("icmp-error {} {src}>{dst}", p.sport),
+            ),
+            1 => {
+                let what = match p.sport {
+                    8 => format!("echo request id {} seq {}", p.id, p.seq),
+                    0 => format!("echo reply id {} seq {}", p.id, p.seq),
+                    t => format!("icmp type {t} code {}", p.dport),
+                };
+                ("icmp".to_string(), what, format!("icmp {} {src}>{dst} {} {}", p.sport, p.id, p.seq))
+            }
+            6 => ("tcp".into(), format!("tcp {} > {}", p.sport, p.dport), format!("tcp {src}:{}>{dst}:{}", p.sport, p.dport)),
+            17 => ("udp".into(), format!("udp {} > {}", p.sport, p.dport), format!("udp {src}:{}>{dst}:{}", p.sport, p.dport)),
+            n => (n.to_string(), format!("ip proto {n}"), format!("ip{n} {src}>{dst}")),
+        };
+        let outer = (p.flags & pkt_flags::ENCAP != 0).then(|| Outer { src: ip(p.outer_saddr), dst: ip(p.outer_daddr), vni: p.vni });
+        Some(Packet { proto, src, dst, what, len: p.len, outer, icmp_error, key })
+    }
+
+    pub fn decode(&mut self, e: &Event) -> Option<TraceEvent> {
+        let kind = match EventKind::from_u32(e.header.kind)? {
+            EventKind::Xmit => Kind::Xmit,
+            EventKind::Receive => Kind::Receive,
+            EventKind::Queue => Kind::Queue,
+            EventKind::Drop => Kind::Drop,
+            EventKind::Consume => Kind::Consume,
+            EventKind::FibLookup => Kind::Route,
+            EventKind::NeighUpdate | EventKind::NeighTimer => Kind::Neigh,
+        };
+        let t0 = *self.t0.get_or_insert(e.header.ts_ns);
+        let netns = e.header.netns;
+        let mut ev = TraceEvent {
+            t_ns: e.header.ts_ns.saturating_sub(t0),
+            kind: kind.clone(),
+            netns,
+            where_: self.where_(netns),
+            ifindex: e.header.ifindex,
+            ifname: self.ifname(netns, e.header.ifindex),
+            cpu: e.header.cpu,
+            skb: e.header.skb,
+            packet: None,
+            drop: None,
+            route: None,
+            neigh: None,
+        };
+        match kind {
+            Kind::Route => {
+                ev.packet = self.packet(e);
+                ev.route = Some(RouteInfo {
+                    table: e.reason,
+                    err: e.err,
+                    oif: (e.oif != 0).then(|| self.ifname(netns, e.oif)),
+                });
+            }
+            Kind::Neigh => {
+                ev.neigh = Some(NeighInfo { ip: ip(e.pkt.daddr), state: nud(e.reason), lladdr: mac(e.location) });
+            }
+            Kind::Drop => {
+                ev.packet = self.packet(e);
+                let ks = self.kallsyms.get_or_insert_with(Kallsyms::load);
+                let function = ks.lookup(e.location).map(|(f, _)| f.to_string()).unwrap_or_else(|| format!("{:#x}", e.location));
+                let reason = if self.names.has_reasons {
+                    self.names.drop_reasons.get(&e.reason).cloned().unwrap_or_else(|| format!("reason {}", e.reason))
+                } else {
+                    "unknown (this kernel's kfree_skb has no reason)".into()
+                };
+                ev.drop = Some(DropInfo { reason, reason_code: e.reason, function, location: e.location });
+            }
+            _ => ev.packet = self.packet(e),
+        }
+        Some(ev)
+    }
+}

@@ -1,0 +1,27 @@
+//! bridge-down: the pods' bridge (cni0) is administratively down; frames die at its ingress.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "bridge-down", layer: "bridge", hop_from_state: false, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    for node in ctx.nodes() {
+        let Some(br) = ctx.pods_bridge(node) else { continue };
+        if br.admin_up {
+            continue;
+        }
+        let mut facts = vec![format!("{} on {} is administratively down (oper state {})", br.name, ctx.node_name(node), br.oper)];
+        if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
+            if d.reason == "BRIDGE_INGRESS_STP_STATE" {
+                facts.push(format!("frames arriving on its ports are dropped by {} (a down bridge forwards nothing)", d.function));
+            }
+        }
+        return Some(Diagnosis {
+            explanation: format!("the pods' bridge {} on {} is down: it drops every frame its ports receive", br.name, ctx.node_name(node)),
+            facts,
+            hop: Some((ctx.node_name(node), br.name.clone())),
+        });
+    }
+    None
+}

@@ -1,0 +1,46 @@
+//! bridge-ip-conflict: the pods' bridge does not hold the pods' gateway address (it holds another one):
+//! the pods' ARP for their gateway goes unanswered, and the CNI plugin refuses new pods.
+
+use super::Cause;
+use crate::{
+    finding::{Ctx, Diagnosis},
+    state::in_prefix,
+};
+
+pub const CAUSE: Cause = Cause { id: "bridge-ip-conflict", layer: "bridge", hop_from_state: true, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    if !ctx.routed() {
+        return None;
+    }
+    let gw = ctx.gateway().or_else(|| ctx.any_pod_gateway())?;
+    let node = ctx.src_node()?;
+    let br = ctx.pods_bridge(node)?;
+    if node.addrs_of(br.ifindex).any(|a| a.addr == gw) {
+        return None;
+    }
+    let pod_net = ctx.src_pod()?.addrs.iter().find(|a| a.addr == ctx.src_ip())?;
+    let held: Vec<String> = node.addrs_of(br.ifindex).map(|a| format!("{}/{}", a.addr, a.prefix)).collect();
+    let outside = node.addrs_of(br.ifindex).any(|a| !in_prefix(a.addr, pod_net.addr, pod_net.prefix));
+    let mut facts = vec![
+        format!("the pods' gateway is {gw} ({} routes through it)", ctx.src_name()),
+        format!("{} on {} holds {}", br.name, ctx.node_name(node), if held.is_empty() { "no address".into() } else { held.join(", ") }),
+    ];
+    if outside {
+        facts.push(format!("that is outside the pods' subnet {}/{}", pod_net.addr, pod_net.prefix));
+    }
+    if !ctx.trace.arp_reply_from(gw) {
+        facts.push(format!("nobody answered ARP for {gw}"));
+    }
+    facts.push(format!("new pods fail too: the CNI bridge plugin refuses a {} whose address differs from {gw}", br.name));
+    Some(Diagnosis {
+        explanation: format!(
+            "{} on {} does not hold the pods' gateway {gw}{}: pods cannot reach anything beyond their own subnet",
+            br.name,
+            ctx.node_name(node),
+            if held.is_empty() { String::new() } else { format!(" (it holds {})", held.join(", ")) }
+        ),
+        facts,
+        hop: Some((ctx.node_name(node), br.name.clone())),
+    })
+}

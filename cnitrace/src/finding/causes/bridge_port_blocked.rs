@@ -1,0 +1,27 @@
+//! bridge-port-blocked: a pod's bridge port is not in the forwarding state (STP state).
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "bridge-port-blocked", layer: "bridge", hop_from_state: true, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let sides = [
+        (ctx.dst_name(), ctx.dst_node(), ctx.dst_host_veth()),
+        (ctx.src_name(), ctx.src_node(), ctx.src_host_veth()),
+    ];
+    for (name, node, host) in sides {
+        let (Some(node), Some(host)) = (node, host) else { continue };
+        let Some(state) = host.port_state.as_deref() else { continue };
+        if state == "forwarding" {
+            continue;
+        }
+        let bridge = host.master.and_then(|m| node.link(m)).map(|b| b.name.clone()).unwrap_or_default();
+        return Some(Diagnosis {
+            explanation: format!("{bridge}'s port {} (towards {name}) is in state {state}: the bridge neither forwards to it nor from it", host.name),
+            facts: vec![format!("bridge port {} on {}: state {state}", host.name, ctx.node_name(node))],
+            hop: Some((ctx.node_name(node), host.name.clone())),
+        });
+    }
+    None
+}

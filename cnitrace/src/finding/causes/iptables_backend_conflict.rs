@@ -1,0 +1,44 @@
+//! iptables-backend-conflict: rules live in both iptables-legacy and iptables-nft; a policy in one
+//! backend drops what the accept rules in the other one were meant to let through.
+
+use super::{netfilter, Cause};
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "iptables-backend-conflict", layer: "netfilter", hop_from_state: false, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    if !netfilter::is_netfilter_drop(ctx) {
+        return None;
+    }
+    let pod_net = pod_net_prefix(ctx);
+    for h in netfilter::hits(ctx).into_iter().filter(|h| h.is_policy) {
+        let node = ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node)?;
+        let (other, other_dump) = match h.backend {
+            "iptables-legacy" => ("iptables-nft", node.rules.iptables_nft.as_ref()),
+            "iptables-nft" => ("iptables-legacy", node.rules.iptables_legacy.as_ref()),
+            _ => continue,
+        };
+        if !netfilter::has_pod_accepts(other_dump, &pod_net) {
+            continue;
+        }
+        return Some(Diagnosis {
+            explanation: format!(
+                "two iptables backends are in use on {}: {} drops by chain policy ({} {}) while the accept rules for the pod network live in {}",
+                h.node, h.backend, h.chain, h.verdict, other
+            ),
+            facts: vec![
+                netfilter::describe(&h),
+                format!("{other} holds ACCEPT rules for {pod_net}... that {} never consults", h.backend),
+                "every packet traverses both backends' hooks: a DROP in either one wins".into(),
+            ],
+            hop: None,
+        });
+    }
+    None
+}
+
+/// "10.244." for a 10.244.x.x pod: enough to recognise the pod network in a rule.
+pub fn pod_net_prefix(ctx: &Ctx) -> String {
+    let o = ctx.src_ip().octets();
+    format!("{}.{}.", o[0], o[1])
+}

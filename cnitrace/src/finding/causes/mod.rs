@@ -1,0 +1,65 @@
+//! The cause catalog. Each cause is one file: how it is recognized from the trace and the node's state
+//! (and, with the fix command, its fix and undo). Adding a cause touches its file and this table.
+//! Order matters: the first cause whose evidence holds wins, so the more specific checks come first.
+
+use super::{Ctx, Diagnosis};
+
+mod bridge_down;
+mod bridge_ip_conflict;
+mod bridge_port_blocked;
+mod ip_forward_disabled;
+mod iptables_backend_conflict;
+mod mtu_mismatch;
+mod neighbor_stale;
+mod netfilter_policy_drop;
+mod netfilter_rule_drop;
+mod pod_route_missing;
+mod route_missing;
+mod rp_filter;
+mod veth_detached;
+mod veth_down;
+mod veth_wrong_bridge;
+mod vxlan_address_invalid;
+mod vxlan_config_mismatch;
+mod vxlan_down;
+mod vxlan_fdb_missing;
+mod vxlan_neigh_missing;
+
+pub mod netfilter;
+
+pub struct Cause {
+    /// Catalog id: part of the CLI's contract.
+    pub id: &'static str,
+    pub layer: &'static str,
+    /// The hop comes from the node's state (the broken device), not from where the packet was freed.
+    pub hop_from_state: bool,
+    pub detect: fn(&Ctx) -> Option<Diagnosis>,
+}
+
+pub static CAUSES: &[Cause] = &[
+    pod_route_missing::CAUSE,
+    bridge_down::CAUSE,
+    veth_down::CAUSE,
+    veth_detached::CAUSE,
+    veth_wrong_bridge::CAUSE,
+    bridge_port_blocked::CAUSE,
+    neighbor_stale::CAUSE,
+    bridge_ip_conflict::CAUSE,
+    netfilter_rule_drop::CAUSE,
+    iptables_backend_conflict::CAUSE,
+    netfilter_policy_drop::CAUSE,
+    ip_forward_disabled::CAUSE,
+    rp_filter::CAUSE,
+    vxlan_down::CAUSE,
+    vxlan_address_invalid::CAUSE,
+    vxlan_config_mismatch::CAUSE,
+    route_missing::CAUSE,
+    vxlan_neigh_missing::CAUSE,
+    vxlan_fdb_missing::CAUSE,
+    mtu_mismatch::CAUSE,
+];
+
+/// Every catalog id, in the order the docs list them.
+pub fn ids() -> Vec<&'static str> {
+    CAUSES.iter().map(|c| c.id).collect()
+}

@@ -1,0 +1,44 @@
+//! neighbor-stale: the source holds a neighbour entry for its next hop with a wrong MAC; frames go to a
+//! MAC nobody has, are flooded, and die as OTHERHOST where they land.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "neighbor-stale", layer: "neighbour", hop_from_state: true, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let pod = ctx.src_pod()?;
+    let eth = ctx.pod_if(pod, ctx.src_ip())?;
+    let (next_hop, real_mac, owner) = match ctx.gateway() {
+        None => {
+            let dst_pod = ctx.dst_pod()?;
+            let deth = ctx.pod_if(dst_pod, ctx.dst_ip())?;
+            (ctx.dst_ip(), deth.mac.clone(), format!("{}'s {}", ctx.dst_name(), deth.name))
+        }
+        Some(gw) => {
+            let node = ctx.src_node()?;
+            let br = ctx.pods_bridge(node)?;
+            (gw, br.mac.clone(), format!("{} on {}", br.name, ctx.node_name(node)))
+        }
+    };
+    let entry = pod.neigh(eth.ifindex, next_hop)?;
+    let mac = entry.mac.as_deref()?;
+    if mac == real_mac || entry.state == "failed" || entry.state == "incomplete" {
+        return None;
+    }
+    let mut facts = vec![
+        format!("{} has a {} neighbour entry {next_hop} lladdr {mac} on {}", ctx.src_name(), entry.state, eth.name),
+        format!("{next_hop} is {owner}, whose MAC is {real_mac}"),
+    ];
+    if ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.reason == "OTHERHOST") {
+        facts.push("the frames reached a host whose MAC they do not carry and were dropped as OTHERHOST".into());
+    }
+    Some(Diagnosis {
+        explanation: format!(
+            "{}'s neighbour entry for {next_hop} points at {mac}, not at {real_mac}: its frames go to nobody",
+            ctx.src_name()
+        ),
+        facts,
+        hop: Some((ctx.src_name().to_string(), eth.name.clone())),
+    })
+}

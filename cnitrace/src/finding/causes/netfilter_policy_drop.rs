@@ -1,0 +1,37 @@
+//! netfilter-policy-drop: a chain policy (FORWARD DROP, what Docker sets) dropped pod traffic and no rule
+//! accepts the pod network before it.
+
+use super::{iptables_backend_conflict::pod_net_prefix, netfilter, Cause};
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "netfilter-policy-drop", layer: "netfilter", hop_from_state: false, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    if !netfilter::is_netfilter_drop(ctx) {
+        return None;
+    }
+    let hits = netfilter::hits(ctx);
+    let h = hits.iter().find(|h| h.is_policy)?;
+    let mut facts: Vec<String> = hits.iter().map(netfilter::describe).collect();
+    let node = ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node);
+    if let Some(n) = node {
+        if n.sysctls.bridge_nf_call_iptables == Some(1) && ctx.same_node() {
+            facts.push(format!("net.bridge.bridge-nf-call-iptables = 1 on {}: bridged pod-to-pod frames go through iptables FORWARD too", h.node));
+        }
+        if n.rules.iptables_nft.as_deref().is_some_and(|d| d.contains(":FLANNEL-FWD")) {
+            facts.push("the FLANNEL-FWD chain exists but FORWARD does not jump to it".into());
+        }
+    }
+    Some(Diagnosis {
+        explanation: format!(
+            "{} chain {} policy {} on {} drops pod traffic: no rule accepts the pod network {}0.0/16 before the policy",
+            h.backend,
+            h.chain,
+            h.verdict,
+            h.node,
+            pod_net_prefix(ctx)
+        ),
+        facts,
+        hop: None,
+    })
+}

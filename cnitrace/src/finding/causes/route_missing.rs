@@ -1,0 +1,42 @@
+//! route-missing: a node has no route to the other node's pod subnet through the overlay.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "route-missing", layer: "routing", hop_from_state: true, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    if !ctx.cross_node() {
+        return None;
+    }
+    // The way there from the source's node, and the way back from the destination's.
+    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
+    for (node, to) in legs {
+        let Some(node) = node else { continue };
+        let name = ctx.node_name(node);
+        let r = node.route_to(to);
+        let via_overlay = r.and_then(|r| r.oif).and_then(|o| node.link(o)).is_some_and(|l| l.kind == "vxlan");
+        if via_overlay {
+            continue;
+        }
+        let mut facts = vec![match r {
+            None => format!("{name} has no route to {to}"),
+            Some(r) => format!("{name} routes {to} by {}/{} dev {}, not through the overlay", r.dst, r.prefix, r.oif.map(|o| node.ifname(o)).unwrap_or_default()),
+        }];
+        if ctx.trace.route_failures(to).next().is_some() {
+            facts.push(format!("the kernel's lookup for {to} in the main table failed"));
+        }
+        if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
+            if d.reason == "IP_INNOROUTES" {
+                facts.push(format!("{} dropped the packet: no route (IP_INNOROUTES)", d.function));
+            }
+        }
+        let hop_if = ctx.pods_bridge(node).map(|b| b.name.clone()).unwrap_or_default();
+        return Some(Diagnosis {
+            explanation: format!("{name} has no route to {to}'s pod subnet through flannel.1: the packet has nowhere to go"),
+            facts,
+            hop: Some((name, hop_if)),
+        });
+    }
+    None
+}

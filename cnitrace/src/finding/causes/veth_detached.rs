@@ -1,0 +1,41 @@
+//! veth-detached: the host end of a pod's veth is no port of any bridge (what deleting and recreating
+//! cni0 leaves behind): ARP for the pod reaches the bridge and goes nowhere.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "veth-detached", layer: "bridge", hop_from_state: false, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let sides = [
+        (ctx.dst_name(), ctx.dst_ip(), ctx.dst_node(), ctx.dst_host_veth()),
+        (ctx.src_name(), ctx.src_ip(), ctx.src_node(), ctx.src_host_veth()),
+    ];
+    for (name, ip, node, host) in sides {
+        let (Some(node), Some(host)) = (node, host) else { continue };
+        if host.master.is_some() {
+            continue;
+        }
+        let bridge = ctx.pods_bridge(node).map(|b| b.name.clone()).unwrap_or_else(|| "the pods' bridge".into());
+        let mut facts = vec![format!("{}, the host end of {name}'s eth0 on {}, has no master", host.name, ctx.node_name(node))];
+        let node_name = ctx.node_name(node);
+        if ctx.trace.arp_request_seen(ip, &node_name, &bridge) {
+            facts.push(format!("the ARP request for {ip} reached {bridge} but was never sent to {}", host.name));
+        }
+        if !ctx.trace.arp_reply_from(ip) {
+            facts.push(format!("no ARP reply from {ip}: {name} never heard the question"));
+        }
+        if ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.reason == "NEIGH_FAILED") {
+            facts.push("the source gave up resolving the address and dropped its queued packet (Destination Host Unreachable)".into());
+        }
+        return Some(Diagnosis {
+            explanation: format!(
+                "{} is not attached to {bridge}, so {bridge} cannot reach {name}: ARP for {ip} is never answered",
+                host.name
+            ),
+            facts,
+            hop: Some((node_name, host.name.clone())),
+        });
+    }
+    None
+}

@@ -1,0 +1,46 @@
+//! veth-down: one end of a pod's veth pair is down (the pod's eth0 or the host end on the node).
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "veth-down", layer: "link", hop_from_state: true, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let sides = [
+        (ctx.src_name(), ctx.src_pod(), ctx.src_ip(), ctx.src_node(), ctx.src_host_veth()),
+        (ctx.dst_name(), ctx.dst_pod(), ctx.dst_ip(), ctx.dst_node(), ctx.dst_host_veth()),
+    ];
+    for (name, pod, ip, node, host) in sides {
+        if let Some(eth) = pod.and_then(|p| ctx.pod_if(p, ip)) {
+            if !eth.admin_up {
+                return Some(Diagnosis {
+                    explanation: format!("{name}'s {} (the pod end of its veth) is down: nothing goes in or out of the pod", eth.name),
+                    facts: vec![format!("{name} {}: admin down, oper {}", eth.name, eth.oper), arp_fact(ctx, ip)],
+                    hop: Some((name.to_string(), eth.name.clone())),
+                });
+            }
+        }
+        if let (Some(host), Some(node)) = (host, node) {
+            if !host.admin_up {
+                return Some(Diagnosis {
+                    explanation: format!(
+                        "{}, the host end of {name}'s eth0 on {}, is down: the bridge cannot deliver to the pod",
+                        host.name,
+                        ctx.node_name(node)
+                    ),
+                    facts: vec![format!("{} on {}: admin down, oper {}", host.name, ctx.node_name(node), host.oper), arp_fact(ctx, ip)],
+                    hop: Some((ctx.node_name(node), host.name.clone())),
+                });
+            }
+        }
+    }
+    None
+}
+
+fn arp_fact(ctx: &Ctx, ip: std::net::Ipv4Addr) -> String {
+    if ctx.trace.arp_reply_from(ip) {
+        format!("{ip} still answered ARP")
+    } else {
+        format!("no ARP reply from {ip} was seen")
+    }
+}

@@ -1,0 +1,33 @@
+//! veth-wrong-bridge: the host end of a pod's veth is a port of another bridge than the pods' one.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "veth-wrong-bridge", layer: "bridge", hop_from_state: true, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let sides = [
+        (ctx.dst_name(), ctx.dst_node(), ctx.dst_host_veth()),
+        (ctx.src_name(), ctx.src_node(), ctx.src_host_veth()),
+    ];
+    for (name, node, host) in sides {
+        let (Some(node), Some(host)) = (node, host) else { continue };
+        let Some(master) = host.master.and_then(|m| node.link(m)) else { continue };
+        let Some(pods) = ctx.pods_bridge(node) else { continue };
+        if master.ifindex == pods.ifindex {
+            continue;
+        }
+        return Some(Diagnosis {
+            explanation: format!(
+                "{}, the host end of {name}'s eth0, is a port of {} instead of {}: the pods' bridge cannot reach {name}",
+                host.name, master.name, pods.name
+            ),
+            facts: vec![
+                format!("{} master = {} on {}", host.name, master.name, ctx.node_name(node)),
+                format!("the other pods hang off {}", pods.name),
+            ],
+            hop: Some((ctx.node_name(node), master.name.clone())),
+        });
+    }
+    None
+}

@@ -1,0 +1,38 @@
+//! vxlan-config-mismatch: the nodes' VXLAN devices disagree on the UDP port or the VNI, so the peer
+//! drops the encapsulated packets (no socket on that port, or no device for that VNI).
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "vxlan-config-mismatch", layer: "vxlan", hop_from_state: false, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    if !ctx.cross_node() {
+        return None;
+    }
+    let (a, b) = (ctx.src_node()?, ctx.dst_node()?);
+    let (va, vb) = (ctx.vxlan_dev(a)?, ctx.vxlan_dev(b)?);
+    let (xa, xb) = (va.vxlan.as_ref()?, vb.vxlan.as_ref()?);
+    let (na, nb) = (ctx.node_name(a), ctx.node_name(b));
+    let mut diffs = Vec::new();
+    if xa.port != xb.port {
+        diffs.push(format!("UDP port {} on {na} vs {} on {nb}", xa.port, xb.port));
+    }
+    if xa.vni != xb.vni {
+        diffs.push(format!("VNI {} on {na} vs {} on {nb}", xa.vni, xb.vni));
+    }
+    if diffs.is_empty() {
+        return None;
+    }
+    let mut facts = diffs.clone();
+    if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
+        if d.reason == "NO_SOCKET" && d.function.contains("udp") {
+            facts.push(format!("the encapsulated packet reached {nb} but no socket listens on its port ({})", d.function));
+        }
+    }
+    Some(Diagnosis {
+        explanation: format!("the VXLAN devices disagree: {}; the other node cannot decapsulate what this one sends", diffs.join(", ")),
+        facts,
+        hop: None,
+    })
+}

@@ -1,0 +1,40 @@
+//! vxlan-fdb-missing: flannel.1 knows the remote VTEP's MAC but has no FDB entry saying which underlay
+//! address owns it: vxlan_xmit has no target (NO_TX_TARGET).
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+
+pub const CAUSE: Cause = Cause { id: "vxlan-fdb-missing", layer: "vxlan", hop_from_state: false, detect };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    if !ctx.cross_node() {
+        return None;
+    }
+    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
+    for (node, to) in legs {
+        let Some(node) = node else { continue };
+        let Some(r) = node.route_to(to) else { continue };
+        let (Some(gw), Some(oif)) = (r.gateway, r.oif) else { continue };
+        let Some(vx) = node.link(oif).filter(|l| l.kind == "vxlan") else { continue };
+        let Some(mac) = node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) else { continue };
+        if node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) {
+            continue;
+        }
+        let name = ctx.node_name(node);
+        let mut facts = vec![
+            format!("neighbour {gw} on {} is {mac}", vx.name),
+            format!("{} on {name} has no FDB entry for {mac} (no underlay destination)", vx.name),
+        ];
+        if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
+            if d.reason == "NO_TX_TARGET" {
+                facts.push(format!("{} dropped the frame: no transmit target (NO_TX_TARGET)", d.function));
+            }
+        }
+        return Some(Diagnosis {
+            explanation: format!("{} on {name} does not know which node owns VTEP {mac}: the encapsulated frame has no destination", vx.name),
+            facts,
+            hop: None,
+        });
+    }
+    None
+}

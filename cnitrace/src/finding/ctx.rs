@@ -1,0 +1,227 @@
+//! Everything a cause detector may look at, and the questions they share about it.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    event::{Kind, TraceEvent},
+    inject::ProbeOutcome,
+    path::Trace,
+    state::{in_prefix, Link, NsState, RuleSets, MAIN_TABLE},
+};
+
+/// The state snapshots around one traced pair (recorded as fixtures for the unit tests).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct States {
+    /// netns inode → state.
+    pub by_inode: BTreeMap<u32, NsState>,
+    /// Rule sets read before the probe, per namespace: counters that moved show which rule matched.
+    pub rules_before: BTreeMap<u32, RuleSets>,
+    pub src_pod: u32,
+    pub src_node: Option<u32>,
+    pub dst_pod: Option<u32>,
+    pub dst_node: Option<u32>,
+    pub src_ip: Option<Ipv4Addr>,
+    pub dst_ip: Option<Ipv4Addr>,
+    /// Host end of the source's / destination's veth (ifindex in the node).
+    pub src_host_veth: Option<u32>,
+    pub dst_host_veth: Option<u32>,
+    /// Display names (pod names) of the pair.
+    pub src_name: String,
+    pub dst_name: String,
+}
+
+pub struct Ctx<'a> {
+    pub trace: &'a Trace,
+    pub probe: &'a ProbeOutcome,
+    pub states: &'a States,
+}
+
+pub const VXLAN_DEV: &str = "flannel.1";
+
+impl<'a> Ctx<'a> {
+    pub fn src_ip(&self) -> Ipv4Addr {
+        self.states.src_ip.expect("source address")
+    }
+    pub fn dst_ip(&self) -> Ipv4Addr {
+        self.states.dst_ip.expect("destination address")
+    }
+    pub fn src_name(&self) -> &str {
+        &self.states.src_name
+    }
+    pub fn dst_name(&self) -> &str {
+        &self.states.dst_name
+    }
+    pub fn ns(&self, inode: u32) -> Option<&'a NsState> {
+        self.states.by_inode.get(&inode)
+    }
+    pub fn src_pod(&self) -> Option<&'a NsState> {
+        self.ns(self.states.src_pod)
+    }
+    pub fn src_node(&self) -> Option<&'a NsState> {
+        self.states.src_node.and_then(|i| self.ns(i))
+    }
+    pub fn dst_pod(&self) -> Option<&'a NsState> {
+        self.states.dst_pod.and_then(|i| self.ns(i))
+    }
+    pub fn dst_node(&self) -> Option<&'a NsState> {
+        self.states.dst_node.and_then(|i| self.ns(i))
+    }
+    /// Every node namespace we know of (source's and destination's, once each).
+    pub fn nodes(&self) -> Vec<&'a NsState> {
+        let mut v: Vec<&NsState> = self.src_node().into_iter().collect();
+        if let Some(d) = self.dst_node() {
+            if self.states.dst_node != self.states.src_node {
+                v.push(d);
+            }
+        }
+        v
+    }
+    pub fn same_node(&self) -> bool {
+        self.states.dst_node.is_some() && self.states.dst_node == self.states.src_node
+    }
+    /// The source pod's route to the destination.
+    pub fn src_route(&self) -> Option<&'a crate::state::Route> {
+        self.src_pod()?.route_to(self.dst_ip())
+    }
+    /// The gateway the source pod uses for the destination (None: same L2 segment or no route).
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.src_route().and_then(|r| r.gateway)
+    }
+    /// The source pod's default/cluster gateway, even when its routes are gone: from its own subnet's
+    /// first address is a guess we do not make; look at any gateway route it still has.
+    pub fn any_pod_gateway(&self) -> Option<Ipv4Addr> {
+        self.src_pod()?.routes.iter().find_map(|r| r.gateway)
+    }
+    /// Does the path leave the pods' L2 segment (through the node's IP layer)?
+    pub fn routed(&self) -> bool {
+        match self.src_route() {
+            Some(r) => r.gateway.is_some(),
+            None => true,
+        }
+    }
+    /// Is the destination a pod on another node (through the overlay)?
+    pub fn cross_node(&self) -> bool {
+        if self.same_node() {
+            return false;
+        }
+        if self.states.dst_node.is_some() {
+            return true;
+        }
+        // Not on this host: a pod of the cluster if the node routes it through the overlay, or the
+        // node's VXLAN device serves the cluster network it belongs to.
+        self.src_node().is_some_and(|n| {
+            n.route_to(self.dst_ip()).and_then(|r| r.oif).is_some_and(|o| n.link(o).is_some_and(|l| l.kind == "vxlan"))
+        }) || self.in_cluster_network(self.dst_ip()) && !self.in_node_subnet(self.dst_ip())
+    }
+    /// Inside the pod network, as the source pod's non-default gateway routes describe it.
+    pub fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.src_pod().is_some_and(|p| {
+            p.routes.iter().any(|r| r.table == MAIN_TABLE && r.prefix > 0 && r.gateway.is_some() && in_prefix(ip, r.dst, r.prefix))
+        }) || self.src_node().and_then(|n| n.link_by_name(VXLAN_DEV)).is_some() && in_prefix(ip, self.src_ip(), 16)
+    }
+    pub fn in_node_subnet(&self, ip: Ipv4Addr) -> bool {
+        self.src_pod().is_some_and(|p| p.addrs.iter().any(|a| a.prefix < 32 && a.ifindex != 1 && in_prefix(ip, a.addr, a.prefix)))
+    }
+    pub fn src_host_veth(&self) -> Option<&'a Link> {
+        self.src_node()?.link(self.states.src_host_veth?)
+    }
+    pub fn dst_host_veth(&self) -> Option<&'a Link> {
+        self.dst_node()?.link(self.states.dst_host_veth?)
+    }
+    /// The bridge the pods of `node` hang off: the master of a pod veth we know to be attached, else
+    /// the bridge named cni0, else the one holding the pods' gateway.
+    pub fn pods_bridge(&self, node: &'a NsState) -> Option<&'a Link> {
+        let via_veth = [self.states.src_host_veth, self.states.dst_host_veth]
+            .into_iter()
+            .flatten()
+            .filter_map(|i| node.link(i))
+            .filter_map(|l| l.master.and_then(|m| node.link(m)))
+            .find(|b| b.name == "cni0");
+        via_veth
+            .or_else(|| node.link_by_name("cni0"))
+            .or_else(|| {
+                let gw = self.any_pod_gateway()?;
+                node.links.iter().find(|l| l.kind == "bridge" && node.addrs_of(l.ifindex).any(|a| a.addr == gw))
+            })
+    }
+    pub fn vxlan_dev(&self, node: &'a NsState) -> Option<&'a Link> {
+        node.link_by_name(VXLAN_DEV).or_else(|| node.links.iter().find(|l| l.kind == "vxlan"))
+    }
+    /// The pod's own eth0 (or the interface holding its address).
+    pub fn pod_if(&self, pod: &'a NsState, ip: Ipv4Addr) -> Option<&'a Link> {
+        pod.has_addr(ip).and_then(|a| pod.link(a.ifindex))
+    }
+
+    /// Did an answer from the destination get back into the source's namespace (passive mode)?
+    pub fn reply_reached_source(&self) -> bool {
+        let (src, dst) = (self.src_ip(), self.dst_ip());
+        self.trace.packets.iter().any(|p| {
+            p.events.iter().any(|e| {
+                e.kind == Kind::Receive
+                    && e.netns == self.states.src_pod
+                    && e.packet.as_ref().is_some_and(|pk| pk.src == dst && pk.dst == src && pk.proto != "arp" && !pk.icmp_error)
+            })
+        })
+    }
+
+    /// The last place the request direction was seen.
+    pub fn last_hop(&self) -> Option<&'a TraceEvent> {
+        let (src, dst) = (self.src_ip(), self.dst_ip());
+        self.trace
+            .packets
+            .iter()
+            .filter(|p| p.events.first().and_then(|e| e.packet.as_ref()).is_some_and(|pk| pk.src == src && pk.dst == dst && !pk.icmp_error))
+            .flat_map(|p| p.events.iter())
+            .filter(|e| e.kind != Kind::Drop)
+            .max_by_key(|e| e.t_ns)
+    }
+
+    pub fn probe_facts(&self) -> Vec<String> {
+        let p = self.probe;
+        let mut f = Vec::new();
+        if p.sent > 0 {
+            f.push(format!("probe: {} of {} answered (payload sizes {:?})", p.answered, p.sent, p.sizes));
+        }
+        for e in &p.icmp_errors {
+            f.push(format!("the source got ICMP {e}"));
+        }
+        if let Some(e) = &p.send_error {
+            f.push(format!("the source could not send: {e}"));
+        }
+        f
+    }
+
+    /// A summary of where each packet of the request direction went last.
+    pub fn trail_facts(&self) -> Vec<String> {
+        self.trace
+            .packets
+            .iter()
+            .take(6)
+            .map(|p| {
+                let l = p.last();
+                format!("{}: last seen {:?} at {} {}", p.what, l.kind, l.where_, l.ifname)
+            })
+            .collect()
+    }
+
+    pub fn delivery_facts(&self) -> Vec<String> {
+        let mut f = self.probe_facts();
+        let hops: Vec<String> = self
+            .trace
+            .packets
+            .first()
+            .map(|p| p.events.iter().filter(|e| e.kind != Kind::Queue).map(|e| format!("{} {}", e.where_, e.ifname)).collect())
+            .unwrap_or_default();
+        if !hops.is_empty() {
+            f.push(format!("path: {}", hops.join(" → ")));
+        }
+        f
+    }
+
+    /// Which node holds a given namespace inode's pod side, for wording.
+    pub fn node_name(&self, node: &NsState) -> String {
+        node.name.rsplit_once('-').map(|(_, n)| n.to_string()).unwrap_or_else(|| node.name.clone())
+    }
+}

@@ -1,0 +1,174 @@
+//! The verdict: where the pair's traffic died (from the trace) and why (trace + node state), as one
+//! catalog cause with the facts that prove it. Never a cause the evidence does not support: a drop that
+//! fits no cause is reported with cause null and every fact found.
+
+pub mod causes;
+mod ctx;
+
+use serde::{Deserialize, Serialize};
+
+pub use ctx::{Ctx, States};
+
+use crate::event::TraceEvent;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Delivered,
+    Dropped,
+    Inconclusive,
+}
+
+/// What a cause detector returns when the evidence fits it.
+#[derive(Clone, Debug)]
+pub struct Diagnosis {
+    pub explanation: String,
+    pub facts: Vec<String>,
+    /// Where it died, when no drop event says so (namespace display name, interface).
+    pub hop: Option<(String, String)>,
+}
+
+/// The verdict object: the last line of `--json`, and the end of the text output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Verdict {
+    pub verdict: Outcome,
+    pub cause: Option<String>,
+    pub layer: Option<String>,
+    pub function: Option<String>,
+    pub reason: Option<String>,
+    pub ifname: Option<String>,
+    pub netns: Option<String>,
+    pub explanation: String,
+    pub facts: Vec<String>,
+}
+
+impl Verdict {
+    pub fn exit_code(&self) -> u8 {
+        match self.verdict {
+            Outcome::Delivered => crate::exit::OK,
+            Outcome::Dropped => crate::exit::DROPPED,
+            Outcome::Inconclusive => crate::exit::INCONCLUSIVE,
+        }
+    }
+}
+
+fn drop_facts(d: &TraceEvent) -> String {
+    let info = d.drop.as_ref().expect("a drop event");
+    format!(
+        "the kernel dropped {} in {} at {} ({}), reason {}",
+        d.packet.as_ref().map(|p| p.what.as_str()).unwrap_or("a packet of the pair"),
+        d.where_,
+        if d.ifname.is_empty() { "no device" } else { d.ifname.as_str() },
+        info.function,
+        info.reason
+    )
+}
+
+/// Decides the verdict for one traced pair.
+pub fn diagnose(ctx: &Ctx) -> Verdict {
+    let drop = ctx.trace.first_drop();
+    let saw_traffic = !ctx.trace.packets.is_empty() || !ctx.trace.control.is_empty();
+    let probe = ctx.probe;
+    let all_answered = probe.sent > 0 && probe.answered == probe.sent;
+    let passive_delivered = probe.sent == 0 && drop.is_none() && ctx.reply_reached_source();
+    if all_answered || passive_delivered {
+        return Verdict {
+            verdict: Outcome::Delivered,
+            cause: None,
+            layer: None,
+            function: None,
+            reason: None,
+            ifname: None,
+            netns: None,
+            explanation: format!("{} reached {} and the answer came back", ctx.src_name(), ctx.dst_name()),
+            facts: ctx.delivery_facts(),
+        };
+    }
+    if probe.sent == 0 && probe.send_error.is_none() && !saw_traffic {
+        return inconclusive(ctx, "no traffic of the pair was seen while tracing");
+    }
+    for cause in causes::CAUSES {
+        if let Some(d) = (cause.detect)(ctx) {
+            let mut facts = d.facts;
+            if let Some(dr) = drop {
+                facts.push(drop_facts(dr));
+            }
+            facts.extend(ctx.probe_facts());
+            let (netns, ifname) = match (drop, d.hop) {
+                (_, Some((w, i))) if cause.hop_from_state => (Some(w), Some(i)),
+                (Some(dr), _) => (Some(dr.where_.clone()), Some(dr.ifname.clone())),
+                (None, Some((w, i))) => (Some(w), Some(i)),
+                (None, None) => ctx.last_hop().map(|e| (Some(e.where_.clone()), Some(e.ifname.clone()))).unwrap_or((None, None)),
+            };
+            return Verdict {
+                verdict: Outcome::Dropped,
+                cause: Some(cause.id.to_string()),
+                layer: Some(cause.layer.to_string()),
+                function: drop.and_then(|d| d.drop.as_ref().map(|i| i.function.clone())),
+                reason: drop.and_then(|d| d.drop.as_ref().map(|i| i.reason.clone())),
+                ifname,
+                netns,
+                explanation: d.explanation,
+                facts,
+            };
+        }
+    }
+    match drop {
+        Some(d) => {
+            let info = d.drop.as_ref().expect("drop event");
+            let mut facts = vec![drop_facts(d)];
+            facts.extend(ctx.probe_facts());
+            facts.extend(ctx.trail_facts());
+            Verdict {
+                verdict: Outcome::Dropped,
+                cause: None,
+                layer: Some(layer_of_function(&info.function).into()),
+                function: Some(info.function.clone()),
+                reason: Some(info.reason.clone()),
+                ifname: Some(d.ifname.clone()),
+                netns: Some(d.where_.clone()),
+                explanation: format!(
+                    "dropped in {} by {} ({}); none of the known causes matches the node's state",
+                    d.where_, info.function, info.reason
+                ),
+                facts,
+            }
+        }
+        None => inconclusive(ctx, "the traffic was not answered, but no drop was seen and no known cause matches"),
+    }
+}
+
+fn inconclusive(ctx: &Ctx, why: &str) -> Verdict {
+    let mut facts = ctx.probe_facts();
+    facts.extend(ctx.trail_facts());
+    let last = ctx.last_hop();
+    Verdict {
+        verdict: Outcome::Inconclusive,
+        cause: None,
+        layer: None,
+        function: None,
+        reason: None,
+        ifname: last.map(|e| e.ifname.clone()),
+        netns: last.map(|e| e.where_.clone()),
+        explanation: why.to_string(),
+        facts,
+    }
+}
+
+/// A coarse layer for drops no cause claims, from the dropping function's name.
+pub fn layer_of_function(f: &str) -> &'static str {
+    if f.starts_with("br_") {
+        "bridge"
+    } else if f.starts_with("nf_") || f.starts_with("nft_") || f.starts_with("ipt_") {
+        "netfilter"
+    } else if f.starts_with("vxlan") || f.starts_with("udp") || f.starts_with("__udp") {
+        "vxlan"
+    } else if f.starts_with("neigh") || f.starts_with("arp") {
+        "neighbour"
+    } else if f.starts_with("ip_") || f.starts_with("fib") {
+        "ip"
+    } else {
+        "link"
+    }
+}
+

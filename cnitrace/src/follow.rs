@@ -1,0 +1,254 @@
+//! `follow`: the pipeline end to end — resolve the pair, attach the probes, send probe traffic from the
+//! source pod, collect the kernel's events, read the node's state, and decide the verdict.
+
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    event::{self, Decoder, Kind, TraceEvent},
+    finding::{self, Ctx, States, Verdict},
+    inject::{self, ProbeKind, ProbeOutcome, ProbePlan},
+    path::{is_noise, Trace},
+    probe::{Counters, HookStatus, Probe},
+    resolve::{self, Endpoint, HostResolver, Resolver},
+    state,
+};
+
+/// The VXLAN ports whose inner headers the kernel side looks into (flannel's and IANA's).
+pub const VXLAN_PORTS: [u16; 2] = [8472, 4789];
+
+#[derive(Clone, Debug)]
+pub struct FollowRequest {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub probe: ProbeKind,
+    pub count: u32,
+    pub timeout: Duration,
+    /// ICMP payload size; None: `count` small echoes plus one full-size echo for the source's MTU.
+    pub size: Option<usize>,
+}
+
+/// Errors the CLI maps to exit code 2 with one line.
+#[derive(Debug, Error)]
+pub enum FollowError {
+    #[error("`cnitrace follow` needs root (it loads eBPF programs and enters network namespaces)")]
+    NotRoot,
+    #[error("source and destination are the same address ({0})")]
+    SameAddress(Ipv4Addr),
+    #[error("{0} is on no pod of this host: probe traffic must start here (use --probe none to wait for real traffic)")]
+    SourceNotHere(Ipv4Addr),
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub trace: Trace,
+    pub verdict: Verdict,
+    pub counters: Counters,
+    pub hooks: Vec<HookStatus>,
+    pub probe: ProbeOutcome,
+    #[serde(skip)]
+    pub states: States,
+    pub elapsed_ms: u64,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn catch_sigint() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(on_sigint), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let _ = sigaction(Signal::SIGINT, &act);
+        let _ = sigaction(Signal::SIGTERM, &act);
+    }
+}
+
+pub fn run(req: &FollowRequest) -> Result<Report> {
+    let t_start = Instant::now();
+    if !crate::sys::is_root() {
+        return Err(FollowError::NotRoot.into());
+    }
+    if req.src == req.dst {
+        return Err(FollowError::SameAddress(req.src).into());
+    }
+    let resolver = HostResolver::scan()?;
+    let src = resolver.resolve(req.src)?;
+    let dst = resolver.resolve(req.dst)?;
+    if src.local().is_none() && req.probe != ProbeKind::None {
+        return Err(FollowError::SourceNotHere(req.src).into());
+    }
+    let names = decoder_names(&resolver);
+    let mut states = States {
+        src_ip: Some(req.src),
+        dst_ip: Some(req.dst),
+        src_name: display(&src),
+        dst_name: display(&dst),
+        ..Default::default()
+    };
+    if let Some(l) = src.local() {
+        states.src_pod = l.netns.inode;
+        states.src_node = l.node.as_ref().map(|n| n.netns.inode);
+        states.src_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
+    }
+    if let Some(l) = dst.local() {
+        states.dst_pod = Some(l.netns.inode);
+        states.dst_node = l.node.as_ref().map(|n| n.netns.inode);
+        states.dst_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
+    }
+    let involved: Vec<u32> = {
+        let mut v = vec![states.src_pod];
+        v.extend([states.src_node, states.dst_pod, states.dst_node].into_iter().flatten());
+        v.sort();
+        v.dedup();
+        v.retain(|i| *i != 0);
+        v
+    };
+    let node_inodes: Vec<u32> = [states.src_node, states.dst_node].into_iter().flatten().collect();
+    for inode in &node_inodes {
+        if let Some(ns) = resolver.namespace(*inode) {
+            let path = ns.path.clone();
+            if let Ok(r) = crate::netns::in_netns(&path, || Ok(state::rules_now())) {
+                states.rules_before.insert(*inode, r);
+            }
+        }
+    }
+
+    let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS)?;
+    catch_sigint();
+    let mut names = names;
+    names.drop_reasons = probe.drop_reasons.clone();
+    names.has_reasons = probe.kfree_has_reason;
+
+    let stop_probe = std::sync::Arc::new(AtomicBool::new(false));
+    // Probe traffic on its own thread; the kernel's events are collected meanwhile.
+    let sender = src.local().filter(|_| req.probe != ProbeKind::None).map(|l| {
+        let mtu = resolver
+            .spaces()
+            .iter()
+            .find(|(ns, _)| ns.inode == l.netns.inode)
+            .and_then(|(_, st)| st.link(l.ifindex))
+            .map(|link| link.mtu as usize)
+            .unwrap_or(1500);
+        let sizes = match req.size {
+            Some(s) => vec![s; req.count.max(1) as usize],
+            None => {
+                let mut v = vec![56; req.count.max(1) as usize];
+                v.push(mtu.saturating_sub(28));
+                v
+            }
+        };
+        let plan = ProbePlan {
+            netns: l.netns.ns.as_ref().expect("local namespace").path.clone(),
+            dst: req.dst,
+            kind: req.probe,
+            sizes,
+            wait: req.timeout,
+            stop: stop_probe.clone(),
+        };
+        std::thread::spawn(move || inject::run(plan))
+    });
+
+    let deadline = t_start + req.timeout + Duration::from_millis(300);
+    let mut raw = Vec::new();
+    let mut decoder = Decoder::new(names);
+    let mut decoded: Vec<TraceEvent> = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    let mut outcome: Option<ProbeOutcome> = None;
+    let mut sender = sender;
+    loop {
+        probe.wait(Duration::from_millis(20));
+        probe.drain(&mut raw);
+        for r in raw.drain(..) {
+            if let Some(e) = decoder.decode(&r) {
+                decoded.push(e);
+            }
+        }
+        if sender.as_ref().is_some_and(|h| h.is_finished()) {
+            let h = sender.take().expect("sender");
+            outcome = Some(h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??);
+            settle_until.get_or_insert(Instant::now() + Duration::from_millis(100));
+        }
+        let significant_drop = decoded.iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
+        if significant_drop && settle_until.is_none() {
+            settle_until = Some(Instant::now() + Duration::from_millis(250));
+        }
+        let now = Instant::now();
+        if INTERRUPTED.load(Ordering::SeqCst) || now > deadline || settle_until.is_some_and(|t| now > t && sender.is_none()) {
+            break;
+        }
+        if settle_until.is_some_and(|t| now > t) && significant_drop && sender.is_some() {
+            // The drop is known; the probe thread may still be waiting for its reply timeout.
+            break;
+        }
+    }
+    probe.drain(&mut raw);
+    for r in raw.drain(..) {
+        if let Some(e) = decoder.decode(&r) {
+            decoded.push(e);
+        }
+    }
+    let counters = probe.counters();
+    let hooks = probe.hooks.clone();
+    drop(probe);
+    // Stopped early on a drop: tell the prober, and take what its socket saw.
+    stop_probe.store(true, Ordering::SeqCst);
+    let outcome = match (outcome, sender) {
+        (Some(o), _) => o,
+        (None, Some(h)) => h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??,
+        (None, None) => ProbeOutcome::default(),
+    };
+
+    // The node's state after the probe: counters that moved are part of the evidence.
+    for inode in &involved {
+        if let Some(ns) = resolver.namespace(*inode) {
+            if let Ok(st) = state::snapshot(ns) {
+                states.by_inode.insert(*inode, st);
+            }
+        }
+    }
+    let trace = Trace::build(decoded);
+    let verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
+    Ok(Report {
+        src,
+        dst,
+        trace,
+        verdict,
+        counters,
+        hooks,
+        probe: outcome,
+        states,
+        elapsed_ms: t_start.elapsed().as_millis() as u64,
+    })
+}
+
+fn display(e: &Endpoint) -> String {
+    match e {
+        Endpoint::Local(l) => l.display.clone(),
+        Endpoint::Remote(ip) => ip.to_string(),
+    }
+}
+
+fn decoder_names(r: &HostResolver) -> event::Names {
+    let mut n = event::Names::default();
+    for (ns, st) in r.spaces() {
+        n.netns.insert(ns.inode, resolve::display_ns(ns));
+        for l in &st.links {
+            n.ifnames.insert((ns.inode, l.ifindex), l.name.clone());
+        }
+    }
+    n
+}
+

@@ -1,0 +1,117 @@
+//! Events grouped into per-packet timelines, and the point where the pair's traffic died.
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Kind, TraceEvent};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PacketPath {
+    pub key: String,
+    pub what: String,
+    pub events: Vec<TraceEvent>,
+}
+
+impl PacketPath {
+    pub fn last(&self) -> &TraceEvent {
+        self.events.last().expect("a path has events")
+    }
+    pub fn dropped(&self) -> Option<&TraceEvent> {
+        self.events.iter().find(|e| e.kind == Kind::Drop && !is_noise(e))
+    }
+    /// Seen on this interface in this namespace (display names)?
+    pub fn seen_at(&self, where_: &str, ifname: &str) -> bool {
+        self.events.iter().any(|e| e.where_ == where_ && e.ifname == ifname && e.kind != Kind::Drop)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Trace {
+    /// Every decoded event, in time order (what `--json` prints one per line).
+    pub events: Vec<TraceEvent>,
+    pub packets: Vec<PacketPath>,
+    /// Route lookups and neighbour changes for the pair's addresses.
+    pub control: Vec<TraceEvent>,
+}
+
+/// Drops that are not the pair's traffic dying: a raw-socket ping's echo reply is consumed by the raw
+/// socket and then freed by `ping_rcv` with NO_SOCKET; neighbour queues purged as links go away.
+pub fn is_noise(e: &TraceEvent) -> bool {
+    let Some(d) = &e.drop else { return false };
+    (d.function == "ping_rcv" && d.reason == "NO_SOCKET")
+        || d.reason == "QUEUE_PURGE"
+        || e.packet.as_ref().is_some_and(|p| p.icmp_error)
+}
+
+impl Trace {
+    /// Builds timelines from decoded events (any order).
+    pub fn build(mut events: Vec<TraceEvent>) -> Trace {
+        events.sort_by_key(|e| e.t_ns);
+        // Records matched only through the tracking map carry no headers: they belong to the packet last
+        // seen with the same skb.
+        let mut last_key_of_skb: std::collections::HashMap<u64, (String, String)> = Default::default();
+        let mut packets: Vec<PacketPath> = Vec::new();
+        let mut control = Vec::new();
+        let mut last_on_cpu: std::collections::HashMap<u32, (u32, String)> = Default::default();
+        for e in &mut events {
+            match e.kind {
+                Kind::Route | Kind::Neigh => {
+                    // A route lookup has no namespace argument: it ran where this CPU's packet just was.
+                    if e.netns == 0 {
+                        if let Some((ns, name)) = last_on_cpu.get(&e.cpu) {
+                            e.netns = *ns;
+                            e.where_ = name.clone();
+                        }
+                    }
+                    control.push(e.clone());
+                    continue;
+                }
+                _ => {}
+            }
+            last_on_cpu.insert(e.cpu, (e.netns, e.where_.clone()));
+            let (key, what) = match &e.packet {
+                Some(p) => {
+                    last_key_of_skb.insert(e.skb, (p.key.clone(), p.what.clone()));
+                    (p.key.clone(), p.what.clone())
+                }
+                None => match last_key_of_skb.get(&e.skb) {
+                    Some(k) => k.clone(),
+                    None => continue,
+                },
+            };
+            match packets.iter_mut().find(|p| p.key == key) {
+                Some(p) => p.events.push(e.clone()),
+                None => packets.push(PacketPath { key, what, events: vec![e.clone()] }),
+            }
+        }
+        Trace { events, packets, control }
+    }
+
+    /// The first drop of the pair's traffic that is not noise.
+    pub fn first_drop(&self) -> Option<&TraceEvent> {
+        self.packets.iter().filter_map(|p| p.dropped()).min_by_key(|e| e.t_ns)
+    }
+
+    pub fn packets_matching(&self, pred: impl Fn(&PacketPath) -> bool) -> impl Iterator<Item = &PacketPath> {
+        self.packets.iter().filter(move |p| pred(p))
+    }
+
+    /// Did any ARP request for `ip` reach the interface?
+    pub fn arp_request_seen(&self, ip: std::net::Ipv4Addr, where_: &str, ifname: &str) -> bool {
+        self.packets.iter().any(|p| {
+            p.events.first().and_then(|e| e.packet.as_ref()).is_some_and(|pk| pk.proto == "arp" && pk.dst == ip && p.key.starts_with("arp 1"))
+                && p.seen_at(where_, ifname)
+        })
+    }
+
+    pub fn arp_reply_from(&self, ip: std::net::Ipv4Addr) -> bool {
+        self.packets.iter().any(|p| p.key.starts_with("arp 2") && p.events.iter().any(|e| e.packet.as_ref().is_some_and(|pk| pk.src == ip)))
+    }
+
+    /// Failed route lookups (err != 0 in a non-local table) for `dst`.
+    pub fn route_failures(&self, dst: std::net::Ipv4Addr) -> impl Iterator<Item = &TraceEvent> {
+        self.control.iter().filter(move |e| {
+            e.route.as_ref().is_some_and(|r| r.err != 0 && r.err != -11 && r.table != 255)
+                && e.packet.as_ref().is_some_and(|p| p.dst == dst)
+        })
+    }
+}

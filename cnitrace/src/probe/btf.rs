@@ -1,0 +1,126 @@
+//! What the running kernel looks like, read from its BTF: struct offsets for the programs (Rust eBPF
+//! has no CO-RE), the names of `enum skb_drop_reason`, and the argument list of each tracepoint.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Context, Result};
+use btf_rs::{Btf, Type};
+use cnitrace_common::Config;
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn load() -> Result<Self> {
+        let btf = Btf::from_file(VMLINUX).with_context(|| format!("read the kernel's BTF at {VMLINUX}"))?;
+        Ok(KernelBtf { btf })
+    }
+
+    fn struct_type(&self, name: &str) -> Option<btf_rs::Struct> {
+        self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Follows typedefs and qualifiers to the struct/union a member is.
+    fn composite_of(&self, member: &btf_rs::Member) -> Option<btf_rs::Struct> {
+        let mut t = self.btf.resolve_chained_type(member).ok()?;
+        loop {
+            match t {
+                Type::Struct(s) | Type::Union(s) => return Some(s),
+                Type::Typedef(ref x) => t = self.btf.resolve_chained_type(x).ok()?,
+                Type::Const(ref x) | Type::Volatile(ref x) => t = self.btf.resolve_chained_type(x).ok()?,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Bit offset of `field` in `s`, looking through anonymous structs and unions.
+    fn find_in(&self, s: &btf_rs::Struct, field: &str) -> Option<(u32, btf_rs::Member)> {
+        for m in &s.members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            if name == field {
+                return Some((m.bit_offset(), m.clone()));
+            }
+            if name.is_empty() {
+                if let Some(inner) = self.composite_of(m) {
+                    if let Some((off, mm)) = self.find_in(&inner, field) {
+                        return Some((m.bit_offset() + off, mm));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a dotted path (`"ns.inum"`) inside struct `ty`.
+    pub fn offset(&self, ty: &str, path: &str) -> Option<u32> {
+        let mut s = self.struct_type(ty)?;
+        let mut total = 0u32;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let (off, member) = self.find_in(&s, part)?;
+            total += off;
+            if i + 1 < parts.len() {
+                s = self.composite_of(&member)?;
+            }
+        }
+        Some(total / 8)
+    }
+
+    /// `enum skb_drop_reason`: value → name without the `SKB_DROP_REASON_` prefix. Empty when the kernel
+    /// has none (before 5.17).
+    pub fn drop_reasons(&self) -> BTreeMap<u32, String> {
+        let mut out = BTreeMap::new();
+        let Ok(types) = self.btf.resolve_types_by_name("skb_drop_reason") else { return out };
+        for t in types {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if let Ok(name) = self.btf.resolve_name(m) {
+                        out.insert(m.val(), name.trim_start_matches("SKB_DROP_REASON_").to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of arguments of a tracepoint (from its `btf_trace_<name>` typedef, minus the context).
+    pub fn tracepoint_args(&self, tp: &str) -> Option<usize> {
+        let types = self.btf.resolve_types_by_name(&format!("btf_trace_{tp}")).ok()?;
+        let Type::Typedef(td) = types.into_iter().next()? else { return None };
+        let Type::Ptr(ptr) = self.btf.resolve_chained_type(&td).ok()? else { return None };
+        let Type::FuncProto(fp) = self.btf.resolve_chained_type(&ptr).ok()? else { return None };
+        Some(fp.parameters.len().saturating_sub(1))
+    }
+
+    /// The programs' `Config`: every offset they read, or an error naming the one this kernel lacks.
+    pub fn config(&self) -> Result<Config> {
+        let need = |ty: &str, path: &str| {
+            self.offset(ty, path).ok_or_else(|| anyhow!("the kernel's BTF has no {ty}.{path}"))
+        };
+        let opt = |ty: &str, path: &str| self.offset(ty, path).unwrap_or(Config::ABSENT);
+        let mut c = Config::zeroed();
+        c.skb_head = need("sk_buff", "head")?;
+        c.skb_data = need("sk_buff", "data")?;
+        c.skb_len = need("sk_buff", "len")?;
+        c.skb_dev = need("sk_buff", "dev")?;
+        c.skb_protocol = need("sk_buff", "protocol")?;
+        c.skb_network_header = need("sk_buff", "network_header")?;
+        c.dev_ifindex = need("net_device", "ifindex")?;
+        c.dev_nd_net = need("net_device", "nd_net")?;
+        c.net_ns_inum = need("net", "ns.inum")?;
+        c.flowi4_saddr = opt("flowi4", "saddr");
+        c.flowi4_daddr = opt("flowi4", "daddr");
+        c.nhc_dev = opt("fib_nh_common", "nhc_dev");
+        c.neigh_primary_key = opt("neighbour", "primary_key");
+        c.neigh_dev = opt("neighbour", "dev");
+        c.neigh_nud_state = opt("neighbour", "nud_state");
+        c.neigh_ha = opt("neighbour", "ha");
+        Ok(c)
+    }
+}

@@ -1,0 +1,47 @@
+//! Kernel text symbols, to name a drop location's function (`/proc/kallsyms`; text symbols suffice).
+
+use std::collections::BTreeMap;
+
+pub struct Kallsyms {
+    by_addr: BTreeMap<u64, String>,
+}
+
+impl Kallsyms {
+    /// Reads the text symbols. Empty (every lookup None) when addresses are hidden (kptr_restrict).
+    pub fn load() -> Kallsyms {
+        let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Kallsyms {
+        let mut by_addr = BTreeMap::new();
+        for line in text.lines() {
+            let mut p = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (p.next(), p.next(), p.next()) else { continue };
+            if !matches!(kind, "t" | "T") {
+                continue;
+            }
+            if let Ok(a) = u64::from_str_radix(addr, 16) {
+                if a != 0 {
+                    by_addr.insert(a, name.to_string());
+                }
+            }
+        }
+        Kallsyms { by_addr }
+    }
+
+    /// The function containing `addr`, and the offset into it.
+    pub fn lookup(&self, addr: u64) -> Option<(&str, u64)> {
+        self.by_addr.range(..=addr).next_back().map(|(a, n)| (n.as_str(), addr - a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_the_enclosing_function() {
+        let k = super::Kallsyms::parse("ffffffff81000000 T _stext\nffffffff81a00000 t br_handle_frame\nffffffff81a00400 T br_forward\nffffffff81b00000 d some_data\n");
+        assert_eq!(k.lookup(0xffffffff81a00123), Some(("br_handle_frame", 0x123)));
+        assert_eq!(k.lookup(0xffffffff81a00400), Some(("br_forward", 0)));
+    }
+}

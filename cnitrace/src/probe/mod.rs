@@ -1,0 +1,161 @@
+//! Loading and attaching the eBPF programs, and reading what they report.
+//!
+//! "Can this hook run here?" is separate from "attach it": each hook is tried on its own, a refusal is
+//! recorded with its one-line reason, and tracing carries on with the rest. kprobes and fentry are
+//! refused on some kernels (this project's CI kernel among them), so nothing here needs them.
+
+pub mod btf;
+pub mod kallsyms;
+
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfLoader,
+};
+use cnitrace_common::{counter, Config, Event};
+use serde::Serialize;
+
+/// One hook: the program in the object and the tracepoint it attaches to.
+struct Hook {
+    program: &'static str,
+    tracepoint: &'static str,
+    /// Without it, no verdict is possible.
+    essential: bool,
+}
+
+const HOOKS: &[Hook] = &[
+    Hook { program: "net_dev_start_xmit", tracepoint: "net_dev_start_xmit", essential: true },
+    Hook { program: "netif_receive_skb", tracepoint: "netif_receive_skb", essential: true },
+    Hook { program: "net_dev_queue", tracepoint: "net_dev_queue", essential: false },
+    // kfree_skb_reason or kfree_skb_legacy, chosen from the tracepoint's arguments.
+    Hook { program: "kfree_skb", tracepoint: "kfree_skb", essential: true },
+    Hook { program: "consume_skb", tracepoint: "consume_skb", essential: false },
+    Hook { program: "fib_table_lookup", tracepoint: "fib_table_lookup", essential: false },
+    Hook { program: "neigh_update", tracepoint: "neigh_update", essential: false },
+    Hook { program: "neigh_timer_handler", tracepoint: "neigh_timer_handler", essential: false },
+];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HookStatus {
+    pub hook: String,
+    pub attached: bool,
+    /// Why not, in one line.
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    pub matched: u64,
+    pub emitted: u64,
+    pub lost: u64,
+}
+
+/// The kernel side, loaded and attached. Dropping it detaches everything (links are fds of this process,
+/// so even SIGKILL leaves nothing behind).
+pub struct Probe {
+    _ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    pub hooks: Vec<HookStatus>,
+    /// `enum skb_drop_reason` of this kernel (empty before 5.17).
+    pub drop_reasons: BTreeMap<u32, String>,
+    pub kfree_has_reason: bool,
+}
+
+impl Probe {
+    /// Loads the programs with the kernel's offsets and the pair, then attaches every hook it can.
+    pub fn start(a: Ipv4Addr, b: Ipv4Addr, vxlan_ports: [u16; 2]) -> Result<Probe> {
+        raise_memlock();
+        let kbtf = btf::KernelBtf::load()?;
+        let mut cfg: Config = kbtf.config()?;
+        cfg.addr_a = u32::from_ne_bytes(a.octets());
+        cfg.addr_b = u32::from_ne_bytes(b.octets());
+        cfg.vxlan_port_1 = vxlan_ports[0];
+        cfg.vxlan_port_2 = vxlan_ports[1];
+        cfg.enabled = 1;
+        let kfree_args = kbtf.tracepoint_args("kfree_skb").unwrap_or(2);
+        let kfree_has_reason = kfree_args >= 3;
+        let drop_reasons = kbtf.drop_reasons();
+
+        let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("CONFIG", &cfg, true)
+            .load(crate::EBPF_OBJECT)
+            .context("load the eBPF object")?;
+
+        let mut hooks = Vec::new();
+        for h in HOOKS {
+            let program = match h.program {
+                "kfree_skb" if kfree_has_reason => "kfree_skb_reason",
+                "kfree_skb" => "kfree_skb_legacy",
+                p => p,
+            };
+            let r = attach(&mut ebpf, program, h.tracepoint, &btf);
+            if let Err(e) = &r {
+                if h.essential {
+                    return Err(anyhow::anyhow!("cannot attach to tracepoint {}: {e:#}", h.tracepoint));
+                }
+            }
+            hooks.push(HookStatus {
+                hook: format!("tp_btf/{}", h.tracepoint),
+                attached: r.is_ok(),
+                reason: r.err().map(|e| format!("{e:#}")),
+            });
+        }
+        hooks.push(HookStatus {
+            hook: "kprobe/fentry extras".into(),
+            attached: false,
+            reason: Some("none are built yet; every verdict here comes from tracepoints".into()),
+        });
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
+        Ok(Probe { _ebpf: ebpf, ring, counters, hooks, drop_reasons, kfree_has_reason })
+    }
+
+    /// Moves every record waiting in the ring buffer into `out`.
+    pub fn drain(&mut self, out: &mut Vec<Event>) {
+        while let Some(item) = self.ring.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel side writes exactly one `Event` per record; read_unaligned copes
+                // with the ring buffer's 8-byte alignment.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for records.
+    pub fn wait(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let fd = self.ring.as_fd();
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+
+    /// Matched, emitted and lost records, summed over CPUs.
+    pub fn counters(&self) -> Counters {
+        let sum = |slot: u32| self.counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        Counters { matched: sum(counter::MATCHED), emitted: sum(counter::EMITTED), lost: sum(counter::LOST) }
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str, btf: &Btf) -> Result<()> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("no program {program} in the object"))?
+        .try_into()?;
+    prog.load(tracepoint, btf).with_context(|| format!("load {program}"))?;
+    prog.attach().with_context(|| format!("attach {program}"))?;
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}

@@ -1,0 +1,124 @@
+//! Text and JSON renderings of a `follow` report, from the same model.
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use crate::{
+    event::{Kind, TraceEvent},
+    finding::Outcome,
+    follow::Report,
+    resolve::Endpoint,
+};
+
+fn endpoint(e: &Endpoint) -> String {
+    match e {
+        Endpoint::Local(l) => {
+            let node = l
+                .node
+                .as_ref()
+                .map(|n| format!(", node {} via {}", crate::resolve::display_name_of(&n.netns.name), n.host_veth))
+                .unwrap_or_default();
+            format!("{} ({}, netns {}, {}{node})", l.ip, l.display, l.netns.name, l.ifname)
+        }
+        Endpoint::Remote(ip) => format!("{ip} (not on this host)"),
+    }
+}
+
+fn what(e: &TraceEvent) -> String {
+    match e.kind {
+        Kind::Xmit => "xmit".into(),
+        Kind::Receive => "receive".into(),
+        Kind::Queue => "queue".into(),
+        Kind::Consume => "consumed".into(),
+        Kind::Drop => {
+            let d = e.drop.as_ref().expect("drop info");
+            format!("DROP {} at {}", d.reason, d.function)
+        }
+        Kind::Route => {
+            let r = e.route.as_ref().expect("route info");
+            let p = e.packet.as_ref();
+            let dst = p.map(|p| p.dst.to_string()).unwrap_or_default();
+            if r.err == 0 {
+                format!("route {dst}: table {} → {}", r.table, r.oif.clone().unwrap_or_else(|| "?".into()))
+            } else {
+                format!("route {dst}: table {} miss (err {})", r.table, r.err)
+            }
+        }
+        Kind::Neigh => {
+            let n = e.neigh.as_ref().expect("neigh info");
+            format!("neighbour {} {} {}", n.ip, n.state, n.lladdr)
+        }
+    }
+}
+
+fn line(e: &TraceEvent) -> String {
+    let encap = e.packet.as_ref().and_then(|p| p.outer.as_ref()).map(|o| format!("  [vxlan {} → {} vni {}]", o.src, o.dst, o.vni)).unwrap_or_default();
+    format!("  {:>9.3} ms  {:<18} {:<14} {}{encap}", e.t_ns as f64 / 1e6, e.where_, e.ifname, what(e))
+}
+
+pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
+    writeln!(out, "follow {} → {}", endpoint(&r.src), endpoint(&r.dst))?;
+    let attached = r.hooks.iter().filter(|h| h.attached).count();
+    let missing: Vec<String> = r.hooks.iter().filter(|h| !h.attached).map(|h| format!("{}: {}", h.hook, h.reason.clone().unwrap_or_default())).collect();
+    writeln!(out, "hooks: {attached} attached{}", if missing.is_empty() { String::new() } else { format!("; unavailable: {}", missing.join("; ")) })?;
+    for p in &r.trace.packets {
+        writeln!(out, "\n{}", p.what)?;
+        for e in &p.events {
+            writeln!(out, "{}", line(e))?;
+        }
+    }
+    let control: Vec<&TraceEvent> = r.trace.control.iter().filter(|e| e.route.as_ref().is_none_or(|x| x.err != -11)).collect();
+    if !control.is_empty() {
+        writeln!(out, "\nroute lookups and neighbours")?;
+        for e in control.iter().take(30) {
+            writeln!(out, "{}", line(e))?;
+        }
+    }
+    let v = &r.verdict;
+    writeln!(out)?;
+    match v.verdict {
+        Outcome::Delivered => writeln!(out, "verdict: DELIVERED")?,
+        Outcome::Dropped => writeln!(
+            out,
+            "verdict: DROPPED — cause {} (layer {})",
+            v.cause.clone().unwrap_or_else(|| "unknown".into()),
+            v.layer.clone().unwrap_or_else(|| "?".into())
+        )?,
+        Outcome::Inconclusive => writeln!(out, "verdict: INCONCLUSIVE")?,
+    }
+    if v.verdict != Outcome::Delivered {
+        let at = [v.netns.clone(), v.ifname.clone(), v.function.clone(), v.reason.clone()]
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !at.is_empty() {
+            writeln!(out, "  where: {at}")?;
+        }
+    }
+    writeln!(out, "  why:   {}", v.explanation)?;
+    for f in &v.facts {
+        writeln!(out, "   - {f}")?;
+    }
+    writeln!(out, "events: {} matched, {} emitted, {} lost; {} ms", r.counters.matched, r.counters.emitted, r.counters.lost, r.elapsed_ms)?;
+    Ok(())
+}
+
+/// JSON Lines: one object per event, then the verdict object last.
+pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
+    for e in &r.trace.events {
+        let mut v = serde_json::to_value(e)?;
+        v["type"] = "event".into();
+        writeln!(out, "{v}")?;
+    }
+    let mut v = serde_json::to_value(&r.verdict)?;
+    v["type"] = "verdict".into();
+    v["counters"] = serde_json::to_value(r.counters)?;
+    v["elapsed_ms"] = r.elapsed_ms.into();
+    v["src"] = serde_json::to_value(&r.src)?;
+    v["dst"] = serde_json::to_value(&r.dst)?;
+    writeln!(out, "{v}")?;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! From an address to a pod: its namespace, its interface, and its node (the namespace holding the host
+//! end of its veth). Works the same on a real node (pods under the root namespace) and on the lab (nodes
+//! in namespaces of their own). Behind one trait: Kubernetes pod names come later as another resolver.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    netns::{self, NetNs},
+    state::{self, NsState},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NsRef {
+    pub inode: u32,
+    pub name: String,
+    #[serde(skip)]
+    pub ns: Option<NetNs>,
+}
+
+/// Where an address lives on this host.
+#[derive(Clone, Debug, Serialize)]
+pub struct LocalEndpoint {
+    pub ip: Ipv4Addr,
+    /// What people call it: the pod name when known, else the namespace name.
+    pub display: String,
+    pub netns: NsRef,
+    pub ifname: String,
+    pub ifindex: u32,
+    /// The node side of the pod's veth, when the address sits on a veth.
+    pub node: Option<NodeSide>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeSide {
+    pub netns: NsRef,
+    pub host_veth: String,
+    pub host_ifindex: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum Endpoint {
+    Local(LocalEndpoint),
+    /// Not on this host (another node, or outside the cluster).
+    Remote(Ipv4Addr),
+}
+
+impl Endpoint {
+    pub fn ip(&self) -> Ipv4Addr {
+        match self {
+            Endpoint::Local(l) => l.ip,
+            Endpoint::Remote(ip) => *ip,
+        }
+    }
+    pub fn local(&self) -> Option<&LocalEndpoint> {
+        match self {
+            Endpoint::Local(l) => Some(l),
+            Endpoint::Remote(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ResolveError {
+    #[error("{ip} is configured in more than one network namespace: {}", .places.join(", "))]
+    Ambiguous { ip: Ipv4Addr, places: Vec<String> },
+}
+
+pub trait Resolver {
+    fn resolve(&self, ip: Ipv4Addr) -> Result<Endpoint>;
+}
+
+/// Looks addresses up in every network namespace of the host.
+pub struct HostResolver {
+    spaces: Vec<(NetNs, NsState)>,
+}
+
+impl HostResolver {
+    /// Reads links and addresses of every namespace once.
+    pub fn scan() -> Result<Self> {
+        let mut spaces = Vec::new();
+        for ns in netns::list()? {
+            // A namespace that vanished meanwhile is simply not there.
+            if let Ok(st) = state::links_and_addrs(&ns) {
+                spaces.push((ns, st));
+            }
+        }
+        Ok(HostResolver { spaces })
+    }
+
+    pub fn namespace(&self, inode: u32) -> Option<&NetNs> {
+        self.spaces.iter().find(|(ns, _)| ns.inode == inode).map(|(ns, _)| ns)
+    }
+
+    /// Every namespace's links: to name the interfaces of events.
+    pub fn spaces(&self) -> &[(NetNs, NsState)] {
+        &self.spaces
+    }
+}
+
+/// What people call a namespace: the pod name for the lab's `<prefix>-pod-<name>`, the node name for
+/// the lab's `<prefix>-<node>`, else the namespace's own name.
+pub fn display_ns(ns: &NetNs) -> String {
+    if ns.is_root {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        return if host.trim().is_empty() { "root".into() } else { host.trim().to_string() };
+    }
+    if let Some((_, pod)) = ns.name.split_once("-pod-") {
+        return pod.to_string();
+    }
+    crate::lab::topology::NODES
+        .iter()
+        .find(|n| ns.name.ends_with(&format!("-{}", n.name)))
+        .map(|n| n.name.to_string())
+        .unwrap_or_else(|| ns.name.clone())
+}
+
+fn nsref(ns: &NetNs) -> NsRef {
+    NsRef { inode: ns.inode, name: ns.name.clone(), ns: Some(ns.clone()) }
+}
+
+impl Resolver for HostResolver {
+    fn resolve(&self, ip: Ipv4Addr) -> Result<Endpoint> {
+        let hits: Vec<(&NetNs, &NsState, u32)> = self
+            .spaces
+            .iter()
+            .flat_map(|(ns, st)| {
+                st.addrs
+                    .iter()
+                    .filter(move |a| a.addr == ip && st.link(a.ifindex).is_some_and(|l| l.name != "lo"))
+                    .map(move |a| (ns, st, a.ifindex))
+            })
+            .collect();
+        if hits.len() > 1 {
+            let places = hits.iter().map(|(ns, st, i)| format!("{} ({})", ns.name, st.ifname(*i))).collect();
+            return Err(ResolveError::Ambiguous { ip, places }.into());
+        }
+        let Some((ns, st, ifindex)) = hits.into_iter().next() else {
+            return Ok(Endpoint::Remote(ip));
+        };
+        let link = st.link(ifindex).expect("hit on a known link");
+        // The host end: a veth elsewhere whose peer is this link, and whose ifindex this link names as peer.
+        let node = if link.kind == "veth" {
+            self.spaces.iter().filter(|(other, _)| other.inode != ns.inode).find_map(|(other, ost)| {
+                ost.links
+                    .iter()
+                    .find(|l| l.kind == "veth" && l.peer_ifindex == Some(link.ifindex) && Some(l.ifindex) == link.peer_ifindex)
+                    .map(|hl| NodeSide { netns: nsref(other), host_veth: hl.name.clone(), host_ifindex: hl.ifindex })
+            })
+        } else {
+            None
+        };
+        Ok(Endpoint::Local(LocalEndpoint {
+            ip,
+            display: display_ns(ns),
+            netns: nsref(ns),
+            ifname: link.name.clone(),
+            ifindex,
+            node,
+        }))
+    }
+}
+
+/// The display name for a namespace known only by its name (no root check).
+pub fn display_name_of(name: &str) -> String {
+    display_ns(&NetNs { inode: 0, name: name.to_string(), path: Default::default(), is_root: false })
+}

@@ -1,0 +1,242 @@
+//! Links, addresses, routes, neighbours and FDB of the current thread's namespace, through rtnetlink.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{
+            InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+            State,
+        },
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteType},
+        AddressFamily,
+    },
+    Handle, RouteMessageBuilder,
+};
+
+use super::{Addr, Fdb, Link, Neigh, NsState, Route, Vxlan};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+}
+
+/// Full read: links, addresses, routes, neighbours, FDB.
+pub fn read() -> Result<NsState> {
+    runtime()?.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+        tokio::spawn(conn);
+        let mut st = NsState { links: links(&handle).await?, addrs: addrs(&handle).await?, ..Default::default() };
+        st.routes = routes(&handle).await?;
+        let (neighbours, fdb) = neighbours(&handle).await?;
+        st.neighbours = neighbours;
+        st.fdb = fdb;
+        Ok(st)
+    })
+}
+
+pub fn read_links_addrs() -> Result<NsState> {
+    runtime()?.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(NsState { links: links(&handle).await?, addrs: addrs(&handle).await?, ..Default::default() })
+    })
+}
+
+fn mac_str(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn oper_str(s: &State) -> String {
+    match s {
+        State::Up => "up",
+        State::Down => "down",
+        State::LowerLayerDown => "lowerlayerdown",
+        State::Dormant => "dormant",
+        State::NotPresent => "notpresent",
+        State::Testing => "testing",
+        _ => "unknown",
+    }
+    .to_string()
+}
+
+fn link_from(msg: LinkMessage) -> Link {
+    let mut l = Link {
+        ifindex: msg.header.index,
+        admin_up: msg.header.flags.contains(LinkFlags::Up),
+        ..Default::default()
+    };
+    for a in msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n,
+            LinkAttribute::Mtu(m) => l.mtu = m,
+            LinkAttribute::Address(b) => l.mac = mac_str(&b),
+            LinkAttribute::Controller(m) => l.master = Some(m),
+            LinkAttribute::Link(p) => l.peer_ifindex = Some(p),
+            LinkAttribute::LinkNetNsId(id) => l.peer_netnsid = Some(id),
+            LinkAttribute::OperState(s) => l.oper = oper_str(&s),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => {
+                            l.kind = match k {
+                                InfoKind::Veth => "veth".into(),
+                                InfoKind::Bridge => "bridge".into(),
+                                InfoKind::Vxlan => "vxlan".into(),
+                                InfoKind::Dummy => "dummy".into(),
+                                other => format!("{other:?}").to_lowercase(),
+                            }
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(v)) => {
+                            let mut vx = Vxlan { learning: true, ..Default::default() };
+                            for x in v {
+                                match x {
+                                    InfoVxlan::Id(id) => vx.vni = id,
+                                    InfoVxlan::Port(p) => vx.port = p,
+                                    InfoVxlan::Local(a) => vx.local = Some(a),
+                                    InfoVxlan::Learning(b) => vx.learning = b,
+                                    _ => {}
+                                }
+                            }
+                            l.vxlan = Some(vx);
+                        }
+                        LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
+                            for x in attrs {
+                                if let InfoBridgePort::State(s) = x {
+                                    l.port_state = Some(format!("{s:?}").to_lowercase());
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+async fn links(h: &Handle) -> Result<Vec<Link>> {
+    let msgs: Vec<LinkMessage> = h.link().get().execute().try_collect().await.context("dump links")?;
+    Ok(msgs.into_iter().map(link_from).collect())
+}
+
+async fn addrs(h: &Handle) -> Result<Vec<Addr>> {
+    let msgs: Vec<_> = h.address().get().execute().try_collect().await.context("dump addresses")?;
+    let mut out = Vec::new();
+    for m in msgs {
+        if m.header.family != AddressFamily::Inet {
+            continue;
+        }
+        let addr = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+            _ => None,
+        });
+        let addr = addr.or_else(|| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            })
+        });
+        if let Some(addr) = addr {
+            out.push(Addr { ifindex: m.header.index, addr, prefix: m.header.prefix_len });
+        }
+    }
+    Ok(out)
+}
+
+async fn routes(h: &Handle) -> Result<Vec<Route>> {
+    let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let msgs: Vec<_> = h.route().get(req).execute().try_collect().await.context("dump routes")?;
+    let mut out = Vec::new();
+    for m in msgs {
+        let mut r = Route {
+            table: m.header.table as u32,
+            dst: Ipv4Addr::UNSPECIFIED,
+            prefix: m.header.destination_prefix_length,
+            gateway: None,
+            oif: None,
+            kind: match m.header.kind {
+                RouteType::Unicast => "unicast".into(),
+                RouteType::Local => "local".into(),
+                RouteType::Broadcast => "broadcast".into(),
+                RouteType::Unreachable => "unreachable".into(),
+                RouteType::BlackHole => "blackhole".into(),
+                RouteType::Prohibit => "prohibit".into(),
+                other => format!("{other:?}").to_lowercase(),
+            },
+        };
+        for a in m.attributes {
+            match a {
+                RouteAttribute::Table(t) => r.table = t,
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = d,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(g),
+                RouteAttribute::Oif(o) => r.oif = Some(o),
+                _ => {}
+            }
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn neigh_state(s: NeighbourState) -> String {
+    match s {
+        NeighbourState::Incomplete => "incomplete",
+        NeighbourState::Reachable => "reachable",
+        NeighbourState::Stale => "stale",
+        NeighbourState::Delay => "delay",
+        NeighbourState::Probe => "probe",
+        NeighbourState::Failed => "failed",
+        NeighbourState::Noarp => "noarp",
+        NeighbourState::Permanent => "permanent",
+        _ => "none",
+    }
+    .to_string()
+}
+
+async fn neighbours(h: &Handle) -> Result<(Vec<Neigh>, Vec<Fdb>)> {
+    let v4: Vec<NeighbourMessage> =
+        h.neighbours().get().set_address_family(AddressFamily::Inet).execute().try_collect().await.context("dump neighbours")?;
+    let mut neighbours = Vec::new();
+    for m in v4 {
+        let ip = m.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => Some(*v),
+            _ => None,
+        });
+        let mac = m.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::LinkLayerAddress(b) => Some(mac_str(b)),
+            _ => None,
+        });
+        if let Some(ip) = ip {
+            neighbours.push(Neigh { ifindex: m.header.ifindex, ip, mac, state: neigh_state(m.header.state) });
+        }
+    }
+    let br: Vec<NeighbourMessage> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .context("dump the FDB")?;
+    let mut fdb = Vec::new();
+    for m in br {
+        let mac = m.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::LinkLayerAddress(b) => Some(mac_str(b)),
+            _ => None,
+        });
+        let dst = m.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => Some(*v),
+            _ => None,
+        });
+        if let Some(mac) = mac {
+            fdb.push(Fdb { ifindex: m.header.ifindex, mac, dst });
+        }
+    }
+    Ok((neighbours, fdb))
+}

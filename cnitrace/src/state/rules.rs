@@ -1,0 +1,191 @@
+//! The rule sets of every netfilter backend, with counters: iptables-nft, iptables-legacy, native nft.
+//! Read by running each backend's own dump inside the current thread's namespace.
+
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RuleSets {
+    /// `iptables-nft-save -c` (None: the tool is not installed).
+    pub iptables_nft: Option<String>,
+    /// `iptables-legacy-save -c`.
+    pub iptables_legacy: Option<String>,
+    /// `nft list ruleset`.
+    pub nft: Option<String>,
+}
+
+fn dump(prog: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(prog).args(args).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn read() -> RuleSets {
+    RuleSets {
+        iptables_nft: dump("iptables-nft-save", &["-c"]),
+        iptables_legacy: dump("iptables-legacy-save", &["-c"]),
+        nft: dump("nft", &["list", "ruleset"]),
+    }
+}
+
+/// One rule (or chain policy) of an iptables dump, with its counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IptRule {
+    pub table: String,
+    pub chain: String,
+    /// The rule as `iptables-save` writes it (without counters); for a policy: ":CHAIN POLICY".
+    pub rule: String,
+    pub is_policy: bool,
+    /// "DROP", "REJECT", "ACCEPT", a chain name...
+    pub target: String,
+    pub packets: u64,
+}
+
+/// Parses `iptables-save -c` output into rules and policies.
+pub fn parse_iptables(dump: &str) -> Vec<IptRule> {
+    let mut out = Vec::new();
+    let mut table = String::new();
+    for line in dump.lines() {
+        let line = line.trim();
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_string();
+        } else if let Some(rest) = line.strip_prefix(':') {
+            // :FORWARD DROP [12:1008]
+            let mut parts = rest.split_whitespace();
+            let chain = parts.next().unwrap_or("").to_string();
+            let policy = parts.next().unwrap_or("-").to_string();
+            let packets = counters(parts.next().unwrap_or(""));
+            if policy != "-" {
+                out.push(IptRule {
+                    table: table.clone(),
+                    rule: format!(":{chain} {policy}"),
+                    chain,
+                    is_policy: true,
+                    target: policy,
+                    packets,
+                });
+            }
+        } else if line.starts_with('[') {
+            // [3:252] -A FORWARD -d 10.244.1.0/24 -j DROP
+            let (c, rule) = line.split_once(' ').unwrap_or((line, ""));
+            let chain = rule.split_whitespace().nth(1).unwrap_or("").to_string();
+            let target = rule
+                .split_whitespace()
+                .skip_while(|w| *w != "-j" && *w != "-g")
+                .nth(1)
+                .unwrap_or("")
+                .to_string();
+            out.push(IptRule {
+                table: table.clone(),
+                chain,
+                rule: rule.to_string(),
+                is_policy: false,
+                target,
+                packets: counters(c),
+            });
+        }
+    }
+    out
+}
+
+fn counters(c: &str) -> u64 {
+    c.trim_matches(|ch| ch == '[' || ch == ']').split(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
+}
+
+/// A native nft rule with a verdict, and its counter when it has one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftRule {
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+    pub rule: String,
+    pub packets: Option<u64>,
+    pub verdict: String,
+    /// `hook forward`, ... of the chain the rule is in.
+    pub hook: Option<String>,
+    pub policy: Option<String>,
+}
+
+/// Parses `nft list ruleset` into rules (one per line inside chains) and chain policies.
+pub fn parse_nft(dump: &str) -> Vec<NftRule> {
+    let mut out = Vec::new();
+    let (mut family, mut table, mut chain) = (String::new(), String::new(), String::new());
+    let (mut hook, mut policy): (Option<String>, Option<String>) = (None, None);
+    for line in dump.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("table ") {
+            let mut p = rest.split_whitespace();
+            family = p.next().unwrap_or("").into();
+            table = p.next().unwrap_or("").into();
+        } else if let Some(rest) = l.strip_prefix("chain ") {
+            chain = rest.split_whitespace().next().unwrap_or("").into();
+            hook = None;
+            policy = None;
+        } else if l.starts_with("type ") {
+            hook = l.split_whitespace().skip_while(|w| *w != "hook").nth(1).map(str::to_string);
+            policy = l
+                .split_whitespace()
+                .skip_while(|w| *w != "policy")
+                .nth(1)
+                .map(|p| p.trim_end_matches(';').to_string());
+            if let Some(p) = &policy {
+                out.push(NftRule {
+                    family: family.clone(),
+                    table: table.clone(),
+                    chain: chain.clone(),
+                    rule: format!("policy {p}"),
+                    packets: None,
+                    verdict: p.clone(),
+                    hook: hook.clone(),
+                    policy: policy.clone(),
+                });
+            }
+        } else if !l.is_empty() && l != "}" && !l.ends_with('{') && !chain.is_empty() {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let verdict = ["drop", "reject", "accept", "jump", "goto", "return"]
+                .iter()
+                .find(|v| words.contains(v))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            let packets = words.windows(2).find(|w| w[0] == "packets").and_then(|w| w[1].parse().ok());
+            out.push(NftRule {
+                family: family.clone(),
+                table: table.clone(),
+                chain: chain.clone(),
+                rule: l.to_string(),
+                packets,
+                verdict,
+                hook: hook.clone(),
+                policy: policy.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iptables_counters_and_policies() {
+        let dump = "*filter\n:INPUT ACCEPT [10:800]\n:FORWARD DROP [3:252]\n:FLANNEL-FWD - [0:0]\n[2:168] -A FORWARD -d 10.244.1.0/24 -j DROP\n[0:0] -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\nCOMMIT\n";
+        let rules = parse_iptables(dump);
+        let pol = rules.iter().find(|r| r.is_policy && r.chain == "FORWARD").expect("FORWARD policy");
+        assert_eq!((pol.target.as_str(), pol.packets), ("DROP", 3));
+        let drop = rules.iter().find(|r| !r.is_policy && r.target == "DROP").expect("the DROP rule");
+        assert_eq!(drop.rule, "-A FORWARD -d 10.244.1.0/24 -j DROP");
+        assert_eq!(drop.packets, 2);
+        assert!(!rules.iter().any(|r| r.chain == "FLANNEL-FWD" && r.is_policy), "user chains have no policy");
+    }
+
+    #[test]
+    fn nft_rules_with_counters() {
+        let dump = "table inet hardening {\n\tchain forward {\n\t\ttype filter hook forward priority filter + 10; policy accept;\n\t\tip daddr 10.244.1.0/24 counter packets 4 bytes 336 drop\n\t}\n}\n";
+        let rules = parse_nft(dump);
+        let r = rules.iter().find(|r| r.verdict == "drop").expect("drop rule");
+        assert_eq!(r.packets, Some(4));
+        assert_eq!(r.hook.as_deref(), Some("forward"));
+        assert_eq!(r.table, "hardening");
+    }
+}
