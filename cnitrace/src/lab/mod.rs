@@ -28,6 +28,8 @@ use topology::{Names, NODES, PODS};
 /// Lab state (pids, IPAM data, which faults are on) lives under here, one folder per prefix.
 pub const STATE_ROOT: &str = "/run/cnitrace/lab";
 pub const DEFAULT_PREFIX: &str = "cnitrace";
+/// MACs of the second underlay link (storagenodet3500's eth2, storagenodet3501's eth2).
+const SECOND_NIC_MACS: [&str; 2] = ["02:c1:7a:00:02:01", "02:c1:7a:00:02:02"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PodState {
@@ -300,6 +302,16 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
         ip(ns, &["addr", "add", &format!("{}/24", NODES[i].underlay), "dev", "eth0"])?;
         ip(ns, &["link", "set", "eth0", "up"])?;
     }
+    // A second underlay link, as on dual-NIC nodes: storagenodet3500 reaches storagenodet3501's address
+    // through eth2 while the way back uses eth0. Asymmetric but healthy until rp_filter turns strict.
+    sys::run("ip", &["link", "add", "cnt-ul2", "address", SECOND_NIC_MACS[0], "netns", &n0, "type", "veth", "peer", "name", "cnt-ul3", "address", SECOND_NIC_MACS[1], "netns", &n1])?;
+    for (i, ns) in [&n0, &n1].into_iter().enumerate() {
+        ip(ns, &["link", "set", &format!("cnt-ul{}", i + 2), "name", "eth2"])?;
+        ip(ns, &["link", "set", "eth2", "up"])?;
+    }
+    let peer = format!("{}/32", NODES[1].underlay);
+    ip(&n0, &["route", "add", &peer, "dev", "eth2", "src", &NODES[0].underlay.to_string()])?;
+    ip(&n0, &["neigh", "replace", &NODES[1].underlay.to_string(), "lladdr", SECOND_NIC_MACS[1], "dev", "eth2", "nud", "permanent"])?;
     // Uplink: storagenodet3500's eth1 to the external host.
     sys::run("ip", &["link", "add", "cnt-up0", "netns", &n0, "type", "veth", "peer", "name", "cnt-up1", "netns", &ext])?;
     ip(&n0, &["link", "set", "cnt-up0", "name", "eth1"])?;

@@ -230,8 +230,10 @@ async fn neighbours(h: &Handle) -> Result<(Vec<Neigh>, Vec<Fdb>)> {
             NeighbourAttribute::LinkLayerAddress(b) => Some(mac_str(b)),
             _ => None,
         });
+        // AF_BRIDGE entries carry the VXLAN remote as raw bytes.
         let dst = m.attributes.iter().find_map(|a| match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => Some(*v),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
             _ => None,
         });
         if let Some(mac) = mac {
