@@ -234,6 +234,27 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     })
 }
 
+/// Everything diagnosis reads, as one JSON document: `follow --record` writes it, the unit tests replay
+/// it without root (recorded fixtures of every lab fault).
+#[derive(Serialize, serde::Deserialize)]
+pub struct Recording {
+    pub events: Vec<TraceEvent>,
+    pub probe: ProbeOutcome,
+    pub states: States,
+}
+
+impl Recording {
+    pub fn of(r: &Report) -> Recording {
+        Recording { events: r.trace.events.clone(), probe: r.probe.clone(), states: r.states.clone() }
+    }
+
+    /// Diagnoses the recorded trace and state again.
+    pub fn replay(&self) -> Verdict {
+        let trace = Trace::build(self.events.clone());
+        finding::diagnose(&Ctx { trace: &trace, probe: &self.probe, states: &self.states })
+    }
+}
+
 fn display(e: &Endpoint) -> String {
     match e {
         Endpoint::Local(l) => l.display.clone(),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "port")]
@@ -36,7 +36,7 @@ impl std::str::FromStr for ProbeKind {
 }
 
 /// What the probe's own socket observed.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProbeOutcome {
     pub sent: u32,
     /// Answers from the destination (echo replies, an accepted connection).

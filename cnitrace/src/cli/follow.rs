@@ -1,6 +1,6 @@
 use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::{
@@ -30,6 +30,9 @@ pub struct FollowArgs {
     /// JSON Lines: one object per event, the verdict object last.
     #[arg(long)]
     json: bool,
+    /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
 }
 
 fn addr(s: &str, what: &str) -> Result<Ipv4Addr> {
@@ -61,6 +64,10 @@ impl FollowArgs {
 pub fn run(args: FollowArgs) -> Result<u8> {
     let req = args.request()?;
     let report = follow::run(&req)?;
+    if let Some(path) = &args.record {
+        let rec = follow::Recording::of(&report);
+        std::fs::write(path, serde_json::to_vec(&rec)?).with_context(|| format!("write {}", path.display()))?;
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         render::json(&report, &mut out)?;

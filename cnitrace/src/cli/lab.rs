@@ -31,7 +31,10 @@ enum LabCommand {
         json: bool,
     },
     /// The faults, one line each.
-    List,
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or remove a pod through the CNI plugin, as the runtime does.
     Pod {
         #[command(subcommand)]
@@ -98,9 +101,18 @@ pub fn run(args: LabArgs) -> Result<u8> {
                 }
             }
         }
-        LabCommand::List => {
+        LabCommand::List { json } => {
             for f in faults::FAULTS {
-                println!("{:<26} {:<24} {}", f.name, f.cause, f.summary);
+                if json {
+                    let ip = |p: &str| topology::pod(p).map(|p| p.ip.to_string()).unwrap_or_default();
+                    let v = serde_json::json!({
+                        "name": f.name, "cause": f.cause, "summary": f.summary,
+                        "breaks": f.breaks, "src": ip(f.pair.0), "dst": ip(f.pair.1),
+                    });
+                    println!("{v}");
+                } else {
+                    println!("{:<26} {:<24} {}", f.name, f.cause, f.summary);
+                }
             }
         }
         LabCommand::Pod { command } => {
