@@ -78,6 +78,8 @@ fn catch_sigint() {
 
 pub fn run(req: &FollowRequest) -> Result<Report> {
     let t_start = Instant::now();
+    // Before anything is attached: an interrupt must end in a verdict and a clean detach.
+    catch_sigint();
     if !crate::sys::is_root() {
         return Err(FollowError::NotRoot.into());
     }
@@ -127,7 +129,6 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     }
 
     let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS)?;
-    catch_sigint();
     let mut names = names;
     names.drop_reasons = probe.drop_reasons.clone();
     names.has_reasons = probe.kfree_has_reason;

@@ -23,6 +23,27 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/cnitrace"))
 }
 
+/// Runs `cnitrace follow SRC DST --json ...`: the exit code and the verdict object (the last line).
+pub fn follow(src: &str, dst: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["follow", src, dst, "--json"];
+    args.extend_from_slice(extra);
+    let out = cnitrace(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_else(|| panic!("follow printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("verdict line is not JSON ({e}): {last}"));
+    assert_eq!(v["type"], "verdict", "the last line is the verdict: {last}");
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// cnitrace's eBPF programs currently loaded in the kernel (names as the kernel truncates them).
+pub fn loaded_cnitrace_programs() -> usize {
+    const OURS: &[&str] = &["net_dev_start_x", "netif_receive_s", "net_dev_queue", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han"];
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| p.name_as_str().is_some_and(|n| OURS.contains(&n)))
+        .count()
+}
+
 pub fn cnitrace(args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)

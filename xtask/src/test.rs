@@ -14,5 +14,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         args.push(f);
     }
     args.push("--test-threads=1");
+    // Shows the reason of every skipped kernel test (they print nothing else).
+    args.push("--show-output");
     crate::cargo(&args)
 }

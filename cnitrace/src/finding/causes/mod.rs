@@ -59,6 +59,10 @@ pub static CAUSES: &[Cause] = &[
     mtu_mismatch::CAUSE,
 ];
 
+pub fn find(id: &str) -> Option<&'static Cause> {
+    CAUSES.iter().find(|c| c.id == id)
+}
+
 /// Every catalog id, in the order the docs list them.
 pub fn ids() -> Vec<&'static str> {
     CAUSES.iter().map(|c| c.id).collect()

@@ -1,0 +1,189 @@
+//! `follow` on the lab: every fault gives its cause, healthy pairs are delivered, passive mode sees real
+//! traffic, bad input exits 2, and nothing of the tracer stays in the kernel after it ends.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cnitrace::finding::causes;
+use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PREFIX};
+
+fn ip(pod: &str) -> String {
+    topology::pod(pod).expect("lab pod").ip.to_string()
+}
+
+#[test]
+fn every_fault_is_followed_to_its_cause() {
+    if !can_run_kernel_tests("every_fault_is_followed_to_its_cause") {
+        return;
+    }
+    let mut wrong = Vec::new();
+    for f in faults::FAULTS {
+        let _g = LabGuard::up(&[f.name]);
+        let (code, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &[]);
+        let layer = causes::find(f.cause).expect("catalog cause").layer;
+        let ok = code == 1
+            && v["verdict"] == "dropped"
+            && v["cause"] == f.cause
+            && v["layer"] == layer
+            && v["netns"].as_str().is_some_and(|s| !s.is_empty())
+            && v["ifname"].as_str().is_some_and(|s| !s.is_empty());
+        if !ok {
+            wrong.push(format!("{}: exit {code}, verdict {} cause {} layer {} at {} {}", f.name, v["verdict"], v["cause"], v["layer"], v["netns"], v["ifname"]));
+        }
+    }
+    assert!(wrong.is_empty(), "faults followed to the wrong verdict:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_drop_point_is_the_kernels_own() {
+    if !can_run_kernel_tests("the_drop_point_is_the_kernels_own") {
+        return;
+    }
+    // (fault, where, interface, function, reason) as the kernel reports them on this path.
+    let cases = [
+        ("bridge-down", "storagenodet3500", "br_handle_frame", "BRIDGE_INGRESS_STP_STATE"),
+        ("ip-forward-off", "storagenodet3500", "ip_error", "IP_INADDRERRORS"),
+        ("route-missing", "storagenodet3500", "ip_error", "IP_INNOROUTES"),
+        ("vxlan-fdb-missing", "storagenodet3500", "vxlan_xmit", "NO_TX_TARGET"),
+        ("vxlan-port-mismatch", "storagenodet3501", "__udp4_lib_rcv", "NO_SOCKET"),
+        ("neighbor-stale", "debug", "ip_rcv_core", "OTHERHOST"),
+        ("rp-filter-strict", "storagenodet3501", "ip_rcv_finish_core", "IP_RPFILTER"),
+        ("mtu-mismatch", "storagenodet3500", "ip_forward", "PKT_TOO_BIG"),
+    ];
+    for (fault, netns, function, reason) in cases {
+        let f = faults::find(fault).expect("fault");
+        let _g = LabGuard::up(&[fault]);
+        let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &[]);
+        assert_eq!(v["reason"], reason, "{fault}: {v}");
+        assert_eq!(v["function"], function, "{fault}: {v}");
+        if !causes::find(f.cause).expect("cause").hop_from_state {
+            assert_eq!(v["netns"], netns, "{fault}: {v}");
+        }
+    }
+}
+
+#[test]
+fn the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth() {
+    if !can_run_kernel_tests("the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth") {
+        return;
+    }
+    let g = LabGuard::up(&[faults::SEED_FAULT]);
+    let (code, v) = follow("10.244.0.20", "10.244.0.19", &[]);
+    assert_eq!(code, 1);
+    assert_eq!(v["cause"], "veth-detached");
+    assert_eq!(v["function"], "neigh_invalidate", "the source gave up on ARP: {v}");
+    assert_eq!(v["reason"], "NEIGH_FAILED");
+    assert_eq!(v["netns"], "debug", "the packet died in the source pod, as the seed saw it");
+    let veth = g.lab.host_veth("jellyfin").expect("jellyfin's host veth");
+    let facts = v["facts"].to_string();
+    assert!(facts.contains(&format!("{veth}, the host end of jellyfin's eth0 on storagenodet3500, has no master")), "{facts}");
+    assert!(facts.contains("host unreachable"), "the source got Destination Host Unreachable: {facts}");
+}
+
+#[test]
+fn healthy_pairs_are_delivered() {
+    if !can_run_kernel_tests("healthy_pairs_are_delivered") {
+        return;
+    }
+    let _g = LabGuard::up(&[]);
+    for dst in [ip("jellyfin"), ip("web"), topology::EXTERNAL_IP.to_string()] {
+        let (code, v) = follow(&ip("debug"), &dst, &[]);
+        assert_eq!((code, v["verdict"].as_str()), (0, Some("delivered")), "debug → {dst}: {v}");
+        assert!(v["cause"].is_null());
+    }
+    let (code, v) = follow(&ip("debug"), &ip("jellyfin"), &["--probe", "tcp:8096"]);
+    assert_eq!((code, v["verdict"].as_str()), (0, Some("delivered")), "tcp probe: {v}");
+}
+
+#[test]
+fn passive_mode_sees_real_traffic() {
+    if !can_run_kernel_tests("passive_mode_sees_real_traffic") {
+        return;
+    }
+    for (faults, expect_code, expect_cause) in [(vec![], 0, None), (vec!["route-missing"], 1, Some("route-missing"))] {
+        let g = LabGuard::up(&faults);
+        let child = Command::new(bin())
+            .args(["follow", "10.244.0.20", "10.244.1.10", "--probe", "none", "--timeout", "4", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start follow");
+        std::thread::sleep(Duration::from_millis(800));
+        let _ = Command::new("ip").args(["netns", "exec", &g.lab.pod_ns("debug"), "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.10"]).output();
+        let out = child.wait_with_output().expect("follow ends");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("verdict")).expect("json");
+        assert_eq!(out.status.code(), Some(expect_code), "passive {faults:?}: {v}");
+        assert_eq!(v["cause"].as_str(), expect_cause, "passive {faults:?}: {v}");
+    }
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    if !can_run_kernel_tests("bad_input_exits_2_with_one_line") {
+        return;
+    }
+    let _g = LabGuard::up(&[]);
+    let cases: &[&[&str]] = &[
+        &["follow", "10.244.0.256", "10.244.0.19"],
+        &["follow", "10.244.0.0/24", "10.244.0.19"],
+        &["follow", "jellyfin", "10.244.0.19"],
+        &["follow", "10.244.0.20", "10.244.0.20"],
+        &["follow", "10.244.9.9", "10.244.0.19"],
+        &["follow", "10.244.0.20"],
+        &["follow", "10.244.0.20", "10.244.0.19", "--probe", "tcp:0"],
+    ];
+    for args in cases {
+        let out = cnitrace(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert!(out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("verdict"), "{args:?}");
+    }
+    // Not root: refused before touching anything.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin())
+        .args(["follow", "10.244.0.20", "10.244.0.19"])
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "not root: {err}");
+    assert!(err.contains("needs root") && err.lines().count() == 1, "one clear line: {err}");
+}
+
+#[test]
+fn nothing_remains_in_the_kernel_after_follow_ends() {
+    if !can_run_kernel_tests("nothing_remains_in_the_kernel_after_follow_ends") {
+        return;
+    }
+    let _g = LabGuard::up(&[faults::SEED_FAULT]);
+    let before = loaded_cnitrace_programs();
+    for signal in [None, Some("INT"), Some("KILL")] {
+        let mut child = Command::new(bin())
+            .args(["follow", "10.244.0.20", "10.244.0.19", "--timeout", "10"])
+            .env("CNITRACE_LAB_PREFIX", PREFIX)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start follow");
+        // Wait until its programs are in the kernel.
+        let t0 = Instant::now();
+        while loaded_cnitrace_programs() <= before && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(loaded_cnitrace_programs() > before, "follow attached its programs");
+        if let Some(sig) = signal {
+            Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().expect("kill");
+        }
+        let st = child.wait().expect("follow ends");
+        if signal == Some("INT") {
+            assert!(matches!(st.code(), Some(0..=3)), "SIGINT ends follow with a verdict, not a crash: {st:?}");
+        }
+        let t0 = Instant::now();
+        while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(loaded_cnitrace_programs(), before, "programs left after follow ended by {signal:?}");
+    }
+}
