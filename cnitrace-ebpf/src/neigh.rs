@@ -6,7 +6,7 @@ use cnitrace_common::{EventKind, ETH_P_ARP};
 use crate::filter::{config, dev_ids, emit, new_event, read};
 
 #[inline(always)]
-fn on_neigh(n: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> i32 {
+fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> i32 {
     let c = config();
     if c.enabled == 0 {
         return 0;
@@ -24,8 +24,15 @@ fn on_neigh(n: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> 
     ev.header.ifindex = ifindex;
     let state: u8 = unsafe { read(n, c.neigh_nud_state) }.unwrap_or(0);
     ev.reason = new_state.unwrap_or(state as u32);
-    let ha: [u8; 8] = unsafe { read(n, c.neigh_ha) }.unwrap_or([0; 8]);
-    ev.location = u64::from_le_bytes(ha) & 0x0000_ffff_ffff_ffff;
+    // The address being written (neigh_update), else the entry's own.
+    let ha: [u8; 6] = if lladdr.is_null() {
+        unsafe { read(n, c.neigh_ha) }.unwrap_or([0; 6])
+    } else {
+        unsafe { read(lladdr, 0) }.unwrap_or([0; 6])
+    };
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&ha);
+    ev.location = u64::from_le_bytes(b);
     ev.err = err;
     emit(&mut ev);
     0
@@ -35,8 +42,9 @@ fn on_neigh(n: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> 
 #[btf_tracepoint(function = "neigh_update")]
 pub fn neigh_update(ctx: BtfTracePointContext) -> i32 {
     let n: *const u8 = ctx.arg(0);
+    let lladdr: *const u8 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
-    on_neigh(n, EventKind::NeighUpdate, Some((new & 0xff) as u32), 0)
+    on_neigh(n, lladdr, EventKind::NeighUpdate, Some((new & 0xff) as u32), 0)
 }
 
 // TP_PROTO(struct neighbour *n, int err)
@@ -44,5 +52,5 @@ pub fn neigh_update(ctx: BtfTracePointContext) -> i32 {
 pub fn neigh_timer_handler(ctx: BtfTracePointContext) -> i32 {
     let n: *const u8 = ctx.arg(0);
     let err: i32 = ctx.arg(1);
-    on_neigh(n, EventKind::NeighTimer, None, err)
+    on_neigh(n, core::ptr::null(), EventKind::NeighTimer, None, err)
 }

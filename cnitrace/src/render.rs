@@ -47,7 +47,11 @@ fn what(e: &TraceEvent) -> String {
         }
         Kind::Neigh => {
             let n = e.neigh.as_ref().expect("neigh info");
-            format!("neighbour {} {} {}", n.ip, n.state, n.lladdr)
+            if n.lladdr == "00:00:00:00:00:00" {
+                format!("neighbour {} {}", n.ip, n.state)
+            } else {
+                format!("neighbour {} {} {}", n.ip, n.state, n.lladdr)
+            }
         }
     }
 }
@@ -68,7 +72,8 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
             writeln!(out, "{}", line(e))?;
         }
     }
-    let control: Vec<&TraceEvent> = r.trace.control.iter().filter(|e| e.route.as_ref().is_none_or(|x| x.err != -11)).collect();
+    // The local table (255) is consulted before the main one for every packet: only its hits matter.
+    let control: Vec<&TraceEvent> = r.trace.control.iter().filter(|e| e.route.as_ref().is_none_or(|x| x.table != 255)).collect();
     if !control.is_empty() {
         writeln!(out, "\nroute lookups and neighbours")?;
         for e in control.iter().take(30) {

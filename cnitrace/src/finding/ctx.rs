@@ -208,14 +208,19 @@ impl<'a> Ctx<'a> {
 
     pub fn delivery_facts(&self) -> Vec<String> {
         let mut f = self.probe_facts();
-        let hops: Vec<String> = self
-            .trace
-            .packets
-            .first()
-            .map(|p| p.events.iter().filter(|e| e.kind != Kind::Queue).map(|e| format!("{} {}", e.where_, e.ifname)).collect())
-            .unwrap_or_default();
-        if !hops.is_empty() {
-            f.push(format!("path: {}", hops.join(" → ")));
+        let (src, dst) = (self.src_ip(), self.dst_ip());
+        let request = self.trace.packets.iter().find(|p| {
+            p.events.first().and_then(|e| e.packet.as_ref()).is_some_and(|pk| pk.src == src && pk.dst == dst && pk.proto != "arp")
+        });
+        if let Some(p) = request {
+            let mut hops: Vec<String> = Vec::new();
+            for e in p.events.iter().filter(|e| matches!(e.kind, Kind::Xmit | Kind::Receive)) {
+                let hop = format!("{} {}", e.where_, e.ifname);
+                if hops.last() != Some(&hop) {
+                    hops.push(hop);
+                }
+            }
+            f.push(format!("{}: {}", p.what, hops.join(" → ")));
         }
         f
     }
