@@ -80,8 +80,31 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
             writeln!(out, "{}", line(e))?;
         }
     }
-    let v = &r.verdict;
     writeln!(out)?;
+    verdict(&r.verdict, out)?;
+    writeln!(out, "events: {} matched, {} emitted, {} lost; {} ms", r.counters.matched, r.counters.emitted, r.counters.lost, r.elapsed_ms)?;
+    Ok(())
+}
+
+/// JSON Lines: one object per event, then the verdict object last.
+pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
+    for e in &r.trace.events {
+        let mut v = serde_json::to_value(e)?;
+        v["type"] = "event".into();
+        writeln!(out, "{v}")?;
+    }
+    let mut v = serde_json::to_value(&r.verdict)?;
+    v["type"] = "verdict".into();
+    v["counters"] = serde_json::to_value(r.counters)?;
+    v["elapsed_ms"] = r.elapsed_ms.into();
+    v["src"] = serde_json::to_value(&r.src)?;
+    v["dst"] = serde_json::to_value(&r.dst)?;
+    writeln!(out, "{v}")?;
+    Ok(())
+}
+
+/// The verdict block: cause, where, why, facts.
+pub fn verdict(v: &crate::finding::Verdict, out: &mut impl Write) -> Result<()> {
     match v.verdict {
         Outcome::Delivered => writeln!(out, "verdict: DELIVERED")?,
         Outcome::Dropped => writeln!(
@@ -107,23 +130,5 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
     for f in &v.facts {
         writeln!(out, "   - {f}")?;
     }
-    writeln!(out, "events: {} matched, {} emitted, {} lost; {} ms", r.counters.matched, r.counters.emitted, r.counters.lost, r.elapsed_ms)?;
-    Ok(())
-}
-
-/// JSON Lines: one object per event, then the verdict object last.
-pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
-    for e in &r.trace.events {
-        let mut v = serde_json::to_value(e)?;
-        v["type"] = "event".into();
-        writeln!(out, "{v}")?;
-    }
-    let mut v = serde_json::to_value(&r.verdict)?;
-    v["type"] = "verdict".into();
-    v["counters"] = serde_json::to_value(r.counters)?;
-    v["elapsed_ms"] = r.elapsed_ms.into();
-    v["src"] = serde_json::to_value(&r.src)?;
-    v["dst"] = serde_json::to_value(&r.dst)?;
-    writeln!(out, "{v}")?;
     Ok(())
 }

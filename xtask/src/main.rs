@@ -2,6 +2,7 @@
 //! object is built by cnitrace's build.rs.
 
 mod demo;
+mod docs;
 mod setup;
 mod test;
 
@@ -31,6 +32,8 @@ enum Task {
     },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
+    /// Regenerate docs/causes.md from the cause files and the recorded fixtures.
+    Docs,
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),
+        Task::Docs => docs::run(),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

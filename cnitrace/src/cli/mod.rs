@@ -23,6 +23,12 @@ enum Command {
     Follow(follow::FollowArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
+    /// Diagnose a recording (`follow --record`) again, without root or kernel.
+    Replay {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses, runs, and maps the outcome to the documented exit code. Errors are printed once, as a chain.
@@ -38,6 +44,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Follow(args) => follow::run(args),
         Command::Lab(args) => lab::run(args),
+        Command::Replay { file, json } => replay(&file, json),
     };
     match result {
         Ok(code) => exit::code(code),
@@ -46,4 +53,17 @@ pub fn main() -> ExitCode {
             exit::code(exit::USAGE)
         }
     }
+}
+
+fn replay(file: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    let data = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let rec: crate::follow::Recording = serde_json::from_slice(&data).with_context(|| format!("{} is not a recording", file.display()))?;
+    let v = rec.replay();
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        crate::render::verdict(&v, &mut std::io::stdout().lock())?;
+    }
+    Ok(v.exit_code())
 }
