@@ -11,6 +11,7 @@ pub mod cli;
 pub mod event;
 pub mod exit;
 pub mod finding;
+pub mod fix;
 pub mod follow;
 pub mod inject;
 pub mod lab;

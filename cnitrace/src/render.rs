@@ -104,7 +104,7 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
 }
 
 /// The verdict block: cause, where, why, facts.
-pub fn verdict(v: &crate::finding::Verdict, out: &mut impl Write) -> Result<()> {
+pub fn verdict(v: &crate::finding::Verdict, out: &mut (impl Write + ?Sized)) -> Result<()> {
     match v.verdict {
         Outcome::Delivered => writeln!(out, "verdict: DELIVERED")?,
         Outcome::Dropped => writeln!(

@@ -64,6 +64,8 @@ impl FollowArgs {
 pub fn run(args: FollowArgs) -> Result<u8> {
     let req = args.request()?;
     let report = follow::run(&req)?;
+    // `fix --auto` without a pair repairs what was followed last.
+    crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst);
     if let Some(path) = &args.record {
         let rec = follow::Recording::of(&report);
         std::fs::write(path, serde_json::to_vec(&rec)?).with_context(|| format!("write {}", path.display()))?;

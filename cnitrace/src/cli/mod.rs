@@ -1,5 +1,6 @@
 //! The only place clap appears: raw arguments become resolved, typed requests before any command runs.
 
+mod fix;
 mod follow;
 mod lab;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Follow the packets between two pods through the kernel and name where and why they die.
     Follow(follow::FollowArgs),
+    /// Diagnose the pair, apply the matching fix, verify by tracing again, roll back if it did not help.
+    Fix(fix::FixArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
@@ -43,6 +46,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Follow(args) => follow::run(args),
+        Command::Fix(args) => fix::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Replay { file, json } => replay(&file, json),
     };

@@ -40,6 +40,14 @@ pub struct Ctx<'a> {
 
 pub const VXLAN_DEV: &str = "flannel.1";
 
+/// The far end of the overlay, as flannel records it.
+#[derive(Clone, Debug)]
+pub struct RemoteVtep {
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub underlay: Option<Ipv4Addr>,
+}
+
 impl<'a> Ctx<'a> {
     pub fn src_ip(&self) -> Ipv4Addr {
         self.states.src_ip.expect("source address")
@@ -223,6 +231,43 @@ impl<'a> Ctx<'a> {
             f.push(format!("{}: {}", p.what, hops.join(" → ")));
         }
         f
+    }
+
+    /// The pod network (flannel's `Network`): the source pod's gateway route that is not the default,
+    /// else the /16 around the source's address (flannel's default).
+    pub fn cluster_cidr(&self) -> (Ipv4Addr, u8) {
+        self.src_pod()
+            .and_then(|p| p.routes.iter().find(|r| r.table == MAIN_TABLE && r.prefix > 0 && r.prefix < 24 && r.gateway.is_some()))
+            .map(|r| (r.dst, r.prefix))
+            .unwrap_or_else(|| {
+                let o = self.src_ip().octets();
+                (Ipv4Addr::new(o[0], o[1], 0, 0), 16)
+            })
+    }
+
+    /// The node's own pod subnet prefix length (its pods bridge's address), flannel's SubnetLen.
+    pub fn subnet_len(&self, node: &NsState) -> u8 {
+        self.pods_bridge(node).and_then(|b| node.addrs_of(b.ifindex).next()).map(|a| a.prefix).unwrap_or(24)
+    }
+
+    /// What flannel would write on `node` for the remote VTEP serving `to`: its address on flannel.1,
+    /// its MAC, and its underlay address. From the other node's own device when it is on this host, else
+    /// from the neighbour and FDB entries flannel left on `node`.
+    pub fn remote_vtep(&self, node: &NsState, to: Ipv4Addr) -> Option<RemoteVtep> {
+        let other = [self.src_node(), self.dst_node()].into_iter().flatten().find(|n| n.inode != node.inode);
+        if let Some(other) = other {
+            if let Some(vx) = self.vxlan_dev(other) {
+                if let Some(a) = other.addrs_of(vx.ifindex).find(|a| !a.addr.is_unspecified()) {
+                    return Some(RemoteVtep { ip: a.addr, mac: vx.mac.clone(), underlay: vx.vxlan.as_ref().and_then(|x| x.local) });
+                }
+            }
+        }
+        let vx = self.vxlan_dev(node)?;
+        let len = self.subnet_len(node);
+        let n = node.neighbours.iter().find(|n| n.ifindex == vx.ifindex && in_prefix(n.ip, to, len) && n.mac.is_some())?;
+        let mac = n.mac.clone()?;
+        let underlay = node.fdb.iter().find(|f| f.ifindex == vx.ifindex && f.mac == mac).and_then(|f| f.dst);
+        Some(RemoteVtep { ip: n.ip, mac, underlay })
     }
 
     /// Which node holds a given namespace inode's pod side, for wording.

@@ -94,6 +94,9 @@ pub struct Sysctls {
 pub struct NsState {
     pub inode: u32,
     pub name: String,
+    /// A path that opens the namespace (fix actions enter it); empty in old recordings.
+    #[serde(default)]
+    pub path: std::path::PathBuf,
     pub links: Vec<Link>,
     pub addrs: Vec<Addr>,
     pub routes: Vec<Route>,
@@ -150,10 +153,12 @@ pub fn in_prefix(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
 /// Reads the state of one namespace (on a thread inside it).
 pub fn snapshot(ns: &NetNs) -> Result<NsState> {
     let (inode, name, path) = (ns.inode, ns.name.clone(), ns.path.clone());
+    let path_for_state = path.clone();
     netns::in_netns(&path, move || {
         let mut st = netlink::read()?;
         st.inode = inode;
         st.name = name;
+        st.path = path_for_state;
         st.sysctls = read_sysctls(&st.links);
         st.rules = rules::read();
         Ok(st)

@@ -11,7 +11,7 @@ pub struct RuleSets {
     pub iptables_nft: Option<String>,
     /// `iptables-legacy-save -c`.
     pub iptables_legacy: Option<String>,
-    /// `nft list ruleset`.
+    /// `nft -a list ruleset` (with rule handles).
     pub nft: Option<String>,
 }
 
@@ -24,7 +24,7 @@ pub fn read() -> RuleSets {
     RuleSets {
         iptables_nft: dump("iptables-nft-save", &["-c"]),
         iptables_legacy: dump("iptables-legacy-save", &["-c"]),
-        nft: dump("nft", &["list", "ruleset"]),
+        nft: dump("nft", &["-a", "list", "ruleset"]),
     }
 }
 
@@ -104,6 +104,8 @@ pub struct NftRule {
     /// `hook forward`, ... of the chain the rule is in.
     pub hook: Option<String>,
     pub policy: Option<String>,
+    /// The rule's handle (`nft -a`), to delete exactly this rule.
+    pub handle: Option<u64>,
 }
 
 /// Parses `nft list ruleset` into rules (one per line inside chains) and chain policies.
@@ -119,6 +121,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
             table = p.next().unwrap_or("").into();
         } else if let Some(rest) = l.strip_prefix("chain ") {
             chain = rest.split_whitespace().next().unwrap_or("").into();
+            // "chain forward { # handle 2"
             hook = None;
             policy = None;
         } else if l.starts_with("type ") {
@@ -138,9 +141,14 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                     verdict: p.clone(),
                     hook: hook.clone(),
                     policy: policy.clone(),
+                    handle: None,
                 });
             }
-        } else if !l.is_empty() && l != "}" && !l.ends_with('{') && !chain.is_empty() {
+        } else if !l.is_empty() && l != "}" && !l.contains('{') && !chain.is_empty() {
+            let (l, handle) = match l.split_once(" # handle ") {
+                Some((r, h)) => (r.trim(), h.trim().parse().ok()),
+                None => (l, None),
+            };
             let words: Vec<&str> = l.split_whitespace().collect();
             let verdict = ["drop", "reject", "accept", "jump", "goto", "return"]
                 .iter()
@@ -157,6 +165,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                 verdict,
                 hook: hook.clone(),
                 policy: policy.clone(),
+                handle,
             });
         }
     }
@@ -181,9 +190,12 @@ mod tests {
 
     #[test]
     fn nft_rules_with_counters() {
-        let dump = "table inet hardening {\n\tchain forward {\n\t\ttype filter hook forward priority filter + 10; policy accept;\n\t\tip daddr 10.244.1.0/24 counter packets 4 bytes 336 drop\n\t}\n}\n";
+        let dump = "table inet hardening { # handle 7\n\tchain forward { # handle 1\n\t\ttype filter hook forward priority filter + 10; policy accept;\n\t\tip daddr 10.244.1.0/24 counter packets 4 bytes 336 drop # handle 2\n\t}\n}\n";
         let rules = parse_nft(dump);
         let r = rules.iter().find(|r| r.verdict == "drop").expect("drop rule");
+        assert_eq!(r.handle, Some(2));
+        assert_eq!(r.chain, "forward");
+        assert_eq!(r.rule, "ip daddr 10.244.1.0/24 counter packets 4 bytes 336 drop");
         assert_eq!(r.packets, Some(4));
         assert_eq!(r.hook.as_deref(), Some("forward"));
         assert_eq!(r.table, "hardening");

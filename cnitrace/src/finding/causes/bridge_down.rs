@@ -1,9 +1,10 @@
 //! bridge-down: the pods' bridge (cni0) is administratively down; frames die at its ingress.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "bridge-down", layer: "bridge", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "bridge-down", layer: "bridge", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     for node in ctx.nodes() {
@@ -24,4 +25,18 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// Bring the bridge up (undo: down again).
+fn fix(ctx: &Ctx) -> Remedy {
+    for node in ctx.nodes() {
+        let Some(br) = ctx.pods_bridge(node).filter(|b| !b.admin_up) else { continue };
+        let ns = Target::of(node);
+        return Remedy::Steps(vec![Step {
+            action: Action::LinkUp { ns: ns.clone(), ifname: br.name.clone() },
+            undo: Action::LinkDown { ns, ifname: br.name.clone() },
+            why: format!("{} is the pods' bridge on {}", br.name, ctx.node_name(node)),
+        }]);
+    }
+    Remedy::NoSafeFix("no down bridge found any more".into())
 }

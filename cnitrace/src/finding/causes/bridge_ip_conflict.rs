@@ -1,13 +1,14 @@
 //! bridge-ip-conflict: the pods' bridge does not hold the pods' gateway address (it holds another one):
 //! the pods' ARP for their gateway goes unanswered, and the CNI plugin refuses new pods.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::{
     finding::{Ctx, Diagnosis},
     state::in_prefix,
 };
 
-pub const CAUSE: Cause = Cause { id: "bridge-ip-conflict", layer: "bridge", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "bridge-ip-conflict", layer: "bridge", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.routed() {
@@ -43,4 +44,28 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: Some((ctx.node_name(node), br.name.clone())),
     })
+}
+
+/// Give the bridge the pods' gateway address and take the wrong one away (undo: the reverse).
+fn fix(ctx: &Ctx) -> Remedy {
+    let (Some(node), Some(pod)) = (ctx.src_node(), ctx.src_pod()) else { return Remedy::NoSafeFix("no node state".into()) };
+    let Some(gw) = ctx.gateway().or_else(|| ctx.any_pod_gateway()) else {
+        return Remedy::NoSafeFix("the pod has no gateway route to learn the gateway address from".into());
+    };
+    let Some(br) = ctx.pods_bridge(node) else { return Remedy::NoSafeFix("no pods' bridge".into()) };
+    let Some(pod_addr) = pod.addrs.iter().find(|a| a.addr == ctx.src_ip()) else { return Remedy::NoSafeFix("no pod address".into()) };
+    let ns = Target::of(node);
+    let mut steps = vec![Step {
+        action: Action::AddrAdd { ns: ns.clone(), ifname: br.name.clone(), addr: gw, prefix: pod_addr.prefix },
+        undo: Action::AddrDel { ns: ns.clone(), ifname: br.name.clone(), addr: gw, prefix: pod_addr.prefix },
+        why: format!("the pods route through {gw}: it belongs on {}", br.name),
+    }];
+    for a in node.addrs_of(br.ifindex).filter(|a| !in_prefix(a.addr, pod_addr.addr, pod_addr.prefix)) {
+        steps.push(Step {
+            action: Action::AddrDel { ns: ns.clone(), ifname: br.name.clone(), addr: a.addr, prefix: a.prefix },
+            undo: Action::AddrAdd { ns: ns.clone(), ifname: br.name.clone(), addr: a.addr, prefix: a.prefix },
+            why: format!("{}/{} is outside the pods' subnet; the CNI plugin refuses new pods while it is there", a.addr, a.prefix),
+        });
+    }
+    Remedy::Steps(steps)
 }

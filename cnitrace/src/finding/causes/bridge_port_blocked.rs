@@ -1,9 +1,10 @@
 //! bridge-port-blocked: a pod's bridge port is not in the forwarding state (STP state).
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "bridge-port-blocked", layer: "bridge", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "bridge-port-blocked", layer: "bridge", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sides = [
@@ -24,4 +25,20 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// Put the port back to forwarding (undo: the state it had).
+fn fix(ctx: &Ctx) -> Remedy {
+    let sides = [(ctx.dst_node(), ctx.dst_host_veth()), (ctx.src_node(), ctx.src_host_veth())];
+    for (node, host) in sides {
+        let (Some(node), Some(host)) = (node, host) else { continue };
+        let Some(state) = host.port_state.clone().filter(|s| s != "forwarding") else { continue };
+        let ns = Target::of(node);
+        return Remedy::Steps(vec![Step {
+            action: Action::PortState { ns: ns.clone(), ifname: host.name.clone(), state: "forwarding".into() },
+            undo: Action::PortState { ns, ifname: host.name.clone(), state },
+            why: "a pod's bridge port must forward (cni0 runs without STP)".into(),
+        }]);
+    }
+    Remedy::NoSafeFix("no blocked port found any more".into())
 }

@@ -1,9 +1,10 @@
 //! ip-forward-disabled: net.ipv4.ip_forward = 0 on a node the pair's traffic must be routed through.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "ip-forward-disabled", layer: "routing", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "ip-forward-disabled", layer: "routing", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.routed() {
@@ -22,4 +23,21 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: ctx.pods_bridge(node).map(|b| (ctx.node_name(node), b.name.clone())),
     })
+}
+
+fn fix(ctx: &Ctx) -> Remedy {
+    let steps: Vec<Step> = ctx
+        .nodes()
+        .into_iter()
+        .filter(|n| n.sysctls.ip_forward == Some(0))
+        .map(|n| {
+            let ns = Target::of(n);
+            Step {
+                action: Action::Sysctl { ns: ns.clone(), key: "net.ipv4.ip_forward".into(), value: "1".into() },
+                undo: Action::Sysctl { ns, key: "net.ipv4.ip_forward".into(), value: "0".into() },
+                why: format!("{} must route pod traffic", ctx.node_name(n)),
+            }
+        })
+        .collect();
+    if steps.is_empty() { Remedy::NoSafeFix("ip_forward is on everywhere now".into()) } else { Remedy::Steps(steps) }
 }

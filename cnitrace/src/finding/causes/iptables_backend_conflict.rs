@@ -1,10 +1,11 @@
 //! iptables-backend-conflict: rules live in both iptables-legacy and iptables-nft; a policy in one
 //! backend drops what the accept rules in the other one were meant to let through.
 
+use crate::fix::Remedy;
 use super::{netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "iptables-backend-conflict", layer: "netfilter", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "iptables-backend-conflict", layer: "netfilter", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !netfilter::is_netfilter_drop(ctx) {
@@ -41,4 +42,12 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 pub fn pod_net_prefix(ctx: &Ctx) -> String {
     let o = ctx.src_ip().octets();
     format!("{}.{}.", o[0], o[1])
+}
+
+/// The accept rules, in the backend that drops (the other one keeps its own): both agree again.
+fn fix(ctx: &Ctx) -> Remedy {
+    let hits = netfilter::hits(ctx);
+    let Some(h) = hits.iter().find(|h| h.is_policy) else { return Remedy::NoSafeFix("no policy drop counted any more".into()) };
+    let Some(node) = netfilter::node_of(ctx, h) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
+    netfilter::accept_pod_network(ctx, node, h.backend)
 }

@@ -3,6 +3,7 @@
 //! Order matters: the first cause whose evidence holds wins, so the more specific checks come first.
 
 use super::{Ctx, Diagnosis};
+use crate::fix::Remedy;
 
 mod bridge_down;
 mod bridge_ip_conflict;
@@ -34,6 +35,8 @@ pub struct Cause {
     /// The hop comes from the node's state (the broken device), not from where the packet was freed.
     pub hop_from_state: bool,
     pub detect: fn(&Ctx) -> Option<Diagnosis>,
+    /// The repair, each action with its undo (used by `fix`).
+    pub fix: fn(&Ctx) -> Remedy,
 }
 
 pub static CAUSES: &[Cause] = &[

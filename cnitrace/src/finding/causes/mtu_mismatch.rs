@@ -1,9 +1,10 @@
 //! mtu-mismatch: the pod sends frames larger than the VXLAN path can carry (pod MTU above flannel.1's).
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "mtu-mismatch", layer: "link", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "mtu-mismatch", layer: "link", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;
@@ -30,4 +31,28 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: None,
     })
+}
+
+/// Pod and host veth MTU down to what the VXLAN path carries (undo: the old MTU).
+fn fix(ctx: &Ctx) -> Remedy {
+    let (Some(pod), Some(node)) = (ctx.src_pod(), ctx.src_node()) else { return Remedy::NoSafeFix("no pod or node state".into()) };
+    let Some(vx) = ctx.vxlan_dev(node) else { return Remedy::NoSafeFix("no VXLAN device".into()) };
+    let mut steps = Vec::new();
+    if let Some(eth) = ctx.pod_if(pod, ctx.src_ip()).filter(|l| l.mtu > vx.mtu) {
+        let ns = Target::of(pod);
+        steps.push(Step {
+            action: Action::Mtu { ns: ns.clone(), ifname: eth.name.clone(), mtu: vx.mtu },
+            undo: Action::Mtu { ns, ifname: eth.name.clone(), mtu: eth.mtu },
+            why: format!("{} carries {} bytes", vx.name, vx.mtu),
+        });
+    }
+    if let Some(host) = ctx.src_host_veth().filter(|l| l.mtu > vx.mtu) {
+        let ns = Target::of(node);
+        steps.push(Step {
+            action: Action::Mtu { ns: ns.clone(), ifname: host.name.clone(), mtu: vx.mtu },
+            undo: Action::Mtu { ns, ifname: host.name.clone(), mtu: host.mtu },
+            why: "both ends of the veth agree".into(),
+        });
+    }
+    if steps.is_empty() { Remedy::NoSafeFix("the MTUs fit now".into()) } else { Remedy::Steps(steps) }
 }

@@ -1,10 +1,11 @@
 //! neighbor-stale: the source holds a neighbour entry for its next hop with a wrong MAC; frames go to a
 //! MAC nobody has, are flooded, and die as OTHERHOST where they land.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "neighbor-stale", layer: "neighbour", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "neighbor-stale", layer: "neighbour", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;
@@ -41,4 +42,19 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: Some((ctx.src_name().to_string(), eth.name.clone())),
     })
+}
+
+/// Delete the wrong entry: the kernel resolves the address again (undo: the entry as it was, permanent).
+fn fix(ctx: &Ctx) -> Remedy {
+    let Some(pod) = ctx.src_pod() else { return Remedy::NoSafeFix("no source pod state".into()) };
+    let Some(eth) = ctx.pod_if(pod, ctx.src_ip()) else { return Remedy::NoSafeFix("no source interface".into()) };
+    let next_hop = ctx.gateway().unwrap_or(ctx.dst_ip());
+    let Some(entry) = pod.neigh(eth.ifindex, next_hop) else { return Remedy::NoSafeFix("the entry is gone already".into()) };
+    let Some(mac) = entry.mac.clone() else { return Remedy::NoSafeFix("the entry has no address".into()) };
+    let ns = Target::of(pod);
+    Remedy::Steps(vec![Step {
+        action: Action::NeighDel { ns: ns.clone(), ifname: eth.name.clone(), ip: next_hop },
+        undo: Action::NeighSet { ns, ifname: eth.name.clone(), ip: next_hop, mac },
+        why: format!("the entry for {next_hop} points at the wrong MAC; ARP will find the right one"),
+    }])
 }

@@ -18,6 +18,12 @@ pub struct Hit {
     pub verdict: String,
     pub delta: u64,
     pub node: String,
+    /// 1-based position in its chain (iptables), to put a removed rule back where it was.
+    pub position: usize,
+    /// nft: family and table name apart, and the rule's handle.
+    pub nft_family: String,
+    pub nft_table: String,
+    pub handle: Option<u64>,
 }
 
 pub fn is_netfilter_drop(ctx: &Ctx) -> bool {
@@ -29,9 +35,12 @@ pub fn is_netfilter_drop(ctx: &Ctx) -> bool {
 fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&String>, node: &str) -> Vec<Hit> {
     let (Some(before), Some(after)) = (before, after) else { return vec![] };
     let b = parse_iptables(before);
-    parse_iptables(after)
-        .into_iter()
+    let after = parse_iptables(after);
+    after
+        .iter()
+        .cloned()
         .filter_map(|r| {
+            let position = after.iter().filter(|o| !o.is_policy && o.table == r.table && o.chain == r.chain).position(|o| o.rule == r.rule).map(|p| p + 1).unwrap_or(0);
             let old = b.iter().find(|o| o.table == r.table && o.rule == r.rule).map(|o| o.packets).unwrap_or(0);
             let verdict = r.target.to_uppercase();
             (r.packets > old && matches!(verdict.as_str(), "DROP" | "REJECT")).then(|| Hit {
@@ -43,6 +52,10 @@ fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&Strin
                 verdict,
                 delta: r.packets - old,
                 node: node.into(),
+                position,
+                nft_family: String::new(),
+                nft_table: String::new(),
+                handle: None,
             })
         })
         .collect()
@@ -66,6 +79,10 @@ fn nft_hits(before: Option<&String>, after: Option<&String>, node: &str) -> Vec<
                 verdict: r.verdict.to_uppercase(),
                 delta: now - old,
                 node: node.into(),
+                position: 0,
+                nft_family: r.family.clone(),
+                nft_table: r.table.clone(),
+                handle: r.handle,
             })
         })
         .collect()
@@ -76,7 +93,8 @@ fn is_iptables_nft_table(t: &str) -> bool {
     matches!(t, "filter" | "nat" | "mangle" | "raw" | "security")
 }
 
-fn strip_counter(rule: &str) -> String {
+/// An nft rule's text without its counter values (what `add rule` takes back).
+pub fn strip_counter(rule: &str) -> String {
     let mut out = Vec::new();
     let mut skip = 0;
     for w in rule.split_whitespace() {
@@ -124,4 +142,25 @@ pub fn describe(h: &Hit) -> String {
     } else {
         format!("{} on {}: table {}, chain {}, rule `{}` counted {} packet(s) of the probe", h.backend, h.node, h.table, h.chain, h.rule, h.delta)
     }
+}
+
+/// Flannel's own forward accepts for the pod network, inserted first in FORWARD of `backend`
+/// (undo: the same rules deleted).
+pub fn accept_pod_network(ctx: &Ctx, node: &NsState, backend: &str) -> crate::fix::Remedy {
+    use crate::fix::{Action, Remedy, Step, Target};
+    let (net, len) = ctx.cluster_cidr();
+    let rules: Vec<String> = ["-s", "-d"]
+        .iter()
+        .map(|dir| format!("FORWARD {dir} {net}/{len} -m comment --comment \"flanneld forward (cnitrace)\" -j ACCEPT"))
+        .collect();
+    let ns = Target::of(node);
+    Remedy::Steps(vec![Step {
+        action: Action::Iptables { ns: ns.clone(), backend: backend.into(), table: "filter".into(), lines: rules.iter().map(|r| format!("-I {}", r.replacen("FORWARD", "FORWARD 1", 1))).collect() },
+        undo: Action::Iptables { ns, backend: backend.into(), table: "filter".into(), lines: rules.iter().map(|r| format!("-D {r}")).collect() },
+        why: format!("accept the pod network {net}/{len} in FORWARD, as flannel does, in the backend whose policy dropped ({backend})"),
+    }])
+}
+
+pub fn node_of<'a>(ctx: &Ctx<'a>, h: &Hit) -> Option<&'a NsState> {
+    ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node)
 }

@@ -1,10 +1,11 @@
 //! netfilter-policy-drop: a chain policy (FORWARD DROP, what Docker sets) dropped pod traffic and no rule
 //! accepts the pod network before it.
 
+use crate::fix::Remedy;
 use super::{iptables_backend_conflict::pod_net_prefix, netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "netfilter-policy-drop", layer: "netfilter", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "netfilter-policy-drop", layer: "netfilter", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !netfilter::is_netfilter_drop(ctx) {
@@ -34,4 +35,11 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: None,
     })
+}
+
+fn fix(ctx: &Ctx) -> Remedy {
+    let hits = netfilter::hits(ctx);
+    let Some(h) = hits.iter().find(|h| h.is_policy) else { return Remedy::NoSafeFix("no policy drop counted any more".into()) };
+    let Some(node) = netfilter::node_of(ctx, h) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
+    netfilter::accept_pod_network(ctx, node, h.backend)
 }

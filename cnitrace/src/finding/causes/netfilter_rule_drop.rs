@@ -1,9 +1,10 @@
 //! netfilter-rule-drop: an explicit DROP/REJECT rule matched the pair's traffic.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::{netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "netfilter-rule-drop", layer: "netfilter", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "netfilter-rule-drop", layer: "netfilter", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !netfilter::is_netfilter_drop(ctx) {
@@ -19,4 +20,31 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts: hits.iter().map(netfilter::describe).collect(),
         hop: None,
     })
+}
+
+/// Removing a rule someone wrote is never automatic: shown with its location, applied only with
+/// --allow-rule-removal (undo: the rule back where it was).
+fn fix(ctx: &Ctx) -> Remedy {
+    let hits = netfilter::hits(ctx);
+    let Some(h) = hits.iter().find(|h| !h.is_policy) else { return Remedy::NoSafeFix("no rule counted the probe any more".into()) };
+    let Some(node) = netfilter::node_of(ctx, h) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
+    let ns = Target::of(node);
+    let step = if h.backend == "nft" {
+        let Some(handle) = h.handle else { return Remedy::NoSafeFix("the nft rule's handle is unknown".into()) };
+        let text = netfilter::strip_counter(&h.rule);
+        Step {
+            action: Action::Nft { ns: ns.clone(), script: format!("delete rule {} {} {} handle {handle}", h.nft_family, h.nft_table, h.chain) },
+            undo: Action::Nft { ns, script: format!("add rule {} {} {} {text}", h.nft_family, h.nft_table, h.chain) },
+            why: format!("the rule `{}` in nft table {} {} chain {} drops the pair's traffic", h.rule, h.nft_family, h.nft_table, h.chain),
+        }
+    } else {
+        let spec = h.rule.trim_start_matches("-A ").to_string();
+        let rest = spec.split_once(' ').map(|(_, r)| r).unwrap_or("");
+        Step {
+            action: Action::Iptables { ns: ns.clone(), backend: h.backend.into(), table: h.table.clone(), lines: vec![format!("-D {spec}")] },
+            undo: Action::Iptables { ns, backend: h.backend.into(), table: h.table.clone(), lines: vec![format!("-I {} {} {rest}", h.chain, h.position.max(1))] },
+            why: format!("the rule `{}` ({} table {}) drops the pair's traffic", h.rule, h.backend, h.table),
+        }
+    };
+    Remedy::RuleRemoval(vec![step])
 }

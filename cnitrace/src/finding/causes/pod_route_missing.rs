@@ -1,9 +1,11 @@
 //! pod-route-missing: the source pod has no route to the destination (its default/cluster routes are gone).
 
+use crate::fix::{Action, Remedy, Step, Target};
+use crate::state::in_prefix;
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "pod-route-missing", layer: "routing", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "pod-route-missing", layer: "routing", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;
@@ -27,4 +29,31 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: Some((ctx.src_name().to_string(), eth.name.clone())),
     })
+}
+
+/// The routes the CNI bridge plugin gives a pod: default and the cluster network via the gateway.
+fn fix(ctx: &Ctx) -> Remedy {
+    let (Some(pod), Some(node)) = (ctx.src_pod(), ctx.src_node()) else { return Remedy::NoSafeFix("no pod or node state".into()) };
+    let Some(eth) = ctx.pod_if(pod, ctx.src_ip()) else { return Remedy::NoSafeFix("no pod interface".into()) };
+    let Some(pod_addr) = pod.addrs.iter().find(|a| a.addr == ctx.src_ip()) else { return Remedy::NoSafeFix("no pod address".into()) };
+    let gw = ctx.pods_bridge(node).and_then(|b| node.addrs_of(b.ifindex).find(|a| in_prefix(a.addr, pod_addr.addr, pod_addr.prefix)).map(|a| a.addr));
+    let Some(gw) = gw else { return Remedy::NoSafeFix("the node's bridge holds no gateway in the pod's subnet".into()) };
+    let (net, len) = ctx.cluster_cidr();
+    let ns = Target::of(pod);
+    let mut steps = Vec::new();
+    for (dst, prefix) in [(std::net::Ipv4Addr::UNSPECIFIED, 0u8), (net, len)] {
+        if pod.routes.iter().any(|r| r.table == 254 && r.dst == dst && r.prefix == prefix) {
+            continue;
+        }
+        let mk = |add: bool| {
+            let (dst, prefix, gateway, ifname, onlink) = (dst, prefix, Some(gw), eth.name.clone(), false);
+            if add {
+                Action::RouteAdd { ns: ns.clone(), dst, prefix, gateway, ifname, onlink }
+            } else {
+                Action::RouteDel { ns: ns.clone(), dst, prefix, gateway, ifname, onlink }
+            }
+        };
+        steps.push(Step { action: mk(true), undo: mk(false), why: format!("the CNI bridge plugin routes {dst}/{prefix} via the gateway {gw}") });
+    }
+    if steps.is_empty() { Remedy::NoSafeFix("the pod's routes are there now".into()) } else { Remedy::Steps(steps) }
 }

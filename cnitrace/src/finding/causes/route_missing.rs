@@ -1,9 +1,10 @@
 //! route-missing: a node has no route to the other node's pod subnet through the overlay.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "route-missing", layer: "routing", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "route-missing", layer: "routing", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
@@ -39,4 +40,40 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// The route flannel writes: the remote subnet via its VTEP, dev flannel.1 onlink (undo: removed).
+fn fix(ctx: &Ctx) -> Remedy {
+    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
+    for (node, to) in legs {
+        let Some(node) = node else { continue };
+        let ok = node.route_to(to).and_then(|r| r.oif).and_then(|o| node.link(o)).is_some_and(|l| l.kind == "vxlan");
+        if ok {
+            continue;
+        }
+        let Some(vx) = ctx.vxlan_dev(node) else { return Remedy::NoSafeFix(format!("{} has no flannel.1", ctx.node_name(node))) };
+        let Some(vtep) = ctx.remote_vtep(node, to) else {
+            return Remedy::NoSafeFix(format!(
+                "nothing on {} says which VTEP serves {to}: flannel's node annotations are needed (Kubernetes integration)",
+                ctx.node_name(node)
+            ));
+        };
+        let len = ctx.subnet_len(node);
+        let net = std::net::Ipv4Addr::from(u32::from(to) & (u32::MAX << (32 - len as u32)));
+        let ns = Target::of(node);
+        let route = |add: bool| {
+            let (dst, prefix, gateway, ifname, onlink) = (net, len, Some(vtep.ip), vx.name.clone(), true);
+            if add {
+                Action::RouteAdd { ns: ns.clone(), dst, prefix, gateway, ifname, onlink }
+            } else {
+                Action::RouteDel { ns: ns.clone(), dst, prefix, gateway, ifname, onlink }
+            }
+        };
+        return Remedy::Steps(vec![Step {
+            action: route(true),
+            undo: route(false),
+            why: format!("{}'s pods ({net}/{len}) are reached through VTEP {} on {}", ctx.node_name(node), vtep.ip, vx.name),
+        }]);
+    }
+    Remedy::NoSafeFix("the routes are there now".into())
 }

@@ -1,10 +1,11 @@
 //! rp-filter: strict reverse-path filtering dropped a packet whose source the node would route back
 //! out of another interface.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "rp-filter", layer: "routing", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "rp-filter", layer: "routing", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let d = ctx.trace.first_drop()?;
@@ -30,4 +31,25 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         ],
         hop: None,
     })
+}
+
+/// Loose mode (2) where strict mode (1) is set: "all" and the receiving interface (undo: the old values).
+fn fix(ctx: &Ctx) -> Remedy {
+    let Some(d) = ctx.trace.first_drop() else { return Remedy::NoSafeFix("no rp_filter drop".into()) };
+    let Some(node) = ctx.ns(d.netns) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
+    let ns = Target::of(node);
+    let mut steps = Vec::new();
+    for name in ["all", d.ifname.as_str()] {
+        let Some(&old) = node.sysctls.rp_filter.get(name) else { continue };
+        if old != 1 {
+            continue;
+        }
+        let key = format!("net.ipv4.conf.{name}.rp_filter");
+        steps.push(Step {
+            action: Action::Sysctl { ns: ns.clone(), key: key.clone(), value: "2".into() },
+            undo: Action::Sysctl { ns: ns.clone(), key, value: old.to_string() },
+            why: format!("loose reverse-path filtering on {name}: the node routes asymmetrically over its two links"),
+        });
+    }
+    if steps.is_empty() { Remedy::NoSafeFix("no strict rp_filter left".into()) } else { Remedy::Steps(steps) }
 }

@@ -1,10 +1,11 @@
 //! veth-detached: the host end of a pod's veth is no port of any bridge (what deleting and recreating
 //! cni0 leaves behind): ARP for the pod reaches the bridge and goes nowhere.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "veth-detached", layer: "bridge", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "veth-detached", layer: "bridge", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sides = [
@@ -38,4 +39,25 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// Enslave the host veth to the pods' bridge again (undo: release it).
+fn fix(ctx: &Ctx) -> Remedy {
+    let sides = [(ctx.dst_node(), ctx.dst_host_veth()), (ctx.src_node(), ctx.src_host_veth())];
+    for (node, host) in sides {
+        let (Some(node), Some(host)) = (node, host) else { continue };
+        if host.master.is_some() {
+            continue;
+        }
+        let Some(br) = ctx.pods_bridge(node) else {
+            return Remedy::NoSafeFix(format!("{} has no pods' bridge to attach {} to", ctx.node_name(node), host.name));
+        };
+        let ns = Target::of(node);
+        return Remedy::Steps(vec![Step {
+            action: Action::SetMaster { ns: ns.clone(), ifname: host.name.clone(), master: Some(br.name.clone()) },
+            undo: Action::SetMaster { ns, ifname: host.name.clone(), master: None },
+            why: format!("{} must be a port of {} for the pod to be reachable", host.name, br.name),
+        }]);
+    }
+    Remedy::NoSafeFix("no detached veth found any more".into())
 }

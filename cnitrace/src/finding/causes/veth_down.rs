@@ -1,9 +1,10 @@
 //! veth-down: one end of a pod's veth pair is down (the pod's eth0 or the host end on the node).
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "veth-down", layer: "link", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "veth-down", layer: "link", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sides = [
@@ -42,5 +43,41 @@ fn arp_fact(ctx: &Ctx, ip: std::net::Ipv4Addr) -> String {
         format!("{ip} still answered ARP")
     } else {
         format!("no ARP reply from {ip} was seen")
+    }
+}
+
+/// Bring up the end that is down, in its own namespace.
+fn fix(ctx: &Ctx) -> Remedy {
+    let sides = [
+        (ctx.src_pod(), ctx.src_ip(), ctx.src_node(), ctx.src_host_veth()),
+        (ctx.dst_pod(), ctx.dst_ip(), ctx.dst_node(), ctx.dst_host_veth()),
+    ];
+    let mut steps = Vec::new();
+    for (pod, ip, node, host) in sides {
+        if let Some(pod) = pod {
+            if let Some(eth) = ctx.pod_if(pod, ip).filter(|l| !l.admin_up) {
+                let ns = Target::of(pod);
+                steps.push(Step {
+                    action: Action::LinkUp { ns: ns.clone(), ifname: eth.name.clone() },
+                    undo: Action::LinkDown { ns, ifname: eth.name.clone() },
+                    why: format!("the pod end of the veth is down in {}", pod.name),
+                });
+            }
+        }
+        if let (Some(node), Some(host)) = (node, host) {
+            if !host.admin_up {
+                let ns = Target::of(node);
+                steps.push(Step {
+                    action: Action::LinkUp { ns: ns.clone(), ifname: host.name.clone() },
+                    undo: Action::LinkDown { ns, ifname: host.name.clone() },
+                    why: format!("the host end of the veth is down on {}", ctx.node_name(node)),
+                });
+            }
+        }
+    }
+    if steps.is_empty() {
+        Remedy::NoSafeFix("both ends are up now".into())
+    } else {
+        Remedy::Steps(steps)
     }
 }

@@ -1,9 +1,10 @@
 //! veth-wrong-bridge: the host end of a pod's veth is a port of another bridge than the pods' one.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "veth-wrong-bridge", layer: "bridge", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "veth-wrong-bridge", layer: "bridge", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sides = [
@@ -30,4 +31,23 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// Move the host veth back to the pods' bridge (undo: back to the bridge it was on).
+fn fix(ctx: &Ctx) -> Remedy {
+    let sides = [(ctx.dst_node(), ctx.dst_host_veth()), (ctx.src_node(), ctx.src_host_veth())];
+    for (node, host) in sides {
+        let (Some(node), Some(host)) = (node, host) else { continue };
+        let (Some(master), Some(pods)) = (host.master.and_then(|m| node.link(m)), ctx.pods_bridge(node)) else { continue };
+        if master.ifindex == pods.ifindex {
+            continue;
+        }
+        let ns = Target::of(node);
+        return Remedy::Steps(vec![Step {
+            action: Action::SetMaster { ns: ns.clone(), ifname: host.name.clone(), master: Some(pods.name.clone()) },
+            undo: Action::SetMaster { ns, ifname: host.name.clone(), master: Some(master.name.clone()) },
+            why: format!("{} belongs on {}, not on {}", host.name, pods.name, master.name),
+        }]);
+    }
+    Remedy::NoSafeFix("no veth on a wrong bridge found any more".into())
 }

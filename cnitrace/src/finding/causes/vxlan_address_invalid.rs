@@ -1,9 +1,10 @@
 //! vxlan-address-invalid: flannel.1 holds no address, 0.0.0.0, or not its subnet's network address /32.
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "vxlan-address-invalid", layer: "vxlan", hop_from_state: true, detect };
+pub const CAUSE: Cause = Cause { id: "vxlan-address-invalid", layer: "vxlan", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
@@ -32,4 +33,40 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// flannel.1 gets its subnet's network address as /32; wrong ones go (undo: the reverse).
+fn fix(ctx: &Ctx) -> Remedy {
+    for node in ctx.nodes() {
+        let Some(vx) = ctx.vxlan_dev(node) else { continue };
+        let Some(br) = ctx.pods_bridge(node) else { continue };
+        let Some(subnet) = node.addrs_of(br.ifindex).next() else {
+            return Remedy::NoSafeFix(format!("{}'s pod subnet is unknown (its bridge has no address)", ctx.node_name(node)));
+        };
+        let mask = u32::MAX << (32 - subnet.prefix as u32);
+        let want = std::net::Ipv4Addr::from(u32::from(subnet.addr) & mask);
+        let addrs: Vec<_> = node.addrs_of(vx.ifindex).collect();
+        if addrs.iter().any(|a| a.addr == want && a.prefix == 32) && addrs.len() == 1 {
+            continue;
+        }
+        let ns = Target::of(node);
+        let mut steps: Vec<Step> = addrs
+            .iter()
+            .filter(|a| !(a.addr == want && a.prefix == 32))
+            .map(|a| Step {
+                action: Action::AddrDel { ns: ns.clone(), ifname: vx.name.clone(), addr: a.addr, prefix: a.prefix },
+                undo: Action::AddrAdd { ns: ns.clone(), ifname: vx.name.clone(), addr: a.addr, prefix: a.prefix },
+                why: format!("{}/{} is not what flannel gives {}", a.addr, a.prefix, vx.name),
+            })
+            .collect();
+        if !addrs.iter().any(|a| a.addr == want) {
+            steps.push(Step {
+                action: Action::AddrAdd { ns: ns.clone(), ifname: vx.name.clone(), addr: want, prefix: 32 },
+                undo: Action::AddrDel { ns, ifname: vx.name.clone(), addr: want, prefix: 32 },
+                why: format!("flannel gives {} the network address of {}/{} as /32", vx.name, want, subnet.prefix),
+            });
+        }
+        return Remedy::Steps(steps);
+    }
+    Remedy::NoSafeFix("flannel.1's address looks right now".into())
 }

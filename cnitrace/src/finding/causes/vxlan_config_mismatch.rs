@@ -1,10 +1,11 @@
 //! vxlan-config-mismatch: the nodes' VXLAN devices disagree on the UDP port or the VNI, so the peer
 //! drops the encapsulated packets (no socket on that port, or no device for that VNI).
 
+use crate::fix::Remedy;
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "vxlan-config-mismatch", layer: "vxlan", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "vxlan-config-mismatch", layer: "vxlan", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
@@ -35,4 +36,15 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts,
         hop: None,
     })
+}
+
+/// Which node is right is the cluster's configuration (flannel's ConfigMap), not this node's to guess:
+/// recreating flannel.1 is flanneld's job.
+fn fix(ctx: &Ctx) -> Remedy {
+    let _ = ctx;
+    Remedy::NoSafeFix(
+        "the two nodes' flannel.1 disagree on port or VNI; which one is right is in flannel's ConfigMap (net-conf.json Backend). \
+         Restart flanneld on the node that differs so it recreates flannel.1 (the Kubernetes integration will do this)"
+            .into(),
+    )
 }

@@ -1,10 +1,11 @@
 //! vxlan-fdb-missing: flannel.1 knows the remote VTEP's MAC but has no FDB entry saying which underlay
 //! address owns it: vxlan_xmit has no target (NO_TX_TARGET).
 
+use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "vxlan-fdb-missing", layer: "vxlan", hop_from_state: false, detect };
+pub const CAUSE: Cause = Cause { id: "vxlan-fdb-missing", layer: "vxlan", hop_from_state: false, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
@@ -37,4 +38,29 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         });
     }
     None
+}
+
+/// The FDB entry flannel writes: the VTEP's MAC lives at the remote node's underlay address (undo: removed).
+fn fix(ctx: &Ctx) -> Remedy {
+    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
+    for (node, to) in legs {
+        let Some(node) = node else { continue };
+        let Some(r) = node.route_to(to) else { continue };
+        let (Some(gw), Some(oif)) = (r.gateway, r.oif) else { continue };
+        let Some(vx) = node.link(oif).filter(|l| l.kind == "vxlan") else { continue };
+        let Some(mac) = node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) else { continue };
+        if node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) {
+            continue;
+        }
+        let Some(underlay) = ctx.remote_vtep(node, to).filter(|v| v.mac == mac).and_then(|v| v.underlay) else {
+            return Remedy::NoSafeFix(format!("which node owns VTEP {mac} is not known on this host: flannel's node annotations (public-ip) are needed"));
+        };
+        let ns = Target::of(node);
+        return Remedy::Steps(vec![Step {
+            action: Action::FdbAdd { ns: ns.clone(), ifname: vx.name.clone(), mac: mac.clone(), dst: underlay },
+            undo: Action::FdbDel { ns, ifname: vx.name.clone(), mac: mac.clone(), dst: underlay },
+            why: format!("VTEP {mac} is reached at {underlay} on the underlay"),
+        }]);
+    }
+    Remedy::NoSafeFix("the FDB entries are there now".into())
 }

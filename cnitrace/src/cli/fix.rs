@@ -1,0 +1,79 @@
+use std::{io::IsTerminal, net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::fix::{self, journal, FixRequest, Mode};
+
+#[derive(Args)]
+pub struct FixArgs {
+    /// Source pod address (default: the pair of the most recent `follow` on this host).
+    src: Option<String>,
+    /// Destination address.
+    dst: Option<String>,
+    /// Apply without asking (otherwise: ask on a terminal, only print the plan elsewhere).
+    #[arg(long)]
+    auto: bool,
+    /// Undo a previous fix exactly (default: the last one).
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "")]
+    rollback: Option<String>,
+    /// List past fixes.
+    #[arg(long)]
+    history: bool,
+    /// Allow removing an explicit DROP/REJECT rule someone wrote.
+    #[arg(long)]
+    allow_rule_removal: bool,
+    /// Roll back unless the pair is verified delivered within SECS of the first change.
+    #[arg(long, value_name = "SECS")]
+    confirm_timeout: Option<f64>,
+    /// Where the journal lives (default /var/lib/cnitrace, or $CNITRACE_STATE_DIR).
+    #[arg(long, value_name = "DIR")]
+    journal_dir: Option<PathBuf>,
+    /// Seconds each trace waits for an answer or a drop.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+fn addr(s: &str) -> Result<Ipv4Addr> {
+    s.parse().map_err(|_| anyhow::anyhow!("{s:?} is not an IPv4 address"))
+}
+
+pub fn run(args: FixArgs) -> Result<u8> {
+    let state_dir = journal::state_dir(args.journal_dir.as_deref());
+    let mut out = std::io::stdout().lock();
+    if args.history {
+        return fix::history(&state_dir, &mut out);
+    }
+    if let Some(id) = &args.rollback {
+        return fix::rollback(&state_dir, (!id.is_empty()).then_some(id.as_str()), &mut out);
+    }
+    let pair = match (&args.src, &args.dst) {
+        (Some(s), Some(d)) => Some((addr(s)?, addr(d)?)),
+        (None, None) => None,
+        _ => bail!("give both SRC and DST, or neither (the pair of the last follow)"),
+    };
+    if let Some((s, d)) = pair {
+        if s == d {
+            bail!("source and destination are the same address ({s})");
+        }
+    }
+    let mode = if args.auto {
+        Mode::Auto
+    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        Mode::Ask
+    } else {
+        Mode::DryRun
+    };
+    if !(args.timeout > 0.0 && args.timeout <= 600.0) {
+        bail!("--timeout must be between 0 and 600 seconds");
+    }
+    let req = FixRequest {
+        pair,
+        mode,
+        allow_rule_removal: args.allow_rule_removal,
+        confirm_timeout: args.confirm_timeout.map(Duration::from_secs_f64),
+        state_dir,
+        trace_timeout: Duration::from_secs_f64(args.timeout),
+    };
+    fix::run(&req, &mut out)
+}

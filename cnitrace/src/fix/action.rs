@@ -1,0 +1,350 @@
+//! One change to the system: it says which command a person would have typed, applies itself in the
+//! namespace it belongs to (netlink for links, addresses, routes, neighbours, FDB and bridge ports;
+//! /proc/sys for sysctls; iptables-restore / nft transactions for rules), and its inverse is another
+//! `Action`, computed from the state before anything changes.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{BridgePortState, LinkAttribute},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+        AddressFamily,
+    },
+    Handle, LinkBridgePort, LinkUnspec, RouteMessageBuilder,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{netns, state::NsState, sys};
+
+/// The namespace an action runs in.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Target {
+    /// `ip netns` name, "root", or "pid N (comm)".
+    pub netns: String,
+    pub path: PathBuf,
+    pub is_root: bool,
+}
+
+impl Target {
+    pub fn of(ns: &NsState) -> Target {
+        Target { netns: ns.name.clone(), path: ns.path.clone(), is_root: ns.path.as_os_str() == "/proc/1/ns/net" || ns.name == "root" }
+    }
+    fn named(&self) -> bool {
+        !self.is_root && self.path.starts_with(netns::NETNS_RUN_DIR)
+    }
+    /// `ip -n NAME` (or nothing in the root namespace) for ip/bridge.
+    fn ip_prefix(&self, tool: &str) -> String {
+        if self.is_root {
+            tool.to_string()
+        } else if self.named() {
+            format!("{tool} -n {}", self.netns)
+        } else {
+            format!("nsenter --net={} {tool}", self.path.display())
+        }
+    }
+    /// `ip netns exec NAME` for every other tool.
+    fn exec_prefix(&self, tool: &str) -> String {
+        if self.is_root {
+            tool.to_string()
+        } else if self.named() {
+            format!("ip netns exec {} {tool}", self.netns)
+        } else {
+            format!("nsenter --net={} {tool}", self.path.display())
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Action {
+    LinkUp { ns: Target, ifname: String },
+    LinkDown { ns: Target, ifname: String },
+    /// Enslave to `master`, or release from any bridge when None.
+    SetMaster { ns: Target, ifname: String, master: Option<String> },
+    PortState { ns: Target, ifname: String, state: String },
+    Mtu { ns: Target, ifname: String, mtu: u32 },
+    AddrAdd { ns: Target, ifname: String, addr: Ipv4Addr, prefix: u8 },
+    AddrDel { ns: Target, ifname: String, addr: Ipv4Addr, prefix: u8 },
+    RouteAdd { ns: Target, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, ifname: String, onlink: bool },
+    RouteDel { ns: Target, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, ifname: String, onlink: bool },
+    /// A permanent neighbour entry (replace).
+    NeighSet { ns: Target, ifname: String, ip: Ipv4Addr, mac: String },
+    NeighDel { ns: Target, ifname: String, ip: Ipv4Addr },
+    FdbAdd { ns: Target, ifname: String, mac: String, dst: Ipv4Addr },
+    FdbDel { ns: Target, ifname: String, mac: String, dst: Ipv4Addr },
+    Sysctl { ns: Target, key: String, value: String },
+    /// iptables-restore --noflush lines for one table, e.g. "-I FORWARD 1 -s 10.244.0.0/16 -j ACCEPT".
+    Iptables { ns: Target, backend: String, table: String, lines: Vec<String> },
+    /// An `nft -f` transaction, e.g. "delete rule inet hardening forward handle 4".
+    Nft { ns: Target, script: String },
+}
+
+impl Action {
+    pub fn target(&self) -> &Target {
+        match self {
+            Action::LinkUp { ns, .. }
+            | Action::LinkDown { ns, .. }
+            | Action::SetMaster { ns, .. }
+            | Action::PortState { ns, .. }
+            | Action::Mtu { ns, .. }
+            | Action::AddrAdd { ns, .. }
+            | Action::AddrDel { ns, .. }
+            | Action::RouteAdd { ns, .. }
+            | Action::RouteDel { ns, .. }
+            | Action::NeighSet { ns, .. }
+            | Action::NeighDel { ns, .. }
+            | Action::FdbAdd { ns, .. }
+            | Action::FdbDel { ns, .. }
+            | Action::Sysctl { ns, .. }
+            | Action::Iptables { ns, .. }
+            | Action::Nft { ns, .. } => ns,
+        }
+    }
+
+    /// The command a person would have typed.
+    pub fn command(&self) -> String {
+        let route = |verb: &str, ns: &Target, dst: &Ipv4Addr, prefix: &u8, gw: &Option<Ipv4Addr>, ifname: &str, onlink: &bool| {
+            let dst = if *prefix == 0 { "default".to_string() } else { format!("{dst}/{prefix}") };
+            let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
+            format!("{} route {verb} {dst}{via} dev {ifname}{}", ns.ip_prefix("ip"), if *onlink { " onlink" } else { "" })
+        };
+        match self {
+            Action::LinkUp { ns, ifname } => format!("{} link set {ifname} up", ns.ip_prefix("ip")),
+            Action::LinkDown { ns, ifname } => format!("{} link set {ifname} down", ns.ip_prefix("ip")),
+            Action::SetMaster { ns, ifname, master: Some(m) } => format!("{} link set {ifname} master {m}", ns.ip_prefix("ip")),
+            Action::SetMaster { ns, ifname, master: None } => format!("{} link set {ifname} nomaster", ns.ip_prefix("ip")),
+            Action::PortState { ns, ifname, state } => {
+                format!("{} link set dev {ifname} state {}", ns.ip_prefix("bridge"), port_state_number(state).unwrap_or(3))
+            }
+            Action::Mtu { ns, ifname, mtu } => format!("{} link set {ifname} mtu {mtu}", ns.ip_prefix("ip")),
+            Action::AddrAdd { ns, ifname, addr, prefix } => format!("{} addr add {addr}/{prefix} dev {ifname}", ns.ip_prefix("ip")),
+            Action::AddrDel { ns, ifname, addr, prefix } => format!("{} addr del {addr}/{prefix} dev {ifname}", ns.ip_prefix("ip")),
+            Action::RouteAdd { ns, dst, prefix, gateway, ifname, onlink } => route("add", ns, dst, prefix, gateway, ifname, onlink),
+            Action::RouteDel { ns, dst, prefix, gateway, ifname, onlink } => route("del", ns, dst, prefix, gateway, ifname, onlink),
+            Action::NeighSet { ns, ifname, ip, mac } => {
+                format!("{} neigh replace {ip} lladdr {mac} dev {ifname} nud permanent", ns.ip_prefix("ip"))
+            }
+            Action::NeighDel { ns, ifname, ip } => format!("{} neigh del {ip} dev {ifname}", ns.ip_prefix("ip")),
+            Action::FdbAdd { ns, ifname, mac, dst } => format!("{} fdb append {mac} dev {ifname} dst {dst}", ns.ip_prefix("bridge")),
+            Action::FdbDel { ns, ifname, mac, dst } => format!("{} fdb del {mac} dev {ifname} dst {dst}", ns.ip_prefix("bridge")),
+            Action::Sysctl { ns, key, value } => format!("{} -w {key}={value}", ns.exec_prefix("sysctl")),
+            Action::Iptables { ns, backend, table, lines } => lines
+                .iter()
+                .map(|l| format!("{} -t {table} {l}", ns.exec_prefix(backend)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Action::Nft { ns, script } => format!("{} '{}'", ns.exec_prefix("nft"), script.trim()),
+        }
+    }
+
+    /// Applies the action inside its namespace.
+    pub fn apply(&self) -> Result<()> {
+        let path = self.target().path.clone();
+        if path.as_os_str().is_empty() {
+            bail!("no namespace path recorded for {}", self.target().netns);
+        }
+        let me = self.clone();
+        netns::in_netns(&path, move || me.apply_here()).with_context(|| format!("`{}`", self.command()))
+    }
+
+    fn apply_here(&self) -> Result<()> {
+        match self {
+            Action::Sysctl { key, value, .. } => {
+                let p = format!("/proc/sys/{}", key.replace('.', "/"));
+                std::fs::write(&p, format!("{value}\n")).with_context(|| format!("write {p}"))
+            }
+            Action::Iptables { backend, table, lines, .. } => {
+                let restore = format!("{backend}-restore");
+                let input = format!("*{table}\n{}\nCOMMIT\n", lines.join("\n"));
+                sys::run_stdin(&restore, &["--noflush", "-w"], &input).map(|_| ())
+            }
+            Action::Nft { script, .. } => sys::run_stdin("nft", &["-f", "-"], &format!("{script}\n")).map(|_| ()),
+            _ => {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async {
+                    let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+                    tokio::spawn(conn);
+                    self.netlink(&handle).await
+                })
+            }
+        }
+    }
+
+    async fn netlink(&self, h: &Handle) -> Result<()> {
+        match self {
+            Action::LinkUp { ifname, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).up().build()).execute().await?)
+            }
+            Action::LinkDown { ifname, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).down().build()).execute().await?)
+            }
+            Action::SetMaster { ifname, master, .. } => {
+                let i = index(h, ifname).await?;
+                let msg = match master {
+                    Some(m) => LinkUnspec::new_with_index(i).controller(index(h, m).await?).build(),
+                    None => LinkUnspec::new_with_index(i).nocontroller().build(),
+                };
+                Ok(h.link().set(msg).execute().await?)
+            }
+            Action::PortState { ifname, state, .. } => {
+                let i = index(h, ifname).await?;
+                let st = port_state(state).ok_or_else(|| anyhow!("unknown bridge port state {state}"))?;
+                Ok(h.link().set_port(LinkBridgePort::new(i).state(st).build()).execute().await?)
+            }
+            Action::Mtu { ifname, mtu, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).mtu(*mtu).build()).execute().await?)
+            }
+            Action::AddrAdd { ifname, addr, prefix, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.address().add(i, IpAddr::V4(*addr), *prefix).execute().await?)
+            }
+            Action::AddrDel { ifname, addr, prefix, .. } => {
+                let i = index(h, ifname).await?;
+                let msgs: Vec<_> = h.address().get().set_link_index_filter(i).execute().try_collect().await?;
+                let msg = msgs
+                    .into_iter()
+                    .find(|m| {
+                        m.header.prefix_len == *prefix
+                            && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(v)) if v == addr))
+                    })
+                    .ok_or_else(|| anyhow!("{addr}/{prefix} is not on {ifname}"))?;
+                Ok(h.address().del(msg).execute().await?)
+            }
+            Action::RouteAdd { dst, prefix, gateway, ifname, onlink, .. } => {
+                let msg = route_msg(h, *dst, *prefix, *gateway, ifname, *onlink).await?;
+                Ok(h.route().add(msg).execute().await?)
+            }
+            Action::RouteDel { dst, prefix, gateway, ifname, onlink, .. } => {
+                let msg = route_msg(h, *dst, *prefix, *gateway, ifname, *onlink).await?;
+                Ok(h.route().del(msg).execute().await?)
+            }
+            Action::NeighSet { ifname, ip, mac, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h
+                    .neighbours()
+                    .add(i, IpAddr::V4(*ip))
+                    .link_layer_address(&parse_mac(mac)?)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await?)
+            }
+            Action::NeighDel { ifname, ip, .. } => {
+                let i = index(h, ifname).await?;
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Inet;
+                m.header.ifindex = i;
+                m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                Ok(h.neighbours().del(m).execute().await?)
+            }
+            Action::FdbAdd { ifname, mac, dst, .. } => {
+                let i = index(h, ifname).await?;
+                let mut req = h.neighbours().add_bridge(i, &parse_mac(mac)?).destination(IpAddr::V4(*dst)).state(NeighbourState::Permanent);
+                req.message_mut().header.flags = NeighbourFlags::Own;
+                Ok(req.execute().await?)
+            }
+            Action::FdbDel { ifname, mac, dst, .. } => {
+                let i = index(h, ifname).await?;
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Bridge;
+                m.header.ifindex = i;
+                m.header.flags = NeighbourFlags::Own;
+                m.attributes.push(NeighbourAttribute::LinkLayerAddress(parse_mac(mac)?));
+                m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
+                Ok(h.neighbours().del(m).execute().await?)
+            }
+            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } => unreachable!("not netlink"),
+        }
+    }
+}
+
+async fn index(h: &Handle, name: &str) -> Result<u32> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    let link = links.try_next().await.with_context(|| format!("no link {name}"))?.ok_or_else(|| anyhow!("no link {name}"))?;
+    // Names are what people type; indexes are what the kernel wants.
+    debug_assert!(link.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)));
+    Ok(link.header.index)
+}
+
+async fn route_msg(
+    h: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+    ifname: &str,
+    onlink: bool,
+) -> Result<rtnetlink::packet_route::route::RouteMessage> {
+    let i = index(h, ifname).await?;
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).output_interface(i);
+    if let Some(g) = gateway {
+        b = b.gateway(g);
+    }
+    if onlink {
+        b = b.onlink();
+    }
+    Ok(b.build())
+}
+
+fn parse_mac(s: &str) -> Result<Vec<u8>> {
+    let v: Result<Vec<u8>, _> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
+    let v = v.map_err(|_| anyhow!("bad MAC {s}"))?;
+    if v.len() != 6 {
+        bail!("bad MAC {s}");
+    }
+    Ok(v)
+}
+
+fn port_state(s: &str) -> Option<BridgePortState> {
+    Some(match s {
+        "disabled" => BridgePortState::Disabled,
+        "listening" => BridgePortState::Listening,
+        "learning" => BridgePortState::Learning,
+        "forwarding" => BridgePortState::Forwarding,
+        "blocking" => BridgePortState::Blocking,
+        _ => return None,
+    })
+}
+
+fn port_state_number(s: &str) -> Option<u8> {
+    Some(match s {
+        "disabled" => 0,
+        "listening" => 1,
+        "learning" => 2,
+        "forwarding" => 3,
+        "blocking" => 4,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab_node() -> Target {
+        Target { netns: "cnitrace-storagenodet3500".into(), path: "/run/netns/cnitrace-storagenodet3500".into(), is_root: false }
+    }
+
+    #[test]
+    fn commands_read_like_what_a_person_types() {
+        let ns = lab_node();
+        let a = Action::SetMaster { ns: ns.clone(), ifname: "veth1".into(), master: Some("cni0".into()) };
+        assert_eq!(a.command(), "ip -n cnitrace-storagenodet3500 link set veth1 master cni0");
+        let a = Action::RouteAdd { ns: ns.clone(), dst: "10.244.1.0".parse().unwrap(), prefix: 24, gateway: Some("10.244.1.0".parse().unwrap()), ifname: "flannel.1".into(), onlink: true };
+        assert_eq!(a.command(), "ip -n cnitrace-storagenodet3500 route add 10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink");
+        let a = Action::Sysctl { ns: ns.clone(), key: "net.ipv4.ip_forward".into(), value: "1".into() };
+        assert_eq!(a.command(), "ip netns exec cnitrace-storagenodet3500 sysctl -w net.ipv4.ip_forward=1");
+        let root = Target { netns: "root".into(), path: "/proc/1/ns/net".into(), is_root: true };
+        let a = Action::LinkUp { ns: root, ifname: "cni0".into() };
+        assert_eq!(a.command(), "ip link set cni0 up");
+    }
+}

@@ -1,0 +1,276 @@
+//! `fix`: plan → apply → verify. The diagnosis names a cause, the cause's file says how to repair it,
+//! every action is journaled with its undo before it runs, the pair is traced again, and if the fix did
+//! not help (or made a lab path worse) everything is rolled back.
+
+pub mod action;
+pub mod journal;
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use action::{Action, Target};
+use journal::{Journal, JournalStep, Outcome, StepState};
+
+use crate::{
+    finding::{causes, Ctx, Outcome as Verdict},
+    follow::{self, FollowRequest, Report},
+    inject::ProbeKind,
+    lab,
+};
+
+/// One change with its undo, and why.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub action: Action,
+    pub undo: Action,
+    pub why: String,
+}
+
+/// What a cause proposes.
+#[derive(Clone, Debug)]
+pub enum Remedy {
+    /// Safe to apply with `--auto`.
+    Steps(Vec<Step>),
+    /// Removes a rule someone wrote: only with `--allow-rule-removal`.
+    RuleRemoval(Vec<Step>),
+    /// No safe fix: why, and what would be needed.
+    NoSafeFix(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Print the plan, change nothing.
+    DryRun,
+    /// Ask on the terminal.
+    Ask,
+    Auto,
+}
+
+pub struct FixRequest {
+    pub pair: Option<(Ipv4Addr, Ipv4Addr)>,
+    pub mode: Mode,
+    pub allow_rule_removal: bool,
+    pub confirm_timeout: Option<Duration>,
+    pub state_dir: PathBuf,
+    pub trace_timeout: Duration,
+}
+
+/// Rounds of diagnose → fix → verify: two faults at once take two rounds; a fault whose repair reveals
+/// the next missing piece (flannel.1 down loses its routes and neighbours) takes a few.
+pub const MAX_ROUNDS: usize = 5;
+
+/// The pair of the most recent `follow`, remembered for `fix --auto` without a pair.
+#[derive(Serialize, Deserialize)]
+struct LastFollow {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+}
+
+pub fn remember_pair(state_dir: &Path, src: Ipv4Addr, dst: Ipv4Addr) {
+    let _ = std::fs::create_dir_all(state_dir);
+    let _ = std::fs::write(state_dir.join("last-follow.json"), serde_json::to_vec(&LastFollow { src, dst }).unwrap_or_default());
+}
+
+fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let p = state_dir.join("last-follow.json");
+    let data = std::fs::read(&p).map_err(|_| anyhow!("no pair given and no earlier `cnitrace follow` on this host: give SRC DST"))?;
+    let l: LastFollow = serde_json::from_slice(&data).context("read the last follow's pair")?;
+    Ok((l.src, l.dst))
+}
+
+fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration) -> Result<Report> {
+    follow::run(&FollowRequest { src, dst, probe: ProbeKind::Icmp, count: 1, timeout, size: None })
+}
+
+/// The remedy for a report's verdict.
+pub fn remedy(report: &Report) -> Option<(&'static causes::Cause, Remedy)> {
+    let id = report.verdict.cause.as_deref()?;
+    let cause = causes::find(id)?;
+    let ctx = Ctx { trace: &report.trace, probe: &report.probe, states: &report.states };
+    Some((cause, (cause.fix)(&ctx)))
+}
+
+/// The lab the pair belongs to, if any: its paths are checked before and after, and none may get worse.
+fn lab_of(report: &Report) -> Option<lab::Lab> {
+    let ns = report.src.local()?.netns.name.clone();
+    let prefix = ns.split_once("-pod-")?.0;
+    lab::Lab::load(prefix).ok()
+}
+
+fn broken_paths(lab: &lab::Lab) -> Vec<&'static str> {
+    lab::check::check_all(lab).into_iter().filter(|r| !r.ok).map(|r| r.path.name()).collect()
+}
+
+/// Exit code of a fix: 0 fixed / nothing to fix, 1 not fixed (dry run, refused, rolled back).
+pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
+    if !crate::sys::is_root() {
+        bail!("`cnitrace fix` needs root");
+    }
+    let (src, dst) = match req.pair {
+        Some(p) => p,
+        None => last_pair(&req.state_dir)?,
+    };
+    let report = trace(src, dst, req.trace_timeout)?;
+    if report.verdict.verdict == Verdict::Delivered {
+        writeln!(out, "{src} → {dst}: delivered; nothing to fix")?;
+        return Ok(crate::exit::OK);
+    }
+    crate::render::verdict(&report.verdict, out)?;
+    let lab = lab_of(&report);
+    let broken_before = lab.as_ref().map(broken_paths);
+    let mut journal: Option<Journal> = None;
+    let mut seen_causes: Vec<String> = Vec::new();
+    let mut report = report;
+    let started = Instant::now();
+    for round in 1..=MAX_ROUNDS {
+        let Some((cause, remedy)) = remedy(&report) else {
+            writeln!(out, "\nno catalog cause explains this drop: nothing to apply")?;
+            return finish_unfixed(journal, out, "the drop has no known cause");
+        };
+        if seen_causes.iter().any(|c| c == cause.id) {
+            writeln!(out, "\n{} is still there after its fix: the fix did not help", cause.id)?;
+            return finish_unfixed(journal, out, &format!("{} came back after its fix", cause.id));
+        }
+        seen_causes.push(cause.id.to_string());
+        let steps = match remedy {
+            Remedy::Steps(s) => s,
+            Remedy::RuleRemoval(s) if req.allow_rule_removal => s,
+            Remedy::RuleRemoval(s) => {
+                writeln!(out, "\nthe drop comes from a rule someone wrote; cnitrace removes it only with --allow-rule-removal:")?;
+                for st in &s {
+                    writeln!(out, "  {}", st.action.command())?;
+                }
+                return finish_unfixed(journal, out, "rule removal not allowed");
+            }
+            Remedy::NoSafeFix(why) => {
+                writeln!(out, "\nno safe fix for {}: {why}", cause.id)?;
+                return finish_unfixed(journal, out, &format!("no safe fix for {}", cause.id));
+            }
+        };
+        writeln!(out, "\nplan (round {round}, cause {}):", cause.id)?;
+        for st in &steps {
+            writeln!(out, "  {}\n      # {}", st.action.command(), st.why)?;
+        }
+        match req.mode {
+            Mode::DryRun => {
+                writeln!(out, "\ndry run: nothing was changed (run with --auto to apply, or on a terminal to be asked)")?;
+                return Ok(crate::exit::DROPPED);
+            }
+            Mode::Ask if round == 1 => {
+                write!(out, "\napply? [y/N] ")?;
+                out.flush()?;
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !answer.trim().eq_ignore_ascii_case("y") {
+                    writeln!(out, "nothing was changed")?;
+                    return Ok(crate::exit::DROPPED);
+                }
+            }
+            _ => {}
+        }
+        let j = match journal.as_mut() {
+            Some(j) => j,
+            None => journal.insert(Journal::create(&req.state_dir, src, dst)?),
+        };
+        if let Err(e) = apply_steps(j, cause.id, steps, out) {
+            writeln!(out, "applying failed: {e:#}; rolling back")?;
+            j.rollback(out)?;
+            return Ok(crate::exit::DROPPED);
+        }
+        report = trace(src, dst, req.trace_timeout)?;
+        let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
+        if report.verdict.verdict == Verdict::Delivered && !late {
+            if let (Some(lab), Some(before)) = (&lab, &broken_before) {
+                let after = broken_paths(lab);
+                let worse: Vec<_> = after.iter().filter(|p| !before.contains(p)).collect();
+                if !worse.is_empty() {
+                    writeln!(out, "\nthe pair flows, but the fix broke lab paths that worked: {worse:?}")?;
+                    return finish_unfixed(journal, out, "a lab path got worse");
+                }
+            }
+            let j = journal.as_mut().expect("journal of an applied fix");
+            j.outcome = Outcome::Fixed;
+            j.note = format!("fixed: {}", seen_causes.join(", "));
+            j.sync()?;
+            writeln!(out, "\nverified: {src} → {dst} is delivered now (fix {}; undo with `cnitrace fix --rollback {}`)", j.id, j.id)?;
+            return Ok(crate::exit::OK);
+        }
+        if late {
+            writeln!(out, "\nnot verified within --confirm-timeout")?;
+            return finish_unfixed(journal, out, "not verified within the confirm timeout");
+        }
+        writeln!(out, "\nafter round {round}:")?;
+        crate::render::verdict(&report.verdict, out)?;
+    }
+    finish_unfixed(journal, out, "too many rounds")
+}
+
+fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Write) -> Result<()> {
+    let crash_after: Option<usize> = std::env::var("CNITRACE_TEST_CRASH_AFTER_ACTIONS").ok().and_then(|v| v.parse().ok());
+    for st in steps {
+        j.steps.push(JournalStep { cause: cause.into(), why: st.why, action: st.action.clone(), undo: st.undo, state: StepState::Applying });
+        j.sync()?;
+        writeln!(out, "apply: {}", st.action.command())?;
+        st.action.apply()?;
+        let last = j.steps.len() - 1;
+        j.steps[last].state = StepState::Applied;
+        j.sync()?;
+        // Test-only: die between two actions, as a crash or kill -9 would.
+        if crash_after.is_some_and(|n| j.steps.iter().filter(|s| s.state == StepState::Applied).count() >= n) {
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    Ok(())
+}
+
+fn finish_unfixed(journal: Option<Journal>, out: &mut dyn Write, why: &str) -> Result<u8> {
+    if let Some(mut j) = journal {
+        writeln!(out, "rolling back fix {} ({why}):", j.id)?;
+        j.note = why.to_string();
+        j.rollback(out)?;
+        writeln!(out, "rolled back: the node is as it was before the fix")?;
+    }
+    Ok(crate::exit::DROPPED)
+}
+
+/// `fix --rollback [ID]`.
+pub fn rollback(state_dir: &Path, id: Option<&str>, out: &mut dyn Write) -> Result<u8> {
+    if !crate::sys::is_root() {
+        bail!("`cnitrace fix --rollback` needs root");
+    }
+    let mut j = Journal::load(state_dir, id)?;
+    if j.outcome == Outcome::RolledBack {
+        writeln!(out, "fix {} was already rolled back", j.id)?;
+        return Ok(crate::exit::OK);
+    }
+    writeln!(out, "rolling back fix {} ({} → {}):", j.id, j.src, j.dst)?;
+    j.note = "rolled back on request".into();
+    j.rollback(out)?;
+    writeln!(out, "done")?;
+    Ok(crate::exit::OK)
+}
+
+/// `fix --history`.
+pub fn history(state_dir: &Path, out: &mut dyn Write) -> Result<u8> {
+    let all = journal::list(state_dir)?;
+    if all.is_empty() {
+        writeln!(out, "no fixes yet")?;
+    }
+    for j in all {
+        let causes: Vec<&str> = j.steps.iter().map(|s| s.cause.as_str()).fold(Vec::new(), |mut v, c| {
+            if !v.contains(&c) {
+                v.push(c);
+            }
+            v
+        });
+        writeln!(out, "{}  {} → {}  {:?}  {} action(s)  {}  {}", j.id, j.src, j.dst, j.outcome, j.steps.len(), causes.join(","), j.note)?;
+    }
+    Ok(crate::exit::OK)
+}
