@@ -36,6 +36,9 @@ pub struct Packet {
     pub icmp_error: bool,
     /// Key that groups all events of one packet (direction, protocol, id/seq).
     pub key: String,
+    /// ICMP echo id (request or reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_id: Option<u16>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -173,6 +176,7 @@ impl Decoder {
                 outer: None,
                 icmp_error: false,
                 key: format!("arp {} {src}>{dst}", p.id),
+                echo_id: None,
             });
         }
         let icmp_error = p.flags & pkt_flags::ICMP_ERROR != 0;
@@ -195,7 +199,8 @@ impl Decoder {
             n => (n.to_string(), format!("ip proto {n}"), format!("ip{n} {src}>{dst}")),
         };
         let outer = (p.flags & pkt_flags::ENCAP != 0).then(|| Outer { src: ip(p.outer_saddr), dst: ip(p.outer_daddr), vni: p.vni });
-        Some(Packet { proto, src, dst, what, len: p.len, outer, icmp_error, key })
+        let echo_id = (p.ip_proto == 1 && !icmp_error && (p.sport == 0 || p.sport == 8)).then_some(p.id);
+        Some(Packet { proto, src, dst, what, len: p.len, outer, icmp_error, key, echo_id })
     }
 
     pub fn decode(&mut self, e: &Event) -> Option<TraceEvent> {

@@ -157,6 +157,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
             kind: req.probe,
             sizes,
             wait: req.timeout,
+            icmp_id: inject::new_icmp_id(),
             stop: stop_probe.clone(),
         };
         std::thread::spawn(move || inject::run(plan))
@@ -219,6 +220,10 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
                 states.by_inode.insert(*inode, st);
             }
         }
+    }
+    // Echoes of the pair that are not this run's (queued before it started) are not its evidence.
+    if let Some(id) = outcome.icmp_id {
+        decoded.retain(|e| e.packet.as_ref().is_none_or(|p| p.echo_id.is_none_or(|x| x == id)));
     }
     let trace = Trace::build(decoded);
     let verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });

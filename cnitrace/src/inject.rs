@@ -49,6 +49,9 @@ pub struct ProbeOutcome {
     pub sizes: Vec<usize>,
     /// Per probe: answered or not (same order as `sizes`).
     pub answered_each: Vec<bool>,
+    /// The ICMP echo id of this run's probes.
+    #[serde(default)]
+    pub icmp_id: Option<u16>,
 }
 
 pub struct ProbePlan {
@@ -58,6 +61,8 @@ pub struct ProbePlan {
     /// ICMP payload sizes, one echo each.
     pub sizes: Vec<usize>,
     pub wait: Duration,
+    /// Identifies this run's echoes (the trace keeps only these: older queued probes are not ours).
+    pub icmp_id: u16,
     /// Set by the caller once it has seen enough: stop waiting for answers.
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -122,14 +127,14 @@ fn icmp(plan: &ProbePlan) -> Result<ProbeOutcome> {
     unsafe {
         libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, &pmtu as *const _ as *const libc::c_void, 4);
     }
-    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let id = plan.icmp_id;
     let dst = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: 0,
         sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(plan.dst.octets()) },
         sin_zero: [0; 8],
     };
-    let mut out = ProbeOutcome { sizes: plan.sizes.clone(), answered_each: vec![false; plan.sizes.len()], ..Default::default() };
+    let mut out = ProbeOutcome { sizes: plan.sizes.clone(), answered_each: vec![false; plan.sizes.len()], icmp_id: Some(id), ..Default::default() };
     let t_end = Instant::now() + plan.wait;
     for (i, size) in plan.sizes.iter().enumerate() {
         let pkt = echo(id, i as u16 + 1, *size);
@@ -219,4 +224,10 @@ fn udp(dst: Ipv4Addr, port: u16) -> Result<ProbeOutcome> {
         Err(e) => out.send_error = Some(format!("send to {dst}:{port}: {e}")),
     }
     Ok(out)
+}
+
+/// A fresh echo id per run: two traces in a row (fix's verification) must not see each other's echoes.
+pub fn new_icmp_id() -> u16 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    ((std::process::id() ^ nanos ^ (nanos >> 16)) & 0xffff) as u16
 }

@@ -184,6 +184,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             j.rollback(out)?;
             return Ok(crate::exit::DROPPED);
         }
+        settle_neighbours(&report);
         report = trace(src, dst, req.trace_timeout)?;
         let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
         if report.verdict.verdict == Verdict::Delivered && !late {
@@ -210,6 +211,24 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         crate::render::verdict(&report.verdict, out)?;
     }
     finish_unfixed(journal, out, "too many rounds")
+}
+
+/// A neighbour resolution the source started before the fix (while the path was broken) may still be
+/// running with its probes spent: packets queued on it now would die with it. Let it end first (at most
+/// the kernel's three probe intervals), so the verification starts a resolution of its own.
+fn settle_neighbours(report: &Report) {
+    let Some(src) = report.src.local() else { return };
+    let Some(path) = src.netns.ns.as_ref().map(|n| n.path.clone()) else { return };
+    let deadline = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < deadline {
+        let pending = crate::state::neighbours(&path)
+            .map(|ns| ns.iter().any(|n| n.ifindex == src.ifindex && matches!(n.state.as_str(), "incomplete" | "probe")))
+            .unwrap_or(false);
+        if !pending {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Write) -> Result<()> {

@@ -28,8 +28,9 @@ use topology::{Names, NODES, PODS};
 /// Lab state (pids, IPAM data, which faults are on) lives under here, one folder per prefix.
 pub const STATE_ROOT: &str = "/run/cnitrace/lab";
 pub const DEFAULT_PREFIX: &str = "cnitrace";
-/// MACs of the second underlay link (storagenodet3500's eth2, storagenodet3501's eth2).
-const SECOND_NIC_MACS: [&str; 2] = ["02:c1:7a:00:02:01", "02:c1:7a:00:02:02"];
+/// Addresses of the second underlay link (storagenodet3500's eth2, storagenodet3501's eth2): the
+/// benchmarking range, lab-only.
+const SECOND_NIC_ADDRS: [&str; 2] = ["198.18.0.1/24", "198.18.0.2/24"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PodState {
@@ -304,14 +305,17 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
     }
     // A second underlay link, as on dual-NIC nodes: storagenodet3500 reaches storagenodet3501's address
     // through eth2 while the way back uses eth0. Asymmetric but healthy until rp_filter turns strict.
-    sys::run("ip", &["link", "add", "cnt-ul2", "address", SECOND_NIC_MACS[0], "netns", &n0, "type", "veth", "peer", "name", "cnt-ul3", "address", SECOND_NIC_MACS[1], "netns", &n1])?;
+    sys::run("ip", &["link", "add", "cnt-ul2", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul3", "netns", &n1])?;
     for (i, ns) in [&n0, &n1].into_iter().enumerate() {
         ip(ns, &["link", "set", &format!("cnt-ul{}", i + 2), "name", "eth2"])?;
+        ip(ns, &["addr", "add", SECOND_NIC_ADDRS[i], "dev", "eth2"])?;
         ip(ns, &["link", "set", "eth2", "up"])?;
     }
     let peer = format!("{}/32", NODES[1].underlay);
-    ip(&n0, &["route", "add", &peer, "dev", "eth2", "src", &NODES[0].underlay.to_string()])?;
-    ip(&n0, &["neigh", "replace", &NODES[1].underlay.to_string(), "lladdr", SECOND_NIC_MACS[1], "dev", "eth2", "nud", "permanent"])?;
+    let via = SECOND_NIC_ADDRS[1].split('/').next().expect("address");
+    ip(&n0, &["route", "add", &peer, "via", via, "dev", "eth2", "src", &NODES[0].underlay.to_string()])?;
+    // ARP on eth2 from eth2's own address, as multi-homed hosts are usually set up.
+    sysctl(&n0, "net.ipv4.conf.eth2.arp_announce", "2")?;
     // Uplink: storagenodet3500's eth1 to the external host.
     sys::run("ip", &["link", "add", "cnt-up0", "netns", &n0, "type", "veth", "peer", "name", "cnt-up1", "netns", &ext])?;
     ip(&n0, &["link", "set", "cnt-up0", "name", "eth1"])?;

@@ -199,3 +199,8 @@ fn read_sysctls(links: &[Link]) -> Sysctls {
 pub fn rules_now() -> RuleSets {
     rules::read()
 }
+
+/// The IPv4 neighbour table of the namespace at `path`.
+pub fn neighbours(path: &std::path::Path) -> Result<Vec<Neigh>> {
+    netns::in_netns(path, netlink::read_neighbours)
+}

@@ -46,6 +46,15 @@ pub fn read_links_addrs() -> Result<NsState> {
     })
 }
 
+/// Only the neighbour table (IPv4).
+pub fn read_neighbours() -> Result<Vec<Neigh>> {
+    runtime()?.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(neighbours(&handle).await?.0)
+    })
+}
+
 fn mac_str(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
 }
