@@ -44,10 +44,16 @@ pub fn loaded_cnitrace_programs() -> usize {
         .count()
 }
 
+/// Where this suite's fix journals go (never the host's /var/lib/cnitrace).
+pub fn state_dir() -> PathBuf {
+    std::env::temp_dir().join("cnitrace-test-state")
+}
+
 pub fn cnitrace(args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)
         .env("CNITRACE_LAB_PREFIX", PREFIX)
+        .env("CNITRACE_STATE_DIR", state_dir())
         .output()
         .expect("run the cnitrace binary (build it first: cargo xtask test does)")
 }
@@ -76,6 +82,7 @@ impl LabGuard {
         let kernel = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
         // A previous run that was killed may have left its lab: start clean.
         let _ = cnitrace(&["lab", "down"]);
+        let _ = std::fs::remove_dir_all(state_dir());
         let mut args = vec!["lab", "up"];
         for f in faults {
             args.extend_from_slice(&["--fault", f]);
@@ -113,4 +120,144 @@ pub fn leftovers(server_pids: &[u32]) -> Vec<String> {
         }
     }
     left
+}
+
+fn run_text(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("run {prog}: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The configuration of one lab namespace, as text: links, addresses, routes, permanent neighbours,
+/// FDB, bridge ports, every rule set and the sysctls fixes touch. What traffic changes by itself
+/// (learned neighbours and FDB entries, counters) is left out.
+pub fn ns_config(ns: &str) -> String {
+    let mut s = String::new();
+    let ipn = |args: &[&str]| {
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        run_text("ip", &full)
+    };
+    s += &ipn(&["-d", "link", "show"]);
+    s += &ipn(&["-4", "addr", "show"]);
+    s += &ipn(&["-4", "route", "show", "table", "all"]);
+    s += &ipn(&["neigh", "show", "nud", "permanent"]);
+    s += &run_text("bridge", &["-n", ns, "link", "show"]);
+    s += &run_text("bridge", &["-n", ns, "fdb", "show"]).lines().filter(|l| l.contains("permanent") || l.contains("dst")).collect::<Vec<_>>().join("\n");
+    let exec = |prog: &str, args: &[&str]| {
+        let mut full = vec!["netns", "exec", ns, prog];
+        full.extend_from_slice(args);
+        run_text("ip", &full)
+    };
+    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+        s += &exec(save, &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    }
+    let nft = exec("nft", &["list", "ruleset"]);
+    s += &nft
+        .lines()
+        .map(|l| {
+            // Counter values move with traffic; the rule does not.
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let mut out = Vec::new();
+            let mut skip = 0;
+            for w in words {
+                if skip > 0 {
+                    skip -= 1;
+                } else if w == "packets" || w == "bytes" {
+                    skip = 1;
+                } else {
+                    out.push(w);
+                }
+            }
+            out.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    s += &exec("sysctl", &["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables"]);
+    normalize(&s)
+}
+
+/// Drops what moves by itself from a dump: timers, carrier and operational state (the admin flag UP
+/// stays), the `linkdown` mark routes get from carrier.
+fn normalize(dump: &str) -> String {
+    dump.lines()
+        .map(|l| {
+            let mut out: Vec<String> = Vec::new();
+            let mut skip = 0;
+            for w in l.split_whitespace() {
+                if skip > 0 {
+                    skip -= 1;
+                } else if w.ends_with("_timer") {
+                    skip = 1;
+                } else if w == "state" && out.last().is_some_and(|p| p == "noqueue" || p == "noop" || p.starts_with("qdisc")) {
+                    skip = 1;
+                } else if w == "linkdown" {
+                } else if w.starts_with('[') && w.ends_with(']') && w.contains(':') {
+                    // iptables-save prints policy counters even without -c.
+                } else {
+                    out.push(w.replace("NO-CARRIER,", "").replace(",LOWER_UP", "").replace(",M-DOWN", ""));
+                }
+            }
+            out.join(" ")
+        })
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Like [`config_diff`], but a bridge port's state may differ: the kernel disables and re-enables ports
+/// as their carrier comes and goes, a consequence rather than a change.
+pub fn config_diff_but_port_states(a: &std::collections::BTreeMap<String, String>, b: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    let strip = |m: &std::collections::BTreeMap<String, String>| -> std::collections::BTreeMap<String, String> {
+        m.iter()
+            .map(|(k, v)| {
+                let v = v
+                    .lines()
+                    .map(|l| {
+                        let mut out: Vec<&str> = Vec::new();
+                        let mut skip = 0;
+                        for w in l.split_whitespace() {
+                            if skip > 0 {
+                                skip -= 1;
+                            } else if w == "state" {
+                                skip = 1;
+                            } else {
+                                out.push(w);
+                            }
+                        }
+                        out.join(" ")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                (k.clone(), v)
+            })
+            .collect()
+    };
+    config_diff(&strip(a), &strip(b))
+}
+
+/// Every lab namespace's configuration, by namespace name.
+pub fn lab_config() -> std::collections::BTreeMap<String, String> {
+    cnitrace::lab::existing_namespaces(PREFIX).into_iter().map(|ns| {
+        let c = ns_config(&ns);
+        (ns, c)
+    }).collect()
+}
+
+/// The namespaces whose configuration differs between two snapshots.
+pub fn config_diff(a: &std::collections::BTreeMap<String, String>, b: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (ns, ca) in a {
+        match b.get(ns) {
+            Some(cb) if cb == ca => {}
+            Some(cb) => {
+                let la: Vec<&str> = ca.lines().collect();
+                let lb: Vec<&str> = cb.lines().collect();
+                let only_a: Vec<&&str> = la.iter().filter(|l| !lb.contains(l)).take(3).collect();
+                let only_b: Vec<&&str> = lb.iter().filter(|l| !la.contains(l)).take(3).collect();
+                out.push(format!("{ns}: before {only_a:?} after {only_b:?}"));
+            }
+            None => out.push(format!("{ns}: gone")),
+        }
+    }
+    out
 }

@@ -70,7 +70,8 @@ pub enum Action {
     SetMaster { ns: Target, ifname: String, master: Option<String> },
     PortState { ns: Target, ifname: String, state: String },
     Mtu { ns: Target, ifname: String, mtu: u32 },
-    AddrAdd { ns: Target, ifname: String, addr: Ipv4Addr, prefix: u8 },
+    /// `broadcast`: None adds the address without one (as `ip addr add` does).
+    AddrAdd { ns: Target, ifname: String, addr: Ipv4Addr, prefix: u8, #[serde(default)] broadcast: Option<Ipv4Addr> },
     AddrDel { ns: Target, ifname: String, addr: Ipv4Addr, prefix: u8 },
     RouteAdd { ns: Target, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, ifname: String, onlink: bool },
     RouteDel { ns: Target, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, ifname: String, onlink: bool },
@@ -124,7 +125,11 @@ impl Action {
                 format!("{} link set dev {ifname} state {}", ns.ip_prefix("bridge"), port_state_number(state).unwrap_or(3))
             }
             Action::Mtu { ns, ifname, mtu } => format!("{} link set {ifname} mtu {mtu}", ns.ip_prefix("ip")),
-            Action::AddrAdd { ns, ifname, addr, prefix } => format!("{} addr add {addr}/{prefix} dev {ifname}", ns.ip_prefix("ip")),
+            Action::AddrAdd { ns, ifname, addr, prefix, broadcast } => format!(
+                "{} addr add {addr}/{prefix}{} dev {ifname}",
+                ns.ip_prefix("ip"),
+                broadcast.map(|b| format!(" brd {b}")).unwrap_or_default()
+            ),
             Action::AddrDel { ns, ifname, addr, prefix } => format!("{} addr del {addr}/{prefix} dev {ifname}", ns.ip_prefix("ip")),
             Action::RouteAdd { ns, dst, prefix, gateway, ifname, onlink } => route("add", ns, dst, prefix, gateway, ifname, onlink),
             Action::RouteDel { ns, dst, prefix, gateway, ifname, onlink } => route("del", ns, dst, prefix, gateway, ifname, onlink),
@@ -204,9 +209,16 @@ impl Action {
                 let i = index(h, ifname).await?;
                 Ok(h.link().set(LinkUnspec::new_with_index(i).mtu(*mtu).build()).execute().await?)
             }
-            Action::AddrAdd { ifname, addr, prefix, .. } => {
+            Action::AddrAdd { ifname, addr, prefix, broadcast, .. } => {
                 let i = index(h, ifname).await?;
-                Ok(h.address().add(i, IpAddr::V4(*addr), *prefix).execute().await?)
+                let mut req = h.address().add(i, IpAddr::V4(*addr), *prefix);
+                // rtnetlink adds a broadcast address by itself; keep exactly the one asked for.
+                let attrs = &mut req.message_mut().attributes;
+                attrs.retain(|a| !matches!(a, AddressAttribute::Broadcast(_)));
+                if let Some(b) = broadcast {
+                    attrs.push(AddressAttribute::Broadcast(*b));
+                }
+                Ok(req.execute().await?)
             }
             Action::AddrDel { ifname, addr, prefix, .. } => {
                 let i = index(h, ifname).await?;

@@ -117,6 +117,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         Some(p) => p,
         None => last_pair(&req.state_dir)?,
     };
+    remember_pair(&req.state_dir, src, dst);
     let report = trace(src, dst, req.trace_timeout)?;
     if report.verdict.verdict == Verdict::Delivered {
         writeln!(out, "{src} → {dst}: delivered; nothing to fix")?;

@@ -50,6 +50,9 @@ pub struct Addr {
     pub ifindex: u32,
     pub addr: Ipv4Addr,
     pub prefix: u8,
+    /// IFA_BROADCAST, when the address has one (a restored address must look the same).
+    #[serde(default)]
+    pub broadcast: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -151,8 +151,12 @@ async fn addrs(h: &Handle) -> Result<Vec<Addr>> {
                 _ => None,
             })
         });
+        let broadcast = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Broadcast(b) => Some(*b),
+            _ => None,
+        });
         if let Some(addr) = addr {
-            out.push(Addr { ifindex: m.header.index, addr, prefix: m.header.prefix_len });
+            out.push(Addr { ifindex: m.header.index, addr, prefix: m.header.prefix_len, broadcast });
         }
     }
     Ok(out)

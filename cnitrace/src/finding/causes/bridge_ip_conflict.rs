@@ -56,16 +56,22 @@ fn fix(ctx: &Ctx) -> Remedy {
     let Some(pod_addr) = pod.addrs.iter().find(|a| a.addr == ctx.src_ip()) else { return Remedy::NoSafeFix("no pod address".into()) };
     let ns = Target::of(node);
     let mut steps = vec![Step {
-        action: Action::AddrAdd { ns: ns.clone(), ifname: br.name.clone(), addr: gw, prefix: pod_addr.prefix },
+        action: Action::AddrAdd { ns: ns.clone(), ifname: br.name.clone(), addr: gw, prefix: pod_addr.prefix, broadcast: Some(broadcast_of(gw, pod_addr.prefix)) },
         undo: Action::AddrDel { ns: ns.clone(), ifname: br.name.clone(), addr: gw, prefix: pod_addr.prefix },
         why: format!("the pods route through {gw}: it belongs on {}", br.name),
     }];
     for a in node.addrs_of(br.ifindex).filter(|a| !in_prefix(a.addr, pod_addr.addr, pod_addr.prefix)) {
         steps.push(Step {
             action: Action::AddrDel { ns: ns.clone(), ifname: br.name.clone(), addr: a.addr, prefix: a.prefix },
-            undo: Action::AddrAdd { ns: ns.clone(), ifname: br.name.clone(), addr: a.addr, prefix: a.prefix },
+            undo: Action::AddrAdd { ns: ns.clone(), ifname: br.name.clone(), addr: a.addr, prefix: a.prefix, broadcast: a.broadcast },
             why: format!("{}/{} is outside the pods' subnet; the CNI plugin refuses new pods while it is there", a.addr, a.prefix),
         });
     }
     Remedy::Steps(steps)
+}
+
+/// The subnet's broadcast address, as the CNI bridge plugin gives the gateway.
+fn broadcast_of(addr: std::net::Ipv4Addr, prefix: u8) -> std::net::Ipv4Addr {
+    let host_bits = u32::MAX.checked_shr(prefix as u32).unwrap_or(0);
+    std::net::Ipv4Addr::from(u32::from(addr) | host_bits)
 }

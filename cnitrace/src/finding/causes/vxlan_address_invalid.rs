@@ -55,13 +55,13 @@ fn fix(ctx: &Ctx) -> Remedy {
             .filter(|a| !(a.addr == want && a.prefix == 32))
             .map(|a| Step {
                 action: Action::AddrDel { ns: ns.clone(), ifname: vx.name.clone(), addr: a.addr, prefix: a.prefix },
-                undo: Action::AddrAdd { ns: ns.clone(), ifname: vx.name.clone(), addr: a.addr, prefix: a.prefix },
+                undo: Action::AddrAdd { ns: ns.clone(), ifname: vx.name.clone(), addr: a.addr, prefix: a.prefix, broadcast: a.broadcast },
                 why: format!("{}/{} is not what flannel gives {}", a.addr, a.prefix, vx.name),
             })
             .collect();
         if !addrs.iter().any(|a| a.addr == want) {
             steps.push(Step {
-                action: Action::AddrAdd { ns: ns.clone(), ifname: vx.name.clone(), addr: want, prefix: 32 },
+                action: Action::AddrAdd { ns: ns.clone(), ifname: vx.name.clone(), addr: want, prefix: 32, broadcast: None },
                 undo: Action::AddrDel { ns, ifname: vx.name.clone(), addr: want, prefix: 32 },
                 why: format!("flannel gives {} the network address of {}/{} as /32", vx.name, want, subnet.prefix),
             });

@@ -1,0 +1,213 @@
+//! `fix` on the lab: each fault with a safe fix ends with traffic flowing; dry runs, rollbacks, crashes
+//! and fixes that cannot work leave the node exactly as it was.
+
+use std::{
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use cnitrace_tests::{bin, can_run_kernel_tests, check, cnitrace, config_diff, config_diff_but_port_states, faults, lab_config, state_dir, topology, LabGuard, PREFIX};
+
+/// Faults whose cause has no safe automatic fix: fix says so and changes nothing.
+const NO_SAFE_FIX: &[&str] = &["vxlan-port-mismatch", "vxlan-vni-mismatch"];
+/// Faults that are a rule someone wrote: fixed only with --allow-rule-removal.
+const RULE_REMOVAL: &[&str] = &["iptables-drop", "nft-drop"];
+
+fn ip(pod: &str) -> String {
+    topology::pod(pod).expect("lab pod").ip.to_string()
+}
+
+fn fix(args: &[&str]) -> (i32, String) {
+    let mut full = vec!["fix"];
+    full.extend_from_slice(args);
+    let out = cnitrace(&full);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The namespaces the last fix's actions ran in, from its journal.
+fn touched_namespaces() -> Vec<String> {
+    let dir = state_dir().join("journal");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).expect("journal dir").flatten() {
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).expect("journal")).expect("journal json");
+        for s in j["steps"].as_array().expect("steps") {
+            out.push(s["action"]["ns"]["netns"].as_str().expect("netns").to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn every_fault_with_a_safe_fix_is_fixed() {
+    if !can_run_kernel_tests("every_fault_with_a_safe_fix_is_fixed") {
+        return;
+    }
+    let mut wrong = Vec::new();
+    for f in faults::FAULTS {
+        let g = LabGuard::up(&[f.name]);
+        let before = lab_config();
+        let mut args = vec!["--auto", "--timeout", "4"];
+        if RULE_REMOVAL.contains(&f.name) {
+            args.push("--allow-rule-removal");
+        }
+        let (src, dst) = (ip(f.pair.0), ip(f.pair.1));
+        args.extend_from_slice(&[&src, &dst]);
+        let (code, text) = fix(&args);
+        let after = lab_config();
+        if NO_SAFE_FIX.contains(&f.name) {
+            let diff = config_diff(&before, &after);
+            if code != 1 || !text.contains("no safe fix") || !diff.is_empty() {
+                wrong.push(format!("{}: a fault without safe fix must be left alone: exit {code} {diff:?}\n{text}", f.name));
+            }
+            continue;
+        }
+        let broken: Vec<_> = check::check_all(&g.lab).into_iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.path.name(), r.detail)).collect();
+        if code != 0 || !broken.is_empty() {
+            wrong.push(format!("{}: exit {code}, still broken {broken:?}\n{text}", f.name));
+            continue;
+        }
+        // Only the namespaces the fix acted in may have changed.
+        let touched = touched_namespaces();
+        let outside: Vec<String> = config_diff_but_port_states(&before, &after).into_iter().filter(|d| !touched.iter().any(|t| d.starts_with(&format!("{t}:")))).collect();
+        if !outside.is_empty() {
+            wrong.push(format!("{}: changed what it did not touch: {outside:?}", f.name));
+        }
+    }
+    assert!(wrong.is_empty(), "fix went wrong:\n{}", wrong.join("\n\n"));
+}
+
+#[test]
+fn two_faults_are_fixed_in_one_run() {
+    if !can_run_kernel_tests("two_faults_are_fixed_in_one_run") {
+        return;
+    }
+    let g = LabGuard::up(&["ip-forward-off", "route-missing"]);
+    let (code, text) = fix(&["--auto", &ip("debug"), &ip("web")]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("round 2"), "two faults, two rounds: {text}");
+    for r in check::check_all(&g.lab) {
+        assert!(r.ok, "{} after the fix: {}", r.path.name(), r.detail);
+    }
+}
+
+#[test]
+fn a_dry_run_changes_nothing() {
+    if !can_run_kernel_tests("a_dry_run_changes_nothing") {
+        return;
+    }
+    for fault in ["veth-detached", "forward-policy-drop", "bridge-ip-conflict"] {
+        let f = faults::find(fault).expect("fault");
+        let _g = LabGuard::up(&[fault]);
+        let before = lab_config();
+        // No terminal, no --auto: print the plan only.
+        let (code, text) = fix(&[&ip(f.pair.0), &ip(f.pair.1)]);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("dry run") && text.contains("plan"), "{text}");
+        assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "{fault}: the dry run changed the lab");
+    }
+}
+
+#[test]
+fn rollback_restores_the_state_before_the_fix() {
+    if !can_run_kernel_tests("rollback_restores_the_state_before_the_fix") {
+        return;
+    }
+    for fault in ["bridge-ip-conflict", "vxlan-down", "forward-policy-drop", "rp-filter-strict", "mtu-mismatch", "veth-wrong-bridge"] {
+        let f = faults::find(fault).expect("fault");
+        let _g = LabGuard::up(&[fault]);
+        let before = lab_config();
+        let (code, text) = fix(&["--auto", &ip(f.pair.0), &ip(f.pair.1)]);
+        assert_eq!(code, 0, "{fault}: {text}");
+        assert_ne!(config_diff(&before, &lab_config()), Vec::<String>::new(), "{fault}: the fix changed something");
+        let (code, text) = fix(&["--rollback"]);
+        assert_eq!(code, 0, "{fault}: {text}");
+        assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "{fault}: rollback is not exact");
+        let (_, hist) = fix(&["--history"]);
+        assert!(hist.contains("RolledBack"), "{hist}");
+    }
+}
+
+#[test]
+fn a_crash_between_actions_is_rolled_back_exactly() {
+    if !can_run_kernel_tests("a_crash_between_actions_is_rolled_back_exactly") {
+        return;
+    }
+    let f = faults::find("bridge-ip-conflict").expect("fault");
+    let _g = LabGuard::up(&[f.name]);
+    let before = lab_config();
+    let out = Command::new(bin())
+        .args(["fix", "--auto", &ip(f.pair.0), &ip(f.pair.1)])
+        .env("CNITRACE_STATE_DIR", state_dir())
+        .env("CNITRACE_TEST_CRASH_AFTER_ACTIONS", "1")
+        .output()
+        .expect("run fix");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "the test switch kills fix after its first action: {:?}", out.status);
+    assert_ne!(config_diff(&before, &lab_config()), Vec::<String>::new(), "half the fix was applied");
+    let (code, text) = fix(&["--rollback"]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "rollback after the crash is not exact\n{text}");
+}
+
+#[test]
+fn a_fix_that_cannot_work_is_rolled_back() {
+    if !can_run_kernel_tests("a_fix_that_cannot_work_is_rolled_back") {
+        return;
+    }
+    let g = LabGuard::up(&["veth-detached"]);
+    let veth = g.lab.host_veth("jellyfin").expect("veth").to_string();
+    let node = g.lab.node_ns(0);
+    // Something on the node keeps detaching the veth (a misbehaving agent).
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let saboteur = std::thread::spawn(move || {
+        while !s2.load(Ordering::SeqCst) {
+            let _ = Command::new("ip").args(["-n", &node, "link", "set", &veth, "nomaster"]).output();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let before = lab_config();
+    let (code, text) = fix(&["--auto", "--timeout", "4", &ip("debug"), &ip("jellyfin")]);
+    stop.store(true, Ordering::SeqCst);
+    saboteur.join().expect("saboteur");
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("rolled back"), "{text}");
+    assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "the failed fix left changes");
+}
+
+#[test]
+fn a_second_fix_changes_nothing() {
+    if !can_run_kernel_tests("a_second_fix_changes_nothing") {
+        return;
+    }
+    let _g = LabGuard::up(&["vxlan-fdb-missing"]);
+    let (code, text) = fix(&["--auto", &ip("debug"), &ip("web")]);
+    assert_eq!(code, 0, "{text}");
+    let fixed = lab_config();
+    let (code, text) = fix(&["--auto"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("nothing to fix"), "{text}");
+    assert_eq!(config_diff(&fixed, &lab_config()), Vec::<String>::new());
+}
+
+#[test]
+fn fix_needs_root() {
+    if !can_run_kernel_tests("fix_needs_root") {
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin())
+        .args(["fix", "--auto", "10.244.0.20", "10.244.0.19"])
+        .env("CNITRACE_LAB_PREFIX", PREFIX)
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs root"), "{err}");
+}
