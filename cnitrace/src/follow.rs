@@ -259,6 +259,14 @@ impl Recording {
         let trace = Trace::build(self.events.clone());
         finding::diagnose(&Ctx { trace: &trace, probe: &self.probe, states: &self.states })
     }
+
+    /// The fix plan for the recorded verdict (nothing is applied).
+    pub fn plan(&self) -> Option<(String, crate::fix::Remedy)> {
+        let verdict = self.replay();
+        let trace = Trace::build(self.events.clone());
+        let ctx = Ctx { trace: &trace, probe: &self.probe, states: &self.states };
+        crate::fix::plan(&ctx, verdict.cause.as_deref()?).map(|(c, r)| (c.id.to_string(), r))
+    }
 }
 
 fn display(e: &Endpoint) -> String {

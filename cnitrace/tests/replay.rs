@@ -84,3 +84,40 @@ fn a_rule_drop_names_backend_table_chain_and_rule() {
     let v = load("nft-drop").replay();
     assert!(v.explanation.contains("nft") && v.explanation.contains("hardening") && v.explanation.contains("forward"), "{}", v.explanation);
 }
+
+#[test]
+fn every_fault_gets_the_remedy_its_cause_allows() {
+    use cnitrace::fix::Remedy;
+    for f in faults::FAULTS {
+        let (cause, remedy) = load(f.name).plan().unwrap_or_else(|| panic!("{}: no plan", f.name));
+        assert_eq!(cause, f.cause);
+        match (f.cause, remedy) {
+            ("vxlan-config-mismatch", Remedy::NoSafeFix(why)) => assert!(why.contains("ConfigMap"), "{why}"),
+            ("netfilter-rule-drop", Remedy::RuleRemoval(steps)) => {
+                assert_eq!(steps.len(), 1, "{}: one rule", f.name);
+                // The undo puts back exactly the rule that was removed.
+                assert!(steps[0].undo.command().contains("10.244.1.0/24"), "{}", steps[0].undo.command());
+            }
+            (_, Remedy::Steps(steps)) => {
+                assert!(!steps.is_empty(), "{}: a plan with no step", f.name);
+                for s in &steps {
+                    let (a, u) = (s.action.command(), s.undo.command());
+                    assert!(a.starts_with("ip ") || a.starts_with("bridge "), "{}: `{a}` is what a person types", f.name);
+                    assert_ne!(a, u, "{}: the undo differs from the action", f.name);
+                }
+            }
+            (c, r) => panic!("{}: cause {c} got {r:?}", f.name),
+        }
+    }
+}
+
+#[test]
+fn the_seed_fix_reattaches_jellyfins_veth_to_cni0() {
+    let rec = load(faults::SEED_FAULT);
+    let (_, remedy) = rec.plan().expect("plan");
+    let cnitrace::fix::Remedy::Steps(steps) = remedy else { panic!("a safe fix") };
+    assert_eq!(steps.len(), 1);
+    let cmd = steps[0].action.command();
+    assert!(cmd.starts_with("ip -n cnitrace-storagenodet3500 link set veth") && cmd.ends_with(" master cni0"), "{cmd}");
+    assert!(steps[0].undo.command().ends_with(" nomaster"), "{}", steps[0].undo.command());
+}

@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: the seed's incident on the built-in lab — debug (10.244.0.20) cannot reach
-//! jellyfin (10.244.0.19) on storagenodet3500 — shown failing, then traced by cnitrace.
+//! jellyfin (10.244.0.19) on storagenodet3500 — shown failing, traced, fixed, and shown working.
 
 use std::process::Command;
 
@@ -29,6 +29,18 @@ pub fn run() -> Result<()> {
         shell("cnitrace-pod-debug", &["ping", "-c", "2", "-W", "1", "10.244.0.19"])?;
         println!("\n# cnitrace follows the packets through the kernel and names where and why they die.");
         cnitrace(&["follow", "10.244.0.20", "10.244.0.19"])?;
+        println!("\n# cnitrace repairs it, traces again to prove it, and keeps a journal to undo it.");
+        if cnitrace(&["fix", "--auto"])? != 0 {
+            bail!("the fix did not verify");
+        }
+        println!("\n# The pods talk again.");
+        if shell("cnitrace-pod-debug", &["ping", "-c", "2", "-W", "1", "10.244.0.19"])? != 0 {
+            bail!("ping still fails after the fix");
+        }
+        if shell("cnitrace-pod-debug", &["curl", "-sS", "-m", "3", "http://10.244.0.19:8096/"])? != 0 {
+            bail!("HTTP to jellyfin still fails after the fix");
+        }
+        cnitrace(&["fix", "--history"])?;
         Ok(())
     })();
     cnitrace(&["lab", "down"])?;

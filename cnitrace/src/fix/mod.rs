@@ -91,10 +91,14 @@ fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration) -> Result<Report> {
 
 /// The remedy for a report's verdict.
 pub fn remedy(report: &Report) -> Option<(&'static causes::Cause, Remedy)> {
-    let id = report.verdict.cause.as_deref()?;
-    let cause = causes::find(id)?;
     let ctx = Ctx { trace: &report.trace, probe: &report.probe, states: &report.states };
-    Some((cause, (cause.fix)(&ctx)))
+    plan(&ctx, report.verdict.cause.as_deref()?)
+}
+
+/// What the cause `id` proposes for the traced pair.
+pub fn plan(ctx: &Ctx, id: &str) -> Option<(&'static causes::Cause, Remedy)> {
+    let cause = causes::find(id)?;
+    Some((cause, (cause.fix)(ctx)))
 }
 
 /// The lab the pair belongs to, if any: its paths are checked before and after, and none may get worse.
