@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -33,7 +33,21 @@ pub struct FollowRequest {
     pub timeout: Duration,
     /// ICMP payload size; None: `count` small echoes plus one full-size echo for the source's MTU.
     pub size: Option<usize>,
+    pub opts: FollowOptions,
 }
+
+/// What operators and the benchmark ask for beyond the trace itself.
+#[derive(Clone, Debug, Default)]
+pub struct FollowOptions {
+    /// Written once the probes are attached (as pwru does), holding the milliseconds it took.
+    pub ready_file: Option<std::path::PathBuf>,
+    /// Have the kernel count each program's runs and run time while tracing.
+    pub kernel_stats: bool,
+}
+
+/// Events decoded and kept for the timeline; beyond this the ring is still drained and counted, so a
+/// traced flood costs bounded memory. The first packets tell the story; the counters tell the volume.
+pub const MAX_KEPT_EVENTS: usize = 20_000;
 
 /// Errors the CLI maps to exit code 2 with one line.
 #[derive(Debug, Error)]
@@ -58,6 +72,13 @@ pub struct Report {
     #[serde(skip)]
     pub states: States,
     pub elapsed_ms: u64,
+    /// Start to probes attached.
+    pub ready_ms: u64,
+    /// Records drained from the ring buffer but not kept (over MAX_KEPT_EVENTS).
+    pub events_not_kept: u64,
+    pub program_stats: Vec<crate::probe::ProgramStats>,
+    /// Peak resident memory of this process (VmHWM).
+    pub peak_rss_kib: u64,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -128,7 +149,11 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
     }
 
-    let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS)?;
+    let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS, req.opts.kernel_stats)?;
+    let ready_ms = t_start.elapsed().as_millis() as u64;
+    if let Some(path) = &req.opts.ready_file {
+        std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
+    }
     let mut names = names;
     names.drop_reasons = probe.drop_reasons.clone();
     names.has_reasons = probe.kfree_has_reason;
@@ -170,14 +195,11 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut settle_until: Option<Instant> = None;
     let mut outcome: Option<ProbeOutcome> = None;
     let mut sender = sender;
+    let mut not_kept: u64 = 0;
     loop {
         probe.wait(Duration::from_millis(20));
         probe.drain(&mut raw);
-        for r in raw.drain(..) {
-            if let Some(e) = decoder.decode(&r) {
-                decoded.push(e);
-            }
-        }
+        keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept);
         if sender.as_ref().is_some_and(|h| h.is_finished()) {
             let h = sender.take().expect("sender");
             outcome = Some(h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??);
@@ -197,12 +219,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
     }
     probe.drain(&mut raw);
-    for r in raw.drain(..) {
-        if let Some(e) = decoder.decode(&r) {
-            decoded.push(e);
-        }
-    }
+    keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept);
     let counters = probe.counters();
+    let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
     let hooks = probe.hooks.clone();
     drop(probe);
     // Stopped early on a drop: tell the prober, and take what its socket saw.
@@ -237,7 +256,29 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         probe: outcome,
         states,
         elapsed_ms: t_start.elapsed().as_millis() as u64,
+        ready_ms,
+        events_not_kept: not_kept,
+        program_stats,
+        peak_rss_kib: peak_rss_kib(),
     })
+}
+
+/// Decodes raw records into `kept` up to MAX_KEPT_EVENTS; counts the rest.
+fn keep(decoder: &mut Decoder, raw: &mut Vec<cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64) {
+    for r in raw.drain(..) {
+        if kept.len() >= MAX_KEPT_EVENTS {
+            *not_kept += 1;
+        } else if let Some(e) = decoder.decode(&r) {
+            kept.push(e);
+        }
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
 }
 
 /// Everything diagnosis reads, as one JSON document: `follow --record` writes it, the unit tests replay

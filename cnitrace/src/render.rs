@@ -82,7 +82,16 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
     }
     writeln!(out)?;
     verdict(&r.verdict, out)?;
-    writeln!(out, "events: {} matched, {} emitted, {} lost; {} ms", r.counters.matched, r.counters.emitted, r.counters.lost, r.elapsed_ms)?;
+    writeln!(
+        out,
+        "events: {} matched, {} emitted, {} lost{}; ready in {} ms, {} ms in all",
+        r.counters.matched,
+        r.counters.emitted,
+        r.counters.lost,
+        if r.events_not_kept > 0 { format!(" ({} counted, not kept)", r.events_not_kept) } else { String::new() },
+        r.ready_ms,
+        r.elapsed_ms
+    )?;
     Ok(())
 }
 
@@ -97,6 +106,12 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
     v["type"] = "verdict".into();
     v["counters"] = serde_json::to_value(r.counters)?;
     v["elapsed_ms"] = r.elapsed_ms.into();
+    v["ready_ms"] = r.ready_ms.into();
+    v["events_not_kept"] = r.events_not_kept.into();
+    v["peak_rss_kib"] = r.peak_rss_kib.into();
+    if !r.program_stats.is_empty() {
+        v["program_stats"] = serde_json::to_value(&r.program_stats)?;
+    }
     v["src"] = serde_json::to_value(&r.src)?;
     v["dst"] = serde_json::to_value(&r.dst)?;
     writeln!(out, "{v}")?;

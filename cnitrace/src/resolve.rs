@@ -91,6 +91,11 @@ impl HostResolver {
         Ok(HostResolver { spaces })
     }
 
+    /// A resolver over given namespaces (tests, recorded states).
+    pub fn from_spaces(spaces: Vec<(NetNs, NsState)>) -> Self {
+        HostResolver { spaces }
+    }
+
     pub fn namespace(&self, inode: u32) -> Option<&NetNs> {
         self.spaces.iter().find(|(ns, _)| ns.inode == inode).map(|(ns, _)| ns)
     }
@@ -167,4 +172,47 @@ impl Resolver for HostResolver {
 /// The display name for a namespace known only by its name (no root check).
 pub fn display_name_of(name: &str) -> String {
     display_ns(&NetNs { inode: 0, name: name.to_string(), path: Default::default(), is_root: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Addr, Link};
+
+    fn ns(inode: u32, name: &str, links: Vec<Link>, addrs: Vec<Addr>) -> (NetNs, NsState) {
+        let n = NetNs { inode, name: name.into(), path: format!("/run/netns/{name}").into(), is_root: false };
+        (n, NsState { inode, name: name.into(), links, addrs, ..Default::default() })
+    }
+
+    fn veth(ifindex: u32, name: &str, peer: u32) -> Link {
+        Link { ifindex, name: name.into(), kind: "veth".into(), admin_up: true, peer_ifindex: Some(peer), ..Default::default() }
+    }
+
+    fn addr(ifindex: u32, ip: &str) -> Addr {
+        Addr { ifindex, addr: ip.parse().unwrap(), prefix: 24, broadcast: None }
+    }
+
+    #[test]
+    fn a_pod_is_found_with_its_node_through_the_veth_peer() {
+        let r = HostResolver::from_spaces(vec![
+            ns(1, "node", vec![veth(7, "veth1234", 2), veth(8, "veth5678", 2)], vec![]),
+            ns(2, "x-pod-debug", vec![veth(2, "eth0", 7)], vec![addr(2, "10.244.0.20")]),
+            ns(3, "x-pod-jellyfin", vec![veth(2, "eth0", 8)], vec![addr(2, "10.244.0.19")]),
+        ]);
+        let Endpoint::Local(l) = r.resolve("10.244.0.19".parse().unwrap()).unwrap() else { panic!("local") };
+        assert_eq!(l.display, "jellyfin");
+        let node = l.node.expect("its node");
+        assert_eq!((node.netns.name.as_str(), node.host_veth.as_str()), ("node", "veth5678"));
+        assert!(matches!(r.resolve("10.244.1.10".parse().unwrap()).unwrap(), Endpoint::Remote(_)));
+    }
+
+    #[test]
+    fn an_address_in_two_namespaces_is_an_error_naming_both() {
+        let r = HostResolver::from_spaces(vec![
+            ns(2, "a", vec![veth(2, "eth0", 7)], vec![addr(2, "10.244.0.20")]),
+            ns(3, "b", vec![veth(5, "eth1", 9)], vec![addr(5, "10.244.0.20")]),
+        ]);
+        let e = r.resolve("10.244.0.20".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("a (eth0)") && e.contains("b (eth1)"), "{e}");
+    }
 }

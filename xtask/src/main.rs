@@ -1,6 +1,7 @@
 //! cnitrace's task runner: it orchestrates (setup, build, test, demo) and builds nothing itself; the eBPF
 //! object is built by cnitrace's build.rs.
 
+mod bench;
 mod demo;
 mod docs;
 mod setup;
@@ -34,6 +35,15 @@ enum Task {
     Demo,
     /// Regenerate docs/causes.md from the cause files and the recorded fixtures.
     Docs,
+    /// What tracing costs, on the lab (root): throughput, CPU, start-up, time to verdict, capacity, RSS.
+    Bench {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// One repeat of 1 s per figure (a smoke run; the figures are noisier).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -44,6 +54,7 @@ fn main() {
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),
+        Task::Bench { json, quick } => bench::run(json, quick),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

@@ -30,6 +30,12 @@ pub struct FollowArgs {
     /// JSON Lines: one object per event, the verdict object last.
     #[arg(long)]
     json: bool,
+    /// Write FILE once the probes are attached (holds the milliseconds start-up took).
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<std::path::PathBuf>,
+    /// Report the kernel's own run count and time of each program (BPF_ENABLE_STATS while tracing).
+    #[arg(long)]
+    kernel_stats: bool,
     /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -57,7 +63,8 @@ impl FollowArgs {
         if self.size.is_some_and(|s| s > 65_000) {
             bail!("--size must be at most 65000 bytes");
         }
-        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size })
+        let opts = follow::FollowOptions { ready_file: self.ready_file.clone(), kernel_stats: self.kernel_stats };
+        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size, opts })
     }
 }
 

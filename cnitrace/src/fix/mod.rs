@@ -86,7 +86,7 @@ fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr)> {
 }
 
 fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration) -> Result<Report> {
-    follow::run(&FollowRequest { src, dst, probe: ProbeKind::Icmp, count: 1, timeout, size: None })
+    follow::run(&FollowRequest { src, dst, probe: ProbeKind::Icmp, count: 1, timeout, size: None, opts: Default::default() })
 }
 
 /// The remedy for a report's verdict.

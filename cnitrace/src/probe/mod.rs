@@ -46,6 +46,14 @@ pub struct HookStatus {
     pub reason: Option<String>,
 }
 
+/// The kernel's own accounting of one program (BPF_ENABLE_STATS).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramStats {
+    pub program: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Counters {
     pub matched: u64,
@@ -56,7 +64,9 @@ pub struct Counters {
 /// The kernel side, loaded and attached. Dropping it detaches everything (links are fds of this process,
 /// so even SIGKILL leaves nothing behind).
 pub struct Probe {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// Held while the kernel keeps per-program run time (only when asked: it costs every program run).
+    _stats: Option<std::os::fd::OwnedFd>,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     pub hooks: Vec<HookStatus>,
@@ -67,8 +77,13 @@ pub struct Probe {
 
 impl Probe {
     /// Loads the programs with the kernel's offsets and the pair, then attaches every hook it can.
-    pub fn start(a: Ipv4Addr, b: Ipv4Addr, vxlan_ports: [u16; 2]) -> Result<Probe> {
+    pub fn start(a: Ipv4Addr, b: Ipv4Addr, vxlan_ports: [u16; 2], kernel_stats: bool) -> Result<Probe> {
         raise_memlock();
+        let stats = if kernel_stats {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?)
+        } else {
+            None
+        };
         let kbtf = btf::KernelBtf::load()?;
         let mut cfg: Config = kbtf.config()?;
         cfg.addr_a = u32::from_ne_bytes(a.octets());
@@ -113,7 +128,7 @@ impl Probe {
         });
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
-        Ok(Probe { _ebpf: ebpf, ring, counters, hooks, drop_reasons, kfree_has_reason })
+        Ok(Probe { ebpf, _stats: stats, ring, counters, hooks, drop_reasons, kfree_has_reason })
     }
 
     /// Moves every record waiting in the ring buffer into `out`.
@@ -134,6 +149,18 @@ impl Probe {
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
         let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+
+    /// Run count and time of each loaded program (meaningful with kernel stats on).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramStats { program: name.to_string(), run_count: info.run_count(), run_time_ns: info.run_time().as_nanos() as u64 })
+            })
+            .filter(|s| s.run_count > 0 || s.run_time_ns > 0)
+            .collect()
     }
 
     /// Matched, emitted and lost records, summed over CPUs.

@@ -1,0 +1,483 @@
+//! `cargo xtask bench`: what tracing costs, measured side by side on the lab, interleaved (A B A B …)
+//! so the ratios hold on a noisy machine. Targets are printed beside the figures; nothing here fails on a
+//! missed target — the table says it.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+const PREFIX: &str = "cnitrace-bench";
+const DEBUG: &str = "10.244.0.20";
+const JELLYFIN: &str = "10.244.0.19";
+const WEB: &str = "10.244.1.10";
+const EXTERNAL: &str = "198.51.100.10";
+
+struct Bench {
+    bin: PathBuf,
+    tmp: PathBuf,
+    repeats: usize,
+    secs: u32,
+}
+
+fn ns(name: &str) -> String {
+    format!("{PREFIX}-{name}")
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}
+
+fn stats(v: &[f64]) -> Value {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({ "median": median(v), "min": min, "max": max, "n": v.len() })
+}
+
+/// System-wide busy CPU seconds so far (/proc/stat, USER_HZ = 100).
+fn cpu_busy_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return 0.0;
+    }
+    let total: f64 = v.iter().sum();
+    (total - v[3] - v[4]) / 100.0
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    None,
+    FollowUnrelated,
+    FollowTraced,
+    BpftraceUnrelated,
+    BpftraceTraced,
+}
+
+const MODES: [Mode; 5] = [Mode::None, Mode::FollowUnrelated, Mode::FollowTraced, Mode::BpftraceUnrelated, Mode::BpftraceTraced];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::None => "no tracer",
+            Mode::FollowUnrelated => "follow, unrelated pair",
+            Mode::FollowTraced => "follow, this flow",
+            Mode::BpftraceUnrelated => "bpftrace, unrelated pair",
+            Mode::BpftraceTraced => "bpftrace, this flow",
+        }
+    }
+}
+
+/// A tracer running in the background for one measurement; stopped with SIGINT, then reaped.
+struct Tracer {
+    child: Child,
+    json_out: Option<PathBuf>,
+}
+
+impl Tracer {
+    fn stop(mut self) -> Result<Option<Value>> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Some(path) = self.json_out else { return Ok(None) };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        Ok(text.lines().last().and_then(|l| serde_json::from_str(l).ok()))
+    }
+}
+
+/// The expert's hand-written equivalent: the same tracepoints, the same address filter, counting.
+fn bpftrace_script(a: &str, b: &str) -> String {
+    let hex = |ip: &str| -> u32 {
+        let o: Vec<u32> = ip.split('.').map(|x| x.parse().expect("octet")).collect();
+        // Network order read as a little-endian u32.
+        o[0] | o[1] << 8 | o[2] << 16 | o[3] << 24
+    };
+    let (a, b) = (hex(a), hex(b));
+    let filter = |skb: &str| {
+        format!(
+            "$s = (struct sk_buff *){skb}; $ip = (struct iphdr *)($s->head + $s->network_header); \
+             if (($ip->saddr == {a} && $ip->daddr == {b}) || ($ip->saddr == {b} && $ip->daddr == {a})) {{ @[probe] = count(); }}"
+        )
+    };
+    format!(
+        "tracepoint:net:net_dev_start_xmit {{ {} }}\n\
+         tracepoint:net:net_dev_queue {{ {} }}\n\
+         tracepoint:net:netif_receive_skb {{ {} }}\n\
+         tracepoint:skb:kfree_skb {{ {} }}\n\
+         tracepoint:skb:consume_skb {{ {} }}\n",
+        filter("args->skbaddr"),
+        filter("args->skbaddr"),
+        filter("args->skbaddr"),
+        filter("args->skbaddr"),
+        filter("args->skbaddr")
+    )
+}
+
+impl Bench {
+    fn cnitrace(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(&self.bin).args(args).env("CNITRACE_LAB_PREFIX", PREFIX).env("CNITRACE_STATE_DIR", self.tmp.join("state")).output().context("run cnitrace")
+    }
+
+    fn lab_up(&self, faults: &[&str]) -> Result<()> {
+        let _ = self.cnitrace(&["lab", "down"]);
+        let mut args = vec!["lab", "up"];
+        for f in faults {
+            args.extend_from_slice(&["--fault", f]);
+        }
+        let out = self.cnitrace(&args)?;
+        if !out.status.success() {
+            bail!("lab up {faults:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn start_follow(&self, src: &str, dst: &str, extra: &[&str]) -> Result<Tracer> {
+        let ready = self.tmp.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let out = self.tmp.join(format!("follow-{}.json", std::process::id()));
+        let child = Command::new(&self.bin)
+            .args(["follow", src, dst, "--probe", "none", "--timeout", "120", "--json", "--ready-file"])
+            .arg(&ready)
+            .args(extra)
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start follow")?;
+        let t0 = Instant::now();
+        while !ready.exists() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("follow did not get ready");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(Tracer { child, json_out: Some(out) })
+    }
+
+    fn start_bpftrace(&self, a: &str, b: &str) -> Result<Tracer> {
+        // bpftrace reads tracepoint formats from tracefs: mount it in a private mount namespace only.
+        let mut child = Command::new("unshare")
+            .args(["-m", "sh", "-c", "mount -t tracefs nodev /sys/kernel/tracing && exec bpftrace -e \"$0\"", &bpftrace_script(a, b)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start bpftrace")?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        // bpftrace says "Attaching N probes..." once its programs are in.
+        let line = lines.next().ok_or_else(|| anyhow!("bpftrace exited before attaching"))??;
+        if !line.starts_with("Attaching") {
+            bail!("bpftrace: {line}");
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Tracer { child, json_out: None })
+    }
+
+    fn start_mode(&self, mode: Mode, dst: &str) -> Result<Option<Tracer>> {
+        Ok(match mode {
+            Mode::None => None,
+            Mode::FollowUnrelated => Some(self.start_follow(WEB, EXTERNAL, &[])?),
+            Mode::FollowTraced => Some(self.start_follow(DEBUG, dst, &[])?),
+            Mode::BpftraceUnrelated => Some(self.start_bpftrace(WEB, EXTERNAL)?),
+            Mode::BpftraceTraced => Some(self.start_bpftrace(DEBUG, dst)?),
+        })
+    }
+
+    /// One iperf3 run from debug to `dst`: (bits/s received, bytes received, busy CPU s).
+    fn iperf(&self, dst: &str, rate: Option<&str>) -> Result<(f64, f64, f64)> {
+        let secs = self.secs.to_string();
+        let debug = ns("pod-debug");
+        let mut args = vec!["netns", "exec", &debug, "iperf3", "-c", dst, "-t", &secs, "-J"];
+        if let Some(r) = rate {
+            args.extend_from_slice(&["-b", r]);
+        }
+        let cpu0 = cpu_busy_s();
+        let out = Command::new("ip").args(&args).output().context("run iperf3")?;
+        let cpu = cpu_busy_s() - cpu0;
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if let Some(e) = v.get("error") {
+            bail!("iperf3: {e}");
+        }
+        let sum = &v["end"]["sum_received"];
+        Ok((sum["bits_per_second"].as_f64().unwrap_or(0.0), sum["bytes"].as_f64().unwrap_or(0.0), cpu))
+    }
+}
+
+fn start_iperf_servers() -> Result<Vec<PathBuf>> {
+    let mut pids = Vec::new();
+    for pod in ["pod-jellyfin", "pod-web"] {
+        let pidfile = std::env::temp_dir().join(format!("{PREFIX}-{pod}-iperf3.pid"));
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns(pod), "iperf3", "-s", "-D", "-I"])
+            .arg(&pidfile)
+            .status()
+            .context("start iperf3 -s")?;
+        if !st.success() {
+            bail!("iperf3 -s in {pod} failed");
+        }
+        pids.push(pidfile);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(pids)
+}
+
+fn stop_iperf_servers(pidfiles: &[PathBuf]) {
+    for p in pidfiles {
+        if let Ok(pid) = std::fs::read_to_string(p) {
+            let pid = pid.trim().trim_end_matches('\0');
+            // Only the iperf3 servers this benchmark started, by the pid they wrote.
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "iperf3") {
+                let _ = Command::new("kill").arg(pid).status();
+            }
+        }
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+pub fn run(json_out: bool, quick: bool) -> Result<()> {
+    crate::setup::run(true)?;
+    let bin = crate::build()?;
+    let tmp = std::env::temp_dir().join("cnitrace-bench");
+    std::fs::create_dir_all(&tmp)?;
+    let b = Bench { bin, tmp, repeats: if quick { 1 } else { 3 }, secs: if quick { 1 } else { 2 } };
+    let t_all = Instant::now();
+    let result = (|| -> Result<Value> {
+        b.lab_up(&[])?;
+        let servers = start_iperf_servers()?;
+        let r = measure(&b);
+        stop_iperf_servers(&servers);
+        let mut report = r?;
+        report.as_object_mut().expect("object").extend(verdicts(&b)?.as_object().expect("object").clone());
+        Ok(report)
+    })();
+    let _ = b.cnitrace(&["lab", "down"]);
+    let mut report = result?;
+    report["bench_seconds"] = json!(t_all.elapsed().as_secs_f64().round());
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn measure(b: &Bench) -> Result<Value> {
+    let mut out = json!({});
+    let mut flows = serde_json::Map::new();
+    let mut peak_rss_kib = 0u64;
+    let mut kernel: BTreeMap<String, Value> = BTreeMap::new();
+    let (mut top_unrel, mut top_traced, mut top_bt_unrel, mut top_bt_traced, mut top_cpu_unrel, mut top_cpu_traced) =
+        (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for (path, dst) in [("same-node", JELLYFIN), ("cross-node", WEB)] {
+        // Throughput ratios (max rate) and CPU per GB (fixed rate), each repeat interleaving every mode.
+        let mut thr: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
+        let mut cpu: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
+        for _ in 0..b.repeats {
+            let mut base_thr = f64::NAN;
+            let mut base_cpu = f64::NAN;
+            for mode in MODES {
+                let tracer = b.start_mode(mode, dst)?;
+                let (bps, _, _) = b.iperf(dst, None)?;
+                let (_, bytes, cpu_s) = b.iperf(dst, Some("300M"))?;
+                if let Some(t) = tracer {
+                    if let Some(v) = t.stop()? {
+                        peak_rss_kib = peak_rss_kib.max(v["peak_rss_kib"].as_u64().unwrap_or(0));
+                    }
+                }
+                let cpu_per_gb = cpu_s / (bytes / 1e9).max(1e-9);
+                if mode == Mode::None {
+                    base_thr = bps;
+                    base_cpu = cpu_per_gb;
+                } else {
+                    thr.entry(mode).or_default().push(bps / base_thr);
+                    cpu.entry(mode).or_default().push(cpu_per_gb / base_cpu);
+                }
+                if mode == Mode::None {
+                    thr.entry(mode).or_default().push(bps / 1e9);
+                    cpu.entry(mode).or_default().push(cpu_per_gb);
+                }
+            }
+        }
+        let mut f = serde_json::Map::new();
+        for mode in MODES {
+            f.insert(
+                mode.name().into(),
+                json!({
+                    "throughput": stats(&thr[&mode]),
+                    "cpu_per_gb": stats(&cpu[&mode]),
+                    "unit": if mode == Mode::None { "Gbit/s and CPU s/GB" } else { "ratio to no tracer" },
+                }),
+            );
+        }
+        flows.insert(path.into(), Value::Object(f));
+        top_unrel = top_unrel.min(median(&thr[&Mode::FollowUnrelated]));
+        top_traced = top_traced.min(median(&thr[&Mode::FollowTraced]));
+        top_bt_unrel = top_bt_unrel.min(median(&thr[&Mode::BpftraceUnrelated]));
+        top_bt_traced = top_bt_traced.min(median(&thr[&Mode::BpftraceTraced]));
+        top_cpu_unrel = top_cpu_unrel.max(median(&cpu[&Mode::FollowUnrelated]));
+        top_cpu_traced = top_cpu_traced.max(median(&cpu[&Mode::FollowTraced]));
+
+        // The kernel's own cost per program: unmatched (an unrelated pair) and matched (this flow).
+        for (kind, src, to) in [("unmatched", WEB, EXTERNAL), ("matched", DEBUG, dst)] {
+            let t = b.start_follow(src, to, &["--kernel-stats"])?;
+            b.iperf(dst, Some("300M"))?;
+            let v = t.stop()?.ok_or_else(|| anyhow!("follow --kernel-stats gave no verdict"))?;
+            for p in v["program_stats"].as_array().cloned().unwrap_or_default() {
+                let (n, ns_total) = (p["run_count"].as_f64().unwrap_or(0.0), p["run_time_ns"].as_f64().unwrap_or(0.0));
+                let e = kernel.entry(p["program"].as_str().unwrap_or("?").to_string()).or_insert_with(|| json!({}));
+                e[format!("{path} {kind} ns/run")] = json!(if n > 0.0 { (ns_total / n).round() } else { 0.0 });
+                e[format!("{path} {kind} runs")] = json!(n);
+            }
+        }
+    }
+    out["flows"] = Value::Object(flows);
+    out["kernel_ns_per_run"] = serde_json::to_value(kernel)?;
+    out["unrelated_flow_ratio"] = json!(top_unrel);
+    out["traced_flow_ratio"] = json!(top_traced);
+    out["bpftrace_unrelated_ratio"] = json!(top_bt_unrel);
+    out["bpftrace_traced_ratio"] = json!(top_bt_traced);
+    out["unrelated_cpu_ratio"] = json!(top_cpu_unrel);
+    out["traced_cpu_ratio"] = json!(top_cpu_traced);
+
+    // Event capacity: a flood of matched packets (small UDP datagrams), every event counted.
+    let mut floods = Vec::new();
+    let mut lossless: f64 = 0.0;
+    let mut accounted = true;
+    for rate in ["20M", "60M", "0"] {
+        let t = b.start_follow(DEBUG, JELLYFIN, &[])?;
+        let t0 = Instant::now();
+        let secs = b.secs.to_string();
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &ns("pod-debug"), "iperf3", "-u", "-c", JELLYFIN, "-l", "64", "-b", rate, "-t", &secs, "-J"])
+            .output()?;
+        let dur = t0.elapsed().as_secs_f64();
+        let v = t.stop()?.ok_or_else(|| anyhow!("flood follow gave no verdict"))?;
+        let c = &v["counters"];
+        let (m, e, l) = (c["matched"].as_u64().unwrap_or(0), c["emitted"].as_u64().unwrap_or(0), c["lost"].as_u64().unwrap_or(0));
+        peak_rss_kib = peak_rss_kib.max(v["peak_rss_kib"].as_u64().unwrap_or(0));
+        accounted &= m == e + l;
+        let per_s = e as f64 / dur;
+        if l == 0 {
+            lossless = lossless.max(per_s);
+        }
+        floods.push(json!({ "udp_rate": if rate == "0" { "max" } else { rate }, "matched": m, "emitted": e, "lost": l, "seconds": dur, "emitted_per_s": per_s.round() }));
+    }
+    out["floods"] = json!(floods);
+    out["events_per_s_lossless"] = json!(lossless.round());
+    out["lost_accounted"] = json!(accounted);
+
+    // Start-up: process start to probes attached (ready file), measured from outside.
+    let mut ready = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let t = b.start_follow(DEBUG, JELLYFIN, &[])?;
+        ready.push(t0.elapsed().as_secs_f64() * 1e3);
+        t.stop()?;
+    }
+    out["ready"] = stats(&ready);
+    out["ready_ms"] = json!(median(&ready).round());
+    out["rss_mib"] = json!((peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0);
+    Ok(out)
+}
+
+/// Time to verdict for every lab fault, and `fix --auto` end to end.
+fn verdicts(b: &Bench) -> Result<Value> {
+    let list = b.cnitrace(&["lab", "list", "--json"])?;
+    let faults: Vec<Value> = String::from_utf8_lossy(&list.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut per = serde_json::Map::new();
+    let mut worst: f64 = 0.0;
+    for f in &faults {
+        let name = f["name"].as_str().unwrap_or_default();
+        b.lab_up(&[name])?;
+        let t0 = Instant::now();
+        let out = b.cnitrace(&["follow", f["src"].as_str().unwrap_or_default(), f["dst"].as_str().unwrap_or_default(), "--json"])?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let v: Value = String::from_utf8_lossy(&out.stdout).lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+        worst = worst.max(ms);
+        per.insert(name.into(), json!({ "ms": ms.round(), "cause": v["cause"], "reason": v["reason"] }));
+    }
+    let mut fixes = serde_json::Map::new();
+    let mut fix_ms = Vec::new();
+    for name in ["veth-detached", "route-missing", "forward-policy-drop"] {
+        let f = faults.iter().find(|f| f["name"] == name).ok_or_else(|| anyhow!("no fault {name}"))?;
+        b.lab_up(&[name])?;
+        let t0 = Instant::now();
+        let out = b.cnitrace(&["fix", "--auto", f["src"].as_str().unwrap_or_default(), f["dst"].as_str().unwrap_or_default()])?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        fix_ms.push(ms);
+        fixes.insert(name.into(), json!({ "ms": ms.round(), "fixed": out.status.success() }));
+    }
+    Ok(json!({
+        "verdict_ms": per,
+        "verdict_ms_max": worst.round(),
+        "fixes": fixes,
+        "fix_ms": median(&fix_ms).round(),
+    }))
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    println!("cnitrace bench ({} s)\n", r["bench_seconds"]);
+    println!("{:<44} {:>10} {:>10} {:>10}   target", "throughput / CPU per GB", "median", "min", "max");
+    for (path, modes) in r["flows"].as_object().into_iter().flatten() {
+        for (mode, v) in modes.as_object().into_iter().flatten() {
+            let target = match mode.as_str() {
+                "follow, unrelated pair" => "≥ 0.98",
+                "follow, this flow" => "≥ 0.90",
+                _ => "",
+            };
+            let t = &v["throughput"];
+            println!("{:<44} {:>10} {:>10} {:>10}   {target}", format!("{path}: {mode}"), f(&t["median"]), f(&t["min"]), f(&t["max"]));
+            let c = &v["cpu_per_gb"];
+            println!("{:<44} {:>10} {:>10} {:>10}", "    CPU per GB", f(&c["median"]), f(&c["min"]), f(&c["max"]));
+        }
+    }
+    println!();
+    for (k, target) in [
+        ("unrelated_flow_ratio", "≥ 0.98, ≥ bpftrace"),
+        ("traced_flow_ratio", "≥ 0.90, ≥ bpftrace"),
+        ("bpftrace_unrelated_ratio", ""),
+        ("bpftrace_traced_ratio", ""),
+        ("unrelated_cpu_ratio", "lower is better"),
+        ("traced_cpu_ratio", "lower is better"),
+        ("ready_ms", "≤ 200"),
+        ("verdict_ms_max", "≤ 1000"),
+        ("fix_ms", "≤ 3000"),
+        ("events_per_s_lossless", "≥ 1000000"),
+        ("lost_accounted", "true"),
+        ("rss_mib", "≤ 32"),
+    ] {
+        println!("{k:<28} {:>14}   {target}", r[k].to_string());
+    }
+    println!("\nverdict time per fault (ms):");
+    for (k, v) in r["verdict_ms"].as_object().into_iter().flatten() {
+        println!("  {k:<28} {:>6}  {} {}", v["ms"], v["cause"], v["reason"]);
+    }
+    println!("\nkernel ns per program run:");
+    for (k, v) in r["kernel_ns_per_run"].as_object().into_iter().flatten() {
+        println!("  {k:<22} {v}");
+    }
+    println!("\nfloods: {}", r["floods"]);
+}
+
