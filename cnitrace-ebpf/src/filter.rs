@@ -11,7 +11,7 @@ use cnitrace_common::{counter, pkt_flags, Config, Event, EventKind, PacketInfo, 
 static CONFIG: Config = Config::zeroed();
 
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 /// [matched, emitted, lost, spare] per CPU.
 #[map]

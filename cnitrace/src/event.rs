@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use cnitrace_common::{pkt_flags, Event, EventKind, ETH_P_ARP};
 use serde::{Deserialize, Serialize};
 
-use crate::probe::kallsyms::Kallsyms;
+use crate::probe::kallsyms;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -109,8 +109,9 @@ pub struct Names {
 
 pub struct Decoder {
     names: Names,
-    kallsyms: Option<Kallsyms>,
     t0: Option<u64>,
+    /// Drop locations named so far (a trace has a handful).
+    functions: HashMap<u64, String>,
 }
 
 fn ip(v: u32) -> Ipv4Addr {
@@ -138,7 +139,7 @@ fn mac(v: u64) -> String {
 
 impl Decoder {
     pub fn new(names: Names) -> Self {
-        Decoder { names, kallsyms: None, t0: None }
+        Decoder { names, t0: None, functions: HashMap::new() }
     }
 
     fn where_(&self, netns: u32) -> String {
@@ -243,8 +244,14 @@ impl Decoder {
             }
             Kind::Drop => {
                 ev.packet = self.packet(e);
-                let ks = self.kallsyms.get_or_insert_with(Kallsyms::load);
-                let function = ks.lookup(e.location).map(|(f, _)| f.to_string()).unwrap_or_else(|| format!("{:#x}", e.location));
+                let function = match self.functions.get(&e.location) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = kallsyms::resolve(&[e.location]).remove(&e.location).unwrap_or_else(|| format!("{:#x}", e.location));
+                        self.functions.insert(e.location, f.clone());
+                        f
+                    }
+                };
                 let reason = if self.names.has_reasons {
                     self.names.drop_reasons.get(&e.reason).cloned().unwrap_or_else(|| format!("reason {}", e.reason))
                 } else {
@@ -257,3 +264,4 @@ impl Decoder {
         Some(ev)
     }
 }
+

@@ -47,7 +47,7 @@ pub struct FollowOptions {
 
 /// Events decoded and kept for the timeline; beyond this the ring is still drained and counted, so a
 /// traced flood costs bounded memory. The first packets tell the story; the counters tell the volume.
-pub const MAX_KEPT_EVENTS: usize = 20_000;
+pub const MAX_KEPT_EVENTS: usize = 5_000;
 
 /// Errors the CLI maps to exit code 2 with one line.
 #[derive(Debug, Error)]
@@ -218,10 +218,11 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
             break;
         }
     }
+    let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
+    probe.detach();
     probe.drain(&mut raw);
     keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept);
     let counters = probe.counters();
-    let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
     let hooks = probe.hooks.clone();
     drop(probe);
     // Stopped early on a drop: tell the prober, and take what its socket saw.

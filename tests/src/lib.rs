@@ -37,7 +37,7 @@ pub fn follow(src: &str, dst: &str, extra: &[&str]) -> (i32, serde_json::Value) 
 
 /// cnitrace's eBPF programs currently loaded in the kernel (names as the kernel truncates them).
 pub fn loaded_cnitrace_programs() -> usize {
-    const OURS: &[&str] = &["net_dev_start_x", "netif_receive_s", "net_dev_queue", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han"];
+    const OURS: &[&str] = &["net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han"];
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
         .filter(|p| p.name_as_str().is_some_and(|n| OURS.contains(&n)))

@@ -1,4 +1,6 @@
 //! Kernel text symbols, to name a drop location's function (`/proc/kallsyms`; text symbols suffice).
+//! A trace names a handful of locations: one streaming pass resolves them all without keeping the
+//! 100k-line table in memory.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +36,30 @@ impl Kallsyms {
     pub fn lookup(&self, addr: u64) -> Option<(&str, u64)> {
         self.by_addr.range(..=addr).next_back().map(|(a, n)| (n.as_str(), addr - a))
     }
+}
+
+/// Names the functions containing each of `addrs`, reading /proc/kallsyms once, line by line.
+pub fn resolve(addrs: &[u64]) -> std::collections::HashMap<u64, String> {
+    use std::io::BufRead;
+    let mut best: std::collections::HashMap<u64, (u64, String)> = Default::default();
+    let Ok(f) = std::fs::File::open("/proc/kallsyms") else { return Default::default() };
+    for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+        let mut p = line.split_whitespace();
+        let (Some(addr), Some(kind), Some(name)) = (p.next(), p.next(), p.next()) else { continue };
+        if !matches!(kind, "t" | "T") {
+            continue;
+        }
+        let Ok(a) = u64::from_str_radix(addr, 16) else { continue };
+        if a == 0 {
+            continue;
+        }
+        for &want in addrs {
+            if a <= want && best.get(&want).is_none_or(|(b, _)| a > *b) {
+                best.insert(want, (a, name.to_string()));
+            }
+        }
+    }
+    best.into_iter().map(|(k, (_, n))| (k, n)).collect()
 }
 
 #[cfg(test)]

@@ -29,7 +29,6 @@ struct Hook {
 const HOOKS: &[Hook] = &[
     Hook { program: "net_dev_start_xmit", tracepoint: "net_dev_start_xmit", essential: true },
     Hook { program: "netif_receive_skb", tracepoint: "netif_receive_skb", essential: true },
-    Hook { program: "net_dev_queue", tracepoint: "net_dev_queue", essential: false },
     // kfree_skb_reason or kfree_skb_legacy, chosen from the tracepoint's arguments.
     Hook { program: "kfree_skb", tracepoint: "kfree_skb", essential: true },
     Hook { program: "consume_skb", tracepoint: "consume_skb", essential: false },
@@ -64,7 +63,7 @@ pub struct Counters {
 /// The kernel side, loaded and attached. Dropping it detaches everything (links are fds of this process,
 /// so even SIGKILL leaves nothing behind).
 pub struct Probe {
-    ebpf: Ebpf,
+    ebpf: Option<Ebpf>,
     /// Held while the kernel keeps per-program run time (only when asked: it costs every program run).
     _stats: Option<std::os::fd::OwnedFd>,
     ring: RingBuf<MapData>,
@@ -95,9 +94,14 @@ impl Probe {
         let kfree_has_reason = kfree_args >= 3;
         let drop_reasons = kbtf.drop_reasons();
 
+        // The kernel's BTF parsed once (it is the bulk of cnitrace's memory): EbpfLoader::new() parses
+        // its own copy, which is dropped before ours is made; the object needs no CO-RE, only the
+        // tracepoints' BTF ids at attach time.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        drop(kbtf);
         let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+        let mut ebpf = loader
             .override_global("CONFIG", &cfg, true)
             .load(crate::EBPF_OBJECT)
             .context("load the eBPF object")?;
@@ -121,6 +125,7 @@ impl Probe {
                 reason: r.err().map(|e| format!("{e:#}")),
             });
         }
+        drop(btf);
         hooks.push(HookStatus {
             hook: "kprobe/fentry extras".into(),
             attached: false,
@@ -128,7 +133,7 @@ impl Probe {
         });
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
-        Ok(Probe { ebpf, _stats: stats, ring, counters, hooks, drop_reasons, kfree_has_reason })
+        Ok(Probe { ebpf: Some(ebpf), _stats: stats, ring, counters, hooks, drop_reasons, kfree_has_reason })
     }
 
     /// Moves every record waiting in the ring buffer into `out`.
@@ -153,14 +158,20 @@ impl Probe {
 
     /// Run count and time of each loaded program (meaningful with kernel stats on).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        self.ebpf
-            .programs()
+        let Some(ebpf) = self.ebpf.as_ref() else { return Vec::new() };
+        ebpf.programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
                 Some(ProgramStats { program: name.to_string(), run_count: info.run_count(), run_time_ns: info.run_time().as_nanos() as u64 })
             })
             .filter(|s| s.run_count > 0 || s.run_time_ns > 0)
             .collect()
+    }
+
+    /// Detaches every program (the maps stay): after this no record is matched, emitted or lost any
+    /// more, so the counters read next add up exactly.
+    pub fn detach(&mut self) {
+        self.ebpf.take();
     }
 
     /// Matched, emitted and lost records, summed over CPUs.
