@@ -197,7 +197,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut sender = sender;
     let mut not_kept: u64 = 0;
     loop {
-        probe.wait(Duration::from_millis(20));
+        // Records are submitted without wakeups: poll on a short period instead.
+        probe.wait(Duration::from_millis(10));
         probe.drain(&mut raw);
         keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept);
         if sender.as_ref().is_some_and(|h| h.is_finished()) {

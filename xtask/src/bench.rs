@@ -46,15 +46,14 @@ fn stats(v: &[f64]) -> Value {
     json!({ "median": median(v), "min": min, "max": max, "n": v.len() })
 }
 
-/// System-wide busy CPU seconds so far (/proc/stat, USER_HZ = 100).
-fn cpu_busy_s() -> f64 {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<f64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    if v.len() < 5 {
-        return 0.0;
-    }
-    let total: f64 = v.iter().sum();
-    (total - v[3] - v[4]) / 100.0
+/// CPU seconds a process has used so far (utime + stime, clock ticks of 10 ms).
+fn process_cpu_s(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = s.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    if f.len() > 12 { (f[11] + f[12]) / 100.0 } else { 0.0 }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -87,6 +86,11 @@ struct Tracer {
 }
 
 impl Tracer {
+    /// CPU the tracer process used so far.
+    fn cpu_s(&self) -> f64 {
+        process_cpu_s(self.child.id())
+    }
+
     fn stop(mut self) -> Result<Option<Value>> {
         let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -204,7 +208,10 @@ impl Bench {
         })
     }
 
-    /// One iperf3 run from debug to `dst`: (bits/s received, bytes received, busy CPU s).
+    /// One iperf3 run from debug to `dst`: (bits/s received, bytes received, CPU s of both iperf3 ends).
+    /// The kernel's packet work on veth runs in the sender's and receiver's context, so iperf3's own
+    /// accounting holds it; /proc/stat's tick sampling in this VM missed most of it (2 jiffies for
+    /// 2 s at 1 Gbit/s).
     fn iperf(&self, dst: &str, rate: Option<&str>) -> Result<(f64, f64, f64)> {
         let secs = self.secs.to_string();
         let debug = ns("pod-debug");
@@ -212,14 +219,15 @@ impl Bench {
         if let Some(r) = rate {
             args.extend_from_slice(&["-b", r]);
         }
-        let cpu0 = cpu_busy_s();
         let out = Command::new("ip").args(&args).output().context("run iperf3")?;
-        let cpu = cpu_busy_s() - cpu0;
         let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v.get("error") {
             bail!("iperf3: {e}");
         }
         let sum = &v["end"]["sum_received"];
+        let util = &v["end"]["cpu_utilization_percent"];
+        let secs = sum["seconds"].as_f64().unwrap_or(self.secs as f64);
+        let cpu = (util["host_total"].as_f64().unwrap_or(0.0) + util["remote_total"].as_f64().unwrap_or(0.0)) / 100.0 * secs;
         Ok((sum["bits_per_second"].as_f64().unwrap_or(0.0), sum["bytes"].as_f64().unwrap_or(0.0), cpu))
     }
 }
@@ -299,7 +307,9 @@ fn measure(b: &Bench) -> Result<Value> {
             for mode in MODES {
                 let tracer = b.start_mode(mode, dst)?;
                 let (bps, _, _) = b.iperf(dst, None)?;
-                let (_, bytes, cpu_s) = b.iperf(dst, Some("300M"))?;
+                let t_cpu0 = tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0);
+                let (_, bytes, iperf_cpu) = b.iperf(dst, Some("1G"))?;
+                let cpu_s = iperf_cpu + tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0) - t_cpu0;
                 if let Some(t) = tracer {
                     if let Some(v) = t.stop()? {
                         peak_rss_kib = peak_rss_kib.max(v["peak_rss_kib"].as_u64().unwrap_or(0));
