@@ -15,7 +15,7 @@ fn on_drop(ctx: &BtfTracePointContext, reason: u32) -> i32 {
     let location: u64 = ctx.arg(1);
     let mut ev = new_event(EventKind::Drop, skb);
     unsafe {
-        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev) {
+        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev, true) {
             return 0;
         }
         stamp_dev(&c, skb, &mut ev);
@@ -54,7 +54,7 @@ pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
     let mut ev = new_event(EventKind::Consume, skb);
     unsafe {
         // Headers are still there; parse for the record, but the map already said it is ours.
-        let _ = match_skb(&c, skb, L3At::NetworkHeader, &mut ev);
+        let _ = match_skb(&c, skb, L3At::NetworkHeader, &mut ev, true);
         stamp_dev(&c, skb, &mut ev);
     }
     forget(skb); // match_skb re-inserted it

@@ -123,26 +123,37 @@ fn fill_l4(p: &mut PacketInfo, proto: u8, l4: &L4) {
     }
 }
 
+/// How a packet relates to the pair.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The pair's traffic (or its ARP, or an ICMP error about it).
+    Match,
+    /// One address of the pair: maybe ours after NAT; the tracking map decides.
+    OneSide,
+    /// Nothing to do with the pair: no map lookup, the cheap path for unrelated traffic.
+    Unrelated,
+}
+
 /// Matches an IPv4 packet or ARP frame at `l3` against the pair, without looking into tunnels.
 #[inline(always)]
-unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> bool {
+unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> Seen {
     if ethertype == ETH_P_ARP {
-        let Some(arp) = (unsafe { read::<ArpHdr>(l3, 0) }) else { return false };
+        let Some(arp) = (unsafe { read::<ArpHdr>(l3, 0) }) else { return Seen::Unrelated };
         let spa = u32::from_ne_bytes(arp.spa);
         let tpa = u32::from_ne_bytes(arp.tpa);
         if !(in_pair(c, spa) || in_pair(c, tpa)) {
-            return false;
+            return Seen::Unrelated;
         }
         p.ethertype = ETH_P_ARP;
         p.saddr = spa;
         p.daddr = tpa;
         p.id = u16::from_be(arp.op);
-        return true;
+        return Seen::Match;
     }
     if ethertype != ETH_P_IP {
-        return false;
+        return Seen::Unrelated;
     }
-    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return false };
+    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::OneSide };
     let ihl = ((ip.vihl & 0x0f) as u32) * 4;
     if is_pair(c, ip.saddr, ip.daddr) {
         p.ethertype = ETH_P_IP;
@@ -153,14 +164,14 @@ unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketI
         if let Some(l4) = unsafe { read::<L4>(l3, ihl) } {
             fill_l4(p, ip.proto, &l4);
         }
-        return true;
+        return Seen::Match;
     }
     // An ICMP error about the pair (host unreachable, TTL exceeded...): match on the quoted header.
     if ip.proto == IPPROTO_ICMP && (in_pair(c, ip.daddr) || in_pair(c, ip.saddr)) {
-        let Some(l4) = (unsafe { read::<L4>(l3, ihl) }) else { return false };
+        let Some(l4) = (unsafe { read::<L4>(l3, ihl) }) else { return Seen::OneSide };
         let ty = u16::from_be(l4.a) >> 8;
         if ty == 3 || ty == 11 || ty == 12 {
-            let Some(inner) = (unsafe { read::<IpHdr>(l3, ihl + 8) }) else { return false };
+            let Some(inner) = (unsafe { read::<IpHdr>(l3, ihl + 8) }) else { return Seen::OneSide };
             if is_pair(c, inner.saddr, inner.daddr) {
                 p.ethertype = ETH_P_IP;
                 p.ip_proto = IPPROTO_ICMP;
@@ -171,45 +182,43 @@ unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketI
                 p.outer_daddr = ip.daddr;
                 p.len = u16::from_be(ip.tot_len) as u32;
                 fill_l4(p, IPPROTO_ICMP, &l4);
-                return true;
+                return Seen::Match;
             }
         }
     }
-    false
+    if in_pair(c, ip.saddr) || in_pair(c, ip.daddr) { Seen::OneSide } else { Seen::Unrelated }
 }
 
 /// Matches the pair at `l3`, looking one level into VXLAN (UDP to the configured ports).
 #[inline(always)]
-pub unsafe fn match_l3(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> bool {
-    if unsafe { match_plain(c, l3, ethertype, p) } {
-        return true;
+pub unsafe fn match_l3(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> Seen {
+    let plain = unsafe { match_plain(c, l3, ethertype, p) };
+    if plain != Seen::Unrelated || ethertype != ETH_P_IP {
+        return plain;
     }
-    if ethertype != ETH_P_IP {
-        return false;
-    }
-    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return false };
+    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::Unrelated };
     if ip.proto != IPPROTO_UDP {
-        return false;
+        return Seen::Unrelated;
     }
     let ihl = ((ip.vihl & 0x0f) as u32) * 4;
-    let Some(udp) = (unsafe { read::<L4>(l3, ihl) }) else { return false };
+    let Some(udp) = (unsafe { read::<L4>(l3, ihl) }) else { return Seen::Unrelated };
     let dport = u16::from_be(udp.b);
     if dport == 0 || (dport != c.vxlan_port_1 && dport != c.vxlan_port_2) {
-        return false;
+        return Seen::Unrelated;
     }
     // udp(8) + vxlan(8) + inner ethernet(14)
     let vx = ihl + 8;
     let vni: u32 = unsafe { read::<u32>(l3, vx + 4) }.map(|v| u32::from_be(v) >> 8).unwrap_or(0);
     let inner_type: u16 = unsafe { read::<u16>(l3, vx + 8 + 12) }.map(u16::from_be).unwrap_or(0);
     let inner = unsafe { l3.add((vx + 8 + 14) as usize) };
-    if unsafe { match_plain(c, inner, inner_type, p) } {
+    let seen = unsafe { match_plain(c, inner, inner_type, p) };
+    if seen == Seen::Match {
         p.flags |= pkt_flags::ENCAP;
         p.outer_saddr = ip.saddr;
         p.outer_daddr = ip.daddr;
         p.vni = vni;
-        return true;
     }
-    false
+    seen
 }
 
 /// Where the network header of `skb` starts: `data` on receive (the MAC header is pulled), the
@@ -220,11 +229,13 @@ pub enum L3At {
     NetworkHeader,
 }
 
-/// Parses and matches an skb. On a miss, an skb we already follow still matches (TRACKED_ONLY).
+/// Parses and matches an skb. A packet that is not plainly the pair's but may be (one address of the
+/// pair, unparseable headers; always at a drop, where headers may be gone) is looked up in the tracking
+/// map; plainly unrelated traffic never touches the map.
 #[inline(always)]
-pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event) -> bool {
+pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event, always_lookup: bool) -> bool {
     let proto: u16 = unsafe { read::<u16>(skb, c.skb_protocol) }.map(u16::from_be).unwrap_or(0);
-    let mut hit = false;
+    let mut seen = if always_lookup { Seen::OneSide } else { Seen::Unrelated };
     if proto == ETH_P_IP || proto == ETH_P_ARP {
         let l3: *const u8 = match at {
             L3At::Data => unsafe { read(skb, c.skb_data) }.unwrap_or(core::ptr::null()),
@@ -238,16 +249,21 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event) ->
                 }
             }
         };
-        if !l3.is_null() {
-            hit = unsafe { match_l3(c, l3, proto, &mut ev.pkt) };
+        if l3.is_null() {
+            seen = Seen::OneSide;
+        } else {
+            let s = unsafe { match_l3(c, l3, proto, &mut ev.pkt) };
+            if s != Seen::Unrelated || !always_lookup {
+                seen = s;
+            }
         }
     }
     let key = skb as u64;
-    if hit {
+    if seen == Seen::Match {
         let _ = TRACKED.insert(&key, &1, 0);
         return true;
     }
-    if unsafe { TRACKED.get(&key) }.is_some() {
+    if seen == Seen::OneSide && unsafe { TRACKED.get(&key) }.is_some() {
         ev.pkt.flags |= pkt_flags::TRACKED_ONLY;
         return true;
     }
