@@ -4,6 +4,7 @@
 
 pub mod action;
 pub mod journal;
+pub mod node_checks;
 
 use std::{
     io::Write,
@@ -123,6 +124,9 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
     };
     remember_pair(&req.state_dir, src, dst);
     let report = trace(src, dst, req.trace_timeout)?;
+    if req.pair.is_none() {
+        report_node_checks(&report, out)?;
+    }
     if report.verdict.verdict == Verdict::Delivered {
         writeln!(out, "{src} → {dst}: delivered; nothing to fix")?;
         return Ok(crate::exit::OK);
@@ -234,6 +238,25 @@ fn settle_neighbours(report: &Report) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Node checks on the nodes of the pair (without a pair, `fix --auto` looks at the whole node too).
+fn report_node_checks(report: &Report, out: &mut dyn Write) -> Result<()> {
+    let ctx = Ctx { trace: &report.trace, probe: &report.probe, states: &report.states };
+    let mut any = false;
+    for node in ctx.nodes() {
+        for f in node_checks::check(node, &ctx.node_name(node)) {
+            if !any {
+                writeln!(out, "node checks:")?;
+                any = true;
+            }
+            writeln!(out, "  {}: {} ({})", f.node, f.what, f.cause)?;
+        }
+    }
+    if !any {
+        writeln!(out, "node checks: nothing wrong on {}", ctx.nodes().iter().map(|n| ctx.node_name(n)).collect::<Vec<_>>().join(", "))?;
+    }
+    Ok(())
 }
 
 fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Write) -> Result<()> {

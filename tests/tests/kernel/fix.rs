@@ -211,3 +211,17 @@ fn fix_needs_root() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("needs root"), "{err}");
 }
+
+#[test]
+fn a_fix_without_a_pair_takes_the_last_follow_and_checks_the_node() {
+    if !can_run_kernel_tests("a_fix_without_a_pair_takes_the_last_follow_and_checks_the_node") {
+        return;
+    }
+    let _g = LabGuard::up(&["veth-detached", "vxlan-fdb-missing"]);
+    let out = cnitrace(&["follow", &ip("debug"), &ip("jellyfin"), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let (code, text) = fix(&["--auto"]);
+    assert_eq!(code, 0, "the last followed pair is fixed: {text}");
+    assert!(text.contains("node checks:") && text.contains("(vxlan-fdb-missing)"), "the node's other fault is reported: {text}");
+    assert!(text.contains("(veth-detached)"), "{text}");
+}

@@ -1,0 +1,114 @@
+//! Node checks: what is wrong on a node whatever pair is traced — every pod's veth, the pods' bridge,
+//! forwarding, flannel.1 and what flannel writes for each remote node, the FORWARD policies. `fix --auto`
+//! without a pair runs them on the nodes of the last followed pair and reports each finding with its
+//! catalog cause and the command that repairs it; the pair's own fix is what gets applied and verified.
+
+use serde::Serialize;
+
+use crate::{
+    finding::causes::netfilter::has_pod_accepts,
+    state::{rules::parse_iptables, NsState},
+};
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NodeFinding {
+    pub node: String,
+    pub cause: &'static str,
+    pub what: String,
+}
+
+/// The checks, on one node's state. `node` is its display name.
+pub fn check(node: &NsState, name: &str) -> Vec<NodeFinding> {
+    let mut out = Vec::new();
+    let mut add = |cause: &'static str, what: String| out.push(NodeFinding { node: name.to_string(), cause, what });
+    let bridge = node.link_by_name("cni0");
+    if let Some(br) = bridge {
+        if !br.admin_up {
+            add("bridge-down", format!("{} is down", br.name));
+        }
+    }
+    // Pod veths: host ends whose peer lives in another namespace.
+    for l in node.links.iter().filter(|l| l.kind == "veth" && l.peer_netnsid.is_some() && l.name.starts_with("veth")) {
+        match (l.master.and_then(|m| node.link(m)), bridge) {
+            (None, Some(br)) => add("veth-detached", format!("{} is no port of {}", l.name, br.name)),
+            (Some(m), Some(br)) if m.ifindex != br.ifindex => add("veth-wrong-bridge", format!("{} is a port of {}, not {}", l.name, m.name, br.name)),
+            _ => {}
+        }
+        if !l.admin_up {
+            add("veth-down", format!("{} is down", l.name));
+        }
+        if let Some(st) = l.port_state.as_deref().filter(|s| *s != "forwarding" && l.admin_up) {
+            add("bridge-port-blocked", format!("{} is in state {st}", l.name));
+        }
+    }
+    if node.sysctls.ip_forward == Some(0) {
+        add("ip-forward-disabled", "net.ipv4.ip_forward = 0".into());
+    }
+    if node.sysctls.rp_filter.get("all") == Some(&1) {
+        add("rp-filter", "net.ipv4.conf.all.rp_filter = 1 (strict): asymmetric underlay paths drop".into());
+    }
+    match node.link_by_name("flannel.1") {
+        Some(vx) => {
+            if !vx.admin_up {
+                add("vxlan-down", "flannel.1 is down".into());
+            }
+            let addrs: Vec<_> = node.addrs_of(vx.ifindex).collect();
+            if addrs.is_empty() || addrs.iter().any(|a| a.addr.is_unspecified() || a.prefix != 32) {
+                add("vxlan-address-invalid", format!("flannel.1 holds {:?}", addrs.iter().map(|a| format!("{}/{}", a.addr, a.prefix)).collect::<Vec<_>>()));
+            }
+            for r in node.routes.iter().filter(|r| r.oif == Some(vx.ifindex) && r.table == 254) {
+                let Some(gw) = r.gateway else { continue };
+                match node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) {
+                    None => add("vxlan-neigh-missing", format!("no neighbour for VTEP {gw} ({}/{} routes through it)", r.dst, r.prefix)),
+                    Some(mac) if !node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) => {
+                        add("vxlan-fdb-missing", format!("no FDB entry for VTEP {gw} ({mac})"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        None if bridge.is_some() => add("vxlan-down", "there is no flannel.1".into()),
+        None => {}
+    }
+    let pod_net = node
+        .link_by_name("cni0")
+        .and_then(|b| node.addrs_of(b.ifindex).next())
+        .map(|a| {
+            let o = a.addr.octets();
+            format!("{}.{}.", o[0], o[1])
+        })
+        .unwrap_or_else(|| "10.244.".into());
+    for (backend, dump) in [("iptables-nft", &node.rules.iptables_nft), ("iptables-legacy", &node.rules.iptables_legacy)] {
+        let Some(d) = dump else { continue };
+        let drops = parse_iptables(d).into_iter().any(|r| r.is_policy && r.table == "filter" && r.chain == "FORWARD" && r.target == "DROP");
+        if drops && !has_pod_accepts(Some(d), &pod_net) {
+            add("netfilter-policy-drop", format!("{backend} FORWARD policy DROP with no accept for {pod_net}0.0/16"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Addr, Link, Route};
+
+    #[test]
+    fn a_detached_veth_and_a_missing_vtep_neighbour_are_found() {
+        let mut n = NsState::default();
+        n.links = vec![
+            Link { ifindex: 3, name: "cni0".into(), kind: "bridge".into(), admin_up: true, ..Default::default() },
+            Link { ifindex: 7, name: "veth1".into(), kind: "veth".into(), admin_up: true, peer_netnsid: Some(0), master: Some(3), port_state: Some("forwarding".into()), ..Default::default() },
+            Link { ifindex: 8, name: "veth2".into(), kind: "veth".into(), admin_up: true, peer_netnsid: Some(1), ..Default::default() },
+            Link { ifindex: 9, name: "flannel.1".into(), kind: "vxlan".into(), admin_up: true, ..Default::default() },
+        ];
+        n.addrs = vec![
+            Addr { ifindex: 3, addr: "10.244.0.1".parse().unwrap(), prefix: 24, broadcast: None },
+            Addr { ifindex: 9, addr: "10.244.0.0".parse().unwrap(), prefix: 32, broadcast: None },
+        ];
+        n.routes = vec![Route { table: 254, dst: "10.244.1.0".parse().unwrap(), prefix: 24, gateway: Some("10.244.1.0".parse().unwrap()), oif: Some(9), kind: "unicast".into() }];
+        n.sysctls.ip_forward = Some(1);
+        let found: Vec<&str> = check(&n, "node").iter().map(|f| f.cause).collect();
+        assert_eq!(found, vec!["veth-detached", "vxlan-neigh-missing"]);
+    }
+}
