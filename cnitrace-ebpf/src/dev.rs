@@ -2,13 +2,13 @@
 //! a device passes net_dev_start_xmit too, and a second record per hop cost a third of the traced
 //! flow's throughput in `cargo xtask bench`.)
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
 use crate::filter::{config, emit, match_skb, new_event, stamp_dev, L3At};
 
 #[inline(always)]
-fn on_skb(ctx: &BtfTracePointContext, kind: EventKind, at: L3At) -> i32 {
+fn on_skb(ctx: &RawTracePointContext, kind: EventKind, at: L3At) -> i32 {
     let c = config();
     if c.enabled == 0 {
         return 0;
@@ -26,13 +26,13 @@ fn on_skb(ctx: &BtfTracePointContext, kind: EventKind, at: L3At) -> i32 {
 }
 
 // TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
-#[btf_tracepoint(function = "net_dev_start_xmit")]
-pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
+pub fn net_dev_start_xmit(ctx: RawTracePointContext) -> i32 {
     on_skb(&ctx, EventKind::Xmit, L3At::NetworkHeader)
 }
 
 // TP_PROTO(struct sk_buff *skb); the MAC header is already pulled: skb->data is the L3 header.
-#[btf_tracepoint(function = "netif_receive_skb")]
-pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "netif_receive_skb")]
+pub fn netif_receive_skb(ctx: RawTracePointContext) -> i32 {
     on_skb(&ctx, EventKind::Receive, L3At::Data)
 }

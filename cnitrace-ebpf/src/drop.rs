@@ -1,12 +1,12 @@
 //! Where packets end: dropped (kfree_skb, with location and reason) or consumed.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
 use crate::filter::{config, emit, forget, match_skb, new_event, stamp_dev, L3At};
 
 #[inline(always)]
-fn on_drop(ctx: &BtfTracePointContext, reason: u32) -> i32 {
+fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     let c = config();
     if c.enabled == 0 {
         return 0;
@@ -28,21 +28,21 @@ fn on_drop(ctx: &BtfTracePointContext, reason: u32) -> i32 {
 }
 
 // >= 5.17: TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason[, struct sock *rx_sk])
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb_reason(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn kfree_skb_reason(ctx: RawTracePointContext) -> i32 {
     let reason: u32 = ctx.arg(2);
     on_drop(&ctx, reason)
 }
 
 // < 5.17: TP_PROTO(struct sk_buff *skb, void *location). Userspace loads one of the two.
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb_legacy(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn kfree_skb_legacy(ctx: RawTracePointContext) -> i32 {
     on_drop(&ctx, 0)
 }
 
 // TP_PROTO(struct sk_buff *skb[, void *location]). Only skbs we follow: every freed packet passes here.
-#[btf_tracepoint(function = "consume_skb")]
-pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "consume_skb")]
+pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     let c = config();
     if c.enabled == 0 {
         return 0;

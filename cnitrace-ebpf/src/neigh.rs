@@ -1,6 +1,6 @@
 //! ARP resolution of the pair's addresses: state changes and the timer that fails them.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, ETH_P_ARP};
 
 use crate::filter::{config, dev_ids, emit, new_event, read};
@@ -39,8 +39,8 @@ fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<
 }
 
 // TP_PROTO(struct neighbour *n, const u8 *lladdr, u8 new, u32 flags, u32 nlmsg_pid)
-#[btf_tracepoint(function = "neigh_update")]
-pub fn neigh_update(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "neigh_update")]
+pub fn neigh_update(ctx: RawTracePointContext) -> i32 {
     let n: *const u8 = ctx.arg(0);
     let lladdr: *const u8 = ctx.arg(1);
     let new: u64 = ctx.arg(2);
@@ -48,8 +48,8 @@ pub fn neigh_update(ctx: BtfTracePointContext) -> i32 {
 }
 
 // TP_PROTO(struct neighbour *n, int err)
-#[btf_tracepoint(function = "neigh_timer_handler")]
-pub fn neigh_timer_handler(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "neigh_timer_handler")]
+pub fn neigh_timer_handler(ctx: RawTracePointContext) -> i32 {
     let n: *const u8 = ctx.arg(0);
     let err: i32 = ctx.arg(1);
     on_neigh(n, core::ptr::null(), EventKind::NeighTimer, None, err)

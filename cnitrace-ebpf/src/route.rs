@@ -1,6 +1,6 @@
 //! Route lookups for the pair.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, ETH_P_IP};
 
 use crate::filter::{config, dev_ids, emit, new_event, read};
@@ -8,8 +8,8 @@ use crate::filter::{config, dev_ids, emit, new_event, read};
 // TP_PROTO(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
 // No net argument: the namespace comes from the result's device when there is one; userspace places a
 // failed lookup with the packet seen just before on the same CPU.
-#[btf_tracepoint(function = "fib_table_lookup")]
-pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "fib_table_lookup")]
+pub fn fib_table_lookup(ctx: RawTracePointContext) -> i32 {
     let c = config();
     if c.enabled == 0 {
         return 0;

@@ -12,8 +12,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
-    Btf, Ebpf, EbpfLoader,
+    programs::RawTracePoint,
+    Ebpf, EbpfLoader,
 };
 use cnitrace_common::{counter, Config, Event};
 use serde::Serialize;
@@ -94,13 +94,11 @@ impl Probe {
         let kfree_has_reason = kfree_args >= 3;
         let drop_reasons = kbtf.drop_reasons();
 
-        // The kernel's BTF parsed once (it is the bulk of cnitrace's memory): EbpfLoader::new() parses
-        // its own copy, which is dropped before ours is made; the object needs no CO-RE, only the
-        // tracepoints' BTF ids at attach time.
+        // Raw tracepoints attach by name: no kernel BTF in aya's hands, which is most of the memory a
+        // loaded BTF costs. EbpfLoader::new() still parses one for itself; it is dropped right away.
         let mut loader = EbpfLoader::new();
         loader.btf(None);
         drop(kbtf);
-        let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
         let mut ebpf = loader
             .override_global("CONFIG", &cfg, true)
             .load(crate::EBPF_OBJECT)
@@ -113,19 +111,18 @@ impl Probe {
                 "kfree_skb" => "kfree_skb_legacy",
                 p => p,
             };
-            let r = attach(&mut ebpf, program, h.tracepoint, &btf);
+            let r = attach(&mut ebpf, program, h.tracepoint);
             if let Err(e) = &r {
                 if h.essential {
                     return Err(anyhow::anyhow!("cannot attach to tracepoint {}: {e:#}", h.tracepoint));
                 }
             }
             hooks.push(HookStatus {
-                hook: format!("tp_btf/{}", h.tracepoint),
+                hook: format!("raw_tp/{}", h.tracepoint),
                 attached: r.is_ok(),
                 reason: r.err().map(|e| format!("{e:#}")),
             });
         }
-        drop(btf);
         hooks.push(HookStatus {
             hook: "kprobe/fentry extras".into(),
             attached: false,
@@ -177,13 +174,13 @@ impl Probe {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str, btf: &Btf) -> Result<()> {
-    let prog: &mut BtfTracePoint = ebpf
+fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
+    let prog: &mut RawTracePoint = ebpf
         .program_mut(program)
         .with_context(|| format!("no program {program} in the object"))?
         .try_into()?;
-    prog.load(tracepoint, btf).with_context(|| format!("load {program}"))?;
-    prog.attach().with_context(|| format!("attach {program}"))?;
+    prog.load().with_context(|| format!("load {program}"))?;
+    prog.attach(tracepoint).with_context(|| format!("attach {program}"))?;
     Ok(())
 }
 
