@@ -225,3 +225,45 @@ fn a_fix_without_a_pair_takes_the_last_follow_and_checks_the_node() {
     assert!(text.contains("node checks:") && text.contains("(vxlan-fdb-missing)"), "the node's other fault is reported: {text}");
     assert!(text.contains("(veth-detached)"), "{text}");
 }
+
+#[test]
+fn confirm_timeout_rolls_back_what_was_not_verified_in_time() {
+    if !can_run_kernel_tests("confirm_timeout_rolls_back_what_was_not_verified_in_time") {
+        return;
+    }
+    let _g = LabGuard::up(&["route-missing"]);
+    let before = lab_config();
+    // No trace can verify within a millisecond: the change must not stay.
+    let (code, text) = fix(&["--auto", "--confirm-timeout", "0.001", &ip("debug"), &ip("web")]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not verified within --confirm-timeout") && text.contains("rolled back"), "{text}");
+    assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "the unconfirmed fix stayed");
+}
+
+#[test]
+fn on_a_terminal_fix_asks_and_a_no_changes_nothing() {
+    if !can_run_kernel_tests("on_a_terminal_fix_asks_and_a_no_changes_nothing") {
+        return;
+    }
+    let _g = LabGuard::up(&["route-missing"]);
+    let before = lab_config();
+    // `script` gives fix a terminal; the answer typed is "n".
+    let cmd = format!("{} fix {} {}", bin().display(), ip("debug"), ip("web"));
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("CNITRACE_STATE_DIR", state_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run script");
+    use std::io::Write;
+    // Kept open until fix ends: an early EOF would end script's session.
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"n\n").expect("answer");
+    let out = child.wait_with_output().expect("fix ends");
+    drop(stdin);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("apply? [y/N]"), "fix asks on a terminal: {text}");
+    assert!(text.contains("nothing was changed"), "{text}");
+    assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new());
+}
