@@ -40,6 +40,15 @@ pub struct Ctx<'a> {
 
 pub const VXLAN_DEV: &str = "flannel.1";
 
+/// One direction of the overlay: a node, where its packets for the pair go, the remote VTEP it routes
+/// them to and the VXLAN device they leave by.
+pub struct OverlayLeg<'a> {
+    pub node: &'a NsState,
+    pub to: Ipv4Addr,
+    pub gw: Ipv4Addr,
+    pub vx: &'a Link,
+}
+
 /// The far end of the overlay, as flannel records it.
 #[derive(Clone, Debug)]
 pub struct RemoteVtep {
@@ -138,6 +147,37 @@ impl<'a> Ctx<'a> {
     pub fn dst_host_veth(&self) -> Option<&'a Link> {
         self.dst_node()?.link(self.states.dst_host_veth?)
     }
+    /// Both directions of a cross-node path: the source's node towards the destination, and the
+    /// destination's node back towards the source (when it is on this host).
+    pub fn legs(&self) -> Vec<(&'a NsState, Ipv4Addr)> {
+        [(self.src_node(), self.dst_ip()), (self.dst_node(), self.src_ip())]
+            .into_iter()
+            .filter_map(|(n, to)| n.map(|n| (n, to)))
+            .collect()
+    }
+
+    /// The legs whose route leaves through a VXLAN device via a gateway (the remote VTEP).
+    pub fn overlay_legs(&self) -> Vec<OverlayLeg<'a>> {
+        self.legs()
+            .into_iter()
+            .filter_map(|(node, to)| {
+                let r = node.route_to(to)?;
+                let (gw, oif) = (r.gateway?, r.oif?);
+                let vx = node.link(oif).filter(|l| l.kind == "vxlan")?;
+                Some(OverlayLeg { node, to, gw, vx })
+            })
+            .collect()
+    }
+
+    /// Each pod of the pair with its node and the host end of its veth, the destination first (the
+    /// side a same-node failure usually sits on).
+    pub fn host_sides(&self) -> [(&'a str, Option<&'a NsState>, Option<&'a Link>); 2] {
+        [
+            (self.states.dst_name.as_str(), self.dst_node(), self.dst_host_veth()),
+            (self.states.src_name.as_str(), self.src_node(), self.src_host_veth()),
+        ]
+    }
+
     /// The bridge the pods of `node` hang off: the master of a pod veth we know to be attached, else
     /// the bridge named cni0, else the one holding the pods' gateway.
     pub fn pods_bridge(&self, node: &'a NsState) -> Option<&'a Link> {

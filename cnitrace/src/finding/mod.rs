@@ -3,7 +3,7 @@
 //! fits no cause is reported with cause null and every fact found.
 
 pub mod causes;
-mod ctx;
+pub mod ctx;
 
 use serde::{Deserialize, Serialize};
 

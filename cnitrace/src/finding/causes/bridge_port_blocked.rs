@@ -7,11 +7,7 @@ use crate::finding::{Ctx, Diagnosis};
 pub const CAUSE: Cause = Cause { id: "bridge-port-blocked", layer: "bridge", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
-    let sides = [
-        (ctx.dst_name(), ctx.dst_node(), ctx.dst_host_veth()),
-        (ctx.src_name(), ctx.src_node(), ctx.src_host_veth()),
-    ];
-    for (name, node, host) in sides {
+    for (name, node, host) in ctx.host_sides() {
         let (Some(node), Some(host)) = (node, host) else { continue };
         let Some(state) = host.port_state.as_deref() else { continue };
         if state == "forwarding" {
@@ -29,8 +25,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 
 /// Put the port back to forwarding (undo: the state it had).
 fn fix(ctx: &Ctx) -> Remedy {
-    let sides = [(ctx.dst_node(), ctx.dst_host_veth()), (ctx.src_node(), ctx.src_host_veth())];
-    for (node, host) in sides {
+    for (_, node, host) in ctx.host_sides() {
         let (Some(node), Some(host)) = (node, host) else { continue };
         let Some(state) = host.port_state.clone().filter(|s| s != "forwarding") else { continue };
         let ns = Target::of(node);

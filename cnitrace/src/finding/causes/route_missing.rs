@@ -11,9 +11,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         return None;
     }
     // The way there from the source's node, and the way back from the destination's.
-    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
-    for (node, to) in legs {
-        let Some(node) = node else { continue };
+    for (node, to) in ctx.legs() {
         let name = ctx.node_name(node);
         let r = node.route_to(to);
         let via_overlay = r.and_then(|r| r.oif).and_then(|o| node.link(o)).is_some_and(|l| l.kind == "vxlan");
@@ -44,9 +42,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 
 /// The route flannel writes: the remote subnet via its VTEP, dev flannel.1 onlink (undo: removed).
 fn fix(ctx: &Ctx) -> Remedy {
-    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
-    for (node, to) in legs {
-        let Some(node) = node else { continue };
+    for (node, to) in ctx.legs() {
         let ok = node.route_to(to).and_then(|r| r.oif).and_then(|o| node.link(o)).is_some_and(|l| l.kind == "vxlan");
         if ok {
             continue;

@@ -43,8 +43,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 
 /// Enslave the host veth to the pods' bridge again (undo: release it).
 fn fix(ctx: &Ctx) -> Remedy {
-    let sides = [(ctx.dst_node(), ctx.dst_host_veth()), (ctx.src_node(), ctx.src_host_veth())];
-    for (node, host) in sides {
+    for (_, node, host) in ctx.host_sides() {
         let (Some(node), Some(host)) = (node, host) else { continue };
         if host.master.is_some() {
             continue;

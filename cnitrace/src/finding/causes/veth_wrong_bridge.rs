@@ -7,11 +7,7 @@ use crate::finding::{Ctx, Diagnosis};
 pub const CAUSE: Cause = Cause { id: "veth-wrong-bridge", layer: "bridge", hop_from_state: true, detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
-    let sides = [
-        (ctx.dst_name(), ctx.dst_node(), ctx.dst_host_veth()),
-        (ctx.src_name(), ctx.src_node(), ctx.src_host_veth()),
-    ];
-    for (name, node, host) in sides {
+    for (name, node, host) in ctx.host_sides() {
         let (Some(node), Some(host)) = (node, host) else { continue };
         let Some(master) = host.master.and_then(|m| node.link(m)) else { continue };
         let Some(pods) = ctx.pods_bridge(node) else { continue };
@@ -35,8 +31,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 
 /// Move the host veth back to the pods' bridge (undo: back to the bridge it was on).
 fn fix(ctx: &Ctx) -> Remedy {
-    let sides = [(ctx.dst_node(), ctx.dst_host_veth()), (ctx.src_node(), ctx.src_host_veth())];
-    for (node, host) in sides {
+    for (_, node, host) in ctx.host_sides() {
         let (Some(node), Some(host)) = (node, host) else { continue };
         let (Some(master), Some(pods)) = (host.master.and_then(|m| node.link(m)), ctx.pods_bridge(node)) else { continue };
         if master.ifindex == pods.ifindex {

@@ -3,7 +3,19 @@
 
 use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
-use crate::finding::{Ctx, Diagnosis};
+use crate::finding::{ctx::OverlayLeg, Ctx, Diagnosis};
+
+/// The overlay legs whose VTEP neighbour is known but has no FDB entry, with that VTEP's MAC.
+fn missing<'a>(ctx: &Ctx<'a>) -> Vec<(OverlayLeg<'a>, String)> {
+    ctx.overlay_legs()
+        .into_iter()
+        .filter_map(|leg| {
+            let mac = leg.node.neigh(leg.vx.ifindex, leg.gw).and_then(|n| n.mac.clone())?;
+            let known = leg.node.fdb.iter().any(|f| f.ifindex == leg.vx.ifindex && f.mac == mac && f.dst.is_some());
+            (!known).then_some((leg, mac))
+        })
+        .collect()
+}
 
 pub const CAUSE: Cause = Cause { id: "vxlan-fdb-missing", layer: "vxlan", hop_from_state: false, detect, fix };
 
@@ -11,16 +23,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
         return None;
     }
-    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
-    for (node, to) in legs {
-        let Some(node) = node else { continue };
-        let Some(r) = node.route_to(to) else { continue };
-        let (Some(gw), Some(oif)) = (r.gateway, r.oif) else { continue };
-        let Some(vx) = node.link(oif).filter(|l| l.kind == "vxlan") else { continue };
-        let Some(mac) = node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) else { continue };
-        if node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) {
-            continue;
-        }
+    for (OverlayLeg { node, gw, vx, .. }, mac) in missing(ctx) {
         let name = ctx.node_name(node);
         let mut facts = vec![
             format!("neighbour {gw} on {} is {mac}", vx.name),
@@ -42,16 +45,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 
 /// The FDB entry flannel writes: the VTEP's MAC lives at the remote node's underlay address (undo: removed).
 fn fix(ctx: &Ctx) -> Remedy {
-    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
-    for (node, to) in legs {
-        let Some(node) = node else { continue };
-        let Some(r) = node.route_to(to) else { continue };
-        let (Some(gw), Some(oif)) = (r.gateway, r.oif) else { continue };
-        let Some(vx) = node.link(oif).filter(|l| l.kind == "vxlan") else { continue };
-        let Some(mac) = node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) else { continue };
-        if node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) {
-            continue;
-        }
+    for (OverlayLeg { node, to, vx, .. }, mac) in missing(ctx) {
         let Some(underlay) = ctx.remote_vtep(node, to).filter(|v| v.mac == mac).and_then(|v| v.underlay) else {
             return Remedy::NoSafeFix(format!("which node owns VTEP {mac} is not known on this host: flannel's node annotations (public-ip) are needed"));
         };

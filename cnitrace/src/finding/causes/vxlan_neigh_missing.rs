@@ -3,7 +3,15 @@
 
 use crate::fix::{Action, Remedy, Step, Target};
 use super::Cause;
-use crate::finding::{Ctx, Diagnosis};
+use crate::{
+    finding::{ctx::OverlayLeg, Ctx, Diagnosis},
+    state::Neigh,
+};
+
+/// An entry the kernel can address the VTEP with.
+fn usable(entry: Option<&Neigh>) -> bool {
+    entry.is_some_and(|n| n.mac.is_some() && matches!(n.state.as_str(), "permanent" | "reachable" | "stale" | "noarp" | "delay" | "probe"))
+}
 
 pub const CAUSE: Cause = Cause { id: "vxlan-neigh-missing", layer: "vxlan", hop_from_state: true, detect, fix };
 
@@ -11,15 +19,9 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
         return None;
     }
-    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
-    for (node, to) in legs {
-        let Some(node) = node else { continue };
-        let Some(r) = node.route_to(to) else { continue };
-        let (Some(gw), Some(oif)) = (r.gateway, r.oif) else { continue };
-        let Some(vx) = node.link(oif).filter(|l| l.kind == "vxlan") else { continue };
+    for OverlayLeg { node, to, gw, vx } in ctx.overlay_legs() {
         let entry = node.neigh(vx.ifindex, gw);
-        let ok = entry.is_some_and(|n| n.mac.is_some() && matches!(n.state.as_str(), "permanent" | "reachable" | "stale" | "noarp"));
-        if ok {
+        if usable(entry) {
             continue;
         }
         let name = ctx.node_name(node);
@@ -37,13 +39,8 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 
 /// The permanent neighbour flannel writes for the remote VTEP (undo: removed).
 fn fix(ctx: &Ctx) -> Remedy {
-    let legs = [(ctx.src_node(), ctx.dst_ip()), (ctx.dst_node(), ctx.src_ip())];
-    for (node, to) in legs {
-        let Some(node) = node else { continue };
-        let Some(r) = node.route_to(to) else { continue };
-        let (Some(gw), Some(oif)) = (r.gateway, r.oif) else { continue };
-        let Some(vx) = node.link(oif).filter(|l| l.kind == "vxlan") else { continue };
-        if node.neigh(vx.ifindex, gw).is_some_and(|n| n.mac.is_some() && n.state != "failed" && n.state != "incomplete") {
+    for OverlayLeg { node, to, gw, vx } in ctx.overlay_legs() {
+        if usable(node.neigh(vx.ifindex, gw)) {
             continue;
         }
         let Some(vtep) = ctx.remote_vtep(node, to).filter(|v| v.ip == gw) else {
