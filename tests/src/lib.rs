@@ -44,6 +44,11 @@ pub fn loaded_cnitrace_programs() -> usize {
         .count()
 }
 
+/// A lab pod's address.
+pub fn pod_ip(pod: &str) -> String {
+    topology::pod(pod).expect("lab pod").ip.to_string()
+}
+
 /// Where this suite's fix journals go (never the host's /var/lib/cnitrace).
 pub fn state_dir() -> PathBuf {
     std::env::temp_dir().join("cnitrace-test-state")
@@ -152,26 +157,8 @@ pub fn ns_config(ns: &str) -> String {
         s += &exec(save, &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
     }
     let nft = exec("nft", &["list", "ruleset"]);
-    s += &nft
-        .lines()
-        .map(|l| {
-            // Counter values move with traffic; the rule does not.
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let mut out = Vec::new();
-            let mut skip = 0;
-            for w in words {
-                if skip > 0 {
-                    skip -= 1;
-                } else if w == "packets" || w == "bytes" {
-                    skip = 1;
-                } else {
-                    out.push(w);
-                }
-            }
-            out.join(" ")
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    // Counter values move with traffic; the rule does not.
+    s += &nft.lines().map(cnitrace::finding::causes::netfilter::strip_counter).collect::<Vec<_>>().join("\n");
     s += &exec("sysctl", &["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables"]);
     normalize(&s)
 }
@@ -181,27 +168,38 @@ pub fn ns_config(ns: &str) -> String {
 fn normalize(dump: &str) -> String {
     dump.lines()
         .map(|l| {
-            let mut out: Vec<String> = Vec::new();
-            let mut skip = 0;
-            for w in l.split_whitespace() {
-                if skip > 0 {
-                    skip -= 1;
-                } else if w.ends_with("_timer") {
-                    skip = 1;
-                } else if w == "state" && out.last().is_some_and(|p| p == "noqueue" || p == "noop" || p.starts_with("qdisc")) {
-                    skip = 1;
-                } else if w == "linkdown" {
-                } else if w.starts_with('[') && w.ends_with(']') && w.contains(':') {
-                    // iptables-save prints policy counters even without -c.
-                } else {
-                    out.push(w.replace("NO-CARRIER,", "").replace(",LOWER_UP", "").replace(",M-DOWN", ""));
-                }
-            }
-            out.join(" ")
+            let mut prev = String::new();
+            let kept = without_values(l, |w| {
+                // "state UP" after the qdisc is operational state; "*_timer N" counts down by itself.
+                let drop = w.ends_with("_timer") || (w == "state" && (prev == "noqueue" || prev == "noop" || prev.starts_with("qdisc")));
+                prev = w.to_string();
+                drop
+            });
+            kept.split_whitespace()
+                .filter(|w| *w != "linkdown" && !(w.starts_with('[') && w.ends_with(']') && w.contains(':')))
+                .map(|w| w.replace("NO-CARRIER,", "").replace(",LOWER_UP", "").replace(",M-DOWN", ""))
+                .collect::<Vec<_>>()
+                .join(" ")
         })
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `line` without each word `key` says yes to, nor the value that follows it.
+fn without_values(line: &str, mut key: impl FnMut(&str) -> bool) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for w in line.split_whitespace() {
+        if skip {
+            skip = false;
+        } else if key(w) {
+            skip = true;
+        } else {
+            out.push(w);
+        }
+    }
+    out.join(" ")
 }
 
 /// Like [`config_diff`], but a bridge port's state may differ: the kernel disables and re-enables ports
@@ -210,24 +208,7 @@ pub fn config_diff_but_port_states(a: &std::collections::BTreeMap<String, String
     let strip = |m: &std::collections::BTreeMap<String, String>| -> std::collections::BTreeMap<String, String> {
         m.iter()
             .map(|(k, v)| {
-                let v = v
-                    .lines()
-                    .map(|l| {
-                        let mut out: Vec<&str> = Vec::new();
-                        let mut skip = 0;
-                        for w in l.split_whitespace() {
-                            if skip > 0 {
-                                skip -= 1;
-                            } else if w == "state" {
-                                skip = 1;
-                            } else {
-                                out.push(w);
-                            }
-                        }
-                        out.join(" ")
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n");
+                let v = v.lines().map(|l| without_values(l, |w| w == "state")).collect::<Vec<_>>().join("\n");
                 (k.clone(), v)
             })
             .collect()

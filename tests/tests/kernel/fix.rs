@@ -18,7 +18,7 @@ const NO_SAFE_FIX: &[&str] = &["vxlan-port-mismatch", "vxlan-vni-mismatch"];
 const RULE_REMOVAL: &[&str] = &["iptables-drop", "nft-drop"];
 
 fn ip(pod: &str) -> String {
-    topology::pod(pod).expect("lab pod").ip.to_string()
+    cnitrace_tests::pod_ip(pod)
 }
 
 fn fix(args: &[&str]) -> (i32, String) {

@@ -10,7 +10,7 @@ use cnitrace::finding::causes;
 use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PREFIX};
 
 fn ip(pod: &str) -> String {
-    topology::pod(pod).expect("lab pod").ip.to_string()
+    cnitrace_tests::pod_ip(pod)
 }
 
 #[test]
