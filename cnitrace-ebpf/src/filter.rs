@@ -12,6 +12,8 @@ static CONFIG: Config = Config::zeroed();
 
 /// bpf_ringbuf_submit flag: do not wake the consumer.
 const BPF_RB_NO_WAKEUP: u64 = 1;
+/// bpf_map_update_elem flag: only if the key is not there yet.
+const BPF_NOEXIST: u64 = 1;
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
@@ -260,7 +262,8 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event, al
     }
     let key = skb as u64;
     if seen == Seen::Match {
-        let _ = TRACKED.insert(&key, &1, 0);
+        // Only the first hop inserts: an LRU update replaces the element even when the key exists.
+        let _ = TRACKED.insert(&key, &1, BPF_NOEXIST);
         return true;
     }
     if seen == Seen::OneSide && unsafe { TRACKED.get(&key) }.is_some() {
