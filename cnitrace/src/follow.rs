@@ -196,6 +196,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut outcome: Option<ProbeOutcome> = None;
     let mut sender = sender;
     let mut not_kept: u64 = 0;
+    let (mut significant_drop, mut scanned) = (false, 0);
     loop {
         // Records are submitted without wakeups: poll on a short period instead.
         probe.wait(Duration::from_millis(10));
@@ -206,16 +207,16 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
             outcome = Some(h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??);
             settle_until.get_or_insert(Instant::now() + Duration::from_millis(100));
         }
-        let significant_drop = decoded.iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
+        // Only the events decoded since the last pass need a look.
+        significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
+        scanned = decoded.len();
         if significant_drop && settle_until.is_none() {
             settle_until = Some(Instant::now() + Duration::from_millis(250));
         }
-        let now = Instant::now();
-        if INTERRUPTED.load(Ordering::SeqCst) || now > deadline || settle_until.is_some_and(|t| now > t && sender.is_none()) {
-            break;
-        }
-        if settle_until.is_some_and(|t| now > t) && significant_drop && sender.is_some() {
-            // The drop is known; the probe thread may still be waiting for its reply timeout.
+        // Done once things settled after the prober finished, or after a drop (the prober may still
+        // be waiting out its timeout for a reply that will not come).
+        let settled = settle_until.is_some_and(|t| Instant::now() > t) && (sender.is_none() || significant_drop);
+        if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline || settled {
             break;
         }
     }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use super::{
     check::PathId::{self, *},
     topology::NODES,
-    Lab,
+    ip, sysctl, Lab,
 };
 use crate::sys;
 
@@ -35,21 +35,12 @@ pub fn find(name: &str) -> Option<&'static Fault> {
     FAULTS.iter().find(|f| f.name == name)
 }
 
-fn ip(ns: &str, args: &[&str]) -> Result<()> {
-    let mut full = vec!["-n", ns];
-    full.extend_from_slice(args);
-    sys::run("ip", &full).map(|_| ())
-}
-
 fn bridge(ns: &str, args: &[&str]) -> Result<()> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     sys::run("bridge", &full).map(|_| ())
 }
 
-fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
-    sys::run_in(ns, "sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
-}
 
 const SAME: (&str, &str) = ("debug", "jellyfin");
 const CROSS: (&str, &str) = ("debug", "web");

@@ -209,13 +209,14 @@ impl Lab {
     }
 }
 
-fn ip(ns: &str, args: &[&str]) -> Result<()> {
+/// `ip -n NS ...`
+pub(super) fn ip(ns: &str, args: &[&str]) -> Result<()> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     sys::run("ip", &full).map(|_| ())
 }
 
-fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     sys::run_in(ns, "sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
 }
 
