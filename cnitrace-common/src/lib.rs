@@ -29,6 +29,26 @@ pub enum EventKind {
     NeighUpdate = 30,
     /// neigh:neigh_timer_handler: the neighbour timer ran (INCOMPLETE -> FAILED happens here).
     NeighTimer = 31,
+    /// An optional kprobe saw the packet enter a kernel function ([`func`] id in `reason`).
+    FuncEntry = 40,
+    /// An optional kretprobe saw that function return for the packet (return value in `err`).
+    FuncReturn = 41,
+}
+
+/// Kernel functions the optional kprobes watch (`Event::reason` of Func* records). Stable numbers.
+pub mod func {
+    /// Netfilter's hook slow path: `oif` = hook number | family << 8; return: 1 accept, <0 drop.
+    pub const NF_HOOK_SLOW: u32 = 1;
+    /// The bridge forwards a frame to another port.
+    pub const BR_FORWARD: u32 = 2;
+    /// The VXLAN device transmits (encapsulates) a frame.
+    pub const VXLAN_XMIT: u32 = 3;
+    /// The VXLAN socket receives (decapsulates) a packet.
+    pub const VXLAN_RCV: u32 = 4;
+    /// IPv4 forwarding of a routed packet.
+    pub const IP_FORWARD: u32 = 5;
+    /// The reverse-path check (rp_filter); return: 0 or a positive itag accept, <0 refuse.
+    pub const FIB_VALIDATE_SOURCE: u32 = 6;
 }
 
 impl EventKind {
@@ -42,6 +62,8 @@ impl EventKind {
             20 => Self::FibLookup,
             30 => Self::NeighUpdate,
             31 => Self::NeighTimer,
+            40 => Self::FuncEntry,
+            41 => Self::FuncReturn,
             _ => return None,
         })
     }
@@ -164,7 +186,10 @@ pub struct Config {
     pub neigh_dev: u32,
     pub neigh_nud_state: u32,
     pub neigh_ha: u32,
-    pub _pad: u32,
+    /// `struct nf_hook_state`: hook and pf. `hook` is an unsigned int on 5.10 and a u8 later; both are
+    /// read as their low byte (little-endian), which holds the value.
+    pub nf_state_hook: u32,
+    pub nf_state_pf: u32,
 }
 
 impl Config {
@@ -193,7 +218,8 @@ impl Config {
             neigh_dev: 0,
             neigh_nud_state: 0,
             neigh_ha: 0,
-            _pad: 0,
+            nf_state_hook: 0,
+            nf_state_pf: 0,
         }
     }
 }
@@ -202,7 +228,7 @@ impl Config {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 84);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
 
 #[cfg(feature = "user")]
 mod user {

@@ -9,6 +9,7 @@
 mod dev;
 mod drop;
 mod filter;
+mod kfunc;
 mod neigh;
 mod route;
 

@@ -18,6 +18,8 @@ pub enum Kind {
     Consume,
     Route,
     Neigh,
+    /// An optional kprobe: a kernel function entered or returned for the packet.
+    Func,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,6 +75,84 @@ pub struct NeighInfo {
     pub lladdr: String,
 }
 
+/// What an optional kprobe saw: the function, what it was doing, and (on return) its answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FuncInfo {
+    pub function: String,
+    /// "FORWARD (ipv4)" for netfilter; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// The return value, for kretprobes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<i32>,
+    /// The return value in words: "accept", "DROP", "refused"...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+}
+
+impl FuncInfo {
+    /// The function said no to the packet (netfilter drop, reverse-path check refused).
+    pub fn refused(&self) -> bool {
+        self.ret.is_some_and(|r| r < 0)
+    }
+}
+
+fn nf_family(pf: u32) -> &'static str {
+    match pf {
+        1 => "inet",
+        2 => "ipv4",
+        3 => "arp",
+        5 => "netdev",
+        7 => "bridge",
+        10 => "ipv6",
+        _ => "?",
+    }
+}
+
+fn nf_hook(pf: u32, hook: u32) -> String {
+    let name = match (pf, hook) {
+        (3, 0) => "IN",
+        (3, 1) => "OUT",
+        (3, 2) => "FORWARD",
+        (_, 0) => "PREROUTING",
+        (_, 1) => "INPUT",
+        (_, 2) => "FORWARD",
+        (_, 3) => "OUTPUT",
+        (_, 4) => "POSTROUTING",
+        (7, 5) => "BROUTING",
+        _ => return format!("hook {hook}"),
+    };
+    name.to_string()
+}
+
+/// Names a Func record: (function, detail, verdict).
+pub fn func_info(id: u32, extra: u32, ret: Option<i32>) -> FuncInfo {
+    use cnitrace_common::func;
+    let errno = |r: i32| std::io::Error::from_raw_os_error(-r).to_string();
+    let (function, detail, verdict) = match id {
+        func::NF_HOOK_SLOW => {
+            let (hook, pf) = (extra & 0xff, (extra >> 8) & 0xff);
+            let verdict = ret.map(|r| match r {
+                1 => "accept".to_string(),
+                // br_netfilter hands bridged IPv4 to the IPv4 hooks this way; NFQUEUE too.
+                0 => "taken over (stolen or queued)".to_string(),
+                r => format!("DROP ({})", errno(r)),
+            });
+            ("nf_hook_slow", format!("{} ({})", nf_hook(pf, hook), nf_family(pf)), verdict)
+        }
+        func::FIB_VALIDATE_SOURCE => {
+            let verdict = ret.map(|r| if r < 0 { format!("refused ({})", errno(r)) } else { "passed".to_string() });
+            ("fib_validate_source", "reverse-path check".to_string(), verdict)
+        }
+        func::BR_FORWARD => ("br_forward", String::new(), None),
+        func::VXLAN_XMIT => ("vxlan_xmit", String::new(), None),
+        func::VXLAN_RCV => ("vxlan_rcv", String::new(), None),
+        func::IP_FORWARD => ("ip_forward", String::new(), None),
+        other => return FuncInfo { function: format!("function {other}"), detail: String::new(), ret, verdict: None },
+    };
+    FuncInfo { function: function.to_string(), detail, ret, verdict }
+}
+
 /// One decoded event.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TraceEvent {
@@ -94,6 +174,8 @@ pub struct TraceEvent {
     pub route: Option<RouteInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub neigh: Option<NeighInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub func: Option<FuncInfo>,
 }
 
 /// Names the decoder needs, gathered before tracing.
@@ -213,6 +295,7 @@ impl Decoder {
             EventKind::Consume => Kind::Consume,
             EventKind::FibLookup => Kind::Route,
             EventKind::NeighUpdate | EventKind::NeighTimer => Kind::Neigh,
+            EventKind::FuncEntry | EventKind::FuncReturn => Kind::Func,
         };
         let t0 = *self.t0.get_or_insert(e.header.ts_ns);
         let netns = e.header.netns;
@@ -229,6 +312,7 @@ impl Decoder {
             drop: None,
             route: None,
             neigh: None,
+            func: None,
         };
         match kind {
             Kind::Route => {
@@ -258,6 +342,11 @@ impl Decoder {
                     "unknown (this kernel's kfree_skb has no reason)".into()
                 };
                 ev.drop = Some(DropInfo { reason, reason_code: e.reason, function, location: e.location });
+            }
+            Kind::Func => {
+                ev.packet = self.packet(e);
+                let ret = (e.header.kind == EventKind::FuncReturn as u32).then_some(e.err);
+                ev.func = Some(func_info(e.reason, e.oif, ret));
             }
             _ => ev.packet = self.packet(e),
         }

@@ -43,6 +43,8 @@ pub struct FollowOptions {
     pub ready_file: Option<std::path::PathBuf>,
     /// Have the kernel count each program's runs and run time while tracing.
     pub kernel_stats: bool,
+    /// Tracepoints only: do not try the optional kprobes.
+    pub no_kprobes: bool,
 }
 
 /// Events decoded and kept for the timeline; beyond this the ring is still drained and counted, so a
@@ -149,7 +151,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
     }
 
-    let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS, req.opts.kernel_stats)?;
+    let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS, req.opts.kernel_stats, !req.opts.no_kprobes)?;
     let ready_ms = t_start.elapsed().as_millis() as u64;
     if let Some(path) = &req.opts.ready_file {
         std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
@@ -157,6 +159,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut names = names;
     names.drop_reasons = probe.drop_reasons.clone();
     names.has_reasons = probe.kfree_has_reason;
+    let names_had_reasons = probe.kfree_has_reason;
 
     let stop_probe = std::sync::Arc::new(AtomicBool::new(false));
     // Probe traffic on its own thread; the kernel's events are collected meanwhile.
@@ -248,7 +251,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         decoded.retain(|e| e.packet.as_ref().is_none_or(|p| p.echo_id.is_none_or(|x| x == id)));
     }
     let trace = Trace::build(decoded);
-    let verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
+    let mut verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
+    verdict.missing = finding::missing_evidence(&verdict, &hooks, names_had_reasons);
     Ok(Report {
         src,
         dst,

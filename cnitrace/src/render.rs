@@ -45,6 +45,17 @@ fn what(e: &TraceEvent) -> String {
                 format!("route {dst}: table {} miss (err {})", r.table, r.err)
             }
         }
+        Kind::Func => {
+            let f = e.func.as_ref().expect("func info");
+            let mut s = f.function.clone();
+            if !f.detail.is_empty() {
+                s.push_str(&format!(" {}", f.detail));
+            }
+            if let Some(v) = &f.verdict {
+                s.push_str(&format!(" → {v}"));
+            }
+            s
+        }
         Kind::Neigh => {
             let n = e.neigh.as_ref().expect("neigh info");
             if n.lladdr == "00:00:00:00:00:00" {
@@ -68,7 +79,9 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
     writeln!(out, "hooks: {attached} attached{}", if missing.is_empty() { String::new() } else { format!("; unavailable: {}", missing.join("; ")) })?;
     for p in &r.trace.packets {
         writeln!(out, "\n{}", p.what)?;
-        for e in &p.events {
+        // A netfilter hook that took the packet over says nothing the next lines do not: hidden here,
+        // kept in --json.
+        for e in p.events.iter().filter(|e| !e.func.as_ref().is_some_and(|f| f.ret == Some(0) && f.function == "nf_hook_slow")) {
             writeln!(out, "{}", line(e))?;
         }
     }
@@ -144,6 +157,9 @@ pub fn verdict(v: &crate::finding::Verdict, out: &mut (impl Write + ?Sized)) -> 
     writeln!(out, "  why:   {}", v.explanation)?;
     for f in &v.facts {
         writeln!(out, "   - {f}")?;
+    }
+    for m in &v.missing {
+        writeln!(out, "  missing on this kernel: {m}")?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod demo;
 mod docs;
 mod setup;
 mod test;
+mod vm;
 
 use std::{path::PathBuf, process::Command};
 
@@ -21,15 +22,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install everything the build, the lab and the tests need (idempotent).
-    Setup,
+    /// Install everything the build, the lab and the tests need, the VM kernels included (idempotent).
+    Setup {
+        /// Only what the host build and tests need: no qemu, no VM kernels.
+        #[arg(long)]
+        host_only: bool,
+    },
     /// Set up if needed, then build the release binary (eBPF included).
     Build,
-    /// Set up if needed, build, run the unit tests and the kernel tests (root).
+    /// Set up if needed, build, run the unit tests, then the kernel tests (root) on the host kernel and
+    /// in VMs with other kernels (default: 5.10), and print the matrix.
     Test {
         /// Only kernel tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
+        /// A VM kernel to run the kernel tests on: 5.10, 6.1, 6.12, 7.2 (repeatable; `none` for the host only).
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+        /// Every kernel of the matrix (5.10, 6.1, 6.12, 7.2).
+        #[arg(long = "kernels", value_name = "all", value_parser = ["all"])]
+        all: Option<String>,
+        /// Skip the host kernel (only the VMs).
+        #[arg(long)]
+        no_host: bool,
+        /// Minutes one VM (boot + suite) may take before it is stopped and reported broken.
+        #[arg(long, default_value_t = 60)]
+        vm_timeout: u64,
     },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
@@ -49,9 +67,23 @@ enum Task {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.command {
-        Task::Setup => setup::run(false).map(|_| ()),
+        Task::Setup { host_only } => setup::run(false).and_then(|_| {
+            if host_only {
+                return Ok(());
+            }
+            let all: Vec<&str> = vm::KERNELS.iter().map(|k| k.name).collect();
+            if !vm::ensure(&all)? {
+                println!("setup: qemu, virtme-ng and the kernels {} are in {}; nothing to do", all.join(", "), vm::cache_dir().display());
+            }
+            Ok(())
+        }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
-        Task::Test { filter } => test::run(filter.as_deref()),
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout } => {
+            if all.is_some() {
+                kernels.push("all".into());
+            }
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout })
+        }
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),
         Task::Bench { json, quick } => bench::run(json, quick),

@@ -29,12 +29,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Returns whether anything was installed.
 pub fn run(quiet_if_done: bool) -> Result<bool> {
     let t0 = Instant::now();
-    let mut did = false;
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if !missing.is_empty() {
-        apt_install(&missing)?;
-        did = true;
-    }
+    let mut did = ensure_packages(PACKAGES)?;
     let llvm = rustc_llvm_major()?;
     let llvm_dev = format!("llvm-{llvm}-dev");
     if !installed(&llvm_dev) {
@@ -51,6 +46,16 @@ pub fn run(quiet_if_done: bool) -> Result<bool> {
         println!("setup: everything is installed (Debian rustc with LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION} for LLVM {llvm}); nothing to do");
     }
     Ok(did)
+}
+
+/// Installs the packages of `pkgs` that are missing; returns whether it installed any.
+pub fn ensure_packages(pkgs: &[&str]) -> Result<bool> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    apt_install(&missing)?;
+    Ok(true)
 }
 
 fn installed(pkg: &str) -> bool {
@@ -135,7 +140,7 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn home() -> PathBuf {
+pub fn home() -> PathBuf {
     std::env::var("HOME").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/root"))
 }
 

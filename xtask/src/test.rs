@@ -1,20 +1,181 @@
-//! `cargo xtask test`: unit tests (no root), then the kernel tests (root: real namespaces, real eBPF).
-//! The kernel tests share one kernel, so they run one at a time.
+//! `cargo xtask test`: unit tests (no root), then the kernel tests (root: real namespaces, real eBPF) on
+//! the host kernel and on each VM kernel asked for, then the matrix: kernel × test → pass / FAIL /
+//! skipped with its reason, and the time each kernel took.
+//! The kernel tests share one kernel, so they run one at a time (in each VM as on the host).
 
-use anyhow::Result;
+use std::{path::PathBuf, process::Command, time::Duration};
 
-pub fn run(filter: Option<&str>) -> Result<()> {
+use anyhow::{bail, Context, Result};
+
+use crate::vm::{self, Column, Outcome};
+
+pub struct Options {
+    pub filter: Option<String>,
+    /// VM kernels to run besides the host; empty means the default set.
+    pub kernels: Vec<String>,
+    pub no_host: bool,
+    /// Minutes one VM may take (boot + suite) before it is stopped.
+    pub vm_timeout_min: u64,
+}
+
+pub fn run(o: Options) -> Result<()> {
     crate::setup::run(true)?;
-    let bin = crate::build()?;
-    // The kernel tests drive the real binary, as a user would.
-    std::env::set_var("CNITRACE_BIN", &bin);
-    crate::cargo(&["test", "--release", "-p", "cnitrace-common", "-p", "cnitrace", "-p", "xtask"])?;
-    let mut args = vec!["test", "--release", "-p", "cnitrace-tests", "--"];
-    if let Some(f) = filter {
-        args.push(f);
+    let kernels: Vec<String> = if o.kernels.is_empty() {
+        vm::DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect()
+    } else if o.kernels.iter().any(|k| k == "all") {
+        vm::KERNELS.iter().map(|k| k.name.to_string()).collect()
+    } else if o.kernels.iter().any(|k| k == "none") {
+        Vec::new()
+    } else {
+        o.kernels.clone()
+    };
+    for k in &kernels {
+        vm::spec(k)?;
     }
-    args.push("--test-threads=1");
-    // Shows the reason of every skipped kernel test (they print nothing else).
-    args.push("--show-output");
-    crate::cargo(&args)
+    let bin = crate::build()?;
+    crate::cargo(&["test", "--release", "-p", "cnitrace-common", "-p", "cnitrace", "-p", "xtask"])?;
+    // A snapshot of both binaries: a rebuild while a VM runs (minutes under emulation) must not change
+    // what the guest executes.
+    let logs = crate::workspace_root().join("target/kernel-tests");
+    std::fs::create_dir_all(logs.join("bin"))?;
+    let (bin, test_bin) = (snapshot(&bin, &logs)?, snapshot(&kernel_test_binary()?, &logs)?);
+    let mut args: Vec<String> = Vec::new();
+    if let Some(f) = &o.filter {
+        args.push(f.clone());
+    }
+    // --show-output: the reason of every skipped kernel test (they print nothing else).
+    args.extend(["--test-threads=1".into(), "--show-output".into()]);
+
+    let mut columns = Vec::new();
+    if !o.no_host {
+        // The kernel tests drive the real binary, as a user would.
+        std::env::set_var("CNITRACE_BIN", &bin);
+        columns.push(vm::run_host(&test_bin, &args, &logs.join("host.log"))?);
+    }
+    if !kernels.is_empty() {
+        let names: Vec<&str> = kernels.iter().map(String::as_str).collect();
+        vm::ensure(&names)?;
+    }
+    for k in &kernels {
+        let kernel = vm::kernel(k)?;
+        println!("\n=== kernel {} ({}; {}) in a VM: qemu, software emulation ===", kernel.name, kernel.release, vm::spec(k)?.why);
+        let col = vm::run_suite(&kernel, &test_bin, &bin, &args, &logs.join(format!("{}.log", kernel.name)), Duration::from_secs(o.vm_timeout_min * 60))?;
+        columns.push(col);
+    }
+    let report = matrix(&columns);
+    println!("\n{report}");
+    std::fs::write(logs.join("matrix.txt"), &report)?;
+    std::fs::write(logs.join("matrix.json"), matrix_json(&columns).to_string())?;
+    let failed: Vec<String> = columns
+        .iter()
+        .flat_map(|c| {
+            let broken = c.broken.as_ref().map(|b| format!("{}: {b}", c.kernel));
+            let fails = c.results.iter().filter(|(_, o)| matches!(o, Outcome::Fail(_))).map(move |(t, _)| format!("{} on {}", t, c.kernel));
+            broken.into_iter().chain(fails)
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("{} kernel test run(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
+
+fn snapshot(bin: &std::path::Path, logs: &std::path::Path) -> Result<PathBuf> {
+    let to = logs.join("bin").join(bin.file_name().context("a binary's name")?);
+    let tmp = to.with_extension("new");
+    std::fs::copy(bin, &tmp).with_context(|| format!("copy {}", bin.display()))?;
+    std::fs::rename(&tmp, &to)?;
+    Ok(to)
+}
+
+/// The kernel test binary (one self-contained binary: the same file runs on the host and in the VMs).
+fn kernel_test_binary() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["test", "--release", "-p", "cnitrace-tests", "--test", "kernel", "--no-run", "--message-format=json"])
+        .current_dir(crate::workspace_root())
+        .env("PATH", crate::setup::path_with_cargo_bin())
+        .output()
+        .context("build the kernel tests")?;
+    if !out.status.success() {
+        bail!("building the kernel tests failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "kernel")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no kernel test executable")
+}
+
+fn cell(o: Option<&Outcome>) -> &'static str {
+    match o {
+        Some(Outcome::Pass) => "pass",
+        Some(Outcome::Fail(_)) => "FAIL",
+        Some(Outcome::Skipped(_)) => "skipped",
+        None => "-",
+    }
+}
+
+/// The matrix as text: one row per test, one column per kernel, then the reasons and the times.
+pub fn matrix(columns: &[Column]) -> String {
+    let mut tests: Vec<&str> = Vec::new();
+    for c in columns {
+        for (t, _) in &c.results {
+            if !tests.contains(&t.as_str()) {
+                tests.push(t);
+            }
+        }
+    }
+    let width = tests.iter().map(|t| t.len()).max().unwrap_or(4).max(4);
+    let head: Vec<String> = columns.iter().map(|c| format!("{:>8}", c.kernel)).collect();
+    let mut s = format!("kernel test matrix\n{:width$}  {}\n", "test", head.join(" "));
+    for t in &tests {
+        let cells: Vec<String> = columns.iter().map(|c| format!("{:>8}", cell(c.results.iter().find(|(n, _)| n == t).map(|(_, o)| o)))).collect();
+        s.push_str(&format!("{t:width$}  {}\n", cells.join(" ")));
+    }
+    s.push('\n');
+    for c in columns {
+        let n = |f: fn(&Outcome) -> bool| c.results.iter().filter(|(_, o)| f(o)).count();
+        s.push_str(&format!(
+            "{:>6} {:<24} {:>3} pass {:>3} fail {:>3} skipped  {:>6.1} min{}\n",
+            c.kernel,
+            c.release,
+            n(|o| *o == Outcome::Pass),
+            n(|o| matches!(o, Outcome::Fail(_))),
+            n(|o| matches!(o, Outcome::Skipped(_))),
+            c.elapsed.as_secs_f64() / 60.0,
+            c.broken.as_ref().map(|b| format!("  RUN BROKEN: {b}")).unwrap_or_default()
+        ));
+        for (t, o) in &c.results {
+            match o {
+                Outcome::Fail(m) => s.push_str(&format!("         FAIL {t}: {m}\n")),
+                Outcome::Skipped(m) => s.push_str(&format!("         skipped {t}: {m}\n")),
+                Outcome::Pass => {}
+            }
+        }
+    }
+    s
+}
+
+fn matrix_json(columns: &[Column]) -> serde_json::Value {
+    let cols: Vec<serde_json::Value> = columns
+        .iter()
+        .map(|c| {
+            let results: serde_json::Map<String, serde_json::Value> = c
+                .results
+                .iter()
+                .map(|(t, o)| {
+                    let v = match o {
+                        Outcome::Pass => serde_json::json!({"outcome": "pass"}),
+                        Outcome::Fail(m) => serde_json::json!({"outcome": "fail", "why": m}),
+                        Outcome::Skipped(m) => serde_json::json!({"outcome": "skipped", "why": m}),
+                    };
+                    (t.clone(), v)
+                })
+                .collect();
+            serde_json::json!({"kernel": c.kernel, "release": c.release, "seconds": c.elapsed.as_secs(), "broken": c.broken, "results": results})
+        })
+        .collect();
+    serde_json::Value::Array(cols)
 }

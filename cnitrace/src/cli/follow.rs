@@ -36,6 +36,9 @@ pub struct FollowArgs {
     /// Report the kernel's own run count and time of each program (BPF_ENABLE_STATS while tracing).
     #[arg(long)]
     kernel_stats: bool,
+    /// Tracepoints only: do not try the optional kprobes (netfilter verdicts, rp_filter, bridge, VXLAN).
+    #[arg(long)]
+    no_kprobes: bool,
     /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -63,7 +66,7 @@ impl FollowArgs {
         if self.size.is_some_and(|s| s > 65_000) {
             bail!("--size must be at most 65000 bytes");
         }
-        let opts = follow::FollowOptions { ready_file: self.ready_file.clone(), kernel_stats: self.kernel_stats };
+        let opts = follow::FollowOptions { ready_file: self.ready_file.clone(), kernel_stats: self.kernel_stats, no_kprobes: self.no_kprobes };
         Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size, opts })
     }
 }

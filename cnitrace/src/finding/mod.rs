@@ -40,6 +40,9 @@ pub struct Verdict {
     pub netns: Option<String>,
     pub explanation: String,
     pub facts: Vec<String>,
+    /// Evidence this kernel could not give, and what the verdict rests on instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 impl Verdict {
@@ -64,6 +67,29 @@ fn drop_facts(d: &TraceEvent) -> String {
     )
 }
 
+/// What the optional kprobes saw refuse the pair's packets: the first refusal of each function.
+fn kprobe_facts(ctx: &Ctx) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for e in ctx.trace.packets.iter().flat_map(|p| p.events.iter()) {
+        let Some(f) = e.func.as_ref().filter(|f| f.refused()) else { continue };
+        if seen.contains(&f.function) {
+            continue;
+        }
+        seen.push(f.function.clone());
+        out.push(format!(
+            "kprobe: {} {} on {} {} → {} for {}",
+            f.function,
+            f.detail,
+            e.where_,
+            e.ifname,
+            f.verdict.clone().unwrap_or_default(),
+            e.packet.as_ref().map(|p| p.what.as_str()).unwrap_or("a packet of the pair")
+        ));
+    }
+    out
+}
+
 /// Decides the verdict for one traced pair.
 pub fn diagnose(ctx: &Ctx) -> Verdict {
     let drop = ctx.trace.first_drop();
@@ -82,6 +108,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
             netns: None,
             explanation: format!("{} reached {} and the answer came back", ctx.src_name(), ctx.dst_name()),
             facts: ctx.delivery_facts(),
+            missing: Vec::new(),
         };
     }
     if probe.sent == 0 && probe.send_error.is_none() && !saw_traffic {
@@ -93,6 +120,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
             if let Some(dr) = drop {
                 facts.push(drop_facts(dr));
             }
+            facts.extend(kprobe_facts(ctx));
             facts.extend(ctx.probe_facts());
             let (netns, ifname) = match (drop, d.hop) {
                 (_, Some((w, i))) if cause.hop_from_state => (Some(w), Some(i)),
@@ -110,6 +138,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
                 netns,
                 explanation: d.explanation,
                 facts,
+                missing: Vec::new(),
             };
         }
     }
@@ -117,6 +146,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
         Some(d) => {
             let info = d.drop.as_ref().expect("drop event");
             let mut facts = vec![drop_facts(d)];
+            facts.extend(kprobe_facts(ctx));
             facts.extend(ctx.probe_facts());
             facts.extend(ctx.trail_facts());
             Verdict {
@@ -132,6 +162,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
                     d.where_, info.function, info.reason
                 ),
                 facts,
+                missing: Vec::new(),
             }
         }
         None => inconclusive(ctx, "the traffic was not answered, but no drop was seen and no known cause matches"),
@@ -152,7 +183,24 @@ fn inconclusive(ctx: &Ctx, why: &str) -> Verdict {
         netns: last.map(|e| e.where_.clone()),
         explanation: why.to_string(),
         facts,
+        missing: Vec::new(),
     }
+}
+
+/// What this kernel did not give the verdict, in words: tracepoints it lacks, and a drop without a
+/// reason (kfree_skb has one since 5.17). Optional kprobes are detail, not evidence: not listed.
+pub fn missing_evidence(v: &Verdict, hooks: &[crate::probe::HookStatus], kfree_has_reason: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if !kfree_has_reason && v.function.is_some() {
+        out.push(format!(
+            "drop reason: this kernel's kfree_skb tracepoint carries none (it has since 5.17); the cause was named from where the kernel freed the packet ({}), the packets' trail and the node's state",
+            v.function.clone().unwrap_or_default()
+        ));
+    }
+    for h in hooks.iter().filter(|h| !h.attached && h.hook.starts_with("raw_tp/")) {
+        out.push(format!("{}: {}", h.hook, h.reason.clone().unwrap_or_default()));
+    }
+    out
 }
 
 /// A coarse layer for drops no cause claims, from the dropping function's name.

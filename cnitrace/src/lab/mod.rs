@@ -291,6 +291,11 @@ pub fn up(prefix: &str, fault_names: &[String]) -> Result<Lab> {
 }
 
 fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
+    // kubeadm's first prerequisite. Built into some kernels (this project's CI host), a module on
+    // Debian's stock kernels, where its sysctls exist only once it is loaded.
+    if !std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
+        sys::run("modprobe", &["br_netfilter"]).context("load br_netfilter (bridged pod traffic through iptables, as on a kubeadm node)")?;
+    }
     let ext = lab.external_ns();
     for ns in (0..NODES.len()).map(|i| lab.node_ns(i)).chain([ext.clone()]) {
         sys::run("ip", &["netns", "add", &ns])?;

@@ -124,6 +124,8 @@ impl KernelBtf {
         c.neigh_dev = opt("neighbour", "dev");
         c.neigh_nud_state = opt("neighbour", "nud_state");
         c.neigh_ha = opt("neighbour", "ha");
+        c.nf_state_hook = opt("nf_hook_state", "hook");
+        c.nf_state_pf = opt("nf_hook_state", "pf");
         Ok(c)
     }
 }

@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::RawTracePoint,
+    programs::{KProbe, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use cnitrace_common::{counter, Config, Event};
@@ -36,6 +36,33 @@ const HOOKS: &[Hook] = &[
     Hook { program: "neigh_update", tracepoint: "neigh_update", essential: false },
     Hook { program: "neigh_timer_handler", tracepoint: "neigh_timer_handler", essential: false },
 ];
+
+/// An optional kprobe (or kprobe + kretprobe pair) on one kernel function: detail that tracepoints
+/// cannot give. Used where it attaches; otherwise skipped with its reason.
+struct Extra {
+    function: &'static str,
+    entry: &'static str,
+    /// The kretprobe of the pair, when the return value is the point.
+    ret: Option<&'static str>,
+}
+
+const EXTRAS: &[Extra] = &[
+    // Which netfilter hook ran on the packet and what it decided.
+    Extra { function: "nf_hook_slow", entry: "kp_nf_hook_slow", ret: Some("kr_nf_hook_slow") },
+    // The reverse-path check's own answer (rp_filter).
+    Extra { function: "fib_validate_source", entry: "kp_fib_validate_source", ret: Some("kr_fib_validate_source") },
+    Extra { function: "br_forward", entry: "kp_br_forward", ret: None },
+    Extra { function: "ip_forward", entry: "kp_ip_forward", ret: None },
+    Extra { function: "vxlan_xmit", entry: "kp_vxlan_xmit", ret: None },
+    Extra { function: "vxlan_rcv", entry: "kp_vxlan_rcv", ret: None },
+];
+
+/// Why this kernel takes no kprobes at all, checked before any is loaded (None: it may).
+fn kprobes_unavailable() -> Option<String> {
+    let pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    let tracefs = ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"].iter().any(|p| std::path::Path::new(p).exists());
+    (!pmu && !tracefs).then(|| "this kernel has no kprobes (no kprobe PMU, no kprobe_events): tracepoints only".to_string())
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct HookStatus {
@@ -76,7 +103,8 @@ pub struct Probe {
 
 impl Probe {
     /// Loads the programs with the kernel's offsets and the pair, then attaches every hook it can.
-    pub fn start(a: Ipv4Addr, b: Ipv4Addr, vxlan_ports: [u16; 2], kernel_stats: bool) -> Result<Probe> {
+    /// `kprobes`: also try the optional kprobes (false: tracepoints only, even where kprobes work).
+    pub fn start(a: Ipv4Addr, b: Ipv4Addr, vxlan_ports: [u16; 2], kernel_stats: bool, kprobes: bool) -> Result<Probe> {
         raise_memlock();
         let stats = if kernel_stats {
             Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?)
@@ -123,11 +151,29 @@ impl Probe {
                 reason: r.err().map(|e| format!("{e:#}")),
             });
         }
-        hooks.push(HookStatus {
-            hook: "kprobe/fentry extras".into(),
-            attached: false,
-            reason: Some("none are built yet; every verdict here comes from tracepoints".into()),
-        });
+        let refused = if kprobes { kprobes_unavailable() } else { Some("turned off (--no-kprobes)".into()) };
+        match refused {
+            Some(why) => hooks.push(HookStatus { hook: "kprobe/*".into(), attached: false, reason: Some(why) }),
+            None => {
+                for x in EXTRAS {
+                    let r = attach_kprobe(&mut ebpf, x.entry, x.function).and_then(|_| match x.ret {
+                        Some(ret) => attach_kprobe(&mut ebpf, ret, x.function).map_err(|e| {
+                            // Half a pair would leave the entry's per-CPU state unread: drop both.
+                            if let Some(k) = ebpf.program_mut(x.entry).and_then(|p| <&mut KProbe>::try_from(p).ok()) {
+                                let _ = k.unload();
+                            }
+                            e
+                        }),
+                        None => Ok(()),
+                    });
+                    hooks.push(HookStatus {
+                        hook: format!("{}/{}", if x.ret.is_some() { "kprobe+kretprobe" } else { "kprobe" }, x.function),
+                        attached: r.is_ok(),
+                        reason: r.err().map(|e| format!("{e:#}")),
+                    });
+                }
+            }
+        }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
         Ok(Probe { ebpf: Some(ebpf), _stats: stats, ring, counters, hooks, drop_reasons, kfree_has_reason })
@@ -181,6 +227,16 @@ fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
         .try_into()?;
     prog.load().with_context(|| format!("load {program}"))?;
     prog.attach(tracepoint).with_context(|| format!("attach {program}"))?;
+    Ok(())
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<()> {
+    let prog: &mut KProbe = ebpf
+        .program_mut(program)
+        .with_context(|| format!("no program {program} in the object"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("load {program}"))?;
+    prog.attach(function, 0).with_context(|| format!("attach to {function} (not in this kernel, or its module is not loaded?)"))?;
     Ok(())
 }
 

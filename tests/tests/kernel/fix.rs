@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use cnitrace_tests::{bin, can_run_kernel_tests, check, cnitrace, config_diff, config_diff_but_port_states, faults, lab_config, state_dir, topology, LabGuard, PREFIX};
+use cnitrace_tests::{bin, can_run_kernel_tests, check, cnitrace, config_diff, config_diff_but_port_states, faults, lab_config, state_dir, LabGuard, PREFIX};
 
 /// Faults whose cause has no safe automatic fix: fix says so and changes nothing.
 const NO_SAFE_FIX: &[&str] = &["vxlan-port-mismatch", "vxlan-vni-mismatch"];

@@ -1,0 +1,185 @@
+//! Optional kprobes on the kernel functions tracepoints cannot see into: which netfilter hook ran and
+//! its verdict, the bridge's forwarding, VXLAN encapsulation and decapsulation, IP forwarding and the
+//! reverse-path check. Userspace tries each one at start and carries on without it when the kernel
+//! refuses (no CONFIG_KPROBES, as on this project's CI kernel): they add detail, never the verdict.
+
+use aya_ebpf::{
+    macros::{kprobe, kretprobe, map},
+    maps::PerCpuArray,
+    programs::{ProbeContext, RetProbeContext},
+};
+use cnitrace_common::{func, EventKind};
+
+use crate::filter::{config, emit, match_skb, new_event, read, stamp_dev, L3At};
+
+/// Nested calls of one function on one CPU (netfilter: br_netfilter runs the IPv4 FORWARD hook from
+/// inside the bridge's FORWARD hook). Entry pushes, return pops; an unmatched skb pushes a 0.
+const DEPTH: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Frame {
+    skb: u64,
+    /// Hook | family << 8 for netfilter.
+    extra: u32,
+    /// The device at entry: by the return, okfn may have carried the skb into another namespace.
+    netns: u32,
+    ifindex: u32,
+    _pad: u32,
+}
+
+impl Frame {
+    #[inline(always)]
+    fn at_entry(skb: *const u8, matched: bool, extra: u32) -> Frame {
+        let mut ev = new_event(EventKind::FuncEntry, skb);
+        if matched {
+            unsafe { stamp_dev(&config(), skb, &mut ev) };
+        }
+        Frame { skb: if matched { skb as u64 } else { 0 }, extra, netns: ev.header.netns, ifindex: ev.header.ifindex, _pad: 0 }
+    }
+}
+
+/// Per CPU: how deep nf_hook_slow is nested, and the frame of each level.
+#[map]
+static NF_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static NF_STACK: PerCpuArray<Frame> = PerCpuArray::with_max_entries(DEPTH, 0);
+/// Per CPU: the skb fib_validate_source was called for (it does not nest).
+#[map]
+static RPF_SLOT: PerCpuArray<Frame> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
+    let c = config();
+    if c.enabled == 0 || skb.is_null() {
+        return false;
+    }
+    let mut ev = new_event(EventKind::FuncEntry, skb);
+    unsafe {
+        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) {
+            return false;
+        }
+        stamp_dev(&c, skb, &mut ev);
+    }
+    ev.reason = id;
+    ev.oif = extra;
+    emit(&mut ev);
+    true
+}
+
+#[inline(always)]
+fn ret_event(f: &Frame, id: u32, ret: i32) {
+    let c = config();
+    let skb = f.skb as *const u8;
+    let mut ev = new_event(EventKind::FuncReturn, skb);
+    // Matched at entry: the headers may have changed since (NAT), the identity has not.
+    let _ = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, true) };
+    ev.header.netns = f.netns;
+    ev.header.ifindex = f.ifindex;
+    ev.reason = id;
+    ev.oif = f.extra;
+    ev.err = ret;
+    emit(&mut ev);
+}
+
+// int nf_hook_slow(struct sk_buff *skb, struct nf_hook_state *state, const struct nf_hook_entries *e, unsigned int s)
+#[kprobe]
+pub fn kp_nf_hook_slow(ctx: ProbeContext) -> u32 {
+    let c = config();
+    let skb: *const u8 = ctx.arg(0).unwrap_or(core::ptr::null());
+    let state: *const u8 = ctx.arg(1).unwrap_or(core::ptr::null());
+    let hook: u8 = unsafe { read(state, c.nf_state_hook) }.unwrap_or(0xff);
+    let pf: u8 = unsafe { read(state, c.nf_state_pf) }.unwrap_or(0xff);
+    let extra = hook as u32 | (pf as u32) << 8;
+    // No entry record: the return says the same plus the verdict.
+    let matched = c.enabled != 0 && {
+        let mut ev = new_event(EventKind::FuncEntry, skb);
+        unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) }
+    };
+    let Some(depth) = NF_DEPTH.get_ptr_mut(0) else { return 0 };
+    let d = unsafe { *depth };
+    if d < DEPTH {
+        if let Some(slot) = NF_STACK.get_ptr_mut(d) {
+            unsafe { *slot = Frame::at_entry(skb, matched, extra) };
+        }
+    }
+    unsafe { *depth = d + 1 };
+    0
+}
+
+#[kretprobe]
+pub fn kr_nf_hook_slow(ctx: RetProbeContext) -> u32 {
+    let Some(depth) = NF_DEPTH.get_ptr_mut(0) else { return 0 };
+    let d = unsafe { *depth };
+    if d == 0 {
+        return 0;
+    }
+    unsafe { *depth = d - 1 };
+    if d > DEPTH {
+        return 0;
+    }
+    let Some(slot) = NF_STACK.get(d - 1) else { return 0 };
+    let f = *slot;
+    if f.skb != 0 {
+        let ret: i32 = ctx.ret();
+        ret_event(&f, func::NF_HOOK_SLOW, ret);
+    }
+    0
+}
+
+// int fib_validate_source(struct sk_buff *skb, __be32 src, __be32 dst, dscp_t dscp, int oif,
+//                         struct net_device *dev, struct in_device *idev, u32 *itag)
+#[kprobe]
+pub fn kp_fib_validate_source(ctx: ProbeContext) -> u32 {
+    let c = config();
+    let skb: *const u8 = ctx.arg(0).unwrap_or(core::ptr::null());
+    let mut matched = false;
+    if c.enabled != 0 && !skb.is_null() {
+        let mut ev = new_event(EventKind::FuncEntry, skb);
+        matched = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) };
+    }
+    if let Some(slot) = RPF_SLOT.get_ptr_mut(0) {
+        unsafe { *slot = Frame::at_entry(skb, matched, 0) };
+    }
+    0
+}
+
+#[kretprobe]
+pub fn kr_fib_validate_source(ctx: RetProbeContext) -> u32 {
+    let Some(slot) = RPF_SLOT.get_ptr_mut(0) else { return 0 };
+    let f = unsafe { *slot };
+    unsafe { (*slot).skb = 0 };
+    if f.skb != 0 {
+        let ret: i32 = ctx.ret();
+        ret_event(&f, func::FIB_VALIDATE_SOURCE, ret);
+    }
+    0
+}
+
+// void br_forward(const struct net_bridge_port *to, struct sk_buff *skb, bool local_rcv, bool local_orig)
+#[kprobe]
+pub fn kp_br_forward(ctx: ProbeContext) -> u32 {
+    entry(ctx.arg(1).unwrap_or(core::ptr::null()), func::BR_FORWARD, 0);
+    0
+}
+
+// netdev_tx_t vxlan_xmit(struct sk_buff *skb, struct net_device *dev)
+#[kprobe]
+pub fn kp_vxlan_xmit(ctx: ProbeContext) -> u32 {
+    entry(ctx.arg(0).unwrap_or(core::ptr::null()), func::VXLAN_XMIT, 0);
+    0
+}
+
+// int vxlan_rcv(struct sock *sk, struct sk_buff *skb)
+#[kprobe]
+pub fn kp_vxlan_rcv(ctx: ProbeContext) -> u32 {
+    entry(ctx.arg(1).unwrap_or(core::ptr::null()), func::VXLAN_RCV, 0);
+    0
+}
+
+// int ip_forward(struct sk_buff *skb)
+#[kprobe]
+pub fn kp_ip_forward(ctx: ProbeContext) -> u32 {
+    entry(ctx.arg(0).unwrap_or(core::ptr::null()), func::IP_FORWARD, 0);
+    0
+}

@@ -1,0 +1,393 @@
+//! Other kernels, in VMs: Debian's stock kernel packages booted under qemu by virtme-ng, with the host's
+//! root shared read-only (writes land in the guest's RAM), running the same kernel test binary.
+//!
+//! Only software emulation (TCG) works on this project's machines, so the VM is slow but real: the
+//! guest kernel is the one under test, with its own verifier, tracepoints, kprobes and fentry.
+//! Everything lives in one cache folder (`CNITRACE_VM_CACHE`, else `~/.cache/cnitrace/vm`): the
+//! virtme-ng venv and one folder per kernel with the extracted package. Nothing is installed into the
+//! host's /boot or /lib/modules.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// The matrix: one Debian release per kernel line, the suites to look in (security first: newer).
+pub struct KernelSpec {
+    pub name: &'static str,
+    /// (archive, suite)
+    suites: &'static [(&'static str, &'static str)],
+    pub why: &'static str,
+}
+
+const DEBIAN: &str = "http://deb.debian.org/debian";
+const SECURITY: &str = "http://deb.debian.org/debian-security";
+
+pub const KERNELS: &[KernelSpec] = &[
+    KernelSpec { name: "5.10", suites: &[(SECURITY, "bullseye-security"), (DEBIAN, "bullseye")], why: "bullseye: kfree_skb without a drop reason" },
+    KernelSpec { name: "6.1", suites: &[(SECURITY, "bookworm-security"), (DEBIAN, "bookworm")], why: "bookworm: drop reasons, the most common LTS on nodes" },
+    KernelSpec { name: "6.12", suites: &[(SECURITY, "trixie-security"), (DEBIAN, "trixie")], why: "trixie" },
+    KernelSpec { name: "7.2", suites: &[(DEBIAN, "sid")], why: "sid: the newest Debian kernel" },
+];
+
+/// What `cargo xtask test` boots besides the host kernel when no `--kernel` is given (CI runs this):
+/// the oldest, whose kfree_skb has no drop reason, so the degraded path is proven on every run.
+pub const DEFAULT_KERNELS: &[&str] = &["5.10"];
+
+/// Host packages the VMs need: qemu (TCG), udev (virtme-ng's init), kmod (depmod for the extracted
+/// modules), file (virtme-ng reads the image's version with it), xz-utils (Debian's package indexes),
+/// and the libraries virtiofsd builds against.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "udev", "kmod", "file", "xz-utils", "libseccomp-dev", "libcap-ng-dev"];
+const VIRTME_NG: &str = "virtme-ng==1.42";
+/// The Rust virtiofsd (Debian 12 has none; qemu's old C one is not used by virtme-ng). With it the
+/// guest's shared root is virtiofs with caching instead of uncached 9p: measured on 6.1 under TCG,
+/// `cnitrace --version` 0.87 s → 0.10 s and `lab up` 11.1 s → 8.2 s.
+const VIRTIOFSD: &str = "virtiofsd@1.14.0";
+
+pub fn spec(name: &str) -> Result<&'static KernelSpec> {
+    KERNELS.iter().find(|k| k.name == name).with_context(|| {
+        format!("no kernel {name:?} in the matrix; known: {}", KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "))
+    })
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CNITRACE_VM_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| crate::setup::home().join(".cache"));
+    base.join("cnitrace/vm")
+}
+
+/// A kernel ready to boot.
+pub struct Kernel {
+    pub name: String,
+    /// `uname -r` inside the guest.
+    pub release: String,
+    pub vmlinuz: PathBuf,
+}
+
+/// Installs what booting needs (idempotent): the host packages, virtme-ng, and the kernels asked for.
+/// Returns whether anything was installed.
+pub fn ensure(kernels: &[&str]) -> Result<bool> {
+    let mut did = crate::setup::ensure_packages(VM_PACKAGES)?;
+    did |= ensure_runner()?;
+    for k in kernels {
+        did |= ensure_kernel(spec(k)?)?.1;
+    }
+    Ok(did)
+}
+
+/// A kernel already in the cache (`ensure` puts it there).
+pub fn kernel(name: &str) -> Result<Kernel> {
+    let spec = spec(name)?;
+    cached_kernel(spec, &cache_dir().join("kernels").join(spec.name)).with_context(|| format!("kernel {name} is not in {}: run `cargo xtask setup`", cache_dir().display()))
+}
+
+fn venv() -> PathBuf {
+    cache_dir().join("venv")
+}
+
+fn virtiofsd_root() -> PathBuf {
+    cache_dir().join("virtiofsd")
+}
+
+fn ensure_runner() -> Result<bool> {
+    let mut did = false;
+    if !virtiofsd_root().join("bin/virtiofsd").exists() {
+        println!("setup: cargo install {VIRTIOFSD} into {} (about 1 min)", virtiofsd_root().display());
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["install", VIRTIOFSD, "--locked", "--root"])
+            .arg(virtiofsd_root())
+            .env("PATH", crate::setup::path_with_cargo_bin())
+            .status()
+            .context("run cargo install")?;
+        if !st.success() {
+            bail!("cargo install {VIRTIOFSD} failed");
+        }
+        did = true;
+    }
+    let vng = venv().join("bin/vng");
+    if vng.exists() {
+        return Ok(did);
+    }
+    std::fs::create_dir_all(cache_dir())?;
+    println!("setup: virtme-ng ({VIRTME_NG}) into {}", venv().display());
+    let mut made = Command::new("python3").args(["-m", "venv"]).arg(venv()).status().map(|s| s.success()).unwrap_or(false);
+    if !made {
+        // Debian's own python3 needs python3-venv for this.
+        crate::setup::ensure_packages(&["python3-venv"])?;
+        made = Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(venv()).status().context("python3 -m venv")?.success();
+    }
+    if !made {
+        bail!("could not create a Python venv for virtme-ng at {}", venv().display());
+    }
+    let st = Command::new(venv().join("bin/pip")).args(["install", "-q", VIRTME_NG]).status().context("run pip")?;
+    if !st.success() {
+        let _ = std::fs::remove_dir_all(venv());
+        bail!("pip install {VIRTME_NG} failed");
+    }
+    Ok(true)
+}
+
+/// Downloads and extracts the newest `linux-image-<line>.*-amd64` package of the kernel's suites.
+/// The generic flavour: the cloud one lacks 9p, which virtme-ng's shared root needs.
+fn ensure_kernel(spec: &KernelSpec) -> Result<(Kernel, bool)> {
+    let dir = cache_dir().join("kernels").join(spec.name);
+    if let Some(k) = cached_kernel(spec, &dir) {
+        return Ok((k, false));
+    }
+    let t0 = Instant::now();
+    let (url, package) = newest_package(spec)?;
+    println!("setup: kernel {} ← {package}", spec.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let deb = dir.join("kernel.deb");
+    run("curl", &["-sSf", "--retry", "3", "-o", path_str(&deb)?, &url])?;
+    let root = dir.join("root");
+    run("dpkg-deb", &["-x", path_str(&deb)?, path_str(&root)?])?;
+    std::fs::remove_file(&deb)?;
+    let release = release_in(&root)?;
+    // The package's postinst would run depmod; virtme-ng needs modules.dep to pick 9p, virtio, overlay.
+    run("depmod", &["-b", path_str(&root)?, &release])?;
+    std::fs::write(dir.join("package"), &package)?;
+    println!("setup: kernel {} ({release}) ready in {:.0} s", spec.name, t0.elapsed().as_secs_f64());
+    let k = cached_kernel(spec, &dir).context("the extracted kernel package has no vmlinuz")?;
+    Ok((k, true))
+}
+
+fn cached_kernel(spec: &KernelSpec, dir: &Path) -> Option<Kernel> {
+    if !dir.join("package").exists() {
+        return None;
+    }
+    let root = dir.join("root");
+    let release = release_in(&root).ok()?;
+    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
+    let deps = root.join(format!("lib/modules/{release}/modules.dep"));
+    (vmlinuz.exists() && deps.exists()).then(|| Kernel { name: spec.name.to_string(), release, vmlinuz })
+}
+
+fn release_in(root: &Path) -> Result<String> {
+    let modules = root.join("lib/modules");
+    let entry = std::fs::read_dir(&modules)
+        .with_context(|| format!("read {}", modules.display()))?
+        .filter_map(|e| e.ok())
+        .next()
+        .context("no module folder in the kernel package")?;
+    Ok(entry.file_name().to_string_lossy().into_owned())
+}
+
+/// The download URL and file name of the newest generic amd64 image of this kernel line.
+fn newest_package(spec: &KernelSpec) -> Result<(String, String)> {
+    let prefix = format!("linux-image-{}.", spec.name);
+    for (archive, suite) in spec.suites {
+        let index = format!("{archive}/dists/{suite}/main/binary-amd64/Packages.xz");
+        let out = Command::new("sh")
+            .args(["-c", &format!("curl -sSf --retry 3 '{index}' | xz -dc")])
+            .output()
+            .context("download a Debian package index")?;
+        if !out.status.success() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut best: Option<String> = None;
+        let mut package = "";
+        for line in text.lines() {
+            if let Some(p) = line.strip_prefix("Package: ") {
+                package = p;
+            } else if let Some(f) = line.strip_prefix("Filename: ") {
+                let generic = package.starts_with(&prefix) && package.ends_with("-amd64") && !package.contains("cloud") && !package.contains("-rt-");
+                if generic {
+                    // Later entries of one index are newer ABI numbers; kept from the last one.
+                    best = Some(f.to_string());
+                }
+            }
+        }
+        if let Some(f) = best {
+            let name = f.rsplit('/').next().unwrap_or(&f).to_string();
+            return Ok((format!("{archive}/{f}"), name));
+        }
+    }
+    bail!("no linux-image-{}.*-amd64 package in {:?}", spec.name, spec.suites.iter().map(|s| s.1).collect::<Vec<_>>())
+}
+
+/// How one test ended on one kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Fail(String),
+    Skipped(String),
+}
+
+/// One kernel's column of the matrix.
+pub struct Column {
+    pub kernel: String,
+    pub release: String,
+    pub results: Vec<(String, Outcome)>,
+    pub elapsed: Duration,
+    /// Set when the run itself broke (boot failure, timeout) rather than a test.
+    pub broken: Option<String>,
+}
+
+/// Boots `kernel` and runs the kernel test binary inside it; streams the guest's output and returns
+/// the column. `timeout` bounds the whole boot + suite.
+pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration) -> Result<Column> {
+    let vng = venv().join("bin/vng");
+    // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM.
+    let mut guest = format!("export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}", sh_quote(path_str(cnitrace_bin)?), sh_quote(path_str(test_bin)?));
+    for a in args {
+        guest.push(' ');
+        guest.push_str(&sh_quote(a));
+    }
+    let path = format!("{}:{}:{}", venv().join("bin").display(), virtiofsd_root().join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let t0 = Instant::now();
+    let mut child = Command::new("timeout")
+        .args(["--kill-after=20", &format!("{}", timeout.as_secs())])
+        .arg(&vng)
+        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", "2", "--memory", "2G", "--cwd", "/", "--"])
+        .arg(&guest)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start virtme-ng")?;
+    let mut text = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        println!("[{}] {line}", kernel.name);
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait()?;
+    let elapsed = t0.elapsed();
+    std::fs::write(log, &text)?;
+    let results = parse_libtest(&text);
+    let booted = text.contains("cnitrace-vm: kernel");
+    let broken = if status.code() == Some(124) {
+        Some(format!("timed out after {} s", timeout.as_secs()))
+    } else if !booted {
+        Some(format!("the VM did not boot or run the suite (exit {:?}); see {}", status.code(), log.display()))
+    } else if results.is_empty() {
+        Some(format!("no test ran (exit {:?}); see {}", status.code(), log.display()))
+    } else {
+        None
+    };
+    Ok(Column { kernel: kernel.name.clone(), release: kernel.release.clone(), results, elapsed, broken })
+}
+
+/// Runs the kernel test binary on the host kernel, streaming and parsing its output like a VM's.
+pub fn run_host(test_bin: &Path, args: &[String], log: &Path) -> Result<Column> {
+    let t0 = Instant::now();
+    let mut child = Command::new(test_bin).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("run the kernel tests")?;
+    let mut text = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.unwrap_or_default();
+        println!("{line}");
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait()?;
+    std::fs::write(log, &text)?;
+    let results = parse_libtest(&text);
+    let broken = (results.is_empty() && !status.success()).then(|| format!("the test binary failed before any test (exit {:?})", status.code()));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    Ok(Column { kernel: "host".into(), release, results, elapsed: t0.elapsed(), broken })
+}
+
+/// Test outcomes from libtest's output: `test NAME ... ok|FAILED|ignored`, the first panic line of each
+/// failure, and the `SKIPPED name: reason` lines the kernel tests print when they cannot run.
+pub fn parse_libtest(text: &str) -> Vec<(String, Outcome)> {
+    let mut results: Vec<(String, Outcome)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("test ") else { continue };
+        let Some((name, verdict)) = rest.split_once(" ... ") else { continue };
+        let outcome = match verdict.trim() {
+            "ok" => Outcome::Pass,
+            "FAILED" => Outcome::Fail(String::new()),
+            v if v.starts_with("ignored") => Outcome::Skipped(v.trim_start_matches("ignored").trim_start_matches(", ").to_string()),
+            _ => continue,
+        };
+        results.push((name.to_string(), outcome));
+    }
+    // Failure reasons: the line after "---- NAME stdout ----" that says where it panicked, and the message.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(name) = l.strip_prefix("---- ").and_then(|r| r.strip_suffix(" stdout ----")) else { continue };
+        let msg = lines[i + 1..]
+            .iter()
+            .take_while(|l| !l.starts_with("---- ") && !l.starts_with("failures:"))
+            .skip_while(|l| !l.contains("panicked at"))
+            .nth(1)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        if let Some((_, Outcome::Fail(m))) = results.iter_mut().find(|(n, _)| n == name) {
+            *m = msg;
+        }
+    }
+    for l in &lines {
+        let Some(rest) = l.trim().strip_prefix("SKIPPED ") else { continue };
+        let Some((short, reason)) = rest.split_once(": ") else { continue };
+        if let Some((_, o)) = results.iter_mut().find(|(n, o)| *o == Outcome::Pass && n.rsplit("::").next() == Some(short)) {
+            *o = Outcome::Skipped(reason.to_string());
+        }
+    }
+    results
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+fn run(prog: &str, args: &[&str]) -> Result<()> {
+    let st = Command::new(prog).args(args).status().with_context(|| format!("run {prog}"))?;
+    if !st.success() {
+        bail!("`{prog} {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_output_becomes_outcomes() {
+        let out = "\
+running 3 tests
+test fix::a ... ok
+test follow::b ... FAILED
+test lab::c ... ok
+test lab::d ... ignored, needs a bridge
+
+successes:
+
+---- lab::c stdout ----
+SKIPPED c: no fentry here
+
+failures:
+
+---- follow::b stdout ----
+
+thread 'follow::b' (251) panicked at tests/src/lib.rs:96:9:
+lab up failed: boom
+
+failures:
+    follow::b
+";
+        let r = parse_libtest(out);
+        assert_eq!(r[0], ("fix::a".into(), Outcome::Pass));
+        assert_eq!(r[1], ("follow::b".into(), Outcome::Fail("lab up failed: boom".into())));
+        assert_eq!(r[2], ("lab::c".into(), Outcome::Skipped("no fentry here".into())));
+        assert_eq!(r[3], ("lab::d".into(), Outcome::Skipped("needs a bridge".into())));
+    }
+}
