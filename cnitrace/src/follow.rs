@@ -191,7 +191,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         std::thread::spawn(move || inject::run(plan))
     });
 
-    let deadline = t_start + req.timeout + Duration::from_millis(300);
+    // The timeout counts from the probes being ready: start-up is the kernel's and the machine's (tens
+    // of ms here, seconds under emulation), not time the traffic had.
+    let deadline = Instant::now() + req.timeout + Duration::from_millis(300);
     let mut raw = Vec::new();
     let mut decoder = Decoder::new(names);
     let mut decoded: Vec<TraceEvent> = Vec::new();

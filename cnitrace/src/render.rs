@@ -122,6 +122,7 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
     v["ready_ms"] = r.ready_ms.into();
     v["events_not_kept"] = r.events_not_kept.into();
     v["peak_rss_kib"] = r.peak_rss_kib.into();
+    v["hooks"] = serde_json::to_value(&r.hooks)?;
     if !r.program_stats.is_empty() {
         v["program_stats"] = serde_json::to_value(&r.program_stats)?;
     }

@@ -35,9 +35,38 @@ pub fn follow(src: &str, dst: &str, extra: &[&str]) -> (i32, serde_json::Value) 
     (out.status.code().unwrap_or(-1), v)
 }
 
+/// Like [`follow`], with every event object before the verdict.
+pub fn follow_events(src: &str, dst: &str, extra: &[&str]) -> (i32, Vec<serde_json::Value>, serde_json::Value) {
+    let mut args = vec!["follow", src, dst, "--json"];
+    args.extend_from_slice(extra);
+    let out = cnitrace(&args);
+    let mut lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let verdict = lines.pop().unwrap_or_else(|| panic!("follow printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(verdict["type"], "verdict", "the last line is the verdict: {verdict}");
+    (out.status.code().unwrap_or(-1), lines, verdict)
+}
+
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> (u32, u32) {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut it = r.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// The hook statuses a follow reported, by name.
+pub fn hook<'a>(verdict: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    verdict["hooks"].as_array()?.iter().find(|h| h["hook"] == name)
+}
+
 /// cnitrace's eBPF programs currently loaded in the kernel (names as the kernel truncates them).
 pub fn loaded_cnitrace_programs() -> usize {
-    const OURS: &[&str] = &["net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han"];
+    const OURS: &[&str] = &[
+        "net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han",
+        "kp_nf_hook_slow", "kr_nf_hook_slow", "kp_fib_validate", "kr_fib_validate", "kp_br_forward", "kp_ip_forward", "kp_vxlan_xmit", "kp_vxlan_rcv",
+    ];
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
         .filter(|p| p.name_as_str().is_some_and(|n| OURS.contains(&n)))

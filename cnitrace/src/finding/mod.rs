@@ -220,3 +220,39 @@ pub fn layer_of_function(f: &str) -> &'static str {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::HookStatus;
+
+    fn dropped_at(function: &str) -> Verdict {
+        Verdict {
+            verdict: Outcome::Dropped,
+            cause: Some("netfilter-policy-drop".into()),
+            layer: Some("netfilter".into()),
+            function: Some(function.into()),
+            reason: Some("unknown (this kernel's kfree_skb has no reason)".into()),
+            ifname: None,
+            netns: None,
+            explanation: String::new(),
+            facts: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_drop_reasons_or_a_tracepoint_says_so() {
+        let hooks = vec![
+            HookStatus { hook: "raw_tp/kfree_skb".into(), attached: true, reason: None },
+            HookStatus { hook: "raw_tp/neigh_update".into(), attached: false, reason: Some("no such tracepoint".into()) },
+            HookStatus { hook: "kprobe/*".into(), attached: false, reason: Some("no kprobes".into()) },
+        ];
+        let m = missing_evidence(&dropped_at("nf_hook_slow"), &hooks, false);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].starts_with("drop reason:") && m[0].contains("nf_hook_slow"), "{m:?}");
+        assert_eq!(m[1], "raw_tp/neigh_update: no such tracepoint");
+        // kprobes are detail, not evidence; a kernel with reasons and every tracepoint lacks nothing.
+        assert!(missing_evidence(&dropped_at("nf_hook_slow"), &hooks[..1], true).is_empty());
+    }
+}

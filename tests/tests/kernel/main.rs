@@ -4,4 +4,5 @@
 
 mod fix;
 mod follow;
+mod kernels;
 mod lab;

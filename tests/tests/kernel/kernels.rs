@@ -1,0 +1,112 @@
+//! What differs between kernels: the optional kprobes (used where the kernel takes them, skipped with a
+//! reason where it does not) and the evidence an older kernel cannot give. These are the tests the VM
+//! matrix exists for; on a kernel without kprobes the kprobe tests skip with the reason cnitrace gave.
+
+use cnitrace_tests::{can_run_kernel_tests, faults, follow, follow_events, hook, kernel_version, LabGuard};
+
+fn ip(pod: &str) -> String {
+    cnitrace_tests::pod_ip(pod)
+}
+
+/// Events of one kprobe'd function that refused the packet.
+fn refusals<'a>(events: &'a [serde_json::Value], function: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["func"]["function"] == function && e["func"]["ret"].as_i64().is_some_and(|r| r < 0)).collect()
+}
+
+/// Some(reason) when cnitrace said the kprobe on `function` is unavailable here.
+fn kprobe_skipped(v: &serde_json::Value, function: &str) -> Option<String> {
+    if let Some(all) = hook(v, "kprobe/*") {
+        return Some(all["reason"].as_str().expect("a skipped hook has a reason").to_string());
+    }
+    let h = hook(v, &format!("kprobe+kretprobe/{function}")).or_else(|| hook(v, &format!("kprobe/{function}")))?;
+    (h["attached"] != true).then(|| h["reason"].as_str().expect("a skipped hook has a reason").to_string())
+}
+
+#[test]
+fn every_hook_is_attached_or_says_why_not() {
+    if !can_run_kernel_tests("every_hook_is_attached_or_says_why_not") {
+        return;
+    }
+    let f = faults::find("veth-detached").expect("fault");
+    let _g = LabGuard::up(&[f.name]);
+    let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1"]);
+    let hooks = v["hooks"].as_array().expect("hooks in the verdict");
+    for essential in ["raw_tp/net_dev_start_xmit", "raw_tp/netif_receive_skb", "raw_tp/kfree_skb"] {
+        assert_eq!(hook(&v, essential).map(|h| &h["attached"]), Some(&serde_json::Value::Bool(true)), "{essential}: {v}");
+    }
+    for h in hooks {
+        if h["attached"] != true {
+            let why = h["reason"].as_str().unwrap_or("");
+            assert!(!why.is_empty() && !why.contains('\n'), "a hook that did not attach says why in one line: {h}");
+        }
+    }
+    // Turned off, no kprobe is tried.
+    let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1", "--no-kprobes"]);
+    assert!(kprobe_skipped(&v, "nf_hook_slow").is_some_and(|r| r.contains("--no-kprobes")), "{v}");
+}
+
+#[test]
+fn kprobes_name_the_netfilter_hook_and_its_verdict() {
+    if !can_run_kernel_tests("kprobes_name_the_netfilter_hook_and_its_verdict") {
+        return;
+    }
+    let f = faults::find("forward-policy-drop").expect("fault");
+    let _g = LabGuard::up(&[f.name]);
+    let (_, events, v) = follow_events(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1"]);
+    assert_eq!(v["cause"], f.cause, "{v}");
+    if let Some(why) = kprobe_skipped(&v, "nf_hook_slow") {
+        println!("SKIPPED kprobes_name_the_netfilter_hook_and_its_verdict: {why}");
+        return;
+    }
+    let drops = refusals(&events, "nf_hook_slow");
+    assert!(!drops.is_empty(), "nf_hook_slow's return shows the drop: {v}");
+    assert_eq!(drops[0]["func"]["detail"], "FORWARD (ipv4)", "{}", drops[0]);
+    assert_eq!(drops[0]["where_"], "storagenodet3500", "{}", drops[0]);
+    let facts = v["facts"].as_array().expect("facts");
+    assert!(facts.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("kprobe: nf_hook_slow FORWARD (ipv4)") && s.contains("DROP"))), "{v}");
+}
+
+#[test]
+fn kprobes_give_the_reverse_path_checks_own_answer() {
+    if !can_run_kernel_tests("kprobes_give_the_reverse_path_checks_own_answer") {
+        return;
+    }
+    let f = faults::find("rp-filter-strict").expect("fault");
+    let _g = LabGuard::up(&[f.name]);
+    let (_, events, v) = follow_events(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1"]);
+    assert_eq!(v["cause"], f.cause, "{v}");
+    if let Some(why) = kprobe_skipped(&v, "fib_validate_source") {
+        println!("SKIPPED kprobes_give_the_reverse_path_checks_own_answer: {why}");
+        return;
+    }
+    let refused = refusals(&events, "fib_validate_source");
+    assert!(!refused.is_empty(), "fib_validate_source's return shows the refusal: {v}");
+    assert_eq!(refused[0]["where_"], "storagenodet3501", "{}", refused[0]);
+    // The packets crossed the bridge and were forwarded by IP and encapsulated on the way.
+    for seen in ["br_forward", "ip_forward", "vxlan_xmit"] {
+        assert!(events.iter().any(|e| e["func"]["function"] == seen), "{seen} on the path: {v}");
+    }
+}
+
+#[test]
+fn without_drop_reasons_the_verdict_says_what_it_rests_on() {
+    if !can_run_kernel_tests("without_drop_reasons_the_verdict_says_what_it_rests_on") {
+        return;
+    }
+    let f = faults::find("forward-policy-drop").expect("fault");
+    let _g = LabGuard::up(&[f.name]);
+    let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1"]);
+    assert_eq!(v["cause"], f.cause, "{v}");
+    // nf_hook_slow frees what a hook dropped; newer kernels name nft_do_chain, the rule evaluation.
+    assert!(v["function"] == "nf_hook_slow" || v["function"].as_str().is_some_and(|f| f.starts_with("nft_")), "the location names the function on every kernel: {v}");
+    let missing: Vec<&str> = v["missing"].as_array().map(|a| a.iter().filter_map(|m| m.as_str()).collect()).unwrap_or_default();
+    let says_no_reason = missing.iter().any(|m| m.starts_with("drop reason:"));
+    // kfree_skb has carried a reason since 5.17.
+    if kernel_version() < (5, 17) {
+        assert!(says_no_reason, "a kernel without drop reasons says so: {v}");
+        assert!(v["reason"].as_str().is_some_and(|r| r.starts_with("unknown")), "{v}");
+    } else {
+        assert!(!says_no_reason, "this kernel has drop reasons: {v}");
+        assert_eq!(v["reason"], "NETFILTER_DROP", "{v}");
+    }
+}
