@@ -56,6 +56,26 @@ pub fn kernel_version() -> (u32, u32) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
+/// Checks a verdict's drop reason against the one expected on the newest kernels, as far as this
+/// kernel can say it: the same name where its `enum skb_drop_reason` has it; "unknown…" where kfree_skb
+/// has no reason (before 5.17; the verdict must then list the missing reason); and where the kernel has
+/// reasons but not this one (it was added later), whatever reason the kernel gave, which must not be empty.
+pub fn assert_reason(v: &serde_json::Value, expected: &str, what: &str) {
+    static REASONS: std::sync::OnceLock<std::collections::BTreeMap<u32, String>> = std::sync::OnceLock::new();
+    let reasons = REASONS.get_or_init(|| cnitrace::probe::btf::KernelBtf::load().map(|b| b.drop_reasons()).unwrap_or_default());
+    let got = v["reason"].as_str().unwrap_or("");
+    if kernel_version() < (5, 17) {
+        assert!(got.starts_with("unknown"), "{what}: no drop reasons on this kernel, got {got:?}: {v}");
+        let missing = v["missing"].to_string();
+        assert!(missing.contains("drop reason"), "{what}: the verdict says the reason is missing: {v}");
+    } else if reasons.values().any(|r| r == expected) {
+        assert_eq!(got, expected, "{what}: {v}");
+    } else {
+        assert!(!got.is_empty() && !got.starts_with("unknown"), "{what}: this kernel has reasons, though not {expected}: {v}");
+        println!("note {what}: this kernel has no {expected}; it said {got}");
+    }
+}
+
 /// The hook statuses a follow reported, by name.
 pub fn hook<'a>(verdict: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     verdict["hooks"].as_array()?.iter().find(|h| h["hook"] == name)

@@ -128,10 +128,17 @@ pub fn matrix(columns: &[Column]) -> String {
         }
     }
     let width = tests.iter().map(|t| t.len()).max().unwrap_or(4).max(4);
-    let head: Vec<String> = columns.iter().map(|c| format!("{:>8}", c.kernel)).collect();
-    let mut s = format!("kernel test matrix\n{:width$}  {}\n", "test", head.join(" "));
+    let head: Vec<String> = columns.iter().map(|c| format!("{:>15}", c.kernel)).collect();
+    let mut s = format!("kernel test matrix (outcome, seconds)\n{:width$}  {}\n", "test", head.join(" "));
     for t in &tests {
-        let cells: Vec<String> = columns.iter().map(|c| format!("{:>8}", cell(c.results.iter().find(|(n, _)| n == t).map(|(_, o)| o)))).collect();
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let o = cell(c.results.iter().find(|(n, _)| n == t).map(|(_, o)| o));
+                let secs = c.seconds.iter().find(|(n, _)| n == t).map(|(_, s)| format!("{s:.0} s")).unwrap_or_default();
+                format!("{:>15}", format!("{o} {secs}"))
+            })
+            .collect();
         s.push_str(&format!("{t:width$}  {}\n", cells.join(" ")));
     }
     s.push('\n');
@@ -174,7 +181,8 @@ fn matrix_json(columns: &[Column]) -> serde_json::Value {
                     (t.clone(), v)
                 })
                 .collect();
-            serde_json::json!({"kernel": c.kernel, "release": c.release, "seconds": c.elapsed.as_secs(), "broken": c.broken, "results": results})
+            let times: serde_json::Map<String, serde_json::Value> = c.seconds.iter().map(|(t, s)| (t.clone(), serde_json::json!((s * 10.0).round() / 10.0))).collect();
+            serde_json::json!({"kernel": c.kernel, "release": c.release, "seconds": c.elapsed.as_secs(), "broken": c.broken, "results": results, "test_seconds": times})
         })
         .collect();
     serde_json::Value::Array(cols)

@@ -228,6 +228,8 @@ pub struct Column {
     pub kernel: String,
     pub release: String,
     pub results: Vec<(String, Outcome)>,
+    /// Seconds each test took (between consecutive result lines; tests run one at a time).
+    pub seconds: Vec<(String, f64)>,
     pub elapsed: Duration,
     /// Set when the run itself broke (boot failure, timeout) rather than a test.
     pub broken: Option<String>,
@@ -257,10 +259,12 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
         .spawn()
         .context("start virtme-ng")?;
     let mut text = String::new();
+    let mut clock = TestClock::new();
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         println!("[{}] {line}", kernel.name);
+        clock.line(&line);
         text.push_str(&line);
         text.push('\n');
     }
@@ -278,7 +282,7 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     } else {
         None
     };
-    Ok(Column { kernel: kernel.name.clone(), release: kernel.release.clone(), results, elapsed, broken })
+    Ok(Column { kernel: kernel.name.clone(), release: kernel.release.clone(), results, seconds: clock.seconds, elapsed, broken })
 }
 
 /// Runs the kernel test binary on the host kernel, streaming and parsing its output like a VM's.
@@ -286,9 +290,11 @@ pub fn run_host(test_bin: &Path, args: &[String], log: &Path) -> Result<Column> 
     let t0 = Instant::now();
     let mut child = Command::new(test_bin).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("run the kernel tests")?;
     let mut text = String::new();
+    let mut clock = TestClock::new();
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line.unwrap_or_default();
         println!("{line}");
+        clock.line(&line);
         text.push_str(&line);
         text.push('\n');
     }
@@ -297,7 +303,31 @@ pub fn run_host(test_bin: &Path, args: &[String], log: &Path) -> Result<Column> 
     let results = parse_libtest(&text);
     let broken = (results.is_empty() && !status.success()).then(|| format!("the test binary failed before any test (exit {:?})", status.code()));
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    Ok(Column { kernel: "host".into(), release, results, elapsed: t0.elapsed(), broken })
+    Ok(Column { kernel: "host".into(), release, results, seconds: clock.seconds, elapsed: t0.elapsed(), broken })
+}
+
+/// Times tests from the output as it streams: libtest prints a test's result line when it ends, and
+/// the kernel tests run one at a time, so a test took the time since the previous result line (the
+/// first one also holds the boot).
+struct TestClock {
+    last: Instant,
+    seconds: Vec<(String, f64)>,
+}
+
+impl TestClock {
+    fn new() -> Self {
+        TestClock { last: Instant::now(), seconds: Vec::new() }
+    }
+
+    fn line(&mut self, line: &str) {
+        if line.starts_with("running ") {
+            self.last = Instant::now();
+        }
+        let Some((name, _)) = line.strip_prefix("test ").and_then(|r| r.split_once(" ... ")) else { return };
+        let now = Instant::now();
+        self.seconds.push((name.to_string(), now.duration_since(self.last).as_secs_f64()));
+        self.last = now;
+    }
 }
 
 /// Test outcomes from libtest's output: `test NAME ... ok|FAILED|ignored`, the first panic line of each

@@ -7,7 +7,7 @@ use std::{
 };
 
 use cnitrace::finding::causes;
-use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PREFIX};
+use cnitrace_tests::{assert_reason, bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PREFIX};
 
 fn ip(pod: &str) -> String {
     cnitrace_tests::pod_ip(pod)
@@ -56,7 +56,7 @@ fn the_drop_point_is_the_kernels_own() {
         let f = faults::find(fault).expect("fault");
         let _g = LabGuard::up(&[fault]);
         let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &[]);
-        assert_eq!(v["reason"], reason, "{fault}: {v}");
+        assert_reason(&v, reason, fault);
         assert_eq!(v["function"], function, "{fault}: {v}");
         if !causes::find(f.cause).expect("cause").hop_from_state {
             assert_eq!(v["netns"], netns, "{fault}: {v}");
@@ -74,7 +74,7 @@ fn the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth() {
     assert_eq!(code, 1);
     assert_eq!(v["cause"], "veth-detached");
     assert_eq!(v["function"], "neigh_invalidate", "the source gave up on ARP: {v}");
-    assert_eq!(v["reason"], "NEIGH_FAILED");
+    assert_reason(&v, "NEIGH_FAILED", "the seed incident");
     assert_eq!(v["netns"], "debug", "the packet died in the source pod, as the seed saw it");
     let veth = g.lab.host_veth("jellyfin").expect("jellyfin's host veth");
     let facts = v["facts"].to_string();
