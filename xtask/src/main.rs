@@ -33,9 +33,9 @@ enum Task {
     /// Set up if needed, build, run the unit tests, then the kernel tests (root) on the host kernel and
     /// in VMs with other kernels (default: 5.10), and print the matrix.
     Test {
-        /// Only kernel tests whose name contains this.
+        /// Only kernel tests whose name contains this (repeatable: any of them).
         #[arg(long)]
-        filter: Option<String>,
+        filter: Vec<String>,
         /// A VM kernel to run the kernel tests on: 5.10, 6.1, 6.12, 7.2 (repeatable; `none` for the host only).
         #[arg(long = "kernel", value_name = "VERSION")]
         kernels: Vec<String>,
@@ -48,6 +48,9 @@ enum Task {
         /// Minutes one VM (boot + suite) may take before it is stopped and reported broken.
         #[arg(long, default_value_t = 60)]
         vm_timeout: u64,
+        /// VMs at once (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        jobs: usize,
     },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
@@ -78,11 +81,11 @@ fn main() {
             Ok(())
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout } => {
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs } => {
             if all.is_some() {
                 kernels.push("all".into());
             }
-            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout })
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs })
         }
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),

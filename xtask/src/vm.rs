@@ -142,18 +142,21 @@ fn ensure_kernel(spec: &KernelSpec) -> Result<(Kernel, bool)> {
         return Ok((k, false));
     }
     let t0 = Instant::now();
-    let (url, package) = newest_package(spec)?;
+    let parts = newest_package(spec)?;
+    let package = parts.iter().map(|(_, f)| f.as_str()).collect::<Vec<_>>().join(" ");
     println!("setup: kernel {} ← {package}", spec.name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let deb = dir.join("kernel.deb");
-    run("curl", &["-sSf", "--retry", "3", "-o", path_str(&deb)?, &url])?;
     let root = dir.join("root");
-    run("dpkg-deb", &["-x", path_str(&deb)?, path_str(&root)?])?;
-    std::fs::remove_file(&deb)?;
+    for (url, _) in &parts {
+        let deb = dir.join("part.deb");
+        run("curl", &["-sSf", "--retry", "3", "-o", path_str(&deb)?, url])?;
+        run("dpkg-deb", &["-x", path_str(&deb)?, path_str(&root)?])?;
+        std::fs::remove_file(&deb)?;
+    }
     let release = release_in(&root)?;
     // The package's postinst would run depmod; virtme-ng needs modules.dep to pick 9p, virtio, overlay.
-    run("depmod", &["-b", path_str(&root)?, &release])?;
+    run("depmod", &["-b", path_str(&modules_base(&root))?, &release])?;
     std::fs::write(dir.join("package"), &package)?;
     println!("setup: kernel {} ({release}) ready in {:.0} s", spec.name, t0.elapsed().as_secs_f64());
     let k = cached_kernel(spec, &dir).context("the extracted kernel package has no vmlinuz")?;
@@ -166,13 +169,23 @@ fn cached_kernel(spec: &KernelSpec, dir: &Path) -> Option<Kernel> {
     }
     let root = dir.join("root");
     let release = release_in(&root).ok()?;
-    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
-    let deps = root.join(format!("lib/modules/{release}/modules.dep"));
+    // /boot, or next to the modules (where newer packages put it).
+    let vmlinuz = [root.join(format!("boot/vmlinuz-{release}")), modules_base(&root).join(format!("lib/modules/{release}/vmlinuz"))].into_iter().find(|p| p.exists())?;
+    let deps = modules_base(&root).join(format!("lib/modules/{release}/modules.dep"));
     (vmlinuz.exists() && deps.exists()).then(|| Kernel { name: spec.name.to_string(), release, vmlinuz })
 }
 
+/// Where `lib/modules` is: the package root, or its `usr` (merged-/usr packages, trixie and later).
+fn modules_base(root: &Path) -> PathBuf {
+    if root.join("lib/modules").exists() {
+        root.to_path_buf()
+    } else {
+        root.join("usr")
+    }
+}
+
 fn release_in(root: &Path) -> Result<String> {
-    let modules = root.join("lib/modules");
+    let modules = modules_base(root).join("lib/modules");
     let entry = std::fs::read_dir(&modules)
         .with_context(|| format!("read {}", modules.display()))?
         .filter_map(|e| e.ok())
@@ -181,8 +194,10 @@ fn release_in(root: &Path) -> Result<String> {
     Ok(entry.file_name().to_string_lossy().into_owned())
 }
 
-/// The download URL and file name of the newest generic amd64 image of this kernel line.
-fn newest_package(spec: &KernelSpec) -> Result<(String, String)> {
+/// The packages that make up the newest generic amd64 image of this kernel line, as (URL, file name):
+/// the image package itself and, where Debian splits it (sid), the `linux-binary-*` (vmlinuz) and
+/// `linux-modules-*` packages it depends on.
+fn newest_package(spec: &KernelSpec) -> Result<Vec<(String, String)>> {
     let prefix = format!("linux-image-{}.", spec.name);
     for (archive, suite) in spec.suites {
         let index = format!("{archive}/dists/{suite}/main/binary-amd64/Packages.xz");
@@ -194,23 +209,29 @@ fn newest_package(spec: &KernelSpec) -> Result<(String, String)> {
             continue;
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut best: Option<String> = None;
-        let mut package = "";
-        for line in text.lines() {
-            if let Some(p) = line.strip_prefix("Package: ") {
-                package = p;
-            } else if let Some(f) = line.strip_prefix("Filename: ") {
-                let generic = package.starts_with(&prefix) && package.ends_with("-amd64") && !package.contains("cloud") && !package.contains("-rt-");
-                if generic {
-                    // Later entries of one index are newer ABI numbers; kept from the last one.
-                    best = Some(f.to_string());
-                }
+        // name → (file, depends), and the image packages in index order (later = newer ABI).
+        let mut files: std::collections::HashMap<&str, (&str, &str)> = std::collections::HashMap::new();
+        let mut images = Vec::new();
+        for stanza in text.split("\n\n") {
+            let field = |f: &str| stanza.lines().find_map(|l| l.strip_prefix(f)).unwrap_or("");
+            let (name, file, deps) = (field("Package: "), field("Filename: "), field("Depends: "));
+            if name.is_empty() || file.is_empty() {
+                continue;
+            }
+            files.insert(name, (file, deps));
+            if name.starts_with(&prefix) && name.ends_with("-amd64") && !name.contains("cloud") && !name.contains("-rt-") {
+                images.push(name);
             }
         }
-        if let Some(f) = best {
-            let name = f.rsplit('/').next().unwrap_or(&f).to_string();
-            return Ok((format!("{archive}/{f}"), name));
+        let Some(image) = images.last() else { continue };
+        let (file, deps) = files[image];
+        let mut parts = vec![file];
+        for dep in deps.split(',').map(|d| d.trim().split(' ').next().unwrap_or("")) {
+            if dep.starts_with("linux-binary-") || dep.starts_with("linux-modules-") {
+                parts.push(files.get(dep).with_context(|| format!("{image} needs {dep}, which {suite} does not list"))?.0);
+            }
         }
+        return Ok(parts.into_iter().map(|f| (format!("{archive}/{f}"), f.rsplit('/').next().unwrap_or(f).to_string())).collect());
     }
     bail!("no linux-image-{}.*-amd64 package in {:?}", spec.name, spec.suites.iter().map(|s| s.1).collect::<Vec<_>>())
 }
@@ -237,7 +258,7 @@ pub struct Column {
 
 /// Boots `kernel` and runs the kernel test binary inside it; streams the guest's output and returns
 /// the column. `timeout` bounds the whole boot + suite.
-pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration) -> Result<Column> {
+pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize) -> Result<Column> {
     let vng = venv().join("bin/vng");
     // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM.
     let mut guest = format!("export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}", sh_quote(path_str(cnitrace_bin)?), sh_quote(path_str(test_bin)?));
@@ -250,7 +271,7 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     let mut child = Command::new("timeout")
         .args(["--kill-after=20", &format!("{}", timeout.as_secs())])
         .arg(&vng)
-        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", "2", "--memory", "2G", "--cwd", "/", "--"])
+        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", &cpus.to_string(), "--memory", "2G", "--cwd", "/", "--"])
         .arg(&guest)
         .env("PATH", path)
         .stdin(Stdio::null())
