@@ -60,6 +60,24 @@ pub struct DropInfo {
     pub location: u64,
 }
 
+impl DropInfo {
+    /// The kernel gave no reason: none on this kernel (before 5.17), or NOT_SPECIFIED where this
+    /// kernel's call site had not been given one yet.
+    pub fn reasonless(&self) -> bool {
+        self.reason_code == 0 || self.reason == "NOT_SPECIFIED"
+    }
+
+    /// The drop is `reason`, or — on a kernel that gave no reason — happened in one of `locations`, the
+    /// functions that drop for that reason (a `.constprop.0`-style suffix is the same function).
+    pub fn says(&self, reason: &str, locations: &[&str]) -> bool {
+        if self.reason == reason {
+            return true;
+        }
+        let base = self.function.split('.').next().unwrap_or(&self.function);
+        self.reasonless() && locations.contains(&base)
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RouteInfo {
     pub table: u32,
@@ -358,6 +376,19 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reasonless_drop_is_read_from_its_location() {
+        let d = |reason: &str, code: u32, function: &str| DropInfo { reason: reason.into(), reason_code: code, function: function.into(), location: 0 };
+        assert!(d("IP_RPFILTER", 42, "ip_rcv_finish_core.constprop.0").says("IP_RPFILTER", &["ip_rcv_finish_core"]));
+        // 5.10: no reason at all; the function is the evidence.
+        assert!(d("unknown (this kernel's kfree_skb has no reason)", 0, "ip_rcv_finish_core.constprop.0").says("IP_RPFILTER", &["ip_rcv_finish_core"]));
+        // A kernel that has reasons, but not yet at this call site.
+        assert!(d("NOT_SPECIFIED", 2, "br_handle_frame").says("BRIDGE_INGRESS_STP_STATE", &["br_handle_frame"]));
+        // A different reason at the same function is not this one.
+        assert!(!d("NETFILTER_DROP", 7, "ip_rcv_finish_core").says("IP_RPFILTER", &["ip_rcv_finish_core"]));
+        assert!(!d("unknown", 0, "ip_forward").says("IP_RPFILTER", &["ip_rcv_finish_core"]));
+    }
 
     #[test]
     fn kprobe_records_are_named_in_netfilters_and_the_kernels_words() {

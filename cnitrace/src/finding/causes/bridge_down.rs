@@ -14,7 +14,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         }
         let mut facts = vec![format!("{} on {} is administratively down (oper state {})", br.name, ctx.node_name(node), br.oper)];
         if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
-            if d.reason == "BRIDGE_INGRESS_STP_STATE" {
+            if d.says("BRIDGE_INGRESS_STP_STATE", &["br_handle_frame"]) {
                 facts.push(format!("frames arriving on its ports are dropped by {} (a down bridge forwards nothing)", d.function));
             }
         }

@@ -14,7 +14,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let node = nodes.into_iter().find(|n| n.sysctls.ip_forward == Some(0))?;
     let mut facts = vec![format!("net.ipv4.ip_forward = 0 on {}", ctx.node_name(node))];
     if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
-        if d.reason == "IP_INADDRERRORS" {
+        if d.says("IP_INADDRERRORS", &["ip_error"]) {
             facts.push(format!("{} refused to forward: the node is not a router", d.function));
         }
     }

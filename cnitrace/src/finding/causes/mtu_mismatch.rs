@@ -10,7 +10,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;
     let eth = ctx.pod_if(pod, ctx.src_ip())?;
     let path_mtu = if ctx.cross_node() { ctx.src_node().and_then(|n| ctx.vxlan_dev(n)).map(|v| v.mtu) } else { None }?;
-    let drop_says = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.reason == "PKT_TOO_BIG");
+    let drop_says = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.says("PKT_TOO_BIG", &["ip_forward"]));
     let icmp_says = ctx.probe.icmp_errors.iter().any(|e| e.contains("fragmentation needed"));
     let small_ok_big_lost = ctx.probe.answered_each.first() == Some(&true) && ctx.probe.answered_each.iter().any(|a| !a);
     if eth.mtu <= path_mtu || !(drop_says || icmp_says || small_ok_big_lost) {

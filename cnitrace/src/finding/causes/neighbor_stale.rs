@@ -31,7 +31,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         format!("{} has a {} neighbour entry {next_hop} lladdr {mac} on {}", ctx.src_name(), entry.state, eth.name),
         format!("{next_hop} is {owner}, whose MAC is {real_mac}"),
     ];
-    if ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.reason == "OTHERHOST") {
+    if ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.says("OTHERHOST", &["ip_rcv_core"])) {
         facts.push("the frames reached a host whose MAC they do not carry and were dropped as OTHERHOST".into());
     }
     Some(Diagnosis {

@@ -26,8 +26,8 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
             facts.push(format!("the kernel's lookup for {to} in the main table failed"));
         }
         if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
-            if d.reason == "IP_INNOROUTES" {
-                facts.push(format!("{} dropped the packet: no route (IP_INNOROUTES)", d.function));
+            if d.says("IP_INNOROUTES", &["ip_error"]) {
+                facts.push(format!("{} dropped the packet: no route ({})", d.function, d.reason));
             }
         }
         let hop_if = ctx.pods_bridge(node).map(|b| b.name.clone()).unwrap_or_default();

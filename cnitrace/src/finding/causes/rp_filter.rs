@@ -10,7 +10,7 @@ pub const CAUSE: Cause = Cause { id: "rp-filter", layer: "routing", hop_from_sta
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let d = ctx.trace.first_drop()?;
     let info = d.drop.as_ref()?;
-    if info.reason != "IP_RPFILTER" {
+    if !info.says("IP_RPFILTER", &["ip_rcv_finish_core"]) {
         return None;
     }
     let node = ctx.ns(d.netns)?;

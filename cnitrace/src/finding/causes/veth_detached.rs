@@ -26,7 +26,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         if !ctx.trace.arp_reply_from(ip) {
             facts.push(format!("no ARP reply from {ip}: {name} never heard the question"));
         }
-        if ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.reason == "NEIGH_FAILED") {
+        if ctx.trace.first_drop().and_then(|d| d.drop.as_ref()).is_some_and(|d| d.says("NEIGH_FAILED", &["neigh_invalidate", "arp_error_report"])) {
             facts.push("the source gave up resolving the address and dropped its queued packet (Destination Host Unreachable)".into());
         }
         return Some(Diagnosis {

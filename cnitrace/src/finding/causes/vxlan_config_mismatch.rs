@@ -27,7 +27,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     }
     let mut facts = diffs.clone();
     if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
-        if d.reason == "NO_SOCKET" && d.function.contains("udp") {
+        if d.says("NO_SOCKET", &["__udp4_lib_rcv"]) && d.function.contains("udp") {
             facts.push(format!("the encapsulated packet reached {nb} but no socket listens on its port ({})", d.function));
         }
     }

@@ -30,7 +30,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
             format!("{} on {name} has no FDB entry for {mac} (no underlay destination)", vx.name),
         ];
         if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
-            if d.reason == "NO_TX_TARGET" {
+            if d.says("NO_TX_TARGET", &["vxlan_xmit", "vxlan_xmit_one"]) {
                 facts.push(format!("{} dropped the frame: no transmit target (NO_TX_TARGET)", d.function));
             }
         }
