@@ -38,6 +38,10 @@ pub const KERNELS: &[KernelSpec] = &[
 /// the oldest, whose kfree_skb has no drop reason, so the degraded path is proven on every run.
 pub const DEFAULT_KERNELS: &[&str] = &["5.10"];
 
+/// The tests a default run (CI) gives the VM: every cause followed and fixed, the kernel's own drop
+/// points, the seed incident, healthy paths, each fault breaking its paths, and what differs by kernel.
+pub const DEFAULT_FILTERS: &[&str] = &["follow::", "kernels::", "fix::every_fault", "lab::each_fault"];
+
 /// Host packages the VMs need: qemu (TCG), udev (virtme-ng's init), kmod (depmod for the extracted
 /// modules), file (virtme-ng reads the image's version with it), xz-utils (Debian's package indexes),
 /// and the libraries virtiofsd builds against.
