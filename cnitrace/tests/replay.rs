@@ -121,3 +121,22 @@ fn the_seed_fix_reattaches_jellyfins_veth_to_cni0() {
     assert!(cmd.starts_with("ip -n cnitrace-storagenodet3500 link set veth") && cmd.ends_with(" master cni0"), "{cmd}");
     assert!(steps[0].undo.command().ends_with(" nomaster"), "{}", steps[0].undo.command());
 }
+
+/// Recorded in a VM on Debian's 5.10 kernel (`cargo xtask test --kernel 5.10` boots the same one),
+/// whose kfree_skb carries no drop reason: every cause is still named, from the function that
+/// dropped, the trail and the node's state.
+#[test]
+fn every_lab_fault_recorded_on_5_10_without_drop_reasons_is_diagnosed_as_its_cause() {
+    let mut wrong = Vec::new();
+    for f in faults::FAULTS {
+        let rec = load(&format!("kernel-5.10/{}", f.name));
+        for e in rec.events.iter().filter_map(|e| e.drop.as_ref()) {
+            assert_eq!(e.reason_code, 0, "{}: recorded on a kernel without drop reasons", f.name);
+        }
+        let v = rec.replay();
+        if v.verdict != Outcome::Dropped || v.cause.as_deref() != Some(f.cause) {
+            wrong.push(format!("{}: got {:?} {:?}, expected dropped {}", f.name, v.verdict, v.cause, f.cause));
+        }
+    }
+    assert!(wrong.is_empty(), "misdiagnosed on 5.10:\n{}", wrong.join("\n"));
+}
