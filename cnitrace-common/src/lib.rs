@@ -37,7 +37,7 @@ pub enum EventKind {
 
 /// Kernel functions the optional kprobes watch (`Event::reason` of Func* records). Stable numbers.
 pub mod func {
-    /// Netfilter's hook slow path: `oif` = hook number | family << 8; return: 1 accept, <0 drop.
+    /// Netfilter's hook slow path: `oif` = hook number | family << 8.
     pub const NF_HOOK_SLOW: u32 = 1;
     /// The bridge forwards a frame to another port.
     pub const BR_FORWARD: u32 = 2;

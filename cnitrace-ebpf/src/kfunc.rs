@@ -12,15 +12,10 @@ use cnitrace_common::{func, EventKind};
 
 use crate::filter::{config, emit, match_skb, new_event, read, stamp_dev, L3At};
 
-/// Nested calls of one function on one CPU (netfilter: br_netfilter runs the IPv4 FORWARD hook from
-/// inside the bridge's FORWARD hook). Entry pushes, return pops; an unmatched skb pushes a 0.
-const DEPTH: u32 = 4;
-
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Frame {
     skb: u64,
-    /// Hook | family << 8 for netfilter.
     extra: u32,
     /// The device at entry: by the return, okfn may have carried the skb into another namespace.
     netns: u32,
@@ -39,11 +34,6 @@ impl Frame {
     }
 }
 
-/// Per CPU: how deep nf_hook_slow is nested, and the frame of each level.
-#[map]
-static NF_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-static NF_STACK: PerCpuArray<Frame> = PerCpuArray::with_max_entries(DEPTH, 0);
 /// Per CPU: the skb fib_validate_source was called for (it does not nest).
 #[map]
 static RPF_SLOT: PerCpuArray<Frame> = PerCpuArray::with_max_entries(1, 0);
@@ -83,6 +73,9 @@ fn ret_event(f: &Frame, id: u32, ret: i32) {
 }
 
 // int nf_hook_slow(struct sk_buff *skb, struct nf_hook_state *state, const struct nf_hook_entries *e, unsigned int s)
+// Entry only: a drop inside it is the kfree_skb right after, so the last hook a dropped packet entered
+// is the hook that dropped it. (A kretprobe paired through a per-CPU stack lost its place on real
+// traffic: a return the program did not see left every later frame off by one.)
 #[kprobe]
 pub fn kp_nf_hook_slow(ctx: ProbeContext) -> u32 {
     let c = config();
@@ -90,40 +83,7 @@ pub fn kp_nf_hook_slow(ctx: ProbeContext) -> u32 {
     let state: *const u8 = ctx.arg(1).unwrap_or(core::ptr::null());
     let hook: u8 = unsafe { read(state, c.nf_state_hook) }.unwrap_or(0xff);
     let pf: u8 = unsafe { read(state, c.nf_state_pf) }.unwrap_or(0xff);
-    let extra = hook as u32 | (pf as u32) << 8;
-    // No entry record: the return says the same plus the verdict.
-    let matched = c.enabled != 0 && {
-        let mut ev = new_event(EventKind::FuncEntry, skb);
-        unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) }
-    };
-    let Some(depth) = NF_DEPTH.get_ptr_mut(0) else { return 0 };
-    let d = unsafe { *depth };
-    if d < DEPTH {
-        if let Some(slot) = NF_STACK.get_ptr_mut(d) {
-            unsafe { *slot = Frame::at_entry(skb, matched, extra) };
-        }
-    }
-    unsafe { *depth = d + 1 };
-    0
-}
-
-#[kretprobe]
-pub fn kr_nf_hook_slow(ctx: RetProbeContext) -> u32 {
-    let Some(depth) = NF_DEPTH.get_ptr_mut(0) else { return 0 };
-    let d = unsafe { *depth };
-    if d == 0 {
-        return 0;
-    }
-    unsafe { *depth = d - 1 };
-    if d > DEPTH {
-        return 0;
-    }
-    let Some(slot) = NF_STACK.get(d - 1) else { return 0 };
-    let f = *slot;
-    if f.skb != 0 {
-        let ret: i32 = ctx.ret();
-        ret_event(&f, func::NF_HOOK_SLOW, ret);
-    }
+    entry(skb, func::NF_HOOK_SLOW, hook as u32 | (pf as u32) << 8);
     0
 }
 

@@ -67,10 +67,24 @@ fn drop_facts(d: &TraceEvent) -> String {
     )
 }
 
-/// What the optional kprobes saw refuse the pair's packets: the first refusal of each function.
+/// What the optional kprobes add: the netfilter hook a packet dropped in netfilter was in, and the
+/// first refusal of each function with a return value (the reverse-path check).
 fn kprobe_facts(ctx: &Ctx) -> Vec<String> {
     let mut seen = Vec::new();
     let mut out = Vec::new();
+    if let Some(d) = ctx.trace.first_drop() {
+        let in_netfilter = d.drop.as_ref().is_some_and(|i| i.function == "nf_hook_slow" || i.function.starts_with("nft_") || i.function.starts_with("ipt_"));
+        let hook = ctx
+            .trace
+            .events
+            .iter()
+            .filter(|e| e.skb == d.skb && e.t_ns <= d.t_ns)
+            .filter_map(|e| e.func.as_ref().filter(|f| f.function == "nf_hook_slow").map(|f| (e, f)))
+            .last();
+        if let (true, Some((e, f))) = (in_netfilter, hook) {
+            out.push(format!("kprobe: the packet was in netfilter hook {} on {} {} when it was dropped", f.detail, e.where_, e.ifname));
+        }
+    }
     for e in ctx.trace.packets.iter().flat_map(|p| p.events.iter()) {
         let Some(f) = e.func.as_ref().filter(|f| f.refused()) else { continue };
         if seen.contains(&f.function) {

@@ -47,8 +47,8 @@ struct Extra {
 }
 
 const EXTRAS: &[Extra] = &[
-    // Which netfilter hook ran on the packet and what it decided.
-    Extra { function: "nf_hook_slow", entry: "kp_nf_hook_slow", ret: Some("kr_nf_hook_slow") },
+    // Which netfilter hooks the packet went through: the last one before a drop there dropped it.
+    Extra { function: "nf_hook_slow", entry: "kp_nf_hook_slow", ret: None },
     // The reverse-path check's own answer (rp_filter).
     Extra { function: "fib_validate_source", entry: "kp_fib_validate_source", ret: Some("kr_fib_validate_source") },
     Extra { function: "br_forward", entry: "kp_br_forward", ret: None },
