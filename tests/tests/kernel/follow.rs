@@ -104,12 +104,19 @@ fn passive_mode_sees_real_traffic() {
     }
     for (faults, expect_code, expect_cause) in [(vec![], 0, None), (vec!["route-missing"], 1, Some("route-missing"))] {
         let g = LabGuard::up(&faults);
+        let ready = cnitrace_tests::state_dir().with_extension("ready");
+        let _ = std::fs::remove_file(&ready);
         let child = Command::new(bin())
-            .args(["follow", "10.244.0.20", "10.244.1.10", "--probe", "none", "--timeout", "4", "--json"])
+            .args(["follow", "10.244.0.20", "10.244.1.10", "--probe", "none", "--timeout", "4", "--json", "--ready-file"])
+            .arg(&ready)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start follow");
-        std::thread::sleep(Duration::from_millis(800));
+        // Traffic once the probes are attached (start-up takes seconds under emulation).
+        let t0 = Instant::now();
+        while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = Command::new("ip").args(["netns", "exec", &g.lab.pod_ns("debug"), "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.10"]).output();
         let out = child.wait_with_output().expect("follow ends");
         let stdout = String::from_utf8_lossy(&out.stdout);
