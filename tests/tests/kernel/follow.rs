@@ -174,9 +174,9 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
             .stdout(Stdio::null())
             .spawn()
             .expect("start follow");
-        // Wait until its programs are in the kernel.
+        // Wait until its programs are in the kernel (seconds under emulation: generous bounds, no timing claim).
         let t0 = Instant::now();
-        while loaded_cnitrace_programs() <= before && t0.elapsed() < Duration::from_secs(5) {
+        while loaded_cnitrace_programs() <= before && t0.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(loaded_cnitrace_programs() > before, "follow attached its programs");
@@ -188,7 +188,7 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
             assert!(matches!(st.code(), Some(0..=3)), "SIGINT ends follow with a verdict, not a crash: {st:?}");
         }
         let t0 = Instant::now();
-        while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(3) {
+        while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(loaded_cnitrace_programs(), before, "programs left after follow ended by {signal:?}");
