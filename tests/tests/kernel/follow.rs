@@ -57,7 +57,9 @@ fn the_drop_point_is_the_kernels_own() {
         let _g = LabGuard::up(&[fault]);
         let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &[]);
         assert_reason(&v, reason, fault);
-        assert_eq!(v["function"], function, "{fault}: {v}");
+        // The symbol may carry a compiler suffix on some builds (ip_rcv_finish_core.constprop.0 on 6.1).
+        let got = v["function"].as_str().unwrap_or("");
+        assert_eq!(got.split('.').next(), Some(function), "{fault}: {v}");
         if !causes::find(f.cause).expect("cause").hop_from_state {
             assert_eq!(v["netns"], netns, "{fault}: {v}");
         }
