@@ -394,7 +394,7 @@ mod tests {
     fn kprobe_records_are_named_in_netfilters_and_the_kernels_words() {
         use cnitrace_common::func;
         let f = func_info(func::NF_HOOK_SLOW, 2 | 2 << 8, None);
-        assert_eq!((f.function.as_str(), f.detail.as_str(), f.verdict), ("nf_hook_slow", "FORWARD (ipv4)", None));
+        assert_eq!((f.function.as_str(), f.detail.as_str(), f.verdict.as_deref()), ("nf_hook_slow", "FORWARD (ipv4)", None));
         assert!(!f.refused());
         assert_eq!(func_info(func::NF_HOOK_SLOW, 4 | 7 << 8, None).detail, "POSTROUTING (bridge)");
         assert_eq!(func_info(func::NF_HOOK_SLOW, 1 | 3 << 8, None).detail, "OUT (arp)");
