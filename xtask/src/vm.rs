@@ -280,9 +280,18 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
         .env("PATH", path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        // Piped, never inherited: when our stderr is a file, virtme-ng's console handling truncated it
+        // (seen: a CI log redirected to a file lost everything before the VM's output).
+        .stderr(Stdio::piped())
         .spawn()
         .context("start virtme-ng")?;
+    let stderr = child.stderr.take().expect("piped");
+    let name = kernel.name.clone();
+    let forward = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            eprintln!("[{name}] {line}");
+        }
+    });
     let mut text = String::new();
     let mut clock = TestClock::new();
     let stdout = child.stdout.take().expect("piped");
@@ -294,6 +303,7 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
         text.push('\n');
     }
     let status = child.wait()?;
+    let _ = forward.join();
     let elapsed = t0.elapsed();
     std::fs::write(log, &text)?;
     let results = parse_libtest(&text);
