@@ -34,10 +34,13 @@ pub struct Trace {
 }
 
 /// Drops that are not the pair's traffic dying: a raw-socket ping's echo reply is consumed by the raw
-/// socket and then freed by `ping_rcv` with NO_SOCKET; neighbour queues purged as links go away.
+/// socket and then freed with NO_SOCKET (by `ping_rcv`; by `icmp_rcv` without a reason on kernels
+/// before 5.17); neighbour queues purged as links go away.
 pub fn is_noise(e: &TraceEvent) -> bool {
     let Some(d) = &e.drop else { return false };
-    (d.function == "ping_rcv" && d.reason == "NO_SOCKET")
+    let echo_reply = e.packet.as_ref().is_some_and(|p| p.proto == "icmp" && p.what.starts_with("echo reply"));
+    d.says("NO_SOCKET", &["ping_rcv"])
+        || (echo_reply && d.says("NO_SOCKET", &["icmp_rcv"]))
         || d.reason == "QUEUE_PURGE"
         || e.packet.as_ref().is_some_and(|p| p.icmp_error)
 }

@@ -140,3 +140,15 @@ fn every_lab_fault_recorded_on_5_10_without_drop_reasons_is_diagnosed_as_its_cau
     }
     assert!(wrong.is_empty(), "misdiagnosed on 5.10:\n{}", wrong.join("\n"));
 }
+
+/// On 5.10 a raw ping's echo reply, handed to the raw socket, is freed by icmp_rcv without a reason:
+/// that is delivery, not the drop point (the kernel's real drop for mtu-mismatch is ip_forward).
+#[test]
+fn on_5_10_a_delivered_echo_reply_freed_by_icmp_rcv_is_not_the_drop_point() {
+    let rec = load("kernel-5.10/mtu-mismatch");
+    let freed_by_icmp_rcv = rec.events.iter().any(|e| e.drop.as_ref().is_some_and(|d| d.function == "icmp_rcv"));
+    assert!(freed_by_icmp_rcv, "the fixture holds the reply freed by icmp_rcv");
+    let v = rec.replay();
+    assert_eq!(v.cause.as_deref(), Some("mtu-mismatch"));
+    assert_eq!(v.function.as_deref().and_then(|f| f.split('.').next()), Some("ip_forward"), "{v:?}");
+}
