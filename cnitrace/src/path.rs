@@ -39,8 +39,9 @@ pub struct Trace {
 pub fn is_noise(e: &TraceEvent) -> bool {
     let Some(d) = &e.drop else { return false };
     let echo_reply = e.packet.as_ref().is_some_and(|p| p.proto == "icmp" && p.what.starts_with("echo reply"));
-    d.says("NO_SOCKET", &["ping_rcv"])
-        || (echo_reply && d.says("NO_SOCKET", &["icmp_rcv"]))
+    let at = |f: &str| d.function.split('.').next() == Some(f) && (d.reason == "NO_SOCKET" || d.reasonless());
+    at("ping_rcv")
+        || (echo_reply && at("icmp_rcv"))
         || d.reason == "QUEUE_PURGE"
         || e.packet.as_ref().is_some_and(|p| p.icmp_error)
 }

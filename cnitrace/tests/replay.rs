@@ -152,3 +152,10 @@ fn on_5_10_a_delivered_echo_reply_freed_by_icmp_rcv_is_not_the_drop_point() {
     assert_eq!(v.cause.as_deref(), Some("mtu-mismatch"));
     assert_eq!(v.function.as_deref().and_then(|f| f.split('.').next()), Some("ip_forward"), "{v:?}");
 }
+
+/// A NO_SOCKET drop is noise only where a raw ping's reply ends; at the VXLAN port it is the drop point.
+#[test]
+fn a_vxlan_packet_with_no_socket_is_the_drop_point_not_noise() {
+    let v = load("vxlan-port-mismatch").replay();
+    assert_eq!((v.function.as_deref(), v.reason.as_deref()), (Some("__udp4_lib_rcv"), Some("NO_SOCKET")), "{v:?}");
+}
