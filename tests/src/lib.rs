@@ -25,14 +25,8 @@ pub fn bin() -> PathBuf {
 
 /// Runs `cnitrace follow SRC DST --json ...`: the exit code and the verdict object (the last line).
 pub fn follow(src: &str, dst: &str, extra: &[&str]) -> (i32, serde_json::Value) {
-    let mut args = vec!["follow", src, dst, "--json"];
-    args.extend_from_slice(extra);
-    let out = cnitrace(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_else(|| panic!("follow printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr)));
-    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("verdict line is not JSON ({e}): {last}"));
-    assert_eq!(v["type"], "verdict", "the last line is the verdict: {last}");
-    (out.status.code().unwrap_or(-1), v)
+    let (code, _, verdict) = follow_events(src, dst, extra);
+    (code, verdict)
 }
 
 /// Like [`follow`], with every event object before the verdict.
