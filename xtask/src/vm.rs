@@ -292,16 +292,7 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
             eprintln!("[{name}] {line}");
         }
     });
-    let mut text = String::new();
-    let mut clock = TestClock::new();
-    let stdout = child.stdout.take().expect("piped");
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap_or_default();
-        println!("[{}] {line}", kernel.name);
-        clock.line(&line);
-        text.push_str(&line);
-        text.push('\n');
-    }
+    let (text, clock) = stream(child.stdout.take().expect("piped"), &format!("[{}] ", kernel.name));
     let status = child.wait()?;
     let _ = forward.join();
     let elapsed = t0.elapsed();
@@ -324,21 +315,28 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
 pub fn run_host(test_bin: &Path, args: &[String], log: &Path) -> Result<Column> {
     let t0 = Instant::now();
     let mut child = Command::new(test_bin).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("run the kernel tests")?;
-    let mut text = String::new();
-    let mut clock = TestClock::new();
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line.unwrap_or_default();
-        println!("{line}");
-        clock.line(&line);
-        text.push_str(&line);
-        text.push('\n');
-    }
+    let (text, clock) = stream(child.stdout.take().expect("piped"), "");
     let status = child.wait()?;
     std::fs::write(log, &text)?;
     let results = parse_libtest(&text);
     let broken = (results.is_empty() && !status.success()).then(|| format!("the test binary failed before any test (exit {:?})", status.code()));
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     Ok(Column { kernel: "host".into(), release, results, seconds: clock.seconds, elapsed: t0.elapsed(), broken })
+}
+
+/// Prints a test binary's output as it comes (each line after `prefix`), keeps it, and times its tests.
+fn stream(out: impl std::io::Read, prefix: &str) -> (String, TestClock) {
+    let mut text = String::new();
+    let mut clock = TestClock::new();
+    // Bytes, not UTF-8 lines: one odd byte from a guest console must not end the stream.
+    for line in BufReader::new(out).split(b'\n').map_while(|l| l.ok()) {
+        let line = String::from_utf8_lossy(&line).into_owned();
+        println!("{prefix}{line}");
+        clock.line(&line);
+        text.push_str(&line);
+        text.push('\n');
+    }
+    (text, clock)
 }
 
 /// Times tests from the output as it streams: libtest prints a test's result line when it ends, and
