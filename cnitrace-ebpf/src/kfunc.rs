@@ -16,21 +16,19 @@ use crate::filter::{config, emit, match_skb, new_event, read, stamp_dev, L3At};
 #[derive(Clone, Copy)]
 pub struct Frame {
     skb: u64,
-    extra: u32,
     /// The device at entry: by the return, okfn may have carried the skb into another namespace.
     netns: u32,
     ifindex: u32,
-    _pad: u32,
 }
 
 impl Frame {
     #[inline(always)]
-    fn at_entry(skb: *const u8, matched: bool, extra: u32) -> Frame {
+    fn at_entry(skb: *const u8, matched: bool) -> Frame {
         let mut ev = new_event(EventKind::FuncEntry, skb);
         if matched {
             unsafe { stamp_dev(&config(), skb, &mut ev) };
         }
-        Frame { skb: if matched { skb as u64 } else { 0 }, extra, netns: ev.header.netns, ifindex: ev.header.ifindex, _pad: 0 }
+        Frame { skb: if matched { skb as u64 } else { 0 }, netns: ev.header.netns, ifindex: ev.header.ifindex }
     }
 }
 
@@ -67,7 +65,6 @@ fn ret_event(f: &Frame, id: u32, ret: i32) {
     ev.header.netns = f.netns;
     ev.header.ifindex = f.ifindex;
     ev.reason = id;
-    ev.oif = f.extra;
     ev.err = ret;
     emit(&mut ev);
 }
@@ -99,7 +96,7 @@ pub fn kp_fib_validate_source(ctx: ProbeContext) -> u32 {
         matched = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) };
     }
     if let Some(slot) = RPF_SLOT.get_ptr_mut(0) {
-        unsafe { *slot = Frame::at_entry(skb, matched, 0) };
+        unsafe { *slot = Frame::at_entry(skb, matched) };
     }
     0
 }

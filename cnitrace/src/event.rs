@@ -149,14 +149,9 @@ pub fn func_info(id: u32, extra: u32, ret: Option<i32>) -> FuncInfo {
     let errno = |r: i32| std::io::Error::from_raw_os_error(-r).to_string();
     let (function, detail, verdict) = match id {
         func::NF_HOOK_SLOW => {
+            // Entry only: the drop that follows is the verdict.
             let (hook, pf) = (extra & 0xff, (extra >> 8) & 0xff);
-            let verdict = ret.map(|r| match r {
-                1 => "accept".to_string(),
-                // br_netfilter hands bridged IPv4 to the IPv4 hooks this way; NFQUEUE too.
-                0 => "taken over (stolen or queued)".to_string(),
-                r => format!("DROP ({})", errno(r)),
-            });
-            ("nf_hook_slow", format!("{} ({})", nf_hook(pf, hook), nf_family(pf)), verdict)
+            ("nf_hook_slow", format!("{} ({})", nf_hook(pf, hook), nf_family(pf)), None)
         }
         func::FIB_VALIDATE_SOURCE => {
             let verdict = ret.map(|r| if r < 0 { format!("refused ({})", errno(r)) } else { "passed".to_string() });

@@ -79,9 +79,7 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
     writeln!(out, "hooks: {attached} attached{}", if missing.is_empty() { String::new() } else { format!("; unavailable: {}", missing.join("; ")) })?;
     for p in &r.trace.packets {
         writeln!(out, "\n{}", p.what)?;
-        // A netfilter hook that took the packet over says nothing the next lines do not: hidden here,
-        // kept in --json.
-        for e in p.events.iter().filter(|e| !e.func.as_ref().is_some_and(|f| f.ret == Some(0) && f.function == "nf_hook_slow")) {
+        for e in &p.events {
             writeln!(out, "{}", line(e))?;
         }
     }
