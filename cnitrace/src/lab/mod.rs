@@ -112,19 +112,22 @@ impl Lab {
         let ns = self.node_ns(i);
         let node = &NODES[i];
         let (vni, port, local) = (vni.to_string(), port.to_string(), node.underlay.to_string());
-        ip(&ns, &["link", "add", "flannel.1", "address", node.vtep_mac, "type", "vxlan", "id", &vni, "local", &local, "dev", "eth0", "dstport", &port, "nolearning"])?;
-        ip(&ns, &["link", "set", "flannel.1", "mtu", &topology::POD_MTU.to_string(), "up"])?;
-        ip(&ns, &["addr", "add", &format!("{}/32", node.vtep_ip()), "dev", "flannel.1"])?;
+        let mut ipb = Batch::ip(Some(&ns));
+        let mut fdb = Batch::bridge(&ns);
+        ipb.add(&["link", "add", "flannel.1", "address", node.vtep_mac, "type", "vxlan", "id", &vni, "local", &local, "dev", "eth0", "dstport", &port, "nolearning"]);
+        ipb.add(&["link", "set", "flannel.1", "mtu", &topology::POD_MTU.to_string(), "up"]);
+        ipb.add(&["addr", "add", &format!("{}/32", node.vtep_ip()), "dev", "flannel.1"]);
         for (j, peer) in NODES.iter().enumerate() {
             if j == i {
                 continue;
             }
             let vtep = peer.vtep_ip().to_string();
-            ip(&ns, &["route", "add", &peer.subnet(), "via", &vtep, "dev", "flannel.1", "onlink"])?;
-            ip(&ns, &["neigh", "replace", &vtep, "lladdr", peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
-            sys::run("bridge", &["-n", &ns, "fdb", "append", peer.vtep_mac, "dev", "flannel.1", "dst", &peer.underlay.to_string()])?;
+            ipb.add(&["route", "add", &peer.subnet(), "via", &vtep, "dev", "flannel.1", "onlink"]);
+            ipb.add(&["neigh", "replace", &vtep, "lladdr", peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"]);
+            fdb.add(&["fdb", "append", peer.vtep_mac, "dev", "flannel.1", "dst", &peer.underlay.to_string()]);
         }
-        Ok(())
+        ipb.run()?;
+        fdb.run()
     }
 
     /// Creates a pod through the CNI bridge plugin, as the runtime does.
@@ -216,8 +219,63 @@ pub(super) fn ip(ns: &str, args: &[&str]) -> Result<()> {
     sys::run("ip", &full).map(|_| ())
 }
 
+/// Commands for one `ip -batch` (or `bridge -batch`) run: one process for many changes. Under emulation
+/// (the kernel matrix's VMs) a process start costs ~0.1 s, and the lab is ~60 of them one by one.
+pub(super) struct Batch {
+    prog: &'static str,
+    ns: Option<String>,
+    force: bool,
+    lines: Vec<String>,
+}
+
+impl Batch {
+    /// `ip [-n NS] -batch -`
+    pub(super) fn ip(ns: Option<&str>) -> Batch {
+        Batch { prog: "ip", ns: ns.map(str::to_string), force: false, lines: Vec::new() }
+    }
+
+    /// `bridge -n NS -batch -`
+    pub(super) fn bridge(ns: &str) -> Batch {
+        Batch { prog: "bridge", ns: Some(ns.to_string()), force: false, lines: Vec::new() }
+    }
+
+    /// Go on after a command fails (the run still fails).
+    pub(super) fn force(mut self) -> Batch {
+        self.force = true;
+        self
+    }
+
+    /// One command; its words must not hold blanks (the batch format splits on them).
+    pub(super) fn add(&mut self, args: &[&str]) {
+        debug_assert!(args.iter().all(|a| !a.is_empty() && !a.contains(char::is_whitespace)), "{args:?}");
+        self.lines.push(args.join(" "));
+    }
+
+    /// Runs them in order; the first that fails stops the batch and is named in the error.
+    pub(super) fn run(self) -> Result<()> {
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        let mut args = Vec::new();
+        if let Some(ns) = &self.ns {
+            args.extend(["-n", ns.as_str()]);
+        }
+        if self.force {
+            args.push("-force");
+        }
+        args.extend(["-batch", "-"]);
+        let script = self.lines.join("\n") + "\n";
+        sys::run_stdin(self.prog, &args, &script).map(|_| ()).with_context(|| format!("{} batch:\n{script}", self.prog))
+    }
+}
+
+/// Sets a sysctl of namespace `ns`, from this process: /proc/sys/net shows the namespace of the thread
+/// that opens it (no `ip netns exec sysctl`, two process starts per key).
 pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
-    sys::run_in(ns, "sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let value = value.to_string();
+    netns::in_netns(&netns::named(ns), move || std::fs::write(&path, value).with_context(|| format!("write {path}")))
+        .with_context(|| format!("set {key} in {ns}"))
 }
 
 /// Is `pid` one of the lab's servers (checked before signalling it: pids are reused)?
@@ -297,39 +355,47 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
         sys::run("modprobe", &["br_netfilter"]).context("load br_netfilter (bridged pod traffic through iptables, as on a kubeadm node)")?;
     }
     let ext = lab.external_ns();
-    for ns in (0..NODES.len()).map(|i| lab.node_ns(i)).chain([ext.clone()]) {
-        sys::run("ip", &["netns", "add", &ns])?;
-        ip(&ns, &["link", "set", "lo", "up"])?;
-    }
     let (n0, n1) = (lab.node_ns(0), lab.node_ns(1));
-    // Underlay: the two nodes' eth0 on one link.
-    sys::run("ip", &["link", "add", "cnt-ul0", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul1", "netns", &n1])?;
-    for (i, ns) in [&n0, &n1].into_iter().enumerate() {
-        ip(ns, &["link", "set", &format!("cnt-ul{i}"), "name", "eth0"])?;
-        ip(ns, &["addr", "add", &format!("{}/24", NODES[i].underlay), "dev", "eth0"])?;
-        ip(ns, &["link", "set", "eth0", "up"])?;
+    // From the root namespace: the namespaces, and the veth pairs between them (created in them).
+    let mut root = Batch::ip(None);
+    for ns in [&n0, &n1, &ext] {
+        root.add(&["netns", "add", ns]);
     }
-    // A second underlay link, as on dual-NIC nodes: storagenodet3500 reaches storagenodet3501's address
-    // through eth2 while the way back uses eth0. Asymmetric but healthy until rp_filter turns strict.
-    sys::run("ip", &["link", "add", "cnt-ul2", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul3", "netns", &n1])?;
+    // Underlay: the two nodes' eth0 on one link. A second underlay link, as on dual-NIC nodes:
+    // storagenodet3500 reaches storagenodet3501's address through eth2 while the way back uses eth0.
+    // Asymmetric but healthy until rp_filter turns strict. Uplink: storagenodet3500's eth1 to the
+    // external host.
+    root.add(&["link", "add", "cnt-ul0", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul1", "netns", &n1]);
+    root.add(&["link", "add", "cnt-ul2", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul3", "netns", &n1]);
+    root.add(&["link", "add", "cnt-up0", "netns", &n0, "type", "veth", "peer", "name", "cnt-up1", "netns", &ext]);
+    root.run()?;
     for (i, ns) in [&n0, &n1].into_iter().enumerate() {
-        ip(ns, &["link", "set", &format!("cnt-ul{}", i + 2), "name", "eth2"])?;
-        ip(ns, &["addr", "add", SECOND_NIC_ADDRS[i], "dev", "eth2"])?;
-        ip(ns, &["link", "set", "eth2", "up"])?;
+        let mut b = Batch::ip(Some(ns));
+        b.add(&["link", "set", "lo", "up"]);
+        b.add(&["link", "set", &format!("cnt-ul{i}"), "name", "eth0"]);
+        b.add(&["addr", "add", &format!("{}/24", NODES[i].underlay), "dev", "eth0"]);
+        b.add(&["link", "set", "eth0", "up"]);
+        b.add(&["link", "set", &format!("cnt-ul{}", i + 2), "name", "eth2"]);
+        b.add(&["addr", "add", SECOND_NIC_ADDRS[i], "dev", "eth2"]);
+        b.add(&["link", "set", "eth2", "up"]);
+        if i == 0 {
+            let peer = format!("{}/32", NODES[1].underlay);
+            let via = SECOND_NIC_ADDRS[1].split('/').next().expect("address");
+            b.add(&["route", "add", &peer, "via", via, "dev", "eth2", "src", &NODES[0].underlay.to_string()]);
+            b.add(&["link", "set", "cnt-up0", "name", "eth1"]);
+            b.add(&["addr", "add", &format!("{}/24", topology::UPLINK_IP), "dev", "eth1"]);
+            b.add(&["link", "set", "eth1", "up"]);
+        }
+        b.run()?;
     }
-    let peer = format!("{}/32", NODES[1].underlay);
-    let via = SECOND_NIC_ADDRS[1].split('/').next().expect("address");
-    ip(&n0, &["route", "add", &peer, "via", via, "dev", "eth2", "src", &NODES[0].underlay.to_string()])?;
+    let mut b = Batch::ip(Some(&ext));
+    b.add(&["link", "set", "lo", "up"]);
+    b.add(&["link", "set", "cnt-up1", "name", "eth0"]);
+    b.add(&["addr", "add", &format!("{}/24", topology::EXTERNAL_IP), "dev", "eth0"]);
+    b.add(&["link", "set", "eth0", "up"]);
+    b.run()?;
     // ARP on eth2 from eth2's own address, as multi-homed hosts are usually set up.
     sysctl(&n0, "net.ipv4.conf.eth2.arp_announce", "2")?;
-    // Uplink: storagenodet3500's eth1 to the external host.
-    sys::run("ip", &["link", "add", "cnt-up0", "netns", &n0, "type", "veth", "peer", "name", "cnt-up1", "netns", &ext])?;
-    ip(&n0, &["link", "set", "cnt-up0", "name", "eth1"])?;
-    ip(&n0, &["addr", "add", &format!("{}/24", topology::UPLINK_IP), "dev", "eth1"])?;
-    ip(&n0, &["link", "set", "eth1", "up"])?;
-    ip(&ext, &["link", "set", "cnt-up1", "name", "eth0"])?;
-    ip(&ext, &["addr", "add", &format!("{}/24", topology::EXTERNAL_IP), "dev", "eth0"])?;
-    ip(&ext, &["link", "set", "eth0", "up"])?;
 
     for i in 0..NODES.len() {
         let ns = lab.node_ns(i);
@@ -390,9 +456,16 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
     let namespaces = existing_namespaces(prefix);
     // Servers whose pid was never recorded (a crash mid-`up`): ours by command line and namespace.
     sweep_servers(&namespaces);
-    let mut errors = Vec::new();
+    // One process for all of them (`-force`: the rest go even if one fails); then whatever is left
+    // one by one, for each its own error.
+    let mut all = Batch::ip(None).force();
     for ns in &namespaces {
-        if let Err(e) = sys::run("ip", &["netns", "del", ns]) {
+        all.add(&["netns", "del", ns]);
+    }
+    let _ = all.run();
+    let mut errors = Vec::new();
+    for ns in existing_namespaces(prefix) {
+        if let Err(e) = sys::run("ip", &["netns", "del", &ns]) {
             errors.push(format!("{e:#}"));
         }
     }
