@@ -26,17 +26,35 @@ pub fn succeeds(prog: &str, args: &[&str]) -> bool {
     output(prog, args, None).map(|o| o.status.success()).unwrap_or(false)
 }
 
-/// Runs `prog args` inside the named network namespace (`ip netns exec`).
+/// Runs `prog args` inside the named network namespace: started from a thread that entered it (what
+/// `ip netns exec` does, without its own process start and mount namespace: the tools run here speak
+/// netlink or read /proc/sys/net, neither needs the namespace's /sys).
 pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
-    let mut full = vec!["netns", "exec", ns, prog];
-    full.extend_from_slice(args);
-    run("ip", &full)
+    run_in_with(ns, prog, args, None)
 }
 
 pub fn run_in_stdin(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<String> {
-    let mut full = vec!["netns", "exec", ns, prog];
-    full.extend_from_slice(args);
-    run_stdin("ip", &full, input)
+    run_in_with(ns, prog, args, Some(input))
+}
+
+fn run_in_with(ns: &str, prog: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    let (prog, args, input) = (prog.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), input.map(str::to_string));
+    crate::netns::in_netns(&crate::netns::named(ns), move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = output(&prog, &args, input.as_deref())?;
+        check(&prog, &args, &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .with_context(|| format!("in namespace {ns}"))
+}
+
+/// [`output`] inside the named network namespace.
+pub fn output_in(ns: &str, prog: &str, args: &[&str]) -> Result<Output> {
+    let (prog, args) = (prog.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    crate::netns::in_netns(&crate::netns::named(ns), move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        output(&prog, &args, None)
+    })
 }
 
 /// Runs a command with optional stdin and returns its raw output, whatever its exit status.

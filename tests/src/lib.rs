@@ -170,39 +170,42 @@ pub fn leftovers(server_pids: &[u32]) -> Vec<String> {
     left
 }
 
-fn run_text(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("run {prog}: {e}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The configuration of one lab namespace, as text: links, addresses, routes, permanent neighbours,
 /// FDB, bridge ports, every rule set and the sysctls fixes touch. What traffic changes by itself
 /// (learned neighbours and FDB entries, counters) is left out.
 pub fn ns_config(ns: &str) -> String {
-    let mut s = String::new();
-    let ipn = |args: &[&str]| {
-        let mut full = vec!["-n", ns];
-        full.extend_from_slice(args);
-        run_text("ip", &full)
+    // Few processes: a process start costs ~0.1 s in the matrix's VMs, and the fix tests take this
+    // snapshot of every lab namespace twice per fault.
+    let text = |out: Result<Output, _>| out.map(|o: Output| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let batch = |prog: &str, opts: &[&str], script: &str| {
+        let mut args = vec!["-n", ns];
+        args.extend_from_slice(opts);
+        args.extend(["-batch", "-"]);
+        cnitrace::sys::run_stdin(prog, &args, script).unwrap_or_else(|e| panic!("{e:#}"))
     };
-    s += &ipn(&["-d", "link", "show"]);
-    s += &ipn(&["-4", "addr", "show"]);
-    s += &ipn(&["-4", "route", "show", "table", "all"]);
-    s += &ipn(&["neigh", "show", "nud", "permanent"]);
-    s += &run_text("bridge", &["-n", ns, "link", "show"]);
-    s += &run_text("bridge", &["-n", ns, "fdb", "show"]).lines().filter(|l| l.contains("permanent") || l.contains("dst")).collect::<Vec<_>>().join("\n");
-    let exec = |prog: &str, args: &[&str]| {
-        let mut full = vec!["netns", "exec", ns, prog];
-        full.extend_from_slice(args);
-        run_text("ip", &full)
-    };
+    let mut s = batch("ip", &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n");
+    let bridge = batch("bridge", &[], "link show\nfdb show\n");
+    // Ports ("7: vethX: ...") all; of the FDB only the permanent entries and the VXLAN destinations
+    // (learned ones come and go with traffic).
+    // Multicast entries ("33:33:ff:…") follow the addresses IPv6 configures by itself a moment after a
+    // link comes up: derived, not configuration.
+    let port = |l: &str| l.split_whitespace().next().is_some_and(|w| w.ends_with(':'));
+    let multicast = |l: &str| u8::from_str_radix(l.get(..2).unwrap_or("00"), 16).is_ok_and(|b| b & 1 == 1);
+    s += &bridge.lines().filter(|l| port(l) || ((l.contains("permanent") || l.contains("dst")) && !multicast(l))).collect::<Vec<_>>().join("\n");
+    s += "\n";
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
-        s += &exec(save, &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+        s += &text(cnitrace::sys::output_in(ns, save, &[])).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
     }
-    let nft = exec("nft", &["list", "ruleset"]);
+    let nft = text(cnitrace::sys::output_in(ns, "nft", &["list", "ruleset"]));
     // Counter values move with traffic; the rule does not.
     s += &nft.lines().map(cnitrace::finding::causes::netfilter::strip_counter).collect::<Vec<_>>().join("\n");
-    s += &exec("sysctl", &["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables"]);
+    let keys = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables"];
+    let path = cnitrace::netns::named(ns);
+    s += &cnitrace::netns::in_netns(&path, move || {
+        Ok(keys.iter().map(|k| format!("{k} = {}", std::fs::read_to_string(format!("/proc/sys/{}", k.replace('.', "/"))).unwrap_or_default().trim())).collect::<Vec<_>>().join("\n"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
     normalize(&s)
 }
 
