@@ -156,6 +156,12 @@ unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketI
         return Seen::Unrelated;
     }
     let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::OneSide };
+    unsafe { match_ip(c, l3, &ip, p) }
+}
+
+/// Matches an IPv4 packet whose header `ip` (at `l3`) was read already.
+#[inline(always)]
+unsafe fn match_ip(c: &Config, l3: *const u8, ip: &IpHdr, p: &mut PacketInfo) -> Seen {
     let ihl = ((ip.vihl & 0x0f) as u32) * 4;
     if is_pair(c, ip.saddr, ip.daddr) {
         p.ethertype = ETH_P_IP;
@@ -191,16 +197,17 @@ unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketI
     if in_pair(c, ip.saddr) || in_pair(c, ip.daddr) { Seen::OneSide } else { Seen::Unrelated }
 }
 
-/// Matches the pair at `l3`, looking one level into VXLAN (UDP to the configured ports).
+/// Matches the pair at `l3`, looking one level into VXLAN (UDP to the configured ports). The outer
+/// IPv4 header is read once: a read is a helper call, the bulk of what unrelated traffic pays.
 #[inline(always)]
 pub unsafe fn match_l3(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> Seen {
-    let plain = unsafe { match_plain(c, l3, ethertype, p) };
-    if plain != Seen::Unrelated || ethertype != ETH_P_IP {
-        return plain;
+    if ethertype != ETH_P_IP {
+        return unsafe { match_plain(c, l3, ethertype, p) };
     }
-    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::Unrelated };
-    if ip.proto != IPPROTO_UDP {
-        return Seen::Unrelated;
+    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::OneSide };
+    let plain = unsafe { match_ip(c, l3, &ip, p) };
+    if plain != Seen::Unrelated || ip.proto != IPPROTO_UDP {
+        return plain;
     }
     let ihl = ((ip.vihl & 0x0f) as u32) * 4;
     let Some(udp) = (unsafe { read::<L4>(l3, ihl) }) else { return Seen::Unrelated };
