@@ -169,6 +169,10 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
     }
     let _g = LabGuard::up(&[faults::SEED_FAULT]);
     let before = loaded_cnitrace_programs();
+    // follow masks /sys/kernel/btf in a mount namespace of its own while aya's loader is made: the
+    // host's mounts must not see it, at any moment.
+    let mounts = || std::fs::read_to_string("/proc/1/mountinfo").expect("init's mounts");
+    let host_mounts = mounts();
     for signal in [None, Some("INT"), Some("KILL")] {
         let mut child = Command::new(bin())
             .args(["follow", "10.244.0.20", "10.244.0.19", "--timeout", "10"])
@@ -182,6 +186,7 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(loaded_cnitrace_programs() > before, "follow attached its programs");
+        assert_eq!(mounts(), host_mounts, "follow changed the host's mounts");
         if let Some(sig) = signal {
             Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().expect("kill");
         }
@@ -194,5 +199,6 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(loaded_cnitrace_programs(), before, "programs left after follow ended by {signal:?}");
+        assert_eq!(mounts(), host_mounts, "mounts left after follow ended by {signal:?}");
     }
 }
