@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
-use crate::filter::{config, emit, forget, match_skb, new_event, stamp_dev, L3At};
+use crate::filter::{config, emit, forget, match_skb, new_event, stamp_dev, tracked, L3At};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
@@ -40,9 +40,11 @@ pub fn kfree_skb_legacy(ctx: RawTracePointContext) -> i32 {
     on_drop(&ctx, 0)
 }
 
-// TP_PROTO(struct sk_buff *skb[, void *location]). Every packet that ends well passes here: the
-// headers are read first, and only a packet that may be the pair's touches the tracking map (a map
-// delete per consumed packet was the most expensive thing cnitrace did to unrelated traffic).
+// TP_PROTO(struct sk_buff *skb[, void *location]). Every packet that ends well passes here, most of
+// them long after their headers left the cache: only an skb a hook matched before is of interest, and
+// a lookup by its address (lock-free) decides that without touching the packet. A hit is checked
+// against the headers once more (an skb freed where no tracepoint fires leaves its address behind, and
+// an unrelated skb may reuse it).
 #[raw_tracepoint(tracepoint = "consume_skb")]
 pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     let c = config();
@@ -50,15 +52,17 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let skb: *const u8 = ctx.arg(0);
-    let mut ev = new_event(EventKind::Consume, skb);
-    unsafe {
-        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) {
-            return 0;
-        }
-        stamp_dev(&c, skb, &mut ev);
+    if !tracked(skb) {
+        return 0;
     }
-    // The skb's address will be reused.
+    let mut ev = new_event(EventKind::Consume, skb);
+    let ours = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) };
+    // The skb's address will be reused (and a stale entry goes too).
     forget(skb);
+    if !ours {
+        return 0;
+    }
+    unsafe { stamp_dev(&c, skb, &mut ev) };
     emit(&mut ev);
     0
 }

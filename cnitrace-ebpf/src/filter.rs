@@ -280,6 +280,12 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event, al
     false
 }
 
+/// Did a hook match this skb before (and the kernel has not freed it since)?
+#[inline(always)]
+pub fn tracked(skb: *const u8) -> bool {
+    unsafe { TRACKED.get(&(skb as u64)) }.is_some()
+}
+
 /// Forgets an skb once the kernel freed it: its address will be reused.
 #[inline(always)]
 pub fn forget(skb: *const u8) -> bool {
