@@ -51,6 +51,9 @@ enum Task {
         /// VMs at once (default: one per core).
         #[arg(long, default_value_t = 0)]
         jobs: usize,
+        /// Also keep each guest's kernel console (oopses, panics) in target/kernel-tests/<kernel>.console.log.
+        #[arg(long)]
+        vm_console: bool,
     },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
@@ -81,11 +84,11 @@ fn main() {
             Ok(())
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs } => {
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_console } => {
             if all.is_some() {
                 kernels.push("all".into());
             }
-            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs })
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_console })
         }
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),

@@ -18,6 +18,8 @@ pub struct Options {
     pub vm_timeout_min: u64,
     /// VMs run at once (0: one per core).
     pub jobs: usize,
+    /// Keep the guests' kernel console.
+    pub vm_console: bool,
 }
 
 pub fn run(o: Options) -> Result<()> {
@@ -78,7 +80,7 @@ pub fn run(o: Options) -> Result<()> {
                 let Some(k) = queue.lock().expect("queue").pop_front() else { break };
                 let r = vm::kernel(k).and_then(|kernel| {
                     println!("\n=== kernel {} ({}; {}) in a VM: qemu, software emulation, {cpus} CPU ===", kernel.name, kernel.release, vm::spec(k)?.why);
-                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), Duration::from_secs(o.vm_timeout_min * 60), cpus)
+                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), Duration::from_secs(o.vm_timeout_min * 60), cpus, o.vm_console)
                 });
                 done.lock().expect("results").push((k.clone(), r));
             });

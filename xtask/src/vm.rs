@@ -262,7 +262,8 @@ pub struct Column {
 
 /// Boots `kernel` and runs the kernel test binary inside it; streams the guest's output and returns
 /// the column. `timeout` bounds the whole boot + suite.
-pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize) -> Result<Column> {
+/// `console`: also boot verbosely and keep the guest's kernel console (stderr) beside the log.
+pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize, console: bool) -> Result<Column> {
     let vng = venv().join("bin/vng");
     // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM.
     let mut guest = format!("export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}", sh_quote(path_str(cnitrace_bin)?), sh_quote(path_str(test_bin)?));
@@ -275,7 +276,9 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     let mut child = Command::new("timeout")
         .args(["--kill-after=20", &format!("{}", timeout.as_secs())])
         .arg(&vng)
-        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", &cpus.to_string(), "--memory", "2G", "--cwd", "/", "--"])
+        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", &cpus.to_string(), "--memory", "2G", "--cwd", "/"])
+        .args(console.then_some("--verbose"))
+        .arg("--")
         .arg(&guest)
         .env("PATH", path)
         .stdin(Stdio::null())
@@ -288,13 +291,22 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     let stderr = child.stderr.take().expect("piped");
     let name = kernel.name.clone();
     let forward = std::thread::spawn(move || {
+        let mut kept = String::new();
         for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
             eprintln!("[{name}] {line}");
+            if console {
+                kept.push_str(&line);
+                kept.push('\n');
+            }
         }
+        kept
     });
     let (text, clock) = stream(child.stdout.take().expect("piped"), &format!("[{}] ", kernel.name));
     let status = child.wait()?;
-    let _ = forward.join();
+    let console_text = forward.join().unwrap_or_default();
+    if console {
+        std::fs::write(log.with_extension("console.log"), console_text)?;
+    }
     let elapsed = t0.elapsed();
     std::fs::write(log, &text)?;
     let results = parse_libtest(&text);
