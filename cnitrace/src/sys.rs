@@ -38,23 +38,23 @@ pub fn run_in_stdin(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<
 }
 
 fn run_in_with(ns: &str, prog: &str, args: &[&str], input: Option<&str>) -> Result<String> {
-    let (prog, args, input) = (prog.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), input.map(str::to_string));
-    crate::netns::in_netns(&crate::netns::named(ns), move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = output(&prog, &args, input.as_deref())?;
-        check(&prog, &args, &out)?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    })
-    .with_context(|| format!("in namespace {ns}"))
+    let out = output_in_with(ns, prog, args, input)?;
+    check(prog, args, &out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// [`output`] inside the named network namespace.
 pub fn output_in(ns: &str, prog: &str, args: &[&str]) -> Result<Output> {
-    let (prog, args) = (prog.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    output_in_with(ns, prog, args, None)
+}
+
+fn output_in_with(ns: &str, prog: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
+    let (prog, args, input) = (prog.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), input.map(str::to_string));
     crate::netns::in_netns(&crate::netns::named(ns), move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        output(&prog, &args, None)
+        output(&prog, &args, input.as_deref())
     })
+    .with_context(|| format!("in namespace {ns}"))
 }
 
 /// Runs a command with optional stdin and returns its raw output, whatever its exit status.
