@@ -15,7 +15,7 @@ pub struct Options {
     pub kernels: Vec<String>,
     pub no_host: bool,
     /// Minutes one VM may take (boot + suite) before it is stopped.
-    pub vm_timeout_min: u64,
+    pub vm_timeout_min: Option<u64>,
     /// VMs run at once (0: one per core).
     pub jobs: usize,
     /// Keep the guests' kernel console.
@@ -51,7 +51,11 @@ pub fn run(o: Options) -> Result<()> {
     // Without --kernel (CI): the VM runs the tests whose outcome depends on the kernel; the rest of the
     // suite (rollback, journal, CLI behaviour) is the same code on any kernel and runs on the host.
     let mut vm_args = args.clone();
-    if o.kernels.is_empty() && o.filter.is_empty() {
+    let subset = o.kernels.is_empty() && o.filter.is_empty();
+    // The whole suite (`--kernel V`, no filter) under emulation takes close to an hour on 2 cores.
+    let whole_suite = !o.kernels.is_empty() && o.filter.is_empty();
+    let vm_timeout = Duration::from_secs(o.vm_timeout_min.unwrap_or(if whole_suite { 120 } else { 60 }) * 60);
+    if subset {
         vm_args = vm::DEFAULT_FILTERS.iter().map(|f| f.to_string()).chain(args.iter().cloned()).collect();
         println!("xtask: VM kernels {}: the kernel-dependent tests ({}); `--kernel V` runs the whole suite there", kernels.join(", "), vm::DEFAULT_FILTERS.join(" "));
     }
@@ -80,7 +84,7 @@ pub fn run(o: Options) -> Result<()> {
                 let Some(k) = queue.lock().expect("queue").pop_front() else { break };
                 let r = vm::kernel(k).and_then(|kernel| {
                     println!("\n=== kernel {} ({}; {}) in a VM: qemu, software emulation, {cpus} CPU ===", kernel.name, kernel.release, vm::spec(k)?.why);
-                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), Duration::from_secs(o.vm_timeout_min * 60), cpus, o.vm_console)
+                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), vm_timeout, cpus, o.vm_console)
                 });
                 done.lock().expect("results").push((k.clone(), r));
             });
