@@ -79,6 +79,23 @@ fn check(prog: &str, args: &[&str], out: &Output) -> Result<()> {
     Ok(())
 }
 
+/// Writes a sysctl (`net.ipv4.ip_forward`) through /proc/sys, which shows the network namespace of the
+/// calling thread: run it inside [`crate::netns::in_netns`] for another namespace's.
+pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    let path = sysctl_path(key);
+    std::fs::write(&path, format!("{value}\n")).with_context(|| format!("write {path}"))
+}
+
+/// Reads a sysctl of the calling thread's namespace, trimmed.
+pub fn read_sysctl(key: &str) -> Result<String> {
+    let path = sysctl_path(key);
+    Ok(std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?.trim().to_string())
+}
+
+fn sysctl_path(key: &str) -> String {
+    format!("/proc/sys/{}", key.replace('.', "/"))
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -203,7 +203,7 @@ pub fn ns_config(ns: &str) -> String {
     let keys = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables"];
     let path = cnitrace::netns::named(ns);
     s += &cnitrace::netns::in_netns(&path, move || {
-        Ok(keys.iter().map(|k| format!("{k} = {}", std::fs::read_to_string(format!("/proc/sys/{}", k.replace('.', "/"))).unwrap_or_default().trim())).collect::<Vec<_>>().join("\n"))
+        Ok(keys.iter().map(|k| format!("{k} = {}", cnitrace::sys::read_sysctl(k).unwrap_or_default())).collect::<Vec<_>>().join("\n"))
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
     normalize(&s)

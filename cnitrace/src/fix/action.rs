@@ -161,10 +161,7 @@ impl Action {
 
     fn apply_here(&self) -> Result<()> {
         match self {
-            Action::Sysctl { key, value, .. } => {
-                let p = format!("/proc/sys/{}", key.replace('.', "/"));
-                std::fs::write(&p, format!("{value}\n")).with_context(|| format!("write {p}"))
-            }
+            Action::Sysctl { key, value, .. } => sys::write_sysctl(key, value),
             Action::Iptables { backend, table, lines, .. } => {
                 let restore = format!("{backend}-restore");
                 let input = format!("*{table}\n{}\nCOMMIT\n", lines.join("\n"));

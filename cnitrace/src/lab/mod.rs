@@ -272,10 +272,8 @@ impl Batch {
 /// Sets a sysctl of namespace `ns`, from this process: /proc/sys/net shows the namespace of the thread
 /// that opens it (no `ip netns exec sysctl`, two process starts per key).
 pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    let value = value.to_string();
-    netns::in_netns(&netns::named(ns), move || std::fs::write(&path, value).with_context(|| format!("write {path}")))
-        .with_context(|| format!("set {key} in {ns}"))
+    let (k, v) = (key.to_string(), value.to_string());
+    netns::in_netns(&netns::named(ns), move || sys::write_sysctl(&k, &v)).with_context(|| format!("set {key} in {ns}"))
 }
 
 /// Is `pid` one of the lab's servers (checked before signalling it: pids are reused)?
