@@ -169,6 +169,10 @@ pub struct Config {
     pub vxlan_port_2: u16,
     /// 1 when the loaded programs should emit anything (lets start-up attach before filtering starts).
     pub enabled: u32,
+    /// Next hops the pair's packets resolve on the way (a node's gateway towards the other pod, e.g. the
+    /// remote VTEP on flannel.1), network byte order, 0 = unused: their ARP and neighbour entries are
+    /// followed too, so a packet waiting on one of them is seen waiting.
+    pub next_hops: [u32; 4],
 
     pub skb_head: u32,
     pub skb_data: u32,
@@ -202,6 +206,7 @@ impl Config {
             vxlan_port_1: 0,
             vxlan_port_2: 0,
             enabled: 0,
+            next_hops: [0; 4],
             skb_head: 0,
             skb_data: 0,
             skb_len: 0,
@@ -228,7 +233,7 @@ impl Config {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 104);
 
 #[cfg(feature = "user")]
 mod user {

@@ -63,6 +63,12 @@ fn in_pair(c: &Config, addr: u32) -> bool {
     addr == c.addr_a || addr == c.addr_b
 }
 
+/// A next hop of the pair's path (its ARP and neighbour entry are followed).
+#[inline(always)]
+pub fn is_next_hop(c: &Config, addr: u32) -> bool {
+    addr != 0 && (addr == c.next_hops[0] || addr == c.next_hops[1] || addr == c.next_hops[2] || addr == c.next_hops[3])
+}
+
 #[inline(always)]
 fn is_pair(c: &Config, s: u32, d: u32) -> bool {
     (s == c.addr_a && d == c.addr_b) || (s == c.addr_b && d == c.addr_a)
@@ -143,7 +149,7 @@ unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketI
         let Some(arp) = (unsafe { read::<ArpHdr>(l3, 0) }) else { return Seen::Unrelated };
         let spa = u32::from_ne_bytes(arp.spa);
         let tpa = u32::from_ne_bytes(arp.tpa);
-        if !(in_pair(c, spa) || in_pair(c, tpa)) {
+        if !(in_pair(c, spa) || in_pair(c, tpa) || is_next_hop(c, tpa) || is_next_hop(c, spa)) {
             return Seen::Unrelated;
         }
         p.ethertype = ETH_P_ARP;

@@ -18,7 +18,7 @@ use crate::{
     path::{is_noise, Trace},
     probe::{Counters, HookStatus, Probe},
     resolve::{self, Endpoint, HostResolver, Resolver},
-    state,
+    state::{self, NsState},
 };
 
 /// The VXLAN ports whose inner headers the kernel side looks into (flannel's and IANA's).
@@ -39,12 +39,68 @@ pub struct FollowRequest {
 /// What operators and the benchmark ask for beyond the trace itself.
 #[derive(Clone, Debug, Default)]
 pub struct FollowOptions {
+    /// On an unanswered ARP, wait for the kernel to give up and drop the queued packet (NEIGH_FAILED,
+    /// mcast_solicit × retrans_time: 3 s by default) instead of deciding after ARP_PATIENCE.
+    pub until_drop: bool,
     /// Written once the probes are attached (as pwru does), holding the milliseconds it took.
     pub ready_file: Option<std::path::PathBuf>,
     /// Have the kernel count each program's runs and run time while tracing.
     pub kernel_stats: bool,
     /// Tracepoints only: do not try the optional kprobes.
     pub no_kprobes: bool,
+}
+
+/// How long an ARP request of the path may go unanswered before follow decides without waiting for the
+/// kernel's own give-up: an answer on one node or across an overlay takes well under a millisecond
+/// (tens under emulation), and the kernel itself asks again only after retrans_time (1 s).
+pub const ARP_PATIENCE: Duration = Duration::from_millis(300);
+
+/// ARP requests of the path and their answers, as the events come in.
+#[derive(Default)]
+pub struct ArpWatch {
+    /// Target address → (first seen, where it was asked: namespace inode, pod/node name, interface).
+    asked: Vec<(Ipv4Addr, Instant, u32, String, String)>,
+    answered: Vec<Ipv4Addr>,
+}
+
+/// An ARP request nobody answered within ARP_PATIENCE.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArpUnanswered {
+    pub target: Ipv4Addr,
+    #[serde(skip)]
+    pub netns: u32,
+    pub where_: String,
+    pub ifname: String,
+    pub waited_ms: u64,
+}
+
+impl ArpWatch {
+    pub fn see(&mut self, e: &TraceEvent, now: Instant) {
+        let Some(p) = e.packet.as_ref().filter(|p| p.proto == "arp" && p.src != p.dst) else { return };
+        if p.key.starts_with("arp 2 ") {
+            if !self.answered.contains(&p.src) {
+                self.answered.push(p.src);
+            }
+        } else if p.key.starts_with("arp 1 ") && e.kind == Kind::Xmit && !self.asked.iter().any(|a| a.0 == p.dst) {
+            // The first transmit is the asker's own device.
+            self.asked.push((p.dst, now, e.netns, e.where_.clone(), e.ifname.clone()));
+        }
+    }
+
+    /// The oldest request still unanswered after `patience`.
+    pub fn unanswered(&self, now: Instant, patience: Duration) -> Option<ArpUnanswered> {
+        self.asked
+            .iter()
+            .filter(|a| !self.answered.contains(&a.0) && now.duration_since(a.1) >= patience)
+            .min_by_key(|a| a.1)
+            .map(|a| ArpUnanswered {
+                target: a.0,
+                netns: a.2,
+                where_: a.3.clone(),
+                ifname: a.4.clone(),
+                waited_ms: now.duration_since(a.1).as_millis() as u64,
+            })
+    }
 }
 
 /// Events decoded and kept for the timeline; beyond this the ring is still drained and counted, so a
@@ -81,6 +137,8 @@ pub struct Report {
     pub program_stats: Vec<crate::probe::ProgramStats>,
     /// Peak resident memory of this process (VmHWM).
     pub peak_rss_kib: u64,
+    /// Follow decided on an ARP request nobody answered, before the kernel gave up on it.
+    pub arp_unanswered: Option<ArpUnanswered>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -151,7 +209,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
     }
 
-    let mut probe = Probe::start(req.src, req.dst, VXLAN_PORTS, req.opts.kernel_stats, !req.opts.no_kprobes)?;
+    let hops = next_hops(&resolver, &states, req.src, req.dst);
+    let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, req.opts.kernel_stats, !req.opts.no_kprobes)?;
     let ready_ms = t_start.elapsed().as_millis() as u64;
     if let Some(path) = &req.opts.ready_file {
         std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
@@ -202,6 +261,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut sender = sender;
     let mut not_kept: u64 = 0;
     let (mut significant_drop, mut scanned) = (false, 0);
+    let mut arp = ArpWatch::default();
+    let mut arp_unanswered = None;
     loop {
         // Records are submitted without wakeups: poll on a short period instead.
         probe.wait(Duration::from_millis(10));
@@ -213,14 +274,27 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
             settle_until.get_or_insert(Instant::now() + Duration::from_millis(100));
         }
         // Only the events decoded since the last pass need a look.
+        let now = Instant::now();
         significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
+        for e in &decoded[scanned..] {
+            arp.see(e, now);
+        }
         scanned = decoded.len();
+        // A question nobody answers: the kernel holds the packet and asks again 1 s later; what the
+        // request's trail and the node's state say is all the wait would add, bar the kernel's give-up.
+        if !req.opts.until_drop && !significant_drop && arp_unanswered.is_none() {
+            arp_unanswered = arp.unanswered(now, ARP_PATIENCE);
+            if arp_unanswered.is_some() {
+                settle_until = Some(now);
+            }
+        }
         if significant_drop && settle_until.is_none() {
             settle_until = Some(Instant::now() + Duration::from_millis(250));
         }
         // Done once things settled after the prober finished, or after a drop (the prober may still
         // be waiting out its timeout for a reply that will not come).
-        let settled = settle_until.is_some_and(|t| Instant::now() > t) && (sender.is_none() || significant_drop);
+        let settled =
+            settle_until.is_some_and(|t| Instant::now() > t) && (sender.is_none() || significant_drop || arp_unanswered.is_some());
         if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline || settled {
             break;
         }
@@ -255,6 +329,11 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let trace = Trace::build(decoded);
     let mut verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
     verdict.missing = finding::missing_evidence(&verdict, &hooks, names_had_reasons);
+    // Decided before the kernel's give-up: say what was not waited for, with this namespace's numbers.
+    let arp_unanswered = arp_unanswered.filter(|_| verdict.verdict != finding::Outcome::Delivered && verdict.function.is_none());
+    if let Some(a) = &arp_unanswered {
+        verdict.facts.push(arp_fact(a, resolver.namespace(a.netns).map(|n| n.path.clone())));
+    }
     Ok(Report {
         src,
         dst,
@@ -269,7 +348,44 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         events_not_kept: not_kept,
         program_stats,
         peak_rss_kib: peak_rss_kib(),
+        arp_unanswered,
     })
+}
+
+/// The gateways the pair's packets resolve on the way: each pod's and each node's route towards the
+/// other end (the node's is the remote VTEP on flannel.1 across nodes).
+fn next_hops(resolver: &HostResolver, states: &States, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let mut hops = Vec::new();
+    for (inode, to) in [(Some(states.src_pod), dst), (states.src_node, dst), (states.dst_pod, src), (states.dst_node, src)] {
+        let Some(ns) = inode.and_then(|i| resolver.namespace(i)) else { continue };
+        let routes = NsState { routes: state::routes(&ns.path).unwrap_or_default(), ..Default::default() };
+        if let Some(gw) = routes.route_to(to).and_then(|r| r.gateway) {
+            if !hops.contains(&gw) {
+                hops.push(gw);
+            }
+        }
+    }
+    hops
+}
+
+/// What the kernel would have done had follow waited, from the asking device's own neighbour settings.
+fn arp_fact(a: &ArpUnanswered, ns: Option<std::path::PathBuf>) -> String {
+    let dev = a.ifname.clone();
+    let setting = |key: &'static str, default: u64| -> u64 {
+        let Some(path) = ns.clone() else { return default };
+        let key = format!("net.ipv4.neigh.{dev}.{key}");
+        crate::netns::in_netns(&path, move || crate::sys::read_sysctl(&key))
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (probes, retrans) = (setting("mcast_solicit", 3), setting("retrans_time_ms", 1000));
+    format!(
+        "the ARP request for {} from {} {} went unanswered for {} ms; the kernel keeps the packet queued and drops it \
+         (NEIGH_FAILED, Destination Host Unreachable) after {probes} unanswered requests {retrans} ms apart: \
+         not waited for (--until-drop waits for it)",
+        a.target, a.where_, a.ifname, a.waited_ms
+    )
 }
 
 /// Decodes raw records into `kept` up to MAX_KEPT_EVENTS; counts the rest.
@@ -337,3 +453,58 @@ fn decoder_names(r: &HostResolver) -> event::Names {
     n
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Packet;
+
+    fn arp(op: u8, src: [u8; 4], dst: [u8; 4], kind: Kind) -> TraceEvent {
+        let (src, dst) = (Ipv4Addr::from(src), Ipv4Addr::from(dst));
+        TraceEvent {
+            t_ns: 0,
+            kind,
+            netns: 7,
+            where_: "debug".into(),
+            ifindex: 2,
+            ifname: "eth0".into(),
+            cpu: 0,
+            skb: 1,
+            packet: Some(Packet {
+                proto: "arp".into(),
+                src,
+                dst,
+                what: String::new(),
+                len: 28,
+                outer: None,
+                icmp_error: false,
+                key: format!("arp {op} {src}>{dst}"),
+                echo_id: None,
+            }),
+            drop: None,
+            route: None,
+            neigh: None,
+            func: None,
+        }
+    }
+
+    #[test]
+    fn an_arp_request_is_unanswered_only_after_the_patience_and_without_a_reply() {
+        let t0 = Instant::now();
+        let mut w = ArpWatch::default();
+        // Seen on the bridge first would not be the asker: only a transmit counts.
+        w.see(&arp(1, [10, 244, 0, 20], [10, 244, 0, 19], Kind::Receive), t0);
+        assert!(w.unanswered(t0 + Duration::from_secs(5), ARP_PATIENCE).is_none());
+        w.see(&arp(1, [10, 244, 0, 20], [10, 244, 0, 19], Kind::Xmit), t0);
+        assert!(w.unanswered(t0 + Duration::from_millis(299), ARP_PATIENCE).is_none(), "not yet");
+        let u = w.unanswered(t0 + Duration::from_millis(300), ARP_PATIENCE).expect("unanswered");
+        assert_eq!((u.target, u.where_.as_str(), u.ifname.as_str(), u.waited_ms), (Ipv4Addr::new(10, 244, 0, 19), "debug", "eth0", 300));
+        // The owner's reply settles it.
+        w.see(&arp(2, [10, 244, 0, 19], [10, 244, 0, 20], Kind::Receive), t0);
+        assert!(w.unanswered(t0 + Duration::from_secs(5), ARP_PATIENCE).is_none());
+        // A gratuitous ARP (announcing its own address) asks nobody.
+        let mut w = ArpWatch::default();
+        w.see(&arp(1, [10, 244, 0, 19], [10, 244, 0, 19], Kind::Xmit), t0);
+        assert!(w.unanswered(t0 + Duration::from_secs(5), ARP_PATIENCE).is_none());
+    }
+}

@@ -51,11 +51,38 @@ fn healthy_pairs_are_delivered() {
 
 #[test]
 fn the_seed_incident_shows_the_arp_failure() {
+    // Recorded by default: follow decided once the ARP request went unanswered; the hop is the port
+    // the request never reached, and no drop is claimed before the kernel made one.
     let v = load(faults::SEED_FAULT).replay();
+    assert_eq!(v.cause.as_deref(), Some("veth-detached"));
+    assert_eq!(v.function, None, "{v:?}");
+    assert_eq!(v.netns.as_deref(), Some("storagenodet3500"));
+    assert!(v.ifname.as_deref().is_some_and(|i| i.starts_with("veth")), "{v:?}");
+    assert!(v.facts.iter().any(|f| f.contains("has no master")), "{:?}", v.facts);
+    assert!(v.facts.iter().any(|f| f.contains("reached cni0 but was never sent to")), "{:?}", v.facts);
+    // Recorded with --until-drop: the source pod's own give-up, as the seed saw it.
+    let v = load(&format!("until-drop/{}", faults::SEED_FAULT)).replay();
     assert_eq!(v.cause.as_deref(), Some("veth-detached"));
     assert_eq!(v.reason.as_deref(), Some("NEIGH_FAILED"), "the source gave up on ARP: {v:?}");
     assert_eq!(v.function.as_deref(), Some("neigh_invalidate"));
-    assert!(v.facts.iter().any(|f| f.contains("has no master")), "{:?}", v.facts);
+    assert_eq!(v.netns.as_deref(), Some("debug"));
+}
+
+/// The ARP faults recorded with `--until-drop` (the kernel's NEIGH_FAILED after ~3 s): the same cause as
+/// the early verdict, from a trace that also holds the kernel's give-up.
+#[test]
+fn arp_faults_waited_out_to_the_kernels_drop_give_the_same_cause() {
+    let dir = fixtures().join("until-drop");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("until-drop fixtures") {
+        let name = entry.expect("entry").path().file_stem().expect("stem").to_string_lossy().to_string();
+        let f = faults::find(&name).unwrap_or_else(|| panic!("{name}: no such lab fault"));
+        let v = load(&format!("until-drop/{name}")).replay();
+        assert_eq!((v.verdict, v.cause.as_deref()), (Outcome::Dropped, Some(f.cause)), "{name}: {v:?}");
+        assert!(v.function.is_some(), "{name}: the kernel's own drop: {v:?}");
+        n += 1;
+    }
+    assert_eq!(n, 7, "one per ARP fault");
 }
 
 #[test]

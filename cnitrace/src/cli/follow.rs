@@ -21,7 +21,7 @@ pub struct FollowArgs {
     /// Number of probes (plus one full-size echo when --size is not given).
     #[arg(long, default_value_t = 1)]
     count: u32,
-    /// Seconds to wait for an answer or a drop (an ARP failure takes about 3 s to show).
+    /// Seconds to wait for an answer or a drop.
     #[arg(long, default_value_t = 5.0)]
     timeout: f64,
     /// ICMP payload size in bytes (MTU problems); sent with DF.
@@ -36,6 +36,10 @@ pub struct FollowArgs {
     /// Report the kernel's own run count and time of each program (BPF_ENABLE_STATS while tracing).
     #[arg(long)]
     kernel_stats: bool,
+    /// On an unanswered ARP, wait until the kernel gives up and drops the queued packet (NEIGH_FAILED,
+    /// about 3 s) to show its drop point, instead of deciding from the ARP trail after 300 ms.
+    #[arg(long)]
+    until_drop: bool,
     /// Tracepoints only: do not try the optional kprobes (netfilter verdicts, rp_filter, bridge, VXLAN).
     #[arg(long)]
     no_kprobes: bool,
@@ -66,7 +70,12 @@ impl FollowArgs {
         if self.size.is_some_and(|s| s > 65_000) {
             bail!("--size must be at most 65000 bytes");
         }
-        let opts = follow::FollowOptions { ready_file: self.ready_file.clone(), kernel_stats: self.kernel_stats, no_kprobes: self.no_kprobes };
+        let opts = follow::FollowOptions {
+            ready_file: self.ready_file.clone(),
+            kernel_stats: self.kernel_stats,
+            no_kprobes: self.no_kprobes,
+            until_drop: self.until_drop,
+        };
         Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size, opts })
     }
 }

@@ -133,7 +133,8 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
 impl Probe {
     /// Loads the programs with the kernel's offsets and the pair, then attaches every hook it can.
     /// `kprobes`: also try the optional kprobes (false: tracepoints only, even where kprobes work).
-    pub fn start(a: Ipv4Addr, b: Ipv4Addr, vxlan_ports: [u16; 2], kernel_stats: bool, kprobes: bool) -> Result<Probe> {
+    /// `next_hops`: gateways the pair's packets resolve on the way (up to 4; their ARP is followed too).
+    pub fn start(a: Ipv4Addr, b: Ipv4Addr, next_hops: &[Ipv4Addr], vxlan_ports: [u16; 2], kernel_stats: bool, kprobes: bool) -> Result<Probe> {
         raise_memlock();
         let stats = if kernel_stats {
             Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?)
@@ -145,6 +146,9 @@ impl Probe {
         let mut cfg: Config = kbtf.config()?;
         cfg.addr_a = u32::from_ne_bytes(a.octets());
         cfg.addr_b = u32::from_ne_bytes(b.octets());
+        for (slot, hop) in cfg.next_hops.iter_mut().zip(next_hops.iter().filter(|h| **h != a && **h != b)) {
+            *slot = u32::from_ne_bytes(hop.octets());
+        }
         cfg.vxlan_port_1 = vxlan_ports[0];
         cfg.vxlan_port_2 = vxlan_ports[1];
         cfg.enabled = 1;

@@ -203,6 +203,11 @@ pub fn rules_now() -> RuleSets {
     rules::read()
 }
 
+/// The IPv4 routes of the namespace at `path`.
+pub fn routes(path: &std::path::Path) -> Result<Vec<Route>> {
+    netns::in_netns(path, netlink::read_routes)
+}
+
 /// The IPv4 neighbour table of the namespace at `path`.
 pub fn neighbours(path: &std::path::Path) -> Result<Vec<Neigh>> {
     netns::in_netns(path, netlink::read_neighbours)

@@ -46,6 +46,15 @@ pub fn read_links_addrs() -> Result<NsState> {
     })
 }
 
+/// Only the IPv4 routes (every table).
+pub fn read_routes() -> Result<Vec<Route>> {
+    runtime()?.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+        tokio::spawn(conn);
+        routes(&handle).await
+    })
+}
+
 /// Only the neighbour table (IPv4).
 pub fn read_neighbours() -> Result<Vec<Neigh>> {
     runtime()?.block_on(async {

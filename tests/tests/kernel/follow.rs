@@ -75,13 +75,28 @@ fn the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth() {
         return;
     }
     let g = LabGuard::up(&[faults::SEED_FAULT]);
+    let veth = g.lab.host_veth("jellyfin").expect("jellyfin's host veth");
+    // By default follow decides once the ARP request has gone unanswered: it names the port the
+    // request never reached and says what the kernel will do with the queued echo.
     let (code, v) = follow("10.244.0.20", "10.244.0.19", &[]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["cause"], "veth-detached");
+    assert_eq!((v["netns"].as_str(), v["ifname"].as_str()), (Some("storagenodet3500"), Some(&*veth)), "{v}");
+    assert!(v["function"].is_null(), "no drop happened yet, none is claimed: {v}");
+    let facts = v["facts"].to_string();
+    assert!(facts.contains(&format!("{veth}, the host end of jellyfin's eth0 on storagenodet3500, has no master")), "{facts}");
+    assert!(facts.contains(&format!("reached cni0 but was never sent to {veth}")), "{facts}");
+    assert!(facts.contains("the ARP request for 10.244.0.19 from debug eth0 went unanswered"), "{facts}");
+    assert!(facts.contains("after 3 unanswered requests 1000 ms apart"), "the pod's own neighbour settings: {facts}");
+
+    // Waiting for the kernel shows the seed's own symptom: the source pod gives up on ARP and drops its
+    // queued echo (Destination Host Unreachable).
+    let (code, v) = follow("10.244.0.20", "10.244.0.19", &["--until-drop"]);
     assert_eq!(code, 1);
     assert_eq!(v["cause"], "veth-detached");
     assert_eq!(v["function"], "neigh_invalidate", "the source gave up on ARP: {v}");
     assert_reason(&v, "NEIGH_FAILED", "the seed incident");
     assert_eq!(v["netns"], "debug", "the packet died in the source pod, as the seed saw it");
-    let veth = g.lab.host_veth("jellyfin").expect("jellyfin's host veth");
     let facts = v["facts"].to_string();
     assert!(facts.contains(&format!("{veth}, the host end of jellyfin's eth0 on storagenodet3500, has no master")), "{facts}");
     assert!(facts.contains("host unreachable"), "the source got Destination Host Unreachable: {facts}");
