@@ -64,14 +64,43 @@ pub struct ArpWatch {
 }
 
 /// An ARP request nobody answered within ARP_PATIENCE.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ArpUnanswered {
     pub target: Ipv4Addr,
-    #[serde(skip)]
     pub netns: u32,
     pub where_: String,
     pub ifname: String,
     pub waited_ms: u64,
+    /// The asking device's neighbour settings: requests before the kernel gives up, and their spacing.
+    pub mcast_solicit: u64,
+    pub retrans_time_ms: u64,
+}
+
+impl ArpUnanswered {
+    /// Reads the asking device's neighbour settings (the kernel's defaults when they cannot be read).
+    fn with_settings(mut self, ns: Option<std::path::PathBuf>) -> Self {
+        let dev = self.ifname.clone();
+        let setting = |key: &'static str| -> Option<u64> {
+            let key = format!("net.ipv4.neigh.{dev}.{key}");
+            crate::netns::in_netns(&ns.clone()?, move || crate::sys::read_sysctl(&key)).ok()?.parse().ok()
+        };
+        self.mcast_solicit = setting("mcast_solicit").unwrap_or(3);
+        self.retrans_time_ms = setting("retrans_time_ms").unwrap_or(1000);
+        self
+    }
+
+    /// What the kernel would have done had follow waited: added to a verdict that claims no drop.
+    pub fn annotate(&self, v: &mut Verdict) {
+        if v.verdict == finding::Outcome::Delivered || v.function.is_some() {
+            return;
+        }
+        v.facts.push(format!(
+            "the ARP request for {} from {} {} went unanswered for {} ms; the kernel keeps the packet queued and drops it \
+             (NEIGH_FAILED, Destination Host Unreachable) after {} unanswered requests {} ms apart: not waited for \
+             (--until-drop waits for it)",
+            self.target, self.where_, self.ifname, self.waited_ms, self.mcast_solicit, self.retrans_time_ms
+        ));
+    }
 }
 
 impl ArpWatch {
@@ -99,6 +128,8 @@ impl ArpWatch {
                 where_: a.3.clone(),
                 ifname: a.4.clone(),
                 waited_ms: now.duration_since(a.1).as_millis() as u64,
+                mcast_solicit: 3,
+                retrans_time_ms: 1000,
             })
     }
 }
@@ -330,9 +361,12 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
     verdict.missing = finding::missing_evidence(&verdict, &hooks, names_had_reasons);
     // Decided before the kernel's give-up: say what was not waited for, with this namespace's numbers.
-    let arp_unanswered = arp_unanswered.filter(|_| verdict.verdict != finding::Outcome::Delivered && verdict.function.is_none());
+    let arp_unanswered = arp_unanswered.map(|a: ArpUnanswered| {
+        let ns = resolver.namespace(a.netns).map(|n| n.path.clone());
+        a.with_settings(ns)
+    });
     if let Some(a) = &arp_unanswered {
-        verdict.facts.push(arp_fact(a, resolver.namespace(a.netns).map(|n| n.path.clone())));
+        a.annotate(&mut verdict);
     }
     Ok(Report {
         src,
@@ -368,26 +402,6 @@ fn next_hops(resolver: &HostResolver, states: &States, src: Ipv4Addr, dst: Ipv4A
     hops
 }
 
-/// What the kernel would have done had follow waited, from the asking device's own neighbour settings.
-fn arp_fact(a: &ArpUnanswered, ns: Option<std::path::PathBuf>) -> String {
-    let dev = a.ifname.clone();
-    let setting = |key: &'static str, default: u64| -> u64 {
-        let Some(path) = ns.clone() else { return default };
-        let key = format!("net.ipv4.neigh.{dev}.{key}");
-        crate::netns::in_netns(&path, move || crate::sys::read_sysctl(&key))
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let (probes, retrans) = (setting("mcast_solicit", 3), setting("retrans_time_ms", 1000));
-    format!(
-        "the ARP request for {} from {} {} went unanswered for {} ms; the kernel keeps the packet queued and drops it \
-         (NEIGH_FAILED, Destination Host Unreachable) after {probes} unanswered requests {retrans} ms apart: \
-         not waited for (--until-drop waits for it)",
-        a.target, a.where_, a.ifname, a.waited_ms
-    )
-}
-
 /// Decodes raw records into `kept` up to MAX_KEPT_EVENTS; counts the rest.
 fn keep(decoder: &mut Decoder, raw: &mut Vec<cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64) {
     for r in raw.drain(..) {
@@ -413,17 +427,29 @@ pub struct Recording {
     pub events: Vec<TraceEvent>,
     pub probe: ProbeOutcome,
     pub states: States,
+    /// follow stopped on an unanswered ARP request (not waiting for the kernel's give-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arp_unanswered: Option<ArpUnanswered>,
 }
 
 impl Recording {
     pub fn of(r: &Report) -> Recording {
-        Recording { events: r.trace.events.clone(), probe: r.probe.clone(), states: r.states.clone() }
+        Recording {
+            events: r.trace.events.clone(),
+            probe: r.probe.clone(),
+            states: r.states.clone(),
+            arp_unanswered: r.arp_unanswered.clone(),
+        }
     }
 
     /// Diagnoses the recorded trace and state again.
     pub fn replay(&self) -> Verdict {
         let trace = Trace::build(self.events.clone());
-        finding::diagnose(&Ctx { trace: &trace, probe: &self.probe, states: &self.states })
+        let mut v = finding::diagnose(&Ctx { trace: &trace, probe: &self.probe, states: &self.states });
+        if let Some(a) = &self.arp_unanswered {
+            a.annotate(&mut v);
+        }
+        v
     }
 
     /// The fix plan for the recorded verdict (nothing is applied).

@@ -60,6 +60,11 @@ fn the_seed_incident_shows_the_arp_failure() {
     assert!(v.ifname.as_deref().is_some_and(|i| i.starts_with("veth")), "{v:?}");
     assert!(v.facts.iter().any(|f| f.contains("has no master")), "{:?}", v.facts);
     assert!(v.facts.iter().any(|f| f.contains("reached cni0 but was never sent to")), "{:?}", v.facts);
+    assert!(
+        v.facts.iter().any(|f| f.contains("went unanswered") && f.contains("after 3 unanswered requests 1000 ms apart")),
+        "what the kernel would do, from the pod's own settings: {:?}",
+        v.facts
+    );
     // Recorded with --until-drop: the source pod's own give-up, as the seed saw it.
     let v = load(&format!("until-drop/{}", faults::SEED_FAULT)).replay();
     assert_eq!(v.cause.as_deref(), Some("veth-detached"));
