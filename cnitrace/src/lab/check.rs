@@ -79,23 +79,20 @@ pub fn check(lab: &Lab, path: PathId) -> PathResult {
     }
 }
 
-/// One echo, 1 s to answer; `size` sets DF and the payload size.
+/// Up to 1 s for one answer, an echo every 200 ms until it comes (`size` sets DF and the payload size):
+/// the first echo of a fresh lab can race the neighbour resolution of a just-created veth, and a broken
+/// path costs 1 s, not two tries of a second each.
 fn ping(ns: &str, dst: &str, size: Option<u32>) -> Result<()> {
     let size_s = size.map(|s| s.to_string());
-    let mut args = vec!["-n", "-q", "-c", "1", "-W", "1"];
+    let mut args = vec!["-n", "-q", "-c", "1", "-i", "0.2", "-w", "1"];
     if let Some(s) = &size_s {
         args.extend_from_slice(&["-M", "do", "-s", s]);
     }
     args.push(dst);
-    // Two tries: the first echo of a fresh lab can race the neighbour resolution of a just-created veth.
-    for attempt in 0..2 {
-        match sys::run_in(ns, "ping", &args) {
-            Ok(_) => return Ok(()),
-            Err(e) if attempt == 1 => bail!("ping {dst}{} from {ns}: {}", size.map(|s| format!(" (size {s}, DF)")).unwrap_or_default(), last_line(&e.to_string())),
-            Err(_) => {}
-        }
+    match sys::run_in(ns, "ping", &args) {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("ping {dst}{} from {ns}: {}", size.map(|s| format!(" (size {s}, DF)")).unwrap_or_default(), last_line(&e.to_string())),
     }
-    unreachable!()
 }
 
 fn last_line(s: &str) -> String {
