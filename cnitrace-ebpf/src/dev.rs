@@ -16,10 +16,10 @@ fn on_skb(ctx: &RawTracePointContext, kind: EventKind, at: L3At) -> i32 {
     let skb: *const u8 = ctx.arg(0);
     let mut ev = new_event(kind, skb);
     unsafe {
-        if !match_skb(&c, skb, at, &mut ev, false) {
+        if !match_skb(c, skb, at, &mut ev, false) {
             return 0;
         }
-        stamp_dev(&c, skb, &mut ev);
+        stamp_dev(c, skb, &mut ev);
     }
     emit(&mut ev);
     0

@@ -15,10 +15,10 @@ fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     let location: u64 = ctx.arg(1);
     let mut ev = new_event(EventKind::Drop, skb);
     unsafe {
-        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev, true) {
+        if !match_skb(c, skb, L3At::NetworkHeader, &mut ev, true) {
             return 0;
         }
-        stamp_dev(&c, skb, &mut ev);
+        stamp_dev(c, skb, &mut ev);
     }
     forget(skb);
     ev.location = location;
@@ -56,13 +56,13 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let mut ev = new_event(EventKind::Consume, skb);
-    let ours = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) };
+    let ours = unsafe { match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) };
     // The skb's address will be reused (and a stale entry goes too).
     forget(skb);
     if !ours {
         return 0;
     }
-    unsafe { stamp_dev(&c, skb, &mut ev) };
+    unsafe { stamp_dev(c, skb, &mut ev) };
     emit(&mut ev);
     0
 }

@@ -26,7 +26,7 @@ impl Frame {
     fn at_entry(skb: *const u8, matched: bool) -> Frame {
         let mut ev = new_event(EventKind::FuncEntry, skb);
         if matched {
-            unsafe { stamp_dev(&config(), skb, &mut ev) };
+            unsafe { stamp_dev(config(), skb, &mut ev) };
         }
         Frame { skb: if matched { skb as u64 } else { 0 }, netns: ev.header.netns, ifindex: ev.header.ifindex }
     }
@@ -44,10 +44,10 @@ fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
     }
     let mut ev = new_event(EventKind::FuncEntry, skb);
     unsafe {
-        if !match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) {
+        if !match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) {
             return false;
         }
-        stamp_dev(&c, skb, &mut ev);
+        stamp_dev(c, skb, &mut ev);
     }
     ev.reason = id;
     ev.oif = extra;
@@ -61,7 +61,7 @@ fn ret_event(f: &Frame, id: u32, ret: i32) {
     let skb = f.skb as *const u8;
     let mut ev = new_event(EventKind::FuncReturn, skb);
     // Matched at entry: the headers may have changed since (NAT), the identity has not.
-    let _ = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, true) };
+    let _ = unsafe { match_skb(c, skb, L3At::NetworkHeader, &mut ev, true) };
     ev.header.netns = f.netns;
     ev.header.ifindex = f.ifindex;
     ev.reason = id;
@@ -93,7 +93,7 @@ pub fn kp_fib_validate_source(ctx: ProbeContext) -> u32 {
     let mut matched = false;
     if c.enabled != 0 && !skb.is_null() {
         let mut ev = new_event(EventKind::FuncEntry, skb);
-        matched = unsafe { match_skb(&c, skb, L3At::NetworkHeader, &mut ev, false) };
+        matched = unsafe { match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) };
     }
     if let Some(slot) = RPF_SLOT.get_ptr_mut(0) {
         unsafe { *slot = Frame::at_entry(skb, matched) };

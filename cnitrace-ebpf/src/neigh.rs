@@ -12,14 +12,14 @@ fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<
         return 0;
     }
     let key: u32 = unsafe { read(n, c.neigh_primary_key) }.unwrap_or(0);
-    if key != c.addr_a && key != c.addr_b && !is_next_hop(&c, key) {
+    if key != c.addr_a && key != c.addr_b && !is_next_hop(c, key) {
         return 0;
     }
     let mut ev = new_event(kind, core::ptr::null());
     ev.pkt.ethertype = ETH_P_ARP;
     ev.pkt.daddr = key;
     let dev: *const u8 = unsafe { read(n, c.neigh_dev) }.unwrap_or(core::ptr::null());
-    let (netns, ifindex) = unsafe { dev_ids(&c, dev) };
+    let (netns, ifindex) = unsafe { dev_ids(c, dev) };
     ev.header.netns = netns;
     ev.header.ifindex = ifindex;
     let state: u8 = unsafe { read(n, c.neigh_nud_state) }.unwrap_or(0);

@@ -31,7 +31,7 @@ pub fn fib_table_lookup(ctx: RawTracePointContext) -> i32 {
     ev.err = err;
     if !nhc.is_null() {
         let dev: *const u8 = unsafe { read(nhc, c.nhc_dev) }.unwrap_or(core::ptr::null());
-        let (netns, ifindex) = unsafe { dev_ids(&c, dev) };
+        let (netns, ifindex) = unsafe { dev_ids(c, dev) };
         ev.header.netns = netns;
         ev.oif = ifindex;
     }
