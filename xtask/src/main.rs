@@ -69,6 +69,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// (bench helper) Send 18-byte UDP datagrams to ADDR for SECS seconds at PPS packets/s (0: as fast
+    /// as one core can); prints how many were sent. Run inside a lab pod by the bench.
+    #[command(hide = true)]
+    UdpFlood { addr: std::net::SocketAddr, secs: f64, pps: u64 },
+    /// (bench helper) Receive UDP on PORT for SECS seconds; prints how many datagrams arrived.
+    #[command(hide = true)]
+    UdpSink { port: u16, secs: f64 },
 }
 
 fn main() {
@@ -94,6 +101,8 @@ fn main() {
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),
         Task::Bench { json, quick } => bench::run(json, quick),
+        Task::UdpFlood { addr, secs, pps } => bench::udp_flood(addr, secs, pps),
+        Task::UdpSink { port, secs } => bench::udp_sink(port, secs),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");
