@@ -153,6 +153,9 @@ pub mod counter {
     pub const EMITTED: u32 = 1;
     /// Records lost because the ring buffer was full. MATCHED = EMITTED + LOST, always.
     pub const LOST: u32 = 2;
+    /// Hop records of the pair (transmit, receive, consume) past `Config::hop_budget` on a CPU: counted
+    /// here instead of written. Not part of MATCHED.
+    pub const COUNTED_ONLY: u32 = 3;
     pub const LEN: u32 = 4;
 }
 
@@ -173,6 +176,11 @@ pub struct Config {
     /// remote VTEP on flannel.1), network byte order, 0 = unused: their ARP and neighbour entries are
     /// followed too, so a packet waiting on one of them is seen waiting.
     pub next_hops: [u32; 4],
+    /// Records a CPU writes before its hop records (transmit, receive, consume) are only counted
+    /// (counter::COUNTED_ONLY); drops, route lookups and neighbour events are always written. The
+    /// timeline userspace keeps is bounded anyway: a bulk flow need not pay for records nobody reads.
+    /// 0 = no limit.
+    pub hop_budget: u32,
 
     pub skb_head: u32,
     pub skb_data: u32,
@@ -207,6 +215,7 @@ impl Config {
             vxlan_port_2: 0,
             enabled: 0,
             next_hops: [0; 4],
+            hop_budget: 0,
             skb_head: 0,
             skb_data: 0,
             skb_len: 0,
@@ -233,7 +242,7 @@ impl Config {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 104);
+const _: () = assert!(core::mem::size_of::<Config>() == 108);
 
 #[cfg(feature = "user")]
 mod user {

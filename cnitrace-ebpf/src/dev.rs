@@ -5,7 +5,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
-use crate::filter::{config, emit, match_skb, new_event, stamp_dev, L3At};
+use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, stamp_dev, L3At};
 
 #[inline(always)]
 fn on_skb(ctx: &RawTracePointContext, kind: EventKind, at: L3At) -> i32 {
@@ -17,6 +17,11 @@ fn on_skb(ctx: &RawTracePointContext, kind: EventKind, at: L3At) -> i32 {
     let mut ev = new_event(kind, skb);
     unsafe {
         if !match_skb(c, skb, at, &mut ev, false) {
+            return 0;
+        }
+        // Matched (and tracked for a later drop); the record itself only while userspace keeps them.
+        if counting_only(c) {
+            count_only();
             return 0;
         }
         stamp_dev(c, skb, &mut ev);

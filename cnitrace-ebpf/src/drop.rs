@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
-use crate::filter::{config, emit, forget, match_skb, new_event, stamp_dev, tracked, L3At};
+use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, L3At};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
@@ -60,6 +60,10 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     // The skb's address will be reused (and a stale entry goes too).
     forget(skb);
     if !ours {
+        return 0;
+    }
+    if counting_only(c) {
+        count_only();
         return 0;
     }
     unsafe { stamp_dev(c, skb, &mut ev) };

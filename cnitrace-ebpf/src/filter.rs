@@ -22,6 +22,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
+/// Has this CPU written its budget of records (`Config::hop_budget`)? Then hop records are counted only.
+#[inline(always)]
+pub fn counting_only(c: &Config) -> bool {
+    c.hop_budget != 0 && COUNTERS.get(counter::EMITTED).is_some_and(|n| *n >= c.hop_budget as u64)
+}
+
+#[inline(always)]
+pub fn count_only() {
+    bump(counter::COUNTED_ONLY);
+}
+
 /// skbs already matched: later hooks (and the drop, where headers may be gone) follow them by address.
 #[map]
 pub static TRACKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);

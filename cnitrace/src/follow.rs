@@ -48,6 +48,9 @@ pub struct FollowOptions {
     pub kernel_stats: bool,
     /// Tracepoints only: do not try the optional kprobes.
     pub no_kprobes: bool,
+    /// No hop budget in the kernel: every hop record is written even past what the timeline keeps (they
+    /// are drained and counted here): what a capacity measurement needs, nothing an operator reads.
+    pub all_events: bool,
 }
 
 /// How long an ARP request of the path may go unanswered before follow decides without waiting for the
@@ -137,6 +140,8 @@ impl ArpWatch {
 /// Events decoded and kept for the timeline; beyond this the ring is still drained and counted, so a
 /// traced flood costs bounded memory. The first packets tell the story; the counters tell the volume.
 pub const MAX_KEPT_EVENTS: usize = 5_000;
+/// Drops kept past MAX_KEPT_EVENTS: the ones that end a long flow.
+pub const MAX_KEPT_DROPS: usize = 1_000;
 
 /// Errors the CLI maps to exit code 2 with one line.
 #[derive(Debug, Error)]
@@ -241,7 +246,10 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     }
 
     let hops = next_hops(&resolver, &states, req.src, req.dst);
-    let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, req.opts.kernel_stats, !req.opts.no_kprobes)?;
+    // Each CPU writes up to the kept timeline's worth of records; past it the kernel counts hop records
+    // (a bulk flow stops paying for records nobody reads) and still writes every drop.
+    let budget = if req.opts.all_events { 0 } else { MAX_KEPT_EVENTS as u32 };
+    let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, budget, req.opts.kernel_stats, !req.opts.no_kprobes)?;
     let ready_ms = t_start.elapsed().as_millis() as u64;
     if let Some(path) = &req.opts.ready_file {
         std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
@@ -402,13 +410,22 @@ fn next_hops(resolver: &HostResolver, states: &States, src: Ipv4Addr, dst: Ipv4A
     hops
 }
 
-/// Decodes raw records into `kept` up to MAX_KEPT_EVENTS; counts the rest.
+/// Decodes raw records into `kept` up to MAX_KEPT_EVENTS, and past it the drops that are not noise, up to
+/// MAX_KEPT_DROPS more (a drop after a long flow is the verdict: a raw ping's echo replies, freed at
+/// ping_rcv, must not crowd it out); counts the rest.
 fn keep(decoder: &mut Decoder, raw: &mut Vec<cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64) {
     for r in raw.drain(..) {
-        if kept.len() >= MAX_KEPT_EVENTS {
-            *not_kept += 1;
-        } else if let Some(e) = decoder.decode(&r) {
-            kept.push(e);
+        if kept.len() < MAX_KEPT_EVENTS {
+            if let Some(e) = decoder.decode(&r) {
+                kept.push(e);
+            }
+            continue;
+        }
+        let late_drop = r.header.kind == cnitrace_common::EventKind::Drop as u32 && kept.len() < MAX_KEPT_EVENTS + MAX_KEPT_DROPS;
+        // Only a drop is decoded here: past the timeline, hop records are counted, not read.
+        match late_drop.then(|| decoder.decode(&r)).flatten().filter(|e| !is_noise(e)) {
+            Some(e) => kept.push(e),
+            None => *not_kept += 1,
         }
     }
 }

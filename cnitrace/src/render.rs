@@ -99,7 +99,10 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
         r.counters.matched,
         r.counters.emitted,
         r.counters.lost,
-        if r.events_not_kept > 0 { format!(" ({} counted, not kept)", r.events_not_kept) } else { String::new() },
+        match (r.events_not_kept, r.counters.counted_only) {
+            (0, 0) => String::new(),
+            (n, k) => format!(" ({n} drained but not kept, {k} more hop records counted in the kernel)"),
+        },
         r.ready_ms,
         r.elapsed_ms
     )?;

@@ -411,7 +411,7 @@ fn measure(b: &Bench) -> Result<Value> {
             .spawn()
             .context("start the UDP sink")?;
         std::thread::sleep(Duration::from_millis(100));
-        let t = b.start_follow(DEBUG, JELLYFIN, &[])?;
+        let t = b.start_follow(DEBUG, JELLYFIN, &["--all-events"])?;
         let t0 = Instant::now();
         let sent = Command::new("ip")
             .args(["netns", "exec", &ns("pod-debug"), "taskset", "-c", "0"])

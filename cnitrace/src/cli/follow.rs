@@ -40,6 +40,10 @@ pub struct FollowArgs {
     /// about 3 s) to show its drop point, instead of deciding from the ARP trail after 300 ms.
     #[arg(long)]
     until_drop: bool,
+    /// Have the kernel write every hop record even past the 5,000 per CPU the timeline can keep (by
+    /// default it only counts them from then on; drops are always written). For capacity measurements.
+    #[arg(long)]
+    all_events: bool,
     /// Tracepoints only: do not try the optional kprobes (netfilter verdicts, rp_filter, bridge, VXLAN).
     #[arg(long)]
     no_kprobes: bool,
@@ -75,6 +79,7 @@ impl FollowArgs {
             kernel_stats: self.kernel_stats,
             no_kprobes: self.no_kprobes,
             until_drop: self.until_drop,
+            all_events: self.all_events,
         };
         Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size, opts })
     }

@@ -85,6 +85,8 @@ pub struct Counters {
     pub matched: u64,
     pub emitted: u64,
     pub lost: u64,
+    /// Hop records past the kept timeline, counted in the kernel instead of written (not in `matched`).
+    pub counted_only: u64,
 }
 
 /// The kernel side, loaded and attached. Dropping it detaches everything (links are fds of this process,
@@ -134,7 +136,16 @@ impl Probe {
     /// Loads the programs with the kernel's offsets and the pair, then attaches every hook it can.
     /// `kprobes`: also try the optional kprobes (false: tracepoints only, even where kprobes work).
     /// `next_hops`: gateways the pair's packets resolve on the way (up to 4; their ARP is followed too).
-    pub fn start(a: Ipv4Addr, b: Ipv4Addr, next_hops: &[Ipv4Addr], vxlan_ports: [u16; 2], kernel_stats: bool, kprobes: bool) -> Result<Probe> {
+    /// `hop_budget`: records per CPU before hop records are only counted (0: no limit).
+    pub fn start(
+        a: Ipv4Addr,
+        b: Ipv4Addr,
+        next_hops: &[Ipv4Addr],
+        vxlan_ports: [u16; 2],
+        hop_budget: u32,
+        kernel_stats: bool,
+        kprobes: bool,
+    ) -> Result<Probe> {
         raise_memlock();
         let stats = if kernel_stats {
             Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?)
@@ -149,6 +160,7 @@ impl Probe {
         for (slot, hop) in cfg.next_hops.iter_mut().zip(next_hops.iter().filter(|h| **h != a && **h != b)) {
             *slot = u32::from_ne_bytes(hop.octets());
         }
+        cfg.hop_budget = hop_budget;
         cfg.vxlan_port_1 = vxlan_ports[0];
         cfg.vxlan_port_2 = vxlan_ports[1];
         cfg.enabled = 1;
@@ -246,8 +258,14 @@ impl Probe {
     /// Matched, emitted and lost records, summed over CPUs.
     pub fn counters(&self) -> Counters {
         let sum = |slot: u32| self.counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        Counters { matched: sum(counter::MATCHED), emitted: sum(counter::EMITTED), lost: sum(counter::LOST) }
+        Counters {
+            matched: sum(counter::MATCHED),
+            emitted: sum(counter::EMITTED),
+            lost: sum(counter::LOST),
+            counted_only: sum(counter::COUNTED_ONLY),
+        }
     }
+
 }
 
 fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {

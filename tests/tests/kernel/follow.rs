@@ -220,3 +220,42 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
         assert_eq!(mounts(), host_mounts, "mounts left after follow ended by {signal:?}");
     }
 }
+
+#[test]
+fn a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_through() {
+    if !can_run_kernel_tests("a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_through") {
+        return;
+    }
+    let g = LabGuard::up(&[]);
+    let ready = cnitrace_tests::state_dir().with_extension("bulk-ready");
+    let _ = std::fs::remove_file(&ready);
+    let child = Command::new(bin())
+        .args(["follow", "10.244.0.20", "10.244.0.19", "--probe", "none", "--timeout", "60", "--json", "--ready-file"])
+        .arg(&ready)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start follow");
+    let t0 = Instant::now();
+    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let debug = g.lab.pod_ns("debug");
+    // 2,000 echoes and their replies: well past the 5,000 events follow keeps.
+    let flood = Command::new("ip").args(["netns", "exec", &debug, "ping", "-q", "-f", "-c", "2000", "10.244.0.19"]).output().expect("ping -f");
+    assert!(flood.status.success(), "{}", String::from_utf8_lossy(&flood.stderr));
+    // Then one datagram to a closed port: the kernel drops it (no socket), and that drop must be seen
+    // although hop records are only counted by now.
+    let udp = Command::new("ip").args(["netns", "exec", &debug, "bash", "-c", "echo x > /dev/udp/10.244.0.19/9"]).output().expect("udp");
+    assert!(udp.status.success());
+    let out = child.wait_with_output().expect("follow ends");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("verdict")).expect("json");
+    let c = &v["counters"];
+    let (m, e, l, k) = (c["matched"].as_u64().unwrap(), c["emitted"].as_u64().unwrap(), c["lost"].as_u64().unwrap(), c["counted_only"].as_u64().unwrap());
+    assert_eq!(m, e + l, "every written record accounted: {c}");
+    assert!(k > 5_000, "the flood's hop records past the timeline were counted in the kernel: {c}");
+    assert!(e < 20_000, "and not written: {c}");
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    let function = v["function"].as_str().unwrap_or("");
+    assert!(function.contains("udp"), "the drop of the datagram is the verdict: {v}");
+}
