@@ -43,6 +43,36 @@ pub fn follow_events(src: &str, dst: &str, extra: &[&str]) -> (i32, Vec<serde_js
     (out.status.code().unwrap_or(-1), lines, verdict)
 }
 
+/// `follow --probe none` running in the background, its probes attached (start-up takes seconds under
+/// emulation): the test makes the traffic, then `finish` waits for the verdict.
+pub struct PassiveFollow(std::process::Child);
+
+impl PassiveFollow {
+    pub fn start(src: &str, dst: &str, timeout_s: u32) -> PassiveFollow {
+        let ready = state_dir().with_extension("passive-ready");
+        let _ = std::fs::remove_file(&ready);
+        let child = std::process::Command::new(bin())
+            .args(["follow", src, dst, "--probe", "none", "--timeout", &timeout_s.to_string(), "--json", "--ready-file"])
+            .arg(&ready)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start follow");
+        let t0 = std::time::Instant::now();
+        while !ready.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PassiveFollow(child)
+    }
+
+    /// Exit code and verdict object.
+    pub fn finish(self) -> (Option<i32>, serde_json::Value) {
+        let out = self.0.wait_with_output().expect("follow ends");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(stdout.lines().last().expect("verdict")).expect("json");
+        (out.status.code(), v)
+    }
+}
+
 /// The running kernel's (major, minor).
 pub fn kernel_version() -> (u32, u32) {
     let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");

@@ -7,7 +7,7 @@ use std::{
 };
 
 use cnitrace::finding::causes;
-use cnitrace_tests::{assert_reason, bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PREFIX};
+use cnitrace_tests::{assert_reason, bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PassiveFollow, PREFIX};
 
 fn ip(pod: &str) -> String {
     cnitrace_tests::pod_ip(pod)
@@ -124,24 +124,10 @@ fn passive_mode_sees_real_traffic() {
     }
     for (faults, expect_code, expect_cause) in [(vec![], 0, None), (vec!["route-missing"], 1, Some("route-missing"))] {
         let g = LabGuard::up(&faults);
-        let ready = cnitrace_tests::state_dir().with_extension("ready");
-        let _ = std::fs::remove_file(&ready);
-        let child = Command::new(bin())
-            .args(["follow", "10.244.0.20", "10.244.1.10", "--probe", "none", "--timeout", "4", "--json", "--ready-file"])
-            .arg(&ready)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start follow");
-        // Traffic once the probes are attached (start-up takes seconds under emulation).
-        let t0 = Instant::now();
-        while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let f = PassiveFollow::start("10.244.0.20", "10.244.1.10", 4);
         let _ = Command::new("ip").args(["netns", "exec", &g.lab.pod_ns("debug"), "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.10"]).output();
-        let out = child.wait_with_output().expect("follow ends");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("verdict")).expect("json");
-        assert_eq!(out.status.code(), Some(expect_code), "passive {faults:?}: {v}");
+        let (code, v) = f.finish();
+        assert_eq!(code, Some(expect_code), "passive {faults:?}: {v}");
         assert_eq!(v["cause"].as_str(), expect_cause, "passive {faults:?}: {v}");
     }
 }
@@ -227,18 +213,7 @@ fn a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_th
         return;
     }
     let g = LabGuard::up(&[]);
-    let ready = cnitrace_tests::state_dir().with_extension("bulk-ready");
-    let _ = std::fs::remove_file(&ready);
-    let child = Command::new(bin())
-        .args(["follow", "10.244.0.20", "10.244.0.19", "--probe", "none", "--timeout", "60", "--json", "--ready-file"])
-        .arg(&ready)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start follow");
-    let t0 = Instant::now();
-    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let f = PassiveFollow::start("10.244.0.20", "10.244.0.19", 60);
     let debug = g.lab.pod_ns("debug");
     // 2,000 echoes and their replies: well past the 5,000 events follow keeps.
     let flood = Command::new("ip").args(["netns", "exec", &debug, "ping", "-q", "-f", "-c", "2000", "10.244.0.19"]).output().expect("ping -f");
@@ -247,15 +222,13 @@ fn a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_th
     // although hop records are only counted by now.
     let udp = Command::new("ip").args(["netns", "exec", &debug, "bash", "-c", "echo x > /dev/udp/10.244.0.19/9"]).output().expect("udp");
     assert!(udp.status.success());
-    let out = child.wait_with_output().expect("follow ends");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("verdict")).expect("json");
+    let (code, v) = f.finish();
     let c = &v["counters"];
     let (m, e, l, k) = (c["matched"].as_u64().unwrap(), c["emitted"].as_u64().unwrap(), c["lost"].as_u64().unwrap(), c["counted_only"].as_u64().unwrap());
     assert_eq!(m, e + l, "every written record accounted: {c}");
     assert!(k > 5_000, "the flood's hop records past the timeline were counted in the kernel: {c}");
     assert!(e < 20_000, "and not written: {c}");
-    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(code, Some(1), "{v}");
     let function = v["function"].as_str().unwrap_or("");
     assert!(function.contains("udp"), "the drop of the datagram is the verdict: {v}");
 }
