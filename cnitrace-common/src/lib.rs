@@ -153,8 +153,9 @@ pub mod counter {
     pub const EMITTED: u32 = 1;
     /// Records lost because the ring buffer was full. MATCHED = EMITTED + LOST, always.
     pub const LOST: u32 = 2;
-    /// Hop records of the pair (transmit, receive, consume) past `Config::hop_budget` on a CPU: counted
-    /// here instead of written. Not part of MATCHED.
+    /// Hop records of the pair (transmit, receive, consume, successful route lookups, kprobe entries and
+    /// successful returns) past `Config::hop_budget` on a CPU: counted here instead of written. Not part
+    /// of MATCHED.
     pub const COUNTED_ONLY: u32 = 3;
     pub const LEN: u32 = 4;
 }
@@ -176,10 +177,10 @@ pub struct Config {
     /// remote VTEP on flannel.1), network byte order, 0 = unused: their ARP and neighbour entries are
     /// followed too, so a packet waiting on one of them is seen waiting.
     pub next_hops: [u32; 4],
-    /// Records a CPU writes before its hop records (transmit, receive, consume) are only counted
-    /// (counter::COUNTED_ONLY); drops, route lookups and neighbour events are always written. The
-    /// timeline userspace keeps is bounded anyway: a bulk flow need not pay for records nobody reads.
-    /// 0 = no limit.
+    /// Records a CPU writes before its hop records (see counter::COUNTED_ONLY) are only counted; drops,
+    /// failed route lookups, refusals (a kprobe's non-zero return) and neighbour events are always
+    /// written. The timeline userspace keeps is bounded anyway: a bulk flow need not pay for records
+    /// nobody reads. 0 = no limit.
     pub hop_budget: u32,
 
     pub skb_head: u32,

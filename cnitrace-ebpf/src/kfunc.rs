@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use cnitrace_common::{func, EventKind};
 
-use crate::filter::{config, emit, match_skb, new_event, read, stamp_dev, L3At};
+use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, stamp_dev, L3At};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -47,6 +47,10 @@ fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
         if !match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) {
             return false;
         }
+        if counting_only(c) {
+            count_only();
+            return true;
+        }
         stamp_dev(c, skb, &mut ev);
     }
     ev.reason = id;
@@ -58,6 +62,11 @@ fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
 #[inline(always)]
 fn ret_event(f: &Frame, id: u32, ret: i32) {
     let c = config();
+    // A refusal is evidence, always written; a success is a hop.
+    if ret == 0 && counting_only(c) {
+        count_only();
+        return;
+    }
     let skb = f.skb as *const u8;
     let mut ev = new_event(EventKind::FuncReturn, skb);
     // Matched at entry: the headers may have changed since (NAT), the identity has not.

@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, ETH_P_IP};
 
-use crate::filter::{config, dev_ids, emit, new_event, read};
+use crate::filter::{config, count_only, counting_only, dev_ids, emit, new_event, read};
 
 // TP_PROTO(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
 // No net argument: the namespace comes from the result's device when there is one; userspace places a
@@ -20,6 +20,11 @@ pub fn fib_table_lookup(ctx: RawTracePointContext) -> i32 {
     let err: i32 = ctx.arg(3);
     let daddr: u32 = unsafe { read(flp, c.flowi4_daddr) }.unwrap_or(0);
     if daddr != c.addr_a && daddr != c.addr_b {
+        return 0;
+    }
+    // A failed lookup is evidence, always written; a successful one is a hop.
+    if err == 0 && counting_only(c) {
+        count_only();
         return 0;
     }
     let saddr: u32 = unsafe { read(flp, c.flowi4_saddr) }.unwrap_or(0);
