@@ -260,6 +260,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let names_had_reasons = probe.kfree_has_reason;
 
     let stop_probe = std::sync::Arc::new(AtomicBool::new(false));
+    let icmp_id = inject::new_icmp_id();
     // Probe traffic on its own thread; the kernel's events are collected meanwhile.
     let sender = src.local().filter(|_| req.probe != ProbeKind::None).map(|l| {
         let mtu = resolver
@@ -283,12 +284,13 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
             kind: req.probe,
             sizes,
             wait: req.timeout,
-            icmp_id: inject::new_icmp_id(),
+            icmp_id,
             stop: stop_probe.clone(),
         };
         std::thread::spawn(move || inject::run(plan))
     });
 
+    let own_echo = (req.probe == ProbeKind::Icmp && sender.is_some()).then_some(icmp_id);
     // The timeout counts from the probes being ready: start-up is the kernel's and the machine's (tens
     // of ms here, seconds under emulation), not time the traffic had.
     let deadline = Instant::now() + req.timeout + Duration::from_millis(300);
@@ -314,7 +316,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
         // Only the events decoded since the last pass need a look.
         let now = Instant::now();
-        significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
+        // An echo of an earlier run (still queued on a failing neighbour entry, say) dying now is not
+        // this run's evidence (it is filtered out below) and must not end it either.
+        significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e) && !foreign_echo(e, own_echo));
         for e in &decoded[scanned..] {
             arp.see(e, now);
         }
@@ -392,6 +396,14 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         peak_rss_kib: peak_rss_kib(),
         arp_unanswered,
     })
+}
+
+/// An ICMP echo of the pair with another id than this run's own probes.
+fn foreign_echo(e: &TraceEvent, own: Option<u16>) -> bool {
+    match (own, e.packet.as_ref().and_then(|p| p.echo_id)) {
+        (Some(own), Some(id)) => id != own,
+        _ => false,
+    }
 }
 
 /// The gateways the pair's packets resolve on the way: each pod's and each node's route towards the
