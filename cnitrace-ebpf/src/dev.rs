@@ -19,7 +19,7 @@ fn on_skb(ctx: &RawTracePointContext, kind: EventKind, at: L3At) -> i32 {
         if !match_skb(c, skb, at, &mut ev, false) {
             return 0;
         }
-        // Matched (and tracked for a later drop); the record itself only while userspace keeps them.
+        // Matched (and tracked for a later drop); the record itself only within this CPU's budget.
         if counting_only(c) {
             count_only();
             return 0;

@@ -61,9 +61,17 @@ pub const ARP_PATIENCE: Duration = Duration::from_millis(300);
 /// ARP requests of the path and their answers, as the events come in.
 #[derive(Default)]
 pub struct ArpWatch {
-    /// Target address → (first seen, where it was asked: namespace inode, pod/node name, interface).
-    asked: Vec<(Ipv4Addr, Instant, u32, String, String)>,
+    asked: Vec<Asked>,
     answered: Vec<Ipv4Addr>,
+}
+
+/// A target first asked for: when, and where (namespace inode, pod/node name, interface).
+struct Asked {
+    target: Ipv4Addr,
+    since: Instant,
+    netns: u32,
+    where_: String,
+    ifname: String,
 }
 
 /// An ARP request nobody answered within ARP_PATIENCE.
@@ -113,9 +121,9 @@ impl ArpWatch {
             if !self.answered.contains(&p.src) {
                 self.answered.push(p.src);
             }
-        } else if p.key.starts_with("arp 1 ") && e.kind == Kind::Xmit && !self.asked.iter().any(|a| a.0 == p.dst) {
+        } else if p.key.starts_with("arp 1 ") && e.kind == Kind::Xmit && !self.asked.iter().any(|a| a.target == p.dst) {
             // The first transmit is the asker's own device.
-            self.asked.push((p.dst, now, e.netns, e.where_.clone(), e.ifname.clone()));
+            self.asked.push(Asked { target: p.dst, since: now, netns: e.netns, where_: e.where_.clone(), ifname: e.ifname.clone() });
         }
     }
 
@@ -123,14 +131,14 @@ impl ArpWatch {
     pub fn unanswered(&self, now: Instant, patience: Duration) -> Option<ArpUnanswered> {
         self.asked
             .iter()
-            .filter(|a| !self.answered.contains(&a.0) && now.duration_since(a.1) >= patience)
-            .min_by_key(|a| a.1)
+            .filter(|a| !self.answered.contains(&a.target) && now.duration_since(a.since) >= patience)
+            .min_by_key(|a| a.since)
             .map(|a| ArpUnanswered {
-                target: a.0,
-                netns: a.2,
-                where_: a.3.clone(),
-                ifname: a.4.clone(),
-                waited_ms: now.duration_since(a.1).as_millis() as u64,
+                target: a.target,
+                netns: a.netns,
+                where_: a.where_.clone(),
+                ifname: a.ifname.clone(),
+                waited_ms: now.duration_since(a.since).as_millis() as u64,
                 mcast_solicit: 3,
                 retrans_time_ms: 1000,
             })
@@ -308,7 +316,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         // Records are submitted without wakeups: poll on a short period instead.
         probe.wait(Duration::from_millis(10));
         probe.drain(&mut raw);
-        keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept);
+        keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept, own_echo);
         if sender.as_ref().is_some_and(|h| h.is_finished()) {
             let h = sender.take().expect("sender");
             outcome = Some(h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??);
@@ -316,9 +324,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
         // Only the events decoded since the last pass need a look.
         let now = Instant::now();
-        // An echo of an earlier run (still queued on a failing neighbour entry, say) dying now is not
-        // this run's evidence (it is filtered out below) and must not end it either.
-        significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e) && !foreign_echo(e, own_echo));
+        significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
         for e in &decoded[scanned..] {
             arp.see(e, now);
         }
@@ -345,7 +351,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
     probe.detach();
     probe.drain(&mut raw);
-    keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept);
+    keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept, own_echo);
     let counters = probe.counters();
     let hooks = probe.hooks.clone();
     drop(probe);
@@ -364,10 +370,6 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
                 states.by_inode.insert(*inode, st);
             }
         }
-    }
-    // Echoes of the pair that are not this run's (queued before it started) are not its evidence.
-    if let Some(id) = outcome.icmp_id {
-        decoded.retain(|e| e.packet.as_ref().is_none_or(|p| p.echo_id.is_none_or(|x| x == id)));
     }
     let trace = Trace::build(decoded);
     let mut verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
@@ -424,18 +426,20 @@ fn next_hops(resolver: &HostResolver, states: &States, src: Ipv4Addr, dst: Ipv4A
 
 /// Decodes raw records into `kept` up to MAX_KEPT_EVENTS, and past it the drops that are not noise, up to
 /// MAX_KEPT_DROPS more (a drop after a long flow is the verdict: a raw ping's echo replies, freed at
-/// ping_rcv, must not crowd it out); counts the rest.
-fn keep(decoder: &mut Decoder, raw: &mut Vec<cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64) {
+/// ping_rcv, must not crowd it out); counts the rest. Echoes of the pair with another id than this run's
+/// probes (an earlier run's, still queued on a failing neighbour entry) are not this run's evidence: they
+/// neither end it nor enter its trace.
+fn keep(decoder: &mut Decoder, raw: &mut Vec<cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64, own_echo: Option<u16>) {
     for r in raw.drain(..) {
         if kept.len() < MAX_KEPT_EVENTS {
-            if let Some(e) = decoder.decode(&r) {
+            if let Some(e) = decoder.decode(&r).filter(|e| !foreign_echo(e, own_echo)) {
                 kept.push(e);
             }
             continue;
         }
         let late_drop = r.header.kind == cnitrace_common::EventKind::Drop as u32 && kept.len() < MAX_KEPT_EVENTS + MAX_KEPT_DROPS;
         // Only a drop is decoded here: past the timeline, hop records are counted, not read.
-        match late_drop.then(|| decoder.decode(&r)).flatten().filter(|e| !is_noise(e)) {
+        match late_drop.then(|| decoder.decode(&r)).flatten().filter(|e| !is_noise(e) && !foreign_echo(e, own_echo)) {
             Some(e) => kept.push(e),
             None => *not_kept += 1,
         }

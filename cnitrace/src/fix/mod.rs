@@ -226,8 +226,8 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
 /// running: packets queued on it now would die with it, or be released together with the diagnosis's
 /// own queued echoes (a verification that raced them was rolled back once, dropped in netfilter on the
 /// far node). Let it end first (at most the kernel's three probe intervals), so the verification starts a
-/// resolution of its own. Since follow decides ARP failures early, this wait is most of what `fix`
-/// takes on them (veth-detached: 3.3 s in all, 1.7 s for faults without ARP).
+/// resolution of its own. Since follow decides ARP failures early, this wait is about 1 s of what `fix`
+/// takes on them (veth-detached 2.4 s in all in `cargo xtask bench`; faults without ARP 1.7 s).
 fn settle_neighbours(report: &Report) {
     let Some(src) = report.src.local() else { return };
     let Some(path) = src.netns.ns.as_ref().map(|n| n.path.clone()) else { return };
