@@ -203,10 +203,24 @@ pub struct Config {
     /// read as their low byte (little-endian), which holds the value.
     pub nf_state_hook: u32,
     pub nf_state_pf: u32,
+    /// 1 when `sk_buff`'s protocol, network_header, head and data lie within [`Config::SKB_WINDOW`] bytes
+    /// from `protocol`, each at an offset aligned to its size (every kernel this project runs on): the
+    /// programs then read them with one helper call instead of three.
+    pub skb_window: u32,
 }
 
 impl Config {
     pub const ABSENT: u32 = u32::MAX;
+    /// Bytes of `sk_buff` read at once from `skb_protocol` when `skb_window` is set.
+    pub const SKB_WINDOW: u32 = 32;
+
+    /// Does this layout let the programs read protocol, network_header, head and data in one window?
+    pub fn skb_fields_in_window(&self) -> bool {
+        let fits = |off: u32, size: u32| {
+            off != Self::ABSENT && off >= self.skb_protocol && off - self.skb_protocol + size <= Self::SKB_WINDOW && (off - self.skb_protocol) % size == 0
+        };
+        self.skb_protocol != Self::ABSENT && fits(self.skb_network_header, 2) && fits(self.skb_head, 8) && fits(self.skb_data, 8)
+    }
 
     pub const fn zeroed() -> Self {
         Config {
@@ -235,6 +249,7 @@ impl Config {
             neigh_ha: 0,
             nf_state_hook: 0,
             nf_state_pf: 0,
+            skb_window: 0,
         }
     }
 }
@@ -243,11 +258,31 @@ impl Config {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 108);
+const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, repr(C), no padding holes that matter, no pointers.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(protocol: u32, network_header: u32, head: u32, data: u32) -> Config {
+        Config { skb_protocol: protocol, skb_network_header: network_header, skb_head: head, skb_data: data, ..Config::zeroed() }
+    }
+
+    #[test]
+    fn skb_window_takes_the_usual_layout_and_refuses_others() {
+        // 5.10 to 7.x: protocol, transport_header, network_header, mac_header, tail, end, head, data.
+        assert!(!layout(0xb4, 0xb8, 0xc2, 0xca).skb_fields_in_window(), "head not 8-aligned from protocol");
+        assert!(layout(0xb8, 0xbc, 0xc8, 0xd0).skb_fields_in_window());
+        // data past the window, a field before protocol, a missing field.
+        assert!(!layout(0xb8, 0xbc, 0xc8, 0xe0).skb_fields_in_window());
+        assert!(!layout(0xb8, 0xb0, 0xc8, 0xd0).skb_fields_in_window());
+        assert!(!layout(0xb8, Config::ABSENT, 0xc8, 0xd0).skb_fields_in_window());
+    }
 }

@@ -1,9 +1,9 @@
 //! Where packets end: dropped (kfree_skb, with location and reason) or consumed.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use cnitrace_common::EventKind;
+use cnitrace_common::{EventKind, PacketInfo};
 
-use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, L3At};
+use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, Fields, new_event, stamp_dev, tracked, L3At};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
@@ -13,13 +13,12 @@ fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     }
     let skb: *const u8 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
-    let mut ev = new_event(EventKind::Drop, skb);
-    unsafe {
-        if !match_skb(c, skb, L3At::NetworkHeader, &mut ev, true) {
-            return 0;
-        }
-        stamp_dev(c, skb, &mut ev);
+    let mut pkt = PacketInfo::default();
+    if !unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, true) } {
+        return 0;
     }
+    let mut ev = new_event(EventKind::Drop, skb, pkt);
+    unsafe { stamp_dev(c, skb, &mut ev) };
     forget(skb);
     ev.location = location;
     ev.reason = reason;
@@ -55,8 +54,8 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     if !tracked(skb) {
         return 0;
     }
-    let mut ev = new_event(EventKind::Consume, skb);
-    let ours = unsafe { match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) };
+    let mut pkt = PacketInfo::default();
+    let ours = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, false) };
     // The skb's address will be reused (and a stale entry goes too).
     forget(skb);
     if !ours {
@@ -66,6 +65,7 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
         count_only();
         return 0;
     }
+    let mut ev = new_event(EventKind::Consume, skb, pkt);
     unsafe { stamp_dev(c, skb, &mut ev) };
     emit(&mut ev);
     0

@@ -1,7 +1,7 @@
 //! The one filter and emit path every hook shares.
 
 use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
@@ -75,7 +75,7 @@ pub unsafe fn dev_ids(c: &Config, dev: *const u8) -> (u32, u32) {
 }
 
 #[inline(always)]
-fn in_pair(c: &Config, addr: u32) -> bool {
+pub fn in_pair(c: &Config, addr: u32) -> bool {
     addr == c.addr_a || addr == c.addr_b
 }
 
@@ -86,64 +86,89 @@ pub fn is_next_hop(c: &Config, addr: u32) -> bool {
 }
 
 #[inline(always)]
-fn is_pair(c: &Config, s: u32, d: u32) -> bool {
+pub fn is_pair(c: &Config, s: u32, d: u32) -> bool {
     (s == c.addr_a && d == c.addr_b) || (s == c.addr_b && d == c.addr_a)
 }
 
-#[repr(C)]
+/// The first bytes of a packet from its network header, read with one helper call (a helper call is
+/// most of what unrelated traffic pays): IPv4 (20), UDP (8), VXLAN (8), inner Ethernet (14), inner IPv4
+/// (20) and inner transport words (8). Everything the filter looks at, plain or encapsulated, sits at a
+/// constant offset in it — the 5.10 verifier allows no variable-offset stack reads — so IP options are
+/// cut out as the window is read: each header lands where it would be without them.
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
-struct IpHdr {
-    vihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag: u16,
-    ttl: u8,
-    proto: u8,
-    csum: u16,
-    saddr: u32,
-    daddr: u32,
-}
+struct Window([u8; WIN]);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ArpHdr {
-    htype: u16,
-    ptype: u16,
-    hlen: u8,
-    plen: u8,
-    op: u16,
-    sha: [u8; 6],
-    spa: [u8; 4],
-    tha: [u8; 6],
-    tpa: [u8; 4],
-}
+const WIN: usize = 80;
+/// Offsets in the window of one level (the outer packet at 0, a VXLAN packet's inner one at INNER).
+const L4: usize = 20;
+const VXLAN: usize = L4 + 8;
+const INNER_TYPE: usize = VXLAN + 8 + 12;
+const INNER: usize = VXLAN + 8 + 14;
+/// Bytes before an encapsulated packet's inner IPv4 header, from the outer transport header on.
+const ENCAP_LEN: u32 = (INNER - L4) as u32;
 
-/// Transport words: ports for TCP/UDP, type/code/id/seq for ICMP.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct L4 {
-    a: u16,
-    b: u16,
-    c: u16,
-    d: u16,
+impl Window {
+    #[inline(always)]
+    fn u8(&self, off: usize) -> u8 {
+        self.0[off]
+    }
+    #[inline(always)]
+    fn be16(&self, off: usize) -> u16 {
+        u16::from_be_bytes([self.0[off], self.0[off + 1]])
+    }
+    /// Network order, as the pair's addresses are kept.
+    #[inline(always)]
+    fn ne32(&self, off: usize) -> u32 {
+        u32::from_ne_bytes([self.0[off], self.0[off + 1], self.0[off + 2], self.0[off + 3]])
+    }
+    #[inline(always)]
+    fn ihl(&self, level: usize) -> u32 {
+        (self.0[level] & 0x0f) as u32 * 4
+    }
+
+    /// Reads the window at `l3`, cutting out the outer IPv4 header's options.
+    #[inline(always)]
+    unsafe fn read(l3: *const u8, ethertype: u16) -> Option<Window> {
+        let mut w = match unsafe { read::<Window>(l3, 0) } {
+            Some(w) => w,
+            None => {
+                // The window reaches past readable memory: the headers themselves, without the rest.
+                let mut w = Window([0; WIN]);
+                unsafe { bpf_probe_read_kernel_buf(l3, &mut w.0[..VXLAN]) }.ok()?;
+                w
+            }
+        };
+        let ihl = w.ihl(0);
+        if ethertype == ETH_P_IP && ihl > 20 {
+            unsafe { bpf_probe_read_kernel_buf(l3.add(ihl as usize), &mut w.0[L4..]) }.ok()?;
+        }
+        Some(w)
+    }
+
+    /// Transport words of the level at `level`.
+    #[inline(always)]
+    fn l4(&self, level: usize) -> [u16; 4] {
+        let t = level + L4;
+        [self.be16(t), self.be16(t + 2), self.be16(t + 4), self.be16(t + 6)]
+    }
 }
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
+/// Transport words (host order): ports for TCP/UDP, type/code/id/seq for ICMP.
 #[inline(always)]
-fn fill_l4(p: &mut PacketInfo, proto: u8, l4: &L4) {
+fn fill_l4(p: &mut PacketInfo, proto: u8, l4: [u16; 4]) {
     if proto == IPPROTO_ICMP {
-        let tc = u16::from_be(l4.a);
-        p.sport = tc >> 8;
-        p.dport = tc & 0xff;
-        p.id = u16::from_be(l4.c);
-        p.seq = u16::from_be(l4.d);
+        p.sport = l4[0] >> 8;
+        p.dport = l4[0] & 0xff;
+        p.id = l4[2];
+        p.seq = l4[3];
     } else if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        p.sport = u16::from_be(l4.a);
-        p.dport = u16::from_be(l4.b);
+        p.sport = l4[0];
+        p.dport = l4[1];
     }
 }
 
@@ -158,96 +183,98 @@ pub enum Seen {
     Unrelated,
 }
 
-/// Matches an IPv4 packet or ARP frame at `l3` against the pair, without looking into tunnels.
+/// Matches one level of the window (the packet at `level`, an IPv4 packet or ARP frame) against the
+/// pair. `l4_in_packet` is where that level's transport header really starts, for the one field past
+/// the window: the header an ICMP error quotes, inside a VXLAN packet.
 #[inline(always)]
-unsafe fn match_plain(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> Seen {
+unsafe fn match_level(c: &Config, l3: *const u8, w: &Window, level: usize, l4_in_packet: u32, ethertype: u16, p: &mut PacketInfo) -> Seen {
     if ethertype == ETH_P_ARP {
-        let Some(arp) = (unsafe { read::<ArpHdr>(l3, 0) }) else { return Seen::Unrelated };
-        let spa = u32::from_ne_bytes(arp.spa);
-        let tpa = u32::from_ne_bytes(arp.tpa);
+        // htype(2) ptype(2) hlen(1) plen(1) op(2) sha(6) spa(4) tha(6) tpa(4)
+        let spa = w.ne32(level + 14);
+        let tpa = w.ne32(level + 24);
         if !(in_pair(c, spa) || in_pair(c, tpa) || is_next_hop(c, tpa) || is_next_hop(c, spa)) {
             return Seen::Unrelated;
         }
         p.ethertype = ETH_P_ARP;
         p.saddr = spa;
         p.daddr = tpa;
-        p.id = u16::from_be(arp.op);
+        p.id = w.be16(level + 6);
         return Seen::Match;
     }
     if ethertype != ETH_P_IP {
         return Seen::Unrelated;
     }
-    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::OneSide };
-    unsafe { match_ip(c, l3, &ip, p) }
-}
-
-/// Matches an IPv4 packet whose header `ip` (at `l3`) was read already.
-#[inline(always)]
-unsafe fn match_ip(c: &Config, l3: *const u8, ip: &IpHdr, p: &mut PacketInfo) -> Seen {
-    let ihl = ((ip.vihl & 0x0f) as u32) * 4;
-    if is_pair(c, ip.saddr, ip.daddr) {
+    let (proto, saddr, daddr) = (w.u8(level + 9), w.ne32(level + 12), w.ne32(level + 16));
+    if is_pair(c, saddr, daddr) {
         p.ethertype = ETH_P_IP;
-        p.ip_proto = ip.proto;
-        p.saddr = ip.saddr;
-        p.daddr = ip.daddr;
-        p.len = u16::from_be(ip.tot_len) as u32;
-        if let Some(l4) = unsafe { read::<L4>(l3, ihl) } {
-            fill_l4(p, ip.proto, &l4);
-        }
+        p.ip_proto = proto;
+        p.saddr = saddr;
+        p.daddr = daddr;
+        p.len = w.be16(level + 2) as u32;
+        fill_l4(p, proto, w.l4(level));
         return Seen::Match;
     }
+    let one_side = in_pair(c, saddr) || in_pair(c, daddr);
     // An ICMP error about the pair (host unreachable, TTL exceeded...): match on the quoted header.
-    if ip.proto == IPPROTO_ICMP && (in_pair(c, ip.daddr) || in_pair(c, ip.saddr)) {
-        let Some(l4) = (unsafe { read::<L4>(l3, ihl) }) else { return Seen::OneSide };
-        let ty = u16::from_be(l4.a) >> 8;
+    if proto == IPPROTO_ICMP && one_side {
+        let l4 = w.l4(level);
+        let ty = l4[0] >> 8;
         if ty == 3 || ty == 11 || ty == 12 {
-            let Some(inner) = (unsafe { read::<IpHdr>(l3, ihl + 8) }) else { return Seen::OneSide };
-            if is_pair(c, inner.saddr, inner.daddr) {
+            // The quoted IPv4 header's addresses, 8 bytes past the ICMP header's start.
+            let quoted = level + L4 + 8 + 12;
+            let (qs, qd) = if quoted + 8 <= WIN {
+                (w.ne32(quoted), w.ne32(quoted + 4))
+            } else {
+                let Some(q) = (unsafe { read::<[u32; 2]>(l3, l4_in_packet + 8 + 12) }) else { return Seen::OneSide };
+                (q[0], q[1])
+            };
+            if is_pair(c, qs, qd) {
                 p.ethertype = ETH_P_IP;
                 p.ip_proto = IPPROTO_ICMP;
                 p.flags |= pkt_flags::ICMP_ERROR;
-                p.saddr = inner.saddr;
-                p.daddr = inner.daddr;
-                p.outer_saddr = ip.saddr;
-                p.outer_daddr = ip.daddr;
-                p.len = u16::from_be(ip.tot_len) as u32;
-                fill_l4(p, IPPROTO_ICMP, &l4);
+                p.saddr = qs;
+                p.daddr = qd;
+                p.outer_saddr = saddr;
+                p.outer_daddr = daddr;
+                p.len = w.be16(level + 2) as u32;
+                fill_l4(p, IPPROTO_ICMP, l4);
                 return Seen::Match;
             }
         }
     }
-    if in_pair(c, ip.saddr) || in_pair(c, ip.daddr) { Seen::OneSide } else { Seen::Unrelated }
+    if one_side { Seen::OneSide } else { Seen::Unrelated }
 }
 
-/// Matches the pair at `l3`, looking one level into VXLAN (UDP to the configured ports). The outer
-/// IPv4 header is read once: a read is a helper call, the bulk of what unrelated traffic pays.
+/// Matches the pair at `l3`, looking one level into VXLAN (UDP to the configured ports). One helper
+/// call reads every header either level needs (see [`Window`]).
 #[inline(always)]
 pub unsafe fn match_l3(c: &Config, l3: *const u8, ethertype: u16, p: &mut PacketInfo) -> Seen {
-    if ethertype != ETH_P_IP {
-        return unsafe { match_plain(c, l3, ethertype, p) };
+    if ethertype != ETH_P_IP && ethertype != ETH_P_ARP {
+        return Seen::Unrelated;
     }
-    let Some(ip) = (unsafe { read::<IpHdr>(l3, 0) }) else { return Seen::OneSide };
-    let plain = unsafe { match_ip(c, l3, &ip, p) };
-    if plain != Seen::Unrelated || ip.proto != IPPROTO_UDP {
+    let Some(mut w) = (unsafe { Window::read(l3, ethertype) }) else { return Seen::OneSide };
+    let outer_ihl = w.ihl(0);
+    let plain = unsafe { match_level(c, l3, &w, 0, outer_ihl, ethertype, p) };
+    if plain != Seen::Unrelated || ethertype != ETH_P_IP || w.u8(9) != IPPROTO_UDP {
         return plain;
     }
-    let ihl = ((ip.vihl & 0x0f) as u32) * 4;
-    let Some(udp) = (unsafe { read::<L4>(l3, ihl) }) else { return Seen::Unrelated };
-    let dport = u16::from_be(udp.b);
+    let dport = w.be16(L4 + 2);
     if dport == 0 || (dport != c.vxlan_port_1 && dport != c.vxlan_port_2) {
         return Seen::Unrelated;
     }
-    // udp(8) + vxlan(8) + inner ethernet(14)
-    let vx = ihl + 8;
-    let vni: u32 = unsafe { read::<u32>(l3, vx + 4) }.map(|v| u32::from_be(v) >> 8).unwrap_or(0);
-    let inner_type: u16 = unsafe { read::<u16>(l3, vx + 8 + 12) }.map(u16::from_be).unwrap_or(0);
-    let inner = unsafe { l3.add((vx + 8 + 14) as usize) };
-    let seen = unsafe { match_plain(c, inner, inner_type, p) };
+    let inner_type = w.be16(INNER_TYPE);
+    let inner_ihl = w.ihl(INNER);
+    let inner_l4 = outer_ihl + ENCAP_LEN + inner_ihl;
+    if inner_type == ETH_P_IP && inner_ihl > 20 {
+        // The inner header has options: its transport words are further on.
+        let _ = unsafe { bpf_probe_read_kernel_buf(l3.add(inner_l4 as usize), &mut w.0[INNER + L4..INNER + L4 + 8]) };
+    }
+    let seen = unsafe { match_level(c, l3, &w, INNER, inner_l4, inner_type, p) };
     if seen == Seen::Match {
         p.flags |= pkt_flags::ENCAP;
-        p.outer_saddr = ip.saddr;
-        p.outer_daddr = ip.daddr;
-        p.vni = vni;
+        p.outer_saddr = w.ne32(12);
+        p.outer_daddr = w.ne32(16);
+        p.vni = u32::from_be_bytes([0, w.u8(VXLAN + 4), w.u8(VXLAN + 5), w.u8(VXLAN + 6)]);
     }
     seen
 }
@@ -260,30 +287,84 @@ pub enum L3At {
     NetworkHeader,
 }
 
+/// `Config::SKB_WINDOW` bytes of the sk_buff from `protocol` on.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct SkbWindow([u8; Config::SKB_WINDOW as usize]);
+
+impl SkbWindow {
+    /// The field at `off` (an offset into the sk_buff, a constant the verifier knows). Userspace set
+    /// `skb_window` only where every field fits, aligned: the checks here fold away.
+    #[inline(always)]
+    unsafe fn field<T: Copy + Default>(&self, c: &Config, off: u32) -> T {
+        let rel = off.wrapping_sub(c.skb_protocol) as usize;
+        if rel + core::mem::size_of::<T>() > self.0.len() || rel % core::mem::align_of::<T>() != 0 {
+            return T::default();
+        }
+        unsafe { *(self.0.as_ptr().add(rel) as *const T) }
+    }
+}
+
+/// How a program reaches kernel structs: with the probe-read helper (raw tracepoints: ~50 ns a call
+/// here), or with plain loads the verifier checks against the kernel's BTF (BTF tracepoints, `tp_btf`:
+/// the argument is a typed pointer). Packet bytes are read with the helper either way.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    Probed,
+    Direct,
+}
+
+/// A field of a struct the program holds a BTF-typed pointer to (`Fields::Direct`), at an offset the
+/// verifier knows (a constant from `CONFIG`); 0 where this kernel has no such field.
+#[inline(always)]
+pub unsafe fn load<T: Copy + Default>(base: *const u8, off: u32) -> T {
+    if off == Config::ABSENT {
+        return T::default();
+    }
+    unsafe { core::ptr::read_volatile(base.add(off as usize) as *const T) }
+}
+
+/// The skb's protocol (host order) and where its network header starts: plain loads from a BTF
+/// tracepoint; else one helper call where the kernel's layout allows (`Config::skb_window`), one per
+/// field otherwise.
+#[inline(always)]
+unsafe fn skb_l3(c: &Config, skb: *const u8, at: L3At, fields: Fields) -> (u16, *const u8) {
+    let (proto, head, nh, data): (u16, u64, u16, u64) = if fields == Fields::Direct {
+        let proto = unsafe { load(skb, c.skb_protocol) };
+        match at {
+            L3At::Data => (proto, 0, 0, unsafe { load(skb, c.skb_data) }),
+            L3At::NetworkHeader => (proto, unsafe { load(skb, c.skb_head) }, unsafe { load(skb, c.skb_network_header) }, 0),
+        }
+    } else if c.skb_window != 0 {
+        let Some(w) = (unsafe { read::<SkbWindow>(skb, c.skb_protocol) }) else { return (0, core::ptr::null()) };
+        unsafe { (w.field(c, c.skb_protocol), w.field(c, c.skb_head), w.field(c, c.skb_network_header), w.field(c, c.skb_data)) }
+    } else {
+        let proto = unsafe { read::<u16>(skb, c.skb_protocol) }.unwrap_or(0);
+        match at {
+            L3At::Data => (proto, 0, 0, unsafe { read(skb, c.skb_data) }.unwrap_or(0)),
+            L3At::NetworkHeader => (proto, unsafe { read(skb, c.skb_head) }.unwrap_or(0), unsafe { read(skb, c.skb_network_header) }.unwrap_or(0), 0),
+        }
+    };
+    let l3 = match at {
+        L3At::Data => data,
+        L3At::NetworkHeader if head == 0 || nh == 0 || nh == 0xffff => 0,
+        L3At::NetworkHeader => head + nh as u64,
+    };
+    (u16::from_be(proto), l3 as *const u8)
+}
+
 /// Parses and matches an skb. A packet that is not plainly the pair's but may be (one address of the
 /// pair, unparseable headers; always at a drop, where headers may be gone) is looked up in the tracking
 /// map; plainly unrelated traffic never touches the map.
 #[inline(always)]
-pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event, always_lookup: bool) -> bool {
-    let proto: u16 = unsafe { read::<u16>(skb, c.skb_protocol) }.map(u16::from_be).unwrap_or(0);
+pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, p: &mut PacketInfo, always_lookup: bool) -> bool {
+    let (proto, l3) = unsafe { skb_l3(c, skb, at, fields) };
     let mut seen = if always_lookup { Seen::OneSide } else { Seen::Unrelated };
     if proto == ETH_P_IP || proto == ETH_P_ARP {
-        let l3: *const u8 = match at {
-            L3At::Data => unsafe { read(skb, c.skb_data) }.unwrap_or(core::ptr::null()),
-            L3At::NetworkHeader => {
-                let head: *const u8 = unsafe { read(skb, c.skb_head) }.unwrap_or(core::ptr::null());
-                let nh: u16 = unsafe { read(skb, c.skb_network_header) }.unwrap_or(0);
-                if head.is_null() || nh == 0 || nh == 0xffff {
-                    core::ptr::null()
-                } else {
-                    unsafe { head.add(nh as usize) }
-                }
-            }
-        };
         if l3.is_null() {
             seen = Seen::OneSide;
         } else {
-            let s = unsafe { match_l3(c, l3, proto, &mut ev.pkt) };
+            let s = unsafe { match_l3(c, l3, proto, p) };
             if s != Seen::Unrelated || !always_lookup {
                 seen = s;
             }
@@ -296,7 +377,7 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, ev: &mut Event, al
         return true;
     }
     if seen == Seen::OneSide && unsafe { TRACKED.get(&key) }.is_some() {
-        ev.pkt.flags |= pkt_flags::TRACKED_ONLY;
+        p.flags |= pkt_flags::TRACKED_ONLY;
         return true;
     }
     false
@@ -314,11 +395,13 @@ pub fn forget(skb: *const u8) -> bool {
     TRACKED.remove(&(skb as u64)).is_ok()
 }
 
+/// A record of `kind` for `skb`, with the packet the filter parsed.
 #[inline(always)]
-pub fn new_event(kind: EventKind, skb: *const u8) -> Event {
+pub fn new_event(kind: EventKind, skb: *const u8, pkt: PacketInfo) -> Event {
     let mut ev = Event::default();
     ev.header.kind = kind as u32;
     ev.header.skb = skb as u64;
+    ev.pkt = pkt;
     ev
 }
 

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{ProbeContext, RetProbeContext},
 };
-use cnitrace_common::{func, EventKind};
+use cnitrace_common::{func, EventKind, PacketInfo};
 
-use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, stamp_dev, L3At};
+use crate::filter::{config, count_only, counting_only, emit, match_skb, Fields, new_event, read, stamp_dev, L3At};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -24,7 +24,7 @@ pub struct Frame {
 impl Frame {
     #[inline(always)]
     fn at_entry(skb: *const u8, matched: bool) -> Frame {
-        let mut ev = new_event(EventKind::FuncEntry, skb);
+        let mut ev = new_event(EventKind::FuncEntry, skb, PacketInfo::default());
         if matched {
             unsafe { stamp_dev(config(), skb, &mut ev) };
         }
@@ -42,17 +42,16 @@ fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
     if c.enabled == 0 || skb.is_null() {
         return false;
     }
-    let mut ev = new_event(EventKind::FuncEntry, skb);
-    unsafe {
-        if !match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) {
-            return false;
-        }
-        if counting_only(c) {
-            count_only();
-            return true;
-        }
-        stamp_dev(c, skb, &mut ev);
+    let mut pkt = PacketInfo::default();
+    if !unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, false) } {
+        return false;
     }
+    if counting_only(c) {
+        count_only();
+        return true;
+    }
+    let mut ev = new_event(EventKind::FuncEntry, skb, pkt);
+    unsafe { stamp_dev(c, skb, &mut ev) };
     ev.reason = id;
     ev.oif = extra;
     emit(&mut ev);
@@ -68,9 +67,10 @@ fn ret_event(f: &Frame, id: u32, ret: i32) {
         return;
     }
     let skb = f.skb as *const u8;
-    let mut ev = new_event(EventKind::FuncReturn, skb);
+    let mut pkt = PacketInfo::default();
     // Matched at entry: the headers may have changed since (NAT), the identity has not.
-    let _ = unsafe { match_skb(c, skb, L3At::NetworkHeader, &mut ev, true) };
+    let _ = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, true) };
+    let mut ev = new_event(EventKind::FuncReturn, skb, pkt);
     ev.header.netns = f.netns;
     ev.header.ifindex = f.ifindex;
     ev.reason = id;
@@ -101,8 +101,8 @@ pub fn kp_fib_validate_source(ctx: ProbeContext) -> u32 {
     let skb: *const u8 = ctx.arg(0).unwrap_or(core::ptr::null());
     let mut matched = false;
     if c.enabled != 0 && !skb.is_null() {
-        let mut ev = new_event(EventKind::FuncEntry, skb);
-        matched = unsafe { match_skb(c, skb, L3At::NetworkHeader, &mut ev, false) };
+        let mut pkt = PacketInfo::default();
+        matched = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, false) };
     }
     if let Some(slot) = RPF_SLOT.get_ptr_mut(0) {
         unsafe { *slot = Frame::at_entry(skb, matched) };

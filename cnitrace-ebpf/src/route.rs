@@ -1,25 +1,45 @@
 //! Route lookups for the pair.
 
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use cnitrace_common::{EventKind, ETH_P_IP};
+use aya_ebpf::{
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+use cnitrace_common::{EventKind, PacketInfo, ETH_P_IP};
 
-use crate::filter::{config, count_only, counting_only, dev_ids, emit, new_event, read};
+use crate::filter::{config, count_only, counting_only, dev_ids, emit, in_pair, is_pair, load, new_event, read, Fields};
 
 // TP_PROTO(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
 // No net argument: the namespace comes from the result's device when there is one; userspace places a
-// failed lookup with the packet seen just before on the same CPU.
+// failed lookup with the packet seen just before on the same CPU. Every lookup on the node runs it, so
+// it comes as a BTF tracepoint too (flowi4's addresses are plain loads), as the device hooks do.
 #[raw_tracepoint(tracepoint = "fib_table_lookup")]
 pub fn fib_table_lookup(ctx: RawTracePointContext) -> i32 {
+    on_lookup(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3), Fields::Probed)
+}
+
+#[btf_tracepoint(function = "fib_table_lookup")]
+pub fn tp_fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
+    on_lookup(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3), Fields::Direct)
+}
+
+#[inline(always)]
+fn on_lookup(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32, fields: Fields) -> i32 {
     let c = config();
     if c.enabled == 0 {
         return 0;
     }
-    let tb_id: u32 = ctx.arg(0);
-    let flp: *const u8 = ctx.arg(1);
-    let nhc: *const u8 = ctx.arg(2);
-    let err: i32 = ctx.arg(3);
-    let daddr: u32 = unsafe { read(flp, c.flowi4_daddr) }.unwrap_or(0);
-    if daddr != c.addr_a && daddr != c.addr_b {
+    let (saddr, daddr): (u32, u32) = if fields == Fields::Direct {
+        unsafe { (load(flp, c.flowi4_saddr), load(flp, c.flowi4_daddr)) }
+    } else if c.flowi4_daddr == c.flowi4_saddr.wrapping_add(4) {
+        // saddr and daddr sit side by side in flowi4: one read.
+        let a: [u32; 2] = unsafe { read(flp, c.flowi4_saddr) }.unwrap_or([0; 2]);
+        (a[0], a[1])
+    } else {
+        (unsafe { read(flp, c.flowi4_saddr) }.unwrap_or(0), unsafe { read(flp, c.flowi4_daddr) }.unwrap_or(0))
+    };
+    // The pair's own lookups: towards one of them from the other (the reverse-path check swaps the two),
+    // or from a socket not bound yet. Another host's traffic to one of the pair is not the pair's.
+    if !(is_pair(c, saddr, daddr) || (saddr == 0 && in_pair(c, daddr))) {
         return 0;
     }
     // A failed lookup is evidence, always written; a successful one is a hop.
@@ -27,8 +47,7 @@ pub fn fib_table_lookup(ctx: RawTracePointContext) -> i32 {
         count_only();
         return 0;
     }
-    let saddr: u32 = unsafe { read(flp, c.flowi4_saddr) }.unwrap_or(0);
-    let mut ev = new_event(EventKind::FibLookup, core::ptr::null());
+    let mut ev = new_event(EventKind::FibLookup, core::ptr::null(), PacketInfo::default());
     ev.pkt.ethertype = ETH_P_IP;
     ev.pkt.saddr = saddr;
     ev.pkt.daddr = daddr;

@@ -16,7 +16,7 @@ use crate::{
     finding::{self, Ctx, States, Verdict},
     inject::{self, ProbeKind, ProbeOutcome, ProbePlan},
     path::{is_noise, Trace},
-    probe::{Counters, HookStatus, Probe},
+    probe::{Counters, HookStatus, Probe, ProbeOptions},
     resolve::{self, Endpoint, HostResolver, Resolver},
     state::{self, NsState},
 };
@@ -48,6 +48,8 @@ pub struct FollowOptions {
     pub kernel_stats: bool,
     /// Tracepoints only: do not try the optional kprobes.
     pub no_kprobes: bool,
+    /// Raw tracepoints only, not their BTF versions.
+    pub raw_tracepoints: bool,
     /// No hop budget in the kernel: every hop record is written even past what the timeline keeps (they
     /// are drained and counted here): what a capacity measurement needs, nothing an operator reads.
     pub all_events: bool,
@@ -257,7 +259,13 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     // Each CPU writes up to the kept timeline's worth of records; past it the kernel counts hop records
     // (a bulk flow stops paying for records nobody reads) and still writes every drop.
     let budget = if req.opts.all_events { 0 } else { MAX_KEPT_EVENTS as u32 };
-    let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, budget, req.opts.kernel_stats, !req.opts.no_kprobes)?;
+    let probe_opts = ProbeOptions {
+        hop_budget: budget,
+        kernel_stats: req.opts.kernel_stats,
+        kprobes: !req.opts.no_kprobes,
+        btf_tracepoints: !req.opts.raw_tracepoints,
+    };
+    let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, &probe_opts)?;
     let ready_ms = t_start.elapsed().as_millis() as u64;
     if let Some(path) = &req.opts.ready_file {
         std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;

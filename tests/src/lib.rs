@@ -109,6 +109,7 @@ pub fn hook<'a>(verdict: &'a serde_json::Value, name: &str) -> Option<&'a serde_
 pub fn loaded_cnitrace_programs() -> usize {
     const OURS: &[&str] = &[
         "net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han",
+        "tp_net_dev_star", "tp_netif_receiv", "tp_fib_table_lo",
         "kp_nf_hook_slow", "kp_fib_validate", "kr_fib_validate", "kp_br_forward", "kp_ip_forward", "kp_vxlan_xmit", "kp_vxlan_rcv",
     ];
     aya::programs::loaded_programs()

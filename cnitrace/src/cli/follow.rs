@@ -47,6 +47,10 @@ pub struct FollowArgs {
     /// Tracepoints only: do not try the optional kprobes (netfilter verdicts, rp_filter, bridge, VXLAN).
     #[arg(long)]
     no_kprobes: bool,
+    /// Attach the busiest hooks as raw tracepoints, not as BTF tracepoints (`tp_btf`, the default
+    /// where the kernel takes them: one helper call less per packet on the node).
+    #[arg(long)]
+    raw_tracepoints: bool,
     /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -78,6 +82,7 @@ impl FollowArgs {
             ready_file: self.ready_file.clone(),
             kernel_stats: self.kernel_stats,
             no_kprobes: self.no_kprobes,
+            raw_tracepoints: self.raw_tracepoints,
             until_drop: self.until_drop,
             all_events: self.all_events,
         };

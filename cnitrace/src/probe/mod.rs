@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, RawTracePoint},
+    programs::{BtfTracePoint, KProbe, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use cnitrace_common::{counter, Config, Event};
@@ -22,20 +22,37 @@ use serde::Serialize;
 struct Hook {
     program: &'static str,
     tracepoint: &'static str,
+    /// The same program as a BTF tracepoint (`tp_btf`), for hooks every packet on the node runs: it
+    /// reads the skb's fields with plain loads, one helper call (~50 ns here) less per packet. Tried
+    /// first; the raw tracepoint is the fallback.
+    btf_program: Option<&'static str>,
     /// Without it, no verdict is possible.
     essential: bool,
 }
 
 const HOOKS: &[Hook] = &[
-    Hook { program: "net_dev_start_xmit", tracepoint: "net_dev_start_xmit", essential: true },
-    Hook { program: "netif_receive_skb", tracepoint: "netif_receive_skb", essential: true },
+    Hook { program: "net_dev_start_xmit", tracepoint: "net_dev_start_xmit", btf_program: Some("tp_net_dev_start_xmit"), essential: true },
+    Hook { program: "netif_receive_skb", tracepoint: "netif_receive_skb", btf_program: Some("tp_netif_receive_skb"), essential: true },
     // kfree_skb_reason or kfree_skb_legacy, chosen from the tracepoint's arguments.
-    Hook { program: "kfree_skb", tracepoint: "kfree_skb", essential: true },
-    Hook { program: "consume_skb", tracepoint: "consume_skb", essential: false },
-    Hook { program: "fib_table_lookup", tracepoint: "fib_table_lookup", essential: false },
-    Hook { program: "neigh_update", tracepoint: "neigh_update", essential: false },
-    Hook { program: "neigh_timer_handler", tracepoint: "neigh_timer_handler", essential: false },
+    Hook { program: "kfree_skb", tracepoint: "kfree_skb", btf_program: None, essential: true },
+    Hook { program: "consume_skb", tracepoint: "consume_skb", btf_program: None, essential: false },
+    Hook { program: "fib_table_lookup", tracepoint: "fib_table_lookup", btf_program: Some("tp_fib_table_lookup"), essential: false },
+    Hook { program: "neigh_update", tracepoint: "neigh_update", btf_program: None, essential: false },
+    Hook { program: "neigh_timer_handler", tracepoint: "neigh_timer_handler", btf_program: None, essential: false },
 ];
+
+/// How to load the programs, beyond the pair.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Records per CPU before hop records are only counted (0: no limit).
+    pub hop_budget: u32,
+    /// Have the kernel keep each program's run count and time (BPF_ENABLE_STATS) while loaded.
+    pub kernel_stats: bool,
+    /// Also try the optional kprobes (false: tracepoints only, even where kprobes work).
+    pub kprobes: bool,
+    /// Attach the hooks that have one as BTF tracepoints (false: raw tracepoints only).
+    pub btf_tracepoints: bool,
+}
 
 /// An optional kprobe (or kprobe + kretprobe pair) on one kernel function: detail that tracepoints
 /// cannot give. Used where it attaches; otherwise skipped with its reason.
@@ -134,20 +151,10 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
 
 impl Probe {
     /// Loads the programs with the kernel's offsets and the pair, then attaches every hook it can.
-    /// `kprobes`: also try the optional kprobes (false: tracepoints only, even where kprobes work).
     /// `next_hops`: gateways the pair's packets resolve on the way (up to 4; their ARP is followed too).
-    /// `hop_budget`: records per CPU before hop records are only counted (0: no limit).
-    pub fn start(
-        a: Ipv4Addr,
-        b: Ipv4Addr,
-        next_hops: &[Ipv4Addr],
-        vxlan_ports: [u16; 2],
-        hop_budget: u32,
-        kernel_stats: bool,
-        kprobes: bool,
-    ) -> Result<Probe> {
+    pub fn start(a: Ipv4Addr, b: Ipv4Addr, next_hops: &[Ipv4Addr], vxlan_ports: [u16; 2], opts: &ProbeOptions) -> Result<Probe> {
         raise_memlock();
-        let stats = if kernel_stats {
+        let stats = if opts.kernel_stats {
             Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?)
         } else {
             None
@@ -160,14 +167,19 @@ impl Probe {
         for (slot, hop) in cfg.next_hops.iter_mut().zip(next_hops.iter().filter(|h| **h != a && **h != b)) {
             *slot = u32::from_ne_bytes(hop.octets());
         }
-        cfg.hop_budget = hop_budget;
+        cfg.hop_budget = opts.hop_budget;
         cfg.vxlan_port_1 = vxlan_ports[0];
         cfg.vxlan_port_2 = vxlan_ports[1];
         cfg.enabled = 1;
         let kfree_args = kbtf.tracepoint_args("kfree_skb").unwrap_or(2);
         let kfree_has_reason = kfree_args >= 3;
         let drop_reasons = kbtf.drop_reasons();
-
+        let btf_targets = if opts.btf_tracepoints {
+            let tps: Vec<&str> = HOOKS.iter().filter(|h| h.btf_program.is_some()).map(|h| h.tracepoint).collect();
+            Some(btf::attach_targets(&kbtf.tracepoint_type_ids(&tps)))
+        } else {
+            None
+        };
         drop(kbtf);
         let mut ebpf = loader
             .override_global("CONFIG", &cfg, true)
@@ -181,6 +193,18 @@ impl Probe {
                 "kfree_skb" => "kfree_skb_legacy",
                 p => p,
             };
+            if let (Some(bp), Some(targets)) = (h.btf_program, &btf_targets) {
+                let r = targets.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|t| attach_btf(&mut ebpf, bp, h.tracepoint, t));
+                let attached = r.is_ok();
+                hooks.push(HookStatus {
+                    hook: format!("tp_btf/{}", h.tracepoint),
+                    attached,
+                    reason: r.err().map(|e| format!("{e:#}; attached as a raw tracepoint instead")),
+                });
+                if attached {
+                    continue;
+                }
+            }
             let r = attach(&mut ebpf, program, h.tracepoint);
             if let Err(e) = &r {
                 if h.essential {
@@ -193,7 +217,8 @@ impl Probe {
                 reason: r.err().map(|e| format!("{e:#}")),
             });
         }
-        let refused = if kprobes { kprobes_unavailable() } else { Some("turned off (--no-kprobes)".into()) };
+        drop(btf_targets);
+        let refused = if opts.kprobes { kprobes_unavailable() } else { Some("turned off (--no-kprobes)".into()) };
         match refused {
             Some(why) => hooks.push(HookStatus { hook: "kprobe/*".into(), attached: false, reason: Some(why) }),
             None => {
@@ -275,6 +300,16 @@ fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
         .try_into()?;
     prog.load().with_context(|| format!("load {program}"))?;
     prog.attach(tracepoint).with_context(|| format!("attach {program}"))?;
+    Ok(())
+}
+
+fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str, targets: &aya::Btf) -> Result<()> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("no program {program} in the object"))?
+        .try_into()?;
+    prog.load(tracepoint, targets).with_context(|| format!("load {program}"))?;
+    prog.attach().with_context(|| format!("attach {program}"))?;
     Ok(())
 }
 

@@ -31,8 +31,20 @@ fn every_hook_is_attached_or_says_why_not() {
     let _g = LabGuard::up(&[f.name]);
     let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1"]);
     let hooks = v["hooks"].as_array().expect("hooks in the verdict");
+    let attached = |v: &serde_json::Value, h: &str| hook(v, h).is_some_and(|h| h["attached"] == true);
+    // The busiest hooks as BTF tracepoints (every kernel here has BTF, 5.10 on), the rest raw.
+    for busy in ["tp_btf/net_dev_start_xmit", "tp_btf/netif_receive_skb", "tp_btf/fib_table_lookup"] {
+        assert!(attached(&v, busy), "{busy}: {v}");
+    }
+    assert!(attached(&v, "raw_tp/kfree_skb"), "{v}");
+    // Asked for raw tracepoints only, the same hooks attach raw and the verdict is the same.
+    let (_, raw) = follow(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1", "--raw-tracepoints"]);
     for essential in ["raw_tp/net_dev_start_xmit", "raw_tp/netif_receive_skb", "raw_tp/kfree_skb"] {
-        assert_eq!(hook(&v, essential).map(|h| &h["attached"]), Some(&serde_json::Value::Bool(true)), "{essential}: {v}");
+        assert!(attached(&raw, essential), "{essential}: {raw}");
+    }
+    assert!(hook(&raw, "tp_btf/net_dev_start_xmit").is_none(), "{raw}");
+    for key in ["verdict", "cause", "netns", "ifname"] {
+        assert_eq!(raw[key], v[key], "{key}: raw tracepoints {raw}\nBTF tracepoints {v}");
     }
     for h in hooks {
         if h["attached"] != true {
