@@ -326,10 +326,13 @@ fn measure(b: &Bench) -> Result<Value> {
         // Throughput ratios (max rate) and CPU per GB (fixed rate), each repeat interleaving every mode.
         let mut thr: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
         let mut cpu: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
-        for _ in 0..b.repeats {
-            let mut base_thr = f64::NAN;
-            let mut base_cpu = f64::NAN;
-            for mode in MODES {
+        for r in 0..b.repeats {
+            // Each repeat starts one mode further on: no mode always runs first, or right after bpftrace
+            // (a fixed order put the no-tracer run first in every repeat, so drift within a repeat
+            // counted against every tracer).
+            let mut got: BTreeMap<Mode, (f64, f64)> = BTreeMap::new();
+            for k in 0..MODES.len() {
+                let mode = MODES[(k + r) % MODES.len()];
                 let tracer = b.start_mode(mode, dst)?;
                 let (bps, _, _) = b.iperf(dst, None)?;
                 let t_cpu0 = tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0);
@@ -340,18 +343,13 @@ fn measure(b: &Bench) -> Result<Value> {
                         peak_rss_kib = peak_rss_kib.max(v["peak_rss_kib"].as_u64().unwrap_or(0));
                     }
                 }
-                let cpu_per_gb = cpu_s / (bytes / 1e9).max(1e-9);
-                if mode == Mode::None {
-                    base_thr = bps;
-                    base_cpu = cpu_per_gb;
-                } else {
-                    thr.entry(mode).or_default().push(bps / base_thr);
-                    cpu.entry(mode).or_default().push(cpu_per_gb / base_cpu);
-                }
-                if mode == Mode::None {
-                    thr.entry(mode).or_default().push(bps / 1e9);
-                    cpu.entry(mode).or_default().push(cpu_per_gb);
-                }
+                got.insert(mode, (bps, cpu_s / (bytes / 1e9).max(1e-9)));
+            }
+            let (base_thr, base_cpu) = got[&Mode::None];
+            for (mode, (bps, cpu_per_gb)) in got {
+                let (t, c) = if mode == Mode::None { (bps / 1e9, cpu_per_gb) } else { (bps / base_thr, cpu_per_gb / base_cpu) };
+                thr.entry(mode).or_default().push(t);
+                cpu.entry(mode).or_default().push(c);
             }
         }
         let mut f = serde_json::Map::new();
