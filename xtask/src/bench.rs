@@ -315,8 +315,19 @@ pub fn run(json_out: bool, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// Jiffies of all CPUs so far: (stolen by the hypervisor, all).
+fn cpu_jiffies() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is in user already.
+    (f.get(7).copied().unwrap_or(0), f.iter().take(8).sum())
+}
+
 fn measure(b: &Bench) -> Result<Value> {
     let mut out = json!({});
+    // How much of the machine the hypervisor gave to others while we measured: a figure to read the
+    // throughput ratios by (they move by several points between runs of the same code here).
+    let jiffies0 = cpu_jiffies();
     let mut flows = serde_json::Map::new();
     let mut peak_rss_kib = 0u64;
     let mut kernel: BTreeMap<String, Value> = BTreeMap::new();
@@ -409,6 +420,8 @@ fn measure(b: &Bench) -> Result<Value> {
             }
         }
     }
+    let jiffies1 = cpu_jiffies();
+    out["steal_share"] = json!(((jiffies1.0 - jiffies0.0) as f64 / (jiffies1.1 - jiffies0.1).max(1) as f64 * 1e4).round() / 1e4);
     out["flows"] = Value::Object(flows);
     out["kernel_ns_per_run"] = serde_json::to_value(kernel)?;
     out["kernel_share"] = shares;
@@ -559,6 +572,7 @@ fn print_table(r: &Value) {
         ("events_per_s_lossless", "≥ 1000000"),
         ("lost_accounted", "true"),
         ("rss_mib", "≤ 32"),
+        ("steal_share", "CPU the hypervisor gave elsewhere while measuring"),
     ] {
         println!("{k:<28} {:>14}   {target}", r[k].to_string());
     }
