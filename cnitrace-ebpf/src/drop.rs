@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, PacketInfo};
 
-use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, Fields, new_event, stamp_dev, tracked, L3At};
+use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {

@@ -98,7 +98,6 @@ pub fn is_pair(c: &Config, s: u32, d: u32) -> bool {
 /// constant offset in it — the 5.10 verifier allows no variable-offset stack reads — so IP options are
 /// cut out as the window is read: each header lands where it would be without them.
 #[repr(C, align(8))]
-#[derive(Clone, Copy)]
 struct Window([u8; WIN]);
 
 const WIN: usize = 80;
@@ -426,11 +425,15 @@ pub fn emit(ev: &mut Event) {
     }
 }
 
+/// Namespace inode and ifindex of skb->dev.
+#[inline(always)]
+pub unsafe fn skb_dev_ids(c: &Config, skb: *const u8) -> (u32, u32) {
+    let dev: *const u8 = unsafe { read(skb, c.skb_dev) }.unwrap_or(core::ptr::null());
+    unsafe { dev_ids(c, dev) }
+}
+
 /// skb->dev's namespace and ifindex into the header.
 #[inline(always)]
 pub unsafe fn stamp_dev(c: &Config, skb: *const u8, ev: &mut Event) {
-    let dev: *const u8 = unsafe { read(skb, c.skb_dev) }.unwrap_or(core::ptr::null());
-    let (netns, ifindex) = unsafe { dev_ids(c, dev) };
-    ev.header.netns = netns;
-    ev.header.ifindex = ifindex;
+    (ev.header.netns, ev.header.ifindex) = unsafe { skb_dev_ids(c, skb) };
 }

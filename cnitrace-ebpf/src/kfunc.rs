@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use cnitrace_common::{func, EventKind, PacketInfo};
 
-use crate::filter::{config, count_only, counting_only, emit, match_skb, Fields, new_event, read, stamp_dev, L3At};
+use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, skb_dev_ids, stamp_dev, Fields, L3At};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -24,11 +24,11 @@ pub struct Frame {
 impl Frame {
     #[inline(always)]
     fn at_entry(skb: *const u8, matched: bool) -> Frame {
-        let mut ev = new_event(EventKind::FuncEntry, skb, PacketInfo::default());
-        if matched {
-            unsafe { stamp_dev(config(), skb, &mut ev) };
+        if !matched {
+            return Frame { skb: 0, netns: 0, ifindex: 0 };
         }
-        Frame { skb: if matched { skb as u64 } else { 0 }, netns: ev.header.netns, ifindex: ev.header.ifindex }
+        let (netns, ifindex) = unsafe { skb_dev_ids(config(), skb) };
+        Frame { skb: skb as u64, netns, ifindex }
     }
 }
 

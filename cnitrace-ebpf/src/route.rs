@@ -28,14 +28,9 @@ fn on_lookup(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32, fields: Field
     if c.enabled == 0 {
         return 0;
     }
-    let (saddr, daddr): (u32, u32) = if fields == Fields::Direct {
-        unsafe { (load(flp, c.flowi4_saddr), load(flp, c.flowi4_daddr)) }
-    } else if c.flowi4_daddr == c.flowi4_saddr.wrapping_add(4) {
-        // saddr and daddr sit side by side in flowi4: one read.
-        let a: [u32; 2] = unsafe { read(flp, c.flowi4_saddr) }.unwrap_or([0; 2]);
-        (a[0], a[1])
-    } else {
-        (unsafe { read(flp, c.flowi4_saddr) }.unwrap_or(0), unsafe { read(flp, c.flowi4_daddr) }.unwrap_or(0))
+    let (saddr, daddr): (u32, u32) = match fields {
+        Fields::Direct => unsafe { (load(flp, c.flowi4_saddr), load(flp, c.flowi4_daddr)) },
+        Fields::Probed => unsafe { (read(flp, c.flowi4_saddr).unwrap_or(0), read(flp, c.flowi4_daddr).unwrap_or(0)) },
     };
     // The pair's own lookups: towards one of them from the other (the reverse-path check swaps the two),
     // or from a socket not bound yet. Another host's traffic to one of the pair is not the pair's.

@@ -92,10 +92,9 @@ impl Mode {
 }
 
 /// A pair with no address in common with the flow debug → `dst`: the other pod of the two flows and the
-/// external host. (Until this session the cross-node flow's "unrelated" pair was web ↔ external: web is
-/// that flow's own destination, so every one of its packets carried an address of the pair and took the
-/// tracking-map lookup a possibly NATed packet of the pair needs. That case is measured on its own now:
-/// `FollowSharedEnd`.)
+/// external host. A pair sharing one end with the flow (`FollowSharedEnd`: dst ↔ external) is another
+/// case: every packet of the flow carries an address of the pair and takes the tracking-map lookup a
+/// possibly NATed packet of the pair needs.
 fn unrelated_pair(dst: &str) -> (&'static str, &'static str) {
     (if dst == WEB { JELLYFIN } else { WEB }, EXTERNAL)
 }

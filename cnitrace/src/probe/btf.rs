@@ -107,10 +107,17 @@ impl KernelBtf {
         out
     }
 
+    /// A tracepoint's `btf_trace_<name>` typedef (the type of its BPF program) and its type id.
+    fn trace_typedef(&self, tp: &str) -> Option<(u32, btf_rs::Typedef)> {
+        self.btf.resolve_ids_by_name(&format!("btf_trace_{tp}")).ok()?.into_iter().find_map(|id| match self.btf.resolve_type_by_id(id) {
+            Ok(Type::Typedef(td)) => Some((id, td)),
+            _ => None,
+        })
+    }
+
     /// Number of arguments of a tracepoint (from its `btf_trace_<name>` typedef, minus the context).
     pub fn tracepoint_args(&self, tp: &str) -> Option<usize> {
-        let types = self.btf.resolve_types_by_name(&format!("btf_trace_{tp}")).ok()?;
-        let Type::Typedef(td) = types.into_iter().next()? else { return None };
+        let (_, td) = self.trace_typedef(tp)?;
         let Type::Ptr(ptr) = self.btf.resolve_chained_type(&td).ok()? else { return None };
         let Type::FuncProto(fp) = self.btf.resolve_chained_type(&ptr).ok()? else { return None };
         Some(fp.parameters.len().saturating_sub(1))
@@ -119,15 +126,7 @@ impl KernelBtf {
     /// The kernel's type id of each tracepoint's `btf_trace_<name>` typedef: what a BTF tracepoint
     /// (`tp_btf`) attaches to. Tracepoints this kernel lacks are left out.
     pub fn tracepoint_type_ids(&self, tracepoints: &[&str]) -> Vec<(String, u32)> {
-        tracepoints
-            .iter()
-            .filter_map(|tp| {
-                let name = format!("btf_trace_{tp}");
-                let ids = self.btf.resolve_ids_by_name(&name).ok()?;
-                let id = ids.into_iter().find(|id| matches!(self.btf.resolve_type_by_id(*id), Ok(Type::Typedef(_))))?;
-                Some((name, id))
-            })
-            .collect()
+        tracepoints.iter().filter_map(|tp| Some((format!("btf_trace_{tp}"), self.trace_typedef(tp)?.0))).collect()
     }
 
     /// The programs' `Config`: every offset they read, or an error naming the one this kernel lacks.

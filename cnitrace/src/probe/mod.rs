@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, KProbe, RawTracePoint},
+    programs::{BtfTracePoint, KProbe, Program, ProgramError, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use cnitrace_common::{counter, Config, Event};
@@ -226,7 +226,7 @@ impl Probe {
                     let r = attach_kprobe(&mut ebpf, x.entry, x.function).and_then(|_| match x.ret {
                         Some(ret) => attach_kprobe(&mut ebpf, ret, x.function).map_err(|e| {
                             // Half a pair would leave the entry's per-CPU state unread: drop both.
-                            if let Some(k) = ebpf.program_mut(x.entry).and_then(|p| <&mut KProbe>::try_from(p).ok()) {
+                            if let Ok(k) = program::<KProbe>(&mut ebpf, x.entry) {
                                 let _ = k.unload();
                             }
                             e
@@ -290,35 +290,33 @@ impl Probe {
             counted_only: sum(counter::COUNTED_ONLY),
         }
     }
-
 }
 
-fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .with_context(|| format!("no program {program} in the object"))?
-        .try_into()?;
-    prog.load().with_context(|| format!("load {program}"))?;
-    prog.attach(tracepoint).with_context(|| format!("attach {program}"))?;
+/// The program `name` of the object, as the kind it is declared as (raw tracepoint, kprobe...).
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    Ok(ebpf.program_mut(name).with_context(|| format!("no program {name} in the object"))?.try_into()?)
+}
+
+fn attach(ebpf: &mut Ebpf, program_name: &str, tracepoint: &str) -> Result<()> {
+    let prog: &mut RawTracePoint = program(ebpf, program_name)?;
+    prog.load().with_context(|| format!("load {program_name}"))?;
+    prog.attach(tracepoint).with_context(|| format!("attach {program_name}"))?;
     Ok(())
 }
 
-fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str, targets: &aya::Btf) -> Result<()> {
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(program)
-        .with_context(|| format!("no program {program} in the object"))?
-        .try_into()?;
-    prog.load(tracepoint, targets).with_context(|| format!("load {program}"))?;
-    prog.attach().with_context(|| format!("attach {program}"))?;
+fn attach_btf(ebpf: &mut Ebpf, program_name: &str, tracepoint: &str, targets: &aya::Btf) -> Result<()> {
+    let prog: &mut BtfTracePoint = program(ebpf, program_name)?;
+    prog.load(tracepoint, targets).with_context(|| format!("load {program_name}"))?;
+    prog.attach().with_context(|| format!("attach {program_name}"))?;
     Ok(())
 }
 
-fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<()> {
-    let prog: &mut KProbe = ebpf
-        .program_mut(program)
-        .with_context(|| format!("no program {program} in the object"))?
-        .try_into()?;
-    prog.load().with_context(|| format!("load {program}"))?;
+fn attach_kprobe(ebpf: &mut Ebpf, program_name: &str, function: &str) -> Result<()> {
+    let prog: &mut KProbe = program(ebpf, program_name)?;
+    prog.load().with_context(|| format!("load {program_name}"))?;
     prog.attach(function, 0).with_context(|| format!("attach to {function} (not in this kernel, or its module is not loaded?)"))?;
     Ok(())
 }
