@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, PacketInfo};
 
-use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At};
+use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At, Wake};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
@@ -22,7 +22,8 @@ fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     forget(skb);
     ev.location = location;
     ev.reason = reason;
-    emit(&mut ev);
+    // The record a passive `follow` waits for: wake it.
+    emit(&mut ev, Wake::Now);
     0
 }
 
@@ -67,6 +68,6 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     }
     let mut ev = new_event(EventKind::Consume, skb, pkt);
     unsafe { stamp_dev(c, skb, &mut ev) };
-    emit(&mut ev);
+    emit(&mut ev, Wake::Later);
     0
 }

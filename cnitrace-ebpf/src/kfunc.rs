@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use cnitrace_common::{func, EventKind, PacketInfo};
 
-use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, skb_dev_ids, stamp_dev, Fields, L3At};
+use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, skb_dev_ids, stamp_dev, Fields, L3At, Wake};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -54,7 +54,7 @@ fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
     unsafe { stamp_dev(c, skb, &mut ev) };
     ev.reason = id;
     ev.oif = extra;
-    emit(&mut ev);
+    emit(&mut ev, Wake::Later);
     true
 }
 
@@ -75,7 +75,7 @@ fn ret_event(f: &Frame, id: u32, ret: i32) {
     ev.header.ifindex = f.ifindex;
     ev.reason = id;
     ev.err = ret;
-    emit(&mut ev);
+    emit(&mut ev, Wake::Later);
 }
 
 // int nf_hook_slow(struct sk_buff *skb, struct nf_hook_state *state, const struct nf_hook_entries *e, unsigned int s)

@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, PacketInfo, ETH_P_ARP};
 
-use crate::filter::{config, dev_ids, emit, is_next_hop, new_event, read};
+use crate::filter::{config, dev_ids, emit, is_next_hop, new_event, read, Wake};
 
 #[inline(always)]
 fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> i32 {
@@ -34,7 +34,7 @@ fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<
     b[..6].copy_from_slice(&ha);
     ev.location = u64::from_le_bytes(b);
     ev.err = err;
-    emit(&mut ev);
+    emit(&mut ev, Wake::Later);
     0
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use cnitrace_common::{EventKind, PacketInfo, ETH_P_IP};
 
-use crate::filter::{config, count_only, counting_only, dev_ids, emit, in_pair, is_pair, load, new_event, read, Fields};
+use crate::filter::{config, count_only, counting_only, dev_ids, emit, in_pair, is_pair, load, new_event, read, Fields, Wake};
 
 // TP_PROTO(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
 // No net argument: the namespace comes from the result's device when there is one; userspace places a
@@ -54,6 +54,6 @@ fn on_lookup(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32, fields: Field
         ev.header.netns = netns;
         ev.oif = ifindex;
     }
-    emit(&mut ev);
+    emit(&mut ev, Wake::Later);
     0
 }

@@ -51,6 +51,10 @@ pub struct FollowArgs {
     /// where the kernel takes them: one helper call less per packet on the node).
     #[arg(long)]
     raw_tracepoints: bool,
+    /// Attach every program with its filter off, so nothing matches: what the hooks alone cost the
+    /// node (for `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    hooks_only: bool,
     /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -85,6 +89,7 @@ impl FollowArgs {
             raw_tracepoints: self.raw_tracepoints,
             until_drop: self.until_drop,
             all_events: self.all_events,
+            hooks_only: self.hooks_only,
         };
         Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size, opts })
     }

@@ -52,6 +52,9 @@ pub struct ProbeOptions {
     pub kprobes: bool,
     /// Attach the hooks that have one as BTF tracepoints (false: raw tracepoints only).
     pub btf_tracepoints: bool,
+    /// Attach every program with the filter off: each run returns at once. What the hooks alone cost
+    /// (the kernel's dispatch and entering a program), the floor `cargo xtask bench` measures against.
+    pub hooks_only: bool,
 }
 
 /// An optional kprobe (or kprobe + kretprobe pair) on one kernel function: detail that tracepoints
@@ -170,7 +173,7 @@ impl Probe {
         cfg.hop_budget = opts.hop_budget;
         cfg.vxlan_port_1 = vxlan_ports[0];
         cfg.vxlan_port_2 = vxlan_ports[1];
-        cfg.enabled = 1;
+        cfg.enabled = u32::from(!opts.hooks_only);
         let kfree_args = kbtf.tracepoint_args("kfree_skb").unwrap_or(2);
         let kfree_has_reason = kfree_args >= 3;
         let drop_reasons = kbtf.drop_reasons();
@@ -257,9 +260,22 @@ impl Probe {
         }
     }
 
-    /// Waits `timeout` before the next drain (the programs submit without waking the consumer).
+    /// Waits `timeout` before the next drain (the programs submit without waking the consumer): while
+    /// records come, a fixed period batches them.
     pub fn wait(&self, timeout: Duration) {
         std::thread::sleep(timeout);
+    }
+
+    /// Sleeps until the kernel wakes the reader or `timeout` passes: for an idle trace. The programs
+    /// wake it for a drop and for every 4,096th record of a CPU (so a burst cannot fill the ring
+    /// meanwhile); other records wait for the timeout.
+    pub fn wait_woken(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.ring.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        // Interrupted (Ctrl-C) or woken: either way the caller looks again.
+        let _ = poll(&mut fds, ms);
     }
 
     /// Run count and time of each loaded program (meaningful with kernel stats on).
