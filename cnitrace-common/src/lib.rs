@@ -157,9 +157,7 @@ pub mod counter {
     /// successful returns) past `Config::hop_budget` on a CPU: counted here instead of written. Not part
     /// of MATCHED.
     pub const COUNTED_ONLY: u32 = 3;
-    /// Not a count: the time (bpf_ktime_get_ns) this CPU last woke the reader for a drop.
-    pub const WOKEN_AT: u32 = 4;
-    pub const LEN: u32 = 5;
+    pub const LEN: u32 = 4;
 }
 
 /// What userspace tells the programs before load (one global, `CONFIG`).

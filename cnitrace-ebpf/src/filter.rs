@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated},
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use core::mem::MaybeUninit;
 
@@ -15,20 +15,21 @@ static CONFIG: Config = Config::zeroed();
 /// bpf_ringbuf_submit flags: do not wake the consumer; wake it whatever it consumed.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-/// Every this many records of a CPU wake the reader, whatever they are: an idle reader sleeps up to
-/// 100 ms, and the ring (4 MiB: 43,690 records, 40 ms of the fastest flood measured) must not fill
+/// While the reader sleeps, every this many records of a CPU wake it, whatever they are: it sleeps up
+/// to 100 ms, and the ring (4 MiB: 43,690 records, 40 ms of the fastest flood measured) must not fill
 /// meanwhile.
 const WAKE_EVERY: u64 = 4096;
-/// A drop wakes the reader at once, but one CPU at most once a millisecond: a flood of drops must not
-/// become a flood of wakeups.
-const DROP_WAKE_GAP_NS: u64 = 1_000_000;
 /// bpf_map_update_elem flag: only if the key is not there yet.
 const BPF_NOEXIST: u64 = 1;
+
+/// Slot 0 is 1 while the reader sleeps until woken (an idle trace); 0 while it polls on its own.
+#[map]
+pub static READER: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
-/// Per CPU: the counters of `counter`, and when this CPU last woke the reader for a drop.
+/// [matched, emitted, lost, counted only] per CPU.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
@@ -415,8 +416,8 @@ pub fn new_event(kind: EventKind, skb: *const u8, pkt: PacketInfo) -> Event {
     ev
 }
 
-/// How urgently userspace wants a record: a drop ends a passive `follow`, the rest can wait for its
-/// next poll.
+/// How urgently userspace wants a record: a drop ends a passive `follow`; the rest can wait for the
+/// reader's next look.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
     Later,
@@ -427,36 +428,29 @@ pub enum Wake {
 #[inline(always)]
 pub fn emit(ev: &mut Event, wake: Wake) {
     bump(counter::MATCHED);
-    let now = unsafe { bpf_ktime_get_ns() };
-    ev.header.ts_ns = now;
+    ev.header.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.header.cpu = unsafe { bpf_get_smp_processor_id() };
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(*ev);
             // No wakeup per record: a wakeup costs the traced flow more than the record itself, and
             // userspace polls every 10 ms while records come.
-            slot.submit(wake_flags(wake, now));
+            slot.submit(wake_flags(wake));
             bump(counter::EMITTED);
         }
         None => bump(counter::LOST),
     }
 }
 
-/// Whether this record wakes the reader: a drop (at most once a millisecond per CPU), and every
-/// `WAKE_EVERY`th record of a CPU.
+/// Whether this record wakes the reader: only while it sleeps (an idle trace), for a drop or every
+/// `WAKE_EVERY`th record of a CPU. A reader that polls on its own is never woken.
 #[inline(always)]
-fn wake_flags(wake: Wake, now: u64) -> u64 {
-    if COUNTERS.get(counter::EMITTED).is_some_and(|n| (*n + 1) % WAKE_EVERY == 0) {
-        return BPF_RB_FORCE_WAKEUP;
+fn wake_flags(wake: Wake) -> u64 {
+    if !READER.get(0).is_some_and(|r| *r != 0) {
+        return BPF_RB_NO_WAKEUP;
     }
-    if wake == Wake::Now {
-        if let Some(last) = COUNTERS.get_ptr_mut(counter::WOKEN_AT) {
-            // SAFETY: this CPU's own slot; a program is not preempted on its CPU.
-            if now.wrapping_sub(unsafe { *last }) >= DROP_WAKE_GAP_NS {
-                unsafe { *last = now };
-                return BPF_RB_FORCE_WAKEUP;
-            }
-        }
+    if wake == Wake::Now || COUNTERS.get(counter::EMITTED).is_some_and(|n| (*n + 1) % WAKE_EVERY == 0) {
+        return BPF_RB_FORCE_WAKEUP;
     }
     BPF_RB_NO_WAKEUP
 }

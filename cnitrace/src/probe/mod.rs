@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, KProbe, Program, ProgramError, RawTracePoint},
     Ebpf, EbpfLoader,
 };
@@ -117,6 +117,8 @@ pub struct Probe {
     _stats: Option<std::os::fd::OwnedFd>,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    /// Slot 0: 1 while this reader sleeps until the kernel wakes it (see `wait_woken`).
+    reader: Array<MapData, u32>,
     pub hooks: Vec<HookStatus>,
     /// `enum skb_drop_reason` of this kernel (empty before 5.17).
     pub drop_reasons: BTreeMap<u32, String>,
@@ -246,7 +248,8 @@ impl Probe {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
-        Ok(Probe { ebpf: Some(ebpf), _stats: stats, ring, counters, hooks, drop_reasons, kfree_has_reason })
+        let reader = Array::try_from(ebpf.take_map("READER").context("READER map")?)?;
+        Ok(Probe { ebpf: Some(ebpf), _stats: stats, ring, counters, reader, hooks, drop_reasons, kfree_has_reason })
     }
 
     /// Moves every record waiting in the ring buffer into `out`.
@@ -266,16 +269,20 @@ impl Probe {
         std::thread::sleep(timeout);
     }
 
-    /// Sleeps until the kernel wakes the reader or `timeout` passes: for an idle trace. The programs
-    /// wake it for a drop and for every 4,096th record of a CPU (so a burst cannot fill the ring
-    /// meanwhile); other records wait for the timeout.
-    pub fn wait_woken(&self, timeout: Duration) {
+    /// Sleeps until the kernel wakes the reader or `timeout` passes: for an idle trace. Meanwhile the
+    /// programs wake it for a drop and for every 4,096th record of a CPU (so a burst cannot fill the
+    /// ring); other records wait for the timeout. A reader that polls (`wait`) is never woken: a wakeup
+    /// costs the traced flow more than its record.
+    pub fn wait_woken(&mut self, timeout: Duration) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
+        // If the flag cannot be set, the sleep is a plain timeout.
+        let _ = self.reader.set(0, 1, 0);
         let mut fds = [PollFd::new(self.ring.as_fd(), PollFlags::POLLIN)];
         let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         // Interrupted (Ctrl-C) or woken: either way the caller looks again.
         let _ = poll(&mut fds, ms);
+        let _ = self.reader.set(0, 0, 0);
     }
 
     /// Run count and time of each loaded program (meaningful with kernel stats on).
