@@ -237,6 +237,27 @@ impl Decoder {
         Decoder { names, t0: None, functions: HashMap::new() }
     }
 
+    /// Drop locations among `records` this decoder cannot name yet: naming one reads /proc/kallsyms
+    /// (~50 ms here), which a caller may do beforehand, away from whatever must not wait.
+    pub fn unnamed_locations<'a>(&self, records: impl Iterator<Item = &'a Event>) -> Vec<u64> {
+        let mut v: Vec<u64> = records
+            .filter(|e| e.header.kind == EventKind::Drop as u32 && !self.functions.contains_key(&e.location))
+            .map(|e| e.location)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Names for `locations`, found with [`kallsyms::resolve`] (an address it could not name is shown
+    /// as such).
+    pub fn learn_functions(&mut self, locations: &[u64], mut names: HashMap<u64, String>) {
+        for l in locations {
+            let f = names.remove(l).unwrap_or_else(|| format!("{l:#x}"));
+            self.functions.insert(*l, f);
+        }
+    }
+
     fn where_(&self, netns: u32) -> String {
         if netns == 0 {
             return "?".into();

@@ -322,13 +322,12 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     // The timeout counts from the probes being ready: start-up is the kernel's and the machine's (tens
     // of ms here, seconds under emulation), not time the traffic had.
     let deadline = Instant::now() + req.timeout + Duration::from_millis(300);
-    let mut raw = Vec::new();
+    let mut intake = Intake::default();
     let mut decoder = Decoder::new(names);
     let mut decoded: Vec<TraceEvent> = Vec::new();
     let mut settle_until: Option<Instant> = None;
     let mut outcome: Option<ProbeOutcome> = None;
     let mut sender = sender;
-    let mut not_kept: u64 = 0;
     let (mut significant_drop, mut scanned) = (false, 0);
     let mut arp = ArpWatch::default();
     let mut arp_unanswered = None;
@@ -343,11 +342,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         } else {
             probe.wait(POLL);
         }
-        probe.drain(&mut raw);
-        if !raw.is_empty() {
+        if intake.run(&mut probe, &mut decoder, &mut decoded, own_echo) {
             last_record = Instant::now();
         }
-        keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept, own_echo);
         if sender.as_ref().is_some_and(|h| h.is_finished()) {
             let h = sender.take().expect("sender");
             outcome = Some(h.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))??);
@@ -381,8 +378,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     }
     let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
     probe.detach();
-    probe.drain(&mut raw);
-    keep(&mut decoder, &mut raw, &mut decoded, &mut not_kept, own_echo);
+    intake.run(&mut probe, &mut decoder, &mut decoded, own_echo);
     let counters = probe.counters();
     let hooks = probe.hooks.clone();
     drop(probe);
@@ -424,7 +420,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         states,
         elapsed_ms: t_start.elapsed().as_millis() as u64,
         ready_ms,
-        events_not_kept: not_kept,
+        events_not_kept: intake.not_kept,
         program_stats,
         peak_rss_kib: peak_rss_kib(),
         arp_unanswered,
@@ -455,13 +451,73 @@ fn next_hops(resolver: &HostResolver, states: &States, src: Ipv4Addr, dst: Ipv4A
     hops
 }
 
+/// Records on their way from the ring buffer to the timeline. Decoding can be slow: naming a drop's
+/// function reads /proc/kallsyms (~50 ms here), and a ping flood (--all-events) filled the 4 MiB ring
+/// in 47 ms: the first drop of the flood cost half its records. So the ring is emptied while a new
+/// location is looked up and between small batches of decoding, and a hop record the timeline cannot
+/// keep any more is counted as it leaves the ring instead of being held. Drops are held (up to
+/// MAX_HELD_DROPS): noise drops (a flood's echo replies freed at ping_rcv) must not crowd out the one
+/// that ends the trace before they are told apart.
+#[derive(Default)]
+struct Intake {
+    raw: std::collections::VecDeque<cnitrace_common::Event>,
+    /// Records drained but not kept (over MAX_KEPT_EVENTS, or noise).
+    not_kept: u64,
+}
+
+/// Records decoded between two emptyings of the ring.
+const DECODE_BATCH: usize = 256;
+/// Records held for decoding at most (6 MiB), drops included: past it, drops too are counted only.
+const MAX_HELD_DROPS: usize = 65_536;
+
+impl Intake {
+    /// Empties the ring; true if anything came.
+    fn take(&mut self, probe: &mut Probe, kept: usize) -> bool {
+        let mut got = false;
+        probe.drain(|r| {
+            got = true;
+            let held = kept + self.raw.len();
+            let drop = r.header.kind == cnitrace_common::EventKind::Drop as u32;
+            if held < MAX_KEPT_EVENTS || (drop && self.raw.len() < MAX_HELD_DROPS) {
+                self.raw.push_back(r);
+            } else {
+                self.not_kept += 1;
+            }
+        });
+        got
+    }
+
+    /// Everything in the ring into `kept` (see [`keep`]); true if anything came.
+    fn run(&mut self, probe: &mut Probe, decoder: &mut Decoder, kept: &mut Vec<TraceEvent>, own_echo: Option<u16>) -> bool {
+        let mut got = self.take(probe, kept.len());
+        while !self.raw.is_empty() {
+            let n = self.raw.len().min(DECODE_BATCH);
+            let unnamed = decoder.unnamed_locations(self.raw.iter().take(n));
+            if !unnamed.is_empty() {
+                let names = std::thread::scope(|s| {
+                    let lookup = s.spawn(|| crate::probe::kallsyms::resolve(&unnamed));
+                    while !lookup.is_finished() {
+                        self.take(probe, kept.len());
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    lookup.join().unwrap_or_default()
+                });
+                decoder.learn_functions(&unnamed, names);
+            }
+            keep(decoder, self.raw.drain(..n), kept, &mut self.not_kept, own_echo);
+            got |= self.take(probe, kept.len());
+        }
+        got
+    }
+}
+
 /// Decodes raw records into `kept` up to MAX_KEPT_EVENTS, and past it the drops that are not noise, up to
 /// MAX_KEPT_DROPS more (a drop after a long flow is the verdict: a raw ping's echo replies, freed at
 /// ping_rcv, must not crowd it out); counts the rest. Echoes of the pair with another id than this run's
 /// probes (an earlier run's, still queued on a failing neighbour entry) are not this run's evidence: they
 /// neither end it nor enter its trace.
-fn keep(decoder: &mut Decoder, raw: &mut Vec<cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64, own_echo: Option<u16>) {
-    for r in raw.drain(..) {
+fn keep(decoder: &mut Decoder, raw: impl Iterator<Item = cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64, own_echo: Option<u16>) {
+    for r in raw {
         if kept.len() < MAX_KEPT_EVENTS {
             if let Some(e) = decoder.decode(&r).filter(|e| !foreign_echo(e, own_echo)) {
                 kept.push(e);

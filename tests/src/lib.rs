@@ -49,11 +49,17 @@ pub struct PassiveFollow(std::process::Child);
 
 impl PassiveFollow {
     pub fn start(src: &str, dst: &str, timeout_s: u32) -> PassiveFollow {
+        Self::start_with(src, dst, timeout_s, &[])
+    }
+
+    /// `start` with more arguments for follow.
+    pub fn start_with(src: &str, dst: &str, timeout_s: u32, extra: &[&str]) -> PassiveFollow {
         let ready = state_dir().with_extension("passive-ready");
         let _ = std::fs::remove_file(&ready);
         let child = std::process::Command::new(bin())
             .args(["follow", src, dst, "--probe", "none", "--timeout", &timeout_s.to_string(), "--json", "--ready-file"])
             .arg(&ready)
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start follow");

@@ -253,12 +253,12 @@ impl Probe {
     }
 
     /// Moves every record waiting in the ring buffer into `out`.
-    pub fn drain(&mut self, out: &mut Vec<Event>) {
+    pub fn drain(&mut self, mut each: impl FnMut(Event)) {
         while let Some(item) = self.ring.next() {
             if item.len() >= std::mem::size_of::<Event>() {
                 // SAFETY: the kernel side writes exactly one `Event` per record; read_unaligned copes
                 // with the ring buffer's 8-byte alignment.
-                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+                each(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
             }
         }
     }
