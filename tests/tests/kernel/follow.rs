@@ -214,20 +214,33 @@ fn a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_th
     }
     let g = LabGuard::up(&[]);
     let f = PassiveFollow::start("10.244.0.20", "10.244.0.19", 60);
+    // 2,000 echoes and their replies: well past the 5,000 events follow keeps. Then the datagram's drop
+    // must be seen although hop records are only counted by now.
+    flood_then_a_closed_port(&g, 2000);
+    let (code, v) = f.finish();
+    let [m, e, l, k] = counters(&v);
+    assert_eq!(m, e + l, "every written record accounted: {v}");
+    assert!(k > 5_000, "the flood's hop records past the timeline were counted in the kernel: {v}");
+    assert!(e < 20_000, "and not written: {v}");
+    assert_the_datagrams_drop_ended_it(code, &v);
+}
+
+/// `ping -f` of `echoes` from debug to jellyfin, then one datagram to a closed port on jellyfin (the
+/// kernel drops it: no socket).
+fn flood_then_a_closed_port(g: &LabGuard, echoes: u32) {
     let debug = g.lab.pod_ns("debug");
-    // 2,000 echoes and their replies: well past the 5,000 events follow keeps.
-    let flood = Command::new("ip").args(["netns", "exec", &debug, "ping", "-q", "-f", "-c", "2000", "10.244.0.19"]).output().expect("ping -f");
+    let flood = Command::new("ip").args(["netns", "exec", &debug, "ping", "-q", "-f", "-c", &echoes.to_string(), "10.244.0.19"]).output().expect("ping -f");
     assert!(flood.status.success(), "{}", String::from_utf8_lossy(&flood.stderr));
-    // Then one datagram to a closed port: the kernel drops it (no socket), and that drop must be seen
-    // although hop records are only counted by now.
     let udp = Command::new("ip").args(["netns", "exec", &debug, "bash", "-c", "echo x > /dev/udp/10.244.0.19/9"]).output().expect("udp");
     assert!(udp.status.success());
-    let (code, v) = f.finish();
-    let c = &v["counters"];
-    let (m, e, l, k) = (c["matched"].as_u64().unwrap(), c["emitted"].as_u64().unwrap(), c["lost"].as_u64().unwrap(), c["counted_only"].as_u64().unwrap());
-    assert_eq!(m, e + l, "every written record accounted: {c}");
-    assert!(k > 5_000, "the flood's hop records past the timeline were counted in the kernel: {c}");
-    assert!(e < 20_000, "and not written: {c}");
+}
+
+/// matched, emitted, lost, counted only.
+fn counters(v: &serde_json::Value) -> [u64; 4] {
+    ["matched", "emitted", "lost", "counted_only"].map(|k| v["counters"][k].as_u64().unwrap_or_else(|| panic!("counters.{k}: {v}")))
+}
+
+fn assert_the_datagrams_drop_ended_it(code: Option<i32>, v: &serde_json::Value) {
     assert_eq!(code, Some(1), "{v}");
     let function = v["function"].as_str().unwrap_or("");
     assert!(function.contains("udp"), "the drop of the datagram is the verdict: {v}");
@@ -244,20 +257,14 @@ fn a_burst_while_the_idle_reader_sleeps_is_drained_without_loss() {
     let f = PassiveFollow::start_with("10.244.0.20", "10.244.0.19", 60, &["--all-events"]);
     // Nothing for a second: the reader now sleeps until the kernel wakes it (or 100 ms pass).
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let debug = g.lab.pod_ns("debug");
-    let flood = Command::new("ip").args(["netns", "exec", &debug, "ping", "-q", "-f", "-c", "8000", "10.244.0.19"]).output().expect("ping -f");
-    assert!(flood.status.success(), "{}", String::from_utf8_lossy(&flood.stderr));
-    let udp = Command::new("ip").args(["netns", "exec", &debug, "bash", "-c", "echo x > /dev/udp/10.244.0.19/9"]).output().expect("udp");
-    assert!(udp.status.success());
+    flood_then_a_closed_port(&g, 8000);
     let (code, v) = f.finish();
-    let c = &v["counters"];
-    let (m, e, l) = (c["matched"].as_u64().unwrap(), c["emitted"].as_u64().unwrap(), c["lost"].as_u64().unwrap());
-    assert_eq!(m, e + l, "every record accounted: {c}");
-    assert!(e > 43_690, "more records than the ring holds: {c}");
+    let [m, e, l, _] = counters(&v);
+    assert_eq!(m, e + l, "every record accounted: {v}");
+    assert!(e > 43_690, "more records than the ring holds: {v}");
     // The kernel wakes the sleeping reader every 4,096 records of a CPU, and the ring is emptied while
     // the first drop's function is looked up in /proc/kallsyms (~50 ms: half the flood was lost to it).
-    assert_eq!(l, 0, "no record lost: {c}");
-    assert_eq!(code, Some(1), "{v}");
-    let function = v["function"].as_str().unwrap_or("");
-    assert!(function.contains("udp"), "among the flood's 8,000 noise drops (echo replies at ping_rcv), the datagram's drop is the verdict: {v}");
+    assert_eq!(l, 0, "no record lost: {v}");
+    // Among the flood's 8,000 noise drops (echo replies at ping_rcv).
+    assert_the_datagrams_drop_ended_it(code, &v);
 }
