@@ -378,7 +378,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     }
     let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
     probe.detach();
-    intake.run(&mut probe, &mut decoder, &mut decoded, own_echo);
+    // Nothing new comes once detached: decode what is held.
+    while intake.run(&mut probe, &mut decoder, &mut decoded, own_echo) || intake.holds() {}
     let counters = probe.counters();
     let hooks = probe.hooks.clone();
     drop(probe);
@@ -467,10 +468,16 @@ struct Intake {
 
 /// Records decoded between two emptyings of the ring.
 const DECODE_BATCH: usize = 256;
+/// How long one call decodes before it lets follow look at its clock.
+const DECODE_TIME: Duration = Duration::from_millis(100);
 /// Records held for decoding at most (6 MiB), drops included: past it, drops too are counted only.
 const MAX_HELD_DROPS: usize = 65_536;
 
 impl Intake {
+    fn holds(&self) -> bool {
+        !self.raw.is_empty()
+    }
+
     /// Empties the ring; true if anything came.
     fn take(&mut self, probe: &mut Probe, kept: usize) -> bool {
         let mut got = false;
@@ -487,10 +494,13 @@ impl Intake {
         got
     }
 
-    /// Everything in the ring into `kept` (see [`keep`]); true if anything came.
+    /// What the ring holds into `kept` (see [`keep`]), for up to DECODE_TIME (a flood of drops could
+    /// outrun decoding, and the caller must still see its deadline); what is left stays held for the
+    /// next call. True if anything came.
     fn run(&mut self, probe: &mut Probe, decoder: &mut Decoder, kept: &mut Vec<TraceEvent>, own_echo: Option<u16>) -> bool {
         let mut got = self.take(probe, kept.len());
-        while !self.raw.is_empty() {
+        let until = Instant::now() + DECODE_TIME;
+        while !self.raw.is_empty() && Instant::now() < until {
             let n = self.raw.len().min(DECODE_BATCH);
             let unnamed = decoder.unnamed_locations(self.raw.iter().take(n));
             if !unnamed.is_empty() {
