@@ -318,7 +318,7 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     } else if results.is_empty() {
         Some(format!("no test ran (exit {:?}); see {}", status.code(), log.display()))
     } else {
-        None
+        stopped_early(&text).map(|s| format!("{s} (exit {:?}); see {}", status.code(), log.display()))
     };
     Ok(Column { kernel: kernel.name.clone(), release: kernel.release.clone(), results, seconds: clock.seconds, elapsed, broken })
 }
@@ -331,7 +331,11 @@ pub fn run_host(test_bin: &Path, args: &[String], log: &Path) -> Result<Column> 
     let status = child.wait()?;
     std::fs::write(log, &text)?;
     let results = parse_libtest(&text);
-    let broken = (results.is_empty() && !status.success()).then(|| format!("the test binary failed before any test (exit {:?})", status.code()));
+    let broken = if results.is_empty() && !status.success() {
+        Some(format!("the test binary failed before any test (exit {:?})", status.code()))
+    } else {
+        stopped_early(&text).map(|s| format!("{s} (exit {:?})", status.code()))
+    };
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     Ok(Column { kernel: "host".into(), release, results, seconds: clock.seconds, elapsed: t0.elapsed(), broken })
 }
@@ -377,6 +381,20 @@ impl TestClock {
 
 /// Test outcomes from libtest's output: `test NAME ... ok|FAILED|ignored`, the first panic line of each
 /// failure, and the `SKIPPED name: reason` lines the kernel tests print when they cannot run.
+/// A run that ended before libtest's summary line (a guest that died, a binary that was killed): what it
+/// was doing. Its finished tests still count, but the run must not pass: the rest never ran. Seen: a
+/// 7.2 guest ended during a test after three had passed, and the matrix showed 3 pass, 0 fail.
+pub fn stopped_early(text: &str) -> Option<String> {
+    if text.lines().any(|l| l.starts_with("test result: ")) {
+        return None;
+    }
+    let running = text.lines().rev().find_map(|l| l.strip_prefix("test ").and_then(|r| r.trim_end().strip_suffix(" ...")));
+    Some(match running {
+        Some(t) => format!("the run ended during {t}, before the suite's end"),
+        None => "the run ended before the suite's end".to_string(),
+    })
+}
+
 pub fn parse_libtest(text: &str) -> Vec<(String, Outcome)> {
     let mut results: Vec<(String, Outcome)> = Vec::new();
     for line in text.lines() {
@@ -434,6 +452,14 @@ fn run(prog: &str, args: &[&str]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_ends_before_the_summary_is_broken() {
+        let died = "running 3 tests\ntest fix::a ... ok\ntest follow::b ... ";
+        assert_eq!(stopped_early(died).as_deref(), Some("the run ended during follow::b, before the suite's end"));
+        let finished = "running 1 test\ntest fix::a ... ok\n\ntest result: ok. 1 passed; 0 failed\n";
+        assert_eq!(stopped_early(finished), None);
+    }
 
     #[test]
     fn libtest_output_becomes_outcomes() {
