@@ -6,7 +6,6 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use cnitrace_common::{pkt_flags, Event, EventKind, ETH_P_ARP};
 use serde::{Deserialize, Serialize};
 
-use crate::probe::kallsyms;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -238,7 +237,8 @@ impl Decoder {
     }
 
     /// Drop locations among `records` this decoder cannot name yet: naming one reads /proc/kallsyms
-    /// (~50 ms here), which a caller may do beforehand, away from whatever must not wait.
+    /// (~50 ms here), which the caller does before decoding them, away from whatever must not wait
+    /// (a location not learned is shown as its address).
     pub fn unnamed_locations<'a>(&self, records: impl Iterator<Item = &'a Event>) -> Vec<u64> {
         let mut v: Vec<u64> = records
             .filter(|e| e.header.kind == EventKind::Drop as u32 && !self.functions.contains_key(&e.location))
@@ -249,7 +249,7 @@ impl Decoder {
         v
     }
 
-    /// Names for `locations`, found with [`kallsyms::resolve`] (an address it could not name is shown
+    /// Names for `locations`, found with [`crate::probe::kallsyms::resolve`] (an address it could not name is shown
     /// as such).
     pub fn learn_functions(&mut self, locations: &[u64], mut names: HashMap<u64, String>) {
         for l in locations {
@@ -362,14 +362,8 @@ impl Decoder {
             }
             Kind::Drop => {
                 ev.packet = self.packet(e);
-                let function = match self.functions.get(&e.location) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let f = kallsyms::resolve(&[e.location]).remove(&e.location).unwrap_or_else(|| format!("{:#x}", e.location));
-                        self.functions.insert(e.location, f.clone());
-                        f
-                    }
-                };
+                // Named beforehand (`unnamed_locations`, `learn_functions`): decoding never reads kallsyms.
+                let function = self.functions.get(&e.location).cloned().unwrap_or_else(|| format!("{:#x}", e.location));
                 let reason = if self.names.has_reasons {
                     self.names.drop_reasons.get(&e.reason).cloned().unwrap_or_else(|| format!("reason {}", e.reason))
                 } else {

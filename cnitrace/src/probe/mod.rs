@@ -252,7 +252,7 @@ impl Probe {
         Ok(Probe { ebpf: Some(ebpf), _stats: stats, ring, counters, reader, hooks, drop_reasons, kfree_has_reason })
     }
 
-    /// Moves every record waiting in the ring buffer into `out`.
+    /// Hands every record waiting in the ring buffer to `each`, oldest first.
     pub fn drain(&mut self, mut each: impl FnMut(Event)) {
         while let Some(item) = self.ring.next() {
             if item.len() >= std::mem::size_of::<Event>() {
