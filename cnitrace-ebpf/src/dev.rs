@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use cnitrace_common::{EventKind, PacketInfo};
+use cnitrace_common::EventKind;
 
 use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, stamp_dev, Fields, L3At, Wake};
 
@@ -20,10 +20,7 @@ fn on_skb(skb: *const u8, kind: EventKind, at: L3At, fields: Fields) -> i32 {
     if c.enabled == 0 {
         return 0;
     }
-    let mut pkt = PacketInfo::default();
-    if !unsafe { match_skb(c, skb, at, fields, &mut pkt, false) } {
-        return 0;
-    }
+    let Some(pkt) = (unsafe { match_skb(c, skb, at, fields, false) }) else { return 0 };
     // Matched (and tracked for a later drop); the record itself only within this CPU's budget.
     if counting_only(c) {
         count_only();

@@ -1,7 +1,7 @@
 //! Where packets end: dropped (kfree_skb, with location and reason) or consumed.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use cnitrace_common::{EventKind, PacketInfo};
+use cnitrace_common::EventKind;
 
 use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At, Wake};
 
@@ -13,10 +13,7 @@ fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     }
     let skb: *const u8 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
-    let mut pkt = PacketInfo::default();
-    if !unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, true) } {
-        return 0;
-    }
+    let Some(pkt) = (unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, true) }) else { return 0 };
     let mut ev = new_event(EventKind::Drop, skb, pkt);
     unsafe { stamp_dev(c, skb, &mut ev) };
     forget(skb);
@@ -55,13 +52,10 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     if !tracked(skb) {
         return 0;
     }
-    let mut pkt = PacketInfo::default();
-    let ours = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, false) };
+    let ours = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, false) };
     // The skb's address will be reused (and a stale entry goes too).
     forget(skb);
-    if !ours {
-        return 0;
-    }
+    let Some(pkt) = ours else { return 0 };
     if counting_only(c) {
         count_only();
         return 0;

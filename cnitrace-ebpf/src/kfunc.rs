@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{ProbeContext, RetProbeContext},
 };
-use cnitrace_common::{func, EventKind, PacketInfo};
+use cnitrace_common::{func, EventKind};
 
-use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, skb_dev_ids, stamp_dev, Fields, L3At, Wake};
+use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, read, skb_dev_ids, stamp_dev, zeroed, Fields, L3At, Wake};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -42,10 +42,7 @@ fn entry(skb: *const u8, id: u32, extra: u32) -> bool {
     if c.enabled == 0 || skb.is_null() {
         return false;
     }
-    let mut pkt = PacketInfo::default();
-    if !unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, false) } {
-        return false;
-    }
+    let Some(pkt) = (unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, false) }) else { return false };
     if counting_only(c) {
         count_only();
         return true;
@@ -67,9 +64,8 @@ fn ret_event(f: &Frame, id: u32, ret: i32) {
         return;
     }
     let skb = f.skb as *const u8;
-    let mut pkt = PacketInfo::default();
     // Matched at entry: the headers may have changed since (NAT), the identity has not.
-    let _ = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, true) };
+    let pkt = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, true) }.unwrap_or_else(zeroed);
     let mut ev = new_event(EventKind::FuncReturn, skb, pkt);
     ev.header.netns = f.netns;
     ev.header.ifindex = f.ifindex;
@@ -101,8 +97,7 @@ pub fn kp_fib_validate_source(ctx: ProbeContext) -> u32 {
     let skb: *const u8 = ctx.arg(0).unwrap_or(core::ptr::null());
     let mut matched = false;
     if c.enabled != 0 && !skb.is_null() {
-        let mut pkt = PacketInfo::default();
-        matched = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, &mut pkt, false) };
+        matched = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, false) }.is_some();
     }
     if let Some(slot) = RPF_SLOT.get_ptr_mut(0) {
         unsafe { *slot = Frame::at_entry(skb, matched) };

@@ -1,9 +1,9 @@
 //! ARP resolution of the pair's addresses: state changes and the timer that fails them.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use cnitrace_common::{EventKind, PacketInfo, ETH_P_ARP};
+use cnitrace_common::{EventKind, ETH_P_ARP};
 
-use crate::filter::{config, dev_ids, emit, is_next_hop, new_event, read, Wake};
+use crate::filter::{config, dev_ids, emit, is_next_hop, new_event, read, zeroed, Wake};
 
 #[inline(always)]
 fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> i32 {
@@ -15,7 +15,7 @@ fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<
     if key != c.addr_a && key != c.addr_b && !is_next_hop(c, key) {
         return 0;
     }
-    let mut ev = new_event(kind, core::ptr::null(), PacketInfo::default());
+    let mut ev = new_event(kind, core::ptr::null(), zeroed());
     ev.pkt.ethertype = ETH_P_ARP;
     ev.pkt.daddr = key;
     let dev: *const u8 = unsafe { read(n, c.neigh_dev) }.unwrap_or(core::ptr::null());

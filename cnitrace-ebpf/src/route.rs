@@ -4,9 +4,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use cnitrace_common::{EventKind, PacketInfo, ETH_P_IP};
+use cnitrace_common::{EventKind, ETH_P_IP};
 
-use crate::filter::{config, count_only, counting_only, dev_ids, emit, in_pair, is_pair, load, new_event, read, Fields, Wake};
+use crate::filter::{config, count_only, counting_only, dev_ids, emit, in_pair, is_pair, load, new_event, read, zeroed, Fields, Wake};
 
 // TP_PROTO(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
 // No net argument: the namespace comes from the result's device when there is one; userspace places a
@@ -42,7 +42,7 @@ fn on_lookup(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32, fields: Field
         count_only();
         return 0;
     }
-    let mut ev = new_event(EventKind::FibLookup, core::ptr::null(), PacketInfo::default());
+    let mut ev = new_event(EventKind::FibLookup, core::ptr::null(), zeroed());
     ev.pkt.ethertype = ETH_P_IP;
     ev.pkt.saddr = saddr;
     ev.pkt.daddr = daddr;
