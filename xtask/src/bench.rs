@@ -13,11 +13,16 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+mod samples;
+use samples::{Recorder, Samples};
+
 const PREFIX: &str = "cnitrace-bench";
 const DEBUG: &str = "10.244.0.20";
 const JELLYFIN: &str = "10.244.0.19";
 const WEB: &str = "10.244.1.10";
 const EXTERNAL: &str = "198.51.100.10";
+/// The core both iperf3 ends run on (and the profiler watches).
+const FLOW_CPU: u32 = 0;
 /// Both iperf3 ends on CPU 0 (`-A 0,0`): the flow is bound by one core, so every nanosecond the kernel
 /// spends in a tracer's programs on its packets shows in its throughput, and the tracer's own process
 /// gets the other core as it would on a node. Unpinned, the same no-tracer run ranged 1.4–10.5 Gbit/s
@@ -234,18 +239,26 @@ impl Bench {
         })
     }
 
-    /// One iperf3 run from debug to `dst`: (bits/s received, bytes received, CPU s of both iperf3 ends).
-    /// The kernel's packet work on veth runs in the sender's and receiver's context, so iperf3's own
-    /// accounting holds it; /proc/stat's tick sampling in this VM missed most of it (2 jiffies for
-    /// 2 s at 1 Gbit/s).
-    fn iperf(&self, dst: &str, rate: Option<&str>) -> Result<(f64, f64, f64)> {
+    /// One iperf3 run from debug to `dst`: bits/s and bytes received, CPU s of both iperf3 ends, and where
+    /// the flow's core spent its time when `rec` samples it. The kernel's packet work on veth runs in the
+    /// sender's and receiver's context, so iperf3's own accounting holds it; /proc/stat's tick sampling
+    /// in this VM missed most of it (2 jiffies for 2 s at 1 Gbit/s).
+    fn iperf(&self, dst: &str, rate: Option<&str>, rec: Option<&Recorder>) -> Result<Flow> {
         let secs = self.secs.to_string();
         let debug = ns("pod-debug");
         let mut args = vec!["netns", "exec", &debug, "iperf3", "-c", dst, "-t", &secs, "-J", "-A", IPERF_CPUS];
         if let Some(r) = rate {
             args.extend_from_slice(&["-b", r]);
         }
-        let out = Command::new("ip").args(&args).output().context("run iperf3")?;
+        let mut cmd = match rec {
+            Some(rec) => rec.command(FLOW_CPU, "ip", &args),
+            None => {
+                let mut c = Command::new("ip");
+                c.args(&args);
+                c
+            }
+        };
+        let out = cmd.output().context("run iperf3")?;
         let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v.get("error") {
             bail!("iperf3: {e}");
@@ -254,8 +267,21 @@ impl Bench {
         let util = &v["end"]["cpu_utilization_percent"];
         let secs = sum["seconds"].as_f64().unwrap_or(self.secs as f64);
         let cpu = (util["host_total"].as_f64().unwrap_or(0.0) + util["remote_total"].as_f64().unwrap_or(0.0)) / 100.0 * secs;
-        Ok((sum["bits_per_second"].as_f64().unwrap_or(0.0), sum["bytes"].as_f64().unwrap_or(0.0), cpu))
+        Ok(Flow {
+            bps: sum["bits_per_second"].as_f64().unwrap_or(0.0),
+            bytes: sum["bytes"].as_f64().unwrap_or(0.0),
+            cpu_s: cpu,
+            samples: rec.map(|r| r.samples()).transpose()?,
+        })
     }
+}
+
+/// One iperf3 run.
+struct Flow {
+    bps: f64,
+    bytes: f64,
+    cpu_s: f64,
+    samples: Option<Samples>,
 }
 
 fn start_iperf_servers() -> Result<Vec<PathBuf>> {
@@ -291,6 +317,8 @@ fn stop_iperf_servers(pidfiles: &[PathBuf]) {
 
 pub fn run(json_out: bool, quick: bool) -> Result<()> {
     crate::setup::run(true)?;
+    // The profiler for the sampled shares; only the benchmark needs it.
+    crate::setup::ensure_packages(&["linux-perf"])?;
     let bin = crate::build()?;
     let tmp = std::env::temp_dir().join("cnitrace-bench");
     std::fs::create_dir_all(&tmp)?;
@@ -338,12 +366,16 @@ fn measure(b: &Bench) -> Result<Value> {
     let (mut top_share_unrel, mut top_share_traced) = (0.0f64, 0.0f64);
     let (mut top_shared, mut top_hooks) = (f64::INFINITY, f64::INFINITY);
     let mut top_share_hooks = 0.0f64;
+    // The tracer's sampled share of the flow's core, per mode: the higher median of the two paths.
+    let mut top_sampled: BTreeMap<Mode, f64> = BTreeMap::new();
+    let rec = Recorder::new(&b.tmp);
     let (mut top_unrel, mut top_traced, mut top_bt_unrel, mut top_bt_traced, mut top_cpu_unrel, mut top_cpu_traced) =
         (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
     for (path, dst) in [("same-node", JELLYFIN), ("cross-node", WEB)] {
         // Throughput ratios (max rate) and CPU per GB (fixed rate), each repeat interleaving every mode.
         let mut thr: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
         let mut cpu: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
+        let mut sampled: BTreeMap<Mode, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
         for r in 0..b.repeats {
             // Each repeat starts one mode further on: no mode always runs first, or right after bpftrace
             // (a fixed order put the no-tracer run first in every repeat, so drift within a repeat
@@ -352,23 +384,30 @@ fn measure(b: &Bench) -> Result<Value> {
             for k in 0..MODES.len() {
                 let mode = MODES[(k + r) % MODES.len()];
                 let tracer = b.start_mode(mode, dst)?;
-                let (bps, _, _) = b.iperf(dst, None)?;
+                let full = b.iperf(dst, None, Some(&rec))?;
+                if let Some(s) = &full.samples {
+                    let per = sampled.entry(mode).or_default();
+                    per.entry("tracer").or_default().push(s.share());
+                    for kind in ["programs", "dispatch", "helpers"] {
+                        per.entry(kind).or_default().push(s.kind_share(kind));
+                    }
+                }
                 // The floor's cost in CPU is the kernel share below; its fixed-rate run would only add
                 // 30 s to a run that must stay under 10 minutes.
                 let cpu_per_gb = if mode == Mode::HooksOnly {
                     None
                 } else {
                     let t_cpu0 = tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0);
-                    let (_, bytes, iperf_cpu) = b.iperf(dst, Some("1G"))?;
-                    let cpu_s = iperf_cpu + (tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0) - t_cpu0).max(0.0);
-                    Some(cpu_s / (bytes / 1e9).max(1e-9))
+                    let paced = b.iperf(dst, Some("1G"), None)?;
+                    let cpu_s = paced.cpu_s + (tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0) - t_cpu0).max(0.0);
+                    Some(cpu_s / (paced.bytes / 1e9).max(1e-9))
                 };
                 if let Some(t) = tracer {
                     if let Some(v) = t.stop()? {
                         peak_rss_kib = peak_rss_kib.max(v["peak_rss_kib"].as_u64().unwrap_or(0));
                     }
                 }
-                got.insert(mode, (bps, cpu_per_gb));
+                got.insert(mode, (full.bps, cpu_per_gb));
             }
             let (base_thr, base_cpu) = got[&Mode::None];
             let base_cpu = base_cpu.expect("measured");
@@ -388,6 +427,11 @@ fn measure(b: &Bench) -> Result<Value> {
             });
             if let Some(c) = cpu.get(&mode) {
                 m["cpu_per_gb"] = stats(c);
+            }
+            if let Some(per) = sampled.get(&mode) {
+                m["sampled_share"] = json!(per.iter().map(|(k, v)| (k.to_string(), stats(v))).collect::<serde_json::Map<_, _>>());
+                let top = top_sampled.entry(mode).or_insert(0.0);
+                *top = top.max(median(&per["tracer"]));
             }
             f.insert(mode.name().into(), m);
         }
@@ -420,7 +464,7 @@ fn measure(b: &Bench) -> Result<Value> {
             let mut args = vec!["--kernel-stats"];
             args.extend(extra);
             let t = b.start_follow(src, to, &args)?;
-            let (_, _, flow_cpu_s) = b.iperf(dst, None)?;
+            let flow_cpu_s = b.iperf(dst, None, None)?.cpu_s;
             let v = t.stop()?.ok_or_else(|| anyhow!("follow --kernel-stats gave no verdict"))?;
             let mut bpf_ns = 0.0;
             for p in v["program_stats"].as_array().cloned().unwrap_or_default() {
@@ -449,6 +493,17 @@ fn measure(b: &Bench) -> Result<Value> {
     out["traced_kernel_share"] = json!((top_share_traced * 1e4).round() / 1e4);
     out["hooks_only_kernel_share"] = json!((top_share_hooks * 1e4).round() / 1e4);
     out["hooks_only_flow_ratio"] = json!(top_hooks);
+    for (mode, key) in [
+        (Mode::None, "no_tracer_sampled_share"),
+        (Mode::HooksOnly, "hooks_only_sampled_share"),
+        (Mode::FollowUnrelated, "unrelated_sampled_share"),
+        (Mode::FollowSharedEnd, "shared_end_sampled_share"),
+        (Mode::FollowTraced, "traced_sampled_share"),
+        (Mode::BpftraceUnrelated, "bpftrace_unrelated_sampled_share"),
+        (Mode::BpftraceTraced, "bpftrace_traced_sampled_share"),
+    ] {
+        out[key] = json!(top_sampled.get(&mode).map(|s| (s * 1e4).round() / 1e4));
+    }
     out["unrelated_flow_ratio"] = json!(top_unrel);
     out["shared_end_flow_ratio"] = json!(top_shared);
     out["traced_flow_ratio"] = json!(top_traced);
@@ -576,11 +631,14 @@ fn print_table(r: &Value) {
             };
             let t = &v["throughput"];
             println!("{:<44} {:>10} {:>10} {:>10}   {target}", format!("{path}: {mode}"), f(&t["median"]), f(&t["min"]), f(&t["max"]));
-            let c = &v["cpu_per_gb"];
-            if c.is_null() {
-                continue;
+            let s = &v["sampled_share"]["tracer"];
+            if !s.is_null() {
+                println!("{:<44} {:>10} {:>10} {:>10}", "    tracer's share of the core (sampled)", f(&s["median"]), f(&s["min"]), f(&s["max"]));
             }
-            println!("{:<44} {:>10} {:>10} {:>10}", "    CPU per GB", f(&c["median"]), f(&c["min"]), f(&c["max"]));
+            let c = &v["cpu_per_gb"];
+            if !c.is_null() {
+                println!("{:<44} {:>10} {:>10} {:>10}", "    CPU per GB", f(&c["median"]), f(&c["min"]), f(&c["max"]));
+            }
         }
     }
     println!();
@@ -595,6 +653,13 @@ fn print_table(r: &Value) {
         ("unrelated_kernel_share", "programs' time / the flow's CPU"),
         ("traced_kernel_share", ""),
         ("hooks_only_kernel_share", "the floor (stats on)"),
+        ("unrelated_sampled_share", "tracer code / the flow's busy core, sampled by perf"),
+        ("hooks_only_sampled_share", "the floor: entering programs that return at once"),
+        ("shared_end_sampled_share", ""),
+        ("traced_sampled_share", ""),
+        ("bpftrace_unrelated_sampled_share", ""),
+        ("bpftrace_traced_sampled_share", ""),
+        ("no_tracer_sampled_share", "no tracer: the classifier's zero"),
         ("traced_cpu_ratio", "lower is better"),
         ("ready_ms", "≤ 200"),
         ("verdict_ms_max", "≤ 1000"),
