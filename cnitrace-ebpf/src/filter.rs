@@ -312,16 +312,19 @@ unsafe fn match_level(c: &Config, l3: *const u8, w: &Window, level: usize, l4_in
 }
 
 /// Matches the pair at `l3`, looking one level into VXLAN (UDP to the configured ports). One helper
-/// call reads every header either level needs (see [`Window`]).
+/// call reads every header either level needs (see [`Window`]). `w` holds the window already read from
+/// `l3` when `read`; otherwise it is read into `w` here (the caller's space: 80 more bytes of stack here
+/// put a kretprobe's two frames past the 512 bytes 5.10 allows).
 #[inline(always)]
-unsafe fn match_l3(c: &Config, l3: *const u8, ethertype: u16, pre: Option<&mut Window>, p: &mut PacketInfo) -> Seen {
+unsafe fn match_l3(c: &Config, l3: *const u8, ethertype: u16, w: &mut Window, read: bool, p: &mut PacketInfo) -> Seen {
     if ethertype != ETH_P_IP && ethertype != ETH_P_ARP {
         return Seen::Unrelated;
     }
-    let mut buf = MaybeUninit::uninit();
-    let w = match pre {
-        Some(w) => unsafe { w.cut_options(l3, ethertype) },
-        None => unsafe { Window::read_into(&mut buf, l3, ethertype) },
+    let w = if read {
+        unsafe { w.cut_options(l3, ethertype) }
+    } else {
+        // SAFETY: a Window is initialised bytes; read_into writes it whole before reading it.
+        unsafe { Window::read_into(&mut *(w as *mut Window).cast::<MaybeUninit<Window>>(), l3, ethertype) }
     };
     let Some(w) = w else { return Seen::OneSide };
     let outer_ihl = w.ihl(0);
@@ -448,7 +451,7 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, al
         }
     }
     if !read {
-        // What [`match_read`] is given is initialised either way (the verifier insists); it reads again.
+        // What [`match_read`] is given is initialised either way (the verifier insists); it reads into it.
         unsafe { zero(buf.as_mut_ptr()) };
     }
     let how = proto as u64 | (read as u64) << 16 | (always_lookup as u64) << 17;
@@ -475,7 +478,7 @@ unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut Packet
         if l3.is_null() {
             seen = Seen::OneSide;
         } else {
-            let s = unsafe { match_l3(c, l3, proto, if read { Some(&mut *w) } else { None }, p) };
+            let s = unsafe { match_l3(c, l3, proto, &mut *w, read, p) };
             if s != Seen::Unrelated || !always_lookup {
                 seen = s;
             }
