@@ -28,6 +28,8 @@ const FLOW_CPU: u32 = 0;
 /// gets the other core as it would on a node. Unpinned, the same no-tracer run ranged 1.4–10.5 Gbit/s
 /// here in five tries (the two iperf3 ends and the scheduler fighting over 2 vCPUs); pinned, 7.0–10.8.
 const IPERF_CPUS: &str = "0,0";
+/// Repeats whose full-rate runs are also sampled by perf (the first ones; the median of three).
+const SAMPLED_REPEATS: usize = 3;
 /// The capacity flood's UDP port on jellyfin.
 const FLOOD_PORT: u16 = 9099;
 
@@ -384,7 +386,9 @@ fn measure(b: &Bench) -> Result<Value> {
             for k in 0..MODES.len() {
                 let mode = MODES[(k + r) % MODES.len()];
                 let tracer = b.start_mode(mode, dst)?;
-                let full = b.iperf(dst, None, Some(&rec))?;
+                // Sampled in the first repeats only: a share moves by tenths of a point from run to run,
+                // and perf costs a second a run (98 of them took the whole benchmark to 596 s).
+                let full = b.iperf(dst, None, (r < SAMPLED_REPEATS).then_some(&rec))?;
                 if let Some(s) = &full.samples {
                     let per = sampled.entry(mode).or_default();
                     per.entry("tracer").or_default().push(s.share());
