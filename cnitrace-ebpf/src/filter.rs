@@ -428,23 +428,27 @@ unsafe fn skb_l3(c: &Config, skb: *const u8, at: L3At, fields: Fields) -> (u16, 
 }
 
 /// Parses and matches an skb. A packet that is not plainly the pair's but may be (one address of the
-/// pair, unparseable headers; always at a drop, where headers may be gone) is looked up in the tracking
-/// map; plainly unrelated traffic never touches the map.
+/// pair, no network header or an unreadable one; at a drop, `lookup_unknown`, also no protocol set yet)
+/// is looked up in the tracking map; plainly unrelated traffic never touches the map. Headers that
+/// plainly belong to another packet win over the map, at a drop too: the map keeps the addresses of
+/// skbs the kernel freed where no tracepoint fires (most TCP data: `consume_skb` runs for almost none),
+/// and an unrelated skb reusing one (an IPv6 neighbour solicitation vxlan_xmit drops, NO_TX_TARGET) ended
+/// a healthy trace as "dropped" within a second of a bulk flow.
 ///
 /// Nearly every packet a hook sees is not the pair's and says so in its first bytes: those leave here,
 /// on a short straight path, and everything else goes to [`match_read`], a function of its own. Inlined,
 /// the whole filter (4.4 KB of x86 per program) scattered the unrelated packet's path over the program.
 #[inline(always)]
-pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, always_lookup: bool) -> Option<PacketInfo> {
+pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, lookup_unknown: bool) -> Option<PacketInfo> {
     let (proto, l3) = unsafe { skb_l3(c, skb, at, fields) };
-    if proto != ETH_P_IP && proto != ETH_P_ARP && !always_lookup {
+    if proto != ETH_P_IP && proto != ETH_P_ARP && !(lookup_unknown && proto == 0) {
         return None;
     }
     let mut buf = MaybeUninit::<Window>::uninit();
     let mut read = false;
     if proto == ETH_P_IP && !l3.is_null() {
         if unsafe { generated::bpf_probe_read_kernel(buf.as_mut_ptr().cast(), WIN as u32, l3.cast()) } == 0 {
-            if !always_lookup && unsafe { buf.assume_init_ref() }.unrelated_at_a_glance(c) {
+            if unsafe { buf.assume_init_ref() }.unrelated_at_a_glance(c) {
                 return None;
             }
             read = true;
@@ -454,36 +458,30 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, al
         // What [`match_read`] is given is initialised either way (the verifier insists); it reads into it.
         unsafe { zero(buf.as_mut_ptr()) };
     }
-    let how = proto as u64 | (read as u64) << 16 | (always_lookup as u64) << 17;
+    let how = proto as u64 | (read as u64) << 16;
     let mut p = MaybeUninit::<PacketInfo>::uninit();
     // match_read writes the whole packet info first.
     unsafe { match_read(skb as u64, l3 as u64, how, buf.as_mut_ptr(), p.as_mut_ptr()).then(|| p.assume_init()) }
 }
 
-/// The rest of [`match_skb`], for a packet that may be the pair's: `how` holds the protocol (bits 0–15),
-/// whether `w` holds the window read from `l3` (bit 16), and whether the tracking map decides when the
-/// headers do not (bit 17, at a drop). A BPF-to-BPF call: five arguments at most, and no typed pointer
+/// The rest of [`match_skb`], for a packet that may be the pair's: `how` holds the protocol (bits 0–15;
+/// 0 when not set yet: the tracking map decides) and whether `w` holds the window read from `l3` (bit 16).
+/// A BPF-to-BPF call: five arguments at most, and no typed pointer
 /// (the skb and the packet are plain addresses here). Zeroes `*p` first, then fills it in. Cold: the
 /// compiler lays the unrelated path out without it.
 #[cold]
 #[inline(never)]
 unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut PacketInfo) -> bool {
     let c = config();
-    let (proto, read, always_lookup) = (how as u16, how & 1 << 16 != 0, how & 1 << 17 != 0);
+    let (proto, read) = (how as u16, how & 1 << 16 != 0);
     let l3 = l3 as *const u8;
     unsafe { zero(p) };
     let p = unsafe { &mut *p };
-    let mut seen = if always_lookup { Seen::OneSide } else { Seen::Unrelated };
-    if proto == ETH_P_IP || proto == ETH_P_ARP {
-        if l3.is_null() {
-            seen = Seen::OneSide;
-        } else {
-            let s = unsafe { match_l3(c, l3, proto, &mut *w, read, p) };
-            if s != Seen::Unrelated || !always_lookup {
-                seen = s;
-            }
-        }
-    }
+    let seen = if proto != ETH_P_IP && proto != ETH_P_ARP || l3.is_null() {
+        Seen::OneSide
+    } else {
+        unsafe { match_l3(c, l3, proto, &mut *w, read, p) }
+    };
     if seen == Seen::Match {
         // Only the first hop inserts: an LRU update replaces the element even when the key exists.
         let _ = TRACKED.insert(&skb, &1, BPF_NOEXIST);

@@ -225,6 +225,36 @@ fn a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_th
     assert_the_datagrams_drop_ended_it(code, &v);
 }
 
+#[test]
+fn a_bulk_tcp_flow_ends_only_on_a_drop_of_its_own_packets() {
+    if !can_run_kernel_tests("a_bulk_tcp_flow_ends_only_on_a_drop_of_its_own_packets") {
+        return;
+    }
+    let g = LabGuard::up(&[]);
+    // TCP frees most of its data where no tracepoint fires, leaving their skbs' addresses in the tracking
+    // map; unrelated skbs soon reuse them. Dropped (IPv6 multicast at ip6_mc_input, neighbour
+    // solicitations vxlan_xmit has no target for), such an skb ended this trace as the pair's drop in
+    // four runs of four within 0.8 s before the headers were allowed to win over the map (both ends on one
+    // CPU, as in `cargo xtask bench`; unpinned, TCP's own drops of old segments came first).
+    let web = g.lab.pod_ns("web");
+    let server = Command::new("ip").args(["netns", "exec", &web, "iperf3", "-s", "-1", "-A", "0"]).stdout(std::process::Stdio::null()).spawn().expect("iperf3 -s");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let f = PassiveFollow::start("10.244.0.20", "10.244.1.10", 6);
+    let debug = g.lab.pod_ns("debug");
+    let flow = Command::new("ip").args(["netns", "exec", &debug, "iperf3", "-c", "10.244.1.10", "-t", "3", "-A", "0,0"]).output().expect("iperf3 -c");
+    assert!(flow.status.success(), "{}", String::from_utf8_lossy(&flow.stderr));
+    let (_, v) = f.finish();
+    let _ = server.wait_with_output();
+    println!("verdict: {} {} {} after {} ms", v["verdict"], v["function"], v["reason"], v["elapsed_ms"]);
+    if v["verdict"] == "dropped" {
+        // TCP itself may drop a segment of the pair (a retransmission that arrives twice: TCP_OLD_DATA).
+        let function = v["function"].as_str().unwrap_or("");
+        assert!(function.starts_with("tcp"), "a healthy bulk flow may only be ended by TCP dropping one of its own segments: {v}");
+    } else {
+        assert_eq!(v["verdict"], "delivered", "{v}");
+    }
+}
+
 /// `ping -f` of `echoes` from debug to jellyfin, then one datagram to a closed port on jellyfin (the
 /// kernel drops it: no socket).
 fn flood_then_a_closed_port(g: &LabGuard, echoes: u32) {
