@@ -466,9 +466,9 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, lo
 
 /// The rest of [`match_skb`], for a packet that may be the pair's: `how` holds the protocol (bits 0–15;
 /// 0 when not set yet: the tracking map decides) and whether `w` holds the window read from `l3` (bit 16).
-/// A BPF-to-BPF call: five arguments at most, and no typed pointer
-/// (the skb and the packet are plain addresses here). Zeroes `*p` first, then fills it in. Cold: the
-/// compiler lays the unrelated path out without it.
+/// A BPF-to-BPF call: five arguments at most, and no typed pointer (the skb and the packet are plain
+/// addresses here). Zeroes `*p` first, then fills it in. Cold: the compiler lays the unrelated path out
+/// without it.
 #[cold]
 #[inline(never)]
 unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut PacketInfo) -> bool {
