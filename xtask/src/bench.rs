@@ -386,8 +386,9 @@ fn measure(b: &Bench) -> Result<Value> {
             for k in 0..MODES.len() {
                 let mode = MODES[(k + r) % MODES.len()];
                 let tracer = b.start_mode(mode, dst)?;
-                // Sampled in the first repeats only: a share moves by tenths of a point from run to run,
-                // and perf costs a second a run (98 of them took the whole benchmark to 596 s).
+                // Sampled in the first repeats only: a share moves by about a point between repeats
+                // (throughput by ±15 %), and perf costs a second a run (98 of them took the whole
+                // benchmark to 596 s of its 600).
                 let full = b.iperf(dst, None, (r < SAMPLED_REPEATS).then_some(&rec))?;
                 if let Some(s) = &full.samples {
                     let per = sampled.entry(mode).or_default();
