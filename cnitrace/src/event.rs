@@ -6,7 +6,6 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use cnitrace_common::{pkt_flags, Event, EventKind, ETH_P_ARP};
 use serde::{Deserialize, Serialize};
 
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {

@@ -379,8 +379,6 @@ impl TestClock {
     }
 }
 
-/// Test outcomes from libtest's output: `test NAME ... ok|FAILED|ignored`, the first panic line of each
-/// failure, and the `SKIPPED name: reason` lines the kernel tests print when they cannot run.
 /// A run that ended before libtest's summary line (a guest that died, a binary that was killed): what it
 /// was doing. Its finished tests still count, but the run must not pass: the rest never ran. Seen: a
 /// 7.2 guest ended during a test after three had passed, and the matrix showed 3 pass, 0 fail.
@@ -395,6 +393,8 @@ pub fn stopped_early(text: &str) -> Option<String> {
     })
 }
 
+/// Test outcomes from libtest's output: `test NAME ... ok|FAILED|ignored`, the first panic line of each
+/// failure, and the `SKIPPED name: reason` lines the kernel tests print when they cannot run.
 pub fn parse_libtest(text: &str) -> Vec<(String, Outcome)> {
     let mut results: Vec<(String, Outcome)> = Vec::new();
     for line in text.lines() {
