@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated},
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use core::mem::MaybeUninit;
 
@@ -19,8 +19,6 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// to 100 ms, and the ring (4 MiB: 43,690 records, 40 ms of the fastest flood measured) must not fill
 /// meanwhile.
 const WAKE_EVERY: u64 = 4096;
-/// bpf_map_update_elem flag: only if the key is not there yet.
-const BPF_NOEXIST: u64 = 1;
 
 /// Slot 0 is 1 while the reader sleeps until woken (an idle trace); 0 while it polls on its own.
 #[map]
@@ -45,8 +43,50 @@ pub fn count_only() {
 }
 
 /// skbs already matched: later hooks (and the drop, where headers may be gone) follow them by address.
+/// A direct-mapped table: an skb's address goes in the slot its hash picks, and a later skb of the pair
+/// with the same slot takes it over. A lookup is one load the verifier inlines, no helper call and no
+/// lock. It was an LRU hash map: every matched hop's insert took a free node from the LRU list and
+/// gave it back when the key was there already (`bpf_lru_pop_free`, `bpf_lru_push_free`), and with the
+/// map full of skbs TCP had freed unseen, each new one evicted under the LRU's lock — 4.3 % of the
+/// traced flow's core, sampled cross-node, half of all the tracer cost.
 #[map]
-pub static TRACKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+pub static TRACKED: Array<u64> = Array::with_max_entries(TRACKED_SLOTS, 0);
+/// 512 KiB of kernel memory. Two skbs of the pair alive at once share a slot one time in
+/// `TRACKED_SLOTS / live`: for the few hundred a TCP window holds, under 1 %.
+const TRACKED_SLOTS: u32 = 1 << TRACKED_BITS;
+const TRACKED_BITS: u32 = 16;
+
+/// One u64 per CPU where an skb pointer becomes a plain number (see [`tracked_slot`]).
+#[map]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// An skb's address as a number and its slot: the top bits of a multiplicative (Fibonacci) hash, so
+/// slab objects a fixed stride apart spread over the table. A BTF tracepoint's skb is a typed pointer
+/// the verifier allows no arithmetic but addition on; stored and loaded back through a map value it is
+/// a number (a round trip of two moves; the probe-read helper would cost ~50 ns).
+#[inline(always)]
+fn tracked_slot(skb: u64) -> Option<(u64, u32)> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    let skb = unsafe {
+        core::ptr::write_volatile(p, skb);
+        core::ptr::read_volatile(p)
+    };
+    Some((skb, (skb.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - TRACKED_BITS)) as u32))
+}
+
+/// Remembers a matched skb (a store only when its slot holds another: the slot's cache line stays
+/// shared while one skb crosses its hops on several CPUs).
+#[inline(always)]
+fn track(skb: u64) {
+    let Some((skb, slot)) = tracked_slot(skb) else { return };
+    if let Some(p) = TRACKED.get_ptr_mut(slot) {
+        unsafe {
+            if core::ptr::read_volatile(p) != skb {
+                core::ptr::write_volatile(p, skb);
+            }
+        }
+    }
+}
 
 /// The configuration, read in place: each field is one load from the frozen .rodata map (a constant the
 /// verifier knows). The pointer goes through a volatile read so the compiler cannot fold the fields to
@@ -483,11 +523,10 @@ unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut Packet
         unsafe { match_l3(c, l3, proto, &mut *w, read, p) }
     };
     if seen == Seen::Match {
-        // Only the first hop inserts: an LRU update replaces the element even when the key exists.
-        let _ = TRACKED.insert(&skb, &1, BPF_NOEXIST);
+        track(skb);
         return true;
     }
-    if seen == Seen::OneSide && unsafe { TRACKED.get(&skb) }.is_some() {
+    if seen == Seen::OneSide && tracked(skb as *const u8) {
         p.flags |= pkt_flags::TRACKED_ONLY;
         return true;
     }
@@ -497,13 +536,23 @@ unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut Packet
 /// Did a hook match this skb before (and the kernel has not freed it since)?
 #[inline(always)]
 pub fn tracked(skb: *const u8) -> bool {
-    unsafe { TRACKED.get(&(skb as u64)) }.is_some()
+    let Some((skb, slot)) = tracked_slot(skb as u64) else { return false };
+    TRACKED.get(slot).is_some_and(|v| unsafe { core::ptr::read_volatile(v) } == skb)
 }
 
-/// Forgets an skb once the kernel freed it: its address will be reused.
+/// Forgets an skb once the kernel freed it: its address will be reused. (Another CPU may store a new
+/// skb in the slot between the check and the store; that skb is then forgotten too: rare, and only the
+/// tracking of one skb is lost, never a wrong match.)
 #[inline(always)]
-pub fn forget(skb: *const u8) -> bool {
-    TRACKED.remove(&(skb as u64)).is_ok()
+pub fn forget(skb: *const u8) {
+    let Some((skb, slot)) = tracked_slot(skb as u64) else { return };
+    if let Some(p) = TRACKED.get_ptr_mut(slot) {
+        unsafe {
+            if core::ptr::read_volatile(p) == skb {
+                core::ptr::write_volatile(p, 0);
+            }
+        }
+    }
 }
 
 /// A record of `kind` for `skb`, with the packet the filter parsed.
