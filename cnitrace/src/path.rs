@@ -35,7 +35,7 @@ pub struct Trace {
 
 /// Drops that are not the pair's traffic dying: a raw-socket ping's echo reply is consumed by the raw
 /// socket and then freed with NO_SOCKET (by `ping_rcv`; by `icmp_rcv` without a reason on kernels
-/// before 5.17); neighbour queues purged as links go away.
+/// before 5.17); neighbour queues purged as links go away; TCP discarding what it already has.
 pub fn is_noise(e: &TraceEvent) -> bool {
     let Some(d) = &e.drop else { return false };
     let echo_reply = e.packet.as_ref().is_some_and(|p| p.proto == "icmp" && p.what.starts_with("echo reply"));
@@ -43,8 +43,16 @@ pub fn is_noise(e: &TraceEvent) -> bool {
     at("ping_rcv")
         || (echo_reply && at("icmp_rcv"))
         || d.reason == "QUEUE_PURGE"
+        || TCP_DUPLICATES.contains(&d.reason.as_str())
         || e.packet.as_ref().is_some_and(|p| p.icmp_error)
 }
+
+/// TCP's receiver freeing a segment whose data (or acknowledgement) it had already: a retransmission
+/// that arrived after all, data already in the out-of-order queue. The data got through; where a copy
+/// was lost on the way, that loss is a drop of its own. A bulk flow of a healthy pair shows some
+/// (`cargo xtask bench` saw TCP_OLD_DATA end one traced run in three), and a trace that stopped there
+/// named TCP as the place the pair's traffic died.
+const TCP_DUPLICATES: &[&str] = &["TCP_OLD_DATA", "TCP_OFOMERGE", "TCP_OLD_SEQUENCE", "TCP_OLD_ACK"];
 
 impl Trace {
     /// Builds timelines from decoded events (any order).
@@ -117,5 +125,50 @@ impl Trace {
             e.route.as_ref().is_some_and(|r| r.err != 0 && r.err != -11 && r.table != 255)
                 && e.packet.as_ref().is_some_and(|p| p.dst == dst)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{DropInfo, Packet};
+
+    fn drop_of(proto: &str, key: &str, t_ns: u64, function: &str, reason: &str) -> TraceEvent {
+        TraceEvent {
+            t_ns,
+            kind: Kind::Drop,
+            netns: 1,
+            where_: "web".into(),
+            ifindex: 2,
+            ifname: "eth0".into(),
+            cpu: 0,
+            skb: t_ns,
+            packet: Some(Packet {
+                proto: proto.into(),
+                src: "10.244.0.20".parse().unwrap(),
+                dst: "10.244.1.10".parse().unwrap(),
+                what: "segment".into(),
+                len: 1500,
+                outer: None,
+                icmp_error: false,
+                key: key.into(),
+                echo_id: None,
+            }),
+            drop: Some(DropInfo { reason: reason.into(), reason_code: 7, function: function.into(), location: 0 }),
+            route: None,
+            neigh: None,
+            func: None,
+        }
+    }
+
+    #[test]
+    fn tcp_discarding_data_it_already_has_is_not_where_the_pair_died() {
+        let dup = drop_of("tcp", "tcp a", 10, "tcp_data_queue", "TCP_OLD_DATA");
+        assert!(is_noise(&dup));
+        assert!(Trace::build(vec![dup.clone()]).first_drop().is_none());
+        // A drop for a reason of its own still is, after the duplicate.
+        let real = drop_of("tcp", "tcp b", 20, "tcp_v4_rcv", "TCP_CSUM");
+        let t = Trace::build(vec![dup, real]);
+        assert_eq!(t.first_drop().and_then(|e| e.drop.as_ref()).map(|d| d.reason.as_str()), Some("TCP_CSUM"));
     }
 }

@@ -226,8 +226,8 @@ fn a_bulk_flow_is_counted_past_the_kept_timeline_and_a_later_drop_still_comes_th
 }
 
 #[test]
-fn a_bulk_tcp_flow_ends_only_on_a_drop_of_its_own_packets() {
-    if !can_run_kernel_tests("a_bulk_tcp_flow_ends_only_on_a_drop_of_its_own_packets") {
+fn a_healthy_bulk_tcp_flow_is_traced_to_its_end() {
+    if !can_run_kernel_tests("a_healthy_bulk_tcp_flow_is_traced_to_its_end") {
         return;
     }
     let g = LabGuard::up(&[]);
@@ -246,13 +246,9 @@ fn a_bulk_tcp_flow_ends_only_on_a_drop_of_its_own_packets() {
     let (_, v) = f.finish();
     let _ = server.wait_with_output();
     println!("verdict: {} {} {} after {} ms", v["verdict"], v["function"], v["reason"], v["elapsed_ms"]);
-    if v["verdict"] == "dropped" {
-        // TCP itself may drop a segment of the pair (a retransmission that arrives twice: TCP_OLD_DATA).
-        let function = v["function"].as_str().unwrap_or("");
-        assert!(function.starts_with("tcp"), "a healthy bulk flow may only be ended by TCP dropping one of its own segments: {v}");
-    } else {
-        assert_eq!(v["verdict"], "delivered", "{v}");
-    }
+    // TCP discarding a segment it already had (TCP_OLD_DATA: a retransmission that arrived twice) is
+    // not the pair's traffic dying either; it ended one run in three here before it counted as noise.
+    assert_eq!(v["verdict"], "delivered", "a healthy bulk flow is traced to its end: {v}");
 }
 
 /// `ping -f` of `echoes` from debug to jellyfin, then one datagram to a closed port on jellyfin (the
