@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
-use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At, Wake};
+use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At, Skb, Wake};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
@@ -16,7 +16,7 @@ fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     let Some(pkt) = (unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, true) }) else { return 0 };
     let mut ev = new_event(EventKind::Drop, skb, pkt);
     unsafe { stamp_dev(c, skb, &mut ev) };
-    forget(skb);
+    forget(Skb::Number(skb as u64));
     ev.location = location;
     ev.reason = reason;
     // The record a passive `follow` waits for: wake it.
@@ -49,12 +49,12 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let skb: *const u8 = ctx.arg(0);
-    if !tracked(skb) {
+    if !tracked(Skb::Number(skb as u64)) {
         return 0;
     }
     let ours = unsafe { match_skb(c, skb, L3At::NetworkHeader, Fields::Probed, false) };
     // The skb's address will be reused (and a stale entry goes too).
-    forget(skb);
+    forget(Skb::Number(skb as u64));
     let Some(pkt) = ours else { return 0 };
     if counting_only(c) {
         count_only();

@@ -56,29 +56,46 @@ pub static TRACKED: Array<u64> = Array::with_max_entries(TRACKED_SLOTS, 0);
 const TRACKED_SLOTS: u32 = 1 << TRACKED_BITS;
 const TRACKED_BITS: u32 = 16;
 
-/// One u64 per CPU where an skb pointer becomes a plain number (see [`tracked_slot`]).
+/// One u64 per CPU where a BTF tracepoint's skb pointer becomes a plain number (see [`Skb`]).
 #[map]
 static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// An skb's address as a number and its slot: the top bits of a multiplicative (Fibonacci) hash, so
-/// slab objects a fixed stride apart spread over the table. A BTF tracepoint's skb is a typed pointer
-/// the verifier allows no arithmetic but addition on; stored and loaded back through a map value it is
-/// a number (a round trip of two moves; the probe-read helper would cost ~50 ns).
-#[inline(always)]
-fn tracked_slot(skb: u64) -> Option<(u64, u32)> {
-    let p = SCRATCH.get_ptr_mut(0)?;
-    let skb = unsafe {
-        core::ptr::write_volatile(p, skb);
-        core::ptr::read_volatile(p)
-    };
-    Some((skb, (skb.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - TRACKED_BITS)) as u32))
+/// An skb's address as the program holds it: a number (raw tracepoints), or a BTF-typed pointer
+/// (`Fields::Direct`) the verifier allows no arithmetic but addition on.
+#[derive(Clone, Copy)]
+pub enum Skb {
+    Number(u64),
+    Typed(u64),
+}
+
+impl Skb {
+    /// The address as a number and its slot in [`TRACKED`]: the top bits of a multiplicative
+    /// (Fibonacci) hash, so slab objects a fixed stride apart spread over the table. A typed pointer
+    /// stored and loaded back through a map value is a number (two moves; the probe-read helper would
+    /// cost ~50 ns). Only the device hooks hold typed pointers, and they run with bottom halves off
+    /// (transmit) or in them (receive): no other program of this object can run on the CPU between the
+    /// two moves and leave its skb there.
+    #[inline(always)]
+    fn slot(self) -> Option<(u64, u32)> {
+        let n = match self {
+            Skb::Number(n) => n,
+            Skb::Typed(ptr) => {
+                let p = SCRATCH.get_ptr_mut(0)?;
+                unsafe {
+                    core::ptr::write_volatile(p, ptr);
+                    core::ptr::read_volatile(p)
+                }
+            }
+        };
+        Some((n, (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - TRACKED_BITS)) as u32))
+    }
 }
 
 /// Remembers a matched skb (a store only when its slot holds another: the slot's cache line stays
 /// shared while one skb crosses its hops on several CPUs).
 #[inline(always)]
-fn track(skb: u64) {
-    let Some((skb, slot)) = tracked_slot(skb) else { return };
+fn track(skb: Skb) {
+    let Some((skb, slot)) = skb.slot() else { return };
     if let Some(p) = TRACKED.get_ptr_mut(slot) {
         unsafe {
             if core::ptr::read_volatile(p) != skb {
@@ -498,22 +515,23 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, lo
         // What [`match_read`] is given is initialised either way (the verifier insists); it reads into it.
         unsafe { zero(buf.as_mut_ptr()) };
     }
-    let how = proto as u64 | (read as u64) << 16;
+    let how = proto as u64 | (read as u64) << 16 | ((fields == Fields::Direct) as u64) << 17;
     let mut p = MaybeUninit::<PacketInfo>::uninit();
     // match_read writes the whole packet info first.
     unsafe { match_read(skb as u64, l3 as u64, how, buf.as_mut_ptr(), p.as_mut_ptr()).then(|| p.assume_init()) }
 }
 
 /// The rest of [`match_skb`], for a packet that may be the pair's: `how` holds the protocol (bits 0–15;
-/// 0 when not set yet: the tracking map decides) and whether `w` holds the window read from `l3` (bit 16).
-/// A BPF-to-BPF call: five arguments at most, and no typed pointer (the skb and the packet are plain
-/// addresses here). Zeroes `*p` first, then fills it in. Cold: the compiler lays the unrelated path out
+/// 0 when not set yet: the tracking map decides), whether `w` holds the window read from `l3` (bit 16)
+/// and whether `skb` is, to the verifier, a BTF-typed pointer (bit 17; see [`Skb`]). A BPF-to-BPF
+/// call: five arguments at most, and plain numbers for the compiler. Zeroes `*p` first, then fills it in. Cold: the compiler lays the unrelated path out
 /// without it.
 #[cold]
 #[inline(never)]
 unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut PacketInfo) -> bool {
     let c = config();
     let (proto, read) = (how as u16, how & 1 << 16 != 0);
+    let skb = if how & 1 << 17 != 0 { Skb::Typed(skb) } else { Skb::Number(skb) };
     let l3 = l3 as *const u8;
     unsafe { zero(p) };
     let p = unsafe { &mut *p };
@@ -526,7 +544,7 @@ unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut Packet
         track(skb);
         return true;
     }
-    if seen == Seen::OneSide && tracked(skb as *const u8) {
+    if seen == Seen::OneSide && tracked(skb) {
         p.flags |= pkt_flags::TRACKED_ONLY;
         return true;
     }
@@ -535,8 +553,8 @@ unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut Packet
 
 /// Did a hook match this skb before (and the kernel has not freed it since)?
 #[inline(always)]
-pub fn tracked(skb: *const u8) -> bool {
-    let Some((skb, slot)) = tracked_slot(skb as u64) else { return false };
+pub fn tracked(skb: Skb) -> bool {
+    let Some((skb, slot)) = skb.slot() else { return false };
     TRACKED.get(slot).is_some_and(|v| unsafe { core::ptr::read_volatile(v) } == skb)
 }
 
@@ -544,8 +562,8 @@ pub fn tracked(skb: *const u8) -> bool {
 /// skb in the slot between the check and the store; that skb is then forgotten too: rare, and only the
 /// tracking of one skb is lost, never a wrong match.)
 #[inline(always)]
-pub fn forget(skb: *const u8) {
-    let Some((skb, slot)) = tracked_slot(skb as u64) else { return };
+pub fn forget(skb: Skb) {
+    let Some((skb, slot)) = skb.slot() else { return };
     if let Some(p) = TRACKED.get_ptr_mut(slot) {
         unsafe {
             if core::ptr::read_volatile(p) == skb {
