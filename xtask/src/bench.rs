@@ -121,6 +121,12 @@ impl Tracer {
         process_cpu_s(self.child.id())
     }
 
+    /// Did the tracer end on its own (follow at a verdict) before it was asked to stop? A traced run whose
+    /// follow stopped early measures no tracer for the rest of the flow.
+    fn ended(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     fn stop(mut self) -> Result<Option<Value>> {
         let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -371,6 +377,8 @@ fn measure(b: &Bench) -> Result<Value> {
     // The tracer's sampled share of the flow's core, per mode: the higher median of the two paths.
     let mut top_sampled: BTreeMap<Mode, f64> = BTreeMap::new();
     let rec = Recorder::new(&b.tmp);
+    // Runs, per mode, whose tracer had ended before the flow did.
+    let mut ended_early: BTreeMap<Mode, u32> = BTreeMap::new();
     let (mut top_unrel, mut top_traced, mut top_bt_unrel, mut top_bt_traced, mut top_cpu_unrel, mut top_cpu_traced) =
         (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
     for (path, dst) in [("same-node", JELLYFIN), ("cross-node", WEB)] {
@@ -407,7 +415,10 @@ fn measure(b: &Bench) -> Result<Value> {
                     let cpu_s = paced.cpu_s + (tracer.as_ref().map(|t| t.cpu_s()).unwrap_or(0.0) - t_cpu0).max(0.0);
                     Some(cpu_s / (paced.bytes / 1e9).max(1e-9))
                 };
-                if let Some(t) = tracer {
+                if let Some(mut t) = tracer {
+                    if t.ended() {
+                        *ended_early.entry(mode).or_insert(0) += 1;
+                    }
                     if let Some(v) = t.stop()? {
                         peak_rss_kib = peak_rss_kib.max(v["peak_rss_kib"].as_u64().unwrap_or(0));
                     }
@@ -516,6 +527,10 @@ fn measure(b: &Bench) -> Result<Value> {
     out["bpftrace_traced_ratio"] = json!(top_bt_traced);
     out["unrelated_cpu_ratio"] = json!(top_cpu_unrel);
     out["traced_cpu_ratio"] = json!(top_cpu_traced);
+    // follow runs per mode (both paths, full and paced flows) that had reached a verdict and exited before
+    // the flow ended: 0 when every figure above measured a tracer that was there for the whole flow.
+    out["tracer_ended_early"] = json!(MODES.iter().filter(|m| **m != Mode::None).map(|m| (m.name().to_string(), json!(ended_early.get(m).copied().unwrap_or(0)))).collect::<serde_json::Map<_, _>>());
+    out["traced_runs_ended_early"] = json!(ended_early.get(&Mode::FollowTraced).copied().unwrap_or(0));
 
     // Event capacity: a flood of matched packets (18-byte UDP datagrams, six events each on the way),
     // every event counted. The sender (`xtask udp-flood`, a send loop) on CPU 0 carries the whole path in
@@ -666,6 +681,7 @@ fn print_table(r: &Value) {
         ("bpftrace_traced_sampled_share", ""),
         ("no_tracer_sampled_share", "no tracer: the classifier's zero"),
         ("traced_cpu_ratio", "lower is better"),
+        ("traced_runs_ended_early", "0: the traced follow ran for the whole flow"),
         ("ready_ms", "≤ 200"),
         ("verdict_ms_max", "≤ 1000"),
         ("fix_ms", "≤ 3000"),
