@@ -70,6 +70,13 @@ impl PassiveFollow {
         PassiveFollow(child)
     }
 
+    /// Stops the follow as Ctrl-C would (it ends with the verdict of what it saw), then `finish`.
+    pub fn interrupt(self) -> (Option<i32>, serde_json::Value) {
+        let st = std::process::Command::new("kill").args(["-INT", &self.0.id().to_string()]).status().expect("kill -INT");
+        assert!(st.success(), "the follow this test started is still there to stop");
+        self.finish()
+    }
+
     /// Exit code and verdict object.
     pub fn finish(self) -> (Option<i32>, serde_json::Value) {
         let out = self.0.wait_with_output().expect("follow ends");
