@@ -524,8 +524,8 @@ pub unsafe fn match_skb(c: &Config, skb: *const u8, at: L3At, fields: Fields, lo
 /// The rest of [`match_skb`], for a packet that may be the pair's: `how` holds the protocol (bits 0–15;
 /// 0 when not set yet: the tracking map decides), whether `w` holds the window read from `l3` (bit 16)
 /// and whether `skb` is, to the verifier, a BTF-typed pointer (bit 17; see [`Skb`]). A BPF-to-BPF
-/// call: five arguments at most, and plain numbers for the compiler. Zeroes `*p` first, then fills it in. Cold: the compiler lays the unrelated path out
-/// without it.
+/// call: five arguments at most, and plain numbers for the compiler. Zeroes `*p` first, then fills it
+/// in. Cold: the compiler lays the unrelated path out without it.
 #[cold]
 #[inline(never)]
 unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut PacketInfo) -> bool {

@@ -529,8 +529,9 @@ fn measure(b: &Bench) -> Result<Value> {
     out["traced_cpu_ratio"] = json!(top_cpu_traced);
     // follow runs per mode (both paths, full and paced flows) that had reached a verdict and exited before
     // the flow ended: 0 when every figure above measured a tracer that was there for the whole flow.
-    out["tracer_ended_early"] = json!(MODES.iter().filter(|m| **m != Mode::None).map(|m| (m.name().to_string(), json!(ended_early.get(m).copied().unwrap_or(0)))).collect::<serde_json::Map<_, _>>());
-    out["traced_runs_ended_early"] = json!(ended_early.get(&Mode::FollowTraced).copied().unwrap_or(0));
+    let early = |m: &Mode| ended_early.get(m).copied().unwrap_or(0);
+    out["tracer_ended_early"] = json!(MODES.iter().filter(|m| **m != Mode::None).map(|m| (m.name(), early(m))).collect::<BTreeMap<_, _>>());
+    out["traced_runs_ended_early"] = json!(early(&Mode::FollowTraced));
 
     // Event capacity: a flood of matched packets (18-byte UDP datagrams, six events each on the way),
     // every event counted. The sender (`xtask udp-flood`, a send loop) on CPU 0 carries the whole path in
