@@ -91,20 +91,6 @@ impl Skb {
     }
 }
 
-/// Remembers a matched skb (a store only when its slot holds another: the slot's cache line stays
-/// shared while one skb crosses its hops on several CPUs).
-#[inline(always)]
-fn track(skb: Skb) {
-    let Some((skb, slot)) = skb.slot() else { return };
-    if let Some(p) = TRACKED.get_ptr_mut(slot) {
-        unsafe {
-            if core::ptr::read_volatile(p) != skb {
-                core::ptr::write_volatile(p, skb);
-            }
-        }
-    }
-}
-
 /// The configuration, read in place: each field is one load from the frozen .rodata map (a constant the
 /// verifier knows). The pointer goes through a volatile read so the compiler cannot fold the fields to
 /// the zeros they are built with; copying the whole struct to the stack instead cost 26 instructions and
@@ -549,6 +535,20 @@ unsafe fn match_read(skb: u64, l3: u64, how: u64, w: *mut Window, p: *mut Packet
         return true;
     }
     false
+}
+
+/// Remembers a matched skb (a store only when its slot holds another: the slot's cache line stays
+/// shared while one skb crosses its hops on several CPUs).
+#[inline(always)]
+fn track(skb: Skb) {
+    let Some((skb, slot)) = skb.slot() else { return };
+    if let Some(p) = TRACKED.get_ptr_mut(slot) {
+        unsafe {
+            if core::ptr::read_volatile(p) != skb {
+                core::ptr::write_volatile(p, skb);
+            }
+        }
+    }
 }
 
 /// Did a hook match this skb before (and the kernel has not freed it since)?
