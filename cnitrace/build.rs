@@ -1,7 +1,7 @@
 //! Builds the eBPF programs (cnitrace-ebpf) with Debian's Rust toolchain and bpf-linker, so that the one
 //! `cnitrace` binary embeds them. `cargo xtask setup` installs both.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 fn main() {
     let ebpf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cnitrace-ebpf");
@@ -42,7 +42,7 @@ fn missing_tool(toolchain: &str) -> Option<String> {
             bpf_core.display()
         ));
     }
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success());
+    let linker_ok = cnitrace_tools::BPF_LINKER.command().arg("--version").output().map(|o| o.status.success());
     if !matches!(linker_ok, Ok(true)) {
         return Some("bpf-linker is not on PATH".into());
     }

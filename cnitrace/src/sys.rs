@@ -2,79 +2,80 @@
 
 use std::{
     io::Write,
-    process::{Command, Output, Stdio},
+    process::{Output, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
+use cnitrace_tools::Tool;
 
 /// Runs a command, failing with its stderr when it exits non-zero.
-pub fn run(prog: &str, args: &[&str]) -> Result<String> {
-    let out = output(prog, args, None)?;
-    check(prog, args, &out)?;
+pub fn run(tool: &Tool, args: &[&str]) -> Result<String> {
+    let out = output(tool, args, None)?;
+    check(tool, args, &out)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a command with `input` on stdin.
-pub fn run_stdin(prog: &str, args: &[&str], input: &str) -> Result<String> {
-    let out = output(prog, args, Some(input))?;
-    check(prog, args, &out)?;
+pub fn run_stdin(tool: &Tool, args: &[&str], input: &str) -> Result<String> {
+    let out = output(tool, args, Some(input))?;
+    check(tool, args, &out)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a command and reports only whether it succeeded.
-pub fn succeeds(prog: &str, args: &[&str]) -> bool {
-    output(prog, args, None).map(|o| o.status.success()).unwrap_or(false)
+pub fn succeeds(tool: &Tool, args: &[&str]) -> bool {
+    output(tool, args, None).map(|o| o.status.success()).unwrap_or(false)
 }
 
 /// Runs `prog args` inside the named network namespace: started from a thread that entered it (what
 /// `ip netns exec` does, without its own process start and mount namespace: the tools run here speak
 /// netlink or read /proc/sys/net, neither needs the namespace's /sys).
-pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
-    run_in_with(ns, prog, args, None)
+pub fn run_in(ns: &str, tool: &Tool, args: &[&str]) -> Result<String> {
+    run_in_with(ns, tool, args, None)
 }
 
-pub fn run_in_stdin(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<String> {
-    run_in_with(ns, prog, args, Some(input))
+pub fn run_in_stdin(ns: &str, tool: &Tool, args: &[&str], input: &str) -> Result<String> {
+    run_in_with(ns, tool, args, Some(input))
 }
 
-fn run_in_with(ns: &str, prog: &str, args: &[&str], input: Option<&str>) -> Result<String> {
-    let out = output_in_with(ns, prog, args, input)?;
-    check(prog, args, &out)?;
+fn run_in_with(ns: &str, tool: &Tool, args: &[&str], input: Option<&str>) -> Result<String> {
+    let out = output_in_with(ns, tool, args, input)?;
+    check(tool, args, &out)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// [`output`] inside the named network namespace.
-pub fn output_in(ns: &str, prog: &str, args: &[&str]) -> Result<Output> {
-    output_in_with(ns, prog, args, None)
+pub fn output_in(ns: &str, tool: &Tool, args: &[&str]) -> Result<Output> {
+    output_in_with(ns, tool, args, None)
 }
 
-fn output_in_with(ns: &str, prog: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
-    let (prog, args, input) = (prog.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), input.map(str::to_string));
+fn output_in_with(ns: &str, tool: &Tool, args: &[&str], input: Option<&str>) -> Result<Output> {
+    let (tool, args, input) = (*tool, args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), input.map(str::to_string));
     crate::netns::in_netns(&crate::netns::named(ns), move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        output(&prog, &args, input.as_deref())
+        output(&tool, &args, input.as_deref())
     })
     .with_context(|| format!("in namespace {ns}"))
 }
 
 /// Runs a command with optional stdin and returns its raw output, whatever its exit status.
-pub fn output(prog: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
-    let mut cmd = Command::new(prog);
+pub fn output(tool: &Tool, args: &[&str], input: Option<&str>) -> Result<Output> {
+    let mut cmd = tool.command();
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().with_context(|| format!("cannot run {prog} (is it installed? `cargo xtask setup`)"))?;
+    let mut child = cmd.spawn().with_context(|| format!("cannot run {} ({}; is it installed? `cargo xtask setup`)", tool.program, tool.used_for))?;
     if let Some(input) = input {
         child.stdin.take().expect("piped stdin").write_all(input.as_bytes())?;
     }
     Ok(child.wait_with_output()?)
 }
 
-fn check(prog: &str, args: &[&str], out: &Output) -> Result<()> {
+fn check(tool: &Tool, args: &[&str], out: &Output) -> Result<()> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let err = err.trim();
         let msg = if err.is_empty() { String::from_utf8_lossy(&out.stdout).trim().to_string() } else { err.to_string() };
-        bail!("`{} {}` failed: {}", prog, args.join(" "), msg);
+        bail!("`{} {}` failed: {}", tool.program, args.join(" "), msg);
     }
     Ok(())
 }

@@ -72,7 +72,7 @@ impl PassiveFollow {
 
     /// Stops the follow as Ctrl-C would (it ends with the verdict of what it saw), then `finish`.
     pub fn interrupt(self) -> (Option<i32>, serde_json::Value) {
-        let st = std::process::Command::new("kill").args(["-INT", &self.0.id().to_string()]).status().expect("kill -INT");
+        let st = cnitrace_tools::KILL.command().args(["-INT", &self.0.id().to_string()]).status().expect("kill -INT");
         assert!(st.success(), "the follow this test started is still there to stop");
         self.finish()
     }
@@ -222,14 +222,14 @@ pub fn ns_config(ns: &str) -> String {
     // Few processes: a process start costs ~0.1 s in the matrix's VMs, and the fix tests take this
     // snapshot of every lab namespace twice per fault.
     let text = |out: Result<Output, _>| out.map(|o: Output| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    let batch = |prog: &str, opts: &[&str], script: &str| {
+    let batch = |prog: &cnitrace_tools::Tool, opts: &[&str], script: &str| {
         let mut args = vec!["-n", ns];
         args.extend_from_slice(opts);
         args.extend(["-batch", "-"]);
         cnitrace::sys::run_stdin(prog, &args, script).unwrap_or_else(|e| panic!("{e:#}"))
     };
-    let mut s = batch("ip", &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n");
-    let bridge = batch("bridge", &[], "link show\nfdb show\n");
+    let mut s = batch(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n");
+    let bridge = batch(&cnitrace_tools::BRIDGE, &[], "link show\nfdb show\n");
     // Ports ("7: vethX: ...") all; of the FDB only the permanent entries and the VXLAN destinations
     // (learned ones come and go with traffic).
     // Multicast entries ("33:33:ff:…") follow the addresses IPv6 configures by itself a moment after a
@@ -238,10 +238,10 @@ pub fn ns_config(ns: &str) -> String {
     let multicast = |l: &str| u8::from_str_radix(l.get(..2).unwrap_or("00"), 16).is_ok_and(|b| b & 1 == 1);
     s += &bridge.lines().filter(|l| port(l) || ((l.contains("permanent") || l.contains("dst")) && !multicast(l))).collect::<Vec<_>>().join("\n");
     s += "\n";
-    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+    for save in [&cnitrace_tools::IPTABLES_NFT_SAVE, &cnitrace_tools::IPTABLES_LEGACY_SAVE] {
         s += &text(cnitrace::sys::output_in(ns, save, &[])).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
     }
-    let nft = text(cnitrace::sys::output_in(ns, "nft", &["list", "ruleset"]));
+    let nft = text(cnitrace::sys::output_in(ns, &cnitrace_tools::NFT, &["list", "ruleset"]));
     // Counter values move with traffic; the rule does not.
     s += &nft.lines().map(cnitrace::finding::causes::netfilter::strip_counter).collect::<Vec<_>>().join("\n");
     let keys = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables"];

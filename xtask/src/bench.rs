@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use cnitrace_tools as tools;
 use serde_json::{json, Value};
 
 mod samples;
@@ -128,7 +129,7 @@ impl Tracer {
     }
 
     fn stop(mut self) -> Result<Option<Value>> {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = tools::KILL.command().args(["-INT", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if self.child.try_wait()?.is_some() {
@@ -217,8 +218,10 @@ impl Bench {
 
     fn start_bpftrace(&self, a: &str, b: &str) -> Result<Tracer> {
         // bpftrace reads tracepoint formats from tracefs: mount it in a private mount namespace only.
-        let mut child = Command::new("unshare")
-            .args(["-m", "sh", "-c", "mount -t tracefs nodev /sys/kernel/tracing && exec bpftrace -e \"$0\"", &bpftrace_script(a, b)])
+        let script = format!("mount -t tracefs nodev /sys/kernel/tracing && exec {} -e \"$0\"", tools::BPFTRACE.program);
+        let mut child = tools::UNSHARE
+            .command()
+            .args(["-m", tools::SH.program, "-c", &script, &bpftrace_script(a, b)])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -254,18 +257,14 @@ impl Bench {
     fn iperf(&self, dst: &str, rate: Option<&str>, rec: Option<&Recorder>) -> Result<Flow> {
         let secs = self.secs.to_string();
         let debug = ns("pod-debug");
-        let mut args = vec!["netns", "exec", &debug, "iperf3", "-c", dst, "-t", &secs, "-J", "-A", IPERF_CPUS];
+        let mut cmd = tools::IPERF3.in_netns(&debug);
+        cmd.args(["-c", dst, "-t", &secs, "-J", "-A", IPERF_CPUS]);
         if let Some(r) = rate {
-            args.extend_from_slice(&["-b", r]);
+            cmd.args(["-b", r]);
         }
-        let mut cmd = match rec {
-            Some(rec) => rec.command(FLOW_CPU, "ip", &args),
-            None => {
-                let mut c = Command::new("ip");
-                c.args(&args);
-                c
-            }
-        };
+        if let Some(rec) = rec {
+            cmd = rec.command(FLOW_CPU, &cmd);
+        }
         let out = cmd.output().context("run iperf3")?;
         let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v.get("error") {
@@ -296,8 +295,9 @@ fn start_iperf_servers() -> Result<Vec<PathBuf>> {
     let mut pids = Vec::new();
     for pod in ["pod-jellyfin", "pod-web"] {
         let pidfile = std::env::temp_dir().join(format!("{PREFIX}-{pod}-iperf3.pid"));
-        let st = Command::new("ip")
-            .args(["netns", "exec", &ns(pod), "iperf3", "-s", "-D", "-I"])
+        let st = tools::IPERF3
+            .in_netns(&ns(pod))
+            .args(["-s", "-D", "-I"])
             .arg(&pidfile)
             .status()
             .context("start iperf3 -s")?;
@@ -316,7 +316,7 @@ fn stop_iperf_servers(pidfiles: &[PathBuf]) {
             let pid = pid.trim().trim_end_matches('\0');
             // Only the iperf3 servers this benchmark started, by the pid they wrote.
             if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "iperf3") {
-                let _ = Command::new("kill").arg(pid).status();
+                let _ = tools::KILL.command().arg(pid).status();
             }
         }
         let _ = std::fs::remove_file(p);
@@ -326,7 +326,7 @@ fn stop_iperf_servers(pidfiles: &[PathBuf]) {
 pub fn run(json_out: bool, quick: bool) -> Result<()> {
     crate::setup::run(true)?;
     // The profiler for the sampled shares; only the benchmark needs it.
-    crate::setup::ensure_packages(&["linux-perf"])?;
+    crate::setup::ensure_packages(crate::setup::BENCH_PACKAGES)?;
     let bin = crate::build()?;
     let tmp = std::env::temp_dir().join("cnitrace-bench");
     std::fs::create_dir_all(&tmp)?;
@@ -544,8 +544,9 @@ fn measure(b: &Bench) -> Result<Value> {
     let xtask = std::env::current_exe().context("the xtask binary")?;
     let secs = b.secs as f64;
     for pps in [50_000u64, 100_000, 150_000, 0] {
-        let sink = Command::new("ip")
-            .args(["netns", "exec", &ns("pod-jellyfin"), "taskset", "-c", "1"])
+        let sink = tools::TASKSET
+            .in_netns(&ns("pod-jellyfin"))
+            .args(["-c", "1"])
             .arg(&xtask)
             .args(["udp-sink", &FLOOD_PORT.to_string(), &(secs + 1.0).to_string()])
             .stdout(Stdio::piped())
@@ -557,8 +558,9 @@ fn measure(b: &Bench) -> Result<Value> {
         // flood must wake it before the ring (43,690 records, 40 ms of the fastest flood) fills.
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
-        let sent = Command::new("ip")
-            .args(["netns", "exec", &ns("pod-debug"), "taskset", "-c", "0"])
+        let sent = tools::TASKSET
+            .in_netns(&ns("pod-debug"))
+            .args(["-c", "0"])
             .arg(&xtask)
             .args(["udp-flood", &format!("{JELLYFIN}:{FLOOD_PORT}"), &secs.to_string(), &pps.to_string()])
             .output()

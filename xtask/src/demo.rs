@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use cnitrace_tools::{self as tools, Tool};
 
 const FAULT: &str = "veth-detached";
 
@@ -15,9 +16,9 @@ pub fn run() -> Result<()> {
         let st = Command::new(&bin).args(args).status().context("run cnitrace")?;
         Ok(st.code().unwrap_or(-1))
     };
-    let shell = |ns: &str, cmd: &[&str]| -> Result<i32> {
-        println!("\n$ ip netns exec {ns} {}", cmd.join(" "));
-        let st = Command::new("ip").args(["netns", "exec", ns]).args(cmd).status().context("run ip netns exec")?;
+    let shell = |ns: &str, tool: &Tool, args: &[&str]| -> Result<i32> {
+        println!("\n$ ip netns exec {ns} {} {}", tool.name(), args.join(" "));
+        let st = tool.in_netns(ns).args(args).status().context("run ip netns exec")?;
         Ok(st.code().unwrap_or(-1))
     };
     let _ = Command::new(&bin).args(["lab", "down"]).output();
@@ -26,7 +27,7 @@ pub fn run() -> Result<()> {
     }
     let result = (|| -> Result<()> {
         println!("\n# The incident: the debug pod cannot reach jellyfin on the same node.");
-        shell("cnitrace-pod-debug", &["ping", "-c", "2", "-W", "1", "10.244.0.19"])?;
+        shell("cnitrace-pod-debug", &tools::PING, &["-c", "2", "-W", "1", "10.244.0.19"])?;
         println!("\n# cnitrace follows the packets through the kernel and names where and why they die.");
         cnitrace(&["follow", "10.244.0.20", "10.244.0.19"])?;
         println!("\n# cnitrace repairs it, traces again to prove it, and keeps a journal to undo it.");
@@ -34,10 +35,10 @@ pub fn run() -> Result<()> {
             bail!("the fix did not verify");
         }
         println!("\n# The pods talk again.");
-        if shell("cnitrace-pod-debug", &["ping", "-c", "2", "-W", "1", "10.244.0.19"])? != 0 {
+        if shell("cnitrace-pod-debug", &tools::PING, &["-c", "2", "-W", "1", "10.244.0.19"])? != 0 {
             bail!("ping still fails after the fix");
         }
-        if shell("cnitrace-pod-debug", &["curl", "-sS", "-m", "3", "http://10.244.0.19:8096/"])? != 0 {
+        if shell("cnitrace-pod-debug", &tools::CURL, &["-sS", "-m", "3", "http://10.244.0.19:8096/"])? != 0 {
             bail!("HTTP to jellyfin still fails after the fix");
         }
         cnitrace(&["fix", "--history"])?;

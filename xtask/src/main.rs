@@ -8,7 +8,7 @@ mod setup;
 mod test;
 mod vm;
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -52,9 +52,6 @@ enum Task {
         /// VMs at once (default: one per core).
         #[arg(long, default_value_t = 0)]
         jobs: usize,
-        /// Also keep each guest's kernel console (oopses, panics) in target/kernel-tests/<kernel>.console.log.
-        #[arg(long)]
-        vm_console: bool,
     },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
@@ -92,11 +89,11 @@ fn main() {
             Ok(())
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_console } => {
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs } => {
             if all.is_some() {
                 kernels.push("all".into());
             }
-            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_console })
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs })
         }
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),
@@ -122,13 +119,12 @@ pub fn build() -> Result<PathBuf> {
 }
 
 pub fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(&cargo)
+    let st = setup::cargo_command()
         .args(args)
         .current_dir(workspace_root())
         .env("PATH", setup::path_with_cargo_bin())
         .status()
-        .with_context(|| format!("run {cargo}"))?;
+        .context("run cargo")?;
     if !st.success() {
         bail!("`cargo {}` failed", args.join(" "));
     }

@@ -3,7 +3,7 @@
 //! skipped with its reason, and the time each kernel took.
 //! The kernel tests share one kernel, so they run one at a time (in each VM as on the host).
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 
@@ -18,8 +18,6 @@ pub struct Options {
     pub vm_timeout_min: Option<u64>,
     /// VMs run at once (0: one per core).
     pub jobs: usize,
-    /// Keep the guests' kernel console.
-    pub vm_console: bool,
 }
 
 pub fn run(o: Options) -> Result<()> {
@@ -84,7 +82,7 @@ pub fn run(o: Options) -> Result<()> {
                 let Some(k) = queue.lock().expect("queue").pop_front() else { break };
                 let r = vm::kernel(k).and_then(|kernel| {
                     println!("\n=== kernel {} ({}; {}) in a VM: qemu, software emulation, {cpus} CPU ===", kernel.name, kernel.release, vm::spec(k)?.why);
-                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), vm_timeout, cpus, o.vm_console)
+                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), vm_timeout, cpus)
                 });
                 done.lock().expect("results").push((k.clone(), r));
             });
@@ -124,8 +122,7 @@ fn snapshot(bin: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
 
 /// The kernel test binary (one self-contained binary: the same file runs on the host and in the VMs).
 fn kernel_test_binary() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
+    let out = crate::setup::cargo_command()
         .args(["test", "--release", "-p", "cnitrace-tests", "--test", "kernel", "--no-run", "--message-format=json"])
         .current_dir(crate::workspace_root())
         .env("PATH", crate::setup::path_with_cargo_bin())

@@ -8,6 +8,7 @@ use std::{
     path::PathBuf,
 };
 
+use cnitrace_tools as tools;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::TryStreamExt;
 use rtnetlink::{
@@ -163,11 +164,15 @@ impl Action {
         match self {
             Action::Sysctl { key, value, .. } => sys::write_sysctl(key, value),
             Action::Iptables { backend, table, lines, .. } => {
-                let restore = format!("{backend}-restore");
+                let restore = match backend.as_str() {
+                    "iptables-nft" => &tools::IPTABLES_NFT_RESTORE,
+                    "iptables-legacy" => &tools::IPTABLES_LEGACY_RESTORE,
+                    other => bail!("no iptables backend {other:?}"),
+                };
                 let input = format!("*{table}\n{}\nCOMMIT\n", lines.join("\n"));
-                sys::run_stdin(&restore, &["--noflush", "-w"], &input).map(|_| ())
+                sys::run_stdin(restore, &["--noflush", "-w"], &input).map(|_| ())
             }
-            Action::Nft { script, .. } => sys::run_stdin("nft", &["-f", "-"], &format!("{script}\n")).map(|_| ()),
+            Action::Nft { script, .. } => sys::run_stdin(&tools::NFT, &["-f", "-"], &format!("{script}\n")).map(|_| ()),
             _ => {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {

@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use cnitrace_tools as tools;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
@@ -89,7 +90,7 @@ fn ping(ns: &str, dst: &str, size: Option<u32>) -> Result<()> {
         args.extend_from_slice(&["-M", "do", "-s", s]);
     }
     args.push(dst);
-    match sys::run_in(ns, "ping", &args) {
+    match sys::run_in(ns, &tools::PING, &args) {
         Ok(_) => Ok(()),
         Err(e) => bail!("ping {dst}{} from {ns}: {}", size.map(|s| format!(" (size {s}, DF)")).unwrap_or_default(), last_line(&e.to_string())),
     }
@@ -117,7 +118,7 @@ fn http(ns: &str, addr: SocketAddr) -> Result<()> {
 }
 
 fn pod_mtu(ns: &str) -> Result<u32> {
-    let out = sys::run("ip", &["-n", ns, "-o", "link", "show", "eth0"])?;
+    let out = sys::run(&tools::IP, &["-n", ns, "-o", "link", "show", "eth0"])?;
     let mtu = out
         .split_whitespace()
         .skip_while(|w| *w != "mtu")

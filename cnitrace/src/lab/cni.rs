@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 
+use cnitrace_tools as tools;
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 
@@ -82,11 +83,12 @@ fn invoke(call: &Call, command: &str) -> Result<String> {
         ("CNI_PATH", CNI_BIN_DIR),
         ("CNI_ARGS", args.as_str()),
     ];
-    let mut full: Vec<String> = vec!["netns".into(), "exec".into(), call.node_ns.into(), "env".into()];
+    // `ip netns exec NODE env CNI_…=… /usr/lib/cni/bridge`: the plugin as a runtime calls it, in the node.
+    let mut full: Vec<String> = vec!["netns".into(), "exec".into(), call.node_ns.into(), tools::ENV.program.into()];
     full.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
-    full.push(format!("{CNI_BIN_DIR}/bridge"));
+    full.push(tools::CNI_BRIDGE.program.into());
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
-    let out = sys::output("ip", &full, Some(call.config))?;
+    let out = sys::output(&tools::IP, &full, Some(call.config))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
         return Ok(stdout);

@@ -1,6 +1,7 @@
 //! The fault catalog: each fault breaks exactly one thing, the way it breaks on real nodes, and names the
 //! cause `follow` must report for it and the lab paths it must break (the rest must keep working).
 
+use cnitrace_tools as tools;
 use anyhow::Result;
 
 use super::{
@@ -38,7 +39,7 @@ pub fn find(name: &str) -> Option<&'static Fault> {
 fn bridge(ns: &str, args: &[&str]) -> Result<()> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
-    sys::run("bridge", &full).map(|_| ())
+    sys::run(&tools::BRIDGE, &full).map(|_| ())
 }
 
 
@@ -120,8 +121,8 @@ pub static FAULTS: &[Fault] = &[
         apply: |lab| {
             let node = lab.node_ns(0);
             sysctl(&node, "net.bridge.bridge-nf-call-iptables", "1")?;
-            sys::run_in(&node, "iptables-nft", &["-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"])?;
-            sys::run_in(&node, "iptables-nft", &["-P", "FORWARD", "DROP"]).map(|_| ())
+            sys::run_in(&node, &tools::IPTABLES_NFT, &["-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"])?;
+            sys::run_in(&node, &tools::IPTABLES_NFT, &["-P", "FORWARD", "DROP"]).map(|_| ())
         },
     },
     Fault {
@@ -131,7 +132,7 @@ pub static FAULTS: &[Fault] = &[
         breaks: &[CrossNode, CrossNodeFullMtu],
         pair: CROSS,
         apply: |lab| {
-            sys::run_in(&lab.node_ns(0), "iptables-nft", &["-I", "FORWARD", "1", "-d", "10.244.1.0/24", "-j", "DROP"]).map(|_| ())
+            sys::run_in(&lab.node_ns(0), &tools::IPTABLES_NFT, &["-I", "FORWARD", "1", "-d", "10.244.1.0/24", "-j", "DROP"]).map(|_| ())
         },
     },
     Fault {
@@ -143,7 +144,7 @@ pub static FAULTS: &[Fault] = &[
         apply: |lab| {
             sys::run_in_stdin(
                 &lab.node_ns(0),
-                "nft",
+                &tools::NFT,
                 &["-f", "-"],
                 "table inet hardening {\n chain forward {\n  type filter hook forward priority filter + 10; policy accept;\n  ip daddr 10.244.1.0/24 counter drop\n }\n}\n",
             )
@@ -156,7 +157,7 @@ pub static FAULTS: &[Fault] = &[
         summary: "flannel's accept rules live in iptables-nft while iptables-legacy holds FORWARD policy DROP",
         breaks: &[SameNode, CrossNode, External, CrossNodeFullMtu],
         pair: CROSS,
-        apply: |lab| sys::run_in(&lab.node_ns(0), "iptables-legacy", &["-P", "FORWARD", "DROP"]).map(|_| ()),
+        apply: |lab| sys::run_in(&lab.node_ns(0), &tools::IPTABLES_LEGACY, &["-P", "FORWARD", "DROP"]).map(|_| ()),
     },
     Fault {
         name: "ip-forward-off",

@@ -15,10 +15,11 @@ use std::{
     net::Ipv4Addr,
     os::unix::process::CommandExt,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
+use cnitrace_tools::{self as tools, Tool};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -136,14 +137,14 @@ impl Lab {
             bail!("pod {name} exists already");
         }
         let pod_ns = self.pod_ns(name);
-        sys::run("ip", &["netns", "add", &pod_ns])?;
+        sys::run(&tools::IP, &["netns", "add", &pod_ns])?;
         let container_id = format!("{}-{}", self.names.prefix, name);
         let config = self.cni_config(node);
         let call = cni::Call { node_ns: &self.node_ns(node), pod_ns: &pod_ns, container_id: &container_id, ip: addr, config: &config };
         let host_veth = match cni::add(&call) {
             Ok(v) => v,
             Err(e) => {
-                let _ = sys::run("ip", &["netns", "del", &pod_ns]);
+                let _ = sys::run(&tools::IP, &["netns", "del", &pod_ns]);
                 return Err(e);
             }
         };
@@ -160,7 +161,7 @@ impl Lab {
         let config = self.cni_config(pod.node);
         let call = cni::Call { node_ns: &self.node_ns(pod.node), pod_ns: &pod_ns, container_id: &pod.container_id, ip: pod.ip, config: &config };
         let del = cni::del(&call);
-        sys::run("ip", &["netns", "del", &pod_ns])?;
+        sys::run(&tools::IP, &["netns", "del", &pod_ns])?;
         self.state.pods.remove(name);
         self.save()?;
         del
@@ -183,10 +184,8 @@ impl Lab {
     fn start_server(&mut self, name: &str, ns: &str, port: u16) -> Result<()> {
         let exe = std::env::current_exe().context("locate the cnitrace binary")?;
         let log = std::fs::File::create(self.names.state_dir().join(format!("{name}.log")))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(&exe)
-            .args(["lab", "serve", "--port", &port.to_string(), "--name", name])
+        let mut cmd = Tool::netns_exec(ns, &exe);
+        cmd.args(["lab", "serve", "--port", &port.to_string(), "--name", name])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -216,13 +215,13 @@ impl Lab {
 pub(super) fn ip(ns: &str, args: &[&str]) -> Result<()> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
-    sys::run("ip", &full).map(|_| ())
+    sys::run(&tools::IP, &full).map(|_| ())
 }
 
 /// Commands for one `ip -batch` (or `bridge -batch`) run: one process for many changes. Under emulation
 /// (the kernel matrix's VMs) a process start costs ~0.1 s, and the lab is ~60 of them one by one.
 pub(super) struct Batch {
-    prog: &'static str,
+    tool: &'static Tool,
     ns: Option<String>,
     force: bool,
     lines: Vec<String>,
@@ -231,12 +230,12 @@ pub(super) struct Batch {
 impl Batch {
     /// `ip [-n NS] -batch -`
     pub(super) fn ip(ns: Option<&str>) -> Batch {
-        Batch { prog: "ip", ns: ns.map(str::to_string), force: false, lines: Vec::new() }
+        Batch { tool: &tools::IP, ns: ns.map(str::to_string), force: false, lines: Vec::new() }
     }
 
     /// `bridge -n NS -batch -`
     pub(super) fn bridge(ns: &str) -> Batch {
-        Batch { prog: "bridge", ns: Some(ns.to_string()), force: false, lines: Vec::new() }
+        Batch { tool: &tools::BRIDGE, ns: Some(ns.to_string()), force: false, lines: Vec::new() }
     }
 
     /// Go on after a command fails (the run still fails).
@@ -265,7 +264,7 @@ impl Batch {
         }
         args.extend(["-batch", "-"]);
         let script = self.lines.join("\n") + "\n";
-        sys::run_stdin(self.prog, &args, &script).map(|_| ()).with_context(|| format!("{} batch:\n{script}", self.prog))
+        sys::run_stdin(self.tool, &args, &script).map(|_| ()).with_context(|| format!("{} batch:\n{script}", self.tool.program))
     }
 }
 
@@ -350,7 +349,7 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
     // kubeadm's first prerequisite. Built into some kernels (this project's CI host), a module on
     // Debian's stock kernels, where its sysctls exist only once it is loaded.
     if !std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
-        sys::run("modprobe", &["br_netfilter"]).context("load br_netfilter (bridged pod traffic through iptables, as on a kubeadm node)")?;
+        sys::run(&tools::MODPROBE, &["br_netfilter"]).context("load br_netfilter (bridged pod traffic through iptables, as on a kubeadm node)")?;
     }
     let ext = lab.external_ns();
     let (n0, n1) = (lab.node_ns(0), lab.node_ns(1));
@@ -400,7 +399,7 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
         sysctl(&ns, "net.ipv4.ip_forward", "1")?;
         // What kubeadm requires on every node.
         sysctl(&ns, "net.bridge.bridge-nf-call-iptables", "1")?;
-        sys::run_in_stdin(&ns, "iptables-nft-restore", &["--noflush", "-w"], &flannel_rules(i))?;
+        sys::run_in_stdin(&ns, &tools::IPTABLES_NFT_RESTORE, &["--noflush", "-w"], &flannel_rules(i))?;
         lab.setup_vxlan(i, topology::VXLAN_PORT, topology::VXLAN_VNI)?;
     }
     for pod in &PODS {
@@ -463,7 +462,7 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
     let _ = all.run();
     let mut errors = Vec::new();
     for ns in existing_namespaces(prefix) {
-        if let Err(e) = sys::run("ip", &["netns", "del", &ns]) {
+        if let Err(e) = sys::run(&tools::IP, &["netns", "del", &ns]) {
             errors.push(format!("{e:#}"));
         }
     }

@@ -1,7 +1,9 @@
 //! The rule sets of every netfilter backend, with counters: iptables-nft, iptables-legacy, native nft.
 //! Read by running each backend's own dump inside the current thread's namespace.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
+use cnitrace_tools::{self as tools, Tool};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,16 +17,16 @@ pub struct RuleSets {
     pub nft: Option<String>,
 }
 
-fn dump(prog: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(prog).args(args).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+fn dump(tool: &Tool, args: &[&str]) -> Option<String> {
+    let out = tool.command().args(args).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn read() -> RuleSets {
     RuleSets {
-        iptables_nft: dump("iptables-nft-save", &["-c"]),
-        iptables_legacy: dump("iptables-legacy-save", &["-c"]),
-        nft: dump("nft", &["-a", "list", "ruleset"]),
+        iptables_nft: dump(&tools::IPTABLES_NFT_SAVE, &["-c"]),
+        iptables_legacy: dump(&tools::IPTABLES_LEGACY_SAVE, &["-c"]),
+        nft: dump(&tools::NFT, &["-a", "list", "ruleset"]),
     }
 }
 

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use cnitrace_tools as tools;
 use cnitrace_tests::{bin, can_run_kernel_tests, check, cnitrace, config_diff, config_diff_but_port_states, faults, lab_config, state_dir, LabGuard, PREFIX};
 
 /// Faults whose cause has no safe automatic fix: fix says so and changes nothing.
@@ -167,7 +168,7 @@ fn a_fix_that_cannot_work_is_rolled_back() {
     let s2 = stop.clone();
     let saboteur = std::thread::spawn(move || {
         while !s2.load(Ordering::SeqCst) {
-            let _ = Command::new("ip").args(["-n", &node, "link", "set", &veth, "nomaster"]).output();
+            let _ = tools::IP.command().args(["-n", &node, "link", "set", &veth, "nomaster"]).output();
             std::thread::sleep(Duration::from_millis(10));
         }
     });
@@ -200,7 +201,8 @@ fn fix_needs_root() {
     if !can_run_kernel_tests("fix_needs_root") {
         return;
     }
-    let out = Command::new("setpriv")
+    let out = tools::SETPRIV
+        .command()
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(bin())
         .args(["fix", "--auto", "10.244.0.20", "10.244.0.19"])
@@ -249,7 +251,8 @@ fn on_a_terminal_fix_asks_and_a_no_changes_nothing() {
     let before = lab_config();
     // `script` gives fix a terminal; the answer typed is "n".
     let cmd = format!("{} fix {} {}", bin().display(), ip("debug"), ip("web"));
-    let mut child = Command::new("script")
+    let mut child = tools::SCRIPT
+        .command()
         .args(["-qec", &cmd, "/dev/null"])
         .env("CNITRACE_STATE_DIR", state_dir())
         .stdin(std::process::Stdio::piped())

@@ -7,6 +7,7 @@ use std::{
 };
 
 use cnitrace::finding::causes;
+use cnitrace_tools as tools;
 use cnitrace_tests::{assert_reason, bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PassiveFollow, PREFIX};
 
 fn ip(pod: &str) -> String {
@@ -125,7 +126,7 @@ fn passive_mode_sees_real_traffic() {
     for (faults, expect_code, expect_cause) in [(vec![], 0, None), (vec!["route-missing"], 1, Some("route-missing"))] {
         let g = LabGuard::up(&faults);
         let f = PassiveFollow::start("10.244.0.20", "10.244.1.10", 4);
-        let _ = Command::new("ip").args(["netns", "exec", &g.lab.pod_ns("debug"), "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.10"]).output();
+        let _ = tools::PING.in_netns(&g.lab.pod_ns("debug")).args(["-c", "2", "-i", "0.2", "-W", "1", "10.244.1.10"]).output();
         let (code, v) = f.finish();
         assert_eq!(code, Some(expect_code), "passive {faults:?}: {v}");
         assert_eq!(v["cause"].as_str(), expect_cause, "passive {faults:?}: {v}");
@@ -155,7 +156,8 @@ fn bad_input_exits_2_with_one_line() {
         assert!(out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("verdict"), "{args:?}");
     }
     // Not root: refused before touching anything.
-    let out = Command::new("setpriv")
+    let out = tools::SETPRIV
+        .command()
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(bin())
         .args(["follow", "10.244.0.20", "10.244.0.19"])
@@ -192,7 +194,7 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
         assert!(loaded_cnitrace_programs() > before, "follow attached its programs");
         assert_eq!(mounts(), host_mounts, "follow changed the host's mounts");
         if let Some(sig) = signal {
-            Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().expect("kill");
+            tools::KILL.command().args([&format!("-{sig}"), &child.id().to_string()]).status().expect("kill");
         }
         let st = child.wait().expect("follow ends");
         if signal == Some("INT") {
@@ -237,12 +239,13 @@ fn a_healthy_bulk_tcp_flow_shows_no_drop() {
     // four runs of four within 0.8 s before the headers were allowed to win over the map (both ends on one
     // CPU, as in `cargo xtask bench`; unpinned, TCP's own drops of old segments came first).
     let web = g.lab.pod_ns("web");
-    let server = Command::new("ip").args(["netns", "exec", &web, "iperf3", "-s", "-1", "-A", "0"]).stdout(std::process::Stdio::null()).spawn().expect("iperf3 -s");
+    let server = tools::IPERF3.in_netns(&web).args(["-s", "-1", "-A", "0"]).stdout(std::process::Stdio::null()).spawn().expect("iperf3 -s");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let f = PassiveFollow::start("10.244.0.20", "10.244.1.10", 60);
     let debug = g.lab.pod_ns("debug");
-    let flow = Command::new("ip")
-        .args(["netns", "exec", &debug, "iperf3", "-c", "10.244.1.10", "-t", "6", "-A", "0,0"])
+    let flow = tools::IPERF3
+        .in_netns(&debug)
+        .args(["-c", "10.244.1.10", "-t", "6", "-A", "0,0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -264,9 +267,9 @@ fn a_healthy_bulk_tcp_flow_shows_no_drop() {
 /// kernel drops it: no socket).
 fn flood_then_a_closed_port(g: &LabGuard, echoes: u32) {
     let debug = g.lab.pod_ns("debug");
-    let flood = Command::new("ip").args(["netns", "exec", &debug, "ping", "-q", "-f", "-c", &echoes.to_string(), "10.244.0.19"]).output().expect("ping -f");
+    let flood = tools::PING.in_netns(&debug).args(["-q", "-f", "-c", &echoes.to_string(), "10.244.0.19"]).output().expect("ping -f");
     assert!(flood.status.success(), "{}", String::from_utf8_lossy(&flood.stderr));
-    let udp = Command::new("ip").args(["netns", "exec", &debug, "bash", "-c", "echo x > /dev/udp/10.244.0.19/9"]).output().expect("udp");
+    let udp = tools::BASH.in_netns(&debug).args(["-c", "echo x > /dev/udp/10.244.0.19/9"]).output().expect("udp");
     assert!(udp.status.success());
 }
 

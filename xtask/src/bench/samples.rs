@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use cnitrace_tools as tools;
 
 /// Samples a second: 8,000 in a 2-s run, so a 3 % share is ~240 samples (± 0.2 points).
 const FREQ: &str = "4000";
@@ -115,17 +116,17 @@ impl Recorder {
         Recorder { data: dir.join(format!("perf-{}.data", std::process::id())) }
     }
 
-    /// `cmd args` under `perf record` of CPU `cpu` (its stdout is the command's).
-    pub fn command(&self, cpu: u32, cmd: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("perf");
+    /// `cmd` under `perf record` of CPU `cpu` (its stdout is the command's).
+    pub fn command(&self, cpu: u32, cmd: &Command) -> Command {
+        let mut c = tools::PERF.command();
         // No build-id collection or cache (-B -N): nothing here needs them, and they cost time each run.
-        c.args(["record", "-q", "-B", "-N", "-e", "cpu-clock", "-F", FREQ, "-C", &cpu.to_string(), "-o"]).arg(&self.data).arg("--").arg(cmd).args(args);
+        c.args(["record", "-q", "-B", "-N", "-e", "cpu-clock", "-F", FREQ, "-C", &cpu.to_string(), "-o"]).arg(&self.data).arg("--").arg(cmd.get_program()).args(cmd.get_args());
         c
     }
 
     /// The samples of the last recorded run (the file is removed).
     pub fn samples(&self) -> Result<Samples> {
-        let out = Command::new("perf").args(["script", "-F", "ip,sym", "-i"]).arg(&self.data).output().context("run perf script")?;
+        let out = tools::PERF.command().args(["script", "-F", "ip,sym", "-i"]).arg(&self.data).output().context("run perf script")?;
         let _ = std::fs::remove_file(&self.data);
         if !out.status.success() {
             bail!("perf script: {}", String::from_utf8_lossy(&out.stderr).trim());

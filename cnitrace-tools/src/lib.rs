@@ -1,0 +1,158 @@
+//! Every external program cnitrace, its tasks (xtask) and its tests run, and where each one comes from.
+//!
+//! One table, used by every call site: a program is run through its [`Tool`] (`tool.command()`,
+//! `tool.in_netns(ns)`, or the product's `sys` functions, which take a `&Tool`), never by a name
+//! written at the call. `cargo xtask setup` installs what the table names, and xtask's unit tests
+//! check both directions: every tool's source is something setup installs, and no call site in the
+//! workspace starts a program by a literal name. A fresh machine then lacks nothing the project runs
+//! (it happened: the VMs needed busybox, installed by hand once; CI stayed green on that machine only).
+//!
+//! Programs that something else runs for us count too (busybox for virtme-ng's initramfs, `file` and
+//! `udevadm` for virtme-ng): missing, they break a run just the same.
+
+use std::process::Command;
+
+/// Where a program comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A Debian package that `cargo xtask setup` installs.
+    Apt(&'static str),
+    /// A Debian package of priority `required` (Essential or in every installation): never installed
+    /// by setup; xtask's test checks its priority where dpkg can tell.
+    Base(&'static str),
+    /// A crate `cargo install`ed by setup.
+    Cargo(&'static str),
+    /// A PyPI package setup installs into its virtme-ng venv.
+    Pip(&'static str),
+    /// The Rust toolchain that runs `cargo xtask` itself (rustup's).
+    Toolchain,
+}
+
+/// One external program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tool {
+    /// The name looked up on PATH, or an absolute path where the program lives off PATH.
+    pub program: &'static str,
+    pub source: Source,
+    /// Who runs it, for what: the line a missing-install error or a reviewer reads.
+    pub used_for: &'static str,
+}
+
+impl Tool {
+    /// A `Command` for this program.
+    pub fn command(&self) -> Command {
+        Command::new(self.program)
+    }
+
+    /// `ip netns exec NS PROGRAM`: this program inside a named network namespace, as its own process.
+    pub fn in_netns(&self, ns: &str) -> Command {
+        Self::netns_exec(ns, std::path::Path::new(self.program))
+    }
+
+    /// `ip netns exec NS PROGRAM` for the project's own binaries (not in the table:
+    /// they are built, not installed).
+    pub fn netns_exec(ns: &str, program: &std::path::Path) -> Command {
+        let mut c = IP.command();
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// The program's file name (the last part of an absolute path).
+    pub fn name(&self) -> &'static str {
+        self.program.rsplit('/').next().unwrap_or(self.program)
+    }
+}
+
+macro_rules! tools {
+    ($($(#[$doc:meta])* $id:ident = $program:literal, $source:expr, $why:literal;)*) => {
+        $($(#[$doc])* pub const $id: Tool = Tool { program: $program, source: $source, used_for: $why };)*
+        /// Every tool above.
+        pub const ALL: &[Tool] = &[$($id),*];
+    };
+}
+
+use Source::*;
+
+tools! {
+    // The network, in the lab and on a node.
+    IP = "ip", Apt("iproute2"), "lab topology (ip -batch), namespaces, `ip netns exec`";
+    BRIDGE = "bridge", Apt("iproute2"), "lab bridge ports and VXLAN FDB (bridge -batch)";
+    IPTABLES_NFT = "iptables-nft", Apt("iptables"), "lab faults in the nft backend of iptables";
+    IPTABLES_NFT_SAVE = "iptables-nft-save", Apt("iptables"), "rule sets with counters (state)";
+    IPTABLES_NFT_RESTORE = "iptables-nft-restore", Apt("iptables"), "lab rules; fix actions (--noflush)";
+    IPTABLES_LEGACY = "iptables-legacy", Apt("iptables"), "lab faults in the legacy backend";
+    IPTABLES_LEGACY_SAVE = "iptables-legacy-save", Apt("iptables"), "rule sets with counters (state)";
+    IPTABLES_LEGACY_RESTORE = "iptables-legacy-restore", Apt("iptables"), "fix actions in the legacy backend";
+    NFT = "nft", Apt("nftables"), "native nft rule sets (state), lab faults, fix actions (nft -f)";
+    MODPROBE = "modprobe", Apt("kmod"), "lab: br_netfilter, as on a kubeadm node";
+    PING = "ping", Apt("iputils-ping"), "lab path checks, the demo, tests";
+    CURL = "curl", Apt("curl"), "the demo's HTTP check; VM kernel downloads";
+    /// The CNI plugins flannel delegates to (the lab's pods are made by them).
+    CNI_BRIDGE = "/usr/lib/cni/bridge", Apt("containernetworking-plugins"), "lab pods (CNI ADD/DEL)";
+    CNI_HOST_LOCAL = "/usr/lib/cni/host-local", Apt("containernetworking-plugins"), "lab pod addresses (IPAM, called by the bridge plugin)";
+    ENV = "env", Base("coreutils"), "CNI calls: the plugin's CNI_* environment inside `ip netns exec`";
+    KILL = "kill", Apt("procps"), "tests and bench: SIGINT to a follow they started";
+
+    // Building.
+    /// Debian's rustc, with the precompiled core for bpfel-unknown-none.
+    DEBIAN_RUSTC = "/usr/bin/rustc", Apt("rustc-web"), "builds the eBPF crate (aya-build, Toolchain::Custom(\"/usr\"))";
+    DEBIAN_CARGO = "/usr/bin/cargo", Apt("cargo-web"), "builds the eBPF crate";
+    BPF_LINKER = "bpf-linker", Cargo("bpf-linker"), "links the eBPF object";
+    CARGO = "cargo", Toolchain, "builds and tests the workspace";
+    APT_GET = "apt-get", Base("apt"), "setup";
+    DPKG_QUERY = "dpkg-query", Base("dpkg"), "setup: what is installed";
+    DPKG_DEB = "dpkg-deb", Base("dpkg"), "setup: VM kernel packages extracted into the cache";
+    ID = "id", Base("coreutils"), "setup: root or not";
+
+    // The kernel matrix's VMs.
+    QEMU = "qemu-system-x86_64", Apt("qemu-system-x86"), "the VMs (software emulation)";
+    VNG = "vng", Pip("virtme-ng"), "boots a VM kernel with the host's root shared";
+    VIRTIOFSD = "virtiofsd", Cargo("virtiofsd"), "the VMs' shared root (virtiofs)";
+    /// virtme-ng builds the guest's initramfs with it ("initramfs is needed, and no busybox was found").
+    BUSYBOX = "busybox", Apt("busybox-static"), "virtme-ng's initramfs";
+    UDEVADM = "udevadm", Apt("udev"), "virtme-ng's init in the guest";
+    FILE = "file", Apt("file"), "virtme-ng reads the kernel image's version";
+    DEPMOD = "depmod", Apt("kmod"), "setup: modules.dep of an extracted VM kernel";
+    XZ = "xz", Apt("xz-utils"), "setup: Debian's package indexes";
+    /// Debian's python3 (with python3-venv, also in setup's list, for its venv module).
+    PYTHON3 = "/usr/bin/python3", Apt("python3-minimal"), "setup: the virtme-ng venv";
+    TIMEOUT = "timeout", Base("coreutils"), "bounds a VM's run";
+    SH = "sh", Base("dash"), "pipelines in setup and bench";
+    /// mawk by name: `awk` is an alternatives link no package holds.
+    AWK = "mawk", Base("mawk"), "the VM guest's memory log";
+
+    // Tests and benchmarks.
+    IPERF3 = "iperf3", Apt("iperf3"), "bulk flows in tests and bench";
+    BASH = "bash", Base("bash"), "tests: /dev/udp";
+    SETPRIV = "setpriv", Base("util-linux"), "tests: cnitrace without root";
+    SCRIPT = "script", Base("bsdutils"), "tests: fix's prompt on a terminal";
+    UNSHARE = "unshare", Base("util-linux"), "bench: bpftrace with its own tracefs mount";
+    TASKSET = "taskset", Base("util-linux"), "bench: flows pinned to a CPU";
+    BPFTRACE = "bpftrace", Apt("bpftrace"), "bench: the same hooks in bpftrace, for comparison";
+    PERF = "perf", Apt("linux-perf"), "bench: the tracer's sampled share of a core";
+}
+
+/// The tool whose program (or file name) is `name`.
+pub fn by_name(name: &str) -> Option<&'static Tool> {
+    ALL.iter().find(|t| t.program == name || t.name() == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_unique() {
+        for (i, a) in ALL.iter().enumerate() {
+            assert!(!ALL[i + 1..].iter().any(|b| b.program == a.program), "{} is in the table twice", a.program);
+        }
+    }
+
+    #[test]
+    fn in_netns_runs_the_program_through_ip() {
+        let c = PING.in_netns("cnitrace-x");
+        assert_eq!(c.get_program(), "ip");
+        let args: Vec<_> = c.get_args().map(|a| a.to_str().expect("utf-8")).collect();
+        assert_eq!(args, ["netns", "exec", "cnitrace-x", "ping"]);
+    }
+}
