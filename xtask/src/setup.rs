@@ -1,4 +1,7 @@
-//! `cargo xtask setup`: the Debian packages and bpf-linker the project needs, installed idempotently.
+//! `cargo xtask setup`: everything the build, the lab, the tests, the VMs and the bench run, installed
+//! idempotently. Every install list of the project is here, and the unit tests check them against
+//! `cnitrace_tools::ALL`, the table of every external program the workspace runs: a program whose
+//! package is dropped from these lists fails `cargo xtask test` before anything else runs.
 //!
 //! Debian's rustc-web (with the precompiled core for bpfel-unknown-none) builds the eBPF crate;
 //! bpf-linker must be built against the LLVM major version that rustc uses, read from `rustc -vV`.
@@ -6,9 +9,10 @@
 use std::{path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
+use cnitrace_tools::{self as tools, Source, Tool};
 
-/// Packages whose names do not depend on the machine.
-const PACKAGES: &[&str] = &[
+/// What building cnitrace, the lab and the host's kernel tests need.
+pub const HOST_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
@@ -19,17 +23,32 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "containernetworking-plugins",
     "procps",
+    "kmod",
     "curl",
     "bpftrace",
 ];
-const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
-const BPF_LINKER_VERSION: &str = "0.13.0";
+/// What the kernel matrix's VMs need on the host: qemu (TCG), busybox (virtme-ng's initramfs), udev
+/// (virtme-ng's init), kmod (depmod for the extracted modules), file (virtme-ng reads the image's
+/// version with it), xz-utils (Debian's package indexes), Debian's python3 with its venv module
+/// (virtme-ng's venv), and the
+/// libraries virtiofsd builds against.
+pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "udev", "kmod", "file", "xz-utils", "python3-minimal", "python3-venv", "libseccomp-dev", "libcap-ng-dev"];
+/// What `cargo xtask bench` needs besides the host's: perf, for the tracer's sampled share.
+pub const BENCH_PACKAGES: &[&str] = &["linux-perf"];
+/// `cargo install`s: (crate, version). bpf-linker's LLVM feature is chosen at install time.
+pub const CARGO_INSTALLS: &[(&str, &str)] = &[("bpf-linker", "0.13.0"), ("virtiofsd", "1.14.0")];
+/// pip installs into the VM cache's venv: (package, version).
+pub const PIP_INSTALLS: &[(&str, &str)] = &[("virtme-ng", "1.42")];
+
+pub fn cargo_version(krate: &str) -> &'static str {
+    CARGO_INSTALLS.iter().find(|(k, _)| *k == krate).map(|(_, v)| *v).expect("a crate of CARGO_INSTALLS")
+}
 
 /// Installs what is missing. `quiet_if_done`: say nothing when nothing was needed (build/test/demo).
 /// Returns whether anything was installed.
 pub fn run(quiet_if_done: bool) -> Result<bool> {
     let t0 = Instant::now();
-    let mut did = ensure_packages(PACKAGES)?;
+    let mut did = ensure_packages(HOST_PACKAGES)?;
     let llvm = rustc_llvm_major()?;
     let llvm_dev = format!("llvm-{llvm}-dev");
     if !installed(&llvm_dev) {
@@ -40,10 +59,11 @@ pub fn run(quiet_if_done: bool) -> Result<bool> {
         install_bpf_linker(&llvm)?;
         did = true;
     }
+    let linker = cargo_version("bpf-linker");
     if did {
         println!("setup: done in {:.0} s", t0.elapsed().as_secs_f64());
     } else if !quiet_if_done {
-        println!("setup: everything is installed (Debian rustc with LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION} for LLVM {llvm}); nothing to do");
+        println!("setup: everything is installed (Debian rustc with LLVM {llvm}, bpf-linker {linker} for LLVM {llvm}); nothing to do");
     }
     Ok(did)
 }
@@ -59,7 +79,8 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<bool> {
 }
 
 fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
+    tools::DPKG_QUERY
+        .command()
         .args(["-W", "-f=${Status}", pkg])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
@@ -69,23 +90,68 @@ fn installed(pkg: &str) -> bool {
 fn apt_install(pkgs: &[&str]) -> Result<()> {
     require_root("install Debian packages")?;
     println!("setup: apt-get install {}", pkgs.join(" "));
-    sh("apt-get", &["update", "-qq"])?;
+    sh(&tools::APT_GET, &["update", "-qq"])?;
+    let mut wanted: Vec<String> = pkgs.iter().map(|p| p.to_string()).collect();
+    let mut downgrades = false;
+    let removed = apt_removals(&wanted);
+    if !removed.is_empty() {
+        // A package the machine has from elsewhere (a backport) can break what we install from the
+        // release: seen, the image's qemu-utils 10.0 breaks Debian 12's qemu-system-common, and apt
+        // removed it. Asking for the release's own version of each keeps the program (older) instead.
+        let release = os_codename();
+        let keep: Vec<String> = removed.iter().map(|(p, _)| format!("{p}/{release}")).collect();
+        let with_keep: Vec<String> = wanted.iter().cloned().chain(keep).collect();
+        let list = removed.iter().map(|(p, v)| format!("{p} {v}")).collect::<Vec<_>>().join(", ");
+        if release.is_empty() || !apt_removals(&with_keep).is_empty() {
+            println!("setup: NOTE: to install {} apt removes {list} from this machine", pkgs.join(" "));
+        } else {
+            println!("setup: NOTE: {} conflicts with this machine's {list}; installing {release}'s own version in its place (the program stays, older)", pkgs.join(" "));
+            wanted = with_keep;
+            downgrades = true;
+        }
+    }
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend_from_slice(pkgs);
-    let st = Command::new("apt-get")
-        .args(&args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("run apt-get")?;
+    if downgrades {
+        args.push("--allow-downgrades");
+    }
+    args.extend(wanted.iter().map(String::as_str));
+    let st = tools::APT_GET.command().args(&args).env("DEBIAN_FRONTEND", "noninteractive").status().context("run apt-get")?;
     if !st.success() {
         bail!("apt-get install {} failed", pkgs.join(" "));
     }
     Ok(())
 }
 
+/// The packages (and their versions) `apt-get install PKGS` would remove, from a simulated run.
+fn apt_removals(pkgs: &[String]) -> Vec<(String, String)> {
+    let Ok(out) = tools::APT_GET.command().args(["-s", "install", "--no-install-recommends"]).args(pkgs).output() else { return Vec::new() };
+    parse_removals(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `Remv qemu-utils [1:10.0.2+ds-2]` lines of `apt-get -s`.
+fn parse_removals(sim: &str) -> Vec<(String, String)> {
+    sim.lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .map(|r| {
+            let (name, rest) = r.split_once(' ').unwrap_or((r, ""));
+            (name.to_string(), rest.trim().trim_start_matches('[').split(']').next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+/// The release's codename ("bookworm"), from /etc/os-release.
+fn os_codename() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
 /// The LLVM major version Debian's rustc was built with ("LLVM version: 22.1.8" → "22").
 fn rustc_llvm_major() -> Result<String> {
-    let out = Command::new(DEBIAN_RUSTC).arg("-vV").output().context("run /usr/bin/rustc -vV")?;
+    let out = tools::DEBIAN_RUSTC.command().arg("-vV").output().context("run /usr/bin/rustc -vV")?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -96,7 +162,7 @@ fn rustc_llvm_major() -> Result<String> {
 
 /// The LLVM feature the installed bpf-linker was built with, from cargo's install records.
 fn bpf_linker_llvm() -> Option<String> {
-    let which = Command::new("bpf-linker").env("PATH", path_with_cargo_bin()).arg("--version").output().ok()?;
+    let which = tools::BPF_LINKER.command().env("PATH", path_with_cargo_bin()).arg("--version").output().ok()?;
     if !which.status.success() {
         return None;
     }
@@ -109,11 +175,12 @@ fn bpf_linker_llvm() -> Option<String> {
 }
 
 fn install_bpf_linker(llvm: &str) -> Result<()> {
-    println!("setup: cargo install bpf-linker {BPF_LINKER_VERSION} for LLVM {llvm} (about 1.5 min)");
+    let version = cargo_version("bpf-linker");
+    println!("setup: cargo install bpf-linker {version} for LLVM {llvm} (about 1.5 min)");
     let prefix = format!("/usr/lib/llvm-{llvm}");
     let feature = format!("llvm-{llvm}");
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force", "--no-default-features", "--features", &feature])
+    let st = cargo_command()
+        .args(["install", &format!("bpf-linker@{version}"), "--locked", "--force", "--no-default-features", "--features", &feature])
         .env("LLVM_PREFIX", &prefix)
         .env("PATH", path_with_cargo_bin())
         .status()
@@ -124,16 +191,24 @@ fn install_bpf_linker(llvm: &str) -> Result<()> {
     Ok(())
 }
 
-fn sh(prog: &str, args: &[&str]) -> Result<()> {
-    let st = Command::new(prog).args(args).status().with_context(|| format!("run {prog}"))?;
+/// The cargo running this task (`CARGO`), else the toolchain's on PATH.
+pub fn cargo_command() -> Command {
+    match std::env::var_os("CARGO") {
+        Some(c) => Command::new(c),
+        None => tools::CARGO.command(),
+    }
+}
+
+fn sh(tool: &Tool, args: &[&str]) -> Result<()> {
+    let st = tool.command().args(args).status().with_context(|| format!("run {}", tool.program))?;
     if !st.success() {
-        bail!("`{prog} {}` failed", args.join(" "));
+        bail!("`{} {}` failed", tool.program, args.join(" "));
     }
     Ok(())
 }
 
 fn require_root(what: &str) -> Result<()> {
-    let uid = Command::new("id").arg("-u").output().context("run id -u")?;
+    let uid = tools::ID.command().arg("-u").output().context("run id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         bail!("setup needs root to {what}: run `sudo cargo xtask setup`");
     }
@@ -152,5 +227,121 @@ pub fn path_with_cargo_bin() -> String {
         path
     } else {
         format!("{}:{path}", cargo_bin.display())
+    }
+}
+
+/// The tools whose source none of `apt`, `cargo`, `pip` installs, each as a line saying what is missing.
+#[cfg(test)]
+fn uncovered(table: &[Tool], apt: &[&str], cargo: &[&str], pip: &[&str]) -> Vec<String> {
+    table
+        .iter()
+        .filter_map(|t| {
+            let (covered, from) = match t.source {
+                Source::Apt(p) => (apt.contains(&p), format!("Debian package {p}")),
+                Source::Cargo(c) => (cargo.contains(&c), format!("cargo install {c}")),
+                Source::Pip(p) => (pip.contains(&p), format!("pip install {p}")),
+                Source::Base(_) | Source::Toolchain => (true, String::new()),
+            };
+            (!covered).then(|| format!("{} ({}) needs {from}, which `cargo xtask setup` does not install", t.program, t.used_for))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_apt() -> Vec<&'static str> {
+        HOST_PACKAGES.iter().chain(VM_PACKAGES).chain(BENCH_PACKAGES).copied().collect()
+    }
+
+    fn cargo_crates() -> Vec<&'static str> {
+        CARGO_INSTALLS.iter().map(|(c, _)| *c).collect()
+    }
+
+    fn pip_packages() -> Vec<&'static str> {
+        PIP_INSTALLS.iter().map(|(p, _)| *p).collect()
+    }
+
+    #[test]
+    fn every_program_the_project_runs_is_installed_by_setup() {
+        let missing = uncovered(tools::ALL, &all_apt(), &cargo_crates(), &pip_packages());
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    #[test]
+    fn a_package_dropped_from_setup_is_named() {
+        let apt: Vec<&str> = all_apt().into_iter().filter(|p| *p != "busybox-static").collect();
+        let missing = uncovered(tools::ALL, &apt, &cargo_crates(), &pip_packages());
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(missing[0].starts_with("busybox (virtme-ng's initramfs) needs Debian package busybox-static"), "{}", missing[0]);
+        let missing = uncovered(tools::ALL, &all_apt(), &["bpf-linker"], &pip_packages());
+        assert!(missing.iter().any(|m| m.starts_with("virtiofsd ")), "{missing:?}");
+    }
+
+    /// The table's word checked against dpkg's own: each installed package holds its program, and a
+    /// base package really is part of every Debian system. Where dpkg or a package is absent it says
+    /// so; `cargo xtask test` runs after setup, so there every Apt package is checked.
+    #[test]
+    fn where_a_package_is_installed_it_holds_the_program() {
+        if tools::DPKG_QUERY.command().arg("--version").output().is_err() {
+            println!("SKIPPED where_a_package_is_installed_it_holds_the_program: no dpkg on this machine");
+            return;
+        }
+        let (mut checked, mut absent) = (0, Vec::new());
+        for t in tools::ALL {
+            let pkg = match t.source {
+                Source::Apt(p) | Source::Base(p) => p,
+                _ => continue,
+            };
+            let files = tools::DPKG_QUERY.command().args(["-L", pkg]).output().expect("dpkg-query -L");
+            if !files.status.success() {
+                absent.push(pkg);
+                continue;
+            }
+            let files = String::from_utf8_lossy(&files.stdout);
+            let holds = files.lines().any(|f| if t.program.starts_with('/') { f == t.program } else { f.ends_with(&format!("bin/{}", t.program)) });
+            assert!(holds, "Debian package {pkg} holds no {} (the table says it provides it)", t.program);
+            if let Source::Base(p) = t.source {
+                let prio = tools::DPKG_QUERY.command().args(["-W", "-f=${Essential} ${Priority}", p]).output().expect("dpkg-query -W");
+                let prio = String::from_utf8_lossy(&prio.stdout).to_string();
+                assert!(prio.starts_with("yes") || prio.ends_with("required"), "{p} is neither Essential nor required ({prio}): setup must install it");
+            }
+            checked += 1;
+        }
+        println!("checked {checked} tools against dpkg; packages not installed here: {absent:?}");
+    }
+
+    /// Every call site goes through the table: no program started by a name written at the call.
+    #[test]
+    fn no_call_site_names_a_program() {
+        let root = crate::workspace_root();
+        let mut bad = Vec::new();
+        let mut stack: Vec<PathBuf> = ["cnitrace", "xtask", "tests"].iter().map(|d| root.join(d)).collect();
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                stack.extend(std::fs::read_dir(&p).expect("read a source folder").filter_map(|e| e.ok()).map(|e| e.path()));
+                continue;
+            }
+            if p.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).expect("read a source file");
+            for (i, line) in text.lines().enumerate() {
+                // The patterns, split so this file does not match itself.
+                let literal_program = line.contains(concat!("Command::new", "(\""));
+                let netns_exec = line.contains(concat!("\"netns\", ", "\"exec\""));
+                if literal_program || netns_exec {
+                    bad.push(format!("{}:{}: {}", p.strip_prefix(&root).unwrap_or(&p).display(), i + 1, line.trim()));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "programs started without cnitrace_tools (use tools::X.command() / .in_netns(ns)):\n{}", bad.join("\n"));
+    }
+
+    #[test]
+    fn apt_removals_are_read_from_a_simulated_run() {
+        let sim = "Inst kmod (30+20221128-1 Debian:12.15/oldstable [amd64])\nRemv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\n";
+        assert_eq!(parse_removals(sim), vec![("qemu-utils".to_string(), "1:10.0.2+ds-2+deb13u1~bpo12+1".to_string())]);
     }
 }
