@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use cnitrace_tools::{self as tools, Tool};
 
 /// The matrix: one Debian release per kernel line, the suites to look in (security first: newer).
 pub struct KernelSpec {
@@ -42,15 +43,9 @@ pub const DEFAULT_KERNELS: &[&str] = &["5.10"];
 /// points, the seed incident, healthy paths, each fault breaking its paths, and what differs by kernel.
 pub const DEFAULT_FILTERS: &[&str] = &["follow::", "kernels::", "fix::every_fault", "lab::each_fault"];
 
-/// Host packages the VMs need: qemu (TCG), udev (virtme-ng's init), kmod (depmod for the extracted
-/// modules), file (virtme-ng reads the image's version with it), xz-utils (Debian's package indexes),
-/// and the libraries virtiofsd builds against.
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "udev", "kmod", "file", "xz-utils", "libseccomp-dev", "libcap-ng-dev"];
-const VIRTME_NG: &str = "virtme-ng==1.42";
-/// The Rust virtiofsd (Debian 12 has none; qemu's old C one is not used by virtme-ng). With it the
-/// guest's shared root is virtiofs with caching instead of uncached 9p: measured on 6.1 under TCG,
-/// `cnitrace --version` 0.87 s → 0.10 s and `lab up` 11.1 s → 8.2 s.
-const VIRTIOFSD: &str = "virtiofsd@1.14.0";
+// The Rust virtiofsd (setup's CARGO_INSTALLS; Debian 12 has none, and qemu's old C one is not used by
+// virtme-ng): with it the guest's shared root is virtiofs with caching instead of uncached 9p. Measured
+// on 6.1 under TCG: `cnitrace --version` 0.87 s → 0.10 s and `lab up` 11.1 s → 8.2 s.
 
 pub fn spec(name: &str) -> Result<&'static KernelSpec> {
     KERNELS.iter().find(|k| k.name == name).with_context(|| {
@@ -77,7 +72,7 @@ pub struct Kernel {
 /// Installs what booting needs (idempotent): the host packages, virtme-ng, and the kernels asked for.
 /// Returns whether anything was installed.
 pub fn ensure(kernels: &[&str]) -> Result<bool> {
-    let mut did = crate::setup::ensure_packages(VM_PACKAGES)?;
+    let mut did = crate::setup::ensure_packages(crate::setup::VM_PACKAGES)?;
     did |= ensure_runner()?;
     for k in kernels {
         did |= ensure_kernel(spec(k)?)?.1;
@@ -101,39 +96,36 @@ fn virtiofsd_root() -> PathBuf {
 
 fn ensure_runner() -> Result<bool> {
     let mut did = false;
-    if !virtiofsd_root().join("bin/virtiofsd").exists() {
-        println!("setup: cargo install {VIRTIOFSD} into {} (about 1 min)", virtiofsd_root().display());
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["install", VIRTIOFSD, "--locked", "--root"])
+    if !virtiofsd_root().join("bin").join(tools::VIRTIOFSD.program).exists() {
+        let krate = format!("virtiofsd@{}", crate::setup::cargo_version("virtiofsd"));
+        println!("setup: cargo install {krate} into {} (about 1 min)", virtiofsd_root().display());
+        let st = crate::setup::cargo_command()
+            .args(["install", &krate, "--locked", "--root"])
             .arg(virtiofsd_root())
             .env("PATH", crate::setup::path_with_cargo_bin())
             .status()
             .context("run cargo install")?;
         if !st.success() {
-            bail!("cargo install {VIRTIOFSD} failed");
+            bail!("cargo install {krate} failed");
         }
         did = true;
     }
-    let vng = venv().join("bin/vng");
+    let vng = venv().join("bin").join(tools::VNG.program);
     if vng.exists() {
         return Ok(did);
     }
     std::fs::create_dir_all(cache_dir())?;
-    println!("setup: virtme-ng ({VIRTME_NG}) into {}", venv().display());
-    let mut made = Command::new("python3").args(["-m", "venv"]).arg(venv()).status().map(|s| s.success()).unwrap_or(false);
-    if !made {
-        // Debian's own python3 needs python3-venv for this.
-        crate::setup::ensure_packages(&["python3-venv"])?;
-        made = Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(venv()).status().context("python3 -m venv")?.success();
-    }
-    if !made {
+    let (pkg, version) = crate::setup::PIP_INSTALLS.iter().find(|(p, _)| *p == "virtme-ng").expect("virtme-ng in PIP_INSTALLS");
+    let spec = format!("{pkg}=={version}");
+    println!("setup: {spec} into {}", venv().display());
+    // Debian's python3 (python3-venv is in VM_PACKAGES): the same on every machine of this kind.
+    if !tools::PYTHON3.command().args(["-m", "venv"]).arg(venv()).status().context("python3 -m venv")?.success() {
         bail!("could not create a Python venv for virtme-ng at {}", venv().display());
     }
-    let st = Command::new(venv().join("bin/pip")).args(["install", "-q", VIRTME_NG]).status().context("run pip")?;
+    let st = Command::new(venv().join("bin/pip")).args(["install", "-q", &spec]).status().context("run pip")?;
     if !st.success() {
         let _ = std::fs::remove_dir_all(venv());
-        bail!("pip install {VIRTME_NG} failed");
+        bail!("pip install {spec} failed");
     }
     Ok(true)
 }
@@ -154,13 +146,13 @@ fn ensure_kernel(spec: &KernelSpec) -> Result<(Kernel, bool)> {
     let root = dir.join("root");
     for (url, _) in &parts {
         let deb = dir.join("part.deb");
-        run("curl", &["-sSf", "--retry", "3", "-o", path_str(&deb)?, url])?;
-        run("dpkg-deb", &["-x", path_str(&deb)?, path_str(&root)?])?;
+        run(&tools::CURL, &["-sSf", "--retry", "3", "-o", path_str(&deb)?, url])?;
+        run(&tools::DPKG_DEB, &["-x", path_str(&deb)?, path_str(&root)?])?;
         std::fs::remove_file(&deb)?;
     }
     let release = release_in(&root)?;
     // The package's postinst would run depmod; virtme-ng needs modules.dep to pick 9p, virtio, overlay.
-    run("depmod", &["-b", path_str(&modules_base(&root))?, &release])?;
+    run(&tools::DEPMOD, &["-b", path_str(&modules_base(&root))?, &release])?;
     std::fs::write(dir.join("package"), &package)?;
     println!("setup: kernel {} ({release}) ready in {:.0} s", spec.name, t0.elapsed().as_secs_f64());
     let k = cached_kernel(spec, &dir).context("the extracted kernel package has no vmlinuz")?;
@@ -205,8 +197,9 @@ fn newest_package(spec: &KernelSpec) -> Result<Vec<(String, String)>> {
     let prefix = format!("linux-image-{}.", spec.name);
     for (archive, suite) in spec.suites {
         let index = format!("{archive}/dists/{suite}/main/binary-amd64/Packages.xz");
-        let out = Command::new("sh")
-            .args(["-c", &format!("curl -sSf --retry 3 '{index}' | xz -dc")])
+        let out = tools::SH
+            .command()
+            .args(["-c", &format!("{} -sSf --retry 3 '{index}' | {} -dc", tools::CURL.program, tools::XZ.program)])
             .output()
             .context("download a Debian package index")?;
         if !out.status.success() {
@@ -260,24 +253,35 @@ pub struct Column {
     pub broken: Option<String>,
 }
 
+/// How often the guest logs its memory to the console (the suite's writes live in the guest's RAM).
+const MEMORY_EVERY_S: u32 = 20;
+
 /// Boots `kernel` and runs the kernel test binary inside it; streams the guest's output and returns
-/// the column. `timeout` bounds the whole boot + suite.
-/// `console`: also boot verbosely and keep the guest's kernel console (stderr) beside the log.
-pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize, console: bool) -> Result<Column> {
-    let vng = venv().join("bin/vng");
+/// the column. `timeout` bounds the whole boot + suite. The guest's stderr (virtme-ng's and the
+/// kernel's console: `--verbose`) is always kept beside the log, with a memory line every
+/// [`MEMORY_EVERY_S`] s, so a guest that dies says why in the matrix.
+pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize) -> Result<Column> {
+    let vng = venv().join("bin").join(tools::VNG.program);
     // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM.
-    let mut guest = format!("export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}", sh_quote(path_str(cnitrace_bin)?), sh_quote(path_str(test_bin)?));
+    let mut guest = format!(
+        "( while :; do set -- $({awk} '/^(MemTotal|MemAvailable|Shmem):/{{print $2}}' /proc/meminfo); echo \"cnitrace-vm: memory total $1 kB available $2 kB shmem $3 kB\" >&2; sleep {MEMORY_EVERY_S}; done ) & \
+         export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}",
+        sh_quote(path_str(cnitrace_bin)?),
+        sh_quote(path_str(test_bin)?),
+        awk = tools::AWK.program,
+    );
     for a in args {
         guest.push(' ');
         guest.push_str(&sh_quote(a));
     }
     let path = format!("{}:{}:{}", venv().join("bin").display(), virtiofsd_root().join("bin").display(), std::env::var("PATH").unwrap_or_default());
     let t0 = Instant::now();
-    let mut child = Command::new("timeout")
+    let mut child = tools::TIMEOUT
+        .command()
         .args(["--kill-after=20", &format!("{}", timeout.as_secs())])
         .arg(&vng)
-        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", &cpus.to_string(), "--memory", "2G", "--cwd", "/"])
-        .args(console.then_some("--verbose"))
+        .args(["--run", path_str(&kernel.vmlinuz)?, "--disable-kvm", "--cpus", &cpus.to_string(), "--memory", GUEST_MEMORY, "--cwd", "/"])
+        .arg("--verbose")
         .arg("--")
         .arg(&guest)
         .env("PATH", path)
@@ -292,21 +296,22 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     let name = kernel.name.clone();
     let forward = std::thread::spawn(move || {
         let mut kept = String::new();
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            eprintln!("[{name}] {line}");
-            if console {
-                kept.push_str(&line);
-                kept.push('\n');
+        for line in BufReader::new(stderr).split(b'\n').map_while(|l| l.ok()) {
+            let line = String::from_utf8_lossy(&line);
+            // Memory lines go to the console file only: one every 20 s would bury the test output.
+            if !line.starts_with("cnitrace-vm: memory") {
+                eprintln!("[{name}] {line}");
             }
+            kept.push_str(&line);
+            kept.push('\n');
         }
         kept
     });
     let (text, clock) = stream(child.stdout.take().expect("piped"), &format!("[{}] ", kernel.name));
     let status = child.wait()?;
-    let console_text = forward.join().unwrap_or_default();
-    if console {
-        std::fs::write(log.with_extension("console.log"), console_text)?;
-    }
+    let console = forward.join().unwrap_or_default();
+    let console_log = log.with_extension("console.log");
+    std::fs::write(&console_log, &console)?;
     let elapsed = t0.elapsed();
     std::fs::write(log, &text)?;
     let results = parse_libtest(&text);
@@ -320,7 +325,32 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     } else {
         stopped_early(&text).map(|s| format!("{s} (exit {:?}); see {}", status.code(), log.display()))
     };
+    let broken = broken.map(|b| format!("{b}; {}", why_the_guest_ended(&console, &console_log)));
     Ok(Column { kernel: kernel.name.clone(), release: kernel.release.clone(), results, seconds: clock.seconds, elapsed, broken })
+}
+
+/// The guest's memory (`--memory`): its RAM also holds every write of the suite (the shared root is
+/// read-only; writes land in a tmpfs overlay).
+const GUEST_MEMORY: &str = "2G";
+
+/// What the console says about a guest that ended early: the kernel's or virtme-ng's own words where
+/// they name a cause (out of memory, a panic, an oops, virtiofsd), and the last memory line.
+pub fn why_the_guest_ended(console: &str, path: &Path) -> String {
+    const SIGNS: &[&str] = &["Out of memory", "oom-kill", "Kernel panic", "BUG:", "Oops", "general protection", "virtiofsd", "Traceback", "Error", "error:"];
+    let said: Vec<&str> = console.lines().filter(|l| SIGNS.iter().any(|s| l.contains(s))).take(3).collect();
+    let memory = console.lines().rev().find_map(|l| l.strip_prefix("cnitrace-vm: memory ")).and_then(|m| {
+        let n: Vec<u64> = m.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        (n.len() == 3).then(|| format!("last memory reading: {} MiB available of {} MiB, {} MiB in tmpfs", n[1] / 1024, n[0] / 1024, n[2] / 1024))
+    });
+    let mut parts = Vec::new();
+    if said.is_empty() {
+        parts.push("the console names no cause".to_string());
+    } else {
+        parts.push(format!("console: {}", said.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" | ")));
+    }
+    parts.extend(memory);
+    parts.push(format!("console kept in {}", path.display()));
+    parts.join("; ")
 }
 
 /// Runs the kernel test binary on the host kernel, streaming and parsing its output like a VM's.
@@ -441,10 +471,10 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
-fn run(prog: &str, args: &[&str]) -> Result<()> {
-    let st = Command::new(prog).args(args).status().with_context(|| format!("run {prog}"))?;
+fn run(tool: &Tool, args: &[&str]) -> Result<()> {
+    let st = tool.command().args(args).status().with_context(|| format!("run {}", tool.program))?;
     if !st.success() {
-        bail!("`{prog} {}` failed", args.join(" "));
+        bail!("`{} {}` failed", tool.program, args.join(" "));
     }
     Ok(())
 }
@@ -452,6 +482,19 @@ fn run(prog: &str, args: &[&str]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_that_died_says_why() {
+        let console = "cnitrace-vm: memory total 2000000 kB available 1500000 kB shmem 10240 kB\n\
+                       [  601.2] Out of memory: Killed process 412 (kernel-1234) total-vm:1kB\n\
+                       cnitrace-vm: memory total 2000000 kB available 20480 kB shmem 1024000 kB\n";
+        let why = why_the_guest_ended(console, Path::new("/x/5.10.console.log"));
+        assert_eq!(
+            why,
+            "console: [  601.2] Out of memory: Killed process 412 (kernel-1234) total-vm:1kB; last memory reading: 20 MiB available of 1953 MiB, 1000 MiB in tmpfs; console kept in /x/5.10.console.log"
+        );
+        assert!(why_the_guest_ended("", Path::new("c")).starts_with("the console names no cause"));
+    }
 
     #[test]
     fn a_run_that_ends_before_the_summary_is_broken() {
