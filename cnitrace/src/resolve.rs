@@ -73,9 +73,25 @@ pub trait Resolver {
     fn resolve(&self, ip: Ipv4Addr) -> Result<Endpoint>;
 }
 
+/// How namespaces name each other: the nsid `target` has as seen from `from`, which `from`'s links carry
+/// as IFLA_LINK_NETNSID for a peer in `target`. None where `target` has none there.
+pub trait NsIds {
+    fn nsid(&self, from: &NetNs, target: &NetNs) -> Option<i32>;
+}
+
+/// The kernel's answer (RTM_GETNSID from inside `from`).
+pub struct KernelNsIds;
+
+impl NsIds for KernelNsIds {
+    fn nsid(&self, from: &NetNs, target: &NetNs) -> Option<i32> {
+        state::nsid_of(&from.path, &target.path).ok().flatten()
+    }
+}
+
 /// Looks addresses up in every network namespace of the host.
 pub struct HostResolver {
     spaces: Vec<(NetNs, NsState)>,
+    nsids: Box<dyn NsIds>,
 }
 
 impl HostResolver {
@@ -88,12 +104,25 @@ impl HostResolver {
                 spaces.push((ns, st));
             }
         }
-        Ok(HostResolver { spaces })
+        Ok(HostResolver { spaces, nsids: Box::new(KernelNsIds) })
     }
 
-    /// A resolver over given namespaces (tests, recorded states).
-    pub fn from_spaces(spaces: Vec<(NetNs, NsState)>) -> Self {
-        HostResolver { spaces }
+    /// A resolver over given namespaces and what they call each other (tests, recorded states).
+    pub fn from_spaces(spaces: Vec<(NetNs, NsState)>, nsids: Box<dyn NsIds>) -> Self {
+        HostResolver { spaces, nsids }
+    }
+
+    /// The other end of `link` (a veth in `ns`): the veth elsewhere that names this link as its peer and
+    /// that this link names as its own, in the namespace this link's IFLA_LINK_NETNSID designates.
+    /// Interface indexes repeat from one namespace to the next (several nodes' namespaces on one host:
+    /// the lab, kind, k3d), so the indexes only pick candidates; the namespace id decides. A link whose
+    /// peer namespace is not among those scanned has no other end here: None, never a guess.
+    fn peer_of(&self, ns: &NetNs, link: &state::Link) -> Option<(&NetNs, &state::Link)> {
+        let nsid = link.peer_netnsid?;
+        self.spaces.iter().filter(|(other, _)| other.inode != ns.inode).find_map(|(other, ost)| {
+            let peer = ost.links.iter().find(|l| l.kind == "veth" && l.peer_ifindex == Some(link.ifindex) && Some(l.ifindex) == link.peer_ifindex)?;
+            (self.nsids.nsid(ns, other) == Some(nsid)).then_some((other, peer))
+        })
     }
 
     pub fn namespace(&self, inode: u32) -> Option<&NetNs> {
@@ -147,17 +176,10 @@ impl Resolver for HostResolver {
             return Ok(Endpoint::Remote(ip));
         };
         let link = st.link(ifindex).expect("hit on a known link");
-        // The host end: a veth elsewhere whose peer is this link, and whose ifindex this link names as peer.
-        let node = if link.kind == "veth" {
-            self.spaces.iter().filter(|(other, _)| other.inode != ns.inode).find_map(|(other, ost)| {
-                ost.links
-                    .iter()
-                    .find(|l| l.kind == "veth" && l.peer_ifindex == Some(link.ifindex) && Some(l.ifindex) == link.peer_ifindex)
-                    .map(|hl| NodeSide { netns: nsref(other), host_veth: hl.name.clone(), host_ifindex: hl.ifindex })
-            })
-        } else {
-            None
-        };
+        let node = (link.kind == "veth")
+            .then(|| self.peer_of(ns, link))
+            .flatten()
+            .map(|(other, hl)| NodeSide { netns: nsref(other), host_veth: hl.name.clone(), host_ifindex: hl.ifindex });
         Ok(Endpoint::Local(LocalEndpoint {
             ip,
             display: display_ns(ns),
@@ -176,6 +198,8 @@ pub fn display_name_of(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::state::{Addr, Link};
 
@@ -184,21 +208,38 @@ mod tests {
         (n, NsState { inode, name: name.into(), links, addrs, ..Default::default() })
     }
 
-    fn veth(ifindex: u32, name: &str, peer: u32) -> Link {
-        Link { ifindex, name: name.into(), kind: "veth".into(), admin_up: true, peer_ifindex: Some(peer), ..Default::default() }
+    /// `veth(ifindex, name, peer ifindex, peer's nsid as seen from here)`
+    fn veth(ifindex: u32, name: &str, peer: u32, nsid: i32) -> Link {
+        Link { ifindex, name: name.into(), kind: "veth".into(), admin_up: true, peer_ifindex: Some(peer), peer_netnsid: Some(nsid), ..Default::default() }
     }
 
     fn addr(ifindex: u32, ip: &str) -> Addr {
         Addr { ifindex, addr: ip.parse().unwrap(), prefix: 24, broadcast: None }
     }
 
+    /// (from inode, target inode) → nsid.
+    struct Ids(BTreeMap<(u32, u32), i32>);
+
+    impl NsIds for Ids {
+        fn nsid(&self, from: &NetNs, target: &NetNs) -> Option<i32> {
+            self.0.get(&(from.inode, target.inode)).copied()
+        }
+    }
+
+    fn ids(pairs: &[((u32, u32), i32)]) -> Box<dyn NsIds> {
+        Box::new(Ids(pairs.iter().copied().collect()))
+    }
+
     #[test]
     fn a_pod_is_found_with_its_node_through_the_veth_peer() {
-        let r = HostResolver::from_spaces(vec![
-            ns(1, "node", vec![veth(7, "veth1234", 2), veth(8, "veth5678", 2)], vec![]),
-            ns(2, "x-pod-debug", vec![veth(2, "eth0", 7)], vec![addr(2, "10.244.0.20")]),
-            ns(3, "x-pod-jellyfin", vec![veth(2, "eth0", 8)], vec![addr(2, "10.244.0.19")]),
-        ]);
+        let r = HostResolver::from_spaces(
+            vec![
+                ns(1, "node", vec![veth(7, "veth1234", 2, 0), veth(8, "veth5678", 2, 1)], vec![]),
+                ns(2, "x-pod-debug", vec![veth(2, "eth0", 7, 0)], vec![addr(2, "10.244.0.20")]),
+                ns(3, "x-pod-jellyfin", vec![veth(2, "eth0", 8, 0)], vec![addr(2, "10.244.0.19")]),
+            ],
+            ids(&[((2, 1), 0), ((3, 1), 0)]),
+        );
         let Endpoint::Local(l) = r.resolve("10.244.0.19".parse().unwrap()).unwrap() else { panic!("local") };
         assert_eq!(l.display, "jellyfin");
         let node = l.node.expect("its node");
@@ -206,12 +247,38 @@ mod tests {
         assert!(matches!(r.resolve("10.244.1.10".parse().unwrap()).unwrap(), Endpoint::Remote(_)));
     }
 
+    /// Two nodes on one host whose interfaces were made in the same order: node-a's veth and node-b's
+    /// have the same ifindex and name the same peer ifindex. Only the namespace id tells them apart
+    /// (issue 17: the source pod of a cross-node pair was placed on the other node).
+    #[test]
+    fn colliding_interface_indexes_do_not_move_a_pod_to_another_node() {
+        let spaces = || {
+            vec![
+                ns(10, "node-a", vec![veth(3, "vethaaaa", 2, 0)], vec![]),
+                ns(20, "node-b", vec![veth(3, "vethbbbb", 2, 0)], vec![]),
+                ns(11, "pod-a", vec![veth(2, "eth0", 3, 0)], vec![addr(2, "10.1.0.2")]),
+                ns(21, "pod-b", vec![veth(2, "eth0", 3, 0)], vec![addr(2, "10.1.1.2")]),
+            ]
+        };
+        // Each pod sees its own node as nsid 0 and the other node not at all.
+        let r = HostResolver::from_spaces(spaces(), ids(&[((11, 10), 0), ((21, 20), 0), ((10, 11), 0), ((20, 21), 0)]));
+        for (ip, node, veth) in [("10.1.0.2", "node-a", "vethaaaa"), ("10.1.1.2", "node-b", "vethbbbb")] {
+            let Endpoint::Local(l) = r.resolve(ip.parse().unwrap()).unwrap() else { panic!("local") };
+            let n = l.node.unwrap_or_else(|| panic!("{ip} has a node"));
+            assert_eq!((n.netns.name.as_str(), n.host_veth.as_str()), (node, veth), "{ip}");
+        }
+        // A peer namespace the scan does not hold: no node, rather than the wrong one.
+        let r = HostResolver::from_spaces(spaces(), ids(&[]));
+        let Endpoint::Local(l) = r.resolve("10.1.1.2".parse().unwrap()).unwrap() else { panic!("local") };
+        assert!(l.node.is_none(), "{:?}", l.node);
+    }
+
     #[test]
     fn an_address_in_two_namespaces_is_an_error_naming_both() {
-        let r = HostResolver::from_spaces(vec![
-            ns(2, "a", vec![veth(2, "eth0", 7)], vec![addr(2, "10.244.0.20")]),
-            ns(3, "b", vec![veth(5, "eth1", 9)], vec![addr(5, "10.244.0.20")]),
-        ]);
+        let r = HostResolver::from_spaces(
+            vec![ns(2, "a", vec![veth(2, "eth0", 7, 0)], vec![addr(2, "10.244.0.20")]), ns(3, "b", vec![veth(5, "eth1", 9, 0)], vec![addr(5, "10.244.0.20")])],
+            ids(&[]),
+        );
         let e = r.resolve("10.244.0.20".parse().unwrap()).unwrap_err().to_string();
         assert!(e.contains("a (eth0)") && e.contains("b (eth1)"), "{e}");
     }

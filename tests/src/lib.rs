@@ -195,6 +195,50 @@ impl Drop for LabGuard {
     }
 }
 
+/// Namespaces a test builds by hand with `ip` (layouts the lab does not build: other names, other
+/// subnets, interface orders), deleted when dropped, also on panic. Holds the kernel like a lab does.
+pub struct HandLayout {
+    prefix: String,
+    names: Vec<String>,
+    _kernel: MutexGuard<'static, ()>,
+}
+
+impl HandLayout {
+    /// Namespaces `<prefix>-<name>` for each name (leftovers of an earlier killed run removed first).
+    pub fn new(prefix: &str, names: &[&str]) -> HandLayout {
+        let kernel = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+        let l = HandLayout { prefix: prefix.to_string(), names: names.iter().map(|n| format!("{prefix}-{n}")).collect(), _kernel: kernel };
+        for n in &l.names {
+            let _ = cnitrace::sys::run(&cnitrace_tools::IP, &["netns", "del", n]);
+            cnitrace::sys::run(&cnitrace_tools::IP, &["netns", "add", n]).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        l
+    }
+
+    /// The full namespace name of `name`.
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// `ip -n <ns> ARGS…`, one command a line of `script` (words split on spaces), panicking on failure.
+    pub fn ip(&self, name: &str, script: &str) {
+        let ns = self.ns(name);
+        for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let mut args = vec!["-n", ns.as_str()];
+            args.extend(line.split_whitespace());
+            cnitrace::sys::run(&cnitrace_tools::IP, &args).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+    }
+}
+
+impl Drop for HandLayout {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = cnitrace::sys::run(&cnitrace_tools::IP, &["netns", "del", n]);
+        }
+    }
+}
+
 /// What the lab under `PREFIX` left behind: namespaces, its state folder, and which of `server_pids`
 /// still run as lab servers.
 pub fn leftovers(server_pids: &[u32]) -> Vec<String> {

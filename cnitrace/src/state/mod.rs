@@ -203,6 +203,13 @@ pub fn rules_now() -> RuleSets {
     rules::read()
 }
 
+/// The nsid the namespace at `target` has as seen from the namespace at `from` (what links in `from`
+/// name as their peer's IFLA_LINK_NETNSID); None where it has none there.
+pub fn nsid_of(from: &std::path::Path, target: &std::path::Path) -> Result<Option<i32>> {
+    let target = target.to_path_buf();
+    netns::in_netns(from, move || netlink::nsid_of(&target))
+}
+
 /// The IPv4 routes of the namespace at `path`.
 pub fn routes(path: &std::path::Path) -> Result<Vec<Route>> {
     netns::in_netns(path, netlink::read_routes)

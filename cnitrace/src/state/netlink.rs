@@ -264,3 +264,40 @@ async fn neighbours(h: &Handle) -> Result<(Vec<Neigh>, Vec<Fdb>)> {
     }
     Ok((neighbours, fdb))
 }
+
+/// The nsid the namespace opened by `target` has as seen from the current thread's namespace
+/// (RTM_GETNSID with its fd, as `ip netns list-id` asks): what this namespace's links name in
+/// IFLA_LINK_NETNSID. None where it has none here.
+pub fn nsid_of(target: &std::path::Path) -> Result<Option<i32>> {
+    use std::os::fd::AsRawFd;
+
+    use futures_util::StreamExt;
+    use rtnetlink::{
+        packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST},
+        packet_route::{
+            nsid::{NsidAttribute, NsidMessage},
+            RouteNetlinkMessage,
+        },
+    };
+    let file = std::fs::File::open(target).with_context(|| format!("open namespace {}", target.display()))?;
+    runtime()?.block_on(async {
+        let (conn, mut handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+        tokio::spawn(conn);
+        let mut msg = NsidMessage::default();
+        msg.attributes = vec![NsidAttribute::Fd(file.as_raw_fd() as u32)];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut answers = handle.request(req).context("RTM_GETNSID")?;
+        while let Some(answer) = answers.next().await {
+            match answer.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    let id = m.attributes.iter().find_map(|a| if let NsidAttribute::Id(id) = a { Some(*id) } else { None });
+                    return Ok(id.filter(|id| *id >= 0));
+                }
+                NetlinkPayload::Error(e) => return Err(anyhow::anyhow!("RTM_GETNSID: {e}")),
+                _ => {}
+            }
+        }
+        Ok(None)
+    })
+}

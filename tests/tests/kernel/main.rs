@@ -6,3 +6,4 @@ mod fix;
 mod follow;
 mod kernels;
 mod lab;
+mod layouts;
