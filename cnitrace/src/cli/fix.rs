@@ -30,8 +30,8 @@ pub struct FixArgs {
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
     /// Seconds each trace waits for an answer or a drop.
-    #[arg(long, default_value_t = 5.0)]
-    timeout: f64,
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = super::trace_timeout)]
+    timeout: Duration,
 }
 
 fn addr(s: &str) -> Result<Ipv4Addr> {
@@ -64,16 +64,13 @@ pub fn run(args: FixArgs) -> Result<u8> {
     } else {
         Mode::DryRun
     };
-    if !(args.timeout > 0.0 && args.timeout <= 600.0) {
-        bail!("--timeout must be between 0 and 600 seconds");
-    }
     let req = FixRequest {
         pair,
         mode,
         allow_rule_removal: args.allow_rule_removal,
         confirm_timeout: args.confirm_timeout.map(Duration::from_secs_f64),
         state_dir,
-        trace_timeout: Duration::from_secs_f64(args.timeout),
+        trace_timeout: args.timeout,
     };
     fix::run(&req, &mut out)
 }

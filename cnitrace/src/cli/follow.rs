@@ -22,8 +22,8 @@ pub struct FollowArgs {
     #[arg(long, default_value_t = 1)]
     count: u32,
     /// Seconds to wait for an answer or a drop.
-    #[arg(long, default_value_t = 5.0)]
-    timeout: f64,
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = super::trace_timeout)]
+    timeout: Duration,
     /// ICMP payload size in bytes (MTU problems); sent with DF.
     #[arg(long)]
     size: Option<usize>,
@@ -73,9 +73,6 @@ impl FollowArgs {
     pub fn request(&self) -> Result<FollowRequest> {
         let src = addr(&self.src, "source")?;
         let dst = addr(&self.dst, "destination")?;
-        if !(self.timeout > 0.0 && self.timeout <= 600.0) {
-            bail!("--timeout must be between 0 and 600 seconds");
-        }
         if self.count == 0 || self.count > 100 {
             bail!("--count must be between 1 and 100");
         }
@@ -91,7 +88,7 @@ impl FollowArgs {
             all_events: self.all_events,
             hooks_only: self.hooks_only,
         };
-        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: Duration::from_secs_f64(self.timeout), size: self.size, opts })
+        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: self.timeout, size: self.size, opts })
     }
 }
 

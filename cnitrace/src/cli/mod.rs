@@ -34,6 +34,16 @@ enum Command {
     },
 }
 
+/// `--timeout SECS`: more than 0, at most 600 (the longest any trace waits).
+fn trace_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs > 0.0 && secs <= 600.0 {
+        Ok(std::time::Duration::from_secs_f64(secs))
+    } else {
+        Err(format!("{s} s is out of range: give more than 0 and at most 600 seconds"))
+    }
+}
+
 /// Parses, runs, and maps the outcome to the documented exit code. Errors are printed once, as a chain.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -55,6 +65,30 @@ pub fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cnitrace: {e:#}");
             exit::code(exit::USAGE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage_error(args: &[&str]) -> String {
+        match Cli::try_parse_from(args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_timeout_out_of_range_says_the_range_it_needs() {
+        for cmd in [&["cnitrace", "follow", "10.0.0.1", "10.0.0.2"][..], &["cnitrace", "fix", "10.0.0.1", "10.0.0.2"]] {
+            for bad in ["0", "-0.5", "601"] {
+                let e = usage_error(&[cmd, &[&format!("--timeout={bad}")]].concat());
+                assert!(e.contains("give more than 0 and at most 600 seconds"), "{cmd:?} --timeout {bad}: {e}");
+            }
+            assert!(usage_error(&[cmd, &["--timeout", "soon"]].concat()).contains("not a number of seconds"));
+            assert!(Cli::try_parse_from([cmd, &["--timeout", "0.5"]].concat()).is_ok());
         }
     }
 }

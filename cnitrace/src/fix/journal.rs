@@ -97,13 +97,27 @@ impl Journal {
         Ok(())
     }
 
+    /// The fix `id`, or the newest one. An unreadable journal file stops only what it may be: the fix
+    /// asked for by its id, or — without an id — the newest fix when the file is newer than every
+    /// readable one (rolling back an older fix in its place would undo the wrong change).
     pub fn load(dir: &Path, id: Option<&str>) -> Result<Journal> {
-        let all = list(dir)?;
-        let j = match id {
-            Some(id) => all.into_iter().find(|j| j.id == id).ok_or_else(|| anyhow!("no fix {id} in the journal"))?,
-            None => all.into_iter().last().ok_or_else(|| anyhow!("the journal holds no fix yet"))?,
-        };
-        Ok(j)
+        let Listing { journals, unreadable } = list(dir)?;
+        let bad = |u: &Unreadable| anyhow!("the journal of fix {} cannot be read ({}): {}; nothing was changed", u.id, u.path.display(), u.error);
+        match id {
+            Some(id) => match journals.into_iter().find(|j| j.id == id) {
+                Some(j) => Ok(j),
+                None => Err(unreadable.iter().find(|u| u.id == id).map(bad).unwrap_or_else(|| anyhow!("no fix {id} in the journal"))),
+            },
+            None => {
+                let newest = journals.into_iter().last();
+                let newer_bad = unreadable.iter().filter(|u| newest.as_ref().is_none_or(|j| id_order(&u.id) > id_order(&j.id))).max_by_key(|u| id_order(&u.id));
+                match (newest, newer_bad) {
+                    (_, Some(u)) => Err(bad(u).context("the newest fix cannot be rolled back; name another with --rollback ID")),
+                    (Some(j), None) => Ok(j),
+                    (None, None) => Err(anyhow!("the journal holds no fix yet")),
+                }
+            }
+        }
     }
 
     /// Undoes every step that was (or may have been) applied, newest first. Keeps going past errors and
@@ -134,20 +148,109 @@ impl Journal {
     }
 }
 
-/// Every journal, oldest first.
-pub fn list(dir: &Path) -> Result<Vec<Journal>> {
+/// A journal file that could not be read or parsed: named, never deleted.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// The fix id its file name gives.
+    pub id: String,
+    pub path: PathBuf,
+    pub error: String,
+}
+
+/// Every journal, oldest first, and the files that could not be read.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub journals: Vec<Journal>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A fix id (`<epoch seconds>-<pid>`) as something that sorts by time.
+fn id_order(id: &str) -> (u64, u64) {
+    let (s, p) = id.split_once('-').unwrap_or((id, "0"));
+    (s.parse().unwrap_or(0), p.parse().unwrap_or(0))
+}
+
+/// Every journal of `dir`, oldest first; a file that cannot be read is listed as such and the rest
+/// still are (one damaged file must not hide every other fix, nor block their rollback).
+pub fn list(dir: &Path) -> Result<Listing> {
     let jdir = dir.join("journal");
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(&jdir) else { return Ok(out) };
+    let mut out = Listing::default();
+    let rd = match std::fs::read_dir(&jdir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("read {}", jdir.display())),
+    };
     for e in rd.flatten() {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "json") {
-            let data = std::fs::read(&p)?;
-            let mut j: Journal = serde_json::from_slice(&data).with_context(|| format!("read {}", p.display()))?;
-            j.path = p;
-            out.push(j);
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let read = std::fs::read(&p).map_err(|e| e.to_string()).and_then(|data| serde_json::from_slice::<Journal>(&data).map_err(|e| e.to_string()));
+        match read {
+            Ok(mut j) => {
+                j.path = p;
+                out.journals.push(j);
+            }
+            Err(error) => {
+                let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                out.unreadable.push(Unreadable { id, path: p, error });
+            }
         }
     }
-    out.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+    out.journals.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+    out.unreadable.sort_by_key(|u| id_order(&u.id));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cnitrace-journal-test-{}-{}", std::process::id(), files.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("journal")).expect("a temp folder");
+        for (name, text) in files {
+            std::fs::write(dir.join("journal").join(name), text).expect("write a journal file");
+        }
+        dir
+    }
+
+    fn journal(id: &str, started: u64) -> String {
+        let j = Journal {
+            id: id.into(),
+            started,
+            src: Ipv4Addr::new(10, 0, 0, 1),
+            dst: Ipv4Addr::new(10, 0, 0, 2),
+            steps: Vec::new(),
+            outcome: Outcome::Fixed,
+            note: String::new(),
+            path: PathBuf::new(),
+        };
+        serde_json::to_string(&j).expect("serialize")
+    }
+
+    #[test]
+    fn one_unreadable_journal_hides_no_other_fix() {
+        let dir = dir_with(&[("100-1.json", &journal("100-1", 100)), ("200-2.json", "{ not json"), ("300-3.json", &journal("300-3", 300))]);
+        let l = list(&dir).expect("list");
+        assert_eq!(l.journals.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["100-1", "300-3"]);
+        assert_eq!(l.unreadable.len(), 1);
+        assert_eq!(l.unreadable[0].id, "200-2");
+        // The others load, by id and as the newest; the bad one is named, not guessed around.
+        assert_eq!(Journal::load(&dir, Some("100-1")).expect("by id").id, "100-1");
+        assert_eq!(Journal::load(&dir, None).expect("newest").id, "300-3");
+        let e = format!("{:#}", Journal::load(&dir, Some("200-2")).unwrap_err());
+        assert!(e.contains("200-2.json") && e.contains("cannot be read"), "{e}");
+        assert!(dir.join("journal/200-2.json").exists(), "nothing is deleted");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unreadable_newest_journal_is_not_replaced_by_an_older_fix() {
+        let dir = dir_with(&[("100-1.json", &journal("100-1", 100)), ("900-9.json", "")]);
+        let e = format!("{:#}", Journal::load(&dir, None).unwrap_err());
+        assert!(e.contains("the newest fix cannot be rolled back") && e.contains("900-9.json"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

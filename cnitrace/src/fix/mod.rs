@@ -309,11 +309,14 @@ pub fn rollback(state_dir: &Path, id: Option<&str>, out: &mut dyn Write) -> Resu
 
 /// `fix --history`.
 pub fn history(state_dir: &Path, out: &mut dyn Write) -> Result<u8> {
-    let all = journal::list(state_dir)?;
-    if all.is_empty() {
+    let journal::Listing { journals, unreadable } = journal::list(state_dir)?;
+    if journals.is_empty() && unreadable.is_empty() {
         writeln!(out, "no fixes yet")?;
     }
-    for j in all {
+    for u in &unreadable {
+        writeln!(out, "{}  UNREADABLE: {}: {}", u.id, u.path.display(), u.error)?;
+    }
+    for j in journals {
         let causes: Vec<&str> = j.steps.iter().map(|s| s.cause.as_str()).fold(Vec::new(), |mut v, c| {
             if !v.contains(&c) {
                 v.push(c);
