@@ -274,6 +274,13 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_is_named_by_its_whole_name_unless_it_is_the_labs() {
+        assert_eq!(display_name_of("kind-worker"), "kind-worker");
+        assert_eq!(display_name_of("k3d-dev-agent-0"), "k3d-dev-agent-0");
+        assert_eq!(display_name_of("cnitrace-storagenodet3501"), "storagenodet3501");
+    }
+
+    #[test]
     fn an_address_in_two_namespaces_is_an_error_naming_both() {
         let r = HostResolver::from_spaces(
             vec![ns(2, "a", vec![veth(2, "eth0", 7, 0)], vec![addr(2, "10.244.0.20")]), ns(3, "b", vec![veth(5, "eth1", 9, 0)], vec![addr(5, "10.244.0.20")])],

@@ -35,7 +35,7 @@ pub fn run(o: Options) -> Result<()> {
         vm::spec(k)?;
     }
     let bin = crate::build()?;
-    crate::cargo(&["test", "--release", "-p", "cnitrace-common", "-p", "cnitrace", "-p", "xtask"])?;
+    crate::cargo(&["test", "--release", "-p", "cnitrace-common", "-p", "cnitrace-tools", "-p", "cnitrace", "-p", "xtask"])?;
     // A snapshot of both binaries: a rebuild while a VM runs (minutes under emulation) must not change
     // what the guest executes.
     // One folder per run: two runs at once do not share binaries either.

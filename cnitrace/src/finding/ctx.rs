@@ -310,8 +310,9 @@ impl<'a> Ctx<'a> {
         Some(RemoteVtep { ip: n.ip, mac, underlay })
     }
 
-    /// Which node holds a given namespace inode's pod side, for wording.
+    /// A node's name in words: the same rule as every other namespace's ([`crate::resolve::display_name_of`]),
+    /// never a piece of the namespace's name (`kind-worker` was called `worker`).
     pub fn node_name(&self, node: &NsState) -> String {
-        node.name.rsplit_once('-').map(|(_, n)| n.to_string()).unwrap_or_else(|| node.name.clone())
+        crate::resolve::display_name_of(&node.name)
     }
 }

@@ -110,7 +110,21 @@ impl Action {
         }
     }
 
-    /// The command a person would have typed.
+    /// [`Action::command`] with every line after `first` and `rest` (an iptables action holds one
+    /// command per rule: a plan printed only its first line indented).
+    pub fn command_lines(&self, first: &str, rest: &str) -> String {
+        let cmd = self.command();
+        let mut lines = cmd.lines();
+        let mut out = format!("{first}{}", lines.next().unwrap_or(""));
+        for l in lines {
+            out.push('\n');
+            out.push_str(rest);
+            out.push_str(l);
+        }
+        out
+    }
+
+    /// The command a person would have typed (one line per command).
     pub fn command(&self) -> String {
         let route = |verb: &str, ns: &Target, dst: &Ipv4Addr, prefix: &u8, gw: &Option<Ipv4Addr>, ifname: &str, onlink: &bool| {
             let dst = if *prefix == 0 { "default".to_string() } else { format!("{dst}/{prefix}") };
@@ -360,5 +374,20 @@ mod tests {
         let root = Target { netns: "root".into(), path: "/proc/1/ns/net".into(), is_root: true };
         let a = Action::LinkUp { ns: root, ifname: "cni0".into() };
         assert_eq!(a.command(), "ip link set cni0 up");
+    }
+
+    #[test]
+    fn an_action_of_several_commands_is_indented_on_every_line() {
+        let a = Action::Iptables {
+            ns: lab_node(),
+            backend: "iptables-nft".into(),
+            table: "filter".into(),
+            lines: vec!["-A FORWARD -s 10.244.0.0/16 -j ACCEPT".into(), "-A FORWARD -d 10.244.0.0/16 -j ACCEPT".into()],
+        };
+        assert_eq!(
+            a.command_lines("  ", "  "),
+            "  ip netns exec cnitrace-storagenodet3500 iptables-nft -t filter -A FORWARD -s 10.244.0.0/16 -j ACCEPT\n  ip netns exec cnitrace-storagenodet3500 iptables-nft -t filter -A FORWARD -d 10.244.0.0/16 -j ACCEPT"
+        );
+        assert_eq!(a.command_lines("apply: ", "       ").lines().nth(1).map(|l| l.starts_with("       ip netns")), Some(true));
     }
 }

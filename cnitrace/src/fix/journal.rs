@@ -129,7 +129,7 @@ impl Journal {
                 continue;
             }
             let undo = self.steps[i].undo.clone();
-            writeln!(out, "  undo: {}", undo.command())?;
+            writeln!(out, "{}", undo.command_lines("  undo: ", "        "))?;
             match undo.apply() {
                 Ok(()) => {}
                 // Marked applying but never applied (a crash between the mark and the change).

@@ -154,7 +154,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             Remedy::RuleRemoval(s) => {
                 writeln!(out, "\nthe drop comes from a rule someone wrote; cnitrace removes it only with --allow-rule-removal:")?;
                 for st in &s {
-                    writeln!(out, "  {}", st.action.command())?;
+                    writeln!(out, "{}", st.action.command_lines("  ", "  "))?;
                 }
                 return finish_unfixed(journal, out, "rule removal not allowed");
             }
@@ -165,7 +165,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         };
         writeln!(out, "\nplan (round {round}, cause {}):", cause.id)?;
         for st in &steps {
-            writeln!(out, "  {}\n      # {}", st.action.command(), st.why)?;
+            writeln!(out, "{}\n      # {}", st.action.command_lines("  ", "  "), st.why)?;
         }
         match req.mode {
             Mode::DryRun => {
@@ -267,7 +267,7 @@ fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Wri
     for st in steps {
         j.steps.push(JournalStep { cause: cause.into(), why: st.why, action: st.action.clone(), undo: st.undo, state: StepState::Applying });
         j.sync()?;
-        writeln!(out, "apply: {}", st.action.command())?;
+        writeln!(out, "{}", st.action.command_lines("apply: ", "       "))?;
         st.action.apply()?;
         let last = j.steps.len() - 1;
         j.steps[last].state = StepState::Applied;
