@@ -119,6 +119,27 @@ impl Trace {
         self.packets.iter().any(|p| p.key.starts_with("arp 2") && p.events.iter().any(|e| e.packet.as_ref().is_some_and(|pk| pk.src == ip)))
     }
 
+    /// The ARP requests the trace shows asked (transmitted) and never answered, by target, oldest
+    /// first, each with every event of its request packets in time order.
+    pub fn unanswered_arp(&self) -> Vec<(std::net::Ipv4Addr, Vec<&TraceEvent>)> {
+        let mut out: Vec<(std::net::Ipv4Addr, Vec<&TraceEvent>)> = Vec::new();
+        for p in self.packets.iter().filter(|p| p.key.starts_with("arp 1")) {
+            let Some(target) = p.events.iter().find_map(|e| e.packet.as_ref().filter(|pk| pk.src != pk.dst).map(|pk| pk.dst)) else { continue };
+            if self.arp_reply_from(target) || !p.events.iter().any(|e| e.kind == Kind::Xmit) {
+                continue;
+            }
+            match out.iter_mut().find(|(t, _)| *t == target) {
+                Some((_, evs)) => evs.extend(p.events.iter()),
+                None => out.push((target, p.events.iter().collect())),
+            }
+        }
+        for (_, evs) in &mut out {
+            evs.sort_by_key(|e| e.t_ns);
+        }
+        out.sort_by_key(|(_, evs)| evs.first().map(|e| e.t_ns));
+        out
+    }
+
     /// Failed route lookups (err != 0 in a non-local table) for `dst`.
     pub fn route_failures(&self, dst: std::net::Ipv4Addr) -> impl Iterator<Item = &TraceEvent> {
         self.control.iter().filter(move |e| {

@@ -191,3 +191,27 @@ fn a_vxlan_packet_with_no_socket_is_the_drop_point_not_noise() {
     let v = load("vxlan-port-mismatch").replay();
     assert_eq!((v.function.as_deref(), v.reason.as_deref()), (Some("__udp4_lib_rcv"), Some("NO_SOCKET")), "{v:?}");
 }
+
+/// An ARP request nobody answered is a drop even when no catalog cause explains it (issue 17): the
+/// seed incident's trace, with the recorded state changed so that jellyfin's veth looks attached (no
+/// cause matches any more). Before, this was INCONCLUSIVE with whichever port happened to be last.
+#[test]
+fn an_unanswered_arp_with_no_known_cause_is_a_drop_at_the_hop_the_trail_proves() {
+    let mut rec = load(faults::SEED_FAULT);
+    let node = rec.states.dst_node.expect("jellyfin's node");
+    let veth = rec.states.dst_host_veth.expect("jellyfin's host veth");
+    let st = rec.states.by_inode.get_mut(&node).expect("the node's state");
+    let bridge = st.link_by_name("cni0").expect("cni0").ifindex;
+    st.links.iter_mut().find(|l| l.ifindex == veth).expect("the veth").master = Some(bridge);
+    let v = rec.replay();
+    assert_eq!(v.verdict, Outcome::Dropped, "{v:?}");
+    assert_eq!(v.exit_code(), 1);
+    assert_eq!(v.cause, None, "no cause is guessed: {v:?}");
+    assert_eq!((v.function.as_deref(), v.reason.as_deref()), (None, None), "no kernel drop is claimed: {v:?}");
+    assert_eq!(v.layer.as_deref(), Some("neighbour"));
+    assert!(v.explanation.contains("ARP request for 10.244.0.19") && v.explanation.contains("never reached jellyfin"), "{}", v.explanation);
+    // The furthest it got: the node's bridge (jellyfin's veth is no port of it in the real trace).
+    assert_eq!((v.netns.as_deref(), v.ifname.as_deref()), (Some("storagenodet3500"), Some("cni0")), "{v:?}");
+    assert!(v.explanation.contains("last seen on storagenodet3500 cni0"), "{}", v.explanation);
+    assert!(v.facts.iter().any(|f| f.starts_with("ARP request for 10.244.0.19 seen at: debug eth0 → storagenodet3500 veth")), "{:?}", v.facts);
+}

@@ -179,8 +179,64 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
                 missing: Vec::new(),
             }
         }
-        None => inconclusive(ctx, "the traffic was not answered, but no drop was seen and no known cause matches"),
+        None => match unanswered_arp(ctx) {
+            Some(v) => v,
+            None => inconclusive(ctx, "the traffic was not answered, but no drop was seen and no known cause matches"),
+        },
     }
+}
+
+/// An ARP request of the path that nobody answered is a drop whatever its cause: the kernel will drop
+/// the queued packet (NEIGH_FAILED). The verdict names the hop the trail proves — the target's own
+/// interface when the request reached it, else the last place the request was seen and that nobody
+/// there owns the address — and claims no kernel drop it did not see (function and reason null).
+fn unanswered_arp(ctx: &Ctx) -> Option<Verdict> {
+    let (target, events) = ctx.trace.unanswered_arp().into_iter().next()?;
+    let asker = events.iter().find(|e| e.kind == crate::event::Kind::Xmit)?;
+    let owner = ctx.states.by_inode.values().find(|st| st.addrs.iter().any(|a| a.addr == target && st.ifname(a.ifindex) != "lo"));
+    let reached = owner.and_then(|o| events.iter().copied().find(|e| e.netns == o.inode && e.kind == crate::event::Kind::Receive));
+    // The furthest the request got: its last transmit or receive outside the asker's namespace (a
+    // flood comes back to the asker's own port; a consume is a copy being freed).
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| e.netns != asker.netns && matches!(e.kind, crate::event::Kind::Xmit | crate::event::Kind::Receive))
+        .copied()
+        .unwrap_or(asker);
+    let (hop, explanation) = match (owner, reached) {
+        (Some(_), Some(r)) => (r, format!("the ARP request for {target} from {} {} reached {} {} and was not answered", asker.where_, asker.ifname, r.where_, r.ifname)),
+        (Some(o), None) => (
+            last,
+            format!(
+                "the ARP request for {target} from {} {} never reached {} (namespace {} holds {target}): it was last seen on {} {}",
+                asker.where_, asker.ifname, crate::resolve::display_name_of(&o.name), o.name, last.where_, last.ifname
+            ),
+        ),
+        (None, _) => (last, format!("the ARP request for {target} from {} {} was not answered: nobody on {} {} owns {target}", asker.where_, asker.ifname, last.where_, last.ifname)),
+    };
+    let mut facts = vec![format!(
+        "ARP request for {target} seen at: {}",
+        events.iter().filter(|e| matches!(e.kind, crate::event::Kind::Xmit | crate::event::Kind::Receive)).map(|e| format!("{} {}", e.where_, e.ifname)).fold(Vec::<String>::new(), |mut v, h| {
+            if !v.contains(&h) {
+                v.push(h);
+            }
+            v
+        }).join(" → ")
+    )];
+    facts.extend(ctx.probe_facts());
+    facts.extend(ctx.trail_facts());
+    Some(Verdict {
+        verdict: Outcome::Dropped,
+        cause: None,
+        layer: Some("neighbour".into()),
+        function: None,
+        reason: None,
+        ifname: Some(hop.ifname.clone()),
+        netns: Some(hop.where_.clone()),
+        explanation: format!("{explanation}; none of the known causes matches the node's state"),
+        facts,
+        missing: Vec::new(),
+    })
 }
 
 fn inconclusive(ctx: &Ctx, why: &str) -> Verdict {
