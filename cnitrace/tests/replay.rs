@@ -154,6 +154,23 @@ fn the_seed_fix_reattaches_jellyfins_veth_to_cni0() {
     assert!(steps[0].undo.command().ends_with(" nomaster"), "{}", steps[0].undo.command());
 }
 
+/// The kernel flushed jellyfin's routes when its eth0 went down: bringing the link up is not the whole
+/// repair (issue 17: the pair verified, jellyfin cut from the other node and the outside).
+#[test]
+fn a_pod_end_brought_up_gets_its_routes_back() {
+    let (_, remedy) = load("veth-down-pod").plan().expect("plan");
+    let cnitrace::fix::Remedy::Steps(steps) = remedy else { panic!("a safe fix") };
+    let cmds: Vec<String> = steps.iter().map(|s| s.action.command()).collect();
+    assert_eq!(
+        cmds,
+        [
+            "ip -n cnitrace-pod-jellyfin link set eth0 up",
+            "ip -n cnitrace-pod-jellyfin route add default via 10.244.0.1 dev eth0",
+            "ip -n cnitrace-pod-jellyfin route add 10.244.0.0/16 via 10.244.0.1 dev eth0",
+        ]
+    );
+}
+
 /// Recorded in a VM on Debian's 5.10 kernel (`cargo xtask test --kernel 5.10` boots the same one),
 /// whose kfree_skb carries no drop reason: every cause is still named, from the function that
 /// dropped, the trail and the node's state.

@@ -29,10 +29,13 @@ pub enum PathId {
     CrossNodeFullMtu,
     /// storagenodet3500 itself → web (what kubelet probes and node-local clients do).
     NodeToRemotePod,
+    /// jellyfin (the same-node pair's destination) → web: ping and HTTP 8096. A repair of jellyfin that
+    /// serves debug but leaves jellyfin cut from the other node shows here.
+    DestinationCrossNode,
 }
 
-pub const ALL_PATHS: [PathId; 5] =
-    [PathId::SameNode, PathId::CrossNode, PathId::External, PathId::CrossNodeFullMtu, PathId::NodeToRemotePod];
+pub const ALL_PATHS: [PathId; 6] =
+    [PathId::SameNode, PathId::CrossNode, PathId::External, PathId::CrossNodeFullMtu, PathId::NodeToRemotePod, PathId::DestinationCrossNode];
 
 impl PathId {
     pub fn name(self) -> &'static str {
@@ -42,6 +45,7 @@ impl PathId {
             PathId::External => "external",
             PathId::CrossNodeFullMtu => "cross-node-full-mtu",
             PathId::NodeToRemotePod => "node-to-remote-pod",
+            PathId::DestinationCrossNode => "destination-cross-node",
         }
     }
 }
@@ -73,6 +77,10 @@ pub fn check(lab: &Lab, path: PathId) -> PathResult {
             .and_then(|_| http(&debug, SocketAddr::new(EXTERNAL_IP.into(), EXTERNAL_PORT))),
         PathId::CrossNodeFullMtu => pod_mtu(&debug).and_then(|mtu| ping(&debug, &web.to_string(), Some(mtu - 28))),
         PathId::NodeToRemotePod => ping(&lab.node_ns(0), &web.to_string(), None),
+        PathId::DestinationCrossNode => {
+            let jf = lab.pod_ns("jellyfin");
+            ping(&jf, &web.to_string(), None).and_then(|_| http(&jf, SocketAddr::new(web.into(), HTTP_PORT)))
+        }
     };
     match r {
         Ok(()) => PathResult { path, ok: true, detail: "flows".into() },

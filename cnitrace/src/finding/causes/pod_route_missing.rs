@@ -1,7 +1,7 @@
 //! pod-route-missing: the source pod has no route to the destination (its default/cluster routes are gone).
 
 use crate::fix::{Action, Remedy, Step, Target};
-use crate::state::in_prefix;
+use crate::state::{in_prefix, NsState};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
@@ -34,10 +34,21 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 /// The routes the CNI bridge plugin gives a pod: default and the cluster network via the gateway.
 fn fix(ctx: &Ctx) -> Remedy {
     let (Some(pod), Some(node)) = (ctx.src_pod(), ctx.src_node()) else { return Remedy::NoSafeFix("no pod or node state".into()) };
-    let Some(eth) = ctx.pod_if(pod, ctx.src_ip()) else { return Remedy::NoSafeFix("no pod interface".into()) };
-    let Some(pod_addr) = pod.addrs.iter().find(|a| a.addr == ctx.src_ip()) else { return Remedy::NoSafeFix("no pod address".into()) };
+    match cni_routes(ctx, pod, ctx.src_ip(), node) {
+        Ok(steps) if steps.is_empty() => Remedy::NoSafeFix("the pod's routes are there now".into()),
+        Ok(steps) => Remedy::Steps(steps),
+        Err(why) => Remedy::NoSafeFix(why),
+    }
+}
+
+/// The steps that give `pod` (address `ip`, on `node`) back the routes the CNI bridge plugin gave it —
+/// default and the cluster network via the pod's gateway on the node's bridge — where they are missing.
+/// Also what the kernel removes with a pod's eth0 when the link goes down (the veth-down repair).
+pub(super) fn cni_routes(ctx: &Ctx, pod: &NsState, ip: std::net::Ipv4Addr, node: &NsState) -> Result<Vec<Step>, String> {
+    let eth = ctx.pod_if(pod, ip).ok_or("no pod interface")?;
+    let pod_addr = pod.addrs.iter().find(|a| a.addr == ip).ok_or("no pod address")?;
     let gw = ctx.pods_bridge(node).and_then(|b| node.addrs_of(b.ifindex).find(|a| in_prefix(a.addr, pod_addr.addr, pod_addr.prefix)).map(|a| a.addr));
-    let Some(gw) = gw else { return Remedy::NoSafeFix("the node's bridge holds no gateway in the pod's subnet".into()) };
+    let gw = gw.ok_or("the node's bridge holds no gateway in the pod's subnet")?;
     let (net, len) = ctx.cluster_cidr();
     let ns = Target::of(pod);
     let mut steps = Vec::new();
@@ -55,5 +66,5 @@ fn fix(ctx: &Ctx) -> Remedy {
         };
         steps.push(Step { action: mk(true), undo: mk(false), why: format!("the CNI bridge plugin routes {dst}/{prefix} via the gateway {gw}") });
     }
-    if steps.is_empty() { Remedy::NoSafeFix("the pod's routes are there now".into()) } else { Remedy::Steps(steps) }
+    Ok(steps)
 }

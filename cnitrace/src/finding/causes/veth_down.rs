@@ -46,7 +46,10 @@ fn arp_fact(ctx: &Ctx, ip: std::net::Ipv4Addr) -> String {
     }
 }
 
-/// Bring up the end that is down, in its own namespace.
+/// Bring up the end that is down, in its own namespace. A pod end that went down lost its routes with
+/// it (the kernel flushes the routes through a link it takes down; only the connected route comes back
+/// with the link): they are restored as the CNI plugin made them, or the pod reaches its own subnet and
+/// nothing else (seen: the pair verified, the pod cut from the other node and the outside).
 fn fix(ctx: &Ctx) -> Remedy {
     let sides = [
         (ctx.src_pod(), ctx.src_ip(), ctx.src_node(), ctx.src_host_veth()),
@@ -62,6 +65,12 @@ fn fix(ctx: &Ctx) -> Remedy {
                     undo: Action::LinkDown { ns, ifname: eth.name.clone() },
                     why: format!("the pod end of the veth is down in {}", pod.name),
                 });
+                if let Some(node) = node {
+                    match super::pod_route_missing::cni_routes(ctx, pod, ip, node) {
+                        Ok(routes) => steps.extend(routes.into_iter().map(|s| Step { why: format!("{} (the kernel removed it with {})", s.why, eth.name), ..s })),
+                        Err(why) => return Remedy::NoSafeFix(format!("{} is down and its routes cannot be rebuilt: {why}", eth.name)),
+                    }
+                }
             }
         }
         if let (Some(node), Some(host)) = (node, host) {
