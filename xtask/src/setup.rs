@@ -105,7 +105,8 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
         if release.is_empty() || !apt_removals(&with_keep).is_empty() {
             println!("setup: NOTE: to install {} apt removes {list} from this machine", pkgs.join(" "));
         } else {
-            println!("setup: NOTE: {} conflicts with this machine's {list}; installing {release}'s own version in its place (the program stays, older)", pkgs.join(" "));
+            let names = removed.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(" ");
+            println!("setup: NOTE: installing {} would make apt remove this machine's {list} (they conflict); {release}'s own {names} is installed in its place instead: the programs stay, at {release}'s version", pkgs.join(" "));
             wanted = with_keep;
             downgrades = true;
         }

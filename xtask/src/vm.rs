@@ -298,8 +298,9 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
         let mut kept = String::new();
         for line in BufReader::new(stderr).split(b'\n').map_while(|l| l.ok()) {
             let line = String::from_utf8_lossy(&line);
-            // Memory lines go to the console file only: one every 20 s would bury the test output.
-            if !line.starts_with("cnitrace-vm: memory") {
+            // The kernel's own lines ("[  12.345678] …") and the memory readings go to the console file
+            // only: thousands of them would bury the test output.
+            if !line.starts_with("cnitrace-vm: memory") && !kernel_line(&line) {
                 eprintln!("[{name}] {line}");
             }
             kept.push_str(&line);
@@ -327,6 +328,14 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     };
     let broken = broken.map(|b| format!("{b}; {}", why_the_guest_ended(&console, &console_log)));
     Ok(Column { kernel: kernel.name.clone(), release: kernel.release.clone(), results, seconds: clock.seconds, elapsed, broken })
+}
+
+/// A line of the kernel's console: "[  427.857411] device … entered promiscuous mode".
+fn kernel_line(line: &str) -> bool {
+    // Seconds and six digits of microseconds, as printk writes them.
+    line.strip_prefix('[').and_then(|r| r.split_once(']')).and_then(|(t, _)| t.trim().split_once('.')).is_some_and(|(s, us)| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) && us.len() == 6 && us.chars().all(|c| c.is_ascii_digit())
+    })
 }
 
 /// The guest's memory (`--memory`): its RAM also holds every write of the suite (the shared root is
@@ -482,6 +491,14 @@ fn run(tool: &Tool, args: &[&str]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_console_lines_are_told_apart() {
+        assert!(kernel_line("[  427.857411] device vethe09a07cd entered promiscuous mode"));
+        assert!(!kernel_line("[5.10] running 16 tests"));
+        assert!(!kernel_line("running 16 tests"));
+        assert!(!kernel_line("[] x"));
+    }
 
     #[test]
     fn a_guest_that_died_says_why() {
