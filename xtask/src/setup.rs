@@ -9,7 +9,7 @@
 use std::{path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
-use cnitrace_tools::{self as tools, Source, Tool};
+use cnitrace_tools::{self as tools, Tool};
 
 /// What building cnitrace, the lab and the host's kernel tests need.
 pub const HOST_PACKAGES: &[&str] = &[
@@ -234,6 +234,7 @@ pub fn path_with_cargo_bin() -> String {
 /// The tools whose source none of `apt`, `cargo`, `pip` installs, each as a line saying what is missing.
 #[cfg(test)]
 fn uncovered(table: &[Tool], apt: &[&str], cargo: &[&str], pip: &[&str]) -> Vec<String> {
+    use cnitrace_tools::Source;
     table
         .iter()
         .filter_map(|t| {
