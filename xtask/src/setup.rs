@@ -251,6 +251,8 @@ fn uncovered(table: &[Tool], apt: &[&str], cargo: &[&str], pip: &[&str]) -> Vec<
 
 #[cfg(test)]
 mod tests {
+    use cnitrace_tools::Source;
+
     use super::*;
 
     fn all_apt() -> Vec<&'static str> {
