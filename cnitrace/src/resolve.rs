@@ -41,6 +41,17 @@ pub struct NodeSide {
     pub host_ifindex: u32,
 }
 
+/// A pod of this host and the node it hangs off.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodOnNode {
+    pub ip: Ipv4Addr,
+    pub display: String,
+    pub netns: NsRef,
+    pub node: NsRef,
+    /// The node's address the pod routes through (its bridge's, in the pod's subnet).
+    pub gateway: Option<Ipv4Addr>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub enum Endpoint {
     Local(LocalEndpoint),
@@ -110,6 +121,27 @@ impl HostResolver {
     /// A resolver over given namespaces and what they call each other (tests, recorded states).
     pub fn from_spaces(spaces: Vec<(NetNs, NsState)>, nsids: Box<dyn NsIds>) -> Self {
         HostResolver { spaces, nsids }
+    }
+
+    /// Every pod on this host: an address on a veth whose other end is in another namespace (its node),
+    /// with the node's gateway for it (the address of the bridge the host end is a port of, in the pod's
+    /// subnet) where there is one. A detached or downed pod is still a pod of its node.
+    pub fn pods(&self) -> Vec<PodOnNode> {
+        let mut out = Vec::new();
+        for (ns, st) in &self.spaces {
+            for link in st.links.iter().filter(|l| l.kind == "veth") {
+                let Some((node, host)) = self.peer_of(ns, link) else { continue };
+                let node_st = self.spaces.iter().find(|(n, _)| n.inode == node.inode).map(|(_, s)| s);
+                for a in st.addrs_of(link.ifindex) {
+                    let gateway = node_st.and_then(|nst| {
+                        let bridge = host.master?;
+                        nst.addrs_of(bridge).find(|b| crate::state::in_prefix(b.addr, a.addr, a.prefix) && b.addr != a.addr).map(|b| b.addr)
+                    });
+                    out.push(PodOnNode { ip: a.addr, display: display_ns(ns), netns: nsref(ns), node: nsref(node), gateway });
+                }
+            }
+        }
+        out
     }
 
     /// The other end of `link` (a veth in `ns`): the veth elsewhere that names this link as its peer and
@@ -278,6 +310,25 @@ mod tests {
         assert_eq!(display_name_of("kind-worker"), "kind-worker");
         assert_eq!(display_name_of("k3d-dev-agent-0"), "k3d-dev-agent-0");
         assert_eq!(display_name_of("cnitrace-storagenodet3501"), "storagenodet3501");
+    }
+
+    #[test]
+    fn pods_are_listed_with_their_node_and_gateway() {
+        let mut node_a = ns(10, "node-a", vec![veth(3, "vethaaaa", 2, 0)], vec![addr(5, "10.1.0.1")]);
+        node_a.1.links[0].master = Some(5);
+        node_a.1.links.push(Link { ifindex: 5, name: "br0".into(), kind: "bridge".into(), ..Default::default() });
+        let r = HostResolver::from_spaces(
+            vec![
+                node_a,
+                ns(20, "node-b", vec![veth(3, "vethbbbb", 2, 0)], vec![]),
+                ns(11, "pod-a", vec![veth(2, "eth0", 3, 0)], vec![addr(2, "10.1.0.2")]),
+                ns(21, "pod-b", vec![veth(2, "eth0", 3, 0)], vec![addr(2, "10.1.1.2")]),
+            ],
+            ids(&[((11, 10), 0), ((21, 20), 0), ((10, 11), 0), ((20, 21), 0)]),
+        );
+        let pods: Vec<(String, String, Option<String>)> =
+            r.pods().into_iter().map(|p| (p.ip.to_string(), p.node.name, p.gateway.map(|g| g.to_string()))).collect();
+        assert_eq!(pods, [("10.1.0.2".into(), "node-a".into(), Some("10.1.0.1".into())), ("10.1.1.2".into(), "node-b".into(), None)]);
     }
 
     #[test]

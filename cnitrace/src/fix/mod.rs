@@ -1,10 +1,12 @@
 //! `fix`: plan → apply → verify. The diagnosis names a cause, the cause's file says how to repair it,
-//! every action is journaled with its undo before it runs, the pair is traced again, and if the fix did
-//! not help (or made a lab path worse) everything is rolled back.
+//! every action is journaled with its undo before it runs, the pair is traced again, the node's paths
+//! are checked again (`verify`), and if the fix did not help — or left a path of the node worse, or a
+//! repaired pod short of what its siblings reach — everything is rolled back.
 
 pub mod action;
 pub mod journal;
 pub mod node_checks;
+pub mod verify;
 
 use std::{
     io::Write,
@@ -23,7 +25,6 @@ use crate::{
     finding::{causes, Ctx, Outcome as Verdict},
     follow::{self, FollowRequest, Report},
     inject::ProbeKind,
-    lab,
 };
 
 /// One change with its undo, and why.
@@ -102,17 +103,6 @@ pub fn plan(ctx: &Ctx, id: &str) -> Option<(&'static causes::Cause, Remedy)> {
     Some((cause, (cause.fix)(ctx)))
 }
 
-/// The lab the pair belongs to, if any: its paths are checked before and after, and none may get worse.
-fn lab_of(report: &Report) -> Option<lab::Lab> {
-    let ns = report.src.local()?.netns.name.clone();
-    let prefix = ns.split_once("-pod-")?.0;
-    lab::Lab::load(prefix).ok()
-}
-
-fn broken_paths(lab: &lab::Lab) -> Vec<&'static str> {
-    lab::check::check_all(lab).into_iter().filter(|r| !r.ok).map(|r| r.path.name()).collect()
-}
-
 /// Exit code of a fix: 0 fixed / nothing to fix, 1 not fixed (dry run, refused, rolled back).
 pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
     if !crate::sys::is_root() {
@@ -132,8 +122,11 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         return Ok(crate::exit::OK);
     }
     crate::render::verdict(&report.verdict, out)?;
-    let lab = lab_of(&report);
-    let broken_before = lab.as_ref().map(broken_paths);
+    // The node's paths, found from its own state, and which answer before anything changes.
+    let nodes: Vec<u32> = [report.states.src_node, report.states.dst_node].into_iter().flatten().collect();
+    let cluster = Ctx { trace: &report.trace, probe: &report.probe, states: &report.states }.cluster_cidr();
+    let paths = verify::discover(&nodes, cluster).unwrap_or_default();
+    let before = verify::check(&paths);
     let mut journal: Option<Journal> = None;
     let mut seen_causes: Vec<String> = Vec::new();
     let mut report = report;
@@ -197,14 +190,17 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         report = trace(src, dst, req.trace_timeout)?;
         let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
         if report.verdict.verdict == Verdict::Delivered && !late {
-            if let (Some(lab), Some(before)) = (&lab, &broken_before) {
-                let after = broken_paths(lab);
-                let worse: Vec<_> = after.iter().filter(|p| !before.contains(p)).collect();
-                if !worse.is_empty() {
-                    writeln!(out, "\nthe pair flows, but the fix broke lab paths that worked: {worse:?}")?;
-                    return finish_unfixed(journal, out, "a lab path got worse");
+            let touched: Vec<String> = journal.iter().flat_map(|j| j.steps.iter().map(|s| s.action.target().netns.clone())).collect();
+            let after = verify::check(&paths);
+            let wrong = verify::judge(&paths, &before, &after, &touched);
+            if !wrong.is_empty() {
+                writeln!(out, "\nthe pair flows, but the node is not whole after the fix:")?;
+                for w in &wrong {
+                    writeln!(out, "  {w}")?;
                 }
+                return finish_unfixed(journal, out, "a path of the node is worse, or a repaired pod short of its siblings");
             }
+            writeln!(out, "\nnode paths: {} of {} answer ({} before the fix)", after.iter().filter(|a| **a).count(), paths.len(), before.iter().filter(|a| **a).count())?;
             let j = journal.as_mut().expect("journal of an applied fix");
             j.outcome = Outcome::Fixed;
             j.note = format!("fixed: {}", seen_causes.join(", "));

@@ -270,3 +270,28 @@ fn on_a_terminal_fix_asks_and_a_no_changes_nothing() {
     assert!(text.contains("nothing was changed"), "{text}");
     assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new());
 }
+
+/// The node check `fix` verifies with, on the lab's real namespaces: jellyfin's eth0 brought up by hand
+/// without the routes the kernel removed with it. The pair debug → jellyfin answers again; the check must
+/// still name jellyfin → web, which debug reaches (issue 17: such a repair was verified on the pair).
+#[test]
+fn the_node_check_names_a_pod_brought_up_without_its_routes() {
+    if !can_run_kernel_tests("the_node_check_names_a_pod_brought_up_without_its_routes") {
+        return;
+    }
+    use cnitrace::{fix::verify, resolve::{Endpoint, HostResolver, Resolver}};
+    let g = LabGuard::up(&["veth-down-pod"]);
+    let r = HostResolver::scan().expect("scan");
+    let Endpoint::Local(debug) = r.resolve(ip("debug").parse().expect("ip")).expect("resolve") else { panic!("debug is local") };
+    let node = debug.node.expect("debug's node").netns.inode;
+    let paths = verify::discover(&[node], ("10.244.0.0".parse().expect("net"), 16)).expect("discover");
+    let names: Vec<String> = paths.iter().map(|p| p.name()).collect();
+    assert_eq!(paths.len(), 6, "each of the node's two pods ↔ gateway, sibling, one pod of the other node: {names:?}");
+    let before = verify::check(&paths);
+    let jellyfin = g.lab.pod_ns("jellyfin");
+    tools::IP.command().args(["-n", &jellyfin, "link", "set", "eth0", "up"]).status().expect("ip link set up");
+    let after = verify::check(&paths);
+    let wrong = verify::judge(&paths, &before, &after, &[jellyfin.clone()]);
+    assert_eq!(wrong.len(), 1, "{wrong:?} (paths {names:?}, before {before:?}, after {after:?})");
+    assert!(wrong[0].starts_with("jellyfin → web (10.244.1.10) fails after the repair"), "{wrong:?}");
+}
