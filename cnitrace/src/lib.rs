@@ -3,8 +3,8 @@
 //!
 //! The pipeline, one module per stage:
 //! `probe` (eBPF programs, loaded and attached) → `event` (raw records decoded once) → `path`
-//! (per-packet timelines) → `finding` (the verdict: drop point + cause) → plan / apply / verify (the
-//! `fix` command). `state` is the node's state read through netlink, `resolve` turns addresses into
+//! (per-packet timelines) → `finding` (the verdict: drop point + cause) → `plan` (the repair's
+//! vocabulary) → apply / verify (the `fix` command). `state` is the node's state read through netlink, `resolve` turns addresses into
 //! pods and namespaces, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
 
 pub mod cli;
@@ -17,6 +17,7 @@ pub mod inject;
 pub mod lab;
 pub mod netns;
 pub mod path;
+pub mod plan;
 pub mod probe;
 pub mod render;
 pub mod resolve;

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::action::Action;
+use crate::plan::Action;
 
 /// Where journals live unless `--journal-dir` / `CNITRACE_STATE_DIR` say otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cnitrace";

@@ -3,7 +3,7 @@
 //! are checked again (`verify`), and if the fix did not help — or left a path of the node worse, or a
 //! repaired pod short of what its siblings reach — everything is rolled back.
 
-pub mod action;
+mod apply;
 pub mod journal;
 pub mod node_checks;
 pub mod verify;
@@ -18,7 +18,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use action::{Action, Target};
+pub use crate::plan::{Action, Remedy, Step, Target};
 use journal::{Journal, JournalStep, Outcome, StepState};
 
 use crate::{
@@ -27,24 +27,6 @@ use crate::{
     inject::ProbeKind,
 };
 
-/// One change with its undo, and why.
-#[derive(Clone, Debug)]
-pub struct Step {
-    pub action: Action,
-    pub undo: Action,
-    pub why: String,
-}
-
-/// What a cause proposes.
-#[derive(Clone, Debug)]
-pub enum Remedy {
-    /// Safe to apply with `--auto`.
-    Steps(Vec<Step>),
-    /// Removes a rule someone wrote: only with `--allow-rule-removal`.
-    RuleRemoval(Vec<Step>),
-    /// No safe fix: why, and what would be needed.
-    NoSafeFix(String),
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {

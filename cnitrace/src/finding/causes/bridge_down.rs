@@ -1,6 +1,6 @@
 //! bridge-down: the pods' bridge (cni0) is administratively down; frames die at its ingress.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

@@ -1,7 +1,7 @@
 //! bridge-ip-conflict: the pods' bridge does not hold the pods' gateway address (it holds another one):
 //! the pods' ARP for their gateway goes unanswered, and the CNI plugin refuses new pods.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::{
     finding::{Ctx, Diagnosis},

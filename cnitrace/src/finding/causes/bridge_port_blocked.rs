@@ -1,6 +1,6 @@
 //! bridge-port-blocked: a pod's bridge port is not in the forwarding state (STP state).
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

@@ -1,6 +1,6 @@
 //! ip-forward-disabled: net.ipv4.ip_forward = 0 on a node the pair's traffic must be routed through.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

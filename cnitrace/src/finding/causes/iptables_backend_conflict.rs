@@ -1,7 +1,7 @@
 //! iptables-backend-conflict: rules live in both iptables-legacy and iptables-nft; a policy in one
 //! backend drops what the accept rules in the other one were meant to let through.
 
-use crate::fix::Remedy;
+use crate::plan::Remedy;
 use super::{netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 

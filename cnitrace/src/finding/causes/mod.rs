@@ -3,7 +3,7 @@
 //! Order matters: the first cause whose evidence holds wins, so the more specific checks come first.
 
 use super::{Ctx, Diagnosis};
-use crate::fix::Remedy;
+use crate::plan::Remedy;
 
 mod bridge_down;
 mod bridge_ip_conflict;

@@ -1,6 +1,6 @@
 //! mtu-mismatch: the pod sends frames larger than the VXLAN path can carry (pod MTU above flannel.1's).
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

@@ -1,7 +1,7 @@
 //! neighbor-stale: the source holds a neighbour entry for its next hop with a wrong MAC; frames go to a
 //! MAC nobody has, are flooded, and die as OTHERHOST where they land.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

@@ -146,8 +146,8 @@ pub fn describe(h: &Hit) -> String {
 
 /// Flannel's own forward accepts for the pod network, inserted first in FORWARD of `backend`
 /// (undo: the same rules deleted).
-pub fn accept_pod_network(ctx: &Ctx, node: &NsState, backend: &str) -> crate::fix::Remedy {
-    use crate::fix::{Action, Remedy, Step, Target};
+pub fn accept_pod_network(ctx: &Ctx, node: &NsState, backend: &str) -> crate::plan::Remedy {
+    use crate::plan::{Action, Remedy, Step, Target};
     let (net, len) = ctx.cluster_cidr();
     let rules: Vec<String> = ["-s", "-d"]
         .iter()

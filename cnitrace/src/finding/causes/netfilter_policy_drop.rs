@@ -1,7 +1,7 @@
 //! netfilter-policy-drop: a chain policy (FORWARD DROP, what Docker sets) dropped pod traffic and no rule
 //! accepts the pod network before it.
 
-use crate::fix::Remedy;
+use crate::plan::Remedy;
 use super::{iptables_backend_conflict::pod_net_prefix, netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 

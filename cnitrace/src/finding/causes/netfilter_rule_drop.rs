@@ -1,6 +1,6 @@
 //! netfilter-rule-drop: an explicit DROP/REJECT rule matched the pair's traffic.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::{netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 

@@ -1,6 +1,6 @@
 //! pod-route-missing: the source pod has no route to the destination (its default/cluster routes are gone).
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use crate::state::{in_prefix, NsState};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};

@@ -1,6 +1,6 @@
 //! route-missing: a node has no route to the other node's pod subnet through the overlay.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

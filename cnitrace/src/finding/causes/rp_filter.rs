@@ -1,7 +1,7 @@
 //! rp-filter: strict reverse-path filtering dropped a packet whose source the node would route back
 //! out of another interface.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

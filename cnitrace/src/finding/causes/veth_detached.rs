@@ -1,7 +1,7 @@
 //! veth-detached: the host end of a pod's veth is no port of any bridge (what deleting and recreating
 //! cni0 leaves behind): ARP for the pod reaches the bridge and goes nowhere.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

@@ -1,6 +1,6 @@
 //! veth-down: one end of a pod's veth pair is down (the pod's eth0 or the host end on the node).
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

@@ -1,6 +1,6 @@
 //! veth-wrong-bridge: the host end of a pod's veth is a port of another bridge than the pods' one.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

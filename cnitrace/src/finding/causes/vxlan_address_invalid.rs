@@ -1,6 +1,6 @@
 //! vxlan-address-invalid: flannel.1 holds no address, 0.0.0.0, or not its subnet's network address /32.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

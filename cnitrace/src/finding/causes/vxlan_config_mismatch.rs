@@ -1,7 +1,7 @@
 //! vxlan-config-mismatch: the nodes' VXLAN devices disagree on the UDP port or the VNI, so the peer
 //! drops the encapsulated packets (no socket on that port, or no device for that VNI).
 
-use crate::fix::Remedy;
+use crate::plan::Remedy;
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

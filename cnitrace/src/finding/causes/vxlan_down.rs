@@ -1,7 +1,7 @@
 //! vxlan-down: the node's VXLAN device (flannel.1) is down or missing; the kernel drops the routes
 //! through it, so cross-node traffic has no way out.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 

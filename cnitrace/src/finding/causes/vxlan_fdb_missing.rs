@@ -1,7 +1,7 @@
 //! vxlan-fdb-missing: flannel.1 knows the remote VTEP's MAC but has no FDB entry saying which underlay
 //! address owns it: vxlan_xmit has no target (NO_TX_TARGET).
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{ctx::OverlayLeg, Ctx, Diagnosis};
 

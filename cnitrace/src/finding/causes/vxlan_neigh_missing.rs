@@ -1,7 +1,7 @@
 //! vxlan-neigh-missing: the permanent neighbour entry flannel writes for the remote VTEP is gone; the
 //! node would have to ARP over VXLAN, which flannel's nolearning device cannot answer.
 
-use crate::fix::{Action, Remedy, Step, Target};
+use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::{
     finding::{ctx::OverlayLeg, Ctx, Diagnosis},

@@ -1,0 +1,199 @@
+//! apply: an `Action` carried out in the namespace it belongs to — netlink for links, addresses, routes,
+//! neighbours, FDB and bridge ports; /proc/sys for sysctls; iptables-restore / nft transactions for rules.
+//! Its inverse is another `Action`, computed by the cause from the state before anything changes.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cnitrace_tools as tools;
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{BridgePortState, LinkAttribute},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+        AddressFamily,
+    },
+    Handle, LinkBridgePort, LinkUnspec, RouteMessageBuilder,
+};
+use crate::{netns, plan::Action, sys};
+
+impl Action {
+    /// Applies the action inside its namespace.
+    pub fn apply(&self) -> Result<()> {
+        let path = self.target().path.clone();
+        if path.as_os_str().is_empty() {
+            bail!("no namespace path recorded for {}", self.target().netns);
+        }
+        let me = self.clone();
+        netns::in_netns(&path, move || me.apply_here()).with_context(|| format!("`{}`", self.command()))
+    }
+
+    fn apply_here(&self) -> Result<()> {
+        match self {
+            Action::Sysctl { key, value, .. } => sys::write_sysctl(key, value),
+            Action::Iptables { backend, table, lines, .. } => {
+                let restore = match backend.as_str() {
+                    "iptables-nft" => &tools::IPTABLES_NFT_RESTORE,
+                    "iptables-legacy" => &tools::IPTABLES_LEGACY_RESTORE,
+                    other => bail!("no iptables backend {other:?}"),
+                };
+                let input = format!("*{table}\n{}\nCOMMIT\n", lines.join("\n"));
+                sys::run_stdin(restore, &["--noflush", "-w"], &input).map(|_| ())
+            }
+            Action::Nft { script, .. } => sys::run_stdin(&tools::NFT, &["-f", "-"], &format!("{script}\n")).map(|_| ()),
+            _ => {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async {
+                    let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+                    tokio::spawn(conn);
+                    self.netlink(&handle).await
+                })
+            }
+        }
+    }
+
+    async fn netlink(&self, h: &Handle) -> Result<()> {
+        match self {
+            Action::LinkUp { ifname, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).up().build()).execute().await?)
+            }
+            Action::LinkDown { ifname, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).down().build()).execute().await?)
+            }
+            Action::SetMaster { ifname, master, .. } => {
+                let i = index(h, ifname).await?;
+                let msg = match master {
+                    Some(m) => LinkUnspec::new_with_index(i).controller(index(h, m).await?).build(),
+                    None => LinkUnspec::new_with_index(i).nocontroller().build(),
+                };
+                Ok(h.link().set(msg).execute().await?)
+            }
+            Action::PortState { ifname, state, .. } => {
+                let i = index(h, ifname).await?;
+                let st = port_state(state).ok_or_else(|| anyhow!("unknown bridge port state {state}"))?;
+                Ok(h.link().set_port(LinkBridgePort::new(i).state(st).build()).execute().await?)
+            }
+            Action::Mtu { ifname, mtu, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).mtu(*mtu).build()).execute().await?)
+            }
+            Action::AddrAdd { ifname, addr, prefix, broadcast, .. } => {
+                let i = index(h, ifname).await?;
+                let mut req = h.address().add(i, IpAddr::V4(*addr), *prefix);
+                // rtnetlink adds a broadcast address by itself; keep exactly the one asked for.
+                let attrs = &mut req.message_mut().attributes;
+                attrs.retain(|a| !matches!(a, AddressAttribute::Broadcast(_)));
+                if let Some(b) = broadcast {
+                    attrs.push(AddressAttribute::Broadcast(*b));
+                }
+                Ok(req.execute().await?)
+            }
+            Action::AddrDel { ifname, addr, prefix, .. } => {
+                let i = index(h, ifname).await?;
+                let msgs: Vec<_> = h.address().get().set_link_index_filter(i).execute().try_collect().await?;
+                let msg = msgs
+                    .into_iter()
+                    .find(|m| {
+                        m.header.prefix_len == *prefix
+                            && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(v)) if v == addr))
+                    })
+                    .ok_or_else(|| anyhow!("{addr}/{prefix} is not on {ifname}"))?;
+                Ok(h.address().del(msg).execute().await?)
+            }
+            Action::RouteAdd { dst, prefix, gateway, ifname, onlink, .. } => {
+                let msg = route_msg(h, *dst, *prefix, *gateway, ifname, *onlink).await?;
+                Ok(h.route().add(msg).execute().await?)
+            }
+            Action::RouteDel { dst, prefix, gateway, ifname, onlink, .. } => {
+                let msg = route_msg(h, *dst, *prefix, *gateway, ifname, *onlink).await?;
+                Ok(h.route().del(msg).execute().await?)
+            }
+            Action::NeighSet { ifname, ip, mac, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h
+                    .neighbours()
+                    .add(i, IpAddr::V4(*ip))
+                    .link_layer_address(&parse_mac(mac)?)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await?)
+            }
+            Action::NeighDel { ifname, ip, .. } => {
+                let i = index(h, ifname).await?;
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Inet;
+                m.header.ifindex = i;
+                m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                Ok(h.neighbours().del(m).execute().await?)
+            }
+            Action::FdbAdd { ifname, mac, dst, .. } => {
+                let i = index(h, ifname).await?;
+                let mut req = h.neighbours().add_bridge(i, &parse_mac(mac)?).destination(IpAddr::V4(*dst)).state(NeighbourState::Permanent);
+                req.message_mut().header.flags = NeighbourFlags::Own;
+                Ok(req.execute().await?)
+            }
+            Action::FdbDel { ifname, mac, dst, .. } => {
+                let i = index(h, ifname).await?;
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Bridge;
+                m.header.ifindex = i;
+                m.header.flags = NeighbourFlags::Own;
+                m.attributes.push(NeighbourAttribute::LinkLayerAddress(parse_mac(mac)?));
+                m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
+                Ok(h.neighbours().del(m).execute().await?)
+            }
+            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } => unreachable!("not netlink"),
+        }
+    }
+}
+
+async fn index(h: &Handle, name: &str) -> Result<u32> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    let link = links.try_next().await.with_context(|| format!("no link {name}"))?.ok_or_else(|| anyhow!("no link {name}"))?;
+    // Names are what people type; indexes are what the kernel wants.
+    debug_assert!(link.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)));
+    Ok(link.header.index)
+}
+
+async fn route_msg(
+    h: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+    ifname: &str,
+    onlink: bool,
+) -> Result<rtnetlink::packet_route::route::RouteMessage> {
+    let i = index(h, ifname).await?;
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).output_interface(i);
+    if let Some(g) = gateway {
+        b = b.gateway(g);
+    }
+    if onlink {
+        b = b.onlink();
+    }
+    Ok(b.build())
+}
+
+fn parse_mac(s: &str) -> Result<Vec<u8>> {
+    let v: Result<Vec<u8>, _> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
+    let v = v.map_err(|_| anyhow!("bad MAC {s}"))?;
+    if v.len() != 6 {
+        bail!("bad MAC {s}");
+    }
+    Ok(v)
+}
+
+fn port_state(s: &str) -> Option<BridgePortState> {
+    Some(match s {
+        "disabled" => BridgePortState::Disabled,
+        "listening" => BridgePortState::Listening,
+        "learning" => BridgePortState::Learning,
+        "forwarding" => BridgePortState::Forwarding,
+        "blocking" => BridgePortState::Blocking,
+        _ => return None,
+    })
+}
