@@ -87,7 +87,7 @@ fn arp_faults_waited_out_to_the_kernels_drop_give_the_same_cause() {
         assert!(v.function.is_some(), "{name}: the kernel's own drop: {v:?}");
         n += 1;
     }
-    assert_eq!(n, 7, "one per ARP fault");
+    assert_eq!(n, 8, "one per ARP fault");
 }
 
 #[test]

@@ -196,6 +196,21 @@ pub static FAULTS: &[Fault] = &[
         },
     },
     Fault {
+        name: "pod-prefix-wide",
+        cause: "pod-prefix-too-wide",
+        summary: "the debug pod holds 10.244.0.20/16 instead of /24 (as the incident's pods did) and no cluster route: other nodes' pods look on-link",
+        breaks: &[CrossNode, CrossNodeFullMtu],
+        pair: CROSS,
+        apply: |lab| {
+            // What host-local with a /16 subnet gives: the /16 address, a default route, no cluster
+            // route (here: the wide address added first, so the default route stays).
+            let pod = lab.pod_ns("debug");
+            ip(&pod, &["route", "del", super::topology::CLUSTER_CIDR])?;
+            ip(&pod, &["addr", "add", "10.244.0.20/16", "dev", "eth0"])?;
+            ip(&pod, &["addr", "del", "10.244.0.20/24", "dev", "eth0"])
+        },
+    },
+    Fault {
         name: "neighbor-stale",
         cause: "neighbor-stale",
         summary: "the debug pod holds a permanent neighbour entry for jellyfin with a wrong MAC",

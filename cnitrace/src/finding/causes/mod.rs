@@ -12,6 +12,7 @@ mod ip_forward_disabled;
 mod iptables_backend_conflict;
 mod mtu_mismatch;
 mod neighbor_stale;
+mod pod_prefix_too_wide;
 mod netfilter_policy_drop;
 mod netfilter_rule_drop;
 mod pod_route_missing;
@@ -40,6 +41,7 @@ pub struct Cause {
 }
 
 pub static CAUSES: &[Cause] = &[
+    pod_prefix_too_wide::CAUSE,
     pod_route_missing::CAUSE,
     bridge_down::CAUSE,
     veth_down::CAUSE,
