@@ -218,7 +218,7 @@ impl Bench {
 
     fn start_bpftrace(&self, a: &str, b: &str) -> Result<Tracer> {
         // bpftrace reads tracepoint formats from tracefs: mount it in a private mount namespace only.
-        let script = format!("mount -t tracefs nodev /sys/kernel/tracing && exec {} -e \"$0\"", tools::BPFTRACE.program);
+        let script = format!("{} -t tracefs nodev /sys/kernel/tracing && exec {} -e \"$0\"", tools::MOUNT.program, tools::BPFTRACE.program);
         let mut child = tools::UNSHARE
             .command()
             .args(["-m", tools::SH.program, "-c", &script, &bpftrace_script(a, b)])

@@ -262,13 +262,18 @@ const MEMORY_EVERY_S: u32 = 20;
 /// [`MEMORY_EVERY_S`] s, so a guest that dies says why in the matrix.
 pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize) -> Result<Column> {
     let vng = venv().join("bin").join(tools::VNG.program);
-    // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM.
+    // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM. Its
+    // /tmp is a tmpfs of its own: virtme-ng's default is an overlay on the host's live /tmp, and when the
+    // host changed a folder under it (the host's kernel tests recreate /tmp/cnitrace-test-state) the
+    // guest's next write there failed with ESTALE ("Stale file handle": seen, every fix of a 5.10 run).
     let mut guest = format!(
-        "( while :; do set -- $({awk} '/^(MemTotal|MemAvailable|Shmem):/{{print $2}}' /proc/meminfo); echo \"cnitrace-vm: memory total $1 kB available $2 kB shmem $3 kB\" >&2; sleep {MEMORY_EVERY_S}; done ) & \
+        "{mount} -t tmpfs cnitrace-guest-tmp /tmp || exit 97; \
+         ( while :; do set -- $({awk} '/^(MemTotal|MemAvailable|Shmem):/{{print $2}}' /proc/meminfo); echo \"cnitrace-vm: memory total $1 kB available $2 kB shmem $3 kB\" >&2; sleep {MEMORY_EVERY_S}; done ) & \
          export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}",
         sh_quote(path_str(cnitrace_bin)?),
         sh_quote(path_str(test_bin)?),
         awk = tools::AWK.program,
+        mount = tools::MOUNT.program,
     );
     for a in args {
         guest.push(' ');
