@@ -27,7 +27,6 @@ use crate::{
     inject::ProbeKind,
 };
 
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Print the plan, change nothing.
@@ -104,11 +103,12 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         return Ok(crate::exit::OK);
     }
     crate::render::verdict(&report.verdict, out)?;
-    // The node's paths, found from its own state, and which answer before anything changes.
+    // The node's paths, found from its own state; which of them answer is read right before the first
+    // change (a dry run or a "no" sends nothing).
     let nodes: Vec<u32> = [report.states.src_node, report.states.dst_node].into_iter().flatten().collect();
     let cluster = Ctx { trace: &report.trace, probe: &report.probe, states: &report.states }.cluster_cidr();
     let paths = verify::discover(&nodes, cluster).unwrap_or_default();
-    let before = verify::check(&paths);
+    let mut before: Option<Vec<bool>> = None;
     let mut journal: Option<Journal> = None;
     let mut seen_causes: Vec<String> = Vec::new();
     let mut report = report;
@@ -159,6 +159,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             }
             _ => {}
         }
+        let before = before.get_or_insert_with(|| verify::check(&paths));
         let j = match journal.as_mut() {
             Some(j) => j,
             None => journal.insert(Journal::create(&req.state_dir, src, dst)?),
@@ -174,7 +175,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         if report.verdict.verdict == Verdict::Delivered && !late {
             let touched: Vec<String> = journal.iter().flat_map(|j| j.steps.iter().map(|s| s.action.target().netns.clone())).collect();
             let after = verify::check(&paths);
-            let wrong = verify::judge(&paths, &before, &after, &touched);
+            let wrong = verify::judge(&paths, before, &after, &touched);
             if !wrong.is_empty() {
                 writeln!(out, "\nthe pair flows, but the node is not whole after the fix:")?;
                 for w in &wrong {
