@@ -232,3 +232,29 @@ fn an_unanswered_arp_with_no_known_cause_is_a_drop_at_the_hop_the_trail_proves()
     assert!(v.explanation.contains("last seen on storagenodet3500 cni0"), "{}", v.explanation);
     assert!(v.facts.iter().any(|f| f.starts_with("ARP request for 10.244.0.19 seen at: debug eth0 → storagenodet3500 veth")), "{:?}", v.facts);
 }
+
+/// A native nft drop rule without a counter (what firewalld and most hand-written rule sets look like):
+/// the nft-drop trace with the counter taken out of the recorded rule sets. Before, nothing moved, and
+/// the verdict was `NETFILTER_DROP at nft_do_chain`, cause unknown (issue 17).
+#[test]
+fn an_nft_drop_rule_without_a_counter_is_named_by_evaluating_the_rule_set() {
+    let mut rec = load("nft-drop");
+    let uncount = |s: &mut String| *s = s.replace("ip daddr 10.244.1.0/24 counter packets 2 bytes 1534 drop", "ip daddr 10.244.1.0/24 drop").replace("ip daddr 10.244.1.0/24 counter packets 0 bytes 0 drop", "ip daddr 10.244.1.0/24 drop");
+    for st in rec.states.by_inode.values_mut() {
+        st.rules.nft.as_mut().map(uncount);
+    }
+    for rs in rec.states.rules_before.values_mut() {
+        rs.nft.as_mut().map(uncount);
+    }
+    let all: String = rec.states.by_inode.values().filter_map(|s| s.rules.nft.clone()).collect();
+    assert!(all.contains("ip daddr 10.244.1.0/24 drop # handle") && !all.contains("1534 drop"), "the fixture's rule lost its counter");
+    let v = rec.replay();
+    assert_eq!((v.verdict, v.cause.as_deref()), (Outcome::Dropped, Some("netfilter-rule-drop")), "{v:?}");
+    let fact = v.facts.iter().find(|f| f.contains("found by evaluating")).unwrap_or_else(|| panic!("how it was found: {:?}", v.facts));
+    for part in ["table inet hardening", "chain forward", "hook forward priority filter + 10", "`ip daddr 10.244.1.0/24 drop`", "handle 2"] {
+        assert!(fact.contains(part), "{part}: {fact}");
+    }
+    let (_, remedy) = rec.plan().expect("plan");
+    let cnitrace::fix::Remedy::RuleRemoval(steps) = remedy else { panic!("a rule removal") };
+    assert_eq!(steps[0].action.command(), "ip netns exec cnitrace-storagenodet3500 nft 'delete rule inet hardening forward handle 2'");
+}

@@ -105,6 +105,8 @@ pub struct NftRule {
     pub verdict: String,
     /// `hook forward`, ... of the chain the rule is in.
     pub hook: Option<String>,
+    /// The base chain's priority as nft prints it ("filter + 10").
+    pub priority: Option<String>,
     pub policy: Option<String>,
     /// The rule's handle (`nft -a`), to delete exactly this rule.
     pub handle: Option<u64>,
@@ -114,7 +116,7 @@ pub struct NftRule {
 pub fn parse_nft(dump: &str) -> Vec<NftRule> {
     let mut out = Vec::new();
     let (mut family, mut table, mut chain) = (String::new(), String::new(), String::new());
-    let (mut hook, mut policy): (Option<String>, Option<String>) = (None, None);
+    let (mut hook, mut policy, mut priority): (Option<String>, Option<String>, Option<String>) = (None, None, None);
     for line in dump.lines() {
         let l = line.trim();
         if let Some(rest) = l.strip_prefix("table ") {
@@ -126,8 +128,10 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
             // "chain forward { # handle 2"
             hook = None;
             policy = None;
+            priority = None;
         } else if l.starts_with("type ") {
             hook = l.split_whitespace().skip_while(|w| *w != "hook").nth(1).map(str::to_string);
+            priority = l.split_once(" priority ").map(|(_, r)| r.split(';').next().unwrap_or("").trim().to_string());
             policy = l
                 .split_whitespace()
                 .skip_while(|w| *w != "policy")
@@ -142,6 +146,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                     packets: None,
                     verdict: p.clone(),
                     hook: hook.clone(),
+                    priority: priority.clone(),
                     policy: policy.clone(),
                     handle: None,
                 });
@@ -166,6 +171,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                 packets,
                 verdict,
                 hook: hook.clone(),
+                priority: priority.clone(),
                 policy: policy.clone(),
                 handle,
             });

@@ -306,3 +306,29 @@ fn a_burst_while_the_idle_reader_sleeps_is_drained_without_loss() {
     // Among the flood's 8,000 noise drops (echo replies at ping_rcv).
     assert_the_datagrams_drop_ended_it(code, &v);
 }
+
+/// A native nft drop rule without a counter statement, written by hand on a healthy lab (what firewalld
+/// and most hand-written rule sets look like): follow names the rule — table, family, chain, hook,
+/// priority, handle — found by evaluating the node's rule set against the dropped packet (issue 17: it
+/// said NETFILTER_DROP at nft_do_chain, cause unknown, because rules were matched by counters moving).
+#[test]
+fn an_nft_drop_rule_without_a_counter_is_named() {
+    if !can_run_kernel_tests("an_nft_drop_rule_without_a_counter_is_named") {
+        return;
+    }
+    let g = LabGuard::up(&[]);
+    let rules = "table inet handwritten {\n chain guard {\n  type filter hook forward priority filter + 5; policy accept;\n  ip daddr 10.244.1.0/24 drop\n }\n}\n";
+    let node = g.lab.node_ns(0);
+    let mut child = tools::NFT.in_netns(&node).args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft -f");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes()).expect("write the rules");
+    drop(child.stdin.take());
+    assert!(child.wait().expect("nft").success(), "the rule set loads");
+    let (code, v) = follow("10.244.0.20", "10.244.1.10", &[]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["cause"], "netfilter-rule-drop", "{v}");
+    let facts = v["facts"].as_array().expect("facts");
+    let fact = facts.iter().filter_map(|f| f.as_str()).find(|f| f.contains("found by evaluating")).unwrap_or_else(|| panic!("how the rule was found: {v}"));
+    for part in ["table inet handwritten", "chain guard", "hook forward priority filter + 5", "`ip daddr 10.244.1.0/24 drop`", "handle "] {
+        assert!(fact.contains(part), "{part}: {fact}");
+    }
+}

@@ -1,9 +1,11 @@
 //! What the netfilter causes share: was the drop netfilter's, and which rules or policies counted the
 //! probe (counters before vs after, per backend).
 
+use std::net::Ipv4Addr;
+
 use crate::{
     finding::Ctx,
-    state::rules::{parse_iptables, parse_nft},
+    state::rules::{parse_iptables, parse_nft, NftRule},
     state::{NsState, RuleSets},
 };
 
@@ -24,6 +26,17 @@ pub struct Hit {
     pub nft_family: String,
     pub nft_table: String,
     pub handle: Option<u64>,
+    /// How the rule was found: its counter moved during the probe, or (a native nft rule without a
+    /// counter) the rule set evaluated against the dropped packet's headers.
+    pub found_by: FoundBy,
+    /// nft base chains: "hook forward priority filter + 10".
+    pub hook: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoundBy {
+    Counter,
+    Evaluation,
 }
 
 pub fn is_netfilter_drop(ctx: &Ctx) -> bool {
@@ -56,6 +69,8 @@ fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&Strin
                 nft_family: String::new(),
                 nft_table: String::new(),
                 handle: None,
+                found_by: FoundBy::Counter,
+                hook: None,
             })
         })
         .collect()
@@ -83,6 +98,8 @@ fn nft_hits(before: Option<&String>, after: Option<&String>, node: &str) -> Vec<
                 nft_family: r.family.clone(),
                 nft_table: r.table.clone(),
                 handle: r.handle,
+                found_by: FoundBy::Counter,
+                hook: hook_words(&r),
             })
         })
         .collect()
@@ -111,14 +128,148 @@ pub fn strip_counter(rule: &str) -> String {
     out.join(" ")
 }
 
-/// Every DROP/REJECT rule or policy whose counter grew during the probe, on the nodes of the path.
+/// Every DROP/REJECT rule or policy whose counter grew during the probe, on the nodes of the path. When
+/// none did and nftables dropped the packet, the native nft rule found by evaluating the dropping
+/// namespace's rule set against the packet's headers ([`evaluate_nft`]): a rule without a counter (what
+/// firewalld and most hand-written rule sets look like) still gets named.
 pub fn hits(ctx: &Ctx) -> Vec<Hit> {
     let mut out = Vec::new();
     for node in ctx.nodes() {
         let Some(before) = ctx.states.rules_before.get(&node.inode) else { continue };
         out.extend(hits_in(before, node, &ctx.node_name(node)));
     }
+    if out.is_empty() {
+        out.extend(evaluated_hit(ctx));
+    }
     out
+}
+
+fn hook_words(r: &NftRule) -> Option<String> {
+    r.hook.as_ref().map(|h| match &r.priority {
+        Some(p) => format!("hook {h} priority {p}"),
+        None => format!("hook {h}"),
+    })
+}
+
+/// The headers of a dropped packet that nft rules match on.
+pub struct Headers<'a> {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// "icmp", "tcp", "udp", or a number.
+    pub proto: &'a str,
+}
+
+/// What evaluating one namespace's native nft rule set against a packet found: the drop rules it
+/// certainly reaches, and whether some rule on the way could not be evaluated (then nothing is named).
+pub struct Evaluation {
+    pub drops: Vec<NftRule>,
+    pub unsure: Vec<String>,
+}
+
+/// Walks every base chain of the native nft tables (ip, inet, bridge families) in order, as the kernel
+/// would for this packet: the first rule that certainly matches decides the chain; a drop/reject there is
+/// a drop rule reached. A rule this evaluator cannot read (sets, ct state, interface names, ports…) makes
+/// the chain unsure from there on. Chains reached only by a jump are not followed (unsure too).
+pub fn evaluate_nft(dump: &str, h: &Headers) -> Evaluation {
+    let rules = parse_nft(dump);
+    let mut ev = Evaluation { drops: Vec::new(), unsure: Vec::new() };
+    let mut chains: Vec<(&str, &str, &str)> = Vec::new();
+    for r in &rules {
+        let key = (r.family.as_str(), r.table.as_str(), r.chain.as_str());
+        if r.hook.is_some() && !chains.contains(&key) && matches!(r.family.as_str(), "ip" | "inet" | "bridge") && !is_iptables_nft_table(&r.table) {
+            chains.push(key);
+        }
+    }
+    for (family, table, chain) in chains {
+        for r in rules.iter().filter(|r| r.family == family && r.table == table && r.chain == chain && r.handle.is_some()) {
+            match nft_rule_matches(&r.rule, h) {
+                Some(false) => continue,
+                Some(true) if matches!(r.verdict.as_str(), "drop" | "reject") => {
+                    ev.drops.push(r.clone());
+                    break;
+                }
+                Some(true) if r.verdict == "accept" => break,
+                Some(true) if r.verdict.is_empty() => continue,
+                _ => {
+                    ev.unsure.push(format!("{family} {table} {chain}: `{}`", strip_counter(&r.rule)));
+                    break;
+                }
+            }
+        }
+    }
+    ev
+}
+
+/// Does an nft rule (as `nft list ruleset` prints it) match these headers? None when it holds an
+/// expression this evaluator does not read.
+pub fn nft_rule_matches(rule: &str, h: &Headers) -> Option<bool> {
+    let rule = strip_counter(rule);
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let mut i = 0;
+    let mut all = true;
+    while i < words.len() {
+        let (neg, value_at) = |at: usize| -> (bool, usize) { if words.get(at) == Some(&"!=") { (true, at + 1) } else { (false, at) } }(i + 2);
+        match (words[i], words.get(i + 1).copied()) {
+            ("counter", _) => i += 1,
+            ("drop" | "accept", _) => break,
+            ("reject", _) => break,
+            ("ip", Some(field @ ("saddr" | "daddr"))) => {
+                let v = words.get(value_at)?;
+                let addr = if field == "saddr" { h.src } else { h.dst };
+                let (net, len) = match v.split_once('/') {
+                    Some((n, l)) => (n.parse::<Ipv4Addr>().ok()?, l.parse::<u8>().ok()?),
+                    None => (v.parse::<Ipv4Addr>().ok()?, 32),
+                };
+                all &= crate::state::in_prefix(addr, net, len) != neg;
+                i = value_at + 1;
+            }
+            ("ip", Some("protocol")) | ("meta", Some("l4proto")) => {
+                let v = words.get(value_at)?;
+                all &= (*v == h.proto) != neg;
+                i = value_at + 1;
+            }
+            ("tcp" | "udp", Some("dport" | "sport")) if words[i] != h.proto => {
+                // A port match implies the protocol: another protocol's packet never matches it.
+                all = false;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    Some(all)
+}
+
+/// The native nft rule that dropped the packet, found by evaluation (no counter moved): only when the
+/// drop was nftables', in a namespace whose rule set names exactly one drop rule the packet reaches and
+/// no rule on the way was beyond reading.
+fn evaluated_hit(ctx: &Ctx) -> Option<Hit> {
+    if !is_netfilter_drop(ctx) {
+        return None;
+    }
+    let d = ctx.trace.first_drop()?;
+    let p = d.packet.as_ref()?;
+    let node = ctx.ns(d.netns)?;
+    let ev = evaluate_nft(node.rules.nft.as_ref()?, &Headers { src: p.src, dst: p.dst, proto: &p.proto });
+    let [r] = ev.drops.as_slice() else { return None };
+    if !ev.unsure.is_empty() {
+        return None;
+    }
+    Some(Hit {
+        backend: "nft",
+        table: format!("{} {}", r.family, r.table),
+        chain: r.chain.clone(),
+        rule: r.rule.clone(),
+        is_policy: false,
+        verdict: r.verdict.to_uppercase(),
+        delta: 0,
+        node: ctx.node_name(node),
+        position: 0,
+        nft_family: r.family.clone(),
+        nft_table: r.table.clone(),
+        handle: r.handle,
+        found_by: FoundBy::Evaluation,
+        hook: hook_words(r),
+    })
 }
 
 fn hits_in(before: &RuleSets, node: &NsState, name: &str) -> Vec<Hit> {
@@ -137,7 +288,17 @@ pub fn has_pod_accepts(dump: Option<&String>, pod_net_prefix: &str) -> bool {
 }
 
 pub fn describe(h: &Hit) -> String {
-    if h.is_policy {
+    if h.found_by == FoundBy::Evaluation {
+        format!(
+            "nft on {}: table {}, chain {} ({}), rule `{}` handle {} matches the dropped packet's headers (the rule has no counter: found by evaluating the rule set against them)",
+            h.node,
+            h.table,
+            h.chain,
+            h.hook.as_deref().unwrap_or("no hook"),
+            strip_counter(&h.rule),
+            h.handle.map(|x| x.to_string()).unwrap_or_else(|| "?".into())
+        )
+    } else if h.is_policy {
         format!("{} on {}: table {}, chain {} policy {} counted {} packet(s) of the probe", h.backend, h.node, h.table, h.chain, h.verdict, h.delta)
     } else {
         format!("{} on {}: table {}, chain {}, rule `{}` counted {} packet(s) of the probe", h.backend, h.node, h.table, h.chain, h.rule, h.delta)
@@ -163,4 +324,43 @@ pub fn accept_pod_network(ctx: &Ctx, node: &NsState, backend: &str) -> crate::pl
 
 pub fn node_of<'a>(ctx: &Ctx<'a>, h: &Hit) -> Option<&'a NsState> {
     ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn icmp(src: &str, dst: &str) -> Headers<'static> {
+        Headers { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: "icmp" }
+    }
+
+    #[test]
+    fn nft_rules_are_matched_on_what_they_say_and_unknown_beyond_it() {
+        let h = icmp("10.244.0.20", "10.244.1.10");
+        assert_eq!(nft_rule_matches("ip daddr 10.244.1.0/24 drop", &h), Some(true));
+        assert_eq!(nft_rule_matches("ip daddr 10.244.1.0/24 counter packets 2 bytes 1534 drop", &h), Some(true));
+        assert_eq!(nft_rule_matches("ip saddr != 10.244.0.0/16 drop", &h), Some(false));
+        assert_eq!(nft_rule_matches("ip protocol icmp ip daddr 10.244.1.10 reject with icmp type host-unreachable", &h), Some(true));
+        assert_eq!(nft_rule_matches("tcp dport 22 drop", &h), Some(false), "a port match implies its protocol");
+        assert_eq!(nft_rule_matches("ct state invalid drop", &h), None);
+        assert_eq!(nft_rule_matches("ip daddr { 10.244.1.0/24, 10.9.0.0/16 } drop", &h), None);
+        assert_eq!(nft_rule_matches("iifname \"cni0\" drop", &h), None);
+    }
+
+    #[test]
+    fn the_first_certain_verdict_of_each_base_chain_decides() {
+        let h = icmp("10.244.0.20", "10.244.1.10");
+        let set = "table inet fw { # handle 9\n\tchain fwd { # handle 1\n\t\ttype filter hook forward priority filter + 10; policy accept;\n\t\tip saddr 10.244.0.99 accept # handle 2\n\t\tip daddr 10.244.1.0/24 drop # handle 3\n\t}\n\tchain other { # handle 4\n\t\tip daddr 10.244.1.10 drop # handle 5\n\t}\n}\n";
+        let ev = evaluate_nft(set, &h);
+        assert_eq!(ev.drops.iter().map(|r| r.handle).collect::<Vec<_>>(), [Some(3)], "chain `other` has no hook: only a jump reaches it");
+        assert_eq!(ev.drops[0].priority.as_deref(), Some("filter + 10"));
+        assert!(ev.unsure.is_empty());
+        // An accept that certainly matches first: nothing dropped here.
+        let accepted = set.replace("ip saddr 10.244.0.99 accept", "ip saddr 10.244.0.20 accept");
+        assert!(evaluate_nft(&accepted, &h).drops.is_empty());
+        // A rule it cannot read before the drop: unsure, so nothing is named.
+        let unsure = set.replace("ip saddr 10.244.0.99 accept", "ct state established accept");
+        let ev = evaluate_nft(&unsure, &h);
+        assert!(ev.drops.is_empty() && ev.unsure.len() == 1, "{:?}", ev.unsure);
+    }
 }
