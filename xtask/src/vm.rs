@@ -40,8 +40,9 @@ pub const KERNELS: &[KernelSpec] = &[
 pub const DEFAULT_KERNELS: &[&str] = &["5.10"];
 
 /// The tests a default run (CI) gives the VM: every cause followed and fixed, the kernel's own drop
-/// points, the seed incident, healthy paths, each fault breaking its paths, and what differs by kernel.
-pub const DEFAULT_FILTERS: &[&str] = &["follow::", "kernels::", "fix::every_fault", "lab::each_fault"];
+/// points, the seed incident, healthy paths, each fault breaking its paths, what differs by kernel, and
+/// the real node's shape (host side in the root namespace: only a guest may build it).
+pub const DEFAULT_FILTERS: &[&str] = &["follow::", "kernels::", "fix::every_fault", "lab::each_fault", "node_shape::"];
 
 // The Rust virtiofsd (setup's CARGO_INSTALLS; Debian 12 has none, and qemu's old C one is not used by
 // virtme-ng): with it the guest's shared root is virtiofs with caching instead of uncached 9p. Measured
@@ -269,7 +270,7 @@ pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[
     let mut guest = format!(
         "{mount} -t tmpfs cnitrace-guest-tmp /tmp || exit 97; \
          ( while :; do set -- $({awk} '/^(MemTotal|MemAvailable|Shmem):/{{print $2}}' /proc/meminfo); echo \"cnitrace-vm: memory total $1 kB available $2 kB shmem $3 kB\" >&2; sleep {MEMORY_EVERY_S}; done ) & \
-         export CNITRACE_BIN={}; echo \"cnitrace-vm: kernel $(uname -r)\"; {}",
+         export CNITRACE_BIN={} CNITRACE_IN_VM=1; echo \"cnitrace-vm: kernel $(uname -r)\"; {}",
         sh_quote(path_str(cnitrace_bin)?),
         sh_quote(path_str(test_bin)?),
         awk = tools::AWK.program,

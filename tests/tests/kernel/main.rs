@@ -7,3 +7,4 @@ mod follow;
 mod kernels;
 mod lab;
 mod layouts;
+mod node_shape;
