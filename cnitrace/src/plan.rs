@@ -169,7 +169,8 @@ impl Action {
     }
 }
 
-fn port_state_number(s: &str) -> Option<u8> {
+/// A bridge port state's number, as `bridge link set … state N` takes it.
+pub(crate) fn port_state_number(s: &str) -> Option<u8> {
     Some(match s {
         "disabled" => 0,
         "listening" => 1,

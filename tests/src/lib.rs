@@ -9,6 +9,8 @@ use std::{
 
 pub use cnitrace::lab::{check, faults, topology, Lab};
 
+pub mod gen;
+
 /// This suite's own lab prefix: never the user's `cnitrace` lab.
 pub const PREFIX: &str = "cnitrace-test";
 

@@ -10,11 +10,11 @@ use futures_util::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{BridgePortState, LinkAttribute},
+        link::LinkAttribute,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
         AddressFamily,
     },
-    Handle, LinkBridgePort, LinkUnspec, RouteMessageBuilder,
+    Handle, LinkUnspec, RouteMessageBuilder,
 };
 use crate::{netns, plan::Action, sys};
 
@@ -42,6 +42,13 @@ impl Action {
                 sys::run_stdin(restore, &["--noflush", "-w"], &input).map(|_| ())
             }
             Action::Nft { script, .. } => sys::run_stdin(&tools::NFT, &["-f", "-"], &format!("{script}\n")).map(|_| ()),
+            // Through IFLA_PROTINFO, as `bridge link set` sends it: through the link's slave data (what
+            // rtnetlink's LinkBridgePort sends) the kernel does not keep a port disabled — measured, the
+            // port came back forwarding, so every rollback of a port fix left it open.
+            Action::PortState { ifname, state, .. } => {
+                let n = crate::plan::port_state_number(state).ok_or_else(|| anyhow!("unknown bridge port state {state}"))?;
+                sys::run(&tools::BRIDGE, &["link", "set", "dev", ifname, "state", &n.to_string()]).map(|_| ())
+            }
             _ => {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {
@@ -71,11 +78,7 @@ impl Action {
                 };
                 Ok(h.link().set(msg).execute().await?)
             }
-            Action::PortState { ifname, state, .. } => {
-                let i = index(h, ifname).await?;
-                let st = port_state(state).ok_or_else(|| anyhow!("unknown bridge port state {state}"))?;
-                Ok(h.link().set_port(LinkBridgePort::new(i).state(st).build()).execute().await?)
-            }
+
             Action::Mtu { ifname, mtu, .. } => {
                 let i = index(h, ifname).await?;
                 Ok(h.link().set(LinkUnspec::new_with_index(i).mtu(*mtu).build()).execute().await?)
@@ -146,7 +149,7 @@ impl Action {
                 m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
                 Ok(h.neighbours().del(m).execute().await?)
             }
-            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } => unreachable!("not netlink"),
+            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } => unreachable!("not netlink"),
         }
     }
 }
@@ -187,13 +190,3 @@ fn parse_mac(s: &str) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-fn port_state(s: &str) -> Option<BridgePortState> {
-    Some(match s {
-        "disabled" => BridgePortState::Disabled,
-        "listening" => BridgePortState::Listening,
-        "learning" => BridgePortState::Learning,
-        "forwarding" => BridgePortState::Forwarding,
-        "blocking" => BridgePortState::Blocking,
-        _ => return None,
-    })
-}

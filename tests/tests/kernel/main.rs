@@ -4,6 +4,7 @@
 
 mod fix;
 mod follow;
+mod generated;
 mod kernels;
 mod lab;
 mod layouts;
