@@ -52,6 +52,10 @@ enum Task {
         /// VMs at once (default: one per core).
         #[arg(long, default_value_t = 0)]
         jobs: usize,
+        /// Instead of the suite: N generated layouts (seeds 1000..1000+N, each fault a one-node layout can
+        /// hold) on the host kernel, with the figures per fault. Not in CI.
+        #[arg(long, value_name = "N")]
+        soak: Option<u64>,
     },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
@@ -89,7 +93,8 @@ fn main() {
             Ok(())
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs } => {
+        Task::Test { soak: Some(n), .. } => test::soak(n),
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, soak: None } => {
             if all.is_some() {
                 kernels.push("all".into());
             }

@@ -112,6 +112,23 @@ pub fn run(o: Options) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask test --soak N`: the generated-layout test over N seeds on the host kernel.
+pub fn soak(n: u64) -> Result<()> {
+    crate::setup::run(true)?;
+    let bin = crate::build()?;
+    let test_bin = kernel_test_binary()?;
+    let st = std::process::Command::new(&test_bin)
+        .args(["generated::", "--test-threads=1", "--nocapture"])
+        .env("CNITRACE_BIN", &bin)
+        .env("CNITRACE_GEN_SEEDS", n.to_string())
+        .status()
+        .context("run the generated layouts")?;
+    if !st.success() {
+        bail!("the soak found cases that went wrong (listed above as MISS)");
+    }
+    Ok(())
+}
+
 fn snapshot(bin: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
     let to = dir.join(bin.file_name().context("a binary's name")?);
     let tmp = to.with_extension("new");
