@@ -117,9 +117,10 @@ tools! {
     /// Debian's python3 (with python3-venv, also in setup's list, for its venv module).
     PYTHON3 = "/usr/bin/python3", Apt("python3-minimal"), "setup: the virtme-ng venv";
     TIMEOUT = "timeout", Base("coreutils"), "bounds a VM's run";
-    MOUNT = "mount", Base("mount"), "the VM guest's own /tmp; bench: tracefs for bpftrace";
+    MOUNT = "mount", Base("mount"), "bench: tracefs for bpftrace";
     SH = "sh", Base("dash"), "pipelines in setup and bench";
     /// mawk by name: `awk` is an alternatives link no package holds.
+    MKDIR = "mkdir", Base("coreutils"), "the VM guest's own scratch folder";
     AWK = "mawk", Base("mawk"), "the VM guest's memory log";
 
     // Tests and benchmarks.

@@ -254,6 +254,9 @@ pub struct Column {
     pub broken: Option<String>,
 }
 
+/// The guest's scratch space: on its own /run tmpfs, nothing the host can change under it.
+const GUEST_TMP: &str = "/run/cnitrace-guest-tmp";
+
 /// How often the guest logs its memory to the console (the suite's writes live in the guest's RAM).
 const MEMORY_EVERY_S: u32 = 20;
 
@@ -264,17 +267,19 @@ const MEMORY_EVERY_S: u32 = 20;
 pub fn run_suite(kernel: &Kernel, test_bin: &Path, cnitrace_bin: &Path, args: &[String], log: &Path, timeout: Duration, cpus: usize) -> Result<Column> {
     let vng = venv().join("bin").join(tools::VNG.program);
     // Inside the guest: the same binaries from the read-only shared root, state in the guest's RAM. Its
-    // /tmp is a tmpfs of its own: virtme-ng's default is an overlay on the host's live /tmp, and when the
-    // host changed a folder under it (the host's kernel tests recreate /tmp/cnitrace-test-state) the
-    // guest's next write there failed with ESTALE ("Stale file handle": seen, every fix of a 5.10 run).
+    // scratch space (TMPDIR) is a folder on the guest's own /run tmpfs: virtme-ng's /tmp is an overlay on
+    // the host's live /tmp, and when the host changed a folder under it (the host's kernel tests recreate
+    // /tmp/cnitrace-test-state) the guest's next write there failed with ESTALE ("Stale file handle":
+    // seen, every fix of a 5.10 run). /tmp itself stays visible: the workspace, and the binaries, may
+    // live under it (a tmpfs mounted over /tmp hid them: "not found").
     let mut guest = format!(
-        "{mount} -t tmpfs cnitrace-guest-tmp /tmp || exit 97; \
+        "{mkdir} -p {GUEST_TMP} || exit 97; export TMPDIR={GUEST_TMP}; \
          ( while :; do set -- $({awk} '/^(MemTotal|MemAvailable|Shmem):/{{print $2}}' /proc/meminfo); echo \"cnitrace-vm: memory total $1 kB available $2 kB shmem $3 kB\" >&2; sleep {MEMORY_EVERY_S}; done ) & \
          export CNITRACE_BIN={} CNITRACE_IN_VM=1; echo \"cnitrace-vm: kernel $(uname -r)\"; {}",
         sh_quote(path_str(cnitrace_bin)?),
         sh_quote(path_str(test_bin)?),
         awk = tools::AWK.program,
-        mount = tools::MOUNT.program,
+        mkdir = tools::MKDIR.program,
     );
     for a in args {
         guest.push(' ');
