@@ -85,22 +85,7 @@ fn nft_hits(before: Option<&String>, after: Option<&String>, node: &str) -> Vec<
         .filter_map(|r| {
             let now = r.packets?;
             let old = b.iter().find(|o| o.table == r.table && o.chain == r.chain && strip_counter(&o.rule) == strip_counter(&r.rule)).and_then(|o| o.packets).unwrap_or(0);
-            (now > old && matches!(r.verdict.as_str(), "drop" | "reject")).then(|| Hit {
-                backend: "nft",
-                table: format!("{} {}", r.family, r.table),
-                chain: r.chain.clone(),
-                rule: r.rule.clone(),
-                is_policy: false,
-                verdict: r.verdict.to_uppercase(),
-                delta: now - old,
-                node: node.into(),
-                position: 0,
-                nft_family: r.family.clone(),
-                nft_table: r.table.clone(),
-                handle: r.handle,
-                found_by: FoundBy::Counter,
-                hook: hook_words(&r),
-            })
+            (now > old && matches!(r.verdict.as_str(), "drop" | "reject")).then(|| nft_hit(&r, node.into(), now - old, FoundBy::Counter))
         })
         .collect()
 }
@@ -254,22 +239,27 @@ fn evaluated_hit(ctx: &Ctx) -> Option<Hit> {
     if !ev.unsure.is_empty() {
         return None;
     }
-    Some(Hit {
+    Some(nft_hit(r, ctx.node_name(node), 0, FoundBy::Evaluation))
+}
+
+/// A native nft rule that dropped the pair's packet, as a hit.
+fn nft_hit(r: &NftRule, node: String, delta: u64, found_by: FoundBy) -> Hit {
+    Hit {
         backend: "nft",
         table: format!("{} {}", r.family, r.table),
         chain: r.chain.clone(),
         rule: r.rule.clone(),
         is_policy: false,
         verdict: r.verdict.to_uppercase(),
-        delta: 0,
-        node: ctx.node_name(node),
+        delta,
+        node,
         position: 0,
         nft_family: r.family.clone(),
         nft_table: r.table.clone(),
         handle: r.handle,
-        found_by: FoundBy::Evaluation,
+        found_by,
         hook: hook_words(r),
-    })
+    }
 }
 
 fn hits_in(before: &RuleSets, node: &NsState, name: &str) -> Vec<Hit> {
