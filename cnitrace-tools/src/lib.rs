@@ -134,11 +134,6 @@ tools! {
     PERF = "perf", Apt("linux-perf"), "bench: the tracer's sampled share of a core";
 }
 
-/// The tool whose program (or file name) is `name`.
-pub fn by_name(name: &str) -> Option<&'static Tool> {
-    ALL.iter().find(|t| t.program == name || t.name() == name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,7 @@ pub struct NodePath {
     pub from_netns: String,
     from_path: PathBuf,
     from_node: u32,
+    from_node_name: String,
     pub to: Ipv4Addr,
     pub to_name: String,
     /// The destination pod's namespace name (empty for a gateway).
@@ -59,6 +60,7 @@ fn paths_of(pods: &[PodOnNode], nodes: &[u32]) -> Vec<NodePath> {
         from_netns: from.netns.name.clone(),
         from_path: from.netns.ns.as_ref().map(|n| n.path.clone()).unwrap_or_default(),
         from_node: from.node.inode,
+        from_node_name: from.node.name.clone(),
         to,
         to_name,
         to_netns,
@@ -124,21 +126,10 @@ pub fn judge(paths: &[NodePath], before: &[bool], after: &[bool], touched: &[Str
         let involved = touched.iter().any(|t| *t == p.from_netns || *t == p.to_netns);
         let sibling_ok = paths.iter().enumerate().any(|(j, q)| j != i && after[j] && q.from_node == p.from_node && q.class == p.class && q.from_netns != p.from_netns);
         if involved && sibling_ok {
-            out.push(format!("{} fails after the repair while {}'s other pods reach the same", p.name(), p.from_node_name(paths)));
+            out.push(format!("{} fails after the repair while {}'s other pods reach the same", p.name(), p.from_node_name));
         }
     }
     out
-}
-
-impl NodePath {
-    /// The node's name as the paths know it (the gateway path's words carry it).
-    fn from_node_name(&self, paths: &[NodePath]) -> String {
-        paths
-            .iter()
-            .find(|q| q.from_node == self.from_node && q.class == Class::Gateway)
-            .and_then(|q| q.to_name.strip_prefix("its gateway on ").map(str::to_string))
-            .unwrap_or_else(|| "its node".into())
-    }
 }
 
 #[cfg(test)]
