@@ -74,6 +74,8 @@ pub enum Action {
     /// Enslave to `master`, or release from any bridge when None.
     SetMaster { ns: Target, ifname: String, master: Option<String> },
     PortState { ns: Target, ifname: String, state: String },
+    /// Set a link's hardware address (for a bridge: from then on its own, no longer its lowest port's).
+    LinkAddress { ns: Target, ifname: String, mac: String },
     Mtu { ns: Target, ifname: String, mtu: u32 },
     /// `broadcast`: None adds the address without one (as `ip addr add` does).
     AddrAdd { ns: Target, ifname: String, addr: Ipv4Addr, prefix: u8, #[serde(default)] broadcast: Option<Ipv4Addr> },
@@ -99,6 +101,7 @@ impl Action {
             | Action::LinkDown { ns, .. }
             | Action::SetMaster { ns, .. }
             | Action::PortState { ns, .. }
+            | Action::LinkAddress { ns, .. }
             | Action::Mtu { ns, .. }
             | Action::AddrAdd { ns, .. }
             | Action::AddrDel { ns, .. }
@@ -143,6 +146,7 @@ impl Action {
             Action::PortState { ns, ifname, state } => {
                 format!("{} link set dev {ifname} state {}", ns.ip_prefix("bridge"), port_state_number(state).unwrap_or(3))
             }
+            Action::LinkAddress { ns, ifname, mac } => format!("{} link set {ifname} address {mac}", ns.ip_prefix("ip")),
             Action::Mtu { ns, ifname, mtu } => format!("{} link set {ifname} mtu {mtu}", ns.ip_prefix("ip")),
             Action::AddrAdd { ns, ifname, addr, prefix, broadcast } => format!(
                 "{} addr add {addr}/{prefix}{} dev {ifname}",
@@ -167,6 +171,43 @@ impl Action {
             Action::Nft { ns, script } => format!("{} '{}'", ns.exec_prefix("nft"), script.trim()),
         }
     }
+}
+
+/// Keep a bridge's hardware address while a port joins or leaves it. A bridge whose address nobody set
+/// takes its lowest port's, and the kernel recomputes it whenever a port comes or goes: attaching a port
+/// with a lower address (or detaching the lowest) changes the gateway's MAC under every pod, whose
+/// neighbour entries go on sending to the old one until they expire — measured on a 3-pod node, the
+/// gateway stopped answering the other pods for seconds after a veth was re-attached. Setting the address
+/// the bridge has now (the one every pod knows) stops that; a bridge whose address differs from every
+/// port's has one set already and needs nothing. `ports` are the bridge's ports now, `port` the one
+/// joining or leaving.
+pub fn keep_bridge_address(ns: &Target, bridge: &crate::state::Link, ports: &[&crate::state::Link], port: &crate::state::Link) -> Option<Step> {
+    let mac = |l: &crate::state::Link| parse_mac(&l.mac);
+    let own = mac(bridge)?;
+    let lowest = ports.iter().filter_map(|p| mac(p)).min();
+    // Set by hand (or by the CNI bridge plugin): the kernel leaves it alone.
+    if lowest.is_some_and(|l| l != own) {
+        return None;
+    }
+    let joins = !ports.iter().any(|p| p.ifindex == port.ifindex);
+    let changes = if joins { mac(port).is_some_and(|m| m < own) } else { lowest == mac(port) };
+    if !changes {
+        return None;
+    }
+    let keep = Action::LinkAddress { ns: ns.clone(), ifname: bridge.name.clone(), mac: bridge.mac.clone() };
+    Some(Step {
+        action: keep.clone(),
+        undo: keep,
+        why: format!(
+            "{} would otherwise take {}'s address ({}) and every pod would keep sending to its old gateway MAC {} (its own address from now on; the undo keeps it)",
+            bridge.name, port.name, port.mac, bridge.mac
+        ),
+    })
+}
+
+pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>().ok()?;
+    v.try_into().ok()
 }
 
 /// A bridge port state's number, as `bridge link set … state N` takes it.
@@ -217,5 +258,28 @@ mod tests {
         );
         assert_eq!(a.command_lines("apply: ", "       ").lines().nth(1).map(|l| l.starts_with("       ip netns")), Some(true));
     }
-}
 
+    fn link(ifindex: u32, name: &str, mac: &str, master: Option<u32>) -> crate::state::Link {
+        crate::state::Link { ifindex, name: name.into(), mac: mac.into(), master, ..Default::default() }
+    }
+
+    #[test]
+    fn a_bridge_keeps_its_address_only_when_the_kernel_would_change_it() {
+        let ns = lab_node();
+        let br = link(2, "br-x", "02:00:00:00:00:05", None);
+        let (a, c) = (link(3, "a-h", "02:00:00:00:00:05", Some(2)), link(5, "c-h", "52:00:00:00:00:09", Some(2)));
+        // The bridge has its lowest port's address: a lower one joining would take over.
+        let low = link(4, "b-h", "02:00:00:00:00:01", None);
+        let step = keep_bridge_address(&ns, &br, &[&a, &c], &low).expect("a step");
+        assert_eq!(step.action.command(), "ip -n cnitrace-storagenodet3500 link set br-x address 02:00:00:00:00:05");
+        assert_eq!(step.undo, step.action);
+        // A higher one joining changes nothing.
+        assert!(keep_bridge_address(&ns, &br, &[&a, &c], &link(4, "b-h", "aa:00:00:00:00:01", None)).is_none());
+        // The lowest port leaving would hand the bridge the next one's.
+        assert!(keep_bridge_address(&ns, &br, &[&a, &c], &a).is_some());
+        assert!(keep_bridge_address(&ns, &br, &[&a, &c], &c).is_none());
+        // An address set by hand (none of the ports has it) stays whatever joins.
+        let set = link(2, "cni0", "0a:58:0a:f4:00:01", None);
+        assert!(keep_bridge_address(&ns, &set, &[&c], &low).is_none());
+    }
+}

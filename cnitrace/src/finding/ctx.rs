@@ -178,21 +178,24 @@ impl<'a> Ctx<'a> {
         ]
     }
 
-    /// The bridge the pods of `node` hang off: the master of a pod veth we know to be attached, else
-    /// the bridge named cni0, else the one holding the pods' gateway.
+    /// The bridge the pods of `node` hang off: the bridge holding a pod's gateway address (whatever
+    /// its name), else the master of a pod veth we know to be attached, else the bridge named cni0.
     pub fn pods_bridge(&self, node: &'a NsState) -> Option<&'a Link> {
-        let via_veth = [self.states.src_host_veth, self.states.dst_host_veth]
-            .into_iter()
-            .flatten()
-            .filter_map(|i| node.link(i))
-            .filter_map(|l| l.master.and_then(|m| node.link(m)))
-            .find(|b| b.name == "cni0");
-        via_veth
-            .or_else(|| node.link_by_name("cni0"))
-            .or_else(|| {
-                let gw = self.any_pod_gateway()?;
-                node.links.iter().find(|l| l.kind == "bridge" && node.addrs_of(l.ifindex).any(|a| a.addr == gw))
-            })
+        let gateways: Vec<Ipv4Addr> =
+            [self.src_pod(), self.dst_pod()].into_iter().flatten().flat_map(|p| p.routes.iter().filter_map(|r| r.gateway)).collect();
+        let by_gateway = node.links.iter().find(|l| l.kind == "bridge" && node.addrs_of(l.ifindex).any(|a| gateways.contains(&a.addr)));
+        let via_veth = || {
+            [self.states.src_host_veth, self.states.dst_host_veth]
+                .into_iter()
+                .flatten()
+                .filter_map(|i| node.link(i))
+                .find_map(|l| l.master.and_then(|m| node.link(m)).filter(|b| b.kind == "bridge"))
+        };
+        by_gateway.or_else(via_veth).or_else(|| node.link_by_name("cni0"))
+    }
+    /// The ports of bridge `br` on `node`.
+    pub fn ports_of(node: &'a NsState, br: &Link) -> Vec<&'a Link> {
+        node.links.iter().filter(|l| l.master == Some(br.ifindex)).collect()
     }
     pub fn vxlan_dev(&self, node: &'a NsState) -> Option<&'a Link> {
         node.link_by_name(VXLAN_DEV).or_else(|| node.links.iter().find(|l| l.kind == "vxlan"))

@@ -78,7 +78,10 @@ impl Action {
                 };
                 Ok(h.link().set(msg).execute().await?)
             }
-
+            Action::LinkAddress { ifname, mac, .. } => {
+                let i = index(h, ifname).await?;
+                Ok(h.link().set(LinkUnspec::new_with_index(i).address(parse_mac(mac)?).build()).execute().await?)
+            }
             Action::Mtu { ifname, mtu, .. } => {
                 let i = index(h, ifname).await?;
                 Ok(h.link().set(LinkUnspec::new_with_index(i).mtu(*mtu).build()).execute().await?)
@@ -182,11 +185,6 @@ async fn route_msg(
 }
 
 fn parse_mac(s: &str) -> Result<Vec<u8>> {
-    let v: Result<Vec<u8>, _> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
-    let v = v.map_err(|_| anyhow!("bad MAC {s}"))?;
-    if v.len() != 6 {
-        bail!("bad MAC {s}");
-    }
-    Ok(v)
+    crate::plan::parse_mac(s).map(|m| m.to_vec()).ok_or_else(|| anyhow!("bad MAC {s}"))
 }
 

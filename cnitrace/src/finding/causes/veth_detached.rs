@@ -1,7 +1,7 @@
 //! veth-detached: the host end of a pod's veth is no port of any bridge (what deleting and recreating
 //! cni0 leaves behind): ARP for the pod reaches the bridge and goes nowhere.
 
-use crate::plan::{Action, Remedy, Step, Target};
+use crate::plan::{self, Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
@@ -41,7 +41,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     None
 }
 
-/// Enslave the host veth to the pods' bridge again (undo: release it).
+/// Enslave the host veth to the pods' bridge again (undo: release it), keeping the bridge's address.
 fn fix(ctx: &Ctx) -> Remedy {
     for (_, node, host) in ctx.host_sides() {
         let (Some(node), Some(host)) = (node, host) else { continue };
@@ -52,11 +52,12 @@ fn fix(ctx: &Ctx) -> Remedy {
             return Remedy::NoSafeFix(format!("{} has no pods' bridge to attach {} to", ctx.node_name(node), host.name));
         };
         let ns = Target::of(node);
-        return Remedy::Steps(vec![Step {
+        let keep = plan::keep_bridge_address(&ns, br, &Ctx::ports_of(node, br), host);
+        return Remedy::Steps(keep.into_iter().chain([Step {
             action: Action::SetMaster { ns: ns.clone(), ifname: host.name.clone(), master: Some(br.name.clone()) },
             undo: Action::SetMaster { ns, ifname: host.name.clone(), master: None },
             why: format!("{} must be a port of {} for the pod to be reachable", host.name, br.name),
-        }]);
+        }]).collect());
     }
     Remedy::NoSafeFix("no detached veth found any more".into())
 }

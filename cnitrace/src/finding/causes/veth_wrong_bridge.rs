@@ -1,6 +1,6 @@
 //! veth-wrong-bridge: the host end of a pod's veth is a port of another bridge than the pods' one.
 
-use crate::plan::{Action, Remedy, Step, Target};
+use crate::plan::{self, Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
@@ -38,11 +38,13 @@ fn fix(ctx: &Ctx) -> Remedy {
             continue;
         }
         let ns = Target::of(node);
-        return Remedy::Steps(vec![Step {
+        // Both bridges keep their addresses: the one the veth joins and the one it leaves.
+        let keep = [pods, master].into_iter().filter_map(|br| plan::keep_bridge_address(&ns, br, &Ctx::ports_of(node, br), host)).collect::<Vec<_>>();
+        return Remedy::Steps(keep.into_iter().chain([Step {
             action: Action::SetMaster { ns: ns.clone(), ifname: host.name.clone(), master: Some(pods.name.clone()) },
             undo: Action::SetMaster { ns, ifname: host.name.clone(), master: Some(master.name.clone()) },
             why: format!("{} belongs on {}, not on {}", host.name, pods.name, master.name),
-        }]);
+        }]).collect());
     }
     Remedy::NoSafeFix("no veth on a wrong bridge found any more".into())
 }
