@@ -368,9 +368,39 @@ pub fn why_the_guest_ended(console: &str, path: &Path) -> String {
     } else {
         parts.push(format!("console: {}", said.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" | ")));
     }
+    parts.extend(oops(console));
     parts.extend(memory);
     parts.push(format!("console kept in {}", path.display()));
     parts.join("; ")
+}
+
+/// A kernel oops in a few words: who ran (the "Comm:" of its CPU line), where (RIP) and the first frames
+/// of its call trace, innermost first — the three header lines alone (CI: "BUG: kernel NULL pointer
+/// dereference" and nothing else) named no function to look at.
+fn oops(console: &str) -> Option<String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let start = lines.iter().position(|l| l.contains("BUG:") || l.contains("Oops:") || l.contains("general protection"))?;
+    // The text after the "[  748.928272] " stamp.
+    let body = |l: &str| l.split_once("] ").map(|(_, b)| b).unwrap_or(l).trim().to_string();
+    let rest = &lines[start..];
+    let comm = rest.iter().find_map(|l| l.split_once(" Comm: ").map(|(_, c)| c.split_whitespace().next().unwrap_or("").to_string()));
+    let rip = rest.iter().find(|l| l.contains("RIP: ")).map(|l| body(l));
+    let trace = rest.iter().position(|l| l.contains("Call Trace:")).map(|at| {
+        rest[at + 1..]
+            .iter()
+            .map(|l| body(l))
+            .take_while(|b| !b.starts_with("Modules linked in") && !b.starts_with("---[") && !b.starts_with("RIP: "))
+            .filter(|b| b.contains("+0x"))
+            .take(8)
+            .map(|b| b.trim_start_matches("? ").split('+').next().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+            .join(" < ")
+    });
+    let mut out = Vec::new();
+    out.extend(comm.map(|c| format!("in {c}")));
+    out.extend(rip);
+    out.extend(trace.filter(|t| !t.is_empty()).map(|t| format!("call trace {t}")));
+    (!out.is_empty()).then(|| format!("oops: {}", out.join(", ")))
 }
 
 /// Runs the kernel test binary on the host kernel, streaming and parsing its output like a VM's.
@@ -522,6 +552,25 @@ mod tests {
             "console: [  601.2] Out of memory: Killed process 412 (kernel-1234) total-vm:1kB; last memory reading: 20 MiB available of 1953 MiB, 1000 MiB in tmpfs; console kept in /x/5.10.console.log"
         );
         assert!(why_the_guest_ended("", Path::new("c")).starts_with("the console names no cause"));
+    }
+
+    #[test]
+    fn an_oops_names_its_task_place_and_frames() {
+        let console = "[  748.926649] BUG: kernel NULL pointer dereference, address: 0000000000000000\n\
+                       [  748.928272] Oops: 0010 [#1] SMP NOPTI\n\
+                       [  748.928900] CPU: 1 PID: 812 Comm: iperf3 Not tainted 5.10.0-46-amd64 #1 Debian 5.10.237-1\n\
+                       [  748.929500] RIP: 0010:0x0\n\
+                       [  748.930000] Call Trace:\n\
+                       [  748.930100]  <IRQ>\n\
+                       [  748.930200]  ? skb_release_head_state+0x4e/0xa0\n\
+                       [  748.930300]  __kfree_skb+0xe/0x20\n\
+                       [  748.930400]  tcp_rcv_established+0x2d5/0x640\n\
+                       [  748.930500] Modules linked in: veth bridge\n";
+        assert_eq!(
+            oops(console).as_deref(),
+            Some("oops: in iperf3, RIP: 0010:0x0, call trace skb_release_head_state < __kfree_skb < tcp_rcv_established")
+        );
+        assert_eq!(oops("[ 1.0] all fine\n"), None);
     }
 
     #[test]
