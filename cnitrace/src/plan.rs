@@ -175,18 +175,26 @@ impl Action {
 
 /// Keep a bridge's hardware address while a port joins or leaves it. A bridge whose address nobody set
 /// takes its lowest port's, and the kernel recomputes it whenever a port comes or goes: attaching a port
-/// with a lower address (or detaching the lowest) changes the gateway's MAC under every pod, whose
+/// with a lower address (or detaching the lowest) changes the gateway's MAC under every other pod, whose
 /// neighbour entries go on sending to the old one until they expire — measured on a 3-pod node, the
-/// gateway stopped answering the other pods for seconds after a veth was re-attached. Setting the address
-/// the bridge has now (the one every pod knows) stops that; a bridge whose address differs from every
-/// port's has one set already and needs nothing. `ports` are the bridge's ports now, `port` the one
-/// joining or leaving.
-pub fn keep_bridge_address(ns: &Target, bridge: &crate::state::Link, ports: &[&crate::state::Link], port: &crate::state::Link) -> Option<Step> {
+/// gateway stopped answering the other pods for seconds after a veth was re-attached, and the node check
+/// rolled the repair back. Setting the address the bridge has now (the one every pod knows) stops that,
+/// as the CNI bridge plugin does for the bridges it makes (cni0's `addr_assign_type` is 3, "set"). A
+/// bridge whose address differs from every port's has one set already; one without an IPv4 address or
+/// without other ports is nobody's gateway: they need nothing. The step's undo is itself: the address
+/// stays the one it is; only the kernel's right to change it is gone (nothing in netlink gives it back).
+pub fn keep_bridge_address(ns: &Target, node: &crate::state::NsState, bridge: &crate::state::Link, port: &crate::state::Link) -> Option<Step> {
     let mac = |l: &crate::state::Link| parse_mac(&l.mac);
     let own = mac(bridge)?;
+    let ports: Vec<&crate::state::Link> = node.links.iter().filter(|l| l.master == Some(bridge.ifindex)).collect();
     let lowest = ports.iter().filter_map(|p| mac(p)).min();
     // Set by hand (or by the CNI bridge plugin): the kernel leaves it alone.
     if lowest.is_some_and(|l| l != own) {
+        return None;
+    }
+    let gateway = node.addrs_of(bridge.ifindex).next().is_some();
+    let others = ports.iter().any(|p| p.ifindex != port.ifindex);
+    if !gateway || !others {
         return None;
     }
     let joins = !ports.iter().any(|p| p.ifindex == port.ifindex);
@@ -199,7 +207,7 @@ pub fn keep_bridge_address(ns: &Target, bridge: &crate::state::Link, ports: &[&c
         action: keep.clone(),
         undo: keep,
         why: format!(
-            "{} would otherwise take {}'s address ({}) and every pod would keep sending to its old gateway MAC {} (its own address from now on; the undo keeps it)",
+            "{} would otherwise take {}'s address {} and its other pods would go on sending to their gateway's old MAC {} (from now on the bridge's own, as CNI sets it; the undo keeps it)",
             bridge.name, port.name, port.mac, bridge.mac
         ),
     })
@@ -268,18 +276,27 @@ mod tests {
         let ns = lab_node();
         let br = link(2, "br-x", "02:00:00:00:00:05", None);
         let (a, c) = (link(3, "a-h", "02:00:00:00:00:05", Some(2)), link(5, "c-h", "52:00:00:00:00:09", Some(2)));
-        // The bridge has its lowest port's address: a lower one joining would take over.
         let low = link(4, "b-h", "02:00:00:00:00:01", None);
-        let step = keep_bridge_address(&ns, &br, &[&a, &c], &low).expect("a step");
+        let high = link(4, "b-h", "aa:00:00:00:00:01", None);
+        let gw = crate::state::Addr { ifindex: 2, addr: "10.1.2.1".parse().unwrap(), prefix: 24, broadcast: None };
+        let node = |links: Vec<crate::state::Link>| crate::state::NsState { links, addrs: vec![gw.clone()], ..Default::default() };
+        let n = node(vec![br.clone(), a.clone(), c.clone(), low.clone()]);
+        // The bridge has its lowest port's address: a lower one joining would take over.
+        let step = keep_bridge_address(&ns, &n, &br, &low).expect("a step");
         assert_eq!(step.action.command(), "ip -n cnitrace-storagenodet3500 link set br-x address 02:00:00:00:00:05");
         assert_eq!(step.undo, step.action);
         // A higher one joining changes nothing.
-        assert!(keep_bridge_address(&ns, &br, &[&a, &c], &link(4, "b-h", "aa:00:00:00:00:01", None)).is_none());
-        // The lowest port leaving would hand the bridge the next one's.
-        assert!(keep_bridge_address(&ns, &br, &[&a, &c], &a).is_some());
-        assert!(keep_bridge_address(&ns, &br, &[&a, &c], &c).is_none());
+        assert!(keep_bridge_address(&ns, &n, &br, &high).is_none());
+        // The lowest port leaving would hand the bridge the next one's; another leaving, nothing.
+        assert!(keep_bridge_address(&ns, &n, &br, &a).is_some());
+        assert!(keep_bridge_address(&ns, &n, &br, &c).is_none());
         // An address set by hand (none of the ports has it) stays whatever joins.
         let set = link(2, "cni0", "0a:58:0a:f4:00:01", None);
-        assert!(keep_bridge_address(&ns, &set, &[&c], &low).is_none());
+        assert!(keep_bridge_address(&ns, &node(vec![set.clone(), c.clone()]), &set, &low).is_none());
+        // Nobody's gateway: no address, or its last port leaving.
+        let bare = crate::state::NsState { links: vec![br.clone(), a.clone(), c.clone()], ..Default::default() };
+        assert!(keep_bridge_address(&ns, &bare, &br, &low).is_none());
+        let alone = link(3, "a-h", "02:00:00:00:00:05", Some(2));
+        assert!(keep_bridge_address(&ns, &node(vec![br.clone(), alone.clone()]), &br, &alone).is_none());
     }
 }

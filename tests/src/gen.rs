@@ -1,11 +1,15 @@
-//! Layouts the lab does not build, generated from a seed: one node in a namespace of its own with 2–4
-//! pods on a bridge, every name, subnet and interface order drawn from the seed — node names as kind, k3d
-//! and minikube give them or random ones, pod subnets anywhere in 10.0.0.0/8 and 172.16.0.0/12, bridges
-//! called cni0, cbr0 or anything, veths named as CNI names them or as a person would, and a few other
-//! interfaces made first so indexes land elsewhere. The same seed always gives the same layout (the seed
-//! is printed with every failure).
+//! Layouts the lab does not build, generated from a seed: 1–3 nodes, each in a namespace of its own with
+//! 1–4 pods on a bridge (2–4 on the first), every name, subnet and interface order drawn from the seed —
+//! node names as kind, k3d and minikube give them or random ones, a cluster network anywhere in
+//! 10.0.0.0/8 and 172.16.0.0/12 with a /24 per node, bridges called cni0, cbr0 or anything, pods made by
+//! the real CNI `bridge` + `host-local` plugins or by hand with veths named as CNI names them or as a
+//! person would, a few other interfaces made first so indexes land elsewhere, and between the nodes an
+//! underlay (one link for two nodes, a switch for three, as kind's nodes hang off docker's bridge) with
+//! flannel's VXLAN (port 8472 and VNI 1, or 4789 and another VNI, the device named `flannel.<VNI>` as
+//! flannel names it) or flannel's host-gw backend (routes via the other node's underlay address). The
+//! same seed always gives the same layout (the seed is printed with every failure).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, os::unix::fs::MetadataExt, path::PathBuf};
 
 use crate::HandLayout;
 
@@ -45,96 +49,353 @@ pub struct GenPod {
     pub name: String,
     pub ip: Ipv4Addr,
     pub host_veth: String,
+    /// Index into [`Generated::nodes`].
+    pub node: usize,
 }
 
-/// One generated node and its pods, built; torn down when dropped.
+#[derive(Clone, Debug)]
+pub struct GenNode {
+    /// Its name, and its namespace's short name.
+    pub name: String,
+    pub bridge: String,
+    /// The node's pod subnet (/24) and its gateway (.1, on the bridge).
+    pub subnet: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    /// The underlay interface and address.
+    pub uplink: String,
+    pub underlay: Ipv4Addr,
+    pub vtep_mac: String,
+    /// Pods made by the CNI plugins (else by hand).
+    pub cni: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan { dev: String, port: u16, vni: u32 },
+    HostGw,
+}
+
+/// A generated cluster and its pods, built; torn down when dropped.
 pub struct Generated {
     pub seed: u64,
     pub layout: HandLayout,
-    pub node: String,
-    pub bridge: String,
-    pub gateway: Ipv4Addr,
-    pub prefix: u8,
+    pub nodes: Vec<GenNode>,
+    pub backend: Backend,
+    /// flannel's `Network`.
+    pub cluster: (Ipv4Addr, u8),
     pub pods: Vec<GenPod>,
+    /// The underlay's switch namespace (three nodes), by short name.
+    pub switch: Option<String>,
     /// What was drawn, in words (printed with a failure).
     pub about: String,
+    ipam_dir: PathBuf,
 }
 
-impl Generated {
-    pub fn build(seed: u64) -> Generated {
-        let mut r = Rng::new(seed);
-        let node = match r.below(4) {
+const UNDERLAY_NAMES: &[&str] = &["eth0", "ens3", "enp0s8"];
+
+fn node_name(r: &mut Rng, i: usize, first: &str) -> String {
+    if i == 0 {
+        return match r.below(4) {
             0 => "kind-worker".to_string(),
             1 => format!("k3d-{}-agent-{}", r.word(), r.below(3)),
             2 => "minikube-m02".to_string(),
             _ => r.word(),
         };
+    }
+    // The others as the same tool names them.
+    if first == "kind-worker" {
+        format!("kind-worker{}", i + 1)
+    } else if let Some(rest) = first.strip_prefix("k3d-") {
+        format!("k3d-{}-agent-{i}", rest.split("-agent-").next().unwrap_or("x"))
+    } else if first == "minikube-m02" {
+        format!("minikube-m0{}", i + 2)
+    } else {
+        format!("{}{i}", r.word())
+    }
+}
+
+impl Generated {
+    pub fn build(seed: u64) -> Generated {
+        let mut r = Rng::new(seed);
+        let nnodes = 1 + r.below(3) as usize;
         let bridge = match r.below(3) {
             0 => "cni0".to_string(),
             1 => "cbr0".to_string(),
             _ => format!("br-{}", r.hex(6)),
         };
-        let net = if r.below(2) == 0 {
-            Ipv4Addr::new(10, r.below(256) as u8, r.below(256) as u8, 0)
-        } else {
-            Ipv4Addr::new(172, 16 + r.below(16) as u8, r.below(256) as u8, 0)
+        let (a, b) = if r.below(2) == 0 { (10, r.below(256) as u8) } else { (172, 16 + r.below(16) as u8) };
+        let cluster = (Ipv4Addr::new(a, b, 0, 0), 16);
+        let backend = match (nnodes, r.below(3)) {
+            (1, _) | (_, 0) => Backend::Vxlan { dev: "flannel.1".into(), port: 8472, vni: 1 },
+            (_, 1) => {
+                let vni = *r.pick(&[4096, 2, 7, 100]);
+                Backend::Vxlan { dev: format!("flannel.{vni}"), port: 4789, vni }
+            }
+            _ => Backend::HostGw,
         };
-        let o = net.octets();
-        let gateway = Ipv4Addr::new(o[0], o[1], o[2], 1);
-        let npods = 2 + r.below(3) as usize;
+        let mtu = if matches!(backend, Backend::Vxlan { .. }) { 1450 } else { 1500 };
+        let underlay_net = Ipv4Addr::new(192, 168, r.below(256) as u8, 0);
+        let uplink = r.pick(UNDERLAY_NAMES).to_string();
         let cni_style = r.below(2) == 0;
+        let mut nodes: Vec<GenNode> = Vec::new();
+        let mut thirds: Vec<u8> = Vec::new();
+        let mut first = String::new();
+        for i in 0..nnodes {
+            let name = node_name(&mut r, i, &first);
+            if i == 0 {
+                first = name.clone();
+            }
+            let mut c = r.below(256) as u8;
+            while thirds.contains(&c) {
+                c = c.wrapping_add(1);
+            }
+            thirds.push(c);
+            let subnet = Ipv4Addr::new(a, b, c, 0);
+            let u = underlay_net.octets();
+            nodes.push(GenNode {
+                name,
+                bridge: bridge.clone(),
+                subnet,
+                gateway: Ipv4Addr::new(a, b, c, 1),
+                uplink: uplink.clone(),
+                underlay: Ipv4Addr::new(u[0], u[1], u[2], 10 + i as u8),
+                vtep_mac: format!("0e:{}:{}:{}:{}:{}", r.hex(2), r.hex(2), r.hex(2), r.hex(2), r.hex(2)),
+                cni: r.below(2) == 0,
+            });
+        }
         let mut pods: Vec<GenPod> = Vec::new();
-        for i in 0..npods {
-            let name = format!("{}{i}", r.word());
-            let host_veth = if cni_style { format!("veth{}", r.hex(8)) } else { format!("{}-h", &name[..name.len().min(10)]) };
-            pods.push(GenPod { ip: Ipv4Addr::new(o[0], o[1], o[2], 10 + i as u8 * 7 + r.below(5) as u8), name, host_veth });
+        for (n, node) in nodes.iter().enumerate() {
+            let count = if n == 0 { 2 + r.below(3) } else { 1 + r.below(3) } as usize;
+            let o = node.subnet.octets();
+            for i in 0..count {
+                let name = format!("{}{}", r.word(), pods.len());
+                let host_veth = if cni_style { format!("veth{}", r.hex(8)) } else { format!("{}-h", &name[..name.len().min(10)]) };
+                let ip = Ipv4Addr::new(o[0], o[1], o[2], 10 + i as u8 * 7 + r.below(5) as u8);
+                pods.push(GenPod { name, ip, host_veth, node: n });
+            }
         }
         let prefix_ns = format!("cnitrace-g{}", seed % 100_000);
-        let mut names: Vec<&str> = vec![node.as_str()];
+        let switch = (nnodes == 3).then(|| "underlay".to_string());
+        let mut names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         names.extend(pods.iter().map(|p| p.name.as_str()));
+        names.extend(switch.as_deref());
         let layout = HandLayout::new(&prefix_ns, &names);
-        // Other interfaces first, so the pods' indexes differ from layout to layout.
-        let fillers = r.below(4);
-        for i in 0..fillers {
-            layout.ip(&node, &format!("link add filler{i}a type veth peer name filler{i}b"));
+        let ipam_dir = std::env::temp_dir().join(format!("{prefix_ns}-ipam"));
+        let _ = std::fs::remove_dir_all(&ipam_dir);
+        let mut about_nodes = Vec::new();
+        for node in &nodes {
+            // Other interfaces first, so the pods' indexes differ from layout to layout.
+            let fillers = r.below(4);
+            for i in 0..fillers {
+                layout.ip(&node.name, &format!("link add filler{i}a type veth peer name filler{i}b"));
+            }
+            layout.ip(&node.name, "link set lo up");
+            set_sysctl(&layout.ns(&node.name), "net.ipv4.ip_forward", "1");
+            about_nodes.push(format!(
+                "{} ({}) {}/24 on {}{}, {} fillers first, underlay {} {}",
+                node.name,
+                layout.ns(&node.name),
+                node.subnet,
+                node.bridge,
+                if node.cni { " pods by CNI" } else { "" },
+                fillers,
+                node.uplink,
+                node.underlay
+            ));
         }
-        let mut script = format!("link add {bridge} type bridge\naddr add {gateway}/24 dev {bridge}\nlink set {bridge} up");
-        if r.below(2) == 0 {
-            // The bridge made after the pods' veths, as when cni0 is recreated.
-            script = String::new();
+        // The underlay: one link between two nodes, a switch (a bridge in a namespace of its own) for three.
+        match nnodes {
+            2 => layout.ip(
+                &nodes[0].name,
+                &format!("link add {} type veth peer name {} netns {}", nodes[0].uplink, nodes[1].uplink, layout.ns(&nodes[1].name)),
+            ),
+            3 => {
+                let sw = switch.as_deref().expect("a switch");
+                layout.ip(sw, "link add sw type bridge\nlink set sw up\nlink set lo up");
+                for (i, node) in nodes.iter().enumerate() {
+                    layout.ip(sw, &format!("link add sw-p{i} type veth peer name {} netns {}", node.uplink, layout.ns(&node.name)));
+                    layout.ip(sw, &format!("link set sw-p{i} master sw\nlink set sw-p{i} up"));
+                }
+            }
+            _ => {}
         }
-        layout.ip(&node, &script);
-        for p in &pods {
-            layout.ip(&node, &format!("link add {} type veth peer name eth0 netns {}", p.host_veth, layout.ns(&p.name)));
+        if nnodes > 1 {
+            for node in &nodes {
+                layout.ip(&node.name, &format!("addr add {}/24 dev {}\nlink set {} up", node.underlay, node.uplink, node.uplink));
+            }
         }
-        if script.is_empty() {
-            layout.ip(&node, &format!("link add {bridge} type bridge\naddr add {gateway}/24 dev {bridge}\nlink set {bridge} up"));
+        // flannel's backend: the VXLAN device on every node (also alone), the routes to the others.
+        for (i, node) in nodes.iter().enumerate() {
+            match &backend {
+                Backend::Vxlan { dev, port, vni } => {
+                    let via = if nnodes > 1 { format!(" dev {}", node.uplink) } else { String::new() };
+                    layout.ip(
+                        &node.name,
+                        &format!(
+                            "link add {dev} address {} type vxlan id {vni} local {} dstport {port} nolearning{via}\nlink set {dev} mtu 1450\nlink set {dev} up\naddr add {}/32 dev {dev}",
+                            node.vtep_mac, node.underlay, node.subnet
+                        ),
+                    );
+                    for other in nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o) {
+                        layout.ip(
+                            &node.name,
+                            &format!(
+                                "route add {}/24 via {} dev {dev} onlink\nneigh replace {} lladdr {} dev {dev} nud permanent",
+                                other.subnet, other.subnet, other.subnet, other.vtep_mac
+                            ),
+                        );
+                        run_bridge(&layout.ns(&node.name), &["fdb", "append", &other.vtep_mac, "dev", dev, "dst", &other.underlay.to_string()]);
+                    }
+                }
+                Backend::HostGw => {
+                    for other in nodes.iter().filter(|o| o.name != node.name) {
+                        layout.ip(&node.name, &format!("route add {}/24 via {} dev {}", other.subnet, other.underlay, node.uplink));
+                    }
+                }
+            }
         }
-        for p in &pods {
-            layout.ip(&node, &format!("link set {} master {bridge}\nlink set {} up", p.host_veth, p.host_veth));
-            layout.ip(&p.name, &format!("addr add {}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {gateway}", p.ip));
+        // The pods.
+        let bridge_first = r.below(2) == 0;
+        for (n, node) in nodes.iter().enumerate() {
+            let mine: Vec<usize> = (0..pods.len()).filter(|k| pods[*k].node == n).collect();
+            let make_bridge = format!("link add {} type bridge\naddr add {}/24 dev {}\nlink set {} up", node.bridge, node.gateway, node.bridge, node.bridge);
+            if node.cni {
+                let config = serde_json::json!({
+                    "cniVersion": "0.3.1",
+                    "name": "cbr0",
+                    "type": "bridge",
+                    "bridge": node.bridge,
+                    "isGateway": true,
+                    "isDefaultGateway": true,
+                    "hairpinMode": true,
+                    "ipMasq": false,
+                    "mtu": mtu,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{ "subnet": format!("{}/24", node.subnet) }]],
+                        "routes": [{ "dst": format!("{}/{}", cluster.0, cluster.1) }],
+                        "dataDir": ipam_dir.join(&node.name),
+                    }
+                })
+                .to_string();
+                for k in mine {
+                    let p = &pods[k];
+                    let call = cnitrace::lab::cni::Call {
+                        node_ns: &layout.ns(&node.name),
+                        pod_ns: &layout.ns(&p.name),
+                        container_id: &format!("{prefix_ns}-{}", p.name),
+                        ip: p.ip,
+                        config: &config,
+                    };
+                    // The plugin names the veth.
+                    pods[k].host_veth = cnitrace::lab::cni::add(&call).unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+                }
+                continue;
+            }
+            if bridge_first {
+                layout.ip(&node.name, &make_bridge);
+            }
+            for p in mine.iter().map(|k| &pods[*k]) {
+                layout.ip(&node.name, &format!("link add {} type veth peer name eth0 netns {}", p.host_veth, layout.ns(&p.name)));
+            }
+            if !bridge_first {
+                // The bridge made after the pods' veths, as when cni0 is recreated.
+                layout.ip(&node.name, &make_bridge);
+            }
+            for p in mine.iter().map(|k| &pods[*k]) {
+                layout.ip(&node.name, &format!("link set {} master {}\nlink set {} mtu {mtu}\nlink set {} up", p.host_veth, node.bridge, p.host_veth, p.host_veth));
+                layout.ip(
+                    &p.name,
+                    &format!("addr add {}/24 dev eth0\nlink set eth0 mtu {mtu}\nlink set eth0 up\nlink set lo up\nroute add default via {}", p.ip, node.gateway),
+                );
+            }
         }
         let about = format!(
-            "seed {seed}: node {node} ({}), bridge {bridge} {gateway}/24, {} fillers first, {} veths, pods {}",
-            layout.ns(&node),
-            fillers,
+            "seed {seed}: cluster {}/{}, {}, {} veths, nodes [{}], pods {}",
+            cluster.0,
+            cluster.1,
+            match &backend {
+                Backend::Vxlan { dev, port, vni } => format!("vxlan {dev} port {port} VNI {vni}"),
+                Backend::HostGw => "host-gw".to_string(),
+            },
             if cni_style { "CNI-style" } else { "hand-named" },
-            pods.iter().map(|p| format!("{} {} ({})", p.name, p.ip, p.host_veth)).collect::<Vec<_>>().join(", ")
+            about_nodes.join("; "),
+            pods.iter().map(|p| format!("{} {} ({} on {})", p.name, p.ip, p.host_veth, nodes[p.node].name)).collect::<Vec<_>>().join(", ")
         );
-        Generated { seed, layout, node, bridge, gateway, prefix: 24, pods, about }
+        Generated { seed, layout, nodes, backend, cluster, pods, switch, about, ipam_dir }
     }
 
     /// Every namespace of the layout, full names.
     pub fn namespaces(&self) -> Vec<String> {
-        std::iter::once(self.layout.ns(&self.node)).chain(self.pods.iter().map(|p| self.layout.ns(&p.name))).collect()
+        self.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .chain(self.pods.iter().map(|p| p.name.as_str()))
+            .chain(self.switch.as_deref())
+            .map(|n| self.layout.ns(n))
+            .collect()
+    }
+
+    /// The nodes' network namespace inodes.
+    pub fn node_inodes(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| std::fs::metadata(cnitrace::netns::named(&self.layout.ns(&n.name))).ok())
+            .map(|m| m.ino() as u32)
+            .collect()
+    }
+
+    /// The pods of node `n`.
+    pub fn pods_on(&self, n: usize) -> Vec<&GenPod> {
+        self.pods.iter().filter(|p| p.node == n).collect()
+    }
+
+    /// The pair a fault is traced on: two pods of the first node, or the first pods of the first two.
+    pub fn pair(&self, cross: bool) -> (&GenPod, &GenPod) {
+        if cross {
+            (self.pods_on(0)[0], self.pods_on(1)[0])
+        } else {
+            let on = self.pods_on(0);
+            (on[0], on[1])
+        }
     }
 }
 
-/// A fault a one-node layout can hold, on the pair (pods[0] → pods[1]): its name, the cause follow must
-/// name, and the hop's interface.
+impl Drop for Generated {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.ipam_dir);
+    }
+}
+
+fn set_sysctl(ns: &str, key: &'static str, value: &'static str) {
+    cnitrace::netns::in_netns(&cnitrace::netns::named(ns), move || cnitrace::sys::write_sysctl(key, value)).unwrap_or_else(|e| panic!("{ns}: {key}: {e:#}"));
+}
+
+fn run_bridge(ns: &str, args: &[&str]) {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    cnitrace::sys::run(&cnitrace_tools::BRIDGE, &full).unwrap_or_else(|e| panic!("bridge {full:?}: {e:#}"));
+}
+
+/// Which layouts a fault needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Two pods on one node (every layout).
+    OneNode,
+    /// Two nodes, any backend.
+    TwoNodes,
+    /// Two nodes joined by VXLAN.
+    Vxlan,
+    /// Two nodes joined by host-gw routes.
+    HostGw,
+}
+
+/// A fault a layout can hold, on the pair [`Generated::pair`]: its name, the cause follow must name, and
+/// the hop (`node`: the namespace, by the index of its node, and the interface; empty = not asserted).
 pub struct GenFault {
     pub name: &'static str,
     pub cause: &'static str,
+    pub needs: Needs,
     apply: fn(&Generated),
     hop: fn(&Generated) -> String,
 }
@@ -146,28 +407,76 @@ impl GenFault {
     pub fn hop(&self, g: &Generated) -> String {
         (self.hop)(g)
     }
+    pub fn cross(&self) -> bool {
+        self.needs != Needs::OneNode
+    }
+    /// Can `g` hold this fault?
+    pub fn fits(&self, g: &Generated) -> bool {
+        match self.needs {
+            Needs::OneNode => true,
+            Needs::TwoNodes => g.nodes.len() > 1,
+            Needs::Vxlan => g.nodes.len() > 1 && matches!(g.backend, Backend::Vxlan { .. }),
+            Needs::HostGw => g.nodes.len() > 1 && g.backend == Backend::HostGw,
+        }
+    }
+}
+
+fn vxlan_dev(g: &Generated) -> String {
+    match &g.backend {
+        Backend::Vxlan { dev, .. } => dev.clone(),
+        Backend::HostGw => String::new(),
+    }
 }
 
 pub const FAULTS: &[GenFault] = &[
-    GenFault { name: "veth-detached", cause: "veth-detached", apply: |g| g.layout.ip(&g.node, &format!("link set {} nomaster", g.pods[1].host_veth)), hop: |g| g.pods[1].host_veth.clone() },
-    GenFault { name: "veth-down-host", cause: "veth-down", apply: |g| g.layout.ip(&g.node, &format!("link set {} down", g.pods[1].host_veth)), hop: |g| g.pods[1].host_veth.clone() },
-    GenFault { name: "veth-down-pod", cause: "veth-down", apply: |g| g.layout.ip(&g.pods[1].name, "link set eth0 down"), hop: |_| "eth0".into() },
+    GenFault { name: "veth-detached", cause: "veth-detached", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} nomaster", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
+    GenFault { name: "veth-down-host", cause: "veth-down", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
+    GenFault { name: "veth-down-pod", cause: "veth-down", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.pair(false).1.name, "link set eth0 down"), hop: |_| "eth0".into() },
     // The kernel drops the source's frame at the bridge's ingress port (br_handle_frame): that port is the hop.
-    GenFault { name: "bridge-down", cause: "bridge-down", apply: |g| g.layout.ip(&g.node, &format!("link set {} down", g.bridge)), hop: |g| g.pods[0].host_veth.clone() },
+    GenFault { name: "bridge-down", cause: "bridge-down", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.nodes[0].bridge)), hop: |g| g.pair(false).0.host_veth.clone() },
     GenFault {
         name: "bridge-port-blocked",
         cause: "bridge-port-blocked",
-        apply: |g| {
-            let ns = g.layout.ns(&g.node);
-            cnitrace::sys::run(&cnitrace_tools::BRIDGE, &["-n", &ns, "link", "set", "dev", &g.pods[1].host_veth, "state", "0"]).unwrap_or_else(|e| panic!("{e:#}"));
-        },
-        hop: |g| g.pods[1].host_veth.clone(),
+        needs: Needs::OneNode,
+        apply: |g| run_bridge(&g.layout.ns(&g.nodes[0].name), &["link", "set", "dev", &g.pair(false).1.host_veth, "state", "0"]),
+        hop: |g| g.pair(false).1.host_veth.clone(),
     },
     GenFault {
         name: "neighbor-stale",
         cause: "neighbor-stale",
-        apply: |g| g.layout.ip(&g.pods[0].name, &format!("neigh replace {} lladdr 02:00:5e:00:53:01 dev eth0 nud permanent", g.pods[1].ip)),
+        needs: Needs::OneNode,
+        apply: |g| g.layout.ip(&g.pair(false).0.name, &format!("neigh replace {} lladdr 02:00:5e:00:53:01 dev eth0 nud permanent", g.pair(false).1.ip)),
         // Where the misaddressed frame dies depends on the bridge's FDB: not asserted.
+        hop: |_| String::new(),
+    },
+    // Cross-node: the first node's side of the way to the second.
+    GenFault {
+        name: "ip-forward-off",
+        cause: "ip-forward-disabled",
+        needs: Needs::TwoNodes,
+        apply: |g| set_sysctl(&g.layout.ns(&g.nodes[0].name), "net.ipv4.ip_forward", "0"),
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "route-missing",
+        cause: "route-missing",
+        needs: Needs::TwoNodes,
+        apply: |g| g.layout.ip(&g.nodes[0].name, &format!("route del {}/24", g.nodes[1].subnet)),
+        hop: |_| String::new(),
+    },
+    GenFault { name: "vxlan-down", cause: "vxlan-down", needs: Needs::Vxlan, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", vxlan_dev(g))), hop: |_| String::new() },
+    GenFault {
+        name: "vxlan-fdb-missing",
+        cause: "vxlan-fdb-missing",
+        needs: Needs::Vxlan,
+        apply: |g| run_bridge(&g.layout.ns(&g.nodes[0].name), &["fdb", "del", &g.nodes[1].vtep_mac, "dev", &vxlan_dev(g), "dst", &g.nodes[1].underlay.to_string()]),
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "vxlan-neigh-missing",
+        cause: "vxlan-neigh-missing",
+        needs: Needs::Vxlan,
+        apply: |g| g.layout.ip(&g.nodes[0].name, &format!("neigh del {} dev {}", g.nodes[1].subnet, vxlan_dev(g))),
         hop: |_| String::new(),
     },
 ];

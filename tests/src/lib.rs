@@ -371,7 +371,13 @@ pub fn config_diff(a: &std::collections::BTreeMap<String, String>, b: &std::coll
                 let lb: Vec<&str> = cb.lines().collect();
                 let only_a: Vec<&&str> = la.iter().filter(|l| !lb.contains(l)).take(3).collect();
                 let only_b: Vec<&&str> = lb.iter().filter(|l| !la.contains(l)).take(3).collect();
-                out.push(format!("{ns}: before {only_a:?} after {only_b:?}"));
+                if only_a.is_empty() && only_b.is_empty() {
+                    // The same lines, in another order or another number of times: the first that differs.
+                    let at = la.iter().zip(&lb).position(|(x, y)| x != y).unwrap_or(la.len().min(lb.len()));
+                    out.push(format!("{ns}: the same lines, reordered or repeated; line {at}: before {:?} after {:?}", la.get(at), lb.get(at)));
+                } else {
+                    out.push(format!("{ns}: before {only_a:?} after {only_b:?}"));
+                }
             }
             None => out.push(format!("{ns}: gone")),
         }

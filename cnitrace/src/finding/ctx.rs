@@ -193,10 +193,6 @@ impl<'a> Ctx<'a> {
         };
         by_gateway.or_else(via_veth).or_else(|| node.link_by_name("cni0"))
     }
-    /// The ports of bridge `br` on `node`.
-    pub fn ports_of(node: &'a NsState, br: &Link) -> Vec<&'a Link> {
-        node.links.iter().filter(|l| l.master == Some(br.ifindex)).collect()
-    }
     pub fn vxlan_dev(&self, node: &'a NsState) -> Option<&'a Link> {
         node.link_by_name(VXLAN_DEV).or_else(|| node.links.iter().find(|l| l.kind == "vxlan"))
     }

@@ -183,6 +183,12 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
                 }
                 return finish_unfixed(journal, out, "a path of the node is worse, or a repaired pod short of its siblings");
             }
+            let before = before.clone();
+            let j = journal.as_mut().expect("journal of an applied fix");
+            let after = match the_rest_of_the_fault(&paths, &before, after, &seen_causes, j, req.trace_timeout, out)? {
+                Ok(after) => after,
+                Err(why) => return finish_unfixed(journal, out, &why),
+            };
             writeln!(out, "\nnode paths: {} of {} answer ({} before the fix)", after.iter().filter(|a| **a).count(), paths.len(), before.iter().filter(|a| **a).count())?;
             let j = journal.as_mut().expect("journal of an applied fix");
             j.outcome = Outcome::Fixed;
@@ -199,6 +205,66 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         crate::render::verdict(&report.verdict, out)?;
     }
     finish_unfixed(journal, out, "too many rounds")
+}
+
+/// The same fault on the node's other paths. A fault can break more than the pair: a VXLAN device taken
+/// down loses the routes and neighbours of every remote node with it, and the pair's repair restores
+/// the one remote node the pair goes to. Each node path that failed before the fix and still fails is
+/// traced; where its cause is one this fix already repaired (the same fault, on another path), its
+/// remedy is applied into the same journal, at most a few rounds a path. Any other cause is named and
+/// left alone (not what this fix set out to repair). Then the node is judged again against the state
+/// before the fix: `Err` says why it must be rolled back, `Ok` the paths' answers now.
+#[allow(clippy::too_many_arguments)]
+fn the_rest_of_the_fault(
+    paths: &[verify::NodePath],
+    before: &[bool],
+    mut after: Vec<bool>,
+    seen_causes: &[String],
+    j: &mut Journal,
+    timeout: Duration,
+    out: &mut dyn Write,
+) -> Result<std::result::Result<Vec<bool>, String>> {
+    const ROUNDS_PER_PATH: usize = 3;
+    let mut left_alone: Vec<String> = Vec::new();
+    let mut changed = false;
+    for (i, p) in paths.iter().enumerate() {
+        if before[i] || after[i] {
+            continue;
+        }
+        for _ in 0..ROUNDS_PER_PATH {
+            let r = trace(p.from_ip, p.to, timeout)?;
+            if r.verdict.verdict == Verdict::Delivered {
+                break;
+            }
+            let Some((cause, Remedy::Steps(steps))) = remedy(&r) else {
+                left_alone.push(format!("{} (no cause with a safe fix)", p.name()));
+                break;
+            };
+            if !seen_causes.iter().any(|c| c == cause.id) {
+                left_alone.push(format!("{} ({}: not what this fix repaired)", p.name(), cause.id));
+                break;
+            }
+            writeln!(out, "\nthe same fault on {} ({}):", p.name(), cause.id)?;
+            apply_steps(j, cause.id, steps, out)?;
+            changed = true;
+        }
+    }
+    if changed {
+        after = verify::check(paths);
+        let touched: Vec<String> = j.steps.iter().map(|s| s.action.target().netns.clone()).collect();
+        let wrong = verify::judge(paths, before, &after, &touched);
+        if !wrong.is_empty() {
+            writeln!(out, "\nthe node is not whole after repairing the rest of the fault:")?;
+            for w in &wrong {
+                writeln!(out, "  {w}")?;
+            }
+            return Ok(Err("a path of the node is worse, or a repaired pod short of its siblings".into()));
+        }
+    }
+    for l in &left_alone {
+        writeln!(out, "still failing, left alone: {l}")?;
+    }
+    Ok(Ok(after))
 }
 
 /// A neighbour resolution the source started before the fix (while the path was broken) may still be

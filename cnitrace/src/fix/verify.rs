@@ -27,6 +27,7 @@ pub enum Class {
 #[derive(Clone, Debug)]
 pub struct NodePath {
     pub from: String,
+    pub from_ip: Ipv4Addr,
     /// The source pod's namespace (name, as actions name it) and a path that opens it.
     pub from_netns: String,
     from_path: PathBuf,
@@ -57,6 +58,7 @@ fn paths_of(pods: &[PodOnNode], nodes: &[u32]) -> Vec<NodePath> {
     let mut out = Vec::new();
     let path = |from: &PodOnNode, to: Ipv4Addr, to_name: String, to_netns: String, class: Class| NodePath {
         from: from.display.clone(),
+        from_ip: from.ip,
         from_netns: from.netns.name.clone(),
         from_path: from.netns.ns.as_ref().map(|n| n.path.clone()).unwrap_or_default(),
         from_node: from.node.inode,

@@ -1,9 +1,10 @@
-//! The product on layouts the lab does not build: for each seed a generated one-node layout (names,
-//! subnets, bridge and veth names, interface order drawn from the seed), each fault a one-node layout
-//! can hold injected on its own, and from cnitrace: the right cause and hop from `follow`, a dry run that
-//! changes nothing, `fix --auto` leaving every path of the node answering, and a rollback back to the
-//! broken state byte for byte. Fixed seeds here; `CNITRACE_GEN_SEEDS=N` (and `CNITRACE_GEN_FIRST`) runs
-//! N seeds as a soak and prints the figures per cause.
+//! The product on layouts the lab does not build: for each seed a generated layout of 1–3 nodes (names,
+//! subnets, bridge and veth names, CNI-made or hand-made pods, VXLAN or host-gw between the nodes,
+//! interface order — all drawn from the seed, see `cnitrace_tests::gen`), each fault the layout can hold
+//! injected on its own, and from cnitrace: the right cause and hop from `follow`, a dry run that changes
+//! nothing, `fix --auto` leaving every path of every node answering, and a rollback back to the broken
+//! state byte for byte. Fixed seeds here; `CNITRACE_GEN_SEEDS=N` (and `CNITRACE_GEN_FIRST`) runs
+//! N seeds as a soak and prints the figures per cause; `CNITRACE_GEN_FAULT=NAME` runs one fault.
 
 use std::collections::BTreeMap;
 
@@ -24,31 +25,34 @@ fn cnitrace(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-/// One case: `None` when right and repaired, else what went wrong.
-fn case(seed: u64, f: &gen::GenFault) -> (bool, bool, Option<String>) {
-    let g = gen::Generated::build(seed);
+/// One case on a freshly built layout: (right diagnosis, repaired node, what went wrong).
+fn case(g: &gen::Generated, f: &gen::GenFault) -> (bool, bool, Option<String>) {
     let _ = std::fs::remove_dir_all(state_dir());
-    let (src, dst) = (g.pods[0].ip.to_string(), g.pods[1].ip.to_string());
-    f.apply(&g);
-    let broken = configs(&g);
+    let (src, dst) = g.pair(f.cross());
+    let (src, dst) = (src.ip.to_string(), dst.ip.to_string());
+    f.apply(g);
+    let broken = configs(g);
     let (code, out) = cnitrace(&["follow", &src, &dst, "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.lines().filter(|l| l.starts_with('{')).last().unwrap_or("{}")).unwrap_or_default();
-    let hop = f.hop(&g);
-    let right = code == 1 && v["cause"] == f.cause && v["netns"].is_string() && (hop.is_empty() || v["ifname"] == hop.as_str());
+    let hop = f.hop(g);
+    // A cross-node fault sits on the first node.
+    let node = f.cross().then(|| g.layout.ns(&g.nodes[0].name));
+    let right = code == 1
+        && v["cause"] == f.cause
+        && v["netns"].is_string()
+        && (hop.is_empty() || v["ifname"] == hop.as_str())
+        && node.as_ref().is_none_or(|n| v["netns"] == n.as_str());
     if !right {
         return (false, false, Some(format!("{} {}: follow exit {code}, cause {}, hop {} {} (expected {} at {hop})\n  {}", f.name, g.about, v["cause"], v["netns"], v["ifname"], f.cause, v["explanation"])));
     }
     let (_, out) = cnitrace(&["fix", &src, &dst]);
-    let after = configs(&g);
+    let after = configs(g);
     if after != broken {
         return (true, false, Some(format!("{} {}: the dry run changed the node: {:?}\n{out}", f.name, g.about, config_diff(&broken, &after))));
     }
     let (code, out) = cnitrace(&["fix", "--auto", &src, &dst]);
-    let node = cnitrace::resolve::HostResolver::scan()
-        .ok()
-        .and_then(|r| cnitrace::resolve::Resolver::resolve(&r, g.pods[0].ip).ok())
-        .and_then(|e| e.local().and_then(|l| l.node.as_ref().map(|n| n.netns.inode)));
-    let paths = verify::discover(&node.into_iter().collect::<Vec<_>>(), (g.gateway, g.prefix)).unwrap_or_default();
+    // Every node's paths, not only the ones cnitrace checks (the nodes of the pair).
+    let paths = verify::discover(&g.node_inodes(), g.cluster).unwrap_or_default();
     let answers = verify::check(&paths);
     let repaired = code == 0 && !paths.is_empty() && answers.iter().all(|a| *a);
     let mut wrong = None;
@@ -57,7 +61,7 @@ fn case(seed: u64, f: &gen::GenFault) -> (bool, bool, Option<String>) {
         wrong = Some(format!("{} {}: fix --auto exit {code}, {} node paths, not answering {dead:?}\n{out}", f.name, g.about, paths.len()));
     } else {
         let (code, out) = cnitrace(&["fix", "--rollback"]);
-        let after = configs(&g);
+        let after = configs(g);
         if code != 0 || after != broken {
             wrong = Some(format!("{} {}: the rollback did not restore the node byte for byte: {:?}\n{out}", f.name, g.about, config_diff(&broken, &after)));
         }
@@ -81,8 +85,15 @@ fn generated_layouts_are_diagnosed_fixed_and_rolled_back() {
     let mut figures: BTreeMap<&str, (u32, u32, u32)> = BTreeMap::new();
     let mut wrong = Vec::new();
     for seed in &seeds {
-        for f in gen::FAULTS {
-            let (right, repaired, why) = case(*seed, f);
+        // The faults this seed's layout can hold (one node holds no cross-node fault).
+        let fits: Vec<&gen::GenFault> = {
+            let g = gen::Generated::build(*seed);
+            // CNITRACE_GEN_FAULT=NAME: that fault only (reproducing a miss).
+            let only = std::env::var("CNITRACE_GEN_FAULT").ok();
+            gen::FAULTS.iter().filter(|f| f.fits(&g) && only.as_deref().is_none_or(|o| o == f.name)).collect()
+        };
+        for f in fits {
+            let (right, repaired, why) = case(&gen::Generated::build(*seed), f);
             let e = figures.entry(f.name).or_default();
             e.0 += 1;
             e.1 += right as u32;

@@ -52,7 +52,7 @@ fn fix(ctx: &Ctx) -> Remedy {
             return Remedy::NoSafeFix(format!("{} has no pods' bridge to attach {} to", ctx.node_name(node), host.name));
         };
         let ns = Target::of(node);
-        let keep = plan::keep_bridge_address(&ns, br, &Ctx::ports_of(node, br), host);
+        let keep = plan::keep_bridge_address(&ns, node, br, host);
         return Remedy::Steps(keep.into_iter().chain([Step {
             action: Action::SetMaster { ns: ns.clone(), ifname: host.name.clone(), master: Some(br.name.clone()) },
             undo: Action::SetMaster { ns, ifname: host.name.clone(), master: None },

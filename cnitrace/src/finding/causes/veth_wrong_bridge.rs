@@ -39,7 +39,7 @@ fn fix(ctx: &Ctx) -> Remedy {
         }
         let ns = Target::of(node);
         // Both bridges keep their addresses: the one the veth joins and the one it leaves.
-        let keep = [pods, master].into_iter().filter_map(|br| plan::keep_bridge_address(&ns, br, &Ctx::ports_of(node, br), host)).collect::<Vec<_>>();
+        let keep = [pods, master].into_iter().filter_map(|br| plan::keep_bridge_address(&ns, node, br, host)).collect::<Vec<_>>();
         return Remedy::Steps(keep.into_iter().chain([Step {
             action: Action::SetMaster { ns: ns.clone(), ifname: host.name.clone(), master: Some(pods.name.clone()) },
             undo: Action::SetMaster { ns, ifname: host.name.clone(), master: Some(master.name.clone()) },
