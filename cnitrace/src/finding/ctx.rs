@@ -136,7 +136,10 @@ impl<'a> Ctx<'a> {
     pub fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
         self.src_pod().is_some_and(|p| {
             p.routes.iter().any(|r| r.table == MAIN_TABLE && r.prefix > 0 && r.gateway.is_some() && in_prefix(ip, r.dst, r.prefix))
-        }) || self.src_node().and_then(|n| n.link_by_name(VXLAN_DEV)).is_some() && in_prefix(ip, self.src_ip(), 16)
+        }) || self.src_node().and_then(|n| self.vxlan_dev(n)).is_some() && {
+            let (net, prefix) = self.cluster_cidr();
+            in_prefix(ip, net, prefix)
+        }
     }
     pub fn in_node_subnet(&self, ip: Ipv4Addr) -> bool {
         self.src_pod().is_some_and(|p| p.addrs.iter().any(|a| a.prefix < 32 && a.ifindex != 1 && in_prefix(ip, a.addr, a.prefix)))

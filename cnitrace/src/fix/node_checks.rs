@@ -1,5 +1,8 @@
 //! Node checks: what is wrong on a node whatever pair is traced — every pod's veth, the pods' bridge,
-//! forwarding, flannel.1 and what flannel writes for each remote node, the FORWARD policies. `fix --auto`
+//! forwarding, the VXLAN device and what flannel writes for each remote node, the FORWARD policies. No
+//! name is assumed: the pods' bridge is the bridge the pods' veths hang off (whatever it is called), a
+//! pod's veth is a veth without an address whose peer is in another namespace (a node's uplink to an
+//! underlay carries one), the VXLAN device is the node's vxlan link. `fix --auto`
 //! without a pair runs them on the nodes of the last followed pair and reports each finding with its
 //! catalog cause and the command that repairs it; the pair's own fix is what gets applied and verified.
 
@@ -7,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     finding::causes::netfilter::has_pod_accepts,
-    state::{rules::parse_iptables, NsState},
+    state::{rules::parse_iptables, Link, NsState},
 };
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -21,14 +24,15 @@ pub struct NodeFinding {
 pub fn check(node: &NsState, name: &str) -> Vec<NodeFinding> {
     let mut out = Vec::new();
     let mut add = |cause: &'static str, what: String| out.push(NodeFinding { node: name.to_string(), cause, what });
-    let bridge = node.link_by_name("cni0");
+    let pod_veths: Vec<&Link> =
+        node.links.iter().filter(|l| l.kind == "veth" && l.peer_netnsid.is_some() && node.addrs_of(l.ifindex).next().is_none()).collect();
+    let bridge = pods_bridge(node, &pod_veths);
     if let Some(br) = bridge {
         if !br.admin_up {
             add("bridge-down", format!("{} is down", br.name));
         }
     }
-    // Pod veths: host ends whose peer lives in another namespace.
-    for l in node.links.iter().filter(|l| l.kind == "veth" && l.peer_netnsid.is_some() && l.name.starts_with("veth")) {
+    for l in &pod_veths {
         match (l.master.and_then(|m| node.link(m)), bridge) {
             (None, Some(br)) => add("veth-detached", format!("{} is no port of {}", l.name, br.name)),
             (Some(m), Some(br)) if m.ifindex != br.ifindex => add("veth-wrong-bridge", format!("{} is a port of {}, not {}", l.name, m.name, br.name)),
@@ -47,45 +51,52 @@ pub fn check(node: &NsState, name: &str) -> Vec<NodeFinding> {
     if node.sysctls.rp_filter.get("all") == Some(&1) {
         add("rp-filter", "net.ipv4.conf.all.rp_filter = 1 (strict): asymmetric underlay paths drop".into());
     }
-    match node.link_by_name("flannel.1") {
-        Some(vx) => {
-            if !vx.admin_up {
-                add("vxlan-down", "flannel.1 is down".into());
-            }
-            let addrs: Vec<_> = node.addrs_of(vx.ifindex).collect();
-            if addrs.is_empty() || addrs.iter().any(|a| a.addr.is_unspecified() || a.prefix != 32) {
-                add("vxlan-address-invalid", format!("flannel.1 holds {:?}", addrs.iter().map(|a| format!("{}/{}", a.addr, a.prefix)).collect::<Vec<_>>()));
-            }
-            for r in node.routes.iter().filter(|r| r.oif == Some(vx.ifindex) && r.table == 254) {
-                let Some(gw) = r.gateway else { continue };
-                match node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) {
-                    None => add("vxlan-neigh-missing", format!("no neighbour for VTEP {gw} ({}/{} routes through it)", r.dst, r.prefix)),
-                    Some(mac) if !node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) => {
-                        add("vxlan-fdb-missing", format!("no FDB entry for VTEP {gw} ({mac})"))
-                    }
-                    _ => {}
+    // A node without a VXLAN device may use host-gw: its absence alone proves nothing.
+    if let Some(vx) = node.links.iter().find(|l| l.kind == "vxlan") {
+        let dev = &vx.name;
+        if !vx.admin_up {
+            add("vxlan-down", format!("{dev} is down"));
+        }
+        let addrs: Vec<_> = node.addrs_of(vx.ifindex).collect();
+        if addrs.is_empty() || addrs.iter().any(|a| a.addr.is_unspecified() || a.prefix != 32) {
+            add("vxlan-address-invalid", format!("{dev} holds {:?}", addrs.iter().map(|a| format!("{}/{}", a.addr, a.prefix)).collect::<Vec<_>>()));
+        }
+        for r in node.routes.iter().filter(|r| r.oif == Some(vx.ifindex) && r.table == 254) {
+            let Some(gw) = r.gateway else { continue };
+            match node.neigh(vx.ifindex, gw).and_then(|n| n.mac.clone()) {
+                None => add("vxlan-neigh-missing", format!("no neighbour for VTEP {gw} ({}/{} routes through it)", r.dst, r.prefix)),
+                Some(mac) if !node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac == mac && f.dst.is_some()) => {
+                    add("vxlan-fdb-missing", format!("no FDB entry for VTEP {gw} ({mac})"))
                 }
+                _ => {}
             }
         }
-        None if bridge.is_some() => add("vxlan-down", "there is no flannel.1".into()),
-        None => {}
     }
-    let pod_net = node
-        .link_by_name("cni0")
-        .and_then(|b| node.addrs_of(b.ifindex).next())
-        .map(|a| {
-            let o = a.addr.octets();
-            format!("{}.{}.", o[0], o[1])
-        })
-        .unwrap_or_else(|| "10.244.".into());
+    // The pod network's first two octets, from the pods' gateway (nothing to compare rules with without one).
+    let pod_net = bridge.and_then(|b| node.addrs_of(b.ifindex).next()).map(|a| {
+        let o = a.addr.octets();
+        format!("{}.{}.", o[0], o[1])
+    });
     for (backend, dump) in [("iptables-nft", &node.rules.iptables_nft), ("iptables-legacy", &node.rules.iptables_legacy)] {
-        let Some(d) = dump else { continue };
+        let (Some(d), Some(pod_net)) = (dump, pod_net.as_ref()) else { continue };
         let drops = parse_iptables(d).into_iter().any(|r| r.is_policy && r.table == "filter" && r.chain == "FORWARD" && r.target == "DROP");
-        if drops && !has_pod_accepts(Some(d), &pod_net) {
+        if drops && !has_pod_accepts(Some(d), pod_net) {
             add("netfilter-policy-drop", format!("{backend} FORWARD policy DROP with no accept for {pod_net}0.0/16"));
         }
     }
     out
+}
+
+/// The pods' bridge: the one most pod veths are ports of, else the only bridge holding an address.
+fn pods_bridge<'a>(node: &'a NsState, pod_veths: &[&Link]) -> Option<&'a Link> {
+    let bridges = node.links.iter().filter(|l| l.kind == "bridge");
+    let ports = |b: &Link| pod_veths.iter().filter(|v| v.master == Some(b.ifindex)).count();
+    let with_ports = bridges.clone().filter(|b| ports(b) > 0).max_by_key(|b| (ports(b), node.addrs_of(b.ifindex).next().is_some()));
+    with_ports.or_else(|| {
+        let mut addressed = bridges.filter(|b| node.addrs_of(b.ifindex).next().is_some());
+        let first = addressed.next();
+        first.filter(|_| addressed.next().is_none())
+    })
 }
 
 #[cfg(test)]
@@ -110,5 +121,30 @@ mod tests {
         n.sysctls.ip_forward = Some(1);
         let found: Vec<&str> = check(&n, "node").iter().map(|f| f.cause).collect();
         assert_eq!(found, vec!["veth-detached", "vxlan-neigh-missing"]);
+    }
+
+    #[test]
+    fn no_name_is_assumed() {
+        // A host-gw node: bridge br-x, pods' veths named by hand, an uplink veth with an address, no VXLAN
+        // device (nothing missing), and a detached pod veth.
+        let mut n = NsState::default();
+        n.links = vec![
+            Link { ifindex: 2, name: "ens3".into(), kind: "veth".into(), admin_up: true, peer_netnsid: Some(4), ..Default::default() },
+            Link { ifindex: 5, name: "br-x".into(), kind: "bridge".into(), admin_up: false, ..Default::default() },
+            Link { ifindex: 6, name: "web-h".into(), kind: "veth".into(), admin_up: true, peer_netnsid: Some(0), master: Some(5), port_state: Some("forwarding".into()), ..Default::default() },
+            Link { ifindex: 7, name: "db-h".into(), kind: "veth".into(), admin_up: true, peer_netnsid: Some(1), ..Default::default() },
+        ];
+        n.addrs = vec![
+            Addr { ifindex: 2, addr: "192.168.7.10".parse().unwrap(), prefix: 24, broadcast: None },
+            Addr { ifindex: 5, addr: "172.20.3.1".parse().unwrap(), prefix: 24, broadcast: None },
+        ];
+        n.routes = vec![Route { table: 254, dst: "172.20.9.0".parse().unwrap(), prefix: 24, gateway: Some("192.168.7.11".parse().unwrap()), oif: Some(2), kind: "unicast".into() }];
+        n.sysctls.ip_forward = Some(1);
+        let found: Vec<String> = check(&n, "node").iter().map(|f| format!("{}: {}", f.cause, f.what)).collect();
+        assert_eq!(found, vec!["bridge-down: br-x is down", "veth-detached: db-h is no port of br-x"]);
+        // The same with flannel's VXLAN device as flannel names it for VNI 4096, down.
+        n.links.push(Link { ifindex: 9, name: "flannel.4096".into(), kind: "vxlan".into(), admin_up: false, ..Default::default() });
+        n.addrs.push(Addr { ifindex: 9, addr: "172.20.3.0".parse().unwrap(), prefix: 32, broadcast: None });
+        assert!(check(&n, "node").iter().any(|f| f.cause == "vxlan-down" && f.what == "flannel.4096 is down"));
     }
 }

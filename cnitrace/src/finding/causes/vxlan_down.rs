@@ -1,5 +1,6 @@
-//! vxlan-down: the node's VXLAN device (flannel.1) is down or missing; the kernel drops the routes
-//! through it, so cross-node traffic has no way out.
+//! vxlan-down: the node's VXLAN device (flannel.1, or flannel.<VNI>) is down or missing; the kernel drops
+//! the routes through it, so cross-node traffic has no way out. Missing only counts where the other node
+//! of the pair has one: a node without one may use host-gw.
 
 use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
@@ -24,12 +25,13 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
                     hop: Some((name, vx.name.clone())),
                 })
             }
-            None if node.links.iter().any(|l| l.name == "cni0") => {
+            None => {
+                let Some((other, theirs)) = other_nodes_device(ctx, node) else { continue };
                 return Some(Diagnosis {
-                    explanation: format!("{name} has no VXLAN device (flannel.1): it cannot reach the other nodes' pods"),
-                    facts: vec![format!("no vxlan link on {name}")],
-                    hop: Some((name, "flannel.1".into())),
-                })
+                    explanation: format!("{name} has no VXLAN device ({theirs}, as {other} has): it cannot reach the other nodes' pods"),
+                    facts: vec![format!("no vxlan link on {name}"), format!("{other} has {theirs}")],
+                    hop: Some((name, theirs)),
+                });
             }
             _ => {}
         }
@@ -50,9 +52,17 @@ fn fix(ctx: &Ctx) -> Remedy {
                     why: format!("{} carries every packet to the other nodes' pods", vx.name),
                 }]);
             }
-            None => return Remedy::NoSafeFix(format!("{} has no flannel.1 at all: flanneld must create it (restart flannel on that node)", ctx.node_name(node))),
+            None if other_nodes_device(ctx, node).is_some() => {
+                return Remedy::NoSafeFix(format!("{} has no VXLAN device at all: flanneld must create it (restart flannel on that node)", ctx.node_name(node)))
+            }
             _ => {}
         }
     }
-    Remedy::NoSafeFix("flannel.1 is up now".into())
+    Remedy::NoSafeFix("the VXLAN devices are up now".into())
+}
+
+/// The other node of the pair and its VXLAN device's name, when it has one.
+fn other_nodes_device(ctx: &Ctx, node: &crate::state::NsState) -> Option<(String, String)> {
+    let other = ctx.nodes().into_iter().find(|n| n.inode != node.inode)?;
+    ctx.vxlan_dev(other).map(|vx| (ctx.node_name(other), vx.name.clone()))
 }
