@@ -110,6 +110,8 @@ pub struct NftRule {
     pub policy: Option<String>,
     /// The rule's handle (`nft -a`), to delete exactly this rule.
     pub handle: Option<u64>,
+    /// The handle of the rule before it in its chain (None: the first), to put it back in its place.
+    pub after: Option<u64>,
 }
 
 /// Parses `nft list ruleset` into rules (one per line inside chains) and chain policies.
@@ -149,9 +151,11 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                     priority: priority.clone(),
                     policy: policy.clone(),
                     handle: None,
+                    after: None,
                 });
             }
         } else if !l.is_empty() && l != "}" && !l.contains('{') && !chain.is_empty() {
+            let after = out.iter().rev().take_while(|r: &&NftRule| r.family == family && r.table == table && r.chain == chain).find(|r| r.handle.is_some()).and_then(|r| r.handle);
             let (l, handle) = match l.split_once(" # handle ") {
                 Some((r, h)) => (r.trim(), h.trim().parse().ok()),
                 None => (l, None),
@@ -174,6 +178,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                 priority: priority.clone(),
                 policy: policy.clone(),
                 handle,
+                after,
             });
         }
     }
@@ -207,5 +212,17 @@ mod tests {
         assert_eq!(r.packets, Some(4));
         assert_eq!(r.hook.as_deref(), Some("forward"));
         assert_eq!(r.table, "hardening");
+        assert_eq!(r.after, None, "the first rule of its chain");
+    }
+
+    #[test]
+    fn an_nft_rule_knows_the_rule_before_it() {
+        let dump = "table inet fw { # handle 9\n\tchain fwd { # handle 1\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct state established accept # handle 4\n\t\tip daddr 10.9.1.0/24 drop # handle 6\n\t}\n\tchain other { # handle 2\n\t\tip daddr 10.9.2.0/24 drop # handle 8\n\t}\n}\n";
+        let rules = parse_nft(dump);
+        let after = |rule: &str| rules.iter().find(|r| r.rule == rule).map(|r| r.after);
+        assert_eq!(after("ct state established accept"), Some(None));
+        assert_eq!(after("ip daddr 10.9.1.0/24 drop"), Some(Some(4)));
+        // Another chain starts afresh.
+        assert_eq!(after("ip daddr 10.9.2.0/24 drop"), Some(None));
     }
 }

@@ -133,6 +133,28 @@ fn rollback_restores_the_state_before_the_fix() {
     }
 }
 
+/// A removed nft rule goes back in its place, not at the chain's end: the drop rule sits between two
+/// others (the undo used to append it, so a rollback reordered the chain).
+#[test]
+fn a_removed_nft_rule_goes_back_in_its_place() {
+    if !can_run_kernel_tests("a_removed_nft_rule_goes_back_in_its_place") {
+        return;
+    }
+    let f = faults::find("nft-drop").expect("fault");
+    let g = LabGuard::up(&[f.name]);
+    let node = g.lab.node_ns(0);
+    for rule in ["insert rule inet hardening forward ip saddr 192.0.2.99 counter accept", "add rule inet hardening forward ip daddr 192.0.2.98 counter accept"] {
+        cnitrace::sys::run_in_stdin(&node, &tools::NFT, &["-f", "-"], &format!("{rule}\n")).expect("nft");
+    }
+    let before = lab_config();
+    let (code, text) = fix(&["--auto", "--allow-rule-removal", &ip(f.pair.0), &ip(f.pair.1)]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = fix(&["--rollback"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("position"), "the undo names the rule before it: {text}");
+    assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "the rule is back in its place");
+}
+
 #[test]
 fn a_crash_between_actions_is_rolled_back_exactly() {
     if !can_run_kernel_tests("a_crash_between_actions_is_rolled_back_exactly") {

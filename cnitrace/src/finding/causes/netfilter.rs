@@ -26,6 +26,8 @@ pub struct Hit {
     pub nft_family: String,
     pub nft_table: String,
     pub handle: Option<u64>,
+    /// nft: the handle of the rule before it in its chain (None: it is the first).
+    pub nft_after: Option<u64>,
     /// How the rule was found: its counter moved during the probe, or (a native nft rule without a
     /// counter) the rule set evaluated against the dropped packet's headers.
     pub found_by: FoundBy,
@@ -69,6 +71,7 @@ fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&Strin
                 nft_family: String::new(),
                 nft_table: String::new(),
                 handle: None,
+                nft_after: None,
                 found_by: FoundBy::Counter,
                 hook: None,
             })
@@ -257,6 +260,7 @@ fn nft_hit(r: &NftRule, node: String, delta: u64, found_by: FoundBy) -> Hit {
         nft_family: r.family.clone(),
         nft_table: r.table.clone(),
         handle: r.handle,
+        nft_after: r.after,
         found_by,
         hook: hook_words(r),
     }

@@ -34,7 +34,14 @@ fn fix(ctx: &Ctx) -> Remedy {
         let text = netfilter::strip_counter(&h.rule);
         Step {
             action: Action::Nft { ns: ns.clone(), script: format!("delete rule {} {} {} handle {handle}", h.nft_family, h.nft_table, h.chain) },
-            undo: Action::Nft { ns, script: format!("add rule {} {} {} {text}", h.nft_family, h.nft_table, h.chain) },
+            // Back in its place: after the rule that preceded it, or first in the chain.
+            undo: Action::Nft {
+                ns,
+                script: match h.nft_after {
+                    Some(p) => format!("add rule {} {} {} position {p} {text}", h.nft_family, h.nft_table, h.chain),
+                    None => format!("insert rule {} {} {} {text}", h.nft_family, h.nft_table, h.chain),
+                },
+            },
             why: format!("the rule `{}` in nft table {} {} chain {} drops the pair's traffic", h.rule, h.nft_family, h.nft_table, h.chain),
         }
     } else {
