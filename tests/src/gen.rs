@@ -105,8 +105,8 @@ fn node_name(r: &mut Rng, i: usize, first: &str) -> String {
     // The others as the same tool names them.
     if first == "kind-worker" {
         format!("kind-worker{}", i + 1)
-    } else if let Some(rest) = first.strip_prefix("k3d-") {
-        format!("k3d-{}-agent-{i}", rest.split("-agent-").next().unwrap_or("x"))
+    } else if let Some((cluster, n)) = first.strip_prefix("k3d-").and_then(|r| r.split_once("-agent-")) {
+        format!("k3d-{cluster}-agent-{}", n.parse::<usize>().unwrap_or(0) + i)
     } else if first == "minikube-m02" {
         format!("minikube-m0{}", i + 2)
     } else {
@@ -227,26 +227,7 @@ impl Generated {
         // flannel's backend: the VXLAN device on every node (also alone), the routes to the others.
         for (i, node) in nodes.iter().enumerate() {
             match &backend {
-                Backend::Vxlan { dev, port, vni } => {
-                    let via = if nnodes > 1 { format!(" dev {}", node.uplink) } else { String::new() };
-                    layout.ip(
-                        &node.name,
-                        &format!(
-                            "link add {dev} address {} type vxlan id {vni} local {} dstport {port} nolearning{via}\nlink set {dev} mtu 1450\nlink set {dev} up\naddr add {}/32 dev {dev}",
-                            node.vtep_mac, node.underlay, node.subnet
-                        ),
-                    );
-                    for other in nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o) {
-                        layout.ip(
-                            &node.name,
-                            &format!(
-                                "route add {}/24 via {} dev {dev} onlink\nneigh replace {} lladdr {} dev {dev} nud permanent",
-                                other.subnet, other.subnet, other.subnet, other.vtep_mac
-                            ),
-                        );
-                        run_bridge(&layout.ns(&node.name), &["fdb", "append", &other.vtep_mac, "dev", dev, "dst", &other.underlay.to_string()]);
-                    }
-                }
+                Backend::Vxlan { dev, port, vni } => vxlan_on(&layout, &nodes, i, dev, *port, *vni),
                 Backend::HostGw => {
                     for other in nodes.iter().filter(|o| o.name != node.name) {
                         layout.ip(&node.name, &format!("route add {}/24 via {} dev {}", other.subnet, other.underlay, node.uplink));
@@ -367,6 +348,40 @@ impl Drop for Generated {
     }
 }
 
+/// flannel's VXLAN device on node `i` as its vxlan backend writes it: the device, its /32, and per other
+/// node the route, the permanent neighbour and the FDB entry.
+fn vxlan_on(layout: &HandLayout, nodes: &[GenNode], i: usize, dev: &str, port: u16, vni: u32) {
+    let node = &nodes[i];
+    let via = if nodes.len() > 1 { format!(" dev {}", node.uplink) } else { String::new() };
+    layout.ip(
+        &node.name,
+        &format!(
+            "link add {dev} address {} type vxlan id {vni} local {} dstport {port} nolearning{via}\nlink set {dev} mtu 1450\nlink set {dev} up\naddr add {}/32 dev {dev}",
+            node.vtep_mac, node.underlay, node.subnet
+        ),
+    );
+    for other in nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o) {
+        layout.ip(
+            &node.name,
+            &format!("route add {}/24 via {} dev {dev} onlink\nneigh replace {} lladdr {} dev {dev} nud permanent", other.subnet, other.subnet, other.subnet, other.vtep_mac),
+        );
+        run_bridge(&layout.ns(&node.name), &["fdb", "append", &other.vtep_mac, "dev", dev, "dst", &other.underlay.to_string()]);
+    }
+}
+
+/// The second node's VXLAN device made again with another port or VNI (named flannel.<VNI> as flannel names it).
+fn vxlan_differs(g: &Generated, port_differs: bool) {
+    let Backend::Vxlan { dev, port, vni } = &g.backend else { return };
+    g.layout.ip(&g.nodes[1].name, &format!("link del {dev}"));
+    let (port, vni) = if port_differs { (if *port == 8472 { 4789 } else { 8472 }, *vni) } else { (*port, vni + 1) };
+    let dev = if port_differs { dev.clone() } else { format!("flannel.{vni}") };
+    vxlan_on(&g.layout, &g.nodes, 1, &dev, port, vni);
+}
+
+fn iptables(ns: &str, args: &[&str]) {
+    cnitrace::sys::run_in(ns, &cnitrace_tools::IPTABLES_NFT, args).unwrap_or_else(|e| panic!("iptables {args:?}: {e:#}"));
+}
+
 fn set_sysctl(ns: &str, key: &'static str, value: &'static str) {
     cnitrace::netns::in_netns(&cnitrace::netns::named(ns), move || cnitrace::sys::write_sysctl(key, value)).unwrap_or_else(|e| panic!("{ns}: {key}: {e:#}"));
 }
@@ -375,6 +390,13 @@ fn run_bridge(ns: &str, args: &[&str]) {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     cnitrace::sys::run(&cnitrace_tools::BRIDGE, &full).unwrap_or_else(|e| panic!("bridge {full:?}: {e:#}"));
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FixKind {
+    Repair,
+    RuleRemoval,
+    NoSafeFix,
 }
 
 /// Which layouts a fault needs.
@@ -396,6 +418,9 @@ pub struct GenFault {
     pub name: &'static str,
     pub cause: &'static str,
     pub needs: Needs,
+    /// What `fix --auto` must do: repair it, repair it only with --allow-rule-removal (a rule someone
+    /// wrote), or refuse and change nothing (no safe fix).
+    pub fix: FixKind,
     apply: fn(&Generated),
     hop: fn(&Generated) -> String,
 }
@@ -409,6 +434,15 @@ impl GenFault {
     }
     pub fn cross(&self) -> bool {
         self.needs != Needs::OneNode
+    }
+    /// Where the packet dies is the first node's own doing (its forwarding, routes, VXLAN device or
+    /// rules), so `follow` must name it there; the pods' own faults die in the pod, a config mismatch on
+    /// the second node.
+    pub fn at_first_node(&self) -> bool {
+        matches!(
+            self.name,
+            "ip-forward-off" | "route-missing" | "vxlan-down" | "vxlan-fdb-missing" | "vxlan-neigh-missing" | "forward-policy-drop" | "iptables-drop" | "nft-drop"
+        )
     }
     /// Can `g` hold this fault?
     pub fn fits(&self, g: &Generated) -> bool {
@@ -429,15 +463,16 @@ fn vxlan_dev(g: &Generated) -> String {
 }
 
 pub const FAULTS: &[GenFault] = &[
-    GenFault { name: "veth-detached", cause: "veth-detached", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} nomaster", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
-    GenFault { name: "veth-down-host", cause: "veth-down", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
-    GenFault { name: "veth-down-pod", cause: "veth-down", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.pair(false).1.name, "link set eth0 down"), hop: |_| "eth0".into() },
+    GenFault { name: "veth-detached", cause: "veth-detached", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} nomaster", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
+    GenFault { name: "veth-down-host", cause: "veth-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
+    GenFault { name: "veth-down-pod", cause: "veth-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.pair(false).1.name, "link set eth0 down"), hop: |_| "eth0".into() },
     // The kernel drops the source's frame at the bridge's ingress port (br_handle_frame): that port is the hop.
-    GenFault { name: "bridge-down", cause: "bridge-down", needs: Needs::OneNode, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.nodes[0].bridge)), hop: |g| g.pair(false).0.host_veth.clone() },
+    GenFault { name: "bridge-down", cause: "bridge-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.nodes[0].bridge)), hop: |g| g.pair(false).0.host_veth.clone() },
     GenFault {
         name: "bridge-port-blocked",
         cause: "bridge-port-blocked",
         needs: Needs::OneNode,
+        fix: FixKind::Repair,
         apply: |g| run_bridge(&g.layout.ns(&g.nodes[0].name), &["link", "set", "dev", &g.pair(false).1.host_veth, "state", "0"]),
         hop: |g| g.pair(false).1.host_veth.clone(),
     },
@@ -445,6 +480,7 @@ pub const FAULTS: &[GenFault] = &[
         name: "neighbor-stale",
         cause: "neighbor-stale",
         needs: Needs::OneNode,
+        fix: FixKind::Repair,
         apply: |g| g.layout.ip(&g.pair(false).0.name, &format!("neigh replace {} lladdr 02:00:5e:00:53:01 dev eth0 nud permanent", g.pair(false).1.ip)),
         // Where the misaddressed frame dies depends on the bridge's FDB: not asserted.
         hop: |_| String::new(),
@@ -454,6 +490,7 @@ pub const FAULTS: &[GenFault] = &[
         name: "ip-forward-off",
         cause: "ip-forward-disabled",
         needs: Needs::TwoNodes,
+        fix: FixKind::Repair,
         apply: |g| set_sysctl(&g.layout.ns(&g.nodes[0].name), "net.ipv4.ip_forward", "0"),
         hop: |_| String::new(),
     },
@@ -461,14 +498,16 @@ pub const FAULTS: &[GenFault] = &[
         name: "route-missing",
         cause: "route-missing",
         needs: Needs::TwoNodes,
+        fix: FixKind::Repair,
         apply: |g| g.layout.ip(&g.nodes[0].name, &format!("route del {}/24", g.nodes[1].subnet)),
         hop: |_| String::new(),
     },
-    GenFault { name: "vxlan-down", cause: "vxlan-down", needs: Needs::Vxlan, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", vxlan_dev(g))), hop: |_| String::new() },
+    GenFault { name: "vxlan-down", cause: "vxlan-down", needs: Needs::Vxlan, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", vxlan_dev(g))), hop: |_| String::new() },
     GenFault {
         name: "vxlan-fdb-missing",
         cause: "vxlan-fdb-missing",
         needs: Needs::Vxlan,
+        fix: FixKind::Repair,
         apply: |g| run_bridge(&g.layout.ns(&g.nodes[0].name), &["fdb", "del", &g.nodes[1].vtep_mac, "dev", &vxlan_dev(g), "dst", &g.nodes[1].underlay.to_string()]),
         hop: |_| String::new(),
     },
@@ -476,7 +515,113 @@ pub const FAULTS: &[GenFault] = &[
         name: "vxlan-neigh-missing",
         cause: "vxlan-neigh-missing",
         needs: Needs::Vxlan,
+        fix: FixKind::Repair,
         apply: |g| g.layout.ip(&g.nodes[0].name, &format!("neigh del {} dev {}", g.nodes[1].subnet, vxlan_dev(g))),
         hop: |_| String::new(),
     },
+    GenFault {
+        name: "veth-wrong-bridge",
+        cause: "veth-wrong-bridge",
+        needs: Needs::OneNode,
+        fix: FixKind::Repair,
+        apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link add docker0 type bridge\nlink set docker0 up\nlink set {} master docker0", g.pair(false).1.host_veth)),
+        hop: |_| "docker0".into(),
+    },
+    GenFault {
+        name: "bridge-ip-conflict",
+        cause: "bridge-ip-conflict",
+        needs: Needs::TwoNodes,
+        fix: FixKind::Repair,
+        apply: |g| {
+            let n = &g.nodes[0];
+            // Another network's gateway (podman's default), never the cluster's own.
+            let other = if g.cluster.0.octets()[..2] == [10, 88] { "10.89.0.1/16" } else { "10.88.0.1/16" };
+            g.layout.ip(&n.name, &format!("addr del {}/24 dev {}\naddr add {other} dev {}", n.gateway, n.bridge, n.bridge));
+        },
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "pod-routes-missing",
+        cause: "pod-route-missing",
+        needs: Needs::TwoNodes,
+        fix: FixKind::Repair,
+        apply: |g| {
+            let p = g.pair(true).0;
+            g.layout.ip(&p.name, "route del default");
+            if g.nodes[p.node].cni {
+                g.layout.ip(&p.name, &format!("route del {}/{}", g.cluster.0, g.cluster.1));
+            }
+        },
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "pod-prefix-wide",
+        cause: "pod-prefix-too-wide",
+        needs: Needs::TwoNodes,
+        fix: FixKind::Repair,
+        apply: |g| {
+            // What host-local with the cluster's prefix as the pod subnet gives: the wide address, no
+            // cluster route (the wide address added first, so the default route stays).
+            let p = g.pair(true).0;
+            if g.nodes[p.node].cni {
+                g.layout.ip(&p.name, &format!("route del {}/{}", g.cluster.0, g.cluster.1));
+            }
+            g.layout.ip(&p.name, &format!("addr add {}/{} dev eth0\naddr del {}/24 dev eth0", p.ip, g.cluster.1, p.ip));
+        },
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "forward-policy-drop",
+        cause: "netfilter-policy-drop",
+        needs: Needs::TwoNodes,
+        fix: FixKind::Repair,
+        apply: |g| iptables(&g.layout.ns(&g.nodes[0].name), &["-P", "FORWARD", "DROP"]),
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "iptables-drop",
+        cause: "netfilter-rule-drop",
+        needs: Needs::TwoNodes,
+        fix: FixKind::RuleRemoval,
+        apply: |g| iptables(&g.layout.ns(&g.nodes[0].name), &["-I", "FORWARD", "1", "-d", &format!("{}/24", g.nodes[1].subnet), "-j", "DROP"]),
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "nft-drop",
+        cause: "netfilter-rule-drop",
+        needs: Needs::TwoNodes,
+        fix: FixKind::RuleRemoval,
+        apply: |g| {
+            // With a counter on even seeds, without one (as firewalld writes them) on odd ones.
+            let counter = if g.seed % 2 == 0 { "counter " } else { "" };
+            let set = format!(
+                "table inet hardening {{\n chain forward {{\n  type filter hook forward priority filter + 10; policy accept;\n  ip daddr {}/24 {counter}drop\n }}\n}}\n",
+                g.nodes[1].subnet
+            );
+            cnitrace::sys::run_in_stdin(&g.layout.ns(&g.nodes[0].name), &cnitrace_tools::NFT, &["-f", "-"], &set).unwrap_or_else(|e| panic!("nft: {e:#}"));
+        },
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "vxlan-address-zero",
+        cause: "vxlan-address-invalid",
+        needs: Needs::Vxlan,
+        fix: FixKind::Repair,
+        apply: |g| g.layout.ip(&g.nodes[0].name, &format!("addr del {}/32 dev {}\naddr add 0.0.0.0/32 dev {}", g.nodes[0].subnet, vxlan_dev(g), vxlan_dev(g))),
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "mtu-mismatch",
+        cause: "mtu-mismatch",
+        needs: Needs::Vxlan,
+        fix: FixKind::Repair,
+        apply: |g| {
+            let p = g.pair(true).0;
+            g.layout.ip(&g.nodes[0].name, &format!("link set {} mtu 1500", p.host_veth));
+            g.layout.ip(&p.name, "link set eth0 mtu 1500");
+        },
+        hop: |_| String::new(),
+    },
+    GenFault { name: "vxlan-port-mismatch", cause: "vxlan-config-mismatch", needs: Needs::Vxlan, fix: FixKind::NoSafeFix, apply: |g| vxlan_differs(g, true), hop: |_| String::new() },
+    GenFault { name: "vxlan-vni-mismatch", cause: "vxlan-config-mismatch", needs: Needs::Vxlan, fix: FixKind::NoSafeFix, apply: |g| vxlan_differs(g, false), hop: |_| String::new() },
 ];

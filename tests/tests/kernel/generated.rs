@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use cnitrace::fix::verify;
 use cnitrace_tests::{bin, can_run_kernel_tests, config_diff, gen, ns_config, state_dir};
 
-const FIXED_SEEDS: &[u64] = &[1, 2, 3];
+// One layout of each kind: three nodes on VXLAN 8472 (1), two on host-gw (2), one node (3), two on VXLAN 4789 with another VNI (4).
+const FIXED_SEEDS: &[u64] = &[1, 2, 3, 4];
 
 fn configs(g: &gen::Generated) -> BTreeMap<String, String> {
     g.namespaces().into_iter().map(|ns| {
@@ -35,8 +36,7 @@ fn case(g: &gen::Generated, f: &gen::GenFault) -> (bool, bool, Option<String>) {
     let (code, out) = cnitrace(&["follow", &src, &dst, "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.lines().filter(|l| l.starts_with('{')).last().unwrap_or("{}")).unwrap_or_default();
     let hop = f.hop(g);
-    // A cross-node fault sits on the first node.
-    let node = f.cross().then(|| g.layout.ns(&g.nodes[0].name));
+    let node = f.at_first_node().then(|| g.layout.ns(&g.nodes[0].name));
     let right = code == 1
         && v["cause"] == f.cause
         && v["netns"].is_string()
@@ -50,7 +50,20 @@ fn case(g: &gen::Generated, f: &gen::GenFault) -> (bool, bool, Option<String>) {
     if after != broken {
         return (true, false, Some(format!("{} {}: the dry run changed the node: {:?}\n{out}", f.name, g.about, config_diff(&broken, &after))));
     }
-    let (code, out) = cnitrace(&["fix", "--auto", &src, &dst]);
+    if f.fix == gen::FixKind::NoSafeFix {
+        // Refused, and nothing changed.
+        let (code, out) = cnitrace(&["fix", "--auto", &src, &dst]);
+        let after = configs(g);
+        if code != 1 || !out.contains("no safe fix") || after != broken {
+            return (true, false, Some(format!("{} {}: a cause without a safe fix must be left alone: exit {code} {:?}\n{out}", f.name, g.about, config_diff(&broken, &after))));
+        }
+        return (true, true, None);
+    }
+    let mut args = vec!["fix", "--auto", src.as_str(), dst.as_str()];
+    if f.fix == gen::FixKind::RuleRemoval {
+        args.push("--allow-rule-removal");
+    }
+    let (code, out) = cnitrace(&args);
     // Every node's paths, not only the ones cnitrace checks (the nodes of the pair).
     let paths = verify::discover(&g.node_inodes(), g.cluster).unwrap_or_default();
     let answers = verify::check(&paths);
