@@ -86,6 +86,9 @@ pub struct Generated {
     pub pods: Vec<GenPod>,
     /// The underlay's switch namespace (three nodes), by short name.
     pub switch: Option<String>,
+    /// flanneld's FORWARD accepts for the cluster network in iptables-nft on every node (as flannel
+    /// writes them), or no rules at all.
+    pub flannel_rules: bool,
     /// What was drawn, in words (printed with a failure).
     pub about: String,
     ipam_dir: PathBuf,
@@ -237,6 +240,22 @@ impl Generated {
         }
         // The pods.
         let bridge_first = r.below(2) == 0;
+        // Drawn last: the draws before it, and so the layouts of earlier seeds, stay as they were.
+        let flannel_rules = r.below(2) == 0;
+        if flannel_rules {
+            let net = format!("{}/{}", cluster.0, cluster.1);
+            let rules = format!(
+                "*filter\n:FLANNEL-FWD - [0:0]\n\
+                 -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+                 -A FLANNEL-FWD -s {net} -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+                 -A FLANNEL-FWD -d {net} -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+                 COMMIT\n"
+            );
+            for node in &nodes {
+                cnitrace::sys::run_in_stdin(&layout.ns(&node.name), &cnitrace_tools::IPTABLES_NFT_RESTORE, &["--noflush", "-w"], &rules)
+                    .unwrap_or_else(|e| panic!("seed {seed}: flannel's rules: {e:#}"));
+            }
+        }
         for (n, node) in nodes.iter().enumerate() {
             let mine: Vec<usize> = (0..pods.len()).filter(|k| pods[*k].node == n).collect();
             let make_bridge = format!("link add {} type bridge\naddr add {}/24 dev {}\nlink set {} up", node.bridge, node.gateway, node.bridge, node.bridge);
@@ -292,7 +311,7 @@ impl Generated {
             }
         }
         let about = format!(
-            "seed {seed}: cluster {}/{}, {}, {} veths, nodes [{}], pods {}",
+            "seed {seed}: cluster {}/{}, {}, {} veths,{} nodes [{}], pods {}",
             cluster.0,
             cluster.1,
             match &backend {
@@ -300,10 +319,11 @@ impl Generated {
                 Backend::HostGw => "host-gw".to_string(),
             },
             if cni_style { "CNI-style" } else { "hand-named" },
+            if flannel_rules { " flannel's FORWARD rules," } else { "" },
             about_nodes.join("; "),
             pods.iter().map(|p| format!("{} {} ({} on {})", p.name, p.ip, p.host_veth, nodes[p.node].name)).collect::<Vec<_>>().join(", ")
         );
-        Generated { seed, layout, nodes, backend, cluster, pods, switch, about, ipam_dir }
+        Generated { seed, layout, nodes, backend, cluster, pods, switch, flannel_rules, about, ipam_dir }
     }
 
     /// Every namespace of the layout, full names.
@@ -410,6 +430,8 @@ pub enum Needs {
     Vxlan,
     /// Two nodes joined by host-gw routes.
     HostGw,
+    /// Two nodes holding flannel's FORWARD rules.
+    FlannelRules,
 }
 
 /// A fault a layout can hold, on the pair [`Generated::pair`]: its name, the cause follow must name, and
@@ -441,7 +463,15 @@ impl GenFault {
     pub fn at_first_node(&self) -> bool {
         matches!(
             self.name,
-            "ip-forward-off" | "route-missing" | "vxlan-down" | "vxlan-fdb-missing" | "vxlan-neigh-missing" | "forward-policy-drop" | "iptables-drop" | "nft-drop"
+            "ip-forward-off"
+                | "route-missing"
+                | "vxlan-down"
+                | "vxlan-fdb-missing"
+                | "vxlan-neigh-missing"
+                | "forward-policy-drop"
+                | "iptables-drop"
+                | "nft-drop"
+                | "iptables-backend-conflict"
         )
     }
     /// Can `g` hold this fault?
@@ -451,6 +481,7 @@ impl GenFault {
             Needs::TwoNodes => g.nodes.len() > 1,
             Needs::Vxlan => g.nodes.len() > 1 && matches!(g.backend, Backend::Vxlan { .. }),
             Needs::HostGw => g.nodes.len() > 1 && g.backend == Backend::HostGw,
+            Needs::FlannelRules => g.nodes.len() > 1 && g.flannel_rules,
         }
     }
 }
@@ -575,7 +606,14 @@ pub const FAULTS: &[GenFault] = &[
         cause: "netfilter-policy-drop",
         needs: Needs::TwoNodes,
         fix: FixKind::Repair,
-        apply: |g| iptables(&g.layout.ns(&g.nodes[0].name), &["-P", "FORWARD", "DROP"]),
+        apply: |g| {
+            // What Docker does to FORWARD, on a node whose flannel rules are gone (or never were).
+            let ns = g.layout.ns(&g.nodes[0].name);
+            if g.flannel_rules {
+                iptables(&ns, &["-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"]);
+            }
+            iptables(&ns, &["-P", "FORWARD", "DROP"]);
+        },
         hop: |_| String::new(),
     },
     GenFault {
@@ -624,4 +662,16 @@ pub const FAULTS: &[GenFault] = &[
     },
     GenFault { name: "vxlan-port-mismatch", cause: "vxlan-config-mismatch", needs: Needs::Vxlan, fix: FixKind::NoSafeFix, apply: |g| vxlan_differs(g, true), hop: |_| String::new() },
     GenFault { name: "vxlan-vni-mismatch", cause: "vxlan-config-mismatch", needs: Needs::Vxlan, fix: FixKind::NoSafeFix, apply: |g| vxlan_differs(g, false), hop: |_| String::new() },
+    GenFault {
+        name: "iptables-backend-conflict",
+        cause: "iptables-backend-conflict",
+        needs: Needs::FlannelRules,
+        fix: FixKind::Repair,
+        // flannel's accepts live in iptables-nft; iptables-legacy's FORWARD policy drops all the same.
+        apply: |g| {
+            cnitrace::sys::run_in(&g.layout.ns(&g.nodes[0].name), &cnitrace_tools::IPTABLES_LEGACY, &["-P", "FORWARD", "DROP"])
+                .unwrap_or_else(|e| panic!("iptables-legacy: {e:#}"));
+        },
+        hop: |_| String::new(),
+    },
 ];
