@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod docs;
+mod install;
 mod setup;
 mod test;
 mod vm;
@@ -57,6 +58,15 @@ enum Task {
         #[arg(long, value_name = "N")]
         soak: Option<u64>,
     },
+    /// Build, then install the binary, its shell completions (bash, zsh, fish) and its man page.
+    Install {
+        /// Where: PREFIX/bin, PREFIX/share/… (as `make install` puts them).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Stage the tree under this folder instead of writing to PREFIX itself (for packaging).
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+    },
     /// The main job on the built-in lab: the seed's incident, traced.
     Demo,
     /// Regenerate docs/causes.md from the cause files and the recorded fixtures.
@@ -100,6 +110,12 @@ fn main() {
             }
             test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs })
         }
+        Task::Install { prefix, destdir } => setup::run(true).and_then(|_| build()).and_then(|bin| {
+            for f in install::install(&bin, &prefix, destdir.as_deref())? {
+                println!("installed {}", f.display());
+            }
+            Ok(())
+        }),
         Task::Demo => demo::run(),
         Task::Docs => docs::run(),
         Task::Bench { json, quick } => bench::run(json, quick),

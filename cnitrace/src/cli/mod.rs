@@ -6,7 +6,7 @@ mod lab;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::exit;
 
@@ -32,6 +32,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script for bash, zsh or fish (`cargo xtask install` installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from these very options.
+    Man,
 }
 
 /// `--timeout SECS`: more than 0, at most 600 (the longest any trace waits).
@@ -59,6 +66,11 @@ pub fn main() -> ExitCode {
         Command::Fix(args) => fix::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Replay { file, json } => replay(&file, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man => man(&mut std::io::stdout()).map(|_| exit::OK),
     };
     match result {
         Ok(code) => exit::code(code),
@@ -81,6 +93,26 @@ mod tests {
     }
 
     #[test]
+    fn completions_and_the_man_page_know_every_subcommand() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut buf);
+            let text = String::from_utf8(buf).expect("utf-8");
+            for sub in ["follow", "fix", "lab", "replay"] {
+                assert!(text.contains(sub), "{shell:?} completion lacks {sub}");
+            }
+            assert!(text.contains("allow-rule-removal"), "{shell:?} completes fix's options");
+        }
+        let mut page = Vec::new();
+        man(&mut page).expect("man page");
+        let page = String::from_utf8(page).expect("utf-8");
+        assert!(page.starts_with(".ie") || page.contains(".TH cnitrace"), "roff: {}", &page[..page.len().min(200)]);
+        for needle in ["CNITRACE FOLLOW", "CNITRACE FIX", "\\-\\-allow\\-rule\\-removal", "\\-\\-timeout"] {
+            assert!(page.contains(needle), "the man page lacks {needle}");
+        }
+    }
+
+    #[test]
     fn a_timeout_out_of_range_says_the_range_it_needs() {
         for cmd in [&["cnitrace", "follow", "10.0.0.1", "10.0.0.2"][..], &["cnitrace", "fix", "10.0.0.1", "10.0.0.2"]] {
             for bad in ["0", "-0.5", "601"] {
@@ -91,6 +123,46 @@ mod tests {
             assert!(Cli::try_parse_from([cmd, &["--timeout", "0.5"]].concat()).is_ok());
         }
     }
+}
+
+/// The manual page: the top command's, then one section per subcommand (its own options), so `man
+/// cnitrace` holds all of them.
+fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let mut buf = Vec::new();
+        let sub = sub.clone().name(format!("cnitrace {}", sub.get_name()));
+        let man = clap_mangen::Man::new(sub.clone());
+        man.render_name_section(&mut buf)?;
+        man.render_synopsis_section(&mut buf)?;
+        man.render_description_section(&mut buf)?;
+        man.render_options_section(&mut buf)?;
+        if sub.get_subcommands().any(|c| c.get_name() != "help") {
+            man.render_subcommands_section(&mut buf)?;
+        }
+        // One page: each subcommand a section of its own, its parts subsections.
+        let heading = man_heading(&buf);
+        let text: String = String::from_utf8_lossy(&buf)
+            .lines()
+            .map(|l| match l.strip_prefix(".SH ") {
+                Some("NAME") => format!(".SH \"{heading}\""),
+                Some(rest) => format!(".SS {rest}"),
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        page.extend_from_slice(text.as_bytes());
+        page.push(b'\n');
+    }
+    out.write_all(&page)?;
+    Ok(())
+}
+
+fn man_heading(section: &[u8]) -> String {
+    let text = String::from_utf8_lossy(section);
+    text.lines().skip_while(|l| !l.starts_with(".SH NAME")).nth(1).and_then(|l| l.split(" \\- ").next()).unwrap_or("COMMAND").to_uppercase()
 }
 
 fn replay(file: &std::path::Path, json: bool) -> anyhow::Result<u8> {
