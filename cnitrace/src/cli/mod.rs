@@ -32,6 +32,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Which probes load on this kernel, which are refused, and why (loads them matching nothing, then
+    /// unloads them).
+    Hooks {
+        /// Tracepoints only, as `follow --no-kprobes`.
+        #[arg(long)]
+        no_kprobes: bool,
+        /// Raw tracepoints only, as `follow --raw-tracepoints`.
+        #[arg(long)]
+        raw_tracepoints: bool,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the shell completion script for bash, zsh or fish (`cargo xtask install` installs them).
     Completions {
         #[arg(value_enum)]
@@ -71,6 +84,7 @@ pub fn main() -> ExitCode {
             Ok(exit::OK)
         }
         Command::Man => man(&mut std::io::stdout()).map(|_| exit::OK),
+        Command::Hooks { no_kprobes, raw_tracepoints, json } => hooks(no_kprobes, raw_tracepoints, json),
     };
     match result {
         Ok(code) => exit::code(code),
@@ -123,6 +137,52 @@ mod tests {
             assert!(Cli::try_parse_from([cmd, &["--timeout", "0.5"]].concat()).is_ok());
         }
     }
+}
+
+/// `cnitrace hooks`: the probes `follow` would load, loaded with a filter that matches nothing
+/// (0.0.0.0 both ways, programs off), listed, unloaded.
+fn hooks(no_kprobes: bool, raw_tracepoints: bool, json: bool) -> anyhow::Result<u8> {
+    use crate::probe::{Probe, ProbeOptions};
+    if !crate::sys::is_root() {
+        anyhow::bail!("`cnitrace hooks` needs root (it loads the eBPF programs)");
+    }
+    let opts = ProbeOptions { hop_budget: 0, kernel_stats: false, kprobes: !no_kprobes, btf_tracepoints: !raw_tracepoints, hooks_only: true };
+    let none = std::net::Ipv4Addr::UNSPECIFIED;
+    let mut probe = Probe::start(none, none, &[], crate::follow::VXLAN_PORTS, &opts)?;
+    probe.detach();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    if json {
+        let v = serde_json::json!({
+            "kernel": release,
+            "drop_reasons": probe.kfree_has_reason,
+            "drop_reason_names": probe.drop_reasons.len(),
+            "hooks": probe.hooks,
+        });
+        println!("{v}");
+        return Ok(exit::OK);
+    }
+    let mut out = std::io::stdout().lock();
+    render_hooks(&release, &probe, &mut out)?;
+    Ok(exit::OK)
+}
+
+fn render_hooks(release: &str, probe: &crate::probe::Probe, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let attached = probe.hooks.iter().filter(|h| h.attached).count();
+    writeln!(out, "kernel {release}: {attached} of {} hooks load", probe.hooks.len())?;
+    writeln!(
+        out,
+        "drop reasons: {}",
+        if probe.kfree_has_reason { format!("yes ({} names from the kernel's BTF)", probe.drop_reasons.len()) } else { "no (kfree_skb without a reason: verdicts rest on the drop's function)".into() }
+    )?;
+    let width = probe.hooks.iter().map(|h| h.hook.len()).max().unwrap_or(4);
+    for h in &probe.hooks {
+        let state = if h.attached { "loads" } else { "refused" };
+        match &h.reason {
+            Some(why) => writeln!(out, "  {:width$}  {state:7}  {why}", h.hook)?,
+            None => writeln!(out, "  {:width$}  {state}", h.hook)?,
+        }
+    }
+    Ok(())
 }
 
 /// The manual page: the top command's, then one section per subcommand (its own options), so `man

@@ -57,6 +57,40 @@ fn every_hook_is_attached_or_says_why_not() {
     assert!(kprobe_skipped(&v, "nf_hook_slow").is_some_and(|r| r.contains("--no-kprobes")), "{v}");
 }
 
+/// `cnitrace hooks` (no lab, no pair) says the same as a trace does: which hooks load here and why the
+/// others do not.
+#[test]
+fn hooks_lists_what_follow_would_load() {
+    if !can_run_kernel_tests("hooks_lists_what_follow_would_load") {
+        return;
+    }
+    let run = |args: &[&str]| {
+        let out = cnitrace_tests::cnitrace(&[&["hooks", "--json"], args].concat());
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON object")
+    };
+    let v = run(&[]);
+    let attached = |v: &serde_json::Value, h: &str| hook(v, h).is_some_and(|h| h["attached"] == true);
+    for busy in ["tp_btf/net_dev_start_xmit", "tp_btf/netif_receive_skb", "tp_btf/fib_table_lookup", "raw_tp/kfree_skb"] {
+        assert!(attached(&v, busy), "{busy}: {v}");
+    }
+    for h in v["hooks"].as_array().expect("hooks") {
+        if h["attached"] != true {
+            let why = h["reason"].as_str().unwrap_or("");
+            assert!(!why.is_empty() && !why.contains('\n'), "a refused hook says why in one line: {h}");
+        }
+    }
+    // The kernel's drop reasons: 5.17 and later pass them to kfree_skb.
+    let (major, minor) = kernel_version();
+    assert_eq!(v["drop_reasons"], (major, minor) >= (5, 17), "{v}");
+    // Where kprobes exist each one is listed on its own, else one line says why none is tried.
+    let kprobes_here = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    assert_eq!(hook(&v, "kprobe/*").is_none(), kprobes_here, "{v}");
+    let raw = run(&["--raw-tracepoints", "--no-kprobes"]);
+    assert!(attached(&raw, "raw_tp/net_dev_start_xmit") && hook(&raw, "tp_btf/net_dev_start_xmit").is_none(), "{raw}");
+    assert!(kprobe_skipped(&raw, "nf_hook_slow").is_some_and(|r| r.contains("--no-kprobes")), "{raw}");
+}
+
 #[test]
 fn kprobes_name_the_netfilter_hook_that_dropped() {
     if !can_run_kernel_tests("kprobes_name_the_netfilter_hook_that_dropped") {
