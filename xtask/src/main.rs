@@ -53,8 +53,8 @@ enum Task {
         /// VMs at once (default: one per core).
         #[arg(long, default_value_t = 0)]
         jobs: usize,
-        /// Instead of the suite: N generated layouts (seeds 1000..1000+N, each fault a one-node layout can
-        /// hold) on the host kernel, with the figures per fault. Not in CI.
+        /// Instead of the suite: N generated layouts (seeds 1000..1000+N, 1–3 nodes, each with every
+        /// fault it can hold) on the host kernel, with the figures per fault. Not in CI.
         #[arg(long, value_name = "N")]
         soak: Option<u64>,
     },
