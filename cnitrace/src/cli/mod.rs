@@ -193,7 +193,8 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         let mut buf = Vec::new();
-        let sub = sub.clone().name(format!("cnitrace {}", sub.get_name()));
+        let name = format!("cnitrace {}", sub.get_name());
+        let sub = sub.clone().name(name.clone());
         let man = clap_mangen::Man::new(sub.clone());
         man.render_name_section(&mut buf)?;
         man.render_synopsis_section(&mut buf)?;
@@ -203,7 +204,7 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
             man.render_subcommands_section(&mut buf)?;
         }
         // One page: each subcommand a section of its own, its parts subsections.
-        let heading = man_heading(&buf);
+        let heading = name.to_uppercase();
         let text: String = String::from_utf8_lossy(&buf)
             .lines()
             .map(|l| match l.strip_prefix(".SH ") {
@@ -218,11 +219,6 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     }
     out.write_all(&page)?;
     Ok(())
-}
-
-fn man_heading(section: &[u8]) -> String {
-    let text = String::from_utf8_lossy(section);
-    text.lines().skip_while(|l| !l.starts_with(".SH NAME")).nth(1).and_then(|l| l.split(" \\- ").next()).unwrap_or("COMMAND").to_uppercase()
 }
 
 fn replay(file: &std::path::Path, json: bool) -> anyhow::Result<u8> {

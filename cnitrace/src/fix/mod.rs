@@ -173,21 +173,13 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         report = trace(src, dst, req.trace_timeout)?;
         let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
         if report.verdict.verdict == Verdict::Delivered && !late {
-            let touched: Vec<String> = journal.iter().flat_map(|j| j.steps.iter().map(|s| s.action.target().netns.clone())).collect();
             let after = verify::check(&paths);
-            let wrong = verify::judge(&paths, before, &after, &touched);
-            if !wrong.is_empty() {
-                writeln!(out, "\nthe pair flows, but the node is not whole after the fix:")?;
-                for w in &wrong {
-                    writeln!(out, "  {w}")?;
-                }
-                return finish_unfixed(journal, out, "a path of the node is worse, or a repaired pod short of its siblings");
-            }
-            let before = before.clone();
             let j = journal.as_mut().expect("journal of an applied fix");
-            let after = match the_rest_of_the_fault(&paths, &before, after, &seen_causes, j, req.trace_timeout, out)? {
-                Ok(after) => after,
-                Err(why) => return finish_unfixed(journal, out, &why),
+            if !node_is_whole(&paths, before, &after, j, "the pair flows, but the node is not whole after the fix", out)? {
+                return finish_unfixed(journal, out, NOT_WHOLE);
+            }
+            let Some(after) = the_rest_of_the_fault(&paths, before, after, &seen_causes, j, req.trace_timeout, out)? else {
+                return finish_unfixed(journal, out, NOT_WHOLE);
             };
             writeln!(out, "\nnode paths: {} of {} answer ({} before the fix)", after.iter().filter(|a| **a).count(), paths.len(), before.iter().filter(|a| **a).count())?;
             let j = journal.as_mut().expect("journal of an applied fix");
@@ -207,14 +199,30 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
     finish_unfixed(journal, out, "too many rounds")
 }
 
+/// Why a fix whose node got worse is rolled back.
+const NOT_WHOLE: &str = "a path of the node is worse, or a repaired pod short of its siblings";
+
+/// The node judged after a change against the state before the fix: what got worse is printed under
+/// `heading`; true when nothing did.
+fn node_is_whole(paths: &[verify::NodePath], before: &[bool], after: &[bool], j: &Journal, heading: &str, out: &mut dyn Write) -> Result<bool> {
+    let touched: Vec<String> = j.steps.iter().map(|s| s.action.target().netns.clone()).collect();
+    let wrong = verify::judge(paths, before, after, &touched);
+    if !wrong.is_empty() {
+        writeln!(out, "\n{heading}:")?;
+        for w in &wrong {
+            writeln!(out, "  {w}")?;
+        }
+    }
+    Ok(wrong.is_empty())
+}
+
 /// The same fault on the node's other paths. A fault can break more than the pair: a VXLAN device taken
 /// down loses the routes and neighbours of every remote node with it, and the pair's repair restores
 /// the one remote node the pair goes to. Each node path that failed before the fix and still fails is
 /// traced; where its cause is one this fix already repaired (the same fault, on another path), its
 /// remedy is applied into the same journal, at most a few rounds a path. Any other cause is named and
-/// left alone (not what this fix set out to repair). Then the node is judged again against the state
-/// before the fix: `Err` says why it must be rolled back, `Ok` the paths' answers now.
-#[allow(clippy::too_many_arguments)]
+/// left alone (not what this fix set out to repair). Then the node is judged again: `None` when it must
+/// be rolled back, else the paths' answers now.
 fn the_rest_of_the_fault(
     paths: &[verify::NodePath],
     before: &[bool],
@@ -223,7 +231,7 @@ fn the_rest_of_the_fault(
     j: &mut Journal,
     timeout: Duration,
     out: &mut dyn Write,
-) -> Result<std::result::Result<Vec<bool>, String>> {
+) -> Result<Option<Vec<bool>>> {
     const ROUNDS_PER_PATH: usize = 3;
     let mut left_alone: Vec<String> = Vec::new();
     let mut changed = false;
@@ -251,20 +259,14 @@ fn the_rest_of_the_fault(
     }
     if changed {
         after = verify::check(paths);
-        let touched: Vec<String> = j.steps.iter().map(|s| s.action.target().netns.clone()).collect();
-        let wrong = verify::judge(paths, before, &after, &touched);
-        if !wrong.is_empty() {
-            writeln!(out, "\nthe node is not whole after repairing the rest of the fault:")?;
-            for w in &wrong {
-                writeln!(out, "  {w}")?;
-            }
-            return Ok(Err("a path of the node is worse, or a repaired pod short of its siblings".into()));
+        if !node_is_whole(paths, before, &after, j, "the node is not whole after repairing the rest of the fault", out)? {
+            return Ok(None);
         }
     }
     for l in &left_alone {
         writeln!(out, "still failing, left alone: {l}")?;
     }
-    Ok(Ok(after))
+    Ok(Some(after))
 }
 
 /// A neighbour resolution the source started before the fix (while the path was broken) may still be
