@@ -26,6 +26,9 @@ pub enum Source {
     Pip(&'static str),
     /// The Rust toolchain that runs `cargo xtask` itself (rustup's).
     Toolchain,
+    /// Part of the machine image this project runs on, not something setup can install (says where
+    /// it comes from); setup reports it when it is missing, and the tests that need it say they skip.
+    Machine(&'static str),
 }
 
 /// One external program.
@@ -132,6 +135,8 @@ tools! {
     TASKSET = "taskset", Base("util-linux"), "bench: flows pinned to a CPU";
     BPFTRACE = "bpftrace", Apt("bpftrace"), "bench: the same hooks in bpftrace, for comparison";
     PERF = "perf", Apt("linux-perf"), "bench: the tracer's sampled share of a core";
+    /// The real kubectl (v1.32 on this machine kind, from the image's google-cloud-sdk).
+    KUBECTL = "kubectl", Machine("the machine image (google-cloud-sdk)"), "tests: the test API server checked by kubectl; `kubectl cnitrace` as a plugin";
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub struct FollowRequest {
     /// ICMP payload size; None: `count` small echoes plus one full-size echo for the source's MTU.
     pub size: Option<usize>,
     pub opts: FollowOptions,
+    /// What the Kubernetes API said about the pair and the nodes (names, flannel's record), if it answered.
+    pub cluster: Option<crate::k8s::ClusterFacts>,
 }
 
 /// What operators and the benchmark ask for beyond the trace itself.
@@ -225,17 +227,27 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         return Err(FollowError::SameAddress(req.src).into());
     }
     let resolver = HostResolver::scan()?;
-    let src = resolver.resolve(req.src)?;
-    let dst = resolver.resolve(req.dst)?;
+    let mut src = resolver.resolve(req.src)?;
+    let mut dst = resolver.resolve(req.dst)?;
     if src.local().is_none() && req.probe != ProbeKind::None {
         return Err(FollowError::SourceNotHere(req.src).into());
     }
-    let names = decoder_names(&resolver);
+    // Kubernetes names where the API gave them: the same name in the timeline, the verdict and its facts.
+    let k8s_names = req.cluster.as_ref().map(|c| crate::k8s::name_namespaces(c, &resolver)).unwrap_or_default();
+    let mut names = decoder_names(&resolver);
+    for (inode, name) in &k8s_names {
+        names.netns.insert(*inode, name.clone());
+    }
+    for e in [&mut src, &mut dst] {
+        rename(e, &k8s_names, req.cluster.as_ref());
+    }
     let mut states = States {
         src_ip: Some(req.src),
         dst_ip: Some(req.dst),
         src_name: display(&src),
         dst_name: display(&dst),
+        names: k8s_names,
+        cluster: req.cluster.clone(),
         ..Default::default()
     };
     if let Some(l) = src.local() {
@@ -282,7 +294,6 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     if let Some(path) = &req.opts.ready_file {
         std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
     }
-    let mut names = names;
     names.drop_reasons = probe.drop_reasons.clone();
     names.has_reasons = probe.kfree_has_reason;
     let names_had_reasons = probe.kfree_has_reason;
@@ -596,6 +607,20 @@ fn display(e: &Endpoint) -> String {
         Endpoint::Local(l) => l.display.clone(),
         Endpoint::Remote(ip) => ip.to_string(),
     }
+}
+
+/// An endpoint named as Kubernetes names it: the pod (`namespace/name`) and its node.
+fn rename(e: &mut Endpoint, names: &std::collections::BTreeMap<u32, String>, cluster: Option<&crate::k8s::ClusterFacts>) {
+    let Endpoint::Local(l) = e else { return };
+    if let Some(n) = names.get(&l.netns.inode) {
+        l.display = n.clone();
+    }
+    if let Some(node) = l.node.as_mut() {
+        if let Some(n) = names.get(&node.netns.inode) {
+            node.display = n.clone();
+        }
+    }
+    l.pod = cluster.and_then(|c| c.pod_with_ip(l.ip)).cloned();
 }
 
 fn decoder_names(r: &HostResolver) -> event::Names {

@@ -5,7 +5,7 @@
 //! `probe` (eBPF programs, loaded and attached) → `event` (raw records decoded once) → `path`
 //! (per-packet timelines) → `finding` (the verdict: drop point + cause) → `plan` (the repair's
 //! vocabulary) → apply / verify (the `fix` command). `state` is the node's state read through netlink, `resolve` turns addresses into
-//! pods and namespaces, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
+//! pods and namespaces, `k8s` asks the Kubernetes API (when there is one) for names and flannel's record, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
 
 pub mod cli;
 pub mod event;
@@ -14,6 +14,7 @@ pub mod finding;
 pub mod fix;
 pub mod follow;
 pub mod inject;
+pub mod k8s;
 pub mod lab;
 pub mod netns;
 pub mod path;

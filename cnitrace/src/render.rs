@@ -17,7 +17,7 @@ fn endpoint(e: &Endpoint) -> String {
             let node = l
                 .node
                 .as_ref()
-                .map(|n| format!(", node {} via {}", crate::resolve::display_name_of(&n.netns.name), n.host_veth))
+                .map(|n| format!(", node {} via {}", n.display, n.host_veth))
                 .unwrap_or_default();
             format!("{} ({}, netns {}, {}{node})", l.ip, l.display, l.netns.name, l.ifname)
         }
@@ -67,9 +67,10 @@ fn what(e: &TraceEvent) -> String {
     }
 }
 
-fn line(e: &TraceEvent) -> String {
+/// `width`: the widest place name of the trace (pods named `namespace/name` run long).
+fn line(e: &TraceEvent, width: usize) -> String {
     let encap = e.packet.as_ref().and_then(|p| p.outer.as_ref()).map(|o| format!("  [vxlan {} → {} vni {}]", o.src, o.dst, o.vni)).unwrap_or_default();
-    format!("  {:>9.3} ms  {:<18} {:<14} {}{encap}", e.t_ns as f64 / 1e6, e.where_, e.ifname, what(e))
+    format!("  {:>9.3} ms  {:<width$} {:<14} {}{encap}", e.t_ns as f64 / 1e6, e.where_, e.ifname, what(e))
 }
 
 pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
@@ -77,10 +78,11 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
     let attached = r.hooks.iter().filter(|h| h.attached).count();
     let missing: Vec<String> = r.hooks.iter().filter(|h| !h.attached).map(|h| format!("{}: {}", h.hook, h.reason.clone().unwrap_or_default())).collect();
     writeln!(out, "hooks: {attached} attached{}", if missing.is_empty() { String::new() } else { format!("; unavailable: {}", missing.join("; ")) })?;
+    let width = r.trace.events.iter().chain(&r.trace.control).map(|e| e.where_.chars().count()).max().unwrap_or(0).max(18);
     for p in &r.trace.packets {
         writeln!(out, "\n{}", p.what)?;
         for e in &p.events {
-            writeln!(out, "{}", line(e))?;
+            writeln!(out, "{}", line(e, width))?;
         }
     }
     // The local table (255) is consulted before the main one for every packet: only its hits matter.
@@ -88,7 +90,7 @@ pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
     if !control.is_empty() {
         writeln!(out, "\nroute lookups and neighbours")?;
         for e in control.iter().take(30) {
-            writeln!(out, "{}", line(e))?;
+            writeln!(out, "{}", line(e, width))?;
         }
     }
     writeln!(out)?;
@@ -129,6 +131,14 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
     }
     v["src"] = serde_json::to_value(&r.src)?;
     v["dst"] = serde_json::to_value(&r.dst)?;
+    // The pair as Kubernetes names it, where the API said.
+    if let Some(c) = &r.states.cluster {
+        for (key, ip) in [("src_pod", r.src.ip()), ("dst_pod", r.dst.ip())] {
+            if let Some(p) = c.pod_with_ip(ip) {
+                v[key] = serde_json::json!({ "pod": p.name, "namespace": p.namespace, "node": p.node });
+            }
+        }
+    }
     writeln!(out, "{v}")?;
     Ok(())
 }

@@ -32,11 +32,16 @@ pub struct LocalEndpoint {
     pub ifindex: u32,
     /// The node side of the pod's veth, when the address sits on a veth.
     pub node: Option<NodeSide>,
+    /// The pod the Kubernetes API says holds this address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::k8s::PodFacts>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeSide {
     pub netns: NsRef,
+    /// What people call the node: its Kubernetes name when the API gave it, else the namespace's.
+    pub display: String,
     pub host_veth: String,
     pub host_ifindex: u32,
 }
@@ -211,7 +216,7 @@ impl Resolver for HostResolver {
         let node = (link.kind == "veth")
             .then(|| self.peer_of(ns, link))
             .flatten()
-            .map(|(other, hl)| NodeSide { netns: nsref(other), host_veth: hl.name.clone(), host_ifindex: hl.ifindex });
+            .map(|(other, hl)| NodeSide { netns: nsref(other), display: display_ns(other), host_veth: hl.name.clone(), host_ifindex: hl.ifindex });
         Ok(Endpoint::Local(LocalEndpoint {
             ip,
             display: display_ns(ns),
@@ -219,6 +224,7 @@ impl Resolver for HostResolver {
             ifname: link.name.clone(),
             ifindex,
             node,
+            pod: None,
         }))
     }
 }

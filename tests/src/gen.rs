@@ -118,9 +118,18 @@ fn node_name(r: &mut Rng, i: usize, first: &str) -> String {
 }
 
 impl Generated {
+    /// How many nodes `build(seed)` draws, without building anything.
+    pub fn drawn_nodes(seed: u64) -> usize {
+        Self::draw_nodes(&mut Rng::new(seed))
+    }
+
+    fn draw_nodes(r: &mut Rng) -> usize {
+        1 + r.below(3) as usize
+    }
+
     pub fn build(seed: u64) -> Generated {
         let mut r = Rng::new(seed);
-        let nnodes = 1 + r.below(3) as usize;
+        let nnodes = Self::draw_nodes(&mut r);
         let bridge = match r.below(3) {
             0 => "cni0".to_string(),
             1 => "cbr0".to_string(),

@@ -9,6 +9,7 @@ use std::{
 
 pub use cnitrace::lab::{check, faults, topology, Lab};
 
+pub mod apiserver;
 pub mod gen;
 
 /// This suite's own lab prefix: never the user's `cnitrace` lab.

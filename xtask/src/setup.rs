@@ -60,12 +60,28 @@ pub fn run(quiet_if_done: bool) -> Result<bool> {
         did = true;
     }
     let linker = cargo_version("bpf-linker");
+    // What the machine image must bring (setup cannot install it): said once, and the tests that need
+    // it skip with the same reason.
+    for t in tools::ALL {
+        if let cnitrace_tools::Source::Machine(from) = t.source {
+            if !on_path(t.program) {
+                println!("setup: {} is not on PATH (it comes with {from}): {} will be skipped", t.program, t.used_for);
+            }
+        }
+    }
     if did {
         println!("setup: done in {:.0} s", t0.elapsed().as_secs_f64());
     } else if !quiet_if_done {
         println!("setup: everything is installed (Debian rustc with LLVM {llvm}, bpf-linker {linker} for LLVM {llvm}); nothing to do");
     }
     Ok(did)
+}
+
+/// Is `program` an executable file in one of PATH's folders?
+pub fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)))
 }
 
 /// Installs the packages of `pkgs` that are missing; returns whether it installed any.
@@ -242,7 +258,7 @@ fn uncovered(table: &[Tool], apt: &[&str], cargo: &[&str], pip: &[&str]) -> Vec<
                 Source::Apt(p) => (apt.contains(&p), format!("Debian package {p}")),
                 Source::Cargo(c) => (cargo.contains(&c), format!("cargo install {c}")),
                 Source::Pip(p) => (pip.contains(&p), format!("pip install {p}")),
-                Source::Base(_) | Source::Toolchain => (true, String::new()),
+                Source::Base(_) | Source::Toolchain | Source::Machine(_) => (true, String::new()),
             };
             (!covered).then(|| format!("{} ({}) needs {from}, which `cargo xtask setup` does not install", t.program, t.used_for))
         })

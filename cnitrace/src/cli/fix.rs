@@ -1,4 +1,4 @@
-use std::{io::IsTerminal, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{io::IsTerminal, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -7,9 +7,9 @@ use crate::fix::{self, journal, FixRequest, Mode};
 
 #[derive(Args)]
 pub struct FixArgs {
-    /// Source pod address (default: the pair of the most recent `follow` on this host).
+    /// Source pod: address or name, as for follow (default: the pair of the most recent `follow` here).
     src: Option<String>,
-    /// Destination address.
+    /// Destination: address or pod name.
     dst: Option<String>,
     /// Apply without asking (otherwise: ask on a terminal, only print the plan elsewhere).
     #[arg(long)]
@@ -34,11 +34,7 @@ pub struct FixArgs {
     timeout: Duration,
 }
 
-fn addr(s: &str) -> Result<Ipv4Addr> {
-    s.parse().map_err(|_| anyhow::anyhow!("{s:?} is not an IPv4 address"))
-}
-
-pub fn run(args: FixArgs) -> Result<u8> {
+pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     let state_dir = journal::state_dir(args.journal_dir.as_deref());
     let mut out = std::io::stdout().lock();
     if args.history {
@@ -47,9 +43,16 @@ pub fn run(args: FixArgs) -> Result<u8> {
     if let Some(id) = &args.rollback {
         return fix::rollback(&state_dir, (!id.is_empty()).then_some(id.as_str()), &mut out);
     }
-    let pair = match (&args.src, &args.dst) {
-        (Some(s), Some(d)) => Some((addr(s)?, addr(d)?)),
-        (None, None) => None,
+    let (pair, cluster) = match (&args.src, &args.dst) {
+        (Some(s), Some(d)) => {
+            let p = super::pair::resolve(s, d, kube)?;
+            (Some((p.src, p.dst)), p.cluster)
+        }
+        // The last follow's pair, named by the API as it was then (fix::run says why if there is none).
+        (None, None) => match fix::last_pair(&state_dir) {
+            Ok((s, d)) => (None, super::pair::resolve(&s.to_string(), &d.to_string(), kube)?.cluster),
+            Err(_) => (None, None),
+        },
         _ => bail!("give both SRC and DST, or neither (the pair of the last follow)"),
     };
     if let Some((s, d)) = pair {
@@ -71,6 +74,7 @@ pub fn run(args: FixArgs) -> Result<u8> {
         confirm_timeout: args.confirm_timeout.map(Duration::from_secs_f64),
         state_dir,
         trace_timeout: args.timeout,
+        cluster,
     };
     fix::run(&req, &mut out)
 }

@@ -11,9 +11,10 @@ use crate::{
 
 #[derive(Args)]
 pub struct FollowArgs {
-    /// Source pod address (probe traffic starts in its namespace).
+    /// Source pod: its address, or its name as kubectl has it (POD, NAMESPACE/POD; needs the API).
+    /// Probe traffic starts in its network namespace.
     src: String,
-    /// Destination address (a pod here, a pod on another node, or anything beyond).
+    /// Destination: an address (a pod here, a pod on another node, or anything beyond) or a pod's name.
     dst: String,
     /// Probe traffic: icmp, tcp:PORT, udp:PORT, or none (wait for real traffic).
     #[arg(long, default_value = "icmp")]
@@ -60,19 +61,9 @@ pub struct FollowArgs {
     record: Option<std::path::PathBuf>,
 }
 
-fn addr(s: &str, what: &str) -> Result<Ipv4Addr> {
-    match s.parse::<Ipv4Addr>() {
-        Ok(a) => Ok(a),
-        Err(_) if s.contains('/') => bail!("{what} {s:?} is a network, not an address: give one pod address"),
-        Err(_) => bail!("{what} {s:?} is not an IPv4 address"),
-    }
-}
-
 impl FollowArgs {
-    /// Raw arguments → a validated request (no system access here).
-    pub fn request(&self) -> Result<FollowRequest> {
-        let src = addr(&self.src, "source")?;
-        let dst = addr(&self.dst, "destination")?;
+    /// The pair (made addresses) and the raw options → a validated request (no system access here).
+    pub fn request(&self, src: Ipv4Addr, dst: Ipv4Addr, cluster: Option<crate::k8s::ClusterFacts>) -> Result<FollowRequest> {
         if self.count == 0 || self.count > 100 {
             bail!("--count must be between 1 and 100");
         }
@@ -88,12 +79,15 @@ impl FollowArgs {
             all_events: self.all_events,
             hooks_only: self.hooks_only,
         };
-        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: self.timeout, size: self.size, opts })
+        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: self.timeout, size: self.size, opts, cluster })
     }
 }
 
-pub fn run(args: FollowArgs) -> Result<u8> {
-    let req = args.request()?;
+pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
+    // Options first: a usage error must not wait for the API.
+    args.request(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, None)?;
+    let pair = super::pair::resolve(&args.src, &args.dst, kube)?;
+    let req = args.request(pair.src, pair.dst, pair.cluster)?;
     let report = follow::run(&req)?;
     // `fix --auto` without a pair repairs what was followed last.
     crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst);

@@ -3,6 +3,7 @@
 mod fix;
 mod follow;
 mod lab;
+mod pair;
 
 use std::process::ExitCode;
 
@@ -16,6 +17,8 @@ use crate::exit;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    kube: crate::k8s::KubeArgs,
 }
 
 #[derive(Subcommand)]
@@ -75,8 +78,8 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Follow(args) => follow::run(args),
-        Command::Fix(args) => fix::run(args),
+        Command::Follow(args) => follow::run(args, &cli.kube),
+        Command::Fix(args) => fix::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
         Command::Replay { file, json } => replay(&file, json),
         Command::Completions { shell } => {

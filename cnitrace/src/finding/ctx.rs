@@ -30,6 +30,12 @@ pub struct States {
     /// Display names (pod names) of the pair.
     pub src_name: String,
     pub dst_name: String,
+    /// netns inode → Kubernetes name (`namespace/pod`, or the node's), where the API gave one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub names: BTreeMap<u32, String>,
+    /// What the Kubernetes API said (nodes, the pair's pods, flannel's configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::k8s::ClusterFacts>,
 }
 
 pub struct Ctx<'a> {
@@ -304,17 +310,36 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        let from_api = self.vtep_from_api(to);
         let vx = self.vxlan_dev(node)?;
         let len = self.subnet_len(node);
-        let n = node.neighbours.iter().find(|n| n.ifindex == vx.ifindex && in_prefix(n.ip, to, len) && n.mac.is_some())?;
-        let mac = n.mac.clone()?;
-        let underlay = node.fdb.iter().find(|f| f.ifindex == vx.ifindex && f.mac == mac).and_then(|f| f.dst);
-        Some(RemoteVtep { ip: n.ip, mac, underlay })
+        let local = node.neighbours.iter().find(|n| n.ifindex == vx.ifindex && in_prefix(n.ip, to, len) && n.mac.is_some()).and_then(|n| {
+            let mac = n.mac.clone()?;
+            let underlay = node.fdb.iter().find(|f| f.ifindex == vx.ifindex && f.mac == mac).and_then(|f| f.dst);
+            Some(RemoteVtep { ip: n.ip, mac, underlay })
+        });
+        match (local, from_api) {
+            // This node's own record, completed by the API's where it has a gap and both agree on the VTEP.
+            (Some(mut l), Some(a)) if l.mac == a.mac && l.ip == a.ip => {
+                l.underlay = l.underlay.or(a.underlay);
+                Some(l)
+            }
+            (Some(l), _) => Some(l),
+            (None, a) => a,
+        }
+    }
+
+    /// The VTEP of the node whose pod network holds `to`, as flanneld registers it on its Node object:
+    /// the pod network's own address, `backend-data`'s VtepMAC, `public-ip` (else the InternalIP).
+    pub fn vtep_from_api(&self, to: Ipv4Addr) -> Option<RemoteVtep> {
+        let n = self.states.cluster.as_ref()?.node_for_pod_ip(to)?;
+        let (net, _) = n.pod_nets().into_iter().find(|(net, len)| in_prefix(to, *net, *len))?;
+        Some(RemoteVtep { ip: net, mac: n.vtep_mac.clone()?, underlay: n.public_ip.or(n.internal_ip) })
     }
 
     /// A node's name in words: the same rule as every other namespace's ([`crate::resolve::display_name_of`]),
     /// never a piece of the namespace's name (`kind-worker` was called `worker`).
     pub fn node_name(&self, node: &NsState) -> String {
-        crate::resolve::display_name_of(&node.name)
+        self.states.names.get(&node.inode).cloned().unwrap_or_else(|| crate::resolve::display_name_of(&node.name))
     }
 }

@@ -43,6 +43,8 @@ pub struct FixRequest {
     pub confirm_timeout: Option<Duration>,
     pub state_dir: PathBuf,
     pub trace_timeout: Duration,
+    /// What the Kubernetes API said (names, flannel's record), carried into every trace of the fix.
+    pub cluster: Option<crate::k8s::ClusterFacts>,
 }
 
 /// Rounds of diagnose → fix → verify: two faults at once take two rounds; a fault whose repair reveals
@@ -61,15 +63,15 @@ pub fn remember_pair(state_dir: &Path, src: Ipv4Addr, dst: Ipv4Addr) {
     let _ = std::fs::write(state_dir.join("last-follow.json"), serde_json::to_vec(&LastFollow { src, dst }).unwrap_or_default());
 }
 
-fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr)> {
+pub fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr)> {
     let p = state_dir.join("last-follow.json");
     let data = std::fs::read(&p).map_err(|_| anyhow!("no pair given and no earlier `cnitrace follow` on this host: give SRC DST"))?;
     let l: LastFollow = serde_json::from_slice(&data).context("read the last follow's pair")?;
     Ok((l.src, l.dst))
 }
 
-fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration) -> Result<Report> {
-    follow::run(&FollowRequest { src, dst, probe: ProbeKind::Icmp, count: 1, timeout, size: None, opts: Default::default() })
+fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration, cluster: &Option<crate::k8s::ClusterFacts>) -> Result<Report> {
+    follow::run(&FollowRequest { src, dst, probe: ProbeKind::Icmp, count: 1, timeout, size: None, opts: Default::default(), cluster: cluster.clone() })
 }
 
 /// The remedy for a report's verdict.
@@ -94,7 +96,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         None => last_pair(&req.state_dir)?,
     };
     remember_pair(&req.state_dir, src, dst);
-    let report = trace(src, dst, req.trace_timeout)?;
+    let report = trace(src, dst, req.trace_timeout, &req.cluster)?;
     if req.pair.is_none() {
         report_node_checks(&report, out)?;
     }
@@ -170,7 +172,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             return Ok(crate::exit::DROPPED);
         }
         settle_neighbours(&report);
-        report = trace(src, dst, req.trace_timeout)?;
+        report = trace(src, dst, req.trace_timeout, &req.cluster)?;
         let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
         if report.verdict.verdict == Verdict::Delivered && !late {
             let after = verify::check(&paths);
@@ -178,7 +180,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             if !node_is_whole(&paths, before, &after, j, "the pair flows, but the node is not whole after the fix", out)? {
                 return finish_unfixed(journal, out, NOT_WHOLE);
             }
-            let Some(after) = the_rest_of_the_fault(&paths, before, after, &seen_causes, j, req.trace_timeout, out)? else {
+            let Some(after) = the_rest_of_the_fault(&paths, before, after, &seen_causes, j, req.trace_timeout, &req.cluster, out)? else {
                 return finish_unfixed(journal, out, NOT_WHOLE);
             };
             writeln!(out, "\nnode paths: {} of {} answer ({} before the fix)", after.iter().filter(|a| **a).count(), paths.len(), before.iter().filter(|a| **a).count())?;
@@ -230,6 +232,7 @@ fn the_rest_of_the_fault(
     seen_causes: &[String],
     j: &mut Journal,
     timeout: Duration,
+    cluster: &Option<crate::k8s::ClusterFacts>,
     out: &mut dyn Write,
 ) -> Result<Option<Vec<bool>>> {
     const ROUNDS_PER_PATH: usize = 3;
@@ -240,7 +243,7 @@ fn the_rest_of_the_fault(
             continue;
         }
         for _ in 0..ROUNDS_PER_PATH {
-            let r = trace(p.from_ip, p.to, timeout)?;
+            let r = trace(p.from_ip, p.to, timeout, cluster)?;
             if r.verdict.verdict == Verdict::Delivered {
                 break;
             }

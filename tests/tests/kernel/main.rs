@@ -6,6 +6,7 @@ mod fix;
 mod follow;
 mod generated;
 mod kernels;
+mod kube;
 mod lab;
 mod layouts;
 mod node_shape;

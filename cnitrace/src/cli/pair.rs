@@ -1,0 +1,78 @@
+//! The two ends of a trace as the user named them (addresses or pods), made addresses; and what the
+//! Kubernetes API knows about them, when it answers.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+
+use crate::k8s::{self, ApiError, ClusterFacts, KubeArgs, NoApi, PodFacts, Target};
+
+pub struct Pair {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub cluster: Option<ClusterFacts>,
+}
+
+/// Parses both ends; asks the API for pods given by name (required then) and for the names and flannel
+/// facts of the rest (optional: without an API, one line on stderr and the local work goes on).
+pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
+    let (s, d) = (Target::parse(src, "source")?, Target::parse(dst, "destination")?);
+    let needed = s.is_name() || d.is_name();
+    let mut cluster = match k8s::connect(kube) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if needed {
+                bail!("{} needs the Kubernetes API to find the pod: {e}", [&s, &d].iter().find(|t| t.is_name()).expect("a name"));
+            }
+            note_no_api(&e);
+            None
+        }
+    };
+    let mut known = Vec::new();
+    let mut ip_of = |t: &Target, cluster: &mut Option<k8s::Cluster>| -> Result<Ipv4Addr> {
+        match t {
+            Target::Ip(ip) => Ok(*ip),
+            Target::Pod { namespace, name } => {
+                let c = cluster.as_mut().expect("connected when a name is given");
+                let ns = namespace.clone().or_else(|| kube.namespace.clone()).unwrap_or_else(|| c.default_namespace.clone());
+                let pod = c.pod(&ns, name).map_err(|e| match e {
+                    ApiError::NoApi(why) => anyhow::anyhow!("cannot find pod {ns}/{name}: {why}"),
+                    other => anyhow::anyhow!("{other}"),
+                })?;
+                let ip = pod_ip(&pod)?;
+                known.push(pod);
+                Ok(ip)
+            }
+        }
+    };
+    let src_ip = ip_of(&s, &mut cluster)?;
+    let dst_ip = ip_of(&d, &mut cluster)?;
+    let facts = cluster.as_mut().map(|c| {
+        let mut f = k8s::gather(c, &[src_ip, dst_ip]);
+        for p in known.drain(..) {
+            if !f.pods.iter().any(|q| q.namespace == p.namespace && q.name == p.name) {
+                f.pods.push(p);
+            }
+        }
+        if !f.missing.is_empty() {
+            eprintln!("cnitrace: from the Kubernetes API, not known: {}; the local diagnosis goes on", f.missing.join("; "));
+        }
+        f
+    });
+    Ok(Pair { src: src_ip, dst: dst_ip, cluster: facts })
+}
+
+fn pod_ip(p: &PodFacts) -> Result<Ipv4Addr> {
+    match p.ip {
+        Some(ip) => Ok(ip),
+        None => bail!("pod {} has no IPv4 address yet (phase {}{})", p.full_name(), p.phase, p.node.as_ref().map(|n| format!(", node {n}")).unwrap_or_default()),
+    }
+}
+
+/// The one line a command says when there is no API to ask.
+pub fn note_no_api(e: &NoApi) {
+    match e {
+        NoApi::NotConfigured => eprintln!("cnitrace: {e}: pods are named by their network namespaces"),
+        _ => eprintln!("cnitrace: {e}; pods are named by their network namespaces, the local diagnosis goes on"),
+    }
+}

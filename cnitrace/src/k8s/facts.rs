@@ -1,0 +1,218 @@
+//! What the API says, reduced to what a diagnosis uses; serialisable, so a recording replays with the
+//! same names and the same evidence without the API.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use serde::{Deserialize, Serialize};
+
+use crate::state::in_prefix;
+
+/// flannel's annotations on a Node (written by flanneld when it registers the node's lease).
+pub const ANN_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+pub const ANN_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+pub const ANN_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PodFacts {
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    pub phase: String,
+    pub ready: bool,
+    pub host_network: bool,
+    /// `app.kubernetes.io/name` / `app` / `k8s-app` label: flannel's and kube-proxy's pods are found by it.
+    #[serde(default)]
+    pub app: Option<String>,
+}
+
+impl PodFacts {
+    pub fn of(p: &Pod) -> PodFacts {
+        let spec = p.spec.as_ref();
+        let status = p.status.as_ref();
+        let labels = p.metadata.labels.as_ref();
+        PodFacts {
+            namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: p.metadata.name.clone().unwrap_or_default(),
+            node: spec.and_then(|s| s.node_name.clone()),
+            ip: status.and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok()),
+            phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Unknown".into()),
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            app: labels.and_then(|l| ["app.kubernetes.io/name", "app", "k8s-app"].iter().find_map(|k| l.get(*k).cloned())),
+        }
+    }
+
+    /// `namespace/name`, as kubectl and every output of cnitrace name a pod.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeFacts {
+    pub name: String,
+    /// `spec.podCIDRs` (or `spec.podCIDR`), as written.
+    pub pod_cidrs: Vec<String>,
+    pub internal_ip: Option<Ipv4Addr>,
+    /// `kubernetes.io/os`.
+    pub os: Option<String>,
+    pub ready: bool,
+    pub flannel_backend: Option<String>,
+    /// The VXLAN device's MAC flanneld registered (`backend-data` {"VNI":…, "VtepMAC":…}).
+    pub vtep_mac: Option<String>,
+    pub vtep_vni: Option<u32>,
+    /// The address other nodes send the overlay to.
+    pub public_ip: Option<Ipv4Addr>,
+}
+
+impl NodeFacts {
+    pub fn of(n: &Node) -> NodeFacts {
+        let ann = n.metadata.annotations.clone().unwrap_or_default();
+        let spec = n.spec.as_ref();
+        let mut pod_cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+        if let Some(c) = spec.and_then(|s| s.pod_cidr.clone()) {
+            if !pod_cidrs.contains(&c) {
+                pod_cidrs.insert(0, c);
+            }
+        }
+        let data: Option<serde_json::Value> = ann.get(ANN_BACKEND_DATA).and_then(|d| serde_json::from_str(d).ok());
+        NodeFacts {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            pod_cidrs,
+            internal_ip: n
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok())),
+            os: n.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/os").cloned()),
+            ready: n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            flannel_backend: ann.get(ANN_BACKEND_TYPE).cloned(),
+            vtep_mac: data.as_ref().and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).map(str::to_string),
+            vtep_vni: data.as_ref().and_then(|d| d.get("VNI")).and_then(|v| v.as_u64()).map(|v| v as u32),
+            public_ip: ann.get(ANN_PUBLIC_IP).and_then(|s| s.parse().ok()),
+        }
+    }
+
+    /// The node's IPv4 pod networks.
+    pub fn pod_nets(&self) -> Vec<(Ipv4Addr, u8)> {
+        self.pod_cidrs.iter().filter_map(|c| parse_cidr(c)).collect()
+    }
+
+    /// Is `ip` in one of this node's pod networks?
+    pub fn holds_pod_ip(&self, ip: Ipv4Addr) -> bool {
+        self.pod_nets().iter().any(|(net, len)| in_prefix(ip, *net, *len))
+    }
+}
+
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let len: u8 = l.parse().ok().filter(|l| *l <= 32)?;
+    Some((a.parse().ok()?, len))
+}
+
+/// flannel's `net-conf.json` (the ConfigMap's key), the parts a diagnosis uses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetConf {
+    /// Where it was read: `namespace/name`.
+    pub source: String,
+    pub network: Option<String>,
+    pub backend_type: Option<String>,
+    /// flannel's defaults when absent: VNI 1, port 8472 (the kernel's default would be 4789 otherwise).
+    pub vni: u32,
+    pub port: u16,
+    pub direct_routing: bool,
+    /// The JSON as written, for evidence and for a journal that must restore it.
+    pub raw: String,
+}
+
+impl NetConf {
+    pub fn of(cm: &ConfigMap, namespace: &str) -> Option<NetConf> {
+        let raw = cm.data.as_ref()?.get("net-conf.json")?.clone();
+        let mut c = NetConf::parse(&raw)?;
+        c.source = format!("{namespace}/{}", cm.metadata.name.clone().unwrap_or_default());
+        Some(c)
+    }
+
+    /// Parses net-conf.json; None when it is not JSON at all.
+    pub fn parse(raw: &str) -> Option<NetConf> {
+        let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+        let backend = v.get("Backend");
+        let get_u64 = |k: &str| backend.and_then(|b| b.get(k)).and_then(|x| x.as_u64());
+        Some(NetConf {
+            source: String::new(),
+            network: v.get("Network").and_then(|x| x.as_str()).map(str::to_string),
+            backend_type: backend.and_then(|b| b.get("Type")).and_then(|x| x.as_str()).map(str::to_string),
+            vni: get_u64("VNI").map(|x| x as u32).unwrap_or(1),
+            port: get_u64("Port").map(|x| x as u16).unwrap_or(8472),
+            direct_routing: backend.and_then(|b| b.get("DirectRouting")).and_then(|x| x.as_bool()).unwrap_or(false),
+            raw: raw.to_string(),
+        })
+    }
+}
+
+/// Everything one command learned from the API, and what it could not learn (each with its reason).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterFacts {
+    pub server: String,
+    pub nodes: Vec<NodeFacts>,
+    pub pods: Vec<PodFacts>,
+    pub flannel: Option<NetConf>,
+    pub missing: Vec<String>,
+}
+
+impl ClusterFacts {
+    /// The pod (not host-network) with this address.
+    pub fn pod_with_ip(&self, ip: Ipv4Addr) -> Option<&PodFacts> {
+        self.pods.iter().find(|p| p.ip == Some(ip) && !p.host_network)
+    }
+
+    /// The node whose pod network holds `ip`.
+    pub fn node_for_pod_ip(&self, ip: Ipv4Addr) -> Option<&NodeFacts> {
+        self.nodes.iter().find(|n| n.holds_pod_ip(ip))
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeFacts> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_conf_takes_flannels_defaults_where_the_backend_is_silent() {
+        let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#).unwrap();
+        assert_eq!((c.network.as_deref(), c.backend_type.as_deref(), c.vni, c.port, c.direct_routing), (Some("10.244.0.0/16"), Some("vxlan"), 1, 8472, false));
+        let c = NetConf::parse(r#"{"Network": "10.42.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4096, "Port": 4789, "DirectRouting": true}}"#).unwrap();
+        assert_eq!((c.vni, c.port, c.direct_routing), (4096, 4789, true));
+        assert!(NetConf::parse("Network: 10.0.0.0/8").is_none());
+    }
+
+    #[test]
+    fn a_node_reads_its_flannel_annotations_and_pod_networks() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "w1", "labels": {"kubernetes.io/os": "linux"}, "annotations": {
+                ANN_BACKEND_TYPE: "vxlan",
+                ANN_BACKEND_DATA: "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:00:00:01\"}",
+                ANN_PUBLIC_IP: "192.168.56.11"}},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+            "status": {"addresses": [{"type": "Hostname", "address": "w1"}, {"type": "InternalIP", "address": "192.168.56.11"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let f = NodeFacts::of(&n);
+        assert_eq!(f.pod_cidrs, ["10.244.1.0/24"]);
+        assert_eq!((f.vtep_mac.as_deref(), f.vtep_vni, f.public_ip), (Some("aa:bb:cc:00:00:01"), Some(1), Some(Ipv4Addr::new(192, 168, 56, 11))));
+        assert!(f.ready && f.holds_pod_ip(Ipv4Addr::new(10, 244, 1, 9)) && !f.holds_pod_ip(Ipv4Addr::new(10, 244, 0, 9)));
+        assert_eq!(f.internal_ip, Some(Ipv4Addr::new(192, 168, 56, 11)));
+    }
+}

@@ -1,0 +1,382 @@
+//! A local HTTP server that speaks enough of the Kubernetes API, in its real JSON, for the kube client
+//! and for the real kubectl: discovery (`/version`, `/api`, `/apis`, the resource lists), Nodes, Pods
+//! (with field and label selectors), ConfigMaps, DaemonSets, pod logs. It records every request, so a
+//! test asserts on what was asked (and that a dry run wrote nothing). It can also misbehave the ways a
+//! real API does: answer nothing (slow), refuse (403), or not be there at all.
+//!
+//! It lives with the tests: the product never serves the API.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+/// How the server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    Normal,
+    /// Accepts connections and never answers (an overloaded or half-dead API server).
+    Silent,
+    /// 403 to every resource request (discovery still answers), as for a user without RBAC.
+    Forbidden,
+}
+
+/// One request as the server saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: String,
+}
+
+/// The cluster's objects, by resource ("nodes", "pods", "configmaps", "daemonsets").
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub by_kind: BTreeMap<&'static str, Vec<Value>>,
+}
+
+impl Objects {
+    pub fn add(&mut self, kind: &'static str, obj: Value) -> &mut Self {
+        self.by_kind.entry(kind).or_default().push(obj);
+        self
+    }
+
+    /// A Node as the kubelet and flanneld leave it: podCIDR(s), InternalIP, the OS label, Ready, and
+    /// flannel's backend annotations.
+    pub fn node(&mut self, name: &str, pod_cidr: &str, internal_ip: Ipv4Addr, vtep_mac: &str, os: &str) -> &mut Self {
+        self.add(
+            "nodes",
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {
+                    "name": name, "uid": uid(name), "resourceVersion": "1000", "creationTimestamp": "2026-11-01T00:00:00Z",
+                    "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": os, "kubernetes.io/arch": "amd64"},
+                    "annotations": {
+                        "flannel.alpha.coreos.com/backend-type": "vxlan",
+                        "flannel.alpha.coreos.com/backend-data": format!("{{\"VNI\":1,\"VtepMAC\":\"{vtep_mac}\"}}"),
+                        "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                        "flannel.alpha.coreos.com/public-ip": internal_ip.to_string(),
+                        "node.alpha.kubernetes.io/ttl": "0"
+                    }
+                },
+                "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+                "status": {
+                    "addresses": [{"type": "InternalIP", "address": internal_ip.to_string()}, {"type": "Hostname", "address": name}],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+                                    "lastHeartbeatTime": "2026-11-30T00:00:00Z", "lastTransitionTime": "2026-11-01T00:00:00Z"}],
+                    "nodeInfo": {"kubeletVersion": "v1.32.4", "osImage": "Debian GNU/Linux 12 (bookworm)", "kernelVersion": "6.18.0",
+                                 "containerRuntimeVersion": "containerd://1.7.24", "operatingSystem": os, "architecture": "amd64",
+                                 "machineID": "", "systemUUID": "", "bootID": "", "kubeProxyVersion": ""}
+                }
+            }),
+        )
+    }
+
+    /// A running, Ready pod with one container.
+    pub fn pod(&mut self, namespace: &str, name: &str, node: &str, ip: Ipv4Addr, labels: Value) -> &mut Self {
+        self.add(
+            "pods",
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "uid": uid(&format!("{namespace}/{name}")), "resourceVersion": "2000",
+                             "creationTimestamp": "2026-11-29T10:00:00Z", "labels": labels},
+                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+                "status": {
+                    "phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}], "hostIP": "",
+                    "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
+                    "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0, "image": "registry.k8s.io/pause:3.10",
+                                            "imageID": "", "state": {"running": {"startedAt": "2026-11-29T10:00:05Z"}}}],
+                    "startTime": "2026-11-29T10:00:00Z"
+                }
+            }),
+        )
+    }
+
+    /// flannel's ConfigMap with this `net-conf.json`.
+    pub fn flannel_config(&mut self, namespace: &str, net_conf: &str) -> &mut Self {
+        self.add(
+            "configmaps",
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "kube-flannel-cfg", "namespace": namespace, "uid": uid("kube-flannel-cfg"), "resourceVersion": "300",
+                             "labels": {"app": "flannel", "tier": "node"}},
+                "data": {"cni-conf.json": "{\"name\":\"cbr0\",\"cniVersion\":\"0.3.1\",\"plugins\":[{\"type\":\"flannel\",\"delegate\":{\"hairpinMode\":true,\"isDefaultGateway\":true}},{\"type\":\"portmap\",\"capabilities\":{\"portMappings\":true}}]}",
+                         "net-conf.json": net_conf}
+            }),
+        )
+    }
+}
+
+fn uid(seed: &str) -> String {
+    let h = seed.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", h >> 32, (h >> 16) & 0xffff, h & 0xfff, (h >> 20) & 0xfff, h & 0xffffffffffff)
+}
+
+struct State {
+    objects: Objects,
+    behaviour: Behaviour,
+    seen: Vec<Seen>,
+}
+
+/// The running server; stops when dropped.
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeApi {
+    pub fn start(objects: Objects, behaviour: Behaviour) -> FakeApi {
+        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new() }));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local address");
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        conn = listener.accept() => {
+                            let Ok((stream, _)) = conn else { continue };
+                            let st = st.clone();
+                            tokio::spawn(async move {
+                                let svc = service_fn(move |req| handle(st.clone(), addr, req));
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                    .await;
+                            });
+                        }
+                    }
+                }
+            });
+        });
+        FakeApi { addr, state, stop: Some(stop), thread: Some(thread) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().expect("state").seen.clone()
+    }
+
+    /// The requests that would change something (anything but GET).
+    pub fn writes(&self) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.method != "GET").collect()
+    }
+
+    /// A kubeconfig for this server in `dir` (context `fake`, namespace `ns` when given).
+    pub fn kubeconfig(&self, dir: &Path, ns: Option<&str>) -> PathBuf {
+        write_kubeconfig(dir, &self.url(), ns)
+    }
+}
+
+/// A kubeconfig naming `server` (any URL: a closed port makes a down API).
+pub fn write_kubeconfig(dir: &Path, server: &str, ns: Option<&str>) -> PathBuf {
+    let ns_line = ns.map(|n| format!("\n    namespace: {n}")).unwrap_or_default();
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester{ns_line}\ncurrent-context: fake\nusers:\n- name: tester\n  user:\n    token: test-token\n"
+    );
+    std::fs::create_dir_all(dir).expect("kubeconfig dir");
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(code: StatusCode, v: Value) -> Reply {
+    Response::builder().status(code).header("content-type", "application/json").body(Full::new(Bytes::from(v.to_string()))).expect("response")
+}
+
+fn status(code: u16, reason: &str, message: String) -> Reply {
+    reply(
+        StatusCode::from_u16(code).expect("code"),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}),
+    )
+}
+
+async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>) -> Result<Reply, std::convert::Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = req.into_body().collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
+    let behaviour = {
+        let mut s = st.lock().expect("state");
+        s.seen.push(Seen { method: method.clone(), path: path.clone(), query: query.clone(), body });
+        s.behaviour
+    };
+    if behaviour == Behaviour::Silent {
+        // Never answers; the connection is closed when the server stops.
+        std::future::pending::<()>().await;
+    }
+    if let Some(d) = discovery(&path, addr) {
+        return Ok(reply(StatusCode::OK, d));
+    }
+    if behaviour == Behaviour::Forbidden {
+        let what = path.trim_start_matches("/api/v1/").to_string();
+        return Ok(status(403, "Forbidden", format!("{what} is forbidden: User \"system:serviceaccount:default:tester\" cannot get resource \"{what}\" at the cluster scope")));
+    }
+    if method != "GET" {
+        return Ok(status(405, "MethodNotAllowed", format!("{method} is not served by this test server")));
+    }
+    let params = parse_query(&query);
+    let s = st.lock().expect("state");
+    Ok(resource(&s.objects, &path, &params))
+}
+
+fn parse_query(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (unescape(k), unescape(v))).or(Some((unescape(kv), String::new()))))
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let v = u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?');
+                out.push(v);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The discovery documents kubectl and kube-rs read before anything else.
+fn discovery(path: &str, addr: SocketAddr) -> Option<Value> {
+    let res = |name: &str, kind: &str, namespaced: bool, verbs: &[&str], short: &[&str]| {
+        json!({"name": name, "singularName": kind.to_lowercase(), "namespaced": namespaced, "kind": kind, "verbs": verbs, "shortNames": short})
+    };
+    let rw = ["create", "delete", "get", "list", "patch", "update", "watch"];
+    Some(match path {
+        "/version" => json!({"major": "1", "minor": "32", "gitVersion": "v1.32.4", "gitCommit": "0000000000000000000000000000000000000000",
+                             "gitTreeState": "clean", "buildDate": "2026-04-01T00:00:00Z", "goVersion": "go1.23.8", "compiler": "gc", "platform": "linux/amd64"}),
+        "/api" => json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}]}),
+        "/apis" => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}], "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]}),
+        "/api/v1" => json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+            res("nodes", "Node", false, &rw, &["no"]),
+            res("pods", "Pod", true, &rw, &["po"]),
+            {"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
+            res("configmaps", "ConfigMap", true, &rw, &["cm"]),
+            res("namespaces", "Namespace", false, &rw, &["ns"])]}),
+        "/apis/apps/v1" => json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
+            res("daemonsets", "DaemonSet", true, &rw, &["ds"])]}),
+        _ => return None,
+    })
+}
+
+/// GET of a collection (optionally in a namespace, with selectors) or of one object.
+fn resource(objects: &Objects, path: &str, params: &BTreeMap<String, String>) -> Reply {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/<kind>[/<name>] or /api/v1/namespaces/<ns>/<kind>[/<name>[/log]]; /apis/apps/v1/... likewise.
+    let rest: &[&str] = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => rest,
+        ["apis", "apps", "v1", rest @ ..] => rest,
+        _ => return status(404, "NotFound", format!("the server could not find the requested resource ({path})")),
+    };
+    let (ns, kind, name, sub) = match rest {
+        ["namespaces", ns, kind, name, sub] => (Some(*ns), *kind, Some(*name), Some(*sub)),
+        ["namespaces", ns, kind, name] => (Some(*ns), *kind, Some(*name), None),
+        ["namespaces", ns, kind] => (Some(*ns), *kind, None, None),
+        ["namespaces", name] => (None, "namespaces", Some(*name), None),
+        [kind, name] => (None, *kind, Some(*name), None),
+        [kind] => (None, *kind, None, None),
+        _ => return status(404, "NotFound", format!("the server could not find the requested resource ({path})")),
+    };
+    let all: Vec<Value> = if kind == "namespaces" {
+        let mut names: Vec<String> = objects.by_kind.values().flatten().filter_map(|o| o["metadata"]["namespace"].as_str().map(str::to_string)).collect();
+        names.extend(["default", "kube-system"].map(String::from));
+        names.sort();
+        names.dedup();
+        names.iter().map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}, "status": {"phase": "Active"}})).collect()
+    } else {
+        objects.by_kind.iter().find(|(k, _)| **k == kind).map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    let in_ns = |o: &&Value| ns.is_none() || o["metadata"]["namespace"].as_str() == ns;
+    if let Some(name) = name {
+        let Some(obj) = all.iter().filter(in_ns).find(|o| o["metadata"]["name"].as_str() == Some(name)) else {
+            return status(404, "NotFound", format!("{kind} \"{name}\" not found"));
+        };
+        return match sub {
+            None => reply(StatusCode::OK, obj.clone()),
+            Some("log") => Response::builder()
+                .status(200)
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from(obj["x-log"].as_str().unwrap_or("").to_string())))
+                .expect("log"),
+            Some(other) => status(404, "NotFound", format!("{kind}/{other} is not served by this test server")),
+        };
+    }
+    let fields = params.get("fieldSelector").cloned().unwrap_or_default();
+    let labels = params.get("labelSelector").cloned().unwrap_or_default();
+    let items: Vec<Value> = all.iter().filter(in_ns).filter(|o| selects(o, &fields, &labels)).cloned().collect();
+    let list_kind = items.first().and_then(|o| o["kind"].as_str()).map(|k| format!("{k}List")).unwrap_or_else(|| "List".into());
+    let api_version = if path.starts_with("/apis/apps") { "apps/v1" } else { "v1" };
+    reply(StatusCode::OK, json!({"kind": list_kind, "apiVersion": api_version, "metadata": {"resourceVersion": "5000"}, "items": items}))
+}
+
+/// `fieldSelector` (a=b,c=d on the paths the API supports for these kinds) and `labelSelector` (k=v).
+fn selects(o: &Value, fields: &str, labels: &str) -> bool {
+    let field_ok = fields.split(',').filter(|f| !f.is_empty()).all(|f| {
+        let Some((k, v)) = f.split_once('=') else { return false };
+        let (k, v, negate) = match k.strip_suffix('!') {
+            Some(k) => (k, v, true),
+            None => (k, v.trim_start_matches('='), false),
+        };
+        let got = match k {
+            "metadata.name" => o["metadata"]["name"].as_str(),
+            "metadata.namespace" => o["metadata"]["namespace"].as_str(),
+            "spec.nodeName" => o["spec"]["nodeName"].as_str(),
+            "status.podIP" => o["status"]["podIP"].as_str(),
+            "status.phase" => o["status"]["phase"].as_str(),
+            _ => return false,
+        };
+        (got == Some(v)) != negate
+    });
+    let label_ok = labels.split(',').filter(|l| !l.is_empty()).all(|l| match l.split_once('=') {
+        Some((k, v)) => o["metadata"]["labels"][k].as_str() == Some(v.trim_start_matches('=')),
+        None => !o["metadata"]["labels"][l].is_null(),
+    });
+    field_ok && label_ok
+}

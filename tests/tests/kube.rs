@@ -1,0 +1,261 @@
+//! The Kubernetes client against the test API server (no root, no kernel): names, flannel's record,
+//! and every way the API can fail — down, silent, forbidden, a bad kubeconfig — each a clear line,
+//! bounded in time, the local work unaffected. The real kubectl checks the server speaks the API.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use cnitrace::k8s::{self, ApiError, KubeArgs, NoApi};
+use cnitrace_tests::apiserver::{write_kubeconfig, Behaviour, FakeApi, Objects};
+use serde_json::json;
+
+/// A cluster unlike the lab: other names, other networks, a Windows node.
+fn cluster() -> Objects {
+    let mut o = Objects::default();
+    o.node("gpu-worker-7", "172.20.3.0/24", Ipv4Addr::new(172, 31, 9, 17), "5a:1e:00:00:07:07", "linux")
+        .node("edge-2", "172.20.4.0/24", Ipv4Addr::new(172, 31, 9, 18), "5a:1e:00:00:07:08", "linux")
+        .node("win-build-1", "172.20.5.0/24", Ipv4Addr::new(172, 31, 9, 30), "5a:1e:00:00:07:09", "windows")
+        .pod("media", "jellyfin-5d8f7c9b4-x7k2p", "gpu-worker-7", Ipv4Addr::new(172, 20, 3, 19), json!({"app": "jellyfin"}))
+        .pod("default", "debug", "gpu-worker-7", Ipv4Addr::new(172, 20, 3, 20), json!({"run": "debug"}))
+        .pod("shop", "web-0", "edge-2", Ipv4Addr::new(172, 20, 4, 10), json!({"app": "web"}))
+        .flannel_config("kube-flannel", r#"{"Network": "172.20.0.0/16", "EnableNFTables": false, "Backend": {"Type": "vxlan", "VNI": 4096, "Port": 4789}}"#);
+    o
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cnitrace-kube-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn args(kubeconfig: PathBuf) -> KubeArgs {
+    KubeArgs { kubeconfig: Some(kubeconfig), ..Default::default() }
+}
+
+#[test]
+fn pods_and_nodes_come_by_name_with_flannels_record() {
+    let api = FakeApi::start(cluster(), Behaviour::Normal);
+    let dir = scratch("names");
+    let mut c = k8s::connect(&args(api.kubeconfig(&dir, None))).expect("configured");
+    let p = c.pod("media", "jellyfin-5d8f7c9b4-x7k2p").expect("the pod");
+    assert_eq!((p.ip, p.node.as_deref(), p.ready), (Some(Ipv4Addr::new(172, 20, 3, 19)), Some("gpu-worker-7"), true));
+    let e = c.pod("media", "jellyfin").unwrap_err();
+    assert!(matches!(e, ApiError::NotFound { .. }), "{e}");
+    assert_eq!(e.to_string(), "pod media/jellyfin not found");
+
+    let f = k8s::gather(&mut c, &[Ipv4Addr::new(172, 20, 3, 20), Ipv4Addr::new(172, 20, 4, 10)]);
+    assert!(f.missing.is_empty(), "{:?}", f.missing);
+    let names: Vec<String> = f.pods.iter().map(|p| p.full_name()).collect();
+    assert_eq!(names, ["default/debug", "shop/web-0"]);
+    let n = f.node_for_pod_ip(Ipv4Addr::new(172, 20, 4, 10)).expect("web's node");
+    assert_eq!((n.name.as_str(), n.vtep_mac.as_deref(), n.public_ip), ("edge-2", Some("5a:1e:00:00:07:08"), Some(Ipv4Addr::new(172, 31, 9, 18))));
+    assert_eq!(f.node("win-build-1").and_then(|n| n.os.as_deref()), Some("windows"));
+    let net = f.flannel.expect("flannel's ConfigMap");
+    assert_eq!((net.source.as_str(), net.network.as_deref(), net.vni, net.port), ("kube-flannel/kube-flannel-cfg", Some("172.20.0.0/16"), 4096, 4789));
+
+    // The exact requests: a pod looked up by its address with a field selector, never a list of all pods.
+    let seen = api.seen();
+    let paths: Vec<String> = seen.iter().map(|s| format!("{} {}{}", s.method, s.path, if s.query.is_empty() { String::new() } else { format!("?{}", s.query) })).collect();
+    assert!(paths.iter().any(|p| p == "GET /api/v1/pods?&fieldSelector=status.podIP%3D172.20.3.20" || p == "GET /api/v1/pods?fieldSelector=status.podIP%3D172.20.3.20"), "{paths:#?}");
+    assert!(paths.iter().all(|p| !p.ends_with("/api/v1/pods")), "no unfiltered pod list: {paths:#?}");
+    assert!(api.writes().is_empty(), "reading wrote: {:?}", api.writes());
+}
+
+#[test]
+fn an_api_that_is_down_costs_one_line_and_no_wait() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = scratch("down");
+    let mut c = k8s::connect(&args(write_kubeconfig(&dir, &format!("http://127.0.0.1:{port}"), None))).expect("configured");
+    let t0 = Instant::now();
+    let f = k8s::gather(&mut c, &[Ipv4Addr::new(172, 20, 3, 20)]);
+    assert!(t0.elapsed() < Duration::from_secs(5), "gathering from a closed port took {:?}", t0.elapsed());
+    assert_eq!(f.missing.len(), 1, "one reason, said once: {:?}", f.missing);
+    assert!(f.missing[0].contains(&format!("127.0.0.1:{port} did not answer")), "{}", f.missing[0]);
+    assert!(matches!(c.down(), Some(NoApi::Unreachable { .. })), "{:?}", c.down());
+}
+
+#[test]
+fn a_silent_api_is_given_up_on_within_the_budget() {
+    let api = FakeApi::start(cluster(), Behaviour::Silent);
+    let dir = scratch("silent");
+    let mut c = k8s::connect(&args(api.kubeconfig(&dir, None))).expect("configured");
+    let t0 = Instant::now();
+    let f = k8s::gather(&mut c, &[Ipv4Addr::new(172, 20, 3, 20), Ipv4Addr::new(172, 20, 4, 10)]);
+    let took = t0.elapsed();
+    // The budget is 2 s for everything together; a bound well above it still proves it is kept
+    // (unbounded, four requests would wait 4 × the client's own timeouts).
+    assert!(took < Duration::from_secs(4), "a silent API held the command {took:?}");
+    assert!(took >= k8s::API_BUDGET - Duration::from_millis(100), "gave up before the budget: {took:?}");
+    assert_eq!(f.missing, [format!("the Kubernetes API at {} did not answer within 2 s", api.url())]);
+    assert_eq!(api.seen().len(), 1, "after the first timeout nothing more is asked");
+}
+
+#[test]
+fn a_forbidden_api_says_what_was_refused() {
+    let api = FakeApi::start(cluster(), Behaviour::Forbidden);
+    let dir = scratch("forbidden");
+    let mut c = k8s::connect(&args(api.kubeconfig(&dir, None))).expect("configured");
+    let e = c.pod("media", "jellyfin-5d8f7c9b4-x7k2p").unwrap_err();
+    assert!(matches!(e, ApiError::Forbidden { .. }), "{e}");
+    assert!(e.to_string().starts_with("forbidden to pod media/jellyfin-5d8f7c9b4-x7k2p: "), "{e}");
+    let f = k8s::gather(&mut c, &[Ipv4Addr::new(172, 20, 3, 20)]);
+    assert!(f.missing.iter().any(|m| m.starts_with("forbidden to list nodes")), "{:?}", f.missing);
+    assert!(c.down().is_none(), "a 403 is an answer: the API is up");
+}
+
+#[test]
+fn a_bad_kubeconfig_names_the_file_and_what_is_wrong() {
+    let dir = scratch("bad");
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("not yaml", "clusters: [\n  - name: x\n", &["parse kubeconfig"]),
+        ("no server", "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\nusers:\n- name: u\n  user: {}\n", &["cluster url is missing"]),
+        ("no such context", "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\ncurrent-context: gone\nusers: []\n", &["gone"]),
+    ];
+    for (what, text, needles) in cases {
+        let f = dir.join(what.replace(' ', "-"));
+        std::fs::write(&f, text).unwrap();
+        let e = match k8s::connect(&args(f.clone())) {
+            Err(e) => e,
+            Ok(_) => panic!("{what}: accepted"),
+        };
+        let msg = e.to_string();
+        assert!(matches!(e, NoApi::BadConfig { .. }), "{what}: {msg}");
+        assert!(msg.starts_with(&format!("kubeconfig {}: ", f.display())), "{what}: names the file: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "{what}: {msg} lacks {n:?}");
+        }
+    }
+    // --context that the file lacks.
+    let api = FakeApi::start(Objects::default(), Behaviour::Normal);
+    let k = api.kubeconfig(&dir, None);
+    let e = k8s::connect(&KubeArgs { kubeconfig: Some(k), context: Some("prod".into()), namespace: None }).err().expect("unknown context refused");
+    assert!(e.to_string().contains("prod"), "{e}");
+}
+
+#[test]
+fn kubeconfig_is_found_as_kubectl_finds_it() {
+    let api = FakeApi::start(cluster(), Behaviour::Normal);
+    let dir = scratch("find");
+    let k = api.kubeconfig(&dir, Some("media"));
+    // KUBECONFIG as a list: a missing file is skipped, as kubectl does. (This test's own process
+    // environment: the kube tests run one process per test binary, this one alone touches it.)
+    let list = std::env::join_paths([dir.join("absent"), k.clone()]).unwrap();
+    std::env::set_var("KUBECONFIG", &list);
+    let c = k8s::connect(&KubeArgs::default());
+    std::env::remove_var("KUBECONFIG");
+    let c = c.expect("found through KUBECONFIG");
+    assert_eq!(c.server, api.url());
+    assert_eq!(c.default_namespace, "media", "the context's namespace is the default for bare pod names");
+    assert!(c.source.contains(&k.display().to_string()), "{}", c.source);
+}
+
+/// The real kubectl reads the server: discovery, lists, one object, a ConfigMap key.
+#[test]
+fn kubectl_reads_the_test_server() {
+    if !on_path("kubectl") {
+        println!("SKIPPED kubectl_reads_the_test_server: kubectl is not on PATH (it comes with the machine image)");
+        return;
+    }
+    let api = FakeApi::start(cluster(), Behaviour::Normal);
+    let dir = scratch("kubectl");
+    let k = api.kubeconfig(&dir, None);
+    let kubectl = |a: &[&str]| {
+        let out = cnitrace_tools::KUBECTL.command().env("KUBECONFIG", &k).env("HOME", &dir).args(a).output().expect("run kubectl");
+        assert!(out.status.success(), "kubectl {a:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&kubectl(&["get", "nodes", "-o", "json"])).expect("node list JSON");
+    let nodes: Vec<&str> = v["items"].as_array().unwrap().iter().map(|n| n["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["gpu-worker-7", "edge-2", "win-build-1"]);
+    assert_eq!(kubectl(&["get", "pods", "-A", "-o", "name"]).lines().count(), 3);
+    assert_eq!(kubectl(&["get", "pods", "-n", "media", "--field-selector", "spec.nodeName=gpu-worker-7", "-o", "name"]).trim(), "pod/jellyfin-5d8f7c9b4-x7k2p");
+    assert_eq!(kubectl(&["get", "pod", "web-0", "-n", "shop", "-o", "jsonpath={.status.podIP}"]), "172.20.4.10");
+    let conf = kubectl(&["get", "configmap", "kube-flannel-cfg", "-n", "kube-flannel", "-o", "jsonpath={.data.net-conf\\.json}"]);
+    assert!(conf.contains("\"VNI\": 4096"), "{conf}");
+    assert!(kubectl(&["api-resources"]).contains("daemonsets"));
+    assert!(kubectl(&["version", "-o", "json"]).contains("v1.32.4"));
+}
+
+/// As users run it: `kubectl cnitrace …` finds `kubectl-cnitrace` on PATH. Without root, the names
+/// are resolved through the API and follow stops at the root check: the plugin path and the name
+/// resolution, end to end, through kubectl.
+#[test]
+fn kubectl_runs_cnitrace_as_a_plugin() {
+    if !on_path("kubectl") {
+        println!("SKIPPED kubectl_runs_cnitrace_as_a_plugin: kubectl is not on PATH (it comes with the machine image)");
+        return;
+    }
+    let bin = cnitrace_tests::bin();
+    if !bin.exists() {
+        println!("SKIPPED kubectl_runs_cnitrace_as_a_plugin: no cnitrace binary at {}", bin.display());
+        return;
+    }
+    let api = FakeApi::start(cluster(), Behaviour::Normal);
+    let dir = scratch("plugin");
+    let plugins = dir.join("bin");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let _ = std::fs::remove_file(plugins.join("kubectl-cnitrace"));
+    std::os::unix::fs::symlink(&bin, plugins.join("kubectl-cnitrace")).unwrap();
+    let path = format!("{}:{}", plugins.display(), std::env::var("PATH").unwrap_or_default());
+    let k = api.kubeconfig(&dir, Some("media"));
+    let out = cnitrace_tools::KUBECTL
+        .command()
+        .env("PATH", &path)
+        .env("KUBECONFIG", &k)
+        .args(["cnitrace", "follow", "default/debug", "jellyfin-5d8f7c9b4-x7k2p", "--timeout", "1"])
+        .output()
+        .expect("kubectl cnitrace");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let seen: Vec<String> = api.seen().iter().map(|s| s.path.clone()).collect();
+    assert!(seen.contains(&"/api/v1/namespaces/default/pods/debug".to_string()), "{seen:#?}\n{err}");
+    assert!(seen.contains(&"/api/v1/namespaces/media/pods/jellyfin-5d8f7c9b4-x7k2p".to_string()), "the context's namespace for a bare name: {seen:#?}");
+    if !is_root() {
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("needs root"), "{err}");
+    }
+    let help = cnitrace_tools::KUBECTL.command().env("PATH", &path).args(["plugin", "list"]).output().expect("kubectl plugin list");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("kubectl-cnitrace"), "{}", String::from_utf8_lossy(&help.stdout));
+}
+
+/// A name needs the API; an address does not: exit 2 with the reason for the first, the local work for
+/// the second.
+#[test]
+fn a_name_without_an_api_is_a_usage_error_an_address_is_not() {
+    let bin = cnitrace_tests::bin();
+    if !bin.exists() {
+        println!("SKIPPED a_name_without_an_api_is_a_usage_error_an_address_is_not: no cnitrace binary at {}", bin.display());
+        return;
+    }
+    let dir = scratch("noapi");
+    let bad = dir.join("broken-kubeconfig");
+    std::fs::write(&bad, "clusters: [\n").unwrap();
+    let run = |a: &[&str]| {
+        let out = std::process::Command::new(&bin).env("HOME", &dir).env_remove("KUBECONFIG").env_remove("KUBERNETES_SERVICE_HOST").args(a).output().expect("run cnitrace");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["follow", "media/jellyfin", "10.1.2.3", "--kubeconfig", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("media/jellyfin needs the Kubernetes API") && err.contains(&format!("kubeconfig {}", bad.display())), "{err}");
+    let (code, err) = run(&["follow", "debug", "10.1.2.3"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no Kubernetes API configured"), "{err}");
+    // Addresses: the API is only enrichment; one line, then the command goes on (to the root check
+    // when not root, to the trace when root — where 10.1.2.3 is on no pod here).
+    let (code, err) = run(&["follow", "10.1.2.4", "10.1.2.3", "--kubeconfig", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("kubeconfig")).count(), 1, "one line about the API: {err}");
+    assert!(err.contains("the local diagnosis goes on"), "{err}");
+    assert!(err.contains(if is_root() { "is on no pod of this host" } else { "needs root" }), "{err}");
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
+}
+
+fn is_root() -> bool {
+    cnitrace::sys::is_root()
+}
