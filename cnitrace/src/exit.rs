@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 /// `follow`: the pair's traffic was delivered. Other commands: success.
 pub const OK: u8 = 0;
-/// `follow`: the traffic was dropped and the drop point was found.
+/// `follow`: the traffic was dropped and the drop point was found. `check`: something is wrong.
 pub const DROPPED: u8 = 1;
 /// Usage or environment error (bad address, not root, no BTF, a lab that is not up...).
 pub const USAGE: u8 = 2;

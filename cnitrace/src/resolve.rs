@@ -55,6 +55,9 @@ pub struct PodOnNode {
     pub node: NsRef,
     /// The node's address the pod routes through (its bridge's, in the pod's subnet).
     pub gateway: Option<Ipv4Addr>,
+    /// The node's end of the veth holds an address: a point-to-point link between two hosts (an
+    /// underlay or uplink, as in the lab) rather than a pod's veth, whose node end a bridge addresses.
+    pub host_addressed: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,7 +131,8 @@ impl HostResolver {
         HostResolver { spaces, nsids }
     }
 
-    /// Every pod on this host: an address on a veth whose other end is in another namespace (its node),
+    /// Every pod on this host: an address on a veth whose other end is in another namespace (its node;
+    /// see [`PodOnNode::host_addressed`] for links between hosts, which look the same),
     /// with the node's gateway for it (the address of the bridge the host end is a port of, in the pod's
     /// subnet) where there is one. A detached or downed pod is still a pod of its node.
     pub fn pods(&self) -> Vec<PodOnNode> {
@@ -142,7 +146,8 @@ impl HostResolver {
                         let bridge = host.master?;
                         nst.addrs_of(bridge).find(|b| crate::state::in_prefix(b.addr, a.addr, a.prefix) && b.addr != a.addr).map(|b| b.addr)
                     });
-                    out.push(PodOnNode { ip: a.addr, display: display_ns(ns), netns: nsref(ns), node: nsref(node), gateway });
+                    let host_addressed = node_st.is_some_and(|nst| nst.addrs_of(host.ifindex).next().is_some());
+                    out.push(PodOnNode { ip: a.addr, display: display_ns(ns), netns: nsref(ns), node: nsref(node), gateway, host_addressed });
                 }
             }
         }

@@ -36,6 +36,10 @@ pub fn run(o: Options) -> Result<()> {
     }
     let bin = crate::build()?;
     crate::cargo(&["test", "--release", "-p", "cnitrace-common", "-p", "cnitrace-tools", "-p", "cnitrace", "-p", "xtask"])?;
+    // The Kubernetes client against the test API server, the real kubectl, `kubectl cnitrace` (no
+    // kernel needed: once, on the host, whatever the kernels asked for).
+    std::env::set_var("CNITRACE_BIN", &bin);
+    crate::cargo(&["test", "--release", "-p", "cnitrace-tests", "--test", "kube"])?;
     // A snapshot of both binaries: a rebuild while a VM runs (minutes under emulation) must not change
     // what the guest executes.
     // One folder per run: two runs at once do not share binaries either.

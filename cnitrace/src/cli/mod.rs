@@ -1,5 +1,6 @@
 //! The only place clap appears: raw arguments become resolved, typed requests before any command runs.
 
+mod check;
 mod fix;
 mod follow;
 mod lab;
@@ -27,6 +28,9 @@ enum Command {
     Follow(follow::FollowArgs),
     /// Diagnose the pair, apply the matching fix, verify by tracing again, roll back if it did not help.
     Fix(fix::FixArgs),
+    /// Everything wrong on this host's nodes, without a pair: node checks, and with the Kubernetes API
+    /// what flannel should have written (routes, VTEP neighbours, FDB) and its ConfigMap.
+    Check(check::CheckArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
@@ -80,6 +84,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Follow(args) => follow::run(args, &cli.kube),
         Command::Fix(args) => fix::run(args, &cli.kube),
+        Command::Check(args) => check::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
         Command::Replay { file, json } => replay(&file, json),
         Command::Completions { shell } => {

@@ -10,6 +10,8 @@ use serde::Serialize;
 
 use crate::{
     finding::causes::netfilter::has_pod_accepts,
+    k8s::ClusterFacts,
+    plan::{Action, Target},
     state::{rules::parse_iptables, Link, NsState},
 };
 
@@ -18,14 +20,16 @@ pub struct NodeFinding {
     pub node: String,
     pub cause: &'static str,
     pub what: String,
+    /// The command that repairs it, where one follows from the finding alone (`fix` plans from a trace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }
 
 /// The checks, on one node's state. `node` is its display name.
 pub fn check(node: &NsState, name: &str) -> Vec<NodeFinding> {
     let mut out = Vec::new();
-    let mut add = |cause: &'static str, what: String| out.push(NodeFinding { node: name.to_string(), cause, what });
-    let pod_veths: Vec<&Link> =
-        node.links.iter().filter(|l| l.kind == "veth" && l.peer_netnsid.is_some() && node.addrs_of(l.ifindex).next().is_none()).collect();
+    let mut add = |cause: &'static str, what: String| out.push(NodeFinding { node: name.to_string(), cause, what, fix: None });
+    let pod_veths = pod_veths(node);
     let bridge = pods_bridge(node, &pod_veths);
     if let Some(br) = bridge {
         if !br.admin_up {
@@ -97,6 +101,78 @@ fn pods_bridge<'a>(node: &'a NsState, pod_veths: &[&Link]) -> Option<&'a Link> {
         let first = addressed.next();
         first.filter(|_| addressed.next().is_none())
     })
+}
+
+/// What flanneld writes on this node for every other node, checked against the Node objects it writes
+/// from (`podCIDR`, `backend-data` VtepMAC, `public-ip`): the route to each remote pod network through
+/// the VXLAN device, the VTEP's permanent neighbour, its FDB entry; and this node's own VXLAN device and
+/// pods' gateway against its own Node object and flannel's ConfigMap. Each finding carries the command
+/// flanneld's state implies (`ip route replace`, `ip neigh replace`, `bridge fdb append`).
+pub fn against_the_api(node: &NsState, name: &str, facts: &ClusterFacts) -> Vec<NodeFinding> {
+    let mut out = Vec::new();
+    let mut add = |cause: &'static str, what: String, fix: Option<Action>| {
+        out.push(NodeFinding { node: name.to_string(), cause, what, fix: fix.map(|a| a.command()) })
+    };
+    let me = facts.node(name);
+    let target = Target::of(node);
+    let bridge = pods_bridge(node, &pod_veths(node));
+    if let (Some(me), Some(br)) = (me, bridge) {
+        let held: Vec<_> = node.addrs_of(br.ifindex).collect();
+        if !me.pod_nets().is_empty() && !held.is_empty() && !held.iter().any(|a| me.holds_pod_ip(a.addr)) {
+            add(
+                "bridge-ip-conflict",
+                format!("{} holds {} but Node {name}'s pod network is {}", br.name, held.iter().map(|a| format!("{}/{}", a.addr, a.prefix)).collect::<Vec<_>>().join(", "), me.pod_cidrs.join(", ")),
+                None,
+            );
+        }
+    }
+    let Some(vx) = node.links.iter().find(|l| l.kind == "vxlan") else { return out };
+    if let (Some(conf), Some(x)) = (facts.flannel.as_ref(), vx.vxlan.as_ref()) {
+        if conf.backend_type.as_deref().is_none_or(|t| t == "vxlan") && (x.vni, x.port) != (conf.vni, conf.port) {
+            add(
+                "vxlan-config-mismatch",
+                format!("{} has VNI {} port {}; flannel's ConfigMap {} says VNI {} port {}", vx.name, x.vni, x.port, conf.source, conf.vni, conf.port),
+                None,
+            );
+        }
+    }
+    for other in facts.nodes.iter().filter(|n| n.name != name && n.flannel_backend.as_deref().is_none_or(|b| b == "vxlan")) {
+        let (Some(mac), Some((net, len))) = (other.vtep_mac.as_ref(), other.pod_nets().into_iter().next()) else { continue };
+        let vtep = net;
+        let routed = node.routes.iter().any(|r| r.table == 254 && r.dst == net && r.prefix == len && r.oif == Some(vx.ifindex) && r.gateway == Some(vtep));
+        if !routed {
+            add(
+                "route-missing",
+                format!("no route to {net}/{len} (Node {}) via {vtep} on {}", other.name, vx.name),
+                Some(Action::RouteAdd { ns: target.clone(), dst: net, prefix: len, gateway: Some(vtep), ifname: vx.name.clone(), onlink: true }),
+            );
+        }
+        match node.neigh(vx.ifindex, vtep).and_then(|n| n.mac.clone()) {
+            Some(m) if m.eq_ignore_ascii_case(mac) => {}
+            have => add(
+                "vxlan-neigh-missing",
+                match have {
+                    Some(m) => format!("neighbour {vtep} on {} is {m}; Node {} says VtepMAC {mac}", vx.name, other.name),
+                    None => format!("no neighbour for VTEP {vtep} on {} (Node {} says VtepMAC {mac})", vx.name, other.name),
+                },
+                Some(Action::NeighSet { ns: target.clone(), ifname: vx.name.clone(), ip: vtep, mac: mac.clone() }),
+            ),
+        }
+        let Some(underlay) = other.public_ip.or(other.internal_ip) else { continue };
+        if !node.fdb.iter().any(|f| f.ifindex == vx.ifindex && f.mac.eq_ignore_ascii_case(mac) && f.dst == Some(underlay)) {
+            add(
+                "vxlan-fdb-missing",
+                format!("no FDB entry on {} for VTEP {mac} at {underlay} (Node {})", vx.name, other.name),
+                Some(Action::FdbAdd { ns: target.clone(), ifname: vx.name.clone(), mac: mac.clone(), dst: underlay }),
+            );
+        }
+    }
+    out
+}
+
+/// The veths of a node's pods: no address here, the peer in another namespace (an uplink carries one).
+fn pod_veths(node: &NsState) -> Vec<&Link> {
+    node.links.iter().filter(|l| l.kind == "veth" && l.peer_netnsid.is_some() && node.addrs_of(l.ifindex).next().is_none()).collect()
 }
 
 #[cfg(test)]

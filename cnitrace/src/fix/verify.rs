@@ -144,7 +144,7 @@ mod tests {
     }
 
     fn pod(ip: &str, name: &str, inode: u32, node: (u32, &str), gw: Option<&str>) -> PodOnNode {
-        PodOnNode { ip: ip.parse().unwrap(), display: name.into(), netns: nsref(inode, &format!("ns-{name}")), node: nsref(node.0, node.1), gateway: gw.map(|g| g.parse().unwrap()) }
+        PodOnNode { ip: ip.parse().unwrap(), display: name.into(), netns: nsref(inode, &format!("ns-{name}")), node: nsref(node.0, node.1), gateway: gw.map(|g| g.parse().unwrap()), host_addressed: false }
     }
 
     fn lab() -> Vec<PodOnNode> {

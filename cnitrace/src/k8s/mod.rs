@@ -266,7 +266,7 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
 /// address. A namespace the API says nothing about keeps its own name.
 pub fn name_namespaces(facts: &ClusterFacts, resolver: &crate::resolve::HostResolver) -> std::collections::BTreeMap<u32, String> {
     let mut names = std::collections::BTreeMap::new();
-    let node_ns: std::collections::BTreeSet<u32> = resolver.pods().iter().map(|p| p.node.inode).collect();
+    let node_ns: std::collections::BTreeSet<u32> = resolver.pods().iter().filter(|p| !p.host_addressed).map(|p| p.node.inode).collect();
     for (ns, st) in resolver.spaces() {
         let addrs = || st.addrs.iter().filter(|a| st.link(a.ifindex).is_some_and(|l| l.name != "lo"));
         if let Some(p) = addrs().find_map(|a| facts.pod_with_ip(a.addr)) {

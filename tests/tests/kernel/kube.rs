@@ -104,3 +104,72 @@ fn generated_pods_by_name_across_nodes() {
     let unknown: Vec<&String> = seen.iter().filter(|s| s.contains(&g.nodes[a.node].name) || s.contains(&a.name)).collect();
     assert!(unknown.is_empty(), "{}: namespace names where the API gave names: {unknown:?}", g.about);
 }
+
+/// `cnitrace check` with the API: nothing on a healthy lab; what flanneld should have written from the
+/// other Node's object (its route, its VTEP's FDB entry) when it is gone, each with the command that
+/// puts it back — and those commands, run as printed, make the node whole again.
+#[test]
+fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
+    if !can_run_kernel_tests("check_finds_what_flannel_should_have_written_from_the_node_objects") {
+        return;
+    }
+    let lab = LabGuard::up(&[]);
+    let mut o = Objects::default();
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
+    }
+    o.flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let k = api.kubeconfig(&scratch("check"), None);
+    let k = k.to_str().expect("utf-8 path");
+    let check = |extra: &[&str]| {
+        let out = cnitrace(&[&["check", "--json"][..], extra].concat());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("check JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let findings = |v: &Value, node: &str| -> Vec<Value> {
+        v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).unwrap_or_else(|| panic!("{node} in {v}"))["findings"].as_array().unwrap().clone()
+    };
+
+    let (code, v) = check(&["--kubeconfig", k]);
+    assert_eq!(code, Some(0), "a healthy lab: {v}");
+    assert_eq!(findings(&v, "rack4-node"), Vec::<Value>::new());
+    assert_eq!(findings(&v, "rack5-node"), Vec::<Value>::new());
+
+    // flanneld's route and FDB entry for the other node, gone from node 0.
+    let node0 = lab.lab.node_ns(0);
+    let other = &topology::NODES[1];
+    for args in [vec!["-n", &node0, "route", "del", "10.244.1.0/24"]] {
+        assert!(cnitrace_tools::IP.command().args(&args).status().unwrap().success());
+    }
+    let st = cnitrace_tools::BRIDGE.command().args(["-n", &node0, "fdb", "del", other.vtep_mac, "dev", "flannel.1", "dst", &other.underlay.to_string()]).status().unwrap();
+    assert!(st.success());
+
+    let (code, v) = check(&["--kubeconfig", k, "--node", "rack4-node"]);
+    assert_eq!(code, Some(1), "{v}");
+    let f = findings(&v, "rack4-node");
+    let causes: Vec<&str> = f.iter().map(|f| f["cause"].as_str().unwrap()).collect();
+    assert!(causes.contains(&"route-missing") && causes.contains(&"vxlan-fdb-missing"), "{f:#?}");
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 1, "--node: one node");
+    let route = f.iter().find(|f| f["cause"] == "route-missing").unwrap();
+    assert!(route["what"].as_str().unwrap().contains("10.244.1.0/24 (Node rack5-node)"), "{route}");
+
+    // Without the API neither can be missed: nothing on this node says the other node exists (its
+    // route, which the FDB check starts from, is gone too). What the API adds.
+    let (code, local) = check(&["--kubeconfig", "/nonexistent/kubeconfig"]);
+    assert_eq!(code, Some(0), "{local}");
+    assert_eq!(findings(&local, "storagenodet3500"), Vec::<Value>::new(), "{local}");
+    assert!(local["no_api"].as_str().unwrap_or("").contains("/nonexistent/kubeconfig"), "{local}");
+
+    // The printed repairs, run as printed.
+    for f in &f {
+        let cmd = f["fix"].as_str().unwrap_or_else(|| panic!("a command for {f}"));
+        let st = cnitrace_tools::SH.command().args(["-c", cmd]).status().unwrap();
+        assert!(st.success(), "{cmd}");
+    }
+    let (code, v) = check(&["--kubeconfig", k]);
+    assert_eq!(code, Some(0), "whole again: {v}");
+    let (code, verdict) = cnitrace_tests::follow(&cnitrace_tests::pod_ip("debug"), &cnitrace_tests::pod_ip("web"), &[]);
+    assert_eq!(code, 0, "cross-node delivered after the printed repairs: {verdict}");
+    assert!(api.writes().is_empty());
+}

@@ -1,0 +1,124 @@
+//! `cnitrace check`: everything wrong on this host's nodes without a pair — the node checks, and with
+//! the API what flanneld should have written from the Node objects and the ConfigMap — each finding
+//! with its catalog cause and, where the finding alone implies it, the command that repairs it.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+
+use crate::{
+    exit,
+    fix::node_checks::{self, NodeFinding},
+    k8s::{self, ClusterFacts, KubeArgs},
+    resolve::{self, HostResolver},
+    state,
+};
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Only this node: its Kubernetes name, or its network namespace's name.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+    /// One JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct NodeReport {
+    node: String,
+    netns: String,
+    findings: Vec<NodeFinding>,
+}
+
+#[derive(Serialize)]
+struct CheckReport {
+    nodes: Vec<NodeReport>,
+    /// The API asked, or why none was.
+    api: Option<String>,
+    no_api: Option<String>,
+    /// What the API did not say, each with its reason.
+    api_missing: Vec<String>,
+}
+
+pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
+    if !crate::sys::is_root() {
+        bail!("`cnitrace check` needs root (it reads every network namespace's routes, neighbours and rules)");
+    }
+    let (facts, no_api): (Option<ClusterFacts>, Option<String>) = match k8s::connect(kube) {
+        Ok(mut c) => {
+            let f = k8s::gather(&mut c, &[]);
+            if !f.missing.is_empty() {
+                eprintln!("cnitrace: from the Kubernetes API, not known: {}; the local checks go on", f.missing.join("; "));
+            }
+            (Some(f), None)
+        }
+        Err(e @ k8s::NoApi::BadConfig { .. }) => {
+            super::pair::note_no_api(&e);
+            (None, Some(e.to_string()))
+        }
+        Err(e) => {
+            if !args.json {
+                super::pair::note_no_api(&e);
+            }
+            (None, Some(e.to_string()))
+        }
+    };
+    let resolver = HostResolver::scan()?;
+    let names = facts.as_ref().map(|f| k8s::name_namespaces(f, &resolver)).unwrap_or_default();
+    // A node is a namespace pods hang off (the root one on a real node; one per node in the lab, kind, k3d).
+    let mut inodes: Vec<u32> = resolver.pods().iter().filter(|p| !p.host_addressed).map(|p| p.node.inode).collect();
+    inodes.sort();
+    inodes.dedup();
+    let mut report = CheckReport { nodes: Vec::new(), api: facts.as_ref().map(|f| f.server.clone()), no_api, api_missing: facts.as_ref().map(|f| f.missing.clone()).unwrap_or_default() };
+    for inode in inodes {
+        let Some(ns) = resolver.namespace(inode) else { continue };
+        let name = names.get(&inode).cloned().unwrap_or_else(|| resolve::display_ns(ns));
+        if args.node.as_ref().is_some_and(|want| *want != name && *want != ns.name) {
+            continue;
+        }
+        let st = state::snapshot(ns)?;
+        let mut findings = node_checks::check(&st, &name);
+        if let Some(f) = &facts {
+            findings.extend(node_checks::against_the_api(&st, &name, f));
+        }
+        report.nodes.push(NodeReport { node: name, netns: ns.name.clone(), findings });
+    }
+    if let Some(want) = &args.node {
+        if report.nodes.is_empty() {
+            bail!("no node {want:?} on this host (a node is a network namespace pods hang off)");
+        }
+    }
+    let found = report.nodes.iter().map(|n| n.findings.len()).sum::<usize>();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        render(&report, &mut std::io::stdout().lock())?;
+    }
+    Ok(if found == 0 { exit::OK } else { exit::DROPPED })
+}
+
+fn render(r: &CheckReport, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    if r.nodes.is_empty() {
+        writeln!(out, "no node with pods on this host")?;
+    }
+    for n in &r.nodes {
+        if n.findings.is_empty() {
+            writeln!(out, "{}: nothing wrong", n.node)?;
+            continue;
+        }
+        writeln!(out, "{}: {} finding{}", n.node, n.findings.len(), if n.findings.len() == 1 { "" } else { "s" })?;
+        for f in &n.findings {
+            writeln!(out, "  {:<22} {}", f.cause, f.what)?;
+            if let Some(cmd) = &f.fix {
+                writeln!(out, "  {:<22} fix: {cmd}", "")?;
+            }
+        }
+    }
+    match (&r.api, &r.no_api) {
+        (Some(server), _) => writeln!(out, "checked against the Kubernetes API at {server}")?,
+        (None, Some(why)) => writeln!(out, "local checks only: {why}")?,
+        _ => {}
+    }
+    Ok(())
+}
