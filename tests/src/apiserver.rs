@@ -100,6 +100,23 @@ impl Objects {
         )
     }
 
+    /// A pod that is not Ready: its container waiting for `waiting` (e.g. CrashLoopBackOff) after
+    /// `restarts` restarts, or running but failing its readiness probe (`waiting` None); `log` is what
+    /// its container wrote (served at .../log).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pod_not_ready(&mut self, namespace: &str, name: &str, node: &str, ip: Ipv4Addr, labels: Value, waiting: Option<&str>, restarts: u32, log: &str) -> &mut Self {
+        self.pod(namespace, name, node, ip, labels);
+        let pod = self.by_kind.get_mut("pods").and_then(|v| v.last_mut()).expect("the pod just added");
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False", "reason": "ContainersNotReady"}, {"type": "ContainersReady", "status": "False"}]);
+        let state = match waiting {
+            Some(reason) => json!({"waiting": {"reason": reason, "message": "back-off 5m0s restarting failed container"}}),
+            None => json!({"running": {"startedAt": "2026-11-29T10:00:05Z"}}),
+        };
+        pod["status"]["containerStatuses"] = json!([{"name": "main", "ready": false, "restartCount": restarts, "image": "registry.k8s.io/pause:3.10", "imageID": "", "state": state}]);
+        pod["x-log"] = Value::String(log.to_string());
+        self
+    }
+
     /// flannel's ConfigMap with this `net-conf.json`.
     pub fn flannel_config(&mut self, namespace: &str, net_conf: &str) -> &mut Self {
         self.add(

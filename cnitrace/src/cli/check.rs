@@ -45,12 +45,11 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
     if !crate::sys::is_root() {
         bail!("`cnitrace check` needs root (it reads every network namespace's routes, neighbours and rules)");
     }
+    let mut cluster = None;
     let (facts, no_api): (Option<ClusterFacts>, Option<String>) = match k8s::connect(kube) {
         Ok(mut c) => {
             let f = k8s::gather(&mut c, &[]);
-            if !f.missing.is_empty() {
-                eprintln!("cnitrace: from the Kubernetes API, not known: {}; the local checks go on", f.missing.join("; "));
-            }
+            cluster = Some(c);
             (Some(f), None)
         }
         Err(e @ k8s::NoApi::BadConfig { .. }) => {
@@ -82,12 +81,21 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
         if let Some(f) = &facts {
             findings.extend(node_checks::against_the_api(&st, &name, f));
         }
+        if let (Some(c), true) = (cluster.as_mut(), names.contains_key(&inode)) {
+            let (pods, missing) = node_checks::pods_not_ready(c, &name);
+            findings.extend(pods);
+            report.api_missing.extend(missing);
+        }
         report.nodes.push(NodeReport { node: name, netns: ns.name.clone(), findings });
     }
     if let Some(want) = &args.node {
         if report.nodes.is_empty() {
             bail!("no node {want:?} on this host (a node is a network namespace pods hang off)");
         }
+    }
+    report.api_missing.dedup();
+    if !report.api_missing.is_empty() {
+        eprintln!("cnitrace: from the Kubernetes API, not known: {}; the local checks go on", report.api_missing.join("; "));
     }
     let found = report.nodes.iter().map(|n| n.findings.len()).sum::<usize>();
     if args.json {
@@ -108,10 +116,14 @@ fn render(r: &CheckReport, out: &mut dyn std::io::Write) -> std::io::Result<()> 
             continue;
         }
         writeln!(out, "{}: {} finding{}", n.node, n.findings.len(), if n.findings.len() == 1 { "" } else { "s" })?;
+        let w = n.findings.iter().map(|f| f.cause.len()).max().unwrap_or(0);
         for f in &n.findings {
-            writeln!(out, "  {:<22} {}", f.cause, f.what)?;
+            writeln!(out, "  {:<w$}  {}", f.cause, f.what)?;
             if let Some(cmd) = &f.fix {
-                writeln!(out, "  {:<22} fix: {cmd}", "")?;
+                writeln!(out, "  {:<w$}  fix:   {cmd}", "")?;
+            }
+            if let Some(cmd) = &f.trace {
+                writeln!(out, "  {:<w$}  trace: {cmd}  (the kubelet's probe path)", "")?;
             }
         }
     }

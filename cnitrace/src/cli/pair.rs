@@ -43,6 +43,12 @@ pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
                 known.push(pod);
                 Ok(ip)
             }
+            Target::Node { name } => {
+                let c = cluster.as_mut().expect("connected when a name is given");
+                let nodes = c.nodes().map_err(|e| anyhow::anyhow!("cannot find node {name}: {e}"))?;
+                let node = nodes.iter().find(|n| n.name == *name).ok_or_else(|| anyhow::anyhow!("node {name} not found"))?;
+                node_address(node)
+            }
         }
     };
     let src_ip = ip_of(&s, &mut cluster)?;
@@ -60,6 +66,27 @@ pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
         f
     });
     Ok(Pair { src: src_ip, dst: dst_ip, cluster: facts })
+}
+
+/// The address a node talks to its pods from, on this host: its bridge's address in its pod network
+/// (the source the kernel picks for the kubelet's probes), else its InternalIP where this host holds it.
+fn node_address(node: &k8s::NodeFacts) -> Result<Ipv4Addr> {
+    let resolver = crate::resolve::HostResolver::scan()?;
+    let held = |want: &dyn Fn(&crate::state::Link, Ipv4Addr) -> bool| {
+        resolver.spaces().iter().find_map(|(_, st)| st.addrs.iter().find(|a| st.link(a.ifindex).is_some_and(|l| want(l, a.addr))).map(|a| a.addr))
+    };
+    if let Some(a) = held(&|l, a| l.kind == "bridge" && node.holds_pod_ip(a)) {
+        return Ok(a);
+    }
+    if let Some(a) = node.internal_ip.and_then(|ip| held(&|_, a| a == ip)) {
+        return Ok(a);
+    }
+    bail!(
+        "node {} is not this host: none of its addresses is here (pod network {}, InternalIP {}); run cnitrace on that node",
+        node.name,
+        node.pod_cidrs.join(", "),
+        node.internal_ip.map(|i| i.to_string()).unwrap_or_else(|| "unknown".into())
+    )
 }
 
 fn pod_ip(p: &PodFacts) -> Result<Ipv4Addr> {

@@ -23,12 +23,15 @@ pub struct NodeFinding {
     /// The command that repairs it, where one follows from the finding alone (`fix` plans from a trace).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+    /// The trace that says more (a pod failing its probes: the kubelet's path from the node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// The checks, on one node's state. `node` is its display name.
 pub fn check(node: &NsState, name: &str) -> Vec<NodeFinding> {
     let mut out = Vec::new();
-    let mut add = |cause: &'static str, what: String| out.push(NodeFinding { node: name.to_string(), cause, what, fix: None });
+    let mut add = |cause: &'static str, what: String| out.push(NodeFinding { node: name.to_string(), cause, what, fix: None, trace: None });
     let pod_veths = pod_veths(node);
     let bridge = pods_bridge(node, &pod_veths);
     if let Some(br) = bridge {
@@ -111,7 +114,7 @@ fn pods_bridge<'a>(node: &'a NsState, pod_veths: &[&Link]) -> Option<&'a Link> {
 pub fn against_the_api(node: &NsState, name: &str, facts: &ClusterFacts) -> Vec<NodeFinding> {
     let mut out = Vec::new();
     let mut add = |cause: &'static str, what: String, fix: Option<Action>| {
-        out.push(NodeFinding { node: name.to_string(), cause, what, fix: fix.map(|a| a.command()) })
+        out.push(NodeFinding { node: name.to_string(), cause, what, fix: fix.map(|a| a.command()), trace: None })
     };
     let me = facts.node(name);
     let target = Target::of(node);
@@ -168,6 +171,54 @@ pub fn against_the_api(node: &NsState, name: &str, facts: &ClusterFacts) -> Vec<
         }
     }
     out
+}
+
+/// What kube-proxy and flannel write as they die, and the catalog cause each line proves.
+const LOG_CAUSES: &[(&str, &str)] = &[
+    // iptables-nft reading rules another iptables (or nft itself) wrote in a form it cannot show.
+    ("is incompatible, use 'nft' tool", "iptables-backend-conflict"),
+    ("iptables-legacy tables present", "iptables-backend-conflict"),
+];
+
+/// The pods scheduled on `node` that are not Ready, from the API: each a `pod-not-ready` finding with
+/// its state; kube-proxy's and flannel's (found by their app label) with the last lines of the
+/// container that crashed, and a catalog cause where a line proves one. Reads only.
+pub fn pods_not_ready(cluster: &mut crate::k8s::Cluster, node: &str) -> (Vec<NodeFinding>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    let pods = match cluster.pods_on(node) {
+        Ok(p) => p,
+        Err(e) => return (out, vec![e.to_string()]),
+    };
+    for p in pods.iter().filter(|p| !p.ready && p.phase != "Succeeded") {
+        let mut f = NodeFinding { node: node.to_string(), cause: "pod-not-ready", what: format!("{}: {}", p.full_name(), p.state()), fix: None, trace: None };
+        let system = matches!(p.app.as_deref(), Some("kube-proxy") | Some("flannel"));
+        if system {
+            for c in &p.containers {
+                let log = match cluster.logs(&p.namespace, &p.name, c, p.restarts > 0, 50) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        missing.push(e.to_string());
+                        continue;
+                    }
+                };
+                let hit = log.lines().rev().find_map(|l| LOG_CAUSES.iter().find(|(needle, _)| l.contains(needle)).map(|(_, cause)| (l, *cause)));
+                if let Some((line, cause)) = hit {
+                    f.cause = cause;
+                    f.what = format!("{}: {}; its log: {}", p.full_name(), p.state(), line.trim());
+                    break;
+                }
+                if let Some(last) = log.lines().rev().find(|l| !l.trim().is_empty()) {
+                    f.what = format!("{}: {}; last log line: {}", p.full_name(), p.state(), last.trim());
+                }
+            }
+        } else if p.ip.is_some() {
+            // The kubelet probes from the node: that path, traced, says where a probe dies.
+            f.trace = Some(format!("cnitrace follow node/{node} {}", p.full_name()));
+        }
+        out.push(f);
+    }
+    (out, missing)
 }
 
 /// The veths of a node's pods: no address here, the peer in another namespace (an uplink carries one).

@@ -25,6 +25,15 @@ pub struct PodFacts {
     /// `app.kubernetes.io/name` / `app` / `k8s-app` label: flannel's and kube-proxy's pods are found by it.
     #[serde(default)]
     pub app: Option<String>,
+    /// Why a container waits (`CrashLoopBackOff`, `ImagePullBackOff`...), the first that does.
+    #[serde(default)]
+    pub waiting: Option<String>,
+    /// Restarts of all its containers together.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Its containers' names (logs are read per container).
+    #[serde(default)]
+    pub containers: Vec<String>,
 }
 
 impl PodFacts {
@@ -43,7 +52,19 @@ impl PodFacts {
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             app: labels.and_then(|l| ["app.kubernetes.io/name", "app", "k8s-app"].iter().find_map(|k| l.get(*k).cloned())),
+            waiting: status
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|cs| cs.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())),
+            restarts: status.and_then(|s| s.container_statuses.as_ref()).map(|cs| cs.iter().map(|c| c.restart_count.max(0) as u32).sum()).unwrap_or(0),
+            containers: spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default(),
         }
+    }
+
+    /// Its state in the words `kubectl get pods` uses: the waiting reason, else the phase, and Ready or not.
+    pub fn state(&self) -> String {
+        let what = self.waiting.clone().unwrap_or_else(|| self.phase.clone());
+        let restarts = if self.restarts > 0 { format!(", {} restarts", self.restarts) } else { String::new() };
+        format!("{what}{}{restarts}", if self.ready { ", Ready" } else { ", not Ready" })
     }
 
     /// `namespace/name`, as kubectl and every output of cnitrace name a pod.

@@ -218,6 +218,15 @@ impl Cluster {
         Ok(list.items.iter().map(PodFacts::of).collect())
     }
 
+    /// The last `lines` lines of a container's log; `previous`: of the container that ran before (the
+    /// one that crashed, for a pod in CrashLoopBackOff).
+    pub fn logs(&mut self, namespace: &str, pod: &str, container: &str, previous: bool, lines: i64) -> Result<String, ApiError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let lp = kube::api::LogParams { container: Some(container.to_string()), previous, tail_lines: Some(lines), ..Default::default() };
+        let (pod, what) = (pod.to_string(), format!("log of {namespace}/{pod} ({container})"));
+        self.call(&what, async move { api.logs(&pod, &lp).await })
+    }
+
     pub fn nodes(&mut self) -> Result<Vec<NodeFacts>, ApiError> {
         let api: Api<Node> = Api::all(self.client.clone());
         let list = self.call("list nodes", async move { api.list(&ListParams::default()).await })?;

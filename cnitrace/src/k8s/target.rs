@@ -9,6 +9,9 @@ pub enum Target {
     Ip(Ipv4Addr),
     /// A pod by name; `namespace` None means the `-n` namespace, else the context's, else `default`.
     Pod { namespace: Option<String>, name: String },
+    /// A node by its Kubernetes name (`node/NAME`): the address it talks to its pods from, as the
+    /// kubelet's probes do.
+    Node { name: String },
 }
 
 impl Target {
@@ -26,6 +29,14 @@ impl Target {
             bail!("{what} {s:?} is a network, not an address: give one pod address or a pod's name");
         }
         let is_pod_kind = |k: &str| matches!(k, "pod" | "pods" | "po");
+        if let [kind, name] = parts.as_slice() {
+            if matches!(*kind, "node" | "nodes" | "no") {
+                if !dns_subdomain(name) {
+                    bail!("{what} {s:?}: {name:?} is not a valid node name");
+                }
+                return Ok(Target::Node { name: name.to_string() });
+            }
+        }
         let is_svc_kind = |k: &str| matches!(k, "svc" | "service" | "services");
         let (namespace, name) = match parts.as_slice() {
             [name] => (None, *name),
@@ -47,7 +58,7 @@ impl Target {
     }
 
     pub fn is_name(&self) -> bool {
-        matches!(self, Target::Pod { .. })
+        !matches!(self, Target::Ip(_))
     }
 }
 
@@ -57,6 +68,7 @@ impl std::fmt::Display for Target {
             Target::Ip(ip) => write!(f, "{ip}"),
             Target::Pod { namespace: Some(ns), name } => write!(f, "{ns}/{name}"),
             Target::Pod { namespace: None, name } => write!(f, "{name}"),
+            Target::Node { name } => write!(f, "node/{name}"),
         }
     }
 }
@@ -90,6 +102,7 @@ mod tests {
         assert_eq!(Target::parse("media/jellyfin", "destination").unwrap(), pod(Some("media"), "jellyfin"));
         assert_eq!(Target::parse("pod/debug", "source").unwrap(), pod(None, "debug"));
         assert_eq!(Target::parse("media/pod/jellyfin-7d9f8-x2x.v1", "d").unwrap(), pod(Some("media"), "jellyfin-7d9f8-x2x.v1"));
+        assert_eq!(Target::parse("node/gpu-worker-7", "source").unwrap(), Target::Node { name: "gpu-worker-7".into() });
     }
 
     #[test]

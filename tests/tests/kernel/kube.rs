@@ -119,6 +119,20 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
         o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
     }
     o.flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+    let underlay0 = topology::NODES[0].underlay;
+    o.pod_not_ready(
+        "kube-system",
+        "kube-proxy-7xq2m",
+        "rack4-node",
+        underlay0,
+        json!({"k8s-app": "kube-proxy"}),
+        Some("CrashLoopBackOff"),
+        12,
+        "I1130 10:00:01.000000 1 server.go:691] \"Version info\" version=\"v1.32.4\"\nE1130 10:00:02.000000 1 proxier.go:1540] \"Failed to execute iptables-restore\" err=<\n\texit status 1: iptables-restore v1.8.9 (nf_tables): chain `KUBE-SEP-4XJ2QG' in table `nat' is incompatible, use 'nft' tool.\n>\n",
+    );
+    // Hostnetwork pods have the node's address; kube-proxy is one.
+    o.by_kind.get_mut("pods").unwrap().last_mut().unwrap()["spec"]["hostNetwork"] = json!(true);
+    o.pod_not_ready("media", "jellyfin-6c9f7-qx2lp", "rack4-node", topology::pod("jellyfin").expect("lab pod").ip, json!({"app": "jellyfin"}), None, 0, "");
     let api = FakeApi::start(o, Behaviour::Normal);
     let k = api.kubeconfig(&scratch("check"), None);
     let k = k.to_str().expect("utf-8 path");
@@ -131,10 +145,26 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
         v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).unwrap_or_else(|| panic!("{node} in {v}"))["findings"].as_array().unwrap().clone()
     };
 
+    // The network is healthy; two pods of rack4-node are not Ready: kube-proxy crashing on the iptables
+    // backends' split (its log says so), jellyfin failing its probe (the path to trace is named).
     let (code, v) = check(&["--kubeconfig", k]);
-    assert_eq!(code, Some(0), "a healthy lab: {v}");
-    assert_eq!(findings(&v, "rack4-node"), Vec::<Value>::new());
+    assert_eq!(code, Some(1), "{v}");
+    let f = findings(&v, "rack4-node");
+    assert_eq!(f.len(), 2, "{f:#?}");
+    let proxy = f.iter().find(|f| f["what"].as_str().unwrap().starts_with("kube-system/kube-proxy-7xq2m")).expect("kube-proxy");
+    assert_eq!(proxy["cause"], "iptables-backend-conflict", "{proxy}");
+    let what = proxy["what"].as_str().unwrap();
+    assert!(what.contains("CrashLoopBackOff, not Ready, 12 restarts") && what.contains("chain `KUBE-SEP-4XJ2QG' in table `nat' is incompatible"), "{what}");
+    assert!(api.seen().iter().any(|s| s.path == "/api/v1/namespaces/kube-system/pods/kube-proxy-7xq2m/log" && s.query.contains("previous=true")), "the crashed container's log");
+    let jelly = f.iter().find(|f| f["cause"] == "pod-not-ready").expect("jellyfin");
+    let probe = jelly["trace"].as_str().expect("the probe path to follow");
+    assert!(probe.starts_with("cnitrace follow node/rack4-node media/jellyfin-6c9f7-qx2lp"), "{probe}");
     assert_eq!(findings(&v, "rack5-node"), Vec::<Value>::new());
+    // The probe path, as check names it: from the node's own address on its bridge to the pod.
+    let (code, ev, verdict) = follow_events("node/rack4-node", "media/jellyfin-6c9f7-qx2lp", &["--kubeconfig", k]);
+    assert_eq!(code, 0, "{verdict}");
+    assert_eq!(verdict["src"]["Local"]["ip"], topology::NODES[0].gateway().to_string(), "{verdict}");
+    assert!(places(&ev, &verdict).contains(&"rack4-node".to_string()));
 
     // flanneld's route and FDB entry for the other node, gone from node 0.
     let node0 = lab.lab.node_ns(0);
@@ -147,9 +177,10 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
 
     let (code, v) = check(&["--kubeconfig", k, "--node", "rack4-node"]);
     assert_eq!(code, Some(1), "{v}");
-    let f = findings(&v, "rack4-node");
+    let pods_findings = |f: &Value| f["what"].as_str().unwrap().starts_with("kube-system/") || f["what"].as_str().unwrap().starts_with("media/");
+    let f: Vec<Value> = findings(&v, "rack4-node").into_iter().filter(|f| !pods_findings(f)).collect();
     let causes: Vec<&str> = f.iter().map(|f| f["cause"].as_str().unwrap()).collect();
-    assert!(causes.contains(&"route-missing") && causes.contains(&"vxlan-fdb-missing"), "{f:#?}");
+    assert_eq!(causes, ["route-missing", "vxlan-fdb-missing"], "{f:#?}");
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1, "--node: one node");
     let route = f.iter().find(|f| f["cause"] == "route-missing").unwrap();
     assert!(route["what"].as_str().unwrap().contains("10.244.1.0/24 (Node rack5-node)"), "{route}");
@@ -161,14 +192,19 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
     assert_eq!(findings(&local, "storagenodet3500"), Vec::<Value>::new(), "{local}");
     assert!(local["no_api"].as_str().unwrap_or("").contains("/nonexistent/kubeconfig"), "{local}");
 
+    let text = String::from_utf8_lossy(&cnitrace(&["check", "--kubeconfig", k]).stdout).into_owned();
+    println!("{text}");
+    assert!(text.contains("rack4-node: 4 findings") && text.contains("fix:   ip -n ") && text.contains("checked against the Kubernetes API at"), "{text}");
+
     // The printed repairs, run as printed.
     for f in &f {
         let cmd = f["fix"].as_str().unwrap_or_else(|| panic!("a command for {f}"));
         let st = cnitrace_tools::SH.command().args(["-c", cmd]).status().unwrap();
         assert!(st.success(), "{cmd}");
     }
-    let (code, v) = check(&["--kubeconfig", k]);
-    assert_eq!(code, Some(0), "whole again: {v}");
+    let (_, v) = check(&["--kubeconfig", k]);
+    let left: Vec<Value> = findings(&v, "rack4-node").into_iter().filter(|f| !pods_findings(f)).collect();
+    assert!(left.is_empty(), "whole again: {left:#?}");
     let (code, verdict) = cnitrace_tests::follow(&cnitrace_tests::pod_ip("debug"), &cnitrace_tests::pod_ip("web"), &[]);
     assert_eq!(code, 0, "cross-node delivered after the printed repairs: {verdict}");
     assert!(api.writes().is_empty());
