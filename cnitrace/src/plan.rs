@@ -92,6 +92,12 @@ pub enum Action {
     Iptables { ns: Target, backend: String, table: String, lines: Vec<String> },
     /// An `nft -f` transaction, e.g. "delete rule inet hardening forward handle 4".
     Nft { ns: Target, script: String },
+    /// Through the Kubernetes API: delete a DaemonSet's pod on `node` and wait for its replacement to
+    /// be Ready (restarting flannel on one node: flanneld rewrites what it owns from its configuration).
+    /// `ns` is the node whose state it is meant to repair.
+    RestartPod { ns: Target, namespace: String, pod: String, node: String, app: String },
+    /// The undo of what cannot be undone: says so, changes nothing.
+    NoUndo { ns: Target, what: String },
 }
 
 impl Action {
@@ -113,7 +119,9 @@ impl Action {
             | Action::FdbDel { ns, .. }
             | Action::Sysctl { ns, .. }
             | Action::Iptables { ns, .. }
-            | Action::Nft { ns, .. } => ns,
+            | Action::Nft { ns, .. }
+            | Action::RestartPod { ns, .. }
+            | Action::NoUndo { ns, .. } => ns,
         }
     }
 
@@ -169,6 +177,10 @@ impl Action {
                 .collect::<Vec<_>>()
                 .join("\n"),
             Action::Nft { ns, script } => format!("{} '{}'", ns.exec_prefix("nft"), script.trim()),
+            Action::RestartPod { namespace, pod, node, .. } => {
+                format!("kubectl -n {namespace} delete pod {pod}  # and wait for its DaemonSet's new pod on {node} to be Ready")
+            }
+            Action::NoUndo { what, .. } => format!("# nothing to undo: {what}"),
         }
     }
 }

@@ -117,6 +117,20 @@ impl Objects {
         self
     }
 
+    /// flannel's pod on `node`, as its DaemonSet (`kube-flannel/kube-flannel-ds`) makes it: host network,
+    /// labels app=flannel, owned by the DaemonSet (deleting it makes the server start a replacement).
+    pub fn flannel_pod(&mut self, node: &str, node_ip: Ipv4Addr) -> &mut Self {
+        let name = format!("kube-flannel-ds-{}", &uid(node)[..5]);
+        self.pod("kube-flannel", &name, node, node_ip, json!({"app": "flannel", "k8s-app": "flannel", "tier": "node"}));
+        let pod = self.by_kind.get_mut("pods").and_then(|v| v.last_mut()).expect("the pod just added");
+        pod["spec"]["hostNetwork"] = json!(true);
+        pod["metadata"]["generateName"] = json!("kube-flannel-ds-");
+        pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "kube-flannel-ds", "uid": uid("kube-flannel-ds"), "controller": true, "blockOwnerDeletion": true}]);
+        pod["spec"]["containers"] = json!([{"name": "kube-flannel", "image": "ghcr.io/flannel-io/flannel:v0.26.4"}]);
+        pod["status"]["containerStatuses"][0]["name"] = json!("kube-flannel");
+        self
+    }
+
     /// flannel's ConfigMap with this `net-conf.json`.
     pub fn flannel_config(&mut self, namespace: &str, net_conf: &str) -> &mut Self {
         self.add(
@@ -137,10 +151,16 @@ fn uid(seed: &str) -> String {
     format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", h >> 32, (h >> 16) & 0xffff, h & 0xfff, (h >> 20) & 0xfff, h & 0xffffffffffff)
 }
 
+/// Called (off the server's thread) when a DaemonSet's pod is deleted, before its replacement is
+/// Ready: what the restarted program would do on its node (a test's stand-in for flanneld).
+pub type OnRestart = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 struct State {
     objects: Objects,
     behaviour: Behaviour,
     seen: Vec<Seen>,
+    on_restart: Option<OnRestart>,
+    replacements: u32,
 }
 
 /// The running server; stops when dropped.
@@ -153,7 +173,12 @@ pub struct FakeApi {
 
 impl FakeApi {
     pub fn start(objects: Objects, behaviour: Behaviour) -> FakeApi {
-        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new() }));
+        Self::start_with(objects, behaviour, None)
+    }
+
+    /// `start`, with what happens on a node when one of its DaemonSet pods is restarted (pod name, node).
+    pub fn start_with(objects: Objects, behaviour: Behaviour, on_restart: Option<OnRestart>) -> FakeApi {
+        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new(), on_restart, replacements: 0 }));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local address");
@@ -260,12 +285,52 @@ async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>)
         let what = path.trim_start_matches("/api/v1/").to_string();
         return Ok(status(403, "Forbidden", format!("{what} is forbidden: User \"system:serviceaccount:default:tester\" cannot get resource \"{what}\" at the cluster scope")));
     }
+    if method == "DELETE" {
+        return Ok(delete(st, &path).await);
+    }
     if method != "GET" {
         return Ok(status(405, "MethodNotAllowed", format!("{method} is not served by this test server")));
     }
     let params = parse_query(&query);
     let s = st.lock().expect("state");
     Ok(resource(&s.objects, &path, &params))
+}
+
+/// DELETE of a pod: gone at once; a DaemonSet's pod gets a replacement on the same node, Ready after
+/// the test's stand-in for the restarted program has run (as a DaemonSet controller and the kubelet).
+async fn delete(st: Arc<Mutex<State>>, path: &str) -> Reply {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let ["api", "v1", "namespaces", ns, "pods", name] = parts.as_slice() else {
+        return status(405, "MethodNotAllowed", format!("DELETE {path} is not served by this test server"));
+    };
+    let (gone, hook) = {
+        let mut s = st.lock().expect("state");
+        let pods = s.objects.by_kind.entry("pods").or_default();
+        let Some(i) = pods.iter().position(|p| p["metadata"]["namespace"] == *ns && p["metadata"]["name"] == *name) else {
+            return status(404, "NotFound", format!("pods \"{name}\" not found"));
+        };
+        (pods.remove(i), s.on_restart.clone())
+    };
+    let owned = gone["metadata"]["ownerReferences"].as_array().is_some_and(|o| o.iter().any(|r| r["kind"] == "DaemonSet"));
+    if owned {
+        let (st2, gone2) = (st.clone(), gone.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let node = gone2["spec"]["nodeName"].as_str().unwrap_or("").to_string();
+            let old = gone2["metadata"]["name"].as_str().unwrap_or("").to_string();
+            if let Some(h) = hook {
+                let _ = tokio::task::spawn_blocking(move || h(&old, &node)).await;
+            }
+            let mut s = st2.lock().expect("state");
+            s.replacements += 1;
+            let mut new = gone2.clone();
+            let base = gone2["metadata"]["generateName"].as_str().unwrap_or("replaced-").to_string();
+            new["metadata"]["name"] = json!(format!("{base}r{:04}", s.replacements));
+            new["metadata"]["uid"] = json!(uid(&format!("{base}{}", s.replacements)));
+            s.objects.by_kind.entry("pods").or_default().push(new);
+        });
+    }
+    reply(StatusCode::OK, gone)
 }
 
 fn parse_query(q: &str) -> BTreeMap<String, String> {

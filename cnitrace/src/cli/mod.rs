@@ -81,6 +81,7 @@ pub fn main() -> ExitCode {
             return exit::code(code);
         }
     };
+    crate::k8s::configure(&cli.kube);
     let result = match cli.command {
         Command::Follow(args) => follow::run(args, &cli.kube),
         Command::Fix(args) => fix::run(args, &cli.kube),

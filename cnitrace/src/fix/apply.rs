@@ -21,6 +21,16 @@ use crate::{netns, plan::Action, sys};
 impl Action {
     /// Applies the action inside its namespace.
     pub fn apply(&self) -> Result<()> {
+        // The API's, not a namespace's.
+        match self {
+            Action::NoUndo { .. } => return Ok(()),
+            Action::RestartPod { namespace, pod, node, app, .. } => {
+                let mut c = crate::k8s::connect_configured().map_err(|e| anyhow!("restart {namespace}/{pod}: {e}"))?;
+                c.restart_pod(namespace, pod, node, app)?;
+                return Ok(());
+            }
+            _ => {}
+        }
         let path = self.target().path.clone();
         if path.as_os_str().is_empty() {
             bail!("no namespace path recorded for {}", self.target().netns);
@@ -152,7 +162,9 @@ impl Action {
                 m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
                 Ok(h.neighbours().del(m).execute().await?)
             }
-            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } => unreachable!("not netlink"),
+            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } | Action::RestartPod { .. } | Action::NoUndo { .. } => {
+                unreachable!("not netlink")
+            }
         }
     }
 }

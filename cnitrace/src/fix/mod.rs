@@ -101,7 +101,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         report_node_checks(&report, out)?;
     }
     if report.verdict.verdict == Verdict::Delivered {
-        writeln!(out, "{src} → {dst}: delivered; nothing to fix")?;
+        writeln!(out, "{}: delivered; nothing to fix", pair_label(&report))?;
         return Ok(crate::exit::OK);
     }
     crate::render::verdict(&report.verdict, out)?;
@@ -188,7 +188,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             j.outcome = Outcome::Fixed;
             j.note = format!("fixed: {}", seen_causes.join(", "));
             j.sync()?;
-            writeln!(out, "\nverified: {src} → {dst} is delivered now (fix {}; undo with `cnitrace fix --rollback {}`)", j.id, j.id)?;
+            writeln!(out, "\nverified: {} is delivered now (fix {}; undo with `cnitrace fix --rollback {}`)", pair_label(&report), j.id, j.id)?;
             return Ok(crate::exit::OK);
         }
         if late {
@@ -294,6 +294,16 @@ fn settle_neighbours(report: &Report) {
 }
 
 /// Node checks on the nodes of the pair (without a pair, `fix --auto` looks at the whole node too).
+/// `src → dst`, each by its pod name where there is one (`default/debug (10.244.0.20)`).
+fn pair_label(r: &Report) -> String {
+    let one = |name: &str, ip: Option<Ipv4Addr>| match ip {
+        Some(ip) if name != ip.to_string() && !name.is_empty() => format!("{name} ({ip})"),
+        Some(ip) => ip.to_string(),
+        None => name.to_string(),
+    };
+    format!("{} → {}", one(&r.states.src_name, r.states.src_ip), one(&r.states.dst_name, r.states.dst_ip))
+}
+
 fn report_node_checks(report: &Report, out: &mut dyn Write) -> Result<()> {
     let ctx = Ctx { trace: &report.trace, probe: &report.probe, states: &report.states };
     let mut any = false;

@@ -200,6 +200,11 @@ impl ClusterFacts {
         self.nodes.iter().find(|n| n.holds_pod_ip(ip))
     }
 
+    /// flannel's pod on a node (its DaemonSet's), Running.
+    pub fn flannel_pod_on(&self, node: &str) -> Option<&PodFacts> {
+        self.pods.iter().find(|p| p.app.as_deref() == Some("flannel") && p.node.as_deref() == Some(node) && p.phase == "Running")
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeFacts> {
         self.nodes.iter().find(|n| n.name == name)
     }

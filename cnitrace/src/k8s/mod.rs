@@ -91,6 +91,23 @@ pub struct Cluster {
     down: Option<NoApi>,
 }
 
+/// How this process reaches the API, set once by the CLI: a repair that acts through the API (a pod
+/// restarted), applied or undone deep in `fix`, connects the same way the command did.
+static CONFIGURED: std::sync::OnceLock<KubeArgs> = std::sync::OnceLock::new();
+
+pub fn configure(args: &KubeArgs) {
+    let _ = CONFIGURED.set(args.clone());
+}
+
+/// [`connect`] with the command's own options.
+pub fn connect_configured() -> Result<Cluster, NoApi> {
+    connect(CONFIGURED.get().unwrap_or(&KubeArgs::default()))
+}
+
+/// How long a restarted DaemonSet pod may take to be replaced and Ready (flanneld starts in seconds;
+/// an image pull can take longer).
+pub const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Reads the configuration (no request yet). `Err(NotConfigured)` when there is none at all.
 pub fn connect(args: &KubeArgs) -> Result<Cluster, NoApi> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| NoApi::Unreachable { server: "-".into(), detail: e.to_string() })?;
@@ -201,6 +218,38 @@ impl Cluster {
         Ok(PodFacts::of(&pod))
     }
 
+    /// Deletes a DaemonSet's pod on `node` and waits for its replacement there to be Ready (what
+    /// restarting flannel on one node is). Returns the new pod's name. No undo: the old pod is gone.
+    pub fn restart_pod(&mut self, namespace: &str, name: &str, node: &str, app: &str) -> anyhow::Result<String> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let n = name.to_string();
+        self.write(&format!("delete pod {namespace}/{name}"), Duration::from_secs(10), async move { api.delete(&n, &Default::default()).await.map(|_| ()) })?;
+        let t0 = Instant::now();
+        loop {
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+            let pods = self.write("list the replacement", Duration::from_secs(10), async move { api.list(&lp).await })?;
+            let new = pods.items.iter().map(PodFacts::of).find(|p| p.name != name && p.app.as_deref() == Some(app) && p.ready);
+            if let Some(p) = new {
+                return Ok(p.name);
+            }
+            if t0.elapsed() > RESTART_TIMEOUT {
+                anyhow::bail!("no Ready replacement for {namespace}/{name} on {node} within {} s", RESTART_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// A request of a repair: its own timeout, not the diagnosis' budget.
+    fn write<T>(&mut self, what: &str, timeout: Duration, fut: impl std::future::Future<Output = Result<T, kube::Error>>) -> anyhow::Result<T> {
+        match self.rt.block_on(async { tokio::time::timeout(timeout, fut).await }) {
+            Err(_) => anyhow::bail!("{what}: the API at {} did not answer within {} s", self.server, timeout.as_secs()),
+            Ok(Err(kube::Error::Api(s))) => anyhow::bail!("{what}: the API answered {} {}", s.code, s.message),
+            Ok(Err(e)) => anyhow::bail!("{what}: {}", kubeconfig_detail(&e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
     /// The pods with this address (a pod IP, or every host-network pod of a node for a node address).
     pub fn pods_with_ip(&mut self, ip: Ipv4Addr) -> Result<Vec<PodFacts>, ApiError> {
         self.list_pods(&format!("status.podIP={ip}"), &format!("pods with IP {ip}"))
@@ -258,6 +307,16 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
     for ip in pair {
         match cluster.pods_with_ip(*ip) {
             Ok(p) => f.pods.extend(p.into_iter().filter(|p| !f.pods.iter().any(|q| q.namespace == p.namespace && q.name == p.name)).collect::<Vec<_>>()),
+            Err(e) => f.missing.push(e.to_string()),
+        }
+    }
+    // flannel's own pods on the pair's nodes: a repair that restarts flannel needs to know them.
+    let mut nodes: Vec<String> = f.pods.iter().filter_map(|p| p.node.clone()).collect();
+    nodes.sort();
+    nodes.dedup();
+    for node in nodes {
+        match cluster.pods_on(&node) {
+            Ok(p) => f.pods.extend(p.into_iter().filter(|p| p.app.as_deref() == Some("flannel"))),
             Err(e) => f.missing.push(e.to_string()),
         }
     }

@@ -209,3 +209,62 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
     assert_eq!(code, 0, "cross-node delivered after the printed repairs: {verdict}");
     assert!(api.writes().is_empty());
 }
+
+/// vxlan-config-mismatch with flannel's ConfigMap: the node that differs is the one repaired, the way
+/// flannel repairs it — its flannel pod restarted through the API (DELETE, then its DaemonSet's new pod
+/// Ready). The test's stand-in for flanneld recreates the VXLAN device from the ConfigMap when its pod
+/// restarts. A dry run writes nothing to the API; `--auto` sends exactly one DELETE, of the right pod,
+/// and verifies; the rollback says the restart has no undo.
+#[test]
+fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs() {
+    if !can_run_kernel_tests("a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs") {
+        return;
+    }
+    let _lab = LabGuard::up(&["vxlan-vni-mismatch"]);
+    let mut o = Objects::default();
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
+        o.flannel_pod(&format!("rack{}-node", i + 4), n.underlay);
+    }
+    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
+    o.pod("default", "debug-shell", "rack4-node", pod("debug"), json!({"run": "debug-shell"}))
+        .pod("shop", "web-0", "rack5-node", pod("web"), json!({"app": "web"}))
+        .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+    let flannel_on_5 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == "rack5-node" && p["metadata"]["namespace"] == "kube-flannel").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // flanneld on rack5-node, restarted: recreates flannel.1 from the ConfigMap (VNI 1, port 8472).
+    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
+        if node == "rack5-node" {
+            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
+            lab.rebuild_vxlan(1, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1");
+        }
+    });
+    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
+    let k = api.kubeconfig(&scratch("restart"), None);
+    let k = k.to_str().expect("utf-8 path");
+
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("vxlan-config-mismatch")), "{v}");
+    assert!(v["facts"].to_string().contains("kube-flannel/kube-flannel-cfg says VNI 1 port 8472: rack5-node is the node that differs"), "{v}");
+
+    // Dry run (no terminal, no --auto): the plan, and nothing written.
+    let dry = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains(&format!("kubectl -n kube-flannel delete pod {flannel_on_5}")), "{text}");
+    assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
+
+    let out = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--auto", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("verified"), "{text}");
+    println!("{text}");
+    let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
+    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/kube-flannel/pods/{flannel_on_5}")]);
+
+    let rb = cnitrace(&["fix", "--rollback", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&rb.stdout);
+    assert!(text.contains("nothing to undo"), "{text}");
+    assert_eq!(api.writes().len(), 1, "a rollback of a restart asks the API nothing");
+}
