@@ -88,6 +88,13 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
         }
         report.nodes.push(NodeReport { node: name, netns: ns.name.clone(), findings });
     }
+    // The cluster's own findings, once, with the host's nodes (not with --node: they are no node's).
+    if let (Some(f), None) = (&facts, &args.node) {
+        let cluster = node_checks::cluster_findings(f);
+        if !cluster.is_empty() {
+            report.nodes.push(NodeReport { node: "cluster".into(), netns: String::new(), findings: cluster });
+        }
+    }
     if let Some(want) = &args.node {
         if report.nodes.is_empty() {
             bail!("no node {want:?} on this host (a node is a network namespace pods hang off)");

@@ -43,6 +43,9 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if let Some(id) = &args.rollback {
         return fix::rollback(&state_dir, (!id.is_empty()).then_some(id.as_str()), &mut out);
     }
+    if !crate::sys::is_root() {
+        bail!("`cnitrace fix` needs root");
+    }
     let (pair, cluster) = match (&args.src, &args.dst) {
         (Some(s), Some(d)) => {
             let p = super::pair::resolve(s, d, kube)?;

@@ -84,8 +84,11 @@ impl FollowArgs {
 }
 
 pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
-    // Options first: a usage error must not wait for the API.
+    // Options and root first: neither waits for the API.
     args.request(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, None)?;
+    if !crate::sys::is_root() {
+        return Err(follow::FollowError::NotRoot.into());
+    }
     let pair = super::pair::resolve(&args.src, &args.dst, kube)?;
     let req = args.request(pair.src, pair.dst, pair.cluster)?;
     let report = follow::run(&req)?;

@@ -96,10 +96,13 @@ fn pod_ip(p: &PodFacts) -> Result<Ipv4Addr> {
     }
 }
 
-/// The one line a command says when there is no API to ask.
+/// The one line a command says when there is no API to ask. None configured at all is the normal state
+/// of a node without a kubeconfig (and of the lab): said to a person at a terminal, not to every script.
 pub fn note_no_api(e: &NoApi) {
+    use std::io::IsTerminal;
     match e {
-        NoApi::NotConfigured => eprintln!("cnitrace: {e}: pods are named by their network namespaces"),
+        NoApi::NotConfigured if std::io::stderr().is_terminal() => eprintln!("cnitrace: {e}: pods are named by their network namespaces"),
+        NoApi::NotConfigured => {}
         _ => eprintln!("cnitrace: {e}; pods are named by their network namespaces, the local diagnosis goes on"),
     }
 }

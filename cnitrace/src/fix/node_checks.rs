@@ -173,6 +173,52 @@ pub fn against_the_api(node: &NsState, name: &str, facts: &ClusterFacts) -> Vec<
     out
 }
 
+/// What Windows nodes need of flannel's VXLAN backend: VNI 4096 and UDP port 4789 (flannel's Windows
+/// support, the `host-gw`-less overlay of `win-overlay`).
+pub const WINDOWS_VNI: u32 = 4096;
+pub const WINDOWS_PORT: u16 = 4789;
+
+/// The cluster's findings (not one node's): Windows nodes present and a flannel backend they cannot join,
+/// with the ConfigMap patch and the DaemonSet restart that the incident's `fix_flannel_mixed_os.sh` did.
+pub fn cluster_findings(facts: &ClusterFacts) -> Vec<NodeFinding> {
+    let mut out = Vec::new();
+    let windows: Vec<&str> = facts.nodes.iter().filter(|n| n.os.as_deref() == Some("windows")).map(|n| n.name.as_str()).collect();
+    let Some(conf) = facts.flannel.as_ref() else { return out };
+    if windows.is_empty() {
+        return out;
+    }
+    let vxlan = conf.backend_type.as_deref().is_some_and(|t| t.eq_ignore_ascii_case("vxlan"));
+    if vxlan && conf.vni == WINDOWS_VNI && conf.port == WINDOWS_PORT {
+        return out;
+    }
+    let have = format!("{} VNI {} port {}", conf.backend_type.as_deref().unwrap_or("no backend"), conf.vni, conf.port);
+    let patched = patched_net_conf(&conf.raw);
+    let (ns, name) = conf.source.split_once('/').unwrap_or(("kube-flannel", "kube-flannel-cfg"));
+    out.push(NodeFinding {
+        node: "cluster".into(),
+        cause: "flannel-backend-windows",
+        what: format!("Windows node{} {} cannot join flannel's {have} (they need vxlan VNI {WINDOWS_VNI} port {WINDOWS_PORT}); {} says so", if windows.len() == 1 { "" } else { "s" }, windows.join(", "), conf.source),
+        fix: patched.map(|p| {
+            format!(
+                "kubectl -n {ns} patch configmap {name} --type merge -p '{}' && kubectl -n {ns} rollout restart daemonset kube-flannel-ds",
+                serde_json::json!({"data": {"net-conf.json": p}})
+            )
+        }),
+        trace: None,
+    });
+    out
+}
+
+/// `net-conf.json` with the Backend made Windows-compatible and everything else as written.
+pub fn patched_net_conf(raw: &str) -> Option<String> {
+    let mut v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let backend = v.get_mut("Backend")?.as_object_mut()?;
+    backend.insert("Type".into(), "vxlan".into());
+    backend.insert("VNI".into(), WINDOWS_VNI.into());
+    backend.insert("Port".into(), WINDOWS_PORT.into());
+    serde_json::to_string_pretty(&v).ok()
+}
+
 /// What kube-proxy and flannel write as they die, and the catalog cause each line proves.
 const LOG_CAUSES: &[(&str, &str)] = &[
     // iptables-nft reading rules another iptables (or nft itself) wrote in a form it cannot show.
@@ -273,5 +319,27 @@ mod tests {
         n.links.push(Link { ifindex: 9, name: "flannel.4096".into(), kind: "vxlan".into(), admin_up: false, ..Default::default() });
         n.addrs.push(Addr { ifindex: 9, addr: "172.20.3.0".parse().unwrap(), prefix: 32, broadcast: None });
         assert!(check(&n, "node").iter().any(|f| f.cause == "vxlan-down" && f.what == "flannel.4096 is down"));
+    }
+
+    #[test]
+    fn windows_nodes_need_vxlan_4096_on_4789_and_the_patch_keeps_the_rest() {
+        let node = |name: &str, os: &str| crate::k8s::NodeFacts { name: name.into(), os: Some(os.into()), ..Default::default() };
+        let conf = |raw: &str| crate::k8s::NetConf { source: "kube-flannel/kube-flannel-cfg".into(), ..crate::k8s::NetConf::parse(raw).unwrap() };
+        let mut facts = ClusterFacts { nodes: vec![node("lin-1", "linux"), node("win-1", "windows")], ..Default::default() };
+        facts.flannel = Some(conf(r#"{"Network": "10.244.0.0/16", "EnableNFTables": false, "Backend": {"Type": "vxlan"}}"#));
+        let f = cluster_findings(&facts);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].what.starts_with("Windows node win-1 cannot join flannel's vxlan VNI 1 port 8472"), "{}", f[0].what);
+        let fix = f[0].fix.as_deref().unwrap();
+        assert!(fix.starts_with("kubectl -n kube-flannel patch configmap kube-flannel-cfg --type merge -p '") && fix.ends_with("rollout restart daemonset kube-flannel-ds"), "{fix}");
+        let patched: serde_json::Value = serde_json::from_str(&patched_net_conf(&facts.flannel.as_ref().unwrap().raw).unwrap()).unwrap();
+        assert_eq!(patched["Backend"], serde_json::json!({"Type": "vxlan", "VNI": 4096, "Port": 4789}));
+        assert_eq!((patched["Network"].as_str(), patched["EnableNFTables"].as_bool()), (Some("10.244.0.0/16"), Some(false)), "the rest kept");
+        // Already right, or no Windows node: nothing.
+        facts.flannel = Some(conf(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4096, "Port": 4789}}"#));
+        assert!(cluster_findings(&facts).is_empty());
+        facts.flannel = Some(conf(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#));
+        facts.nodes.pop();
+        assert!(cluster_findings(&facts).is_empty());
     }
 }

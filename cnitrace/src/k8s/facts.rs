@@ -47,9 +47,7 @@ impl PodFacts {
             node: spec.and_then(|s| s.node_name.clone()),
             ip: status.and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok()),
             phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Unknown".into()),
-            ready: status
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            ready: ready(status.and_then(|s| s.conditions.as_ref()).map(|c| c.iter().map(|c| (c.type_.as_str(), c.status.as_str())))),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             app: labels.and_then(|l| ["app.kubernetes.io/name", "app", "k8s-app"].iter().find_map(|k| l.get(*k).cloned())),
             waiting: status
@@ -110,11 +108,7 @@ impl NodeFacts {
                 .and_then(|s| s.addresses.as_ref())
                 .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok())),
             os: n.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/os").cloned()),
-            ready: n
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            ready: ready(n.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().map(|c| (c.type_.as_str(), c.status.as_str())))),
             flannel_backend: ann.get(ANN_BACKEND_TYPE).cloned(),
             vtep_mac: data.as_ref().and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).map(str::to_string),
             vtep_vni: data.as_ref().and_then(|d| d.get("VNI")).and_then(|v| v.as_u64()).map(|v| v as u32),
@@ -131,6 +125,11 @@ impl NodeFacts {
     pub fn holds_pod_ip(&self, ip: Ipv4Addr) -> bool {
         self.pod_nets().iter().any(|(net, len)| in_prefix(ip, *net, *len))
     }
+}
+
+/// A `Ready` condition that is `True` among (type, status) pairs (pods and nodes say it alike).
+fn ready<'a>(conditions: Option<impl Iterator<Item = (&'a str, &'a str)>>) -> bool {
+    conditions.is_some_and(|mut c| c.any(|(t, s)| t == "Ready" && s == "True"))
 }
 
 pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {

@@ -23,6 +23,17 @@ fn places(events: &[Value], verdict: &Value) -> Vec<String> {
     v
 }
 
+/// The lab's nodes as an API would describe them: Kubernetes names that are not the namespaces'.
+fn rack(i: usize) -> String {
+    format!("rack{}-node", i + 4)
+}
+
+fn lab_nodes(o: &mut Objects) {
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.node(&rack(i), &n.subnet(), n.underlay, n.vtep_mac, "linux");
+    }
+}
+
 #[test]
 fn lab_pods_by_name_are_named_as_kubernetes_names_them_in_follow_and_fix() {
     if !can_run_kernel_tests("lab_pods_by_name_are_named_as_kubernetes_names_them_in_follow_and_fix") {
@@ -31,9 +42,7 @@ fn lab_pods_by_name_are_named_as_kubernetes_names_them_in_follow_and_fix() {
     let _lab = LabGuard::up(&["veth-down-host"]);
     // The cluster as its API describes it: names that are not the lab's namespaces'.
     let mut o = Objects::default();
-    for (i, n) in topology::NODES.iter().enumerate() {
-        o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
-    }
+    lab_nodes(&mut o);
     let pod = |name: &str| topology::pod(name).expect("lab pod");
     o.pod("default", "debug-shell", "rack4-node", pod("debug").ip, json!({"run": "debug-shell"}))
         .pod("media", "jellyfin-6c9f7-qx2lp", "rack4-node", pod("jellyfin").ip, json!({"app": "jellyfin"}))
@@ -115,9 +124,7 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
     }
     let lab = LabGuard::up(&[]);
     let mut o = Objects::default();
-    for (i, n) in topology::NODES.iter().enumerate() {
-        o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
-    }
+    lab_nodes(&mut o);
     o.flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
     let underlay0 = topology::NODES[0].underlay;
     o.pod_not_ready(
@@ -222,9 +229,9 @@ fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs()
     }
     let _lab = LabGuard::up(&["vxlan-vni-mismatch"]);
     let mut o = Objects::default();
+    lab_nodes(&mut o);
     for (i, n) in topology::NODES.iter().enumerate() {
-        o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
-        o.flannel_pod(&format!("rack{}-node", i + 4), n.underlay);
+        o.flannel_pod(&rack(i), n.underlay);
     }
     let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
     o.pod("default", "debug-shell", "rack4-node", pod("debug"), json!({"run": "debug-shell"}))
