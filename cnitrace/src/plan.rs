@@ -38,6 +38,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// Not a namespace: the cluster, reached through the Kubernetes API.
+    pub fn cluster() -> Target {
+        Target { netns: "cluster".into(), path: PathBuf::new(), is_root: false }
+    }
+
     pub fn of(ns: &NsState) -> Target {
         Target { netns: ns.name.clone(), path: ns.path.clone(), is_root: ns.path.as_os_str() == "/proc/1/ns/net" || ns.name == "root" }
     }
@@ -98,6 +103,10 @@ pub enum Action {
     RestartPod { ns: Target, namespace: String, pod: String, node: String, app: String },
     /// The undo of what cannot be undone: says so, changes nothing.
     NoUndo { ns: Target, what: String },
+    /// Through the Kubernetes API: set one key of a ConfigMap, then restart a DaemonSet's pods as
+    /// `kubectl rollout restart` does and wait for all of them to be Ready with the new configuration.
+    /// Its undo is the same with the value it had.
+    Reconfigure { ns: Target, namespace: String, configmap: String, key: String, value: String, daemonset: String },
 }
 
 impl Action {
@@ -121,7 +130,8 @@ impl Action {
             | Action::Iptables { ns, .. }
             | Action::Nft { ns, .. }
             | Action::RestartPod { ns, .. }
-            | Action::NoUndo { ns, .. } => ns,
+            | Action::NoUndo { ns, .. }
+            | Action::Reconfigure { ns, .. } => ns,
         }
     }
 
@@ -181,6 +191,10 @@ impl Action {
                 format!("kubectl -n {namespace} delete pod {pod}  # and wait for its DaemonSet's new pod on {node} to be Ready")
             }
             Action::NoUndo { what, .. } => format!("# nothing to undo: {what}"),
+            Action::Reconfigure { namespace, configmap, key, value, daemonset, .. } => format!(
+                "kubectl -n {namespace} patch configmap {configmap} --type merge -p '{}'\nkubectl -n {namespace} rollout restart daemonset {daemonset}  # and wait for its pods to be Ready",
+                serde_json::json!({"data": {key.as_str(): value}})
+            ),
         }
     }
 }

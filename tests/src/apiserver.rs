@@ -131,6 +131,23 @@ impl Objects {
         self
     }
 
+    /// flannel's DaemonSet (`kube-flannel/kube-flannel-ds`): PATCHing its pod template (a rollout
+    /// restart) makes the server replace every pod it owns.
+    pub fn flannel_daemonset(&mut self) -> &mut Self {
+        self.add(
+            "daemonsets",
+            json!({
+                "apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": "kube-flannel-ds", "namespace": "kube-flannel", "uid": uid("kube-flannel-ds"), "generation": 1,
+                             "labels": {"app": "flannel", "k8s-app": "flannel", "tier": "node"}},
+                "spec": {"selector": {"matchLabels": {"app": "flannel"}},
+                         "template": {"metadata": {"labels": {"app": "flannel", "tier": "node"}},
+                                      "spec": {"hostNetwork": true, "containers": [{"name": "kube-flannel", "image": "ghcr.io/flannel-io/flannel:v0.26.4"}]}}},
+                "status": {"currentNumberScheduled": 0, "desiredNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0, "observedGeneration": 1}
+            }),
+        )
+    }
+
     /// flannel's ConfigMap with this `net-conf.json`.
     pub fn flannel_config(&mut self, namespace: &str, net_conf: &str) -> &mut Self {
         self.add(
@@ -271,7 +288,7 @@ async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>)
     let body = req.into_body().collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
     let behaviour = {
         let mut s = st.lock().expect("state");
-        s.seen.push(Seen { method: method.clone(), path: path.clone(), query: query.clone(), body });
+        s.seen.push(Seen { method: method.clone(), path: path.clone(), query: query.clone(), body: body.clone() });
         s.behaviour
     };
     if behaviour == Behaviour::Silent {
@@ -287,6 +304,9 @@ async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>)
     }
     if method == "DELETE" {
         return Ok(delete(st, &path).await);
+    }
+    if method == "PATCH" {
+        return Ok(patch(st, &path, &body));
     }
     if method != "GET" {
         return Ok(status(405, "MethodNotAllowed", format!("{method} is not served by this test server")));
@@ -331,6 +351,63 @@ async fn delete(st: Arc<Mutex<State>>, path: &str) -> Reply {
         });
     }
     reply(StatusCode::OK, gone)
+}
+
+/// PATCH (JSON merge patch, RFC 7386) of a ConfigMap or a DaemonSet; a DaemonSet's pods are all
+/// replaced after it (its template changed: what `kubectl rollout restart` causes).
+fn patch(st: Arc<Mutex<State>>, path: &str, body: &str) -> Reply {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (kind, ns, name) = match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, "configmaps", name] => ("configmaps", *ns, *name),
+        ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] => ("daemonsets", *ns, *name),
+        _ => return status(405, "MethodNotAllowed", format!("PATCH {path} is not served by this test server")),
+    };
+    let Ok(p) = serde_json::from_str::<Value>(body) else {
+        return status(400, "BadRequest", "the patch is not JSON".into());
+    };
+    let mut s = st.lock().expect("state");
+    let objs = s.objects.by_kind.entry(kind).or_default();
+    let Some(obj) = objs.iter_mut().find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name) else {
+        return status(404, "NotFound", format!("{kind} \"{name}\" not found"));
+    };
+    merge_patch(obj, &p);
+    let patched = obj.clone();
+    if kind == "daemonsets" {
+        let owned: Vec<Value> = s.objects.by_kind.get("pods").map(|v| v.iter().filter(|p| owned_by(p, name)).cloned().collect()).unwrap_or_default();
+        let st2 = st.clone();
+        drop(s);
+        for pod in owned {
+            let pod_path = format!("/api/v1/namespaces/{ns}/pods/{}", pod["metadata"]["name"].as_str().unwrap_or(""));
+            let st3 = st2.clone();
+            tokio::spawn(async move {
+                let _ = delete(st3, &pod_path).await;
+            });
+        }
+    }
+    reply(StatusCode::OK, patched)
+}
+
+fn owned_by(pod: &Value, ds: &str) -> bool {
+    pod["metadata"]["ownerReferences"].as_array().is_some_and(|o| o.iter().any(|r| r["kind"] == "DaemonSet" && r["name"] == ds))
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().expect("object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
 }
 
 fn parse_query(q: &str) -> BTreeMap<String, String> {

@@ -272,3 +272,64 @@ fn on_path(program: &str) -> bool {
 fn is_root() -> bool {
     cnitrace::sys::is_root()
 }
+
+/// A mixed Linux/Windows cluster on flannel's default backend (VXLAN VNI 1, port 8472), which Windows
+/// nodes cannot join: `check` names it; `fix --cluster` plans the ConfigMap patch and the DaemonSet
+/// restart, writes nothing in a dry run, applies with `--auto` (exactly two writes: the ConfigMap, the
+/// DaemonSet's template), waits for every flannel pod to be replaced and Ready, verifies by reading the
+/// cluster again; `--rollback` puts the ConfigMap back byte for byte and restarts flannel again.
+#[test]
+fn a_mixed_os_cluster_gets_flannels_windows_backend_and_can_have_it_back() {
+    let bin = cnitrace_tests::bin();
+    if !is_root() || !bin.exists() {
+        println!("SKIPPED a_mixed_os_cluster_gets_flannels_windows_backend_and_can_have_it_back: needs root (fix) and the cnitrace binary");
+        return;
+    }
+    let original = "{\n  \"Network\": \"172.20.0.0/16\",\n  \"EnableNFTables\": false,\n  \"Backend\": {\n    \"Type\": \"vxlan\"\n  }\n}\n";
+    let mut o = Objects::default();
+    o.node("lin-1", "172.20.3.0/24", Ipv4Addr::new(172, 31, 9, 17), "5a:1e:00:00:07:07", "linux")
+        .node("win-1", "172.20.5.0/24", Ipv4Addr::new(172, 31, 9, 30), "5a:1e:00:00:07:09", "windows")
+        .flannel_pod("lin-1", Ipv4Addr::new(172, 31, 9, 17))
+        .flannel_daemonset()
+        .flannel_config("kube-flannel", original);
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let dir = scratch("mixed-os");
+    let k = api.kubeconfig(&dir, None);
+    let run = |a: &[&str]| {
+        let out = std::process::Command::new(&bin).env("CNITRACE_STATE_DIR", dir.join("state")).arg("--kubeconfig").arg(&k).args(a).output().expect("run cnitrace");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let net_conf = || {
+        let cm = cnitrace_tools::KUBECTL.command().env("KUBECONFIG", &k).env("HOME", &dir).args(["get", "configmap", "kube-flannel-cfg", "-n", "kube-flannel", "-o", "json"]).output();
+        match cm {
+            Ok(out) if out.status.success() => serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"]["net-conf.json"].as_str().unwrap().to_string(),
+            // Without kubectl, the server's own answer.
+            _ => {
+                let mut c = k8s::connect(&args(k.clone())).unwrap();
+                let f = k8s::gather(&mut c, &[]);
+                f.flannel.unwrap().raw
+            }
+        }
+    };
+
+    let (code, text) = run(&["fix", "--cluster"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("Windows node win-1 cannot join flannel's vxlan VNI 1 port 8472") && text.contains("kubectl -n kube-flannel patch configmap kube-flannel-cfg --type merge"), "{text}");
+    assert!(text.contains("dry run: nothing was changed"), "{text}");
+    assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
+
+    let (code, text) = run(&["fix", "--cluster", "--auto"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("verified: flannel's configuration is what Windows nodes need"), "{text}");
+    let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
+    assert_eq!(writes, ["PATCH /api/v1/namespaces/kube-flannel/configmaps/kube-flannel-cfg", "PATCH /apis/apps/v1/namespaces/kube-flannel/daemonsets/kube-flannel-ds"]);
+    assert!(api.writes()[1].body.contains("kubectl.kubernetes.io/restartedAt"), "{}", api.writes()[1].body);
+    let now: serde_json::Value = serde_json::from_str(&net_conf()).unwrap();
+    assert_eq!(now["Backend"], serde_json::json!({"Type": "vxlan", "VNI": 4096, "Port": 4789}));
+    assert_eq!((now["Network"].as_str(), now["EnableNFTables"].as_bool()), (Some("172.20.0.0/16"), Some(false)));
+
+    let (code, text) = run(&["fix", "--rollback"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(net_conf(), original, "the ConfigMap back byte for byte");
+    assert_eq!(api.writes().len(), 4, "the rollback: the ConfigMap, then flannel restarted again: {:?}", api.writes());
+}

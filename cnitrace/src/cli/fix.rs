@@ -20,6 +20,10 @@ pub struct FixArgs {
     /// List past fixes.
     #[arg(long)]
     history: bool,
+    /// Repair the cluster, not a pair: what `check` lists for the cluster as a whole (flannel's backend
+    /// for Windows nodes), through the Kubernetes API; journaled like any fix.
+    #[arg(long, conflicts_with_all = ["src", "dst"])]
+    cluster: bool,
     /// Allow removing an explicit DROP/REJECT rule someone wrote.
     #[arg(long)]
     allow_rule_removal: bool,
@@ -46,6 +50,17 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if !crate::sys::is_root() {
         bail!("`cnitrace fix` needs root");
     }
+    let mode = if args.auto {
+        Mode::Auto
+    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        Mode::Ask
+    } else {
+        Mode::DryRun
+    };
+    if args.cluster {
+        let req = FixRequest { pair: None, mode, allow_rule_removal: false, confirm_timeout: None, state_dir, trace_timeout: args.timeout, cluster: None };
+        return fix::cluster::run(&req, &mut out);
+    }
     let (pair, cluster) = match (&args.src, &args.dst) {
         (Some(s), Some(d)) => {
             let p = super::pair::resolve(s, d, kube)?;
@@ -63,13 +78,6 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
             bail!("source and destination are the same address ({s})");
         }
     }
-    let mode = if args.auto {
-        Mode::Auto
-    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
-        Mode::Ask
-    } else {
-        Mode::DryRun
-    };
     let req = FixRequest {
         pair,
         mode,

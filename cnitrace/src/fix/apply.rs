@@ -29,6 +29,11 @@ impl Action {
                 c.restart_pod(namespace, pod, node, app)?;
                 return Ok(());
             }
+            Action::Reconfigure { namespace, configmap, key, value, daemonset, .. } => {
+                let mut c = crate::k8s::connect_configured().map_err(|e| anyhow!("reconfigure {namespace}/{configmap}: {e}"))?;
+                c.reconfigure(namespace, configmap, key, value, daemonset)?;
+                return Ok(());
+            }
             _ => {}
         }
         let path = self.target().path.clone();
@@ -162,7 +167,7 @@ impl Action {
                 m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
                 Ok(h.neighbours().del(m).execute().await?)
             }
-            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } | Action::RestartPod { .. } | Action::NoUndo { .. } => {
+            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } | Action::RestartPod { .. } | Action::NoUndo { .. } | Action::Reconfigure { .. } => {
                 unreachable!("not netlink")
             }
         }

@@ -4,6 +4,7 @@
 //! repaired pod short of what its siblings reach — everything is rolled back.
 
 mod apply;
+pub mod cluster;
 pub mod journal;
 pub mod node_checks;
 pub mod verify;
@@ -322,7 +323,7 @@ fn report_node_checks(report: &Report, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Write) -> Result<()> {
     let crash_after: Option<usize> = std::env::var("CNITRACE_TEST_CRASH_AFTER_ACTIONS").ok().and_then(|v| v.parse().ok());
     for st in steps {
         j.steps.push(JournalStep { cause: cause.into(), why: st.why, action: st.action.clone(), undo: st.undo, state: StepState::Applying });
@@ -340,7 +341,7 @@ fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &mut dyn Wri
     Ok(())
 }
 
-fn finish_unfixed(journal: Option<Journal>, out: &mut dyn Write, why: &str) -> Result<u8> {
+pub(crate) fn finish_unfixed(journal: Option<Journal>, out: &mut dyn Write, why: &str) -> Result<u8> {
     if let Some(mut j) = journal {
         writeln!(out, "rolling back fix {} ({why}):", j.id)?;
         j.note = why.to_string();

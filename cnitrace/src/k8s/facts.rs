@@ -34,6 +34,9 @@ pub struct PodFacts {
     /// Its containers' names (logs are read per container).
     #[serde(default)]
     pub containers: Vec<String>,
+    /// Its controller, `Kind/name` (`DaemonSet/kube-flannel-ds`).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl PodFacts {
@@ -55,6 +58,12 @@ impl PodFacts {
                 .and_then(|cs| cs.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())),
             restarts: status.and_then(|s| s.container_statuses.as_ref()).map(|cs| cs.iter().map(|c| c.restart_count.max(0) as u32).sum()).unwrap_or(0),
             containers: spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default(),
+            owner: p
+                .metadata
+                .owner_references
+                .as_ref()
+                .and_then(|o| o.iter().find(|r| r.controller == Some(true)).or(o.first()))
+                .map(|r| format!("{}/{}", r.kind, r.name)),
         }
     }
 

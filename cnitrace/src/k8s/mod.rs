@@ -240,6 +240,52 @@ impl Cluster {
         }
     }
 
+    /// Sets `key` of a ConfigMap, restarts a DaemonSet's pods (`kubectl rollout restart`: a new
+    /// `restartedAt` annotation on its pod template) and waits until every pod it owns is a new one and
+    /// Ready. The ConfigMap's old value is the caller's to keep (the undo is this with it).
+    pub fn reconfigure(&mut self, namespace: &str, configmap: &str, key: &str, value: &str, daemonset: &str) -> anyhow::Result<()> {
+        use kube::api::{Patch, PatchParams};
+        let owner = format!("DaemonSet/{daemonset}");
+        let before: std::collections::BTreeSet<String> = self.ds_pods(namespace, &owner)?.into_iter().map(|p| p.name).collect();
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({"data": {key: value}});
+        let cm = configmap.to_string();
+        self.write(&format!("patch configmap {namespace}/{configmap}"), Duration::from_secs(10), async move {
+            cms.patch(&cm, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+        })?;
+        let dss: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(self.client.clone(), namespace);
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": now}}}}});
+        let ds = daemonset.to_string();
+        self.write(&format!("rollout restart daemonset {namespace}/{daemonset}"), Duration::from_secs(10), async move {
+            dss.patch(&ds, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+        })?;
+        let t0 = Instant::now();
+        loop {
+            let now = self.ds_pods(namespace, &owner)?;
+            if now.len() >= before.len() && !now.is_empty() && now.iter().all(|p| p.ready && !before.contains(&p.name)) {
+                return Ok(());
+            }
+            if t0.elapsed() > RESTART_TIMEOUT {
+                anyhow::bail!("{namespace}/{daemonset}'s pods were not all replaced and Ready within {} s", RESTART_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The controller (`name` of its DaemonSet) of the pods labelled `app` in `namespace`.
+    pub fn owner_of_app(&mut self, namespace: &str, app: &str) -> anyhow::Result<Option<String>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let list = self.write(&format!("list the {app} pods"), Duration::from_secs(10), async move { api.list(&ListParams::default()).await })?;
+        Ok(list.items.iter().map(PodFacts::of).filter(|p| p.app.as_deref() == Some(app)).find_map(|p| p.owner?.strip_prefix("DaemonSet/").map(str::to_string)))
+    }
+
+    fn ds_pods(&mut self, namespace: &str, owner: &str) -> anyhow::Result<Vec<PodFacts>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let list = self.write(&format!("list the pods of {owner}"), Duration::from_secs(10), async move { api.list(&ListParams::default()).await })?;
+        Ok(list.items.iter().map(PodFacts::of).filter(|p| p.owner.as_deref() == Some(owner)).collect())
+    }
+
     /// A request of a repair: its own timeout, not the diagnosis' budget.
     fn write<T>(&mut self, what: &str, timeout: Duration, fut: impl std::future::Future<Output = Result<T, kube::Error>>) -> anyhow::Result<T> {
         match self.rt.block_on(async { tokio::time::timeout(timeout, fut).await }) {
