@@ -333,3 +333,35 @@ fn a_mixed_os_cluster_gets_flannels_windows_backend_and_can_have_it_back() {
     assert_eq!(net_conf(), original, "the ConfigMap back byte for byte");
     assert_eq!(api.writes().len(), 4, "the rollback: the ConfigMap, then flannel restarted again: {:?}", api.writes());
 }
+
+/// `check` reads the kubeconfig in use (and the node's well-known ones): an expired client certificate
+/// is named with its subject and date, whether or not the API could be reached with it.
+#[test]
+fn check_names_an_expired_client_certificate() {
+    let bin = cnitrace_tests::bin();
+    if !is_root() || !bin.exists() {
+        println!("SKIPPED check_names_an_expired_client_certificate: needs root (check) and the cnitrace binary");
+        return;
+    }
+    use base64::Engine;
+    let cert = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/node-cert-2025-01-01.crt")).unwrap();
+    let dir = scratch("expired");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let k = dir.join("kubelet.conf");
+    std::fs::write(
+        &k,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: x\n  context: {{cluster: c, user: node}}\ncurrent-context: x\nusers:\n- name: node\n  user:\n    client-certificate-data: {}\n",
+            base64::engine::general_purpose::STANDARD.encode(cert)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(&bin).env("HOME", &dir).env_remove("KUBECONFIG").args(["check", "--json", "--kubeconfig"]).arg(&k).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let kc = v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "kubeconfigs").unwrap_or_else(|| panic!("{v}"));
+    // (The machine's own well-known kubeconfigs, if it has any, are listed too: find ours.)
+    let f = kc["findings"].as_array().unwrap().iter().find(|f| f["what"].as_str().unwrap_or("").starts_with(&k.display().to_string())).unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(f["cause"], "kubeconfig-cert-expired", "{v}");
+    assert!(f["what"].as_str().unwrap().contains("CN=system:node:gpu-worker-7") && f["what"].as_str().unwrap().contains("expired 2025-01-01"), "{f}");
+    assert_eq!(out.status.code(), Some(1));
+}

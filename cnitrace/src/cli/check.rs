@@ -88,6 +88,25 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
         }
         report.nodes.push(NodeReport { node: name, netns: ns.name.clone(), findings });
     }
+    // This host's kubeconfigs: the node's well-known files and the one in use.
+    if args.node.is_none() {
+        let mut in_use: Vec<std::path::PathBuf> = kube.kubeconfig.iter().cloned().collect();
+        if let Some(list) = std::env::var_os("KUBECONFIG") {
+            in_use.extend(std::env::split_paths(&list));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            in_use.push(std::path::Path::new(&home).join(".kube/config"));
+        }
+        let now = std::time::SystemTime::now();
+        let findings: Vec<NodeFinding> = k8s::kubeconfig::files(&in_use)
+            .iter()
+            .flat_map(|f| k8s::kubeconfig::check(f, now))
+            .map(|(cause, what)| NodeFinding { node: "kubeconfigs".into(), cause, what, fix: None, trace: None })
+            .collect();
+        if !findings.is_empty() {
+            report.nodes.push(NodeReport { node: "kubeconfigs".into(), netns: String::new(), findings });
+        }
+    }
     // The cluster's own findings, once, with the host's nodes (not with --node: they are no node's).
     if let (Some(f), None) = (&facts, &args.node) {
         let cluster = node_checks::cluster_findings(f);

@@ -8,6 +8,7 @@
 //! account when running in a cluster.
 
 mod facts;
+pub mod kubeconfig;
 mod target;
 
 use std::{
