@@ -357,13 +357,14 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
             Err(e) => f.missing.push(e.to_string()),
         }
     }
-    // flannel's own pods on the pair's nodes: a repair that restarts flannel needs to know them.
+    // flannel's and kube-proxy's pods on the pair's nodes: a repair that restarts flannel needs to know
+    // them, and a verdict on the iptables backends names a kube-proxy that is not Ready.
     let mut nodes: Vec<String> = f.pods.iter().filter_map(|p| p.node.clone()).collect();
     nodes.sort();
     nodes.dedup();
     for node in nodes {
         match cluster.pods_on(&node) {
-            Ok(p) => f.pods.extend(p.into_iter().filter(|p| p.app.as_deref() == Some("flannel"))),
+            Ok(p) => f.pods.extend(p.into_iter().filter(|p| matches!(p.app.as_deref(), Some("flannel") | Some("kube-proxy")))),
             Err(e) => f.missing.push(e.to_string()),
         }
     }

@@ -275,3 +275,28 @@ fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs()
     assert!(text.contains("nothing to undo"), "{text}");
     assert_eq!(api.writes().len(), 1, "a rollback of a restart asks the API nothing");
 }
+
+/// The iptables backends' split on a node, with kube-proxy crashing there: the verdict names both.
+#[test]
+fn an_iptables_backend_split_names_the_crashing_kube_proxy_of_its_node() {
+    if !can_run_kernel_tests("an_iptables_backend_split_names_the_crashing_kube_proxy_of_its_node") {
+        return;
+    }
+    let _lab = LabGuard::up(&["iptables-backend-conflict"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
+    o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"})).pod("shop", "web-0", &rack(1), pod("web"), json!({"app": "web"}));
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.pod_not_ready("kube-system", &format!("kube-proxy-{i}x7q"), &rack(i), n.underlay, json!({"k8s-app": "kube-proxy"}), Some("CrashLoopBackOff"), 7, "");
+        o.by_kind.get_mut("pods").unwrap().last_mut().unwrap()["spec"]["hostNetwork"] = json!(true);
+    }
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let k = api.kubeconfig(&scratch("backends"), None);
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k.to_str().unwrap()]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("iptables-backend-conflict")), "{v}");
+    let facts: Vec<&str> = v["facts"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    let proxy: Vec<&&str> = facts.iter().filter(|f| f.contains("kube-proxy")).collect();
+    assert_eq!(proxy.len(), 1, "only the kube-proxy of the node that drops: {facts:#?}");
+    assert!(proxy[0].starts_with("kube-system/kube-proxy-0x7q on rack4-node: CrashLoopBackOff, not Ready, 7 restarts"), "{}", proxy[0]);
+}

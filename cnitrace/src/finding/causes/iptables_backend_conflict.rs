@@ -22,16 +22,24 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         if !netfilter::has_pod_accepts(other_dump, &pod_net) {
             continue;
         }
+        let mut facts = vec![
+            netfilter::describe(&h),
+            format!("{other} holds ACCEPT rules for {pod_net}... that {} never consults", h.backend),
+            "every packet traverses both backends' hooks: a DROP in either one wins".into(),
+        ];
+        // The same split breaks kube-proxy (its rules written through one backend, read through the
+        // other): where the API shows it not Ready on this node, that is part of the picture.
+        if let Some(c) = ctx.states.cluster.as_ref() {
+            for p in c.pods.iter().filter(|p| p.app.as_deref() == Some("kube-proxy") && p.node.as_deref() == Some(h.node.as_str()) && !p.ready) {
+                facts.push(format!("{} on {}: {} (see `cnitrace check` for its log)", p.full_name(), h.node, p.state()));
+            }
+        }
         return Some(Diagnosis {
             explanation: format!(
                 "two iptables backends are in use on {}: {} drops by chain policy ({} {}) while the accept rules for the pod network live in {}",
                 h.node, h.backend, h.chain, h.verdict, other
             ),
-            facts: vec![
-                netfilter::describe(&h),
-                format!("{other} holds ACCEPT rules for {pod_net}... that {} never consults", h.backend),
-                "every packet traverses both backends' hooks: a DROP in either one wins".into(),
-            ],
+            facts,
             hop: None,
         });
     }
