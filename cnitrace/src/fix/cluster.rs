@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{apply_steps, finish_unfixed, journal::Journal, node_checks, FixRequest, Mode};
+use super::{apply_steps, confirmed, finish_unfixed, journal::Journal, node_checks, FixRequest, Mode};
 use crate::{
     k8s,
     plan::{Action, Step, Target},
@@ -65,12 +65,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             return Ok(crate::exit::DROPPED);
         }
         Mode::Ask => {
-            write!(out, "\nthis changes flannel's configuration for every node and restarts flannel everywhere; apply? [y/N] ")?;
-            out.flush()?;
-            let mut answer = String::new();
-            std::io::stdin().read_line(&mut answer)?;
-            if !answer.trim().eq_ignore_ascii_case("y") {
-                writeln!(out, "nothing was changed")?;
+            if !confirmed(out, "this changes flannel's configuration for every node and restarts flannel everywhere; apply?")? {
                 return Ok(crate::exit::DROPPED);
             }
         }

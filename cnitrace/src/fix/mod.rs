@@ -151,12 +151,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
                 return Ok(crate::exit::DROPPED);
             }
             Mode::Ask if round == 1 => {
-                write!(out, "\napply? [y/N] ")?;
-                out.flush()?;
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if !answer.trim().eq_ignore_ascii_case("y") {
-                    writeln!(out, "nothing was changed")?;
+                if !confirmed(out, "apply?")? {
                     return Ok(crate::exit::DROPPED);
                 }
             }
@@ -339,6 +334,19 @@ pub(crate) fn apply_steps(j: &mut Journal, cause: &str, steps: Vec<Step>, out: &
         }
     }
     Ok(())
+}
+
+/// Asks on the terminal; anything but "y" is a no, said as "nothing was changed".
+pub(crate) fn confirmed(out: &mut dyn Write, question: &str) -> Result<bool> {
+    write!(out, "\n{question} [y/N] ")?;
+    out.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    let yes = answer.trim().eq_ignore_ascii_case("y");
+    if !yes {
+        writeln!(out, "nothing was changed")?;
+    }
+    Ok(yes)
 }
 
 pub(crate) fn finish_unfixed(journal: Option<Journal>, out: &mut dyn Write, why: &str) -> Result<u8> {
