@@ -52,12 +52,9 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
             cluster = Some(c);
             (Some(f), None)
         }
-        Err(e @ k8s::NoApi::BadConfig { .. }) => {
-            super::pair::note_no_api(&e);
-            (None, Some(e.to_string()))
-        }
         Err(e) => {
-            if !args.json {
+            // JSON carries the reason in `no_api`; a broken kubeconfig is said on stderr all the same.
+            if !args.json || matches!(e, k8s::NoApi::BadConfig { .. }) {
                 super::pair::note_no_api(&e);
             }
             (None, Some(e.to_string()))
