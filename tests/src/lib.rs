@@ -275,7 +275,12 @@ pub fn ns_config(ns: &str) -> String {
         args.extend(["-batch", "-"]);
         cnitrace::sys::run_stdin(prog, &args, script).unwrap_or_else(|e| panic!("{e:#}"))
     };
-    let mut s = batch(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n");
+    // Permanent neighbours and FDB entries come out in the kernel's hash-table order, which a repair that
+    // re-adds one entry may change for entries it never touched (seen on 5.10: a node's two VTEP
+    // neighbours swapped places after a rollback elsewhere): as sets, in order.
+    let mut s = in_order_where(&batch(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n"), |l| {
+        l.contains(" lladdr ") && l.ends_with("PERMANENT")
+    });
     let bridge = batch(&cnitrace_tools::BRIDGE, &[], "link show\nfdb show\n");
     // Ports ("7: vethX: ...") all; of the FDB only the permanent entries and the VXLAN destinations
     // (learned ones come and go with traffic).
@@ -283,7 +288,8 @@ pub fn ns_config(ns: &str) -> String {
     // link comes up: derived, not configuration.
     let port = |l: &str| l.split_whitespace().next().is_some_and(|w| w.ends_with(':'));
     let multicast = |l: &str| u8::from_str_radix(l.get(..2).unwrap_or("00"), 16).is_ok_and(|b| b & 1 == 1);
-    s += &bridge.lines().filter(|l| port(l) || ((l.contains("permanent") || l.contains("dst")) && !multicast(l))).collect::<Vec<_>>().join("\n");
+    let kept = bridge.lines().filter(|l| port(l) || ((l.contains("permanent") || l.contains("dst")) && !multicast(l))).collect::<Vec<_>>().join("\n");
+    s += &in_order_where(&kept, |l| !port(l));
     s += "\n";
     for save in [&cnitrace_tools::IPTABLES_NFT_SAVE, &cnitrace_tools::IPTABLES_LEGACY_SAVE] {
         s += &text(cnitrace::sys::output_in(ns, save, &[])).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
@@ -298,6 +304,22 @@ pub fn ns_config(ns: &str) -> String {
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
     normalize(&s)
+}
+
+/// `text` with the lines `pick` says yes to sorted among themselves, each sorted line in one of their places.
+fn in_order_where(text: &str, pick: impl Fn(&str) -> bool) -> String {
+    let mut lines: Vec<&str> = text.lines().collect();
+    let at: Vec<usize> = (0..lines.len()).filter(|i| pick(lines[*i])).collect();
+    let mut picked: Vec<&str> = at.iter().map(|i| lines[*i]).collect();
+    picked.sort_unstable();
+    for (i, l) in at.into_iter().zip(picked) {
+        lines[i] = l;
+    }
+    let mut out = lines.join("\n");
+    if text.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
 /// Drops what moves by itself from a dump: timers, carrier and operational state (the admin flag UP

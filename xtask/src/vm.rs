@@ -404,10 +404,10 @@ fn oops(console: &str) -> Option<String> {
 }
 
 /// Runs the kernel test binary on the host kernel, streaming and parsing its output like a VM's.
-pub fn run_host(test_bin: &Path, args: &[String], log: &Path) -> Result<Column> {
+pub fn run_host(test_bin: &Path, args: &[String], log: &Path, prefix: &str) -> Result<Column> {
     let t0 = Instant::now();
     let mut child = Command::new(test_bin).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("run the kernel tests")?;
-    let (text, clock) = stream(child.stdout.take().expect("piped"), "");
+    let (text, clock) = stream(child.stdout.take().expect("piped"), prefix);
     let status = child.wait()?;
     std::fs::write(log, &text)?;
     let results = parse_libtest(&text);
