@@ -90,6 +90,7 @@ tools! {
     MODPROBE = "modprobe", Apt("kmod"), "lab: br_netfilter, as on a kubeadm node";
     PING = "ping", Apt("iputils-ping"), "lab path checks, the demo, tests";
     CURL = "curl", Apt("curl"), "the demo's HTTP check; VM kernel downloads";
+    DNSMASQ = "dnsmasq", Apt("dnsmasq-base"), "the lab's cluster DNS (a CoreDNS-like pod the pods' resolv.conf names)";
     /// The CNI plugins flannel delegates to (the lab's pods are made by them).
     CNI_BRIDGE = "/usr/lib/cni/bridge", Apt("containernetworking-plugins"), "lab pods (CNI ADD/DEL)";
     CNI_HOST_LOCAL = "/usr/lib/cni/host-local", Apt("containernetworking-plugins"), "lab pod addresses (IPAM, called by the bridge plugin)";

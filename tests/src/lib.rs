@@ -243,7 +243,7 @@ impl Drop for HandLayout {
 }
 
 /// What the lab under `PREFIX` left behind: namespaces, its state folder, and which of `server_pids`
-/// still run as lab servers.
+/// still run as lab servers (its containers, its DNS).
 pub fn leftovers(server_pids: &[u32]) -> Vec<String> {
     let mut left: Vec<String> = cnitrace::lab::existing_namespaces(PREFIX);
     let state = PathBuf::from(cnitrace::lab::STATE_ROOT).join(PREFIX);
@@ -253,7 +253,7 @@ pub fn leftovers(server_pids: &[u32]) -> Vec<String> {
     for pid in server_pids {
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains("lab serve") {
+            if cmd.contains("lab serve") || cmd.contains("dnsmasq") {
                 left.push(format!("process {pid}: {cmd}"));
             }
         }

@@ -40,13 +40,19 @@ enum LabCommand {
         #[command(subcommand)]
         command: PodCommand,
     },
-    /// (internal) The HTTP server the lab runs inside its namespaces.
+    /// (internal) A lab container: holds a pod's namespace with the pod's resolv.conf, serves HTTP(S).
     #[command(hide = true)]
     Serve {
         #[arg(long)]
-        port: u16,
-        #[arg(long)]
         name: String,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        #[arg(long)]
+        resolv_conf: Option<std::path::PathBuf>,
     },
 }
 
@@ -121,7 +127,7 @@ pub fn run(args: LabArgs) -> Result<u8> {
                 PodCommand::Add { name, node } => {
                     anyhow::ensure!(node < topology::NODES.len(), "no node {node}: the lab has nodes 0 and 1");
                     let ip = lab.free_ip(node);
-                    lab.add_pod(&name, node, ip)?;
+                    lab.add_pod_with_container(&name, node, ip, None)?;
                     println!("pod {name} added on {}: {ip}, host veth {}", topology::NODES[node].name, lab.host_veth(&name)?);
                 }
                 PodCommand::Del { name } => {
@@ -130,8 +136,9 @@ pub fn run(args: LabArgs) -> Result<u8> {
                 }
             }
         }
-        LabCommand::Serve { port, name } => {
-            lab::serve::serve(port, &name).context("lab HTTP server")?;
+        LabCommand::Serve { name, port, tls_cert, tls_key, resolv_conf } => {
+            let c = lab::serve::Container { name, port, tls: tls_cert.zip(tls_key), resolv_conf };
+            lab::serve::run(&c).context("lab container")?;
         }
     }
     Ok(exit::OK)

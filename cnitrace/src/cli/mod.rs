@@ -5,6 +5,7 @@ mod fix;
 mod follow;
 mod lab;
 mod pair;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Everything wrong on this host's nodes, without a pair: node checks, and with the Kubernetes API
     /// what flannel should have written (routes, VTEP neighbours, FDB) and its ConfigMap.
     Check(check::CheckArgs),
+    /// The incident's validation from a pod: ping, TCP and HTTP to a destination, DNS through the pod's
+    /// own resolver, an external URL; every failed check followed to where its packets died.
+    Validate(validate::ValidateArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
@@ -86,6 +90,7 @@ pub fn main() -> ExitCode {
         Command::Follow(args) => follow::run(args, &cli.kube),
         Command::Fix(args) => fix::run(args, &cli.kube),
         Command::Check(args) => check::run(args, &cli.kube),
+        Command::Validate(args) => validate::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
         Command::Replay { file, json } => replay(&file, json),
         Command::Completions { shell } => {

@@ -16,13 +16,18 @@ pub struct Pair {
 /// Parses both ends; asks the API for pods given by name (required then) and for the names and flannel
 /// facts of the rest (optional: without an API, one line on stderr and the local work goes on).
 pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
-    let (s, d) = (Target::parse(src, "source")?, Target::parse(dst, "destination")?);
-    let needed = s.is_name() || d.is_name();
+    let (ips, cluster) = resolve_all(&[(src, "source"), (dst, "destination")], kube)?;
+    Ok(Pair { src: ips[0], dst: ips[1], cluster })
+}
+
+/// Each `(text, role)` made an address (in order), with what the API knows about them all.
+pub fn resolve_all(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<Ipv4Addr>, Option<ClusterFacts>)> {
+    let parsed: Vec<Target> = targets.iter().map(|(t, role)| Target::parse(t, role)).collect::<Result<_>>()?;
     let mut cluster = match k8s::connect(kube) {
         Ok(c) => Some(c),
         Err(e) => {
-            if needed {
-                bail!("{} needs the Kubernetes API to find the pod: {e}", [&s, &d].iter().find(|t| t.is_name()).expect("a name"));
+            if let Some(named) = parsed.iter().find(|t| t.is_name()) {
+                bail!("{named} needs the Kubernetes API to find the pod: {e}");
             }
             note_no_api(&e);
             None
@@ -51,10 +56,9 @@ pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
             }
         }
     };
-    let src_ip = ip_of(&s, &mut cluster)?;
-    let dst_ip = ip_of(&d, &mut cluster)?;
+    let ips: Vec<Ipv4Addr> = parsed.iter().map(|t| ip_of(t, &mut cluster)).collect::<Result<_>>()?;
     let facts = cluster.as_mut().map(|c| {
-        let mut f = k8s::gather(c, &[src_ip, dst_ip]);
+        let mut f = k8s::gather(c, &ips);
         for p in known.drain(..) {
             if !f.pods.iter().any(|q| q.namespace == p.namespace && q.name == p.name) {
                 f.pods.push(p);
@@ -65,7 +69,7 @@ pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
         }
         f
     });
-    Ok(Pair { src: src_ip, dst: dst_ip, cluster: facts })
+    Ok((ips, facts))
 }
 
 /// The address a node talks to its pods from, on this host: its bridge's address in its pod network

@@ -128,6 +128,9 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
     if probe.sent == 0 && probe.send_error.is_none() && !saw_traffic {
         return inconclusive(ctx, "no traffic of the pair was seen while tracing");
     }
+    if let Some(v) = no_listener(ctx) {
+        return v;
+    }
     for cause in causes::CAUSES {
         if let Some(d) = (cause.detect)(ctx) {
             let mut facts = d.facts;
@@ -184,6 +187,37 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
             None => inconclusive(ctx, "the traffic was not answered, but no drop was seen and no known cause matches"),
         },
     }
+}
+
+/// The pair's own packet, freed in the destination's namespace because no socket there takes its port
+/// (NO_SOCKET; the kernel answers port unreachable, or a reset): the network delivered it, so no network
+/// cause applies — the service is not running, or listens on another port or address. Not a catalog
+/// cause: nothing on the node's network is to repair.
+fn no_listener(ctx: &Ctx) -> Option<Verdict> {
+    let d = ctx.trace.first_drop()?;
+    let info = d.drop.as_ref()?;
+    let p = d.packet.as_ref()?;
+    let arrived = ctx.states.dst_pod == Some(d.netns) && p.dst == ctx.dst_ip() && p.outer.is_none() && !p.icmp_error;
+    if !arrived || !matches!(p.proto.as_str(), "udp" | "tcp") || !info.says("NO_SOCKET", &["__udp4_lib_rcv", "tcp_v4_rcv"]) {
+        return None;
+    }
+    let mut facts = vec![drop_facts(d)];
+    facts.extend(ctx.probe_facts());
+    Some(Verdict {
+        verdict: Outcome::Dropped,
+        cause: None,
+        layer: Some("socket".into()),
+        function: Some(info.function.clone()),
+        reason: Some(info.reason.clone()),
+        ifname: Some(d.ifname.clone()),
+        netns: Some(d.where_.clone()),
+        explanation: format!(
+            "{} reached {} ({} {}), where nothing listens on its port ({}): the network delivered it; the service there is not running or listens elsewhere",
+            p.what, ctx.dst_name(), d.where_, d.ifname, p.proto
+        ),
+        facts,
+        missing: Vec::new(),
+    })
 }
 
 /// An ARP request of the path that nobody answered is a drop whatever its cause: the kernel will drop

@@ -153,6 +153,13 @@ impl Lab {
         self.save()
     }
 
+    /// A pod as the runtime makes it: its network (CNI), then its container (serving `port`, if any).
+    pub fn add_pod_with_container(&mut self, name: &str, node: usize, addr: Ipv4Addr, port: Option<u16>) -> Result<()> {
+        self.add_pod(name, node, addr)?;
+        let ns = self.pod_ns(name);
+        self.start_server(name, &ns, port, false)
+    }
+
     /// Removes a pod through CNI DEL, then its namespace.
     pub fn del_pod(&mut self, name: &str) -> Result<()> {
         let pod = self.state.pods.get(name).cloned().ok_or_else(|| anyhow!("the lab has no pod {name}"))?;
@@ -181,25 +188,87 @@ impl Lab {
             .expect("a free pod address")
     }
 
-    fn start_server(&mut self, name: &str, ns: &str, port: u16) -> Result<()> {
+    /// The lab's own files: certificates, the pods' resolv.conf.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.names.state_dir().join(name)
+    }
+
+    /// A pod's container (or the external host's server): a `lab serve` process in `ns` with the pods'
+    /// resolv.conf, serving `port` (HTTPS with the lab's certificate if `tls`), recorded for `lab down`.
+    fn start_server(&mut self, name: &str, ns: &str, port: Option<u16>, tls: bool) -> Result<()> {
         let exe = std::env::current_exe().context("locate the cnitrace binary")?;
-        let log = std::fs::File::create(self.names.state_dir().join(format!("{name}.log")))?;
         let mut cmd = Tool::netns_exec(ns, &exe);
-        cmd.args(["lab", "serve", "--port", &port.to_string(), "--name", name])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // Its own session: the server outlives `lab up` and ignores the terminal's signals.
+        cmd.args(["lab", "serve", "--name", name]);
+        if let Some(p) = port {
+            cmd.args(["--port", &p.to_string()]);
+        }
+        if tls {
+            cmd.arg("--tls-cert").arg(self.file("external.pem")).arg("--tls-key").arg(self.file("external-key.pem"));
+        }
+        if self.names.owns_pod(ns) {
+            cmd.arg("--resolv-conf").arg(self.file("resolv.conf"));
+        }
+        let log_name = format!("{name}{}.log", port.map(|p| format!("-{p}")).unwrap_or_default());
+        self.spawn(cmd, name, ns, port.unwrap_or(0), &log_name)?;
+        match port {
+            Some(p) => wait_listening(ns, p),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts `cmd` in a session of its own (it outlives `lab up` and ignores the terminal's signals),
+    /// output to a log in the state folder, and records it.
+    fn spawn(&mut self, mut cmd: std::process::Command, name: &str, ns: &str, port: u16, log_name: &str) -> Result<()> {
+        let log = std::fs::File::create(self.file(log_name))?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
                 Ok(())
             });
         }
-        let child = cmd.spawn().context("start the lab's HTTP server")?;
+        let child = cmd.spawn().with_context(|| format!("start the lab's {name} in {ns}"))?;
         self.state.servers.push(Server { name: name.into(), netns: ns.into(), port, pid: child.id() });
-        self.save()?;
-        wait_listening(ns, port)
+        self.save()
+    }
+
+    /// The cluster DNS pod: dnsmasq answering the lab's names (and nothing else: no upstream).
+    fn start_dns(&mut self) -> Result<()> {
+        let ns = self.pod_ns(topology::DNS_POD);
+        let mut cmd = tools::DNSMASQ.in_netns(&ns);
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--user=nobody",
+            "--group=nogroup",
+            "--log-facility=-",
+            "--log-queries",
+        ]);
+        cmd.arg(format!("--listen-address={}", topology::DNS_IP));
+        cmd.arg(format!("--pid-file={}", self.file("dnsmasq.pid").display()));
+        // Names under the cluster's domain and the lab's are answered here, NXDOMAIN when unknown.
+        cmd.arg(format!("--local=/{}/", topology::CLUSTER_DOMAIN));
+        cmd.arg(format!("--local=/{}/", topology::EXTERNAL_NAME.split_once('.').map(|(_, d)| d).unwrap_or(topology::EXTERNAL_NAME)));
+        for (name, ip) in topology::dns_records() {
+            cmd.arg(format!("--host-record={name},{ip}"));
+        }
+        self.spawn(cmd, topology::DNS_POD, &ns, 53, "coredns.log")?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let path = netns::named(&ns);
+        loop {
+            let answered = netns::in_netns(&path, || Ok(crate::validate::dns::query_once(topology::DNS_IP, "kubernetes.default.svc.cluster.local", Duration::from_millis(200))))?;
+            if answered.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the lab's DNS (dnsmasq in {ns}) does not answer: {:#}; its log: {}", answered.unwrap_err(), self.file("coredns.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn stop_servers(&mut self, which: impl Fn(&Server) -> bool) {
@@ -275,12 +344,14 @@ pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     netns::in_netns(&netns::named(ns), move || sys::write_sysctl(&k, &v)).with_context(|| format!("set {key} in {ns}"))
 }
 
-/// Is `pid` one of the lab's servers (checked before signalling it: pids are reused)?
+/// Is `pid` one of the lab's processes (checked before signalling it: pids are reused): a `lab serve`, or
+/// the DNS pod's dnsmasq (its pid file is in the lab's state folder)?
 fn is_lab_server(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-            args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"serve")
+            let pid_file = format!("--pid-file={STATE_ROOT}/");
+            args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"serve") || args.iter().any(|a| a.starts_with(pid_file.as_bytes()))
         })
         .unwrap_or(false)
 }
@@ -402,16 +473,15 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
         sys::run_in_stdin(&ns, &tools::IPTABLES_NFT_RESTORE, &["--noflush", "-w"], &flannel_rules(i))?;
         lab.setup_vxlan(i, topology::VXLAN_PORT, topology::VXLAN_VNI)?;
     }
+    std::fs::write(lab.file("resolv.conf"), topology::resolv_conf()).context("write the pods' resolv.conf")?;
+    serve::make_certificates(&lab.names.state_dir(), topology::EXTERNAL_NAME, topology::EXTERNAL_IP).context("make the lab's certificates")?;
     for pod in &PODS {
-        lab.add_pod(pod.name, pod.node, pod.ip)?;
+        lab.add_pod_with_container(pod.name, pod.node, pod.ip, pod.serves)?;
     }
-    for pod in &PODS {
-        if let Some(port) = pod.serves {
-            let ns = lab.pod_ns(pod.name);
-            lab.start_server(pod.name, &ns, port)?;
-        }
-    }
-    lab.start_server("external", &ext, topology::EXTERNAL_PORT)?;
+    lab.add_pod(topology::DNS_POD, topology::DNS_NODE, topology::DNS_IP)?;
+    lab.start_dns()?;
+    lab.start_server("external", &ext, Some(topology::EXTERNAL_PORT), false)?;
+    lab.start_server("external", &ext, Some(topology::EXTERNAL_TLS_PORT), true)?;
     for f in faults {
         f.apply(lab).with_context(|| format!("apply fault {}", f.name))?;
         lab.state.faults.push(f.name.to_string());

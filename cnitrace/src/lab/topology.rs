@@ -13,8 +13,20 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub const EXTERNAL_PORT: u16 = 80;
 /// Node 0's uplink address towards the external host.
 pub const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The external host's HTTPS (a certificate from the lab's own CA, `ca.pem` in the lab's state folder).
+pub const EXTERNAL_TLS_PORT: u16 = 443;
+/// The external host's name in the lab's DNS (`.test`: reserved, resolves nowhere else).
+pub const EXTERNAL_NAME: &str = "external.cnitrace.test";
 /// Pods serve HTTP here (jellyfin's port).
 pub const HTTP_PORT: u16 = 8096;
+/// The cluster's DNS, where CoreDNS would run: a pod of its own on the second node, served by dnsmasq,
+/// named in every lab pod's `/etc/resolv.conf` as the kubelet writes it for `dnsPolicy: ClusterFirst`.
+pub const DNS_POD: &str = "coredns";
+pub const DNS_NODE: usize = 1;
+pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 53);
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The kubernetes Service's ClusterIP: a name the lab's DNS answers (nothing serves it: no Services yet).
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
 pub struct NodeSpec {
     pub name: &'static str,
@@ -69,6 +81,20 @@ pub const PODS: [PodSpec; 3] = [
     PodSpec { name: "web", node: 1, ip: Ipv4Addr::new(10, 244, 1, 10), serves: Some(HTTP_PORT) },
 ];
 
+/// A lab pod's `/etc/resolv.conf` (namespace `default`), as the kubelet writes it for ClusterFirst.
+pub fn resolv_conf() -> String {
+    format!("search default.svc.{d} svc.{d} {d}\nnameserver {DNS_IP}\noptions ndots:5\n", d = CLUSTER_DOMAIN)
+}
+
+/// The names the lab's DNS answers: the pods as headless Services of namespace `default`, the
+/// kubernetes Service, the external host.
+pub fn dns_records() -> Vec<(String, Ipv4Addr)> {
+    let mut r: Vec<(String, Ipv4Addr)> = PODS.iter().map(|p| (format!("{}.default.svc.{CLUSTER_DOMAIN}", p.name), p.ip)).collect();
+    r.push((format!("kubernetes.default.svc.{CLUSTER_DOMAIN}"), KUBERNETES_SERVICE_IP));
+    r.push((EXTERNAL_NAME.to_string(), EXTERNAL_IP));
+    r
+}
+
 pub fn pod(name: &str) -> Option<&'static PodSpec> {
     PODS.iter().find(|p| p.name == name)
 }
@@ -95,6 +121,10 @@ impl Names {
     /// Is this namespace name one of this lab's?
     pub fn owns(&self, ns: &str) -> bool {
         ns.starts_with(&format!("{}-", self.prefix))
+    }
+    /// Is this namespace one of this lab's pods?
+    pub fn owns_pod(&self, ns: &str) -> bool {
+        ns.starts_with(&format!("{}-pod-", self.prefix))
     }
     pub fn state_dir(&self) -> std::path::PathBuf {
         std::path::Path::new(super::STATE_ROOT).join(&self.prefix)

@@ -10,3 +10,4 @@ mod kube;
 mod lab;
 mod layouts;
 mod node_shape;
+mod validate;

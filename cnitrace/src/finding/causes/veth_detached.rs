@@ -14,7 +14,9 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     ];
     for (name, ip, node, host) in sides {
         let (Some(node), Some(host)) = (node, host) else { continue };
-        if host.master.is_some() {
+        // A host end with an address of its own is routed (a point-to-point link, CNI's ptp), not a
+        // bridge port that lost its bridge.
+        if host.master.is_some() || node.addrs.iter().any(|a| a.ifindex == host.ifindex) {
             continue;
         }
         let bridge = ctx.pods_bridge(node).map(|b| b.name.clone()).unwrap_or_else(|| "the pods' bridge".into());
