@@ -139,6 +139,43 @@ pub fn pod_ip(pod: &str) -> String {
     topology::pod(pod).expect("lab pod").ip.to_string()
 }
 
+/// A test's scratch folder under TMPDIR (`cnitrace-<what>-<pid>`), removed when dropped, also on panic.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(what: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("cnitrace-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        Scratch(p)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Where this suite's fix journals go (never the host's /var/lib/cnitrace).
 pub fn state_dir() -> PathBuf {
     std::env::temp_dir().join("cnitrace-test-state")

@@ -25,10 +25,8 @@ fn cluster() -> Objects {
     o
 }
 
-fn scratch(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnitrace-kube-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+fn scratch(test: &str) -> cnitrace_tests::Scratch {
+    cnitrace_tests::Scratch::new(&format!("kube-{test}"))
 }
 
 fn args(kubeconfig: PathBuf) -> KubeArgs {

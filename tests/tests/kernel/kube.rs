@@ -10,8 +10,8 @@ use cnitrace_tests::{
 };
 use serde_json::{json, Value};
 
-fn scratch(test: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("cnitrace-kube-{test}-{}", std::process::id()))
+fn scratch(test: &str) -> cnitrace_tests::Scratch {
+    cnitrace_tests::Scratch::new(&format!("kube-{test}"))
 }
 
 /// Every place a trace names a namespace: the events' `where_`, the verdict's `netns`.
@@ -141,7 +141,8 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
     o.by_kind.get_mut("pods").unwrap().last_mut().unwrap()["spec"]["hostNetwork"] = json!(true);
     o.pod_not_ready("media", "jellyfin-6c9f7-qx2lp", "rack4-node", topology::pod("jellyfin").expect("lab pod").ip, json!({"app": "jellyfin"}), None, 0, "");
     let api = FakeApi::start(o, Behaviour::Normal);
-    let k = api.kubeconfig(&scratch("check"), None);
+    let dir = scratch("check");
+    let k = api.kubeconfig(&dir, None);
     let k = k.to_str().expect("utf-8 path");
     let check = |extra: &[&str]| {
         let out = cnitrace(&[&["check", "--json"][..], extra].concat());
@@ -249,7 +250,8 @@ fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs()
         }
     });
     let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
-    let k = api.kubeconfig(&scratch("restart"), None);
+    let dir = scratch("restart");
+    let k = api.kubeconfig(&dir, None);
     let k = k.to_str().expect("utf-8 path");
 
     let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k]);
@@ -276,6 +278,54 @@ fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs()
     assert_eq!(api.writes().len(), 1, "a rollback of a restart asks the API nothing");
 }
 
+/// The seed's symptom, flannel.1 holding 0.0.0.0/32, on a node where flannel runs: the repair is
+/// flannel's restart there (flanneld writes the address again), not an address edited under it; without
+/// the API the same fault is repaired by hand (fix:: covers that).
+#[test]
+fn a_vxlan_address_flannel_owns_is_repaired_by_restarting_flannel_where_it_runs() {
+    if !can_run_kernel_tests("a_vxlan_address_flannel_owns_is_repaired_by_restarting_flannel_where_it_runs") {
+        return;
+    }
+    let _lab = LabGuard::up(&["vxlan-address-zero"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.flannel_pod(&rack(i), n.underlay);
+    }
+    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
+    o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
+        .pod("shop", "web-0", &rack(1), pod("web"), json!({"app": "web"}))
+        .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+    let flannel_on_4 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == rack(0) && p["metadata"]["namespace"] == "kube-flannel").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // flanneld on rack4-node, restarted: writes flannel.1 again (its address, routes, neighbours, FDB).
+    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
+        if node == "rack4-node" {
+            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
+            lab.rebuild_vxlan(0, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1");
+        }
+    });
+    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
+    let dir = scratch("address");
+    let k = api.kubeconfig(&dir, None);
+    let k = k.to_str().expect("utf-8 path");
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("vxlan-address-invalid")), "{v}");
+    let dry = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains(&format!("kubectl -n kube-flannel delete pod {flannel_on_4}")) && !text.contains("ip addr"), "a restart, no address edited: {text}");
+    assert!(text.contains("no undo"), "the plan says a restart has no undo: {text}");
+    assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
+    let out = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--auto", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("verified"), "{text}");
+    let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
+    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/kube-flannel/pods/{flannel_on_4}")]);
+}
+
 /// The iptables backends' split on a node, with kube-proxy crashing there: the verdict names both.
 #[test]
 fn an_iptables_backend_split_names_the_crashing_kube_proxy_of_its_node() {
@@ -292,7 +342,8 @@ fn an_iptables_backend_split_names_the_crashing_kube_proxy_of_its_node() {
         o.by_kind.get_mut("pods").unwrap().last_mut().unwrap()["spec"]["hostNetwork"] = json!(true);
     }
     let api = FakeApi::start(o, Behaviour::Normal);
-    let k = api.kubeconfig(&scratch("backends"), None);
+    let dir = scratch("backends");
+    let k = api.kubeconfig(&dir, None);
     let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k.to_str().unwrap()]);
     assert_eq!((code, v["cause"].as_str()), (1, Some("iptables-backend-conflict")), "{v}");
     let facts: Vec<&str> = v["facts"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();

@@ -4,7 +4,10 @@
 
 use std::process::{Child, Stdio};
 
-use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, pod_ip, topology, HandLayout, LabGuard};
+use cnitrace_tests::{
+    apiserver::{Behaviour, FakeApi, Objects},
+    bin, can_run_kernel_tests, cnitrace, pod_ip, topology, HandLayout, LabGuard,
+};
 use serde_json::Value;
 
 fn validate(args: &[&str]) -> (i32, Value) {
@@ -110,6 +113,31 @@ fn validate_follows_each_failed_check_to_the_drop() {
     }
 }
 
+/// Pods by name through the Kubernetes API, as on a cluster: the report names the source pod as the API
+/// does, and the destination resolves to its pod's address.
+#[test]
+fn validate_takes_pods_by_name_through_the_api() {
+    if !can_run_kernel_tests("validate_takes_pods_by_name_through_the_api") {
+        return;
+    }
+    let _g = LabGuard::up(&[]);
+    let mut o = Objects::default();
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.node(&format!("rack{}-node", i + 4), &n.subnet(), n.underlay, n.vtep_mac, "linux");
+    }
+    let ip = |name: &str| topology::pod(name).expect("lab pod").ip;
+    o.pod("default", "debug-shell", "rack4-node", ip("debug"), serde_json::json!({"run": "debug-shell"}))
+        .pod("media", "jellyfin-6c9f7-qx2lp", "rack4-node", ip("jellyfin"), serde_json::json!({"app": "jellyfin"}));
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let dir = cnitrace_tests::Scratch::new("validate-api");
+    let k = api.kubeconfig(&dir, None);
+    let (code, v) = validate(&["default/debug-shell", "media/jellyfin-6c9f7-qx2lp", "--kubeconfig", k.to_str().unwrap()]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["src"], "default/debug-shell", "{v:#}");
+    assert_eq!(check(&v, "ping")["target"], format!("media/jellyfin-6c9f7-qx2lp ({})", ip("jellyfin")), "{v:#}");
+    assert!(api.writes().is_empty(), "validate only reads: {:?}", api.writes());
+}
+
 /// Processes this test started, ended by their id when dropped.
 struct Started(Vec<Child>);
 
@@ -133,9 +161,7 @@ fn validate_reads_the_resolver_of_a_pod_the_lab_does_not_build() {
     cnitrace::sys::run(&cnitrace_tools::IP, &["link", "add", "cvh0", "netns", &client, "type", "veth", "peer", "name", "cvh1", "netns", &ns1]).unwrap();
     l.ip("client", "link set lo up\nlink set cvh0 name eth0\naddr add 172.31.40.2/24 dev eth0\nlink set eth0 up");
     l.ip("ns1", "link set lo up\naddr add 172.31.40.53/24 dev cvh1\nlink set cvh1 up");
-    let dir = std::env::temp_dir().join(format!("cnitrace-vh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = scopeguard(dir.clone());
+    let dir = cnitrace_tests::Scratch::new("vh");
     let resolv = dir.join("resolv.conf");
     std::fs::write(&resolv, "nameserver 172.31.40.53\nsearch prod.example.internal\noptions ndots:2\n").unwrap();
     let mut started = Started(Vec::new());
@@ -184,15 +210,4 @@ fn validate_reads_the_resolver_of_a_pod_the_lab_does_not_build() {
     assert!(verdict["cause"].is_null(), "{v:#}");
     assert_eq!(verdict["netns"], ns1, "{v:#}");
     assert!(verdict["explanation"].as_str().unwrap().contains("nothing listens on its port"), "{v:#}");
-}
-
-/// Removes a scratch folder when dropped.
-fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
-    struct D(std::path::PathBuf);
-    impl Drop for D {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    D(dir)
 }

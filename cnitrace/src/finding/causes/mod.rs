@@ -64,6 +64,21 @@ pub static CAUSES: &[Cause] = &[
     mtu_mismatch::CAUSE,
 ];
 
+/// flannel-owned state on `node` is wrong and flannel runs there (the Kubernetes API says so): the repair
+/// is flannel's own — its pod restarted, so flanneld writes its state again. None without the API or
+/// without a Running flannel pod on that node (the caller repairs by hand then, or says what is needed).
+pub fn restart_flannel(ctx: &Ctx, node: &crate::state::NsState, why: &str) -> Option<Remedy> {
+    use crate::plan::{Action, Step, Target};
+    let name = ctx.node_name(node);
+    let pod = ctx.states.cluster.as_ref()?.flannel_pod_on(&name)?;
+    let ns = Target::of(node);
+    Some(Remedy::Steps(vec![Step {
+        action: Action::RestartPod { ns: ns.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone(), node: name, app: "flannel".into() },
+        undo: Action::NoUndo { ns, what: format!("{} was restarted; the DaemonSet's new pod replaced it", pod.full_name()) },
+        why: format!("{why}: flanneld, restarted, writes it again (no undo: a restart cannot be taken back)"),
+    }]))
+}
+
 pub fn find(id: &str) -> Option<&'static Cause> {
     CAUSES.iter().find(|c| c.id == id)
 }

@@ -1,7 +1,7 @@
 //! vxlan-config-mismatch: the nodes' VXLAN devices disagree on the UDP port or the VNI, so the peer
 //! drops the encapsulated packets (no socket on that port, or no device for that VNI).
 
-use crate::plan::{Action, Remedy, Step, Target};
+use crate::plan::Remedy;
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
@@ -68,17 +68,9 @@ fn fix(ctx: &Ctx) -> Remedy {
         // The node that differs is repaired the way flannel repairs it: flanneld, restarted, recreates
         // its VXLAN device from the ConfigMap. Only where flannel runs there (else nothing would).
         let why = format!("{one} differs from flannel's ConfigMap {} (VNI {} port {})", conf.source, conf.vni, conf.port);
-        Some(match ctx.states.cluster.as_ref().and_then(|c| c.flannel_pod_on(one)) {
-            Some(pod) => {
-                let ns = Target::of(node);
-                Remedy::Steps(vec![Step {
-                    action: Action::RestartPod { ns: ns.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone(), node: one.clone(), app: "flannel".into() },
-                    undo: Action::NoUndo { ns, what: format!("{} was restarted; the DaemonSet's new pod replaced it", pod.full_name()) },
-                    why: format!("{why}: flanneld, restarted, recreates its VXLAN device from it (no undo: a restart cannot be taken back)"),
-                }])
-            }
-            None => Remedy::NoSafeFix(format!("{why}, and no Running flannel pod on {one} is known: restart flannel there so flanneld recreates its VXLAN device")),
-        })
+        Some(super::restart_flannel(ctx, node, &format!("{why}; its VXLAN device comes from the ConfigMap")).unwrap_or_else(|| {
+            Remedy::NoSafeFix(format!("{why}, and no Running flannel pod on {one} is known: restart flannel there so flanneld recreates its VXLAN device"))
+        }))
     })();
     if let Some(r) = named {
         return r;
