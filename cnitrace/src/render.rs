@@ -67,34 +67,120 @@ fn what(e: &TraceEvent) -> String {
     }
 }
 
-/// `width`: the widest place name of the trace (pods named `namespace/name` run long).
-fn line(e: &TraceEvent, width: usize) -> String {
-    let encap = e.packet.as_ref().and_then(|p| p.outer.as_ref()).map(|o| format!("  [vxlan {} → {} vni {}]", o.src, o.dst, o.vni)).unwrap_or_default();
-    format!("  {:>9.3} ms  {:<width$} {:<14} {}{encap}", e.t_ns as f64 / 1e6, e.where_, e.ifname, what(e))
+/// How text is written: every event or the hops that matter, with colour or without.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Style {
+    /// Every event (`-v`); else the terse timeline.
+    pub verbose: bool,
+    pub color: bool,
 }
 
-pub fn text(r: &Report, out: &mut impl Write) -> Result<()> {
+impl Style {
+    /// For standard output: colour with `--color always`, or `auto` on a terminal unless `NO_COLOR` is set
+    /// (no-color.org) or the terminal is dumb.
+    pub fn for_stdout(choice: clap::ColorChoice, verbose: bool) -> Style {
+        use std::io::IsTerminal;
+        let color = match choice {
+            clap::ColorChoice::Always => true,
+            clap::ColorChoice::Never => false,
+            clap::ColorChoice::Auto => {
+                std::io::stdout().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && std::env::var("TERM").is_ok_and(|t| t != "dumb")
+            }
+        };
+        Style { verbose, color }
+    }
+
+    fn paint(&self, text: &str, style: anstyle::Style) -> String {
+        if self.color {
+            format!("{}{text}{}", style.render(), style.render_reset())
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+const RED: anstyle::Style = anstyle::AnsiColor::Red.on_default().bold();
+const GREEN: anstyle::Style = anstyle::AnsiColor::Green.on_default().bold();
+const YELLOW: anstyle::Style = anstyle::AnsiColor::Yellow.on_default().bold();
+const BOLD: anstyle::Style = anstyle::Style::new().bold();
+const DIM: anstyle::Style = anstyle::Style::new().dimmed();
+
+/// `width`: the widest place name of the trace (pods named `namespace/name` run long).
+fn line(e: &TraceEvent, width: usize, style: &Style) -> String {
+    let encap = e.packet.as_ref().and_then(|p| p.outer.as_ref()).map(|o| format!("  [vxlan {} → {} vni {}]", o.src, o.dst, o.vni)).unwrap_or_default();
+    let text = format!("  {:>9.3} ms  {:<width$} {:<14} {}{encap}", e.t_ns as f64 / 1e6, e.where_, e.ifname, what(e));
+    match e.kind {
+        Kind::Drop if !crate::path::is_noise(e) => style.paint(&text, RED),
+        _ => text,
+    }
+}
+
+/// The hops of one packet a person needs: where it went, where it turned back, where it died — not the
+/// loopback legs of the probe's own ICMP errors, queueing, the copies freed after delivery, the noise
+/// drops `follow` already discounts, nor the same hop twice in a row.
+pub fn terse(events: &[TraceEvent]) -> Vec<&TraceEvent> {
+    let mut kept: Vec<&TraceEvent> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let keep = match e.kind {
+            Kind::Drop => !crate::path::is_noise(e),
+            _ if e.ifname == "lo" => false,
+            Kind::Queue => false,
+            // The last consume is the delivery; earlier ones are clones freed on the way.
+            Kind::Consume => i + 1 == events.len(),
+            _ => true,
+        };
+        let repeat = kept.last().is_some_and(|p| p.where_ == e.where_ && p.ifname == e.ifname && p.kind == e.kind);
+        if keep && !repeat {
+            kept.push(e);
+        }
+    }
+    kept
+}
+
+/// Route lookups and neighbour changes worth a line in the terse timeline: what failed.
+fn control_matters(e: &TraceEvent) -> bool {
+    match (&e.route, &e.neigh) {
+        (Some(r), _) => r.err != 0,
+        (_, Some(n)) => n.state.split('|').any(|s| s == "failed" || s == "incomplete"),
+        _ => false,
+    }
+}
+
+pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
     writeln!(out, "follow {} → {}", endpoint(&r.src), endpoint(&r.dst))?;
     let attached = r.hooks.iter().filter(|h| h.attached).count();
     let missing: Vec<String> = r.hooks.iter().filter(|h| !h.attached).map(|h| format!("{}: {}", h.hook, h.reason.clone().unwrap_or_default())).collect();
     writeln!(out, "hooks: {attached} attached{}", if missing.is_empty() { String::new() } else { format!("; unavailable: {}", missing.join("; ")) })?;
     let width = r.trace.events.iter().chain(&r.trace.control).map(|e| e.where_.chars().count()).max().unwrap_or(0).max(18);
+    let mut hidden = 0;
     for p in &r.trace.packets {
-        writeln!(out, "\n{}", p.what)?;
-        for e in &p.events {
-            writeln!(out, "{}", line(e, width))?;
+        let events: Vec<&TraceEvent> = if style.verbose { p.events.iter().collect() } else { terse(&p.events) };
+        hidden += p.events.len() - events.len();
+        if events.is_empty() {
+            continue;
+        }
+        writeln!(out, "\n{}", style.paint(&p.what, BOLD))?;
+        for e in events {
+            writeln!(out, "{}", line(e, width, style))?;
         }
     }
     // The local table (255) is consulted before the main one for every packet: only its hits matter.
-    let control: Vec<&TraceEvent> = r.trace.control.iter().filter(|e| e.route.as_ref().is_none_or(|x| x.table != 255)).collect();
+    let control: Vec<&TraceEvent> =
+        r.trace.control.iter().filter(|e| e.route.as_ref().is_none_or(|x| x.table != 255)).filter(|e| style.verbose || control_matters(e)).collect();
+    hidden += r.trace.control.len() - control.len();
     if !control.is_empty() {
-        writeln!(out, "\nroute lookups and neighbours")?;
+        writeln!(out, "\n{}", style.paint(if style.verbose { "route lookups and neighbours" } else { "failed route lookups and neighbours" }, BOLD))?;
         for e in control.iter().take(30) {
-            writeln!(out, "{}", line(e, width))?;
+            writeln!(out, "{}", line(e, width, style))?;
         }
     }
+    if hidden > 0 && !style.verbose {
+        writeln!(out, "{}", style.paint(&format!("  ({hidden} more events: loopback legs, queueing, repeats; -v shows every one)"), DIM))?;
+    }
     writeln!(out)?;
-    verdict(&r.verdict, out)?;
+    verdict_styled(&r.verdict, style, out)?;
     writeln!(
         out,
         "events: {} matched, {} emitted, {} lost{}; ready in {} ms, {} ms in all",
@@ -145,15 +231,20 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
 
 /// The verdict block: cause, where, why, facts.
 pub fn verdict(v: &crate::finding::Verdict, out: &mut (impl Write + ?Sized)) -> Result<()> {
+    verdict_styled(v, &Style::default(), out)
+}
+
+pub fn verdict_styled(v: &crate::finding::Verdict, style: &Style, out: &mut (impl Write + ?Sized)) -> Result<()> {
     match v.verdict {
-        Outcome::Delivered => writeln!(out, "verdict: DELIVERED")?,
+        Outcome::Delivered => writeln!(out, "verdict: {}", style.paint("DELIVERED", GREEN))?,
         Outcome::Dropped => writeln!(
             out,
-            "verdict: DROPPED — cause {} (layer {})",
-            v.cause.clone().unwrap_or_else(|| "unknown".into()),
+            "verdict: {} — cause {} (layer {})",
+            style.paint("DROPPED", RED),
+            style.paint(&v.cause.clone().unwrap_or_else(|| "unknown".into()), BOLD),
             v.layer.clone().unwrap_or_else(|| "?".into())
         )?,
-        Outcome::Inconclusive => writeln!(out, "verdict: INCONCLUSIVE")?,
+        Outcome::Inconclusive => writeln!(out, "verdict: {}", style.paint("INCONCLUSIVE", YELLOW))?,
     }
     if v.verdict != Outcome::Delivered {
         let at = [v.netns.clone(), v.ifname.clone(), v.function.clone(), v.reason.clone()]
@@ -163,7 +254,7 @@ pub fn verdict(v: &crate::finding::Verdict, out: &mut (impl Write + ?Sized)) -> 
             .collect::<Vec<_>>()
             .join(", ");
         if !at.is_empty() {
-            writeln!(out, "  where: {at}")?;
+            writeln!(out, "  where: {}", style.paint(&at, BOLD))?;
         }
     }
     writeln!(out, "  why:   {}", v.explanation)?;

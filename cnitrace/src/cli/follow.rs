@@ -56,6 +56,13 @@ pub struct FollowArgs {
     /// node (for `cargo xtask bench`).
     #[arg(long, hide = true)]
     hooks_only: bool,
+    /// Every event of the trace (by default: the hops that matter — no loopback legs of the probe's own
+    /// ICMP errors, no queueing, no repeats).
+    #[arg(short, long)]
+    verbose: bool,
+    /// Colour: auto (on a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, value_enum, default_value_t = clap::ColorChoice::Auto, value_name = "WHEN")]
+    color: clap::ColorChoice,
     /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -102,7 +109,7 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if args.json {
         render::json(&report, &mut out)?;
     } else {
-        render::text(&report, &mut out)?;
+        render::text(&report, &render::Style::for_stdout(args.color, args.verbose), &mut out)?;
     }
     Ok(report.verdict.exit_code())
 }
