@@ -177,7 +177,7 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
         }
     }
     if hidden > 0 && !style.verbose {
-        writeln!(out, "{}", style.paint(&format!("  ({hidden} more events: loopback legs, queueing, repeats; -v shows every one)"), DIM))?;
+        writeln!(out, "{}", style.paint(&format!("  ({hidden} more events; -v shows every one)"), DIM))?;
     }
     writeln!(out)?;
     verdict_styled(&r.verdict, style, out)?;

@@ -101,6 +101,23 @@ fn the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth() {
     let facts = v["facts"].to_string();
     assert!(facts.contains(&format!("{veth}, the host end of jellyfin's eth0 on storagenodet3500, has no master")), "{facts}");
     assert!(facts.contains("host unreachable"), "the source got Destination Host Unreachable: {facts}");
+
+    // The text a person reads: terse by default — the ICMP error's loopback legs in the source pod left
+    // out, the drop kept — every event with -v; colour only when asked for (this output is piped).
+    let text = |extra: &[&str]| {
+        let mut args = vec!["follow", "10.244.0.20", "10.244.0.19", "--until-drop"];
+        args.extend_from_slice(extra);
+        String::from_utf8_lossy(&cnitrace(&args).stdout).into_owned()
+    };
+    let on_lo = |t: &str| t.lines().filter(|l| l.split_whitespace().nth(3) == Some("lo")).count();
+    let (terse, verbose) = (text(&[]), text(&["-v"]));
+    assert!(on_lo(&verbose) > 0, "the ICMP error travels the source's loopback: {verbose}");
+    assert_eq!(on_lo(&terse), 0, "{terse}");
+    assert!(terse.contains("DROP NEIGH_FAILED at neigh_invalidate") || terse.contains("at neigh_invalidate"), "the drop stays: {terse}");
+    assert!(terse.lines().count() < verbose.lines().count() && terse.contains("-v shows every one"), "{terse}");
+    assert!(!terse.contains('\x1b') && !verbose.contains('\x1b'), "no colour into a pipe");
+    let coloured = text(&["--color", "always"]);
+    assert!(coloured.contains("\x1b[") && coloured.contains("DROPPED"), "{coloured}");
 }
 
 #[test]
