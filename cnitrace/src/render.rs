@@ -264,5 +264,8 @@ pub fn verdict_styled(v: &crate::finding::Verdict, style: &Style, out: &mut (imp
     for m in &v.missing {
         writeln!(out, "  missing on this kernel: {m}")?;
     }
+    if let Some(d) = &v.doc {
+        writeln!(out, "  guide: {d}")?;
+    }
     Ok(())
 }

@@ -34,6 +34,17 @@ fn every_lab_fault_is_diagnosed_as_its_cause() {
 }
 
 #[test]
+fn every_verdict_with_a_cause_points_to_its_guide() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/causes.md")).expect("docs/causes.md");
+    for f in faults::FAULTS {
+        let v = load(f.name).replay();
+        assert_eq!(v.doc.as_deref(), Some(format!("docs/causes.md#{}", f.cause).as_str()), "{}", f.name);
+        assert!(guide.contains(&format!("## `{}`", f.cause)), "docs/causes.md has no section for {} (run `cargo xtask docs`)", f.cause);
+    }
+    assert_eq!(load("healthy-same-node").replay().doc, None, "no cause, no guide");
+}
+
+#[test]
 fn every_catalog_cause_has_a_lab_fault() {
     for id in causes::ids() {
         assert!(faults::FAULTS.iter().any(|f| f.cause == id), "cause {id} has no lab fault reproducing it");

@@ -20,8 +20,9 @@ pub fn run() -> Result<()> {
     }
     let mut md = String::from(
         "# Causes\n\nEvery cause `cnitrace follow` can name (the `cause` field of the verdict), how it is recognized, the lab\n\
-         fault that reproduces it, and what `follow` printed for that fault (`cargo xtask docs` regenerates this page\n\
-         from the recorded fixtures in `tests/fixtures/`). A drop that fits none of them is reported with cause null\n\
+         fault that reproduces it, what `follow` printed for that fault, and what `fix` does about it with its undo\n\
+         (`cargo xtask docs` regenerates this page from the recorded fixtures in `tests/fixtures/`). Each verdict's\n\
+         `doc` field (`guide:` in the text) points here. A drop that fits none of them is reported with cause null\n\
          and every fact found.\n",
     );
     for cause in &causes {
@@ -35,9 +36,18 @@ pub fn run() -> Result<()> {
         }
         let first = faults.iter().find(|f| f["cause"] == cause.as_str()).and_then(|f| f["name"].as_str()).unwrap_or_default();
         let fixture = root.join("tests/fixtures").join(format!("{first}.json"));
-        let out = Command::new(&bin).arg("replay").arg(&fixture).output().context("cnitrace replay")?;
+        let out = Command::new(&bin).args(["replay", "--plan"]).arg(&fixture).output().context("cnitrace replay")?;
+        let out = String::from_utf8_lossy(&out.stdout);
+        let (seen, fix) = out.split_once("\nfix").map(|(a, b)| (a.to_string(), format!("fix{b}"))).unwrap_or((out.to_string(), String::new()));
         let src = faults.iter().find(|f| f["name"] == first).map(|f| (f["src"].as_str().unwrap_or_default().to_string(), f["dst"].as_str().unwrap_or_default().to_string())).unwrap_or_default();
-        let _ = write!(md, "\n```\n$ sudo cnitrace follow {} {}\n…\n{}```\n", src.0, src.1, String::from_utf8_lossy(&out.stdout));
+        let _ = write!(md, "\nWhat you see:\n\n```\n$ sudo cnitrace follow {} {}\n…\n{}```\n", src.0, src.1, seen.trim_end_matches('\n').to_string() + "\n");
+        if !fix.is_empty() {
+            let _ = write!(
+                md,
+                "\nThe fix (`sudo cnitrace fix {} {}`; each line is also the command to type by hand, in the namespace it names — on a real node, drop the `ip netns exec`/`-n` part):\n\n```\n{fix}```\n",
+                src.0, src.1
+            );
+        }
     }
     let path = root.join("docs/causes.md");
     std::fs::create_dir_all(path.parent().expect("docs dir"))?;

@@ -42,6 +42,10 @@ enum Command {
         file: std::path::PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also print what `fix` would do for it: each action as the command a person would type, with
+        /// its undo (nothing is applied).
+        #[arg(long)]
+        plan: bool,
     },
     /// Which probes load on this kernel, which are refused, and why (loads them matching nothing, then
     /// unloads them).
@@ -92,7 +96,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args, &cli.kube),
         Command::Validate(args) => validate::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
-        Command::Replay { file, json } => replay(&file, json),
+        Command::Replay { file, json, plan } => replay(&file, json, plan),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut std::io::stdout());
             Ok(exit::OK)
@@ -235,15 +239,39 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn replay(file: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+fn replay(file: &std::path::Path, json: bool, plan: bool) -> anyhow::Result<u8> {
     use anyhow::Context;
+    use std::io::Write;
     let data = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
     let rec: crate::follow::Recording = serde_json::from_slice(&data).with_context(|| format!("{} is not a recording", file.display()))?;
     let v = rec.replay();
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string(&v)?);
+        writeln!(out, "{}", serde_json::to_string(&v)?)?;
     } else {
-        crate::render::verdict(&v, &mut std::io::stdout().lock())?;
+        crate::render::verdict(&v, &mut out)?;
+    }
+    if plan && !json {
+        match rec.plan() {
+            None => writeln!(out, "\nfix: no catalog cause, nothing to apply")?,
+            Some((cause, crate::plan::Remedy::NoSafeFix(why))) => writeln!(out, "\nfix: no safe fix for {cause}: {why}")?,
+            Some((cause, remedy)) => {
+                let (steps, only) = match remedy {
+                    crate::plan::Remedy::RuleRemoval(s) => (s, " (only with --allow-rule-removal: it removes a rule someone wrote)"),
+                    crate::plan::Remedy::Steps(s) => (s, ""),
+                    crate::plan::Remedy::NoSafeFix(_) => unreachable!("matched above"),
+                };
+                writeln!(out, "\nfix (cause {cause}){only}:")?;
+                for st in &steps {
+                    writeln!(out, "{}\n      # {}", st.action.command_lines("  ", "  "), st.why)?;
+                }
+                writeln!(out, "undo (`cnitrace fix --rollback`), last action first:")?;
+                for st in steps.iter().rev() {
+                    writeln!(out, "{}", st.undo.command_lines("  ", "  "))?;
+                }
+            }
+        }
     }
     Ok(v.exit_code())
 }
+

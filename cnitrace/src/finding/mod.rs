@@ -43,6 +43,14 @@ pub struct Verdict {
     /// Evidence this kernel could not give, and what the verdict rests on instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// The cause's guide (what you see, why, the fix and its undo, the commands by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
+}
+
+/// Where a catalog cause's guide is, in the source tree (and under `share/doc/cnitrace` once installed).
+pub fn doc_of(cause: &str) -> String {
+    format!("docs/causes.md#{cause}")
 }
 
 impl Verdict {
@@ -123,6 +131,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
             explanation: format!("{} reached {} and the answer came back", ctx.src_name(), ctx.dst_name()),
             facts: ctx.delivery_facts(),
             missing: Vec::new(),
+            doc: None,
         };
     }
     if probe.sent == 0 && probe.send_error.is_none() && !saw_traffic {
@@ -156,6 +165,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
                 explanation: d.explanation,
                 facts,
                 missing: Vec::new(),
+                doc: Some(doc_of(cause.id)),
             };
         }
     }
@@ -180,6 +190,7 @@ pub fn diagnose(ctx: &Ctx) -> Verdict {
                 ),
                 facts,
                 missing: Vec::new(),
+                doc: None,
             }
         }
         None => match unanswered_arp(ctx) {
@@ -217,6 +228,7 @@ fn no_listener(ctx: &Ctx) -> Option<Verdict> {
         ),
         facts,
         missing: Vec::new(),
+        doc: None,
     })
 }
 
@@ -270,6 +282,7 @@ fn unanswered_arp(ctx: &Ctx) -> Option<Verdict> {
         explanation: format!("{explanation}; none of the known causes matches the node's state"),
         facts,
         missing: Vec::new(),
+        doc: None,
     })
 }
 
@@ -288,6 +301,7 @@ fn inconclusive(ctx: &Ctx, why: &str) -> Verdict {
         explanation: why.to_string(),
         facts,
         missing: Vec::new(),
+        doc: None,
     }
 }
 
@@ -342,6 +356,7 @@ mod tests {
             explanation: String::new(),
             facts: Vec::new(),
             missing: Vec::new(),
+            doc: None,
         }
     }
 

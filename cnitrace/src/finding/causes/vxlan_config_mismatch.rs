@@ -77,7 +77,7 @@ fn fix(ctx: &Ctx) -> Remedy {
     }
     Remedy::NoSafeFix(
         "the two nodes' flannel.1 disagree on port or VNI; which one is right is in flannel's ConfigMap (net-conf.json Backend). \
-         Restart flanneld on the node that differs so it recreates flannel.1 (the Kubernetes integration will do this)"
+         Restart flanneld on the node that differs so it recreates flannel.1 (with the Kubernetes API, `fix` does: it reads the ConfigMap and restarts flannel's pod there)"
             .into(),
     )
 }
