@@ -260,8 +260,35 @@ const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
 const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
+/// `cnitrace watch`: drops counted in the kernel by where and why (map `DROPS`, key → count). No pair
+/// and no record per packet: a node can run it for hours.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    /// Where the kernel freed the packet (an address in a function, named from kallsyms).
+    pub location: u64,
+    /// The namespace and interface the packet was on.
+    pub netns: u32,
+    pub ifindex: u32,
+    /// The kernel's drop reason (0 where kfree_skb has none, before 5.17).
+    pub reason: u32,
+    /// Ethernet protocol (host order); IPv4 packets also carry their addresses and transport protocol.
+    pub proto: u16,
+    pub l4: u8,
+    pub _pad: u8,
+    /// Network byte order; 0 for other protocols.
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+impl DropKey {
+    /// Entries the kernel keeps (least recently dropped go first when full).
+    pub const MAX: u32 = 8192;
+}
+
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::DropKey {}
     // SAFETY: plain-old-data, repr(C), no padding holes that matter, no pointers.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}

@@ -445,7 +445,7 @@ pub unsafe fn load<T: Copy + Default>(base: *const u8, off: u32) -> T {
 /// tracepoint; else one helper call where the kernel's layout allows (`Config::skb_window`), one per
 /// field otherwise.
 #[inline(always)]
-unsafe fn skb_l3(c: &Config, skb: *const u8, at: L3At, fields: Fields) -> (u16, *const u8) {
+pub unsafe fn skb_l3(c: &Config, skb: *const u8, at: L3At, fields: Fields) -> (u16, *const u8) {
     let (proto, head, nh, data): (u16, u64, u16, u64) = if fields == Fields::Direct {
         let proto = unsafe { load(skb, c.skb_protocol) };
         match at {

@@ -12,6 +12,7 @@ mod filter;
 mod kfunc;
 mod neigh;
 mod route;
+mod watch;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -25,6 +25,7 @@ pub mod resolve;
 pub mod state;
 pub mod sys;
 pub mod validate;
+pub mod watch;
 
 /// The eBPF object built by build.rs from cnitrace-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cnitrace-ebpf"));

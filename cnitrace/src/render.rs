@@ -92,6 +92,11 @@ impl Style {
         Style { verbose, color }
     }
 
+    /// A drop's line: red where colour is on.
+    pub fn paint_drop(&self, text: &str) -> String {
+        self.paint(text, RED)
+    }
+
     fn paint(&self, text: &str, style: anstyle::Style) -> String {
         if self.color {
             format!("{}{text}{}", style.render(), style.render_reset())

@@ -127,6 +127,7 @@ pub fn loaded_cnitrace_programs() -> usize {
         "net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han",
         "tp_net_dev_star", "tp_netif_receiv", "tp_fib_table_lo",
         "kp_nf_hook_slow", "kp_fib_validate", "kr_fib_validate", "kp_br_forward", "kp_ip_forward", "kp_vxlan_xmit", "kp_vxlan_rcv",
+        "watch_drop_reas", "watch_drop_lega",
     ];
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok())

@@ -6,6 +6,7 @@ mod follow;
 mod lab;
 mod pair;
 mod validate;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,9 @@ enum Command {
     /// The incident's validation from a pod: ping, TCP and HTTP to a destination, DNS through the pod's
     /// own resolver, an external URL; every failed check followed to where its packets died.
     Validate(validate::ValidateArgs),
+    /// Every drop on this host as it happens, no pair: grouped by pod, reason and function, with rates
+    /// (a live table on a terminal, --json, --prometheus ADDR). Only the drop tracepoint is attached.
+    Watch(watch::WatchArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
@@ -95,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Fix(args) => fix::run(args, &cli.kube),
         Command::Check(args) => check::run(args, &cli.kube),
         Command::Validate(args) => validate::run(args, &cli.kube),
+        Command::Watch(args) => watch::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Replay { file, json, plan } => replay(&file, json, plan),
         Command::Completions { shell } => {

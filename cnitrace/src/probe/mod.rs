@@ -6,6 +6,7 @@
 
 pub mod btf;
 pub mod kallsyms;
+pub mod watch;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -132,7 +133,7 @@ pub struct Probe {
 /// with a mount namespace of its own where /sys/kernel/btf is an empty tmpfs: aya finds no BTF and
 /// parses none. The namespace is private (no mount propagates to the host's) and ends with the
 /// thread. Where any step is refused, the plain loader is the fallback.
-fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+pub(crate) fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     use nix::{
         mount::{mount, MsFlags},
         sched::{unshare, CloneFlags},
@@ -323,7 +324,7 @@ where
     Ok(ebpf.program_mut(name).with_context(|| format!("no program {name} in the object"))?.try_into()?)
 }
 
-fn attach(ebpf: &mut Ebpf, program_name: &str, tracepoint: &str) -> Result<()> {
+pub(crate) fn attach(ebpf: &mut Ebpf, program_name: &str, tracepoint: &str) -> Result<()> {
     let prog: &mut RawTracePoint = program(ebpf, program_name)?;
     prog.load().with_context(|| format!("load {program_name}"))?;
     prog.attach(tracepoint).with_context(|| format!("attach {program_name}"))?;
@@ -345,7 +346,7 @@ fn attach_kprobe(ebpf: &mut Ebpf, program_name: &str, function: &str) -> Result<
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
-fn raise_memlock() {
+pub(crate) fn raise_memlock() {
     let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };

@@ -11,3 +11,4 @@ mod lab;
 mod layouts;
 mod node_shape;
 mod validate;
+mod watch;

@@ -1,0 +1,63 @@
+//! `cnitrace watch`: every drop on the host without a pair, grouped by pod, reason and function, as JSON
+//! and as Prometheus metrics scraped the way a Prometheus server does; nothing left attached after.
+
+use std::{
+    io::{Read, Write},
+    process::Stdio,
+    time::Duration,
+};
+
+use cnitrace_tests::{bin, can_run_kernel_tests, loaded_cnitrace_programs, pod_ip, LabGuard};
+use serde_json::Value;
+
+#[test]
+fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
+    if !can_run_kernel_tests("watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus") {
+        return;
+    }
+    let g = LabGuard::up(&["iptables-drop"]);
+    // The metrics listen inside a lab namespace (its loopback): nothing of the host's is used.
+    let ext = g.lab.external_ns();
+    let before = loaded_cnitrace_programs();
+    let child = cnitrace_tools::Tool::netns_exec(&ext, &bin())
+        .args(["watch", "--json", "--interval", "0.5", "--duration", "5", "--prometheus", "127.0.0.1:9465"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cnitrace watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Five echoes from debug to web: the FORWARD rule on storagenodet3500 drops each.
+    let debug = g.lab.pod_ns("debug");
+    let _ = cnitrace_tools::PING.in_netns(&debug).args(["-c", "5", "-i", "0.2", "-W", "1", &pod_ip("web")]).stdout(Stdio::null()).status();
+    std::thread::sleep(Duration::from_millis(700));
+    let metrics = cnitrace::netns::in_netns(&cnitrace::netns::named(&ext), || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 9465))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/openmetrics-text\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .expect("scrape /metrics");
+    let out = child.wait_with_output().expect("watch ends by itself");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(metrics.starts_with("HTTP/1.1 200 OK") && metrics.contains("# TYPE cnitrace_drops counter"), "{metrics}");
+    let web: Vec<&str> = metrics.lines().filter(|l| l.starts_with("cnitrace_drops_total{") && l.contains("pod=\"web\"") && l.contains("function=\"nft_do_chain\"")).collect();
+    assert_eq!(web.len(), 1, "one series for web's dropped echoes: {metrics}");
+    let n: f64 = web[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 5.0, "every echo counted: {}", web[0]);
+
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
+    let last = lines.iter().filter(|v| v["pod"] == "web" && v["function"] == "nft_do_chain").last().unwrap_or_else(|| panic!("web's drops: {lines:#?}"));
+    assert!(last["total"].as_u64().unwrap() >= 5, "{last}");
+    assert_eq!(last["netns"], "storagenodet3500", "dropped on the node, for web: {last}");
+    assert!(last["what"].as_str().unwrap().contains(&format!("→ {}", pod_ip("web"))), "{last}");
+    if cnitrace_tests::kernel_version() >= (5, 17) {
+        assert_eq!(last["reason"], "NETFILTER_DROP", "{last}");
+    }
+    assert!(lines.iter().all(|v| v.get("noise").is_none()), "the noise classes are folded away without --all");
+    let t0 = std::time::Instant::now();
+    while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(loaded_cnitrace_programs(), before, "nothing stays attached after watch ends");
+}
