@@ -132,6 +132,7 @@ tools! {
     BASH = "bash", Base("bash"), "tests: /dev/udp";
     SETPRIV = "setpriv", Base("util-linux"), "tests: cnitrace without root";
     SCRIPT = "script", Base("bsdutils"), "tests: fix's prompt on a terminal";
+    TMUX = "tmux", Apt("tmux"), "tests: fix's prompt and colours in a real terminal (send-keys, capture-pane)";
     UNSHARE = "unshare", Base("util-linux"), "bench: bpftrace with its own tracefs mount";
     TASKSET = "taskset", Base("util-linux"), "bench: flows pinned to a CPU";
     BPFTRACE = "bpftrace", Apt("bpftrace"), "bench: the same hooks in bpftrace, for comparison";

@@ -28,6 +28,8 @@ pub const HOST_PACKAGES: &[&str] = &[
     "bpftrace",
     // The lab's DNS server: the binary only (the `dnsmasq` package would also start a system service).
     "dnsmasq-base",
+    // The terminal tests (fix's prompt, colours) run in a real terminal.
+    "tmux",
 ];
 /// What the kernel matrix's VMs need on the host: qemu (TCG), busybox (virtme-ng's initramfs), udev
 /// (virtme-ng's init), kmod (depmod for the extracted modules), file (virtme-ng reads the image's

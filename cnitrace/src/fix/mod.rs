@@ -105,7 +105,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         writeln!(out, "{}: delivered; nothing to fix", pair_label(&report))?;
         return Ok(crate::exit::OK);
     }
-    crate::render::verdict(&report.verdict, out)?;
+    crate::render::verdict_styled(&report.verdict, &crate::render::Style::for_stdout(clap::ColorChoice::Auto, false), out)?;
     // The node's paths, found from its own state; which of them answer is read right before the first
     // change (a dry run or a "no" sends nothing).
     let nodes: Vec<u32> = [report.states.src_node, report.states.dst_node].into_iter().flatten().collect();

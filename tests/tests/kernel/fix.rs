@@ -293,6 +293,61 @@ fn on_a_terminal_fix_asks_and_a_no_changes_nothing() {
     assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new());
 }
 
+/// In a real terminal (tmux): the verdict in colour, the question, a "y" typed, the repair applied and
+/// verified on screen.
+#[test]
+fn in_a_real_terminal_fix_asks_in_colour_and_a_yes_repairs() {
+    if !can_run_kernel_tests("in_a_real_terminal_fix_asks_in_colour_and_a_yes_repairs") {
+        return;
+    }
+    let _g = LabGuard::up(&["route-missing"]);
+    let before = lab_config();
+    // A tmux server of this test's own (its socket name), ended at the end: no one else's is touched.
+    let socket = format!("cnitrace-test-{}", std::process::id());
+    let tmux = |args: &[&str]| tools::TMUX.command().args(["-L", &socket]).args(args).output().expect("run tmux");
+    struct Server<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Server<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["kill-server"]);
+        }
+    }
+    let cmd = format!(
+        "{} CNITRACE_STATE_DIR={} CNITRACE_LAB_PREFIX={} TERM=xterm-256color {} fix {} {}; sleep 60",
+        tools::ENV.program,
+        state_dir().display(),
+        cnitrace_tests::PREFIX,
+        bin().display(),
+        ip("debug"),
+        ip("web")
+    );
+    let started = tmux(&["new-session", "-d", "-s", "fix", "-x", "220", "-y", "60", &cmd]);
+    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
+    let _server = Server(&tmux);
+    let screen = |escapes: bool| {
+        let mut a = vec!["capture-pane", "-p", "-t", "fix", "-S", "-200"];
+        if escapes {
+            a.push("-e");
+        }
+        String::from_utf8_lossy(&tmux(&a).stdout).into_owned()
+    };
+    let wait_for = |what: &str| {
+        let t0 = std::time::Instant::now();
+        while !screen(false).contains(what) {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(60), "waited for {what:?}; the screen:\n{}", screen(false));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for("apply? [y/N]");
+    let coloured = screen(true);
+    assert!(coloured.contains("\x1b[") && coloured.contains("DROPPED"), "the verdict in colour on a terminal: {coloured}");
+    assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "nothing changed before the answer");
+    tmux(&["send-keys", "-t", "fix", "y", "Enter"]);
+    wait_for("verified: ");
+    let text = screen(false);
+    assert!(!text.contains("rolled back"), "{text}");
+    assert!(!config_diff(&before, &lab_config()).is_empty(), "the route is back: {text}");
+}
+
 /// The node check `fix` verifies with, on the lab's real namespaces: jellyfin's eth0 brought up by hand
 /// without the routes the kernel removed with it. The pair debug → jellyfin answers again; the check must
 /// still name jellyfin → web, which debug reaches (issue 17: such a repair was verified on the pair).
