@@ -41,6 +41,13 @@ pub fn run() -> Result<()> {
         if shell("cnitrace-pod-debug", &tools::CURL, &["-sS", "-m", "3", "http://10.244.0.19:8096/"])? != 0 {
             bail!("HTTP to jellyfin still fails after the fix");
         }
+        println!("\n# The incident's validation, from the debug pod: jellyfin by the name its DNS gives, DNS through");
+        println!("# the pod's own resolver, an external HTTPS site (the lab's, with the lab's CA).");
+        // The lab's CA: its state folder (cnitrace::lab::STATE_ROOT) under the default prefix.
+        let ca = "/run/cnitrace/lab/cnitrace/ca.pem";
+        if cnitrace(&["validate", "10.244.0.20", "jellyfin", "--external", "https://external.cnitrace.test/", "--cacert", ca])? != 0 {
+            bail!("validate failed after the fix");
+        }
         cnitrace(&["fix", "--history"])?;
         Ok(())
     })();
