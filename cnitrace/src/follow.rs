@@ -58,6 +58,8 @@ pub struct FollowOptions {
     /// The programs attached with their filter off (nothing matches): the hooks' own cost, for the
     /// benchmark. Not for operators.
     pub hooks_only: bool,
+    /// One line on stderr saying what follow is doing while it works (a terminal, not --json).
+    pub progress: bool,
 }
 
 /// How often follow drains the ring buffer while records come or a probe of its own is out.
@@ -226,6 +228,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     if req.src == req.dst {
         return Err(FollowError::SameAddress(req.src).into());
     }
+    let mut progress = crate::render::Progress::new(req.opts.progress);
+    progress.say(&format!("resolving {} and {}…", req.src, req.dst));
     let resolver = HostResolver::scan()?;
     let mut src = resolver.resolve(req.src)?;
     let mut dst = resolver.resolve(req.dst)?;
@@ -289,6 +293,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         btf_tracepoints: !req.opts.raw_tracepoints,
         hooks_only: req.opts.hooks_only,
     };
+    progress.say("attaching the probes…");
     let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, &probe_opts)?;
     let ready_ms = t_start.elapsed().as_millis() as u64;
     if let Some(path) = &req.opts.ready_file {
@@ -332,7 +337,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let own_echo = (req.probe == ProbeKind::Icmp && sender.is_some()).then_some(icmp_id);
     // The timeout counts from the probes being ready: start-up is the kernel's and the machine's (tens
     // of ms here, seconds under emulation), not time the traffic had.
-    let deadline = Instant::now() + req.timeout + Duration::from_millis(300);
+    let probing_since = Instant::now();
+    let deadline = probing_since + req.timeout + Duration::from_millis(300);
     let mut intake = Intake::default();
     let mut decoder = Decoder::new(names);
     let mut decoded: Vec<TraceEvent> = Vec::new();
@@ -386,7 +392,14 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline || settled {
             break;
         }
+        let waited = probing_since.elapsed().as_millis();
+        progress.say(&match arp.unanswered(now, Duration::ZERO) {
+            Some(a) => format!("waiting for ARP reply from {} on {} {}… {} ms", a.target, a.where_, a.ifname, a.waited_ms),
+            None if sender.is_some() => format!("probing {} → {} ({})… {waited} ms, {} events", req.src, req.dst, probe_words(req.probe), decoded.len()),
+            None => format!("waiting for the pair's traffic… {waited} ms, {} events", decoded.len()),
+        });
     }
+    progress.clear();
     let program_stats = if req.opts.kernel_stats { probe.program_stats() } else { Vec::new() };
     probe.detach();
     // Nothing new comes once detached: decode what is held.
@@ -599,6 +612,15 @@ impl Recording {
         let trace = Trace::build(self.events.clone());
         let ctx = Ctx { trace: &trace, probe: &self.probe, states: &self.states };
         crate::fix::plan(&ctx, verdict.cause.as_deref()?).map(|(c, r)| (c.id.to_string(), r))
+    }
+}
+
+fn probe_words(p: ProbeKind) -> String {
+    match p {
+        ProbeKind::Icmp => "icmp".into(),
+        ProbeKind::Tcp(port) => format!("tcp:{port}"),
+        ProbeKind::Udp(port) => format!("udp:{port}"),
+        ProbeKind::None => "none".into(),
     }
 }
 

@@ -85,6 +85,7 @@ impl FollowArgs {
             until_drop: self.until_drop,
             all_events: self.all_events,
             hooks_only: self.hooks_only,
+            progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
         Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: self.timeout, size: self.size, opts, cluster })
     }

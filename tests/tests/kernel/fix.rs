@@ -348,6 +348,42 @@ fn in_a_real_terminal_fix_asks_in_colour_and_a_yes_repairs() {
     assert!(!config_diff(&before, &lab_config()).is_empty(), "the route is back: {text}");
 }
 
+/// follow's progress line in a real terminal: what it waits for while it waits (the ARP reply that never
+/// comes, with --until-drop), gone once the verdict prints.
+#[test]
+fn in_a_real_terminal_follow_says_what_it_waits_for_then_clears_it() {
+    if !can_run_kernel_tests("in_a_real_terminal_follow_says_what_it_waits_for_then_clears_it") {
+        return;
+    }
+    let _g = LabGuard::up(&[faults::SEED_FAULT]);
+    let socket = format!("cnitrace-test-progress-{}", std::process::id());
+    let tmux = |args: &[&str]| tools::TMUX.command().args(["-L", &socket]).args(args).output().expect("run tmux");
+    struct Server<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Server<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["kill-server"]);
+        }
+    }
+    let cmd = format!("{} TERM=xterm-256color {} follow {} {} --until-drop; sleep 60", tools::ENV.program, bin().display(), ip("debug"), ip("jellyfin"));
+    let started = tmux(&["new-session", "-d", "-s", "follow", "-x", "220", "-y", "60", &cmd]);
+    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
+    let _server = Server(&tmux);
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "follow", "-S", "-200"]).stdout).into_owned();
+    let t0 = std::time::Instant::now();
+    let mut saw_progress = false;
+    while !screen().contains("verdict:") {
+        saw_progress |= screen().contains(&format!("waiting for ARP reply from {}", ip("jellyfin")));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "no verdict; the screen:\n{}", screen());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let text = screen();
+    assert!(saw_progress, "the wait for ARP was shown while it lasted (about 3 s): {text}");
+    assert!(!text.contains("waiting for ARP reply") && !text.contains("attaching the probes"), "the progress line is gone: {text}");
+    // Piped (this suite's other tests), follow writes no progress at all.
+    let piped = cnitrace_tests::cnitrace(&["follow", &ip("debug"), &ip("jellyfin")]);
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("waiting for"), "{}", String::from_utf8_lossy(&piped.stderr));
+}
+
 /// The node check `fix` verifies with, on the lab's real namespaces: jellyfin's eth0 brought up by hand
 /// without the routes the kernel removed with it. The pair debug → jellyfin answers again; the check must
 /// still name jellyfin → web, which debug reaches (issue 17: such a repair was verified on the pair).
