@@ -100,3 +100,17 @@ fn sysctl_path(key: &str) -> String {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// An HTTP request's head (up to the blank line, 16 KiB at most) read from `s`: what the small servers
+/// here read before answering (closing with unread data would reset the connection).
+pub fn read_http_head(s: &mut impl std::io::Read) -> Vec<u8> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    req
+}

@@ -140,6 +140,47 @@ pub fn pod_ip(pod: &str) -> String {
     topology::pod(pod).expect("lab pod").ip.to_string()
 }
 
+/// A real terminal for a test: a tmux server on a socket of the test's own, one session running `cmd` in a
+/// 220×60 pane; the server is killed when dropped (no one else's tmux is touched).
+pub struct Tmux {
+    socket: String,
+    session: String,
+}
+
+impl Tmux {
+    pub fn start(what: &str, cmd: &str) -> Tmux {
+        let t = Tmux { socket: format!("cnitrace-test-{what}-{}", std::process::id()), session: what.to_string() };
+        let out = t.run(&["new-session", "-d", "-s", what, "-x", "220", "-y", "60", cmd]);
+        assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+        t
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        cnitrace_tools::TMUX.command().args(["-L", &self.socket]).args(args).output().expect("run tmux")
+    }
+
+    /// The pane's text (with `escapes`, its colours as escape sequences), scrollback included.
+    pub fn screen(&self, escapes: bool) -> String {
+        let mut a = vec!["capture-pane", "-p", "-t", &self.session, "-S", "-200"];
+        if escapes {
+            a.push("-e");
+        }
+        String::from_utf8_lossy(&self.run(&a).stdout).into_owned()
+    }
+
+    pub fn keys(&self, keys: &[&str]) {
+        let mut a = vec!["send-keys", "-t", &self.session];
+        a.extend_from_slice(keys);
+        self.run(&a);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
 /// A test's scratch folder under TMPDIR (`cnitrace-<what>-<pid>`), removed when dropped, also on panic.
 pub struct Scratch(PathBuf);
 

@@ -1,6 +1,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{IsTerminal, Read, Write},
+    io::{IsTerminal, Write},
     sync::{atomic::AtomicBool, Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -159,14 +159,7 @@ fn serve_metrics(addr: std::net::SocketAddr) -> Result<Family<DropLabels, Counte
         for conn in listener.incoming() {
             let Ok(mut s) = conn else { continue };
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
+            let req = crate::sys::read_http_head(&mut s);
             let path_ok = req.starts_with(b"GET /metrics ") || req.starts_with(b"GET / ");
             let mut body = String::new();
             let status = if path_ok && prometheus_client::encoding::text::encode(&mut body, &registry.lock().expect("registry")).is_ok() {

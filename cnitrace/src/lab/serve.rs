@@ -57,14 +57,7 @@ pub fn run(c: &Container) -> Result<()> {
 /// `200 OK` with a one-line body naming the server, after the whole request head (closing with unread
 /// data would reset the connection).
 fn answer(mut s: impl Read + Write, body: &str) {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
+    crate::sys::read_http_head(&mut s);
     let reply = format!(
         "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         body.len(),

@@ -302,15 +302,6 @@ fn in_a_real_terminal_fix_asks_in_colour_and_a_yes_repairs() {
     }
     let _g = LabGuard::up(&["route-missing"]);
     let before = lab_config();
-    // A tmux server of this test's own (its socket name), ended at the end: no one else's is touched.
-    let socket = format!("cnitrace-test-{}", std::process::id());
-    let tmux = |args: &[&str]| tools::TMUX.command().args(["-L", &socket]).args(args).output().expect("run tmux");
-    struct Server<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
-    impl Drop for Server<'_> {
-        fn drop(&mut self) {
-            let _ = (self.0)(&["kill-server"]);
-        }
-    }
     let cmd = format!(
         "{} CNITRACE_STATE_DIR={} CNITRACE_LAB_PREFIX={} TERM=xterm-256color {} fix {} {}; sleep 60",
         tools::ENV.program,
@@ -320,30 +311,21 @@ fn in_a_real_terminal_fix_asks_in_colour_and_a_yes_repairs() {
         ip("debug"),
         ip("web")
     );
-    let started = tmux(&["new-session", "-d", "-s", "fix", "-x", "220", "-y", "60", &cmd]);
-    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
-    let _server = Server(&tmux);
-    let screen = |escapes: bool| {
-        let mut a = vec!["capture-pane", "-p", "-t", "fix", "-S", "-200"];
-        if escapes {
-            a.push("-e");
-        }
-        String::from_utf8_lossy(&tmux(&a).stdout).into_owned()
-    };
+    let term = cnitrace_tests::Tmux::start("fix", &cmd);
     let wait_for = |what: &str| {
         let t0 = std::time::Instant::now();
-        while !screen(false).contains(what) {
-            assert!(t0.elapsed() < std::time::Duration::from_secs(60), "waited for {what:?}; the screen:\n{}", screen(false));
+        while !term.screen(false).contains(what) {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(60), "waited for {what:?}; the screen:\n{}", term.screen(false));
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     };
     wait_for("apply? [y/N]");
-    let coloured = screen(true);
+    let coloured = term.screen(true);
     assert!(coloured.contains("\x1b[") && coloured.contains("DROPPED"), "the verdict in colour on a terminal: {coloured}");
     assert_eq!(config_diff(&before, &lab_config()), Vec::<String>::new(), "nothing changed before the answer");
-    tmux(&["send-keys", "-t", "fix", "y", "Enter"]);
+    term.keys(&["y", "Enter"]);
     wait_for("verified: ");
-    let text = screen(false);
+    let text = term.screen(false);
     assert!(!text.contains("rolled back"), "{text}");
     assert!(!config_diff(&before, &lab_config()).is_empty(), "the route is back: {text}");
 }
@@ -356,19 +338,9 @@ fn in_a_real_terminal_follow_says_what_it_waits_for_then_clears_it() {
         return;
     }
     let _g = LabGuard::up(&[faults::SEED_FAULT]);
-    let socket = format!("cnitrace-test-progress-{}", std::process::id());
-    let tmux = |args: &[&str]| tools::TMUX.command().args(["-L", &socket]).args(args).output().expect("run tmux");
-    struct Server<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
-    impl Drop for Server<'_> {
-        fn drop(&mut self) {
-            let _ = (self.0)(&["kill-server"]);
-        }
-    }
     let cmd = format!("{} TERM=xterm-256color {} follow {} {} --until-drop; sleep 60", tools::ENV.program, bin().display(), ip("debug"), ip("jellyfin"));
-    let started = tmux(&["new-session", "-d", "-s", "follow", "-x", "220", "-y", "60", &cmd]);
-    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
-    let _server = Server(&tmux);
-    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "follow", "-S", "-200"]).stdout).into_owned();
+    let term = cnitrace_tests::Tmux::start("follow", &cmd);
+    let screen = || term.screen(false);
     let t0 = std::time::Instant::now();
     let mut saw_progress = false;
     while !screen().contains("verdict:") {
