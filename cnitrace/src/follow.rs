@@ -395,7 +395,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         let waited = probing_since.elapsed().as_millis();
         progress.say(&match arp.unanswered(now, Duration::ZERO) {
             Some(a) => format!("waiting for ARP reply from {} on {} {}… {} ms", a.target, a.where_, a.ifname, a.waited_ms),
-            None if sender.is_some() => format!("probing {} → {} ({})… {waited} ms, {} events", req.src, req.dst, probe_words(req.probe), decoded.len()),
+            None if sender.is_some() => format!("probing {} → {} ({})… {waited} ms, {} events", req.src, req.dst, req.probe, decoded.len()),
             None => format!("waiting for the pair's traffic… {waited} ms, {} events", decoded.len()),
         });
     }
@@ -612,15 +612,6 @@ impl Recording {
         let trace = Trace::build(self.events.clone());
         let ctx = Ctx { trace: &trace, probe: &self.probe, states: &self.states };
         crate::fix::plan(&ctx, verdict.cause.as_deref()?).map(|(c, r)| (c.id.to_string(), r))
-    }
-}
-
-fn probe_words(p: ProbeKind) -> String {
-    match p {
-        ProbeKind::Icmp => "icmp".into(),
-        ProbeKind::Tcp(port) => format!("tcp:{port}"),
-        ProbeKind::Udp(port) => format!("udp:{port}"),
-        ProbeKind::None => "none".into(),
     }
 }
 

@@ -21,6 +21,18 @@ pub enum ProbeKind {
     None,
 }
 
+/// As the command line spells it: `icmp`, `tcp:8096`, `udp:53`, `none`.
+impl std::fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeKind::Icmp => write!(f, "icmp"),
+            ProbeKind::Tcp(port) => write!(f, "tcp:{port}"),
+            ProbeKind::Udp(port) => write!(f, "udp:{port}"),
+            ProbeKind::None => write!(f, "none"),
+        }
+    }
+}
+
 impl std::str::FromStr for ProbeKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -332,12 +332,6 @@ fn lookup_words(l: &dns::Lookup) -> String {
 
 /// Follows one failed check's packets: the same trace as `cnitrace follow SRC DST --probe KIND`.
 fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<Traced, String> {
-    let probe = match kind {
-        ProbeKind::Icmp => "icmp".to_string(),
-        ProbeKind::Tcp(p) => format!("tcp:{p}"),
-        ProbeKind::Udp(p) => format!("udp:{p}"),
-        ProbeKind::None => "none".to_string(),
-    };
     let f = FollowRequest {
         src: req.src,
         dst,
@@ -349,7 +343,7 @@ fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<T
         cluster: req.cluster.clone(),
     };
     match follow::run(&f) {
-        Ok(r) => Ok(Traced { probe: format!("{probe} {} → {dst}", req.src), verdict: r.verdict }),
+        Ok(r) => Ok(Traced { probe: format!("{kind} {} → {dst}", req.src), verdict: r.verdict }),
         Err(e) => Err(format!("{e:#}")),
     }
 }
