@@ -70,6 +70,8 @@ impl PassiveFollow {
         while !ready.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        // Read once: nothing of the test stays in TMPDIR.
+        let _ = std::fs::remove_file(&ready);
         PassiveFollow(child)
     }
 
