@@ -95,6 +95,20 @@ pub fn pod_resolver(ns: &NetNs) -> Result<ResolverConf> {
     bail!("none of the {seen} processes in the pod's network namespace has an /etc/resolv.conf of its own (give the resolver with --nameserver)")
 }
 
+/// The pod's resolver with `--nameserver` laid over it: that nameserver instead of the pod's (the
+/// pod's search list kept), or alone when the pod's resolv.conf cannot be seen.
+pub fn pod_resolver_with(ns: &NetNs, nameserver: Option<Ipv4Addr>) -> Result<ResolverConf> {
+    match (pod_resolver(ns), nameserver) {
+        (Ok(mut c), Some(n)) => {
+            c.nameservers = vec![n];
+            Ok(c)
+        }
+        (Ok(c), None) => Ok(c),
+        (Err(_), Some(n)) => Ok(ResolverConf { nameservers: vec![n], search: Vec::new(), ndots: 1, source: "--nameserver".into() }),
+        (Err(e), None) => Err(e),
+    }
+}
+
 fn read(p: PathBuf) -> Result<ResolverConf> {
     let text = std::fs::read(&p).with_context(|| format!("read {}", p.display()))?;
     ResolverConf::parse(&text, p.display().to_string())

@@ -137,22 +137,11 @@ pub fn run(req: &Request) -> Result<Report> {
         bail!("`cnitrace validate` needs root (it enters the pod's network namespace and loads eBPF programs for the failed checks)");
     }
     let resolver = HostResolver::scan()?;
-    let src = resolver.resolve(req.src)?;
-    let local = src.local().ok_or_else(|| anyhow!("{} is on no pod of this host: the checks must start in its network namespace; run cnitrace on its node", req.src))?;
-    let ns = local.netns.ns.clone().context("the source's namespace")?;
+    let (local, ns) = source(&resolver, req.src)?;
     let k8s_names = req.cluster.as_ref().map(|c| crate::k8s::name_namespaces(c, &resolver)).unwrap_or_default();
     let src_name = k8s_names.get(&local.netns.inode).cloned().unwrap_or_else(|| local.display.clone());
-    let (conf, resolver_error) = match dns::pod_resolver(&ns) {
-        Ok(mut c) => {
-            if let Some(n) = req.nameserver {
-                c.nameservers = vec![n];
-            }
-            (Some(c), None)
-        }
-        Err(_) if req.nameserver.is_some() => (
-            Some(dns::ResolverConf { nameservers: vec![req.nameserver.expect("given")], search: Vec::new(), ndots: 1, source: "--nameserver".into() }),
-            None,
-        ),
+    let (conf, resolver_error) = match dns::pod_resolver_with(&ns, req.nameserver) {
+        Ok(c) => (Some(c), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
     let path = ns.path.clone();
@@ -348,20 +337,20 @@ fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<T
     }
 }
 
+/// The source pod on this host and its network namespace: where every check starts.
+fn source(resolver: &HostResolver, src: Ipv4Addr) -> Result<(crate::resolve::LocalEndpoint, crate::netns::NetNs)> {
+    let e = resolver.resolve(src)?;
+    let local = e.local().cloned().ok_or_else(|| anyhow!("{src} is on no pod of this host: the checks must start in its network namespace; run cnitrace on its node"))?;
+    let ns = local.netns.ns.clone().context("the source's namespace")?;
+    Ok((local, ns))
+}
+
 /// `name` resolved the way the pod at `src` resolves it (its resolv.conf, or `nameserver`).
 pub fn resolve_from_pod(src: Ipv4Addr, name: &str, nameserver: Option<Ipv4Addr>, timeout: Duration) -> Result<Ipv4Addr> {
     let resolver = HostResolver::scan()?;
-    let e = resolver.resolve(src)?;
-    let local = e.local().ok_or_else(|| anyhow!("{src} is on no pod of this host"))?;
-    let ns = local.netns.ns.clone().context("the source's namespace")?;
-    let mut conf = match (dns::pod_resolver(&ns), nameserver) {
-        (Ok(c), _) => c,
-        (Err(_), Some(n)) => dns::ResolverConf { nameservers: vec![n], search: Vec::new(), ndots: 1, source: "--nameserver".into() },
-        (Err(e), None) => bail!("{name} is not an address, there is no Kubernetes API to find a pod of that name, and {src}'s resolver is unknown: {e:#}"),
-    };
-    if let Some(n) = nameserver {
-        conf.nameservers = vec![n];
-    }
+    let (_, ns) = source(&resolver, src)?;
+    let conf = dns::pod_resolver_with(&ns, nameserver)
+        .map_err(|e| anyhow!("{name} is not an address, there is no Kubernetes API to find a pod of that name, and {src}'s resolver is unknown: {e:#}"))?;
     let n = name.to_string();
     let l = crate::netns::in_netns(&ns.path, move || Ok(dns::lookup(&conf, &n, timeout)))?;
     match l.found {
