@@ -22,6 +22,10 @@ enum LabCommand {
         /// A fault from `cnitrace lab list`; repeat to combine.
         #[arg(long = "fault", value_name = "NAME")]
         faults: Vec<String>,
+        /// How kube-proxy programs the Services: iptables (through iptables-nft), iptables-legacy, or
+        /// nftables.
+        #[arg(long, default_value = "iptables", value_name = "MODE")]
+        proxy_mode: lab::services::ProxyMode,
     },
     /// Tear everything of the lab down: namespaces, links, rules, processes.
     Down,
@@ -72,8 +76,8 @@ enum PodCommand {
 pub fn run(args: LabArgs) -> Result<u8> {
     let prefix = args.prefix.as_str();
     match args.command {
-        LabCommand::Up { faults } => {
-            let lab = lab::up(prefix, &faults)?;
+        LabCommand::Up { faults, proxy_mode } => {
+            let lab = lab::up(prefix, &faults, proxy_mode)?;
             println!("lab up: prefix {prefix}");
             print_layout(&lab);
             if lab.state.faults.is_empty() {
@@ -95,7 +99,8 @@ pub fn run(args: LabArgs) -> Result<u8> {
         }
         LabCommand::Status { json } => {
             let lab = Lab::load(prefix)?;
-            let results = check::check_all(&lab);
+            let every: Vec<check::PathId> = check::ALL_PATHS.iter().chain(&check::SERVICE_PATHS).copied().collect();
+            let results = check::check_these(&lab, &every);
             if json {
                 let v = serde_json::json!({ "state": lab.state, "paths": results });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -108,9 +113,9 @@ pub fn run(args: LabArgs) -> Result<u8> {
             }
         }
         LabCommand::List { json } => {
-            for f in faults::FAULTS {
+            for f in faults::FAULTS.iter().chain(faults::SERVICE_FAULTS) {
                 if json {
-                    let ip = |p: &str| topology::pod(p).map(|p| p.ip.to_string()).unwrap_or_default();
+                    let ip = |p: &str| topology::lab_target(p).unwrap_or_default();
                     let v = serde_json::json!({
                         "name": f.name, "cause": f.cause, "summary": f.summary,
                         "breaks": f.breaks, "src": ip(f.pair.0), "dst": ip(f.pair.1),
@@ -152,4 +157,15 @@ fn print_layout(lab: &Lab) {
         println!("  pod {name:<10} {:<13} netns {:<28} host veth {}", p.ip.to_string(), lab.pod_ns(name), p.host_veth);
     }
     println!("external (netns {}): {}:{}", lab.external_ns(), topology::EXTERNAL_IP, topology::EXTERNAL_PORT);
+    for s in &topology::SERVICES {
+        println!(
+            "service default/{:<9} {}:{} NodePort {} → {} (kube-proxy: {})",
+            s.name,
+            s.cluster_ip,
+            s.port,
+            s.node_port,
+            s.selects.join(", "),
+            lab.state.proxy_mode.name()
+        );
+    }
 }

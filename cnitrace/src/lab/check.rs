@@ -32,10 +32,22 @@ pub enum PathId {
     /// jellyfin (the same-node pair's destination) → web: ping and HTTP 8096. A repair of jellyfin that
     /// serves debug but leaves jellyfin cut from the other node shows here.
     DestinationCrossNode,
+    /// debug → jellyfin's Service (ClusterIP, kube-proxy's DNAT on storagenodet3500): HTTP.
+    ServiceSameNode,
+    /// debug → web's Service (ClusterIP, DNAT then VXLAN): HTTP.
+    ServiceCrossNode,
+    /// The external host → jellyfin's NodePort on storagenodet3500's uplink address: HTTP.
+    NodePort,
+    /// jellyfin → its own Service (back out of the bridge port it came in by: hairpin): HTTP.
+    Hairpin,
 }
 
 pub const ALL_PATHS: [PathId; 6] =
     [PathId::SameNode, PathId::CrossNode, PathId::External, PathId::CrossNodeFullMtu, PathId::NodeToRemotePod, PathId::DestinationCrossNode];
+
+/// The Services' paths (kube-proxy's NAT), checked beside ALL_PATHS: the faults of the catalog above are
+/// declared against ALL_PATHS only.
+pub const SERVICE_PATHS: [PathId; 4] = [PathId::ServiceSameNode, PathId::ServiceCrossNode, PathId::NodePort, PathId::Hairpin];
 
 impl PathId {
     pub fn name(self) -> &'static str {
@@ -46,6 +58,10 @@ impl PathId {
             PathId::CrossNodeFullMtu => "cross-node-full-mtu",
             PathId::NodeToRemotePod => "node-to-remote-pod",
             PathId::DestinationCrossNode => "destination-cross-node",
+            PathId::ServiceSameNode => "service-same-node",
+            PathId::ServiceCrossNode => "service-cross-node",
+            PathId::NodePort => "nodeport",
+            PathId::Hairpin => "hairpin",
         }
     }
 }
@@ -58,10 +74,15 @@ pub struct PathResult {
     pub detail: String,
 }
 
-/// Checks every path; the checks run in parallel (a broken one costs a timeout).
+/// Checks every pod path (ALL_PATHS); the checks run in parallel (a broken one costs a timeout).
 pub fn check_all(lab: &Lab) -> Vec<PathResult> {
+    check_these(lab, &ALL_PATHS)
+}
+
+/// Checks `paths` in parallel.
+pub fn check_these(lab: &Lab, paths: &[PathId]) -> Vec<PathResult> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = ALL_PATHS.iter().map(|&p| s.spawn(move || check(lab, p))).collect();
+        let handles: Vec<_> = paths.iter().map(|&p| s.spawn(move || check(lab, p))).collect();
         handles.into_iter().map(|h| h.join().expect("path check thread")).collect()
     })
 }
@@ -81,6 +102,13 @@ pub fn check(lab: &Lab, path: PathId) -> PathResult {
             let jf = lab.pod_ns("jellyfin");
             ping(&jf, &web.to_string(), None).and_then(|_| http(&jf, SocketAddr::new(web.into(), HTTP_PORT)))
         }
+        PathId::ServiceSameNode => http(&debug, service_addr("jellyfin")),
+        PathId::ServiceCrossNode => http(&debug, service_addr("web")),
+        PathId::NodePort => {
+            let np = topology::service("jellyfin").expect("jellyfin's Service").node_port;
+            http(&lab.external_ns(), SocketAddr::new(topology::UPLINK_IP.into(), np))
+        }
+        PathId::Hairpin => http(&lab.pod_ns("jellyfin"), service_addr("jellyfin")),
     };
     match r {
         Ok(()) => PathResult { path, ok: true, detail: "flows".into() },
@@ -123,6 +151,11 @@ fn http(ns: &str, addr: SocketAddr) -> Result<()> {
         }
         Ok(())
     })
+}
+
+fn service_addr(name: &str) -> SocketAddr {
+    let s = topology::service(name).expect("a lab Service");
+    SocketAddr::new(s.cluster_ip.into(), s.port)
 }
 
 fn pod_mtu(ns: &str) -> Result<u32> {

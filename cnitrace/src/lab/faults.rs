@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::{
     check::PathId::{self, *},
+    services,
     topology::NODES,
     ip, sysctl, Lab,
 };
@@ -33,7 +34,7 @@ impl Fault {
 pub const SEED_FAULT: &str = "veth-detached";
 
 pub fn find(name: &str) -> Option<&'static Fault> {
-    FAULTS.iter().find(|f| f.name == name)
+    FAULTS.iter().chain(SERVICE_FAULTS).find(|f| f.name == name)
 }
 
 fn bridge(ns: &str, args: &[&str]) -> Result<()> {
@@ -284,6 +285,66 @@ pub static FAULTS: &[Fault] = &[
         apply: |lab| {
             ip(&lab.node_ns(0), &["link", "set", lab.host_veth("debug")?, "mtu", "1500"])?;
             ip(&lab.pod_ns("debug"), &["link", "set", "eth0", "mtu", "1500"])
+        },
+    },
+];
+
+/// Faults of the Services' paths (kube-proxy's NAT, hairpin, masquerade). Their pairs name Services as
+/// `svc/NAME` (its ClusterIP:port) or `nodeport/NAME`, and `external` (see `topology::lab_target`); the
+/// paths they break are among ALL_PATHS and SERVICE_PATHS.
+pub static SERVICE_FAULTS: &[Fault] = &[
+    Fault {
+        name: "service-no-endpoints",
+        cause: "service-no-endpoints",
+        summary: "jellyfin's Service has no endpoints (its pod is not Ready): kube-proxy rejects its traffic on every node",
+        breaks: &[ServiceSameNode, NodePort, Hairpin],
+        pair: ("debug", "svc/jellyfin"),
+        apply: |lab| {
+            for i in 0..NODES.len() {
+                services::program(lab, i, lab.state.proxy_mode, &["jellyfin".to_string()])?;
+            }
+            Ok(())
+        },
+    },
+    Fault {
+        name: "kube-proxy-rules-missing",
+        cause: "kube-proxy-rules-missing",
+        summary: "storagenodet3500 has none of kube-proxy's rules (kube-proxy not running there); storagenodet3501 has them",
+        breaks: &[ServiceSameNode, ServiceCrossNode, NodePort, Hairpin],
+        pair: ("debug", "svc/jellyfin"),
+        apply: |lab| services::remove(lab, 0, lab.state.proxy_mode),
+    },
+    Fault {
+        name: "hairpin-off",
+        cause: "hairpin-missing",
+        summary: "hairpin mode is off on jellyfin's cni0 port: jellyfin cannot reach itself through its Service",
+        breaks: &[Hairpin],
+        pair: ("jellyfin", "svc/jellyfin"),
+        apply: |lab| bridge(&lab.node_ns(0), &["link", "set", "dev", lab.host_veth("jellyfin")?, "hairpin", "off"]),
+    },
+    Fault {
+        name: "masquerade-missing",
+        cause: "masquerade-missing",
+        summary: "flannel's MASQUERADE rule for the pod network is gone on storagenodet3500: pods cannot reach the outside",
+        breaks: &[External],
+        pair: ("debug", "external"),
+        apply: |lab| {
+            let net = super::topology::CLUSTER_CIDR;
+            let rule = format!("-D FLANNEL-POSTRTG -s {net} ! -d 224.0.0.0/4 -m comment --comment flanneld-masq -j MASQUERADE --random-fully");
+            let mut args: Vec<String> = vec!["-t".into(), "nat".into()];
+            args.extend(rule.split_whitespace().map(|w| if w == "flanneld-masq" { "flanneld masq".to_string() } else { w.to_string() }));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sys::run_in(&lab.node_ns(0), &tools::IPTABLES_NFT, &args).map(|_| ())
+        },
+    },
+    Fault {
+        name: "nodeport-blocked",
+        cause: "nodeport-blocked",
+        summary: "a firewall rule on storagenodet3500 drops new connections forwarded in from its uplink (eth1): NodePorts are unreachable from outside",
+        breaks: &[NodePort],
+        pair: ("external", "nodeport/jellyfin"),
+        apply: |lab| {
+            sys::run_in(&lab.node_ns(0), &tools::IPTABLES_NFT, &["-I", "FORWARD", "1", "-i", "eth1", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"]).map(|_| ())
         },
     },
 ];

@@ -8,6 +8,7 @@ pub mod check;
 pub mod cni;
 pub mod faults;
 pub mod serve;
+pub mod services;
 pub mod topology;
 
 use std::{
@@ -55,6 +56,9 @@ pub struct LabState {
     pub faults: Vec<String>,
     pub pods: BTreeMap<String, PodState>,
     pub servers: Vec<Server>,
+    /// How kube-proxy programs the Services on every node.
+    #[serde(default)]
+    pub proxy_mode: services::ProxyMode,
 }
 
 /// A lab that is up (or being built).
@@ -390,7 +394,7 @@ pub fn existing_namespaces(prefix: &str) -> Vec<String> {
 }
 
 /// Builds the lab with `faults` on. On any error, whatever was built is torn down again.
-pub fn up(prefix: &str, fault_names: &[String]) -> Result<Lab> {
+pub fn up(prefix: &str, fault_names: &[String], proxy_mode: services::ProxyMode) -> Result<Lab> {
     if !sys::is_root() {
         bail!("`cnitrace lab up` needs root (it creates network namespaces)");
     }
@@ -405,7 +409,7 @@ pub fn up(prefix: &str, fault_names: &[String]) -> Result<Lab> {
     let names = Names::new(prefix);
     let _ = std::fs::remove_dir_all(names.state_dir());
     std::fs::create_dir_all(names.state_dir()).context("create the lab's state folder")?;
-    let mut lab = Lab { names, state: LabState { prefix: prefix.into(), ..Default::default() } };
+    let mut lab = Lab { names, state: LabState { prefix: prefix.into(), proxy_mode, ..Default::default() } };
     lab.save()?;
     match build(&mut lab, &faults) {
         Ok(()) => Ok(lab),
@@ -472,6 +476,7 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
         sysctl(&ns, "net.bridge.bridge-nf-call-iptables", "1")?;
         sys::run_in_stdin(&ns, &tools::IPTABLES_NFT_RESTORE, &["--noflush", "-w"], &flannel_rules(i))?;
         lab.setup_vxlan(i, topology::VXLAN_PORT, topology::VXLAN_VNI)?;
+        services::program(lab, i, lab.state.proxy_mode, &[])?;
     }
     std::fs::write(lab.file("resolv.conf"), topology::resolv_conf()).context("write the pods' resolv.conf")?;
     serve::make_certificates(&lab.names.state_dir(), topology::EXTERNAL_NAME, topology::EXTERNAL_IP).context("make the lab's certificates")?;

@@ -25,8 +25,33 @@ pub const DNS_POD: &str = "coredns";
 pub const DNS_NODE: usize = 1;
 pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 53);
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
-/// The kubernetes Service's ClusterIP: a name the lab's DNS answers (nothing serves it: no Services yet).
+/// The kubernetes Service's ClusterIP: a name the lab's DNS answers (nothing serves it: the lab has no
+/// API server).
 pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// The Service network (kube-apiserver's `--service-cluster-ip-range`, kubeadm's default).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+
+/// A Service of namespace `default` with one TCP port, its NodePort, and the pods it selects.
+pub struct ServiceSpec {
+    pub name: &'static str,
+    pub port_name: &'static str,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub node_port: u16,
+    pub target_port: u16,
+    /// The pods it selects (by name): its endpoints while they are Ready.
+    pub selects: &'static [&'static str],
+}
+
+/// jellyfin as users reach it, and web on the other node.
+pub const SERVICES: [ServiceSpec; 2] = [
+    ServiceSpec { name: "jellyfin", port_name: "http", cluster_ip: Ipv4Addr::new(10, 96, 12, 7), port: 8096, node_port: 30896, target_port: HTTP_PORT, selects: &["jellyfin"] },
+    ServiceSpec { name: "web", port_name: "http", cluster_ip: Ipv4Addr::new(10, 96, 40, 10), port: 8096, node_port: 30810, target_port: HTTP_PORT, selects: &["web"] },
+];
+
+pub fn service(name: &str) -> Option<&'static ServiceSpec> {
+    SERVICES.iter().find(|s| s.name == name)
+}
 
 pub struct NodeSpec {
     pub name: &'static str,
@@ -91,8 +116,27 @@ pub fn resolv_conf() -> String {
 pub fn dns_records() -> Vec<(String, Ipv4Addr)> {
     let mut r: Vec<(String, Ipv4Addr)> = PODS.iter().map(|p| (format!("{}.default.svc.{CLUSTER_DOMAIN}", p.name), p.ip)).collect();
     r.push((format!("kubernetes.default.svc.{CLUSTER_DOMAIN}"), KUBERNETES_SERVICE_IP));
+    for s in &SERVICES {
+        r.push((format!("{}-svc.default.svc.{CLUSTER_DOMAIN}", s.name), s.cluster_ip));
+    }
     r.push((EXTERNAL_NAME.to_string(), EXTERNAL_IP));
     r
+}
+
+/// A lab end as the fault catalog names it, made what `follow` takes: a pod's address, `svc/NAME` (its
+/// ClusterIP:port), `nodeport/NAME` (storagenodet3500's uplink address and the Service's NodePort), or
+/// `external` (the external host).
+pub fn lab_target(name: &str) -> Option<String> {
+    if let Some(s) = name.strip_prefix("svc/").and_then(service) {
+        return Some(format!("{}:{}", s.cluster_ip, s.port));
+    }
+    if let Some(s) = name.strip_prefix("nodeport/").and_then(service) {
+        return Some(format!("{UPLINK_IP}:{}", s.node_port));
+    }
+    if name == "external" {
+        return Some(EXTERNAL_IP.to_string());
+    }
+    pod(name).map(|p| p.ip.to_string())
 }
 
 pub fn pod(name: &str) -> Option<&'static PodSpec> {

@@ -5,6 +5,7 @@
 
 mod netlink;
 pub mod rules;
+pub mod services;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 

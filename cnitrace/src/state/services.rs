@@ -1,0 +1,367 @@
+//! Kubernetes Services as this node's kube-proxy programmed them, read back from its rules: iptables
+//! mode in either backend (nat KUBE-SERVICES → KUBE-SVC-* → KUBE-SEP-* DNAT, KUBE-NODEPORTS →
+//! KUBE-EXT-*, the filter table's "has no endpoints" REJECTs) and nftables mode (table `ip kube-proxy`:
+//! the service-ips / service-nodeports verdict maps, service- and endpoint- chains,
+//! no-endpoint-services). IPVS mode keeps its Services in the kernel's IPVS table, not in rules: it is
+//! named, not read (`ipvs_seen`).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+use super::RuleSets;
+
+/// One Service port as the node's rules implement it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// kube-proxy's ServicePortName: `NAMESPACE/NAME:PORT` (`NAMESPACE/NAME` for an unnamed port).
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    /// "tcp", "udp", "sctp".
+    pub proto: String,
+    pub node_port: Option<u16>,
+    /// Where the DNAT sends it; empty: no endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// The rule set says it has no endpoints (a REJECT, or nft's no-endpoint-services).
+    pub no_endpoints_rule: Option<String>,
+    /// "iptables-nft", "iptables-legacy", "nft".
+    pub backend: String,
+    /// KUBE-SVC-… or service-…-NS/NAME/PROTO/PORT.
+    pub chain: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addr: SocketAddrV4,
+    /// KUBE-SEP-… or endpoint-….
+    pub chain: String,
+}
+
+impl Service {
+    /// `default/jellyfin:http` → `default/jellyfin`.
+    pub fn object(&self) -> &str {
+        self.name.split(':').next().unwrap_or(&self.name)
+    }
+    pub fn endpoint(&self, addr: Ipv4Addr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| *e.addr.ip() == addr)
+    }
+}
+
+/// Every Service found in the node's rule sets, each backend on its own (a node whose kube-proxy wrote
+/// to both backends over time lists a Service twice: both are in the kernel).
+pub fn from_rules(rules: &RuleSets) -> Vec<Service> {
+    let mut out = Vec::new();
+    if let Some(d) = &rules.iptables_nft {
+        out.extend(from_iptables(d, "iptables-nft"));
+    }
+    if let Some(d) = &rules.iptables_legacy {
+        out.extend(from_iptables(d, "iptables-legacy"));
+    }
+    if let Some(d) = &rules.nft {
+        out.extend(from_nft(d));
+    }
+    out
+}
+
+/// Does any backend hold kube-proxy's rules at all (its top chains), whatever Services they have?
+pub fn kube_proxy_present(rules: &RuleSets) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if rules.iptables_nft.as_deref().is_some_and(|d| d.contains(":KUBE-SERVICES")) {
+        v.push("iptables-nft");
+    }
+    if rules.iptables_legacy.as_deref().is_some_and(|d| d.contains(":KUBE-SERVICES")) {
+        v.push("iptables-legacy");
+    }
+    if rules.nft.as_deref().is_some_and(|d| d.contains("table ip kube-proxy")) {
+        v.push("nft");
+    }
+    v
+}
+
+/// kube-proxy in IPVS mode leaves `kube-ipvs0` and KUBE-IPVS chains/sets: its Services are not in rules.
+pub fn ipvs_seen(rules: &RuleSets) -> bool {
+    [&rules.iptables_nft, &rules.iptables_legacy].iter().any(|d| d.as_deref().is_some_and(|d| d.contains("KUBE-LOAD-BALANCER") || d.contains("KUBE-CLUSTER-IP")))
+}
+
+/// Words of an iptables-save rule, quoted comments kept whole (without their quotes).
+fn words(rule: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in rule.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn opt<'a>(w: &'a [String], name: &str) -> Option<&'a str> {
+    w.iter().position(|x| x == name).and_then(|i| w.get(i + 1)).map(String::as_str)
+}
+
+/// One table's `-A` rules of an iptables-save dump (counters dropped), as word lists.
+fn table_rules(dump: &str, table: &str) -> Vec<Vec<String>> {
+    let mut cur = String::new();
+    let mut out = Vec::new();
+    for line in dump.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            cur = t.to_string();
+            continue;
+        }
+        if cur != table {
+            continue;
+        }
+        let rule = if line.starts_with('[') { line.split_once(' ').map(|(_, r)| r).unwrap_or("") } else { line };
+        if rule.starts_with("-A ") {
+            out.push(words(rule));
+        }
+    }
+    out
+}
+
+fn from_iptables(dump: &str, backend: &str) -> Vec<Service> {
+    let nat = table_rules(dump, "nat");
+    let filter = table_rules(dump, "filter");
+    let in_chain = |rules: &[Vec<String>], chain: &str| -> Vec<Vec<String>> { rules.iter().filter(|w| w.get(1).is_some_and(|c| c == chain)).cloned().collect() };
+    let mut out: Vec<Service> = Vec::new();
+    for w in in_chain(&nat, "KUBE-SERVICES") {
+        let (Some(d), Some(dport), Some(target)) = (opt(&w, "-d"), opt(&w, "--dport"), opt(&w, "-j")) else { continue };
+        if !target.starts_with("KUBE-SVC-") {
+            continue;
+        }
+        let Some(ip) = d.trim_end_matches("/32").parse::<Ipv4Addr>().ok() else { continue };
+        let name = opt(&w, "--comment").unwrap_or(target).trim_end_matches(" cluster IP").to_string();
+        let mut endpoints = Vec::new();
+        for r in in_chain(&nat, target) {
+            let Some(sep) = opt(&r, "-j").filter(|t| t.starts_with("KUBE-SEP-")) else { continue };
+            if let Some(to) = in_chain(&nat, sep).iter().find_map(|s| opt(s, "--to-destination").and_then(|t| t.parse::<SocketAddrV4>().ok())) {
+                endpoints.push(Endpoint { addr: to, chain: sep.to_string() });
+            }
+        }
+        out.push(Service {
+            name,
+            cluster_ip: ip,
+            port: dport.parse().unwrap_or(0),
+            proto: opt(&w, "-p").unwrap_or("tcp").to_string(),
+            node_port: None,
+            endpoints,
+            no_endpoints_rule: None,
+            backend: backend.into(),
+            chain: target.to_string(),
+        });
+    }
+    // NodePorts: KUBE-NODEPORTS → KUBE-EXT-* (or, older, KUBE-SVC-* / KUBE-XLB-*) → KUBE-SVC-*.
+    for w in in_chain(&nat, "KUBE-NODEPORTS") {
+        let (Some(np), Some(target)) = (opt(&w, "--dport"), opt(&w, "-j")) else { continue };
+        let svc = if target.starts_with("KUBE-SVC-") {
+            Some(target.to_string())
+        } else {
+            in_chain(&nat, target).iter().find_map(|r| opt(r, "-j").filter(|t| t.starts_with("KUBE-SVC-")).map(str::to_string))
+        };
+        if let Some(s) = svc.and_then(|c| out.iter_mut().find(|s| s.chain == c)) {
+            s.node_port = np.parse().ok();
+        }
+    }
+    // Services without endpoints: the filter table's REJECTs.
+    for w in in_chain(&filter, "KUBE-SERVICES").into_iter().chain(in_chain(&filter, "KUBE-EXTERNAL-SERVICES")) {
+        let (Some(comment), Some(dport)) = (opt(&w, "--comment"), opt(&w, "--dport")) else { continue };
+        let Some(name) = comment.strip_suffix(" has no endpoints") else { continue };
+        let rule = w.join(" ");
+        match opt(&w, "-d").and_then(|d| d.trim_end_matches("/32").parse::<Ipv4Addr>().ok()) {
+            Some(ip) => out.push(Service {
+                name: name.to_string(),
+                cluster_ip: ip,
+                port: dport.parse().unwrap_or(0),
+                proto: opt(&w, "-p").unwrap_or("tcp").to_string(),
+                node_port: None,
+                endpoints: Vec::new(),
+                no_endpoints_rule: Some(rule),
+                backend: backend.into(),
+                chain: "KUBE-SERVICES".into(),
+            }),
+            None => {
+                if let Some(s) = out.iter_mut().find(|s| s.name == name && s.endpoints.is_empty()) {
+                    s.node_port = dport.parse().ok();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `a, b : goto c, …` of an nft set or map's `elements = { … }` (over several lines), one string each.
+fn nft_elements(dump: &str, table: &str, map: &str) -> Vec<String> {
+    let Some(t) = dump.find(&format!("table ip {table} ")) else { return vec![] };
+    let rest = &dump[t..];
+    let Some(m) = rest.find(&format!("map {map} {{")).or_else(|| rest.find(&format!("set {map} {{"))) else { return vec![] };
+    let body = &rest[m..];
+    let end = body.find("\n\t}").unwrap_or(body.len());
+    let body = &body[..end];
+    let Some(e) = body.find("elements = {") else { return vec![] };
+    let list = &body[e + "elements = {".len()..];
+    let list = &list[..list.rfind('}').unwrap_or(list.len())];
+    list.split(',').map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|s| !s.is_empty()).collect()
+}
+
+/// The rule lines of an nft chain of table `ip kube-proxy` (handles cut off).
+fn nft_chain<'a>(dump: &'a str, chain: &str) -> Vec<&'a str> {
+    let head = format!("\tchain {chain} {{");
+    let Some(start) = dump.find(&head) else { return vec![] };
+    dump[start + head.len()..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim() != "}")
+        .map(|l| l.split(" # handle").next().unwrap_or(l).trim())
+        .collect()
+}
+
+/// `service-HASH-NS/NAME/PROTO/PORT` → `NS/NAME:PORT`.
+fn nft_service_name(chain: &str) -> String {
+    let id = chain.splitn(3, '-').nth(2).unwrap_or(chain);
+    let parts: Vec<&str> = id.split('/').collect();
+    match parts.as_slice() {
+        [ns, name, _proto, port] if !port.is_empty() => format!("{ns}/{name}:{port}"),
+        [ns, name, ..] => format!("{ns}/{name}"),
+        _ => id.to_string(),
+    }
+}
+
+fn from_nft(dump: &str) -> Vec<Service> {
+    let mut out = Vec::new();
+    for e in nft_elements(dump, "kube-proxy", "service-ips") {
+        // 10.96.12.7 . tcp . 8096 : goto service-…
+        let Some((key, verdict)) = e.split_once(" : ") else { continue };
+        let k: Vec<&str> = key.split(" . ").collect();
+        let Some(chain) = verdict.strip_prefix("goto ").or_else(|| verdict.strip_prefix("jump ")) else { continue };
+        let [ip, proto, port]: [&str; 3] = k.as_slice().try_into().unwrap_or(["", "", ""]);
+        let chain = chain.trim();
+        let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+        let mut endpoints = Vec::new();
+        for line in nft_chain(dump, chain) {
+            for ep in line.split_whitespace().filter(|w| w.starts_with("endpoint-")) {
+                let ep = ep.trim_end_matches([',', '}', ';']);
+                if let Some(to) = nft_chain(dump, ep).iter().find_map(|l| l.split("dnat to ").nth(1)).and_then(|t| t.split_whitespace().next()?.parse::<SocketAddrV4>().ok()) {
+                    endpoints.push(Endpoint { addr: to, chain: ep.to_string() });
+                }
+            }
+        }
+        out.push(Service {
+            name: nft_service_name(chain),
+            cluster_ip: ip,
+            port: port.parse().unwrap_or(0),
+            proto: proto.to_string(),
+            node_port: None,
+            endpoints,
+            no_endpoints_rule: None,
+            backend: "nft".into(),
+            chain: chain.to_string(),
+        });
+    }
+    for e in nft_elements(dump, "kube-proxy", "service-nodeports") {
+        // tcp . 30896 : goto external-…  (→ goto service-…)
+        let Some((key, verdict)) = e.split_once(" : ") else { continue };
+        let Some(np) = key.split(" . ").nth(1).and_then(|p| p.parse::<u16>().ok()) else { continue };
+        let target = verdict.split_whitespace().nth(1).unwrap_or("");
+        let svc = if target.starts_with("service-") {
+            Some(target.to_string())
+        } else {
+            nft_chain(dump, target).iter().find_map(|l| l.split_whitespace().skip_while(|w| *w != "goto").nth(1).map(str::to_string))
+        };
+        if let Some(s) = svc.and_then(|c| out.iter_mut().find(|s| s.chain == c)) {
+            s.node_port = Some(np);
+        }
+    }
+    for e in nft_elements(dump, "kube-proxy", "no-endpoint-services") {
+        // 10.96.40.10 . tcp . 8096 comment "default/web:http" : goto reject-chain
+        let Some((key, _)) = e.split_once(" : ") else { continue };
+        let (key, name) = match key.split_once(" comment ") {
+            Some((k, c)) => (k, c.trim_matches('"').to_string()),
+            None => (key, String::new()),
+        };
+        let k: Vec<&str> = key.split(" . ").collect();
+        let [ip, proto, port]: [&str; 3] = k.as_slice().try_into().unwrap_or(["", "", ""]);
+        let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+        out.push(Service {
+            name: if name.is_empty() { format!("{ip}:{port}") } else { name },
+            cluster_ip: ip,
+            port: port.parse().unwrap_or(0),
+            proto: proto.to_string(),
+            node_port: None,
+            endpoints: Vec::new(),
+            no_endpoints_rule: Some(format!("element {e} of map ip kube-proxy no-endpoint-services")),
+            backend: "nft".into(),
+            chain: "no-endpoint-services".into(),
+        });
+    }
+    for e in nft_elements(dump, "kube-proxy", "no-endpoint-nodeports") {
+        let Some((key, _)) = e.split_once(" : ") else { continue };
+        let (key, name) = match key.split_once(" comment ") {
+            Some((k, c)) => (k, c.trim_matches('"').to_string()),
+            None => continue,
+        };
+        let np = key.split(" . ").nth(1).and_then(|p| p.parse::<u16>().ok());
+        if let Some(s) = out.iter_mut().find(|s| s.name == name && s.endpoints.is_empty()) {
+            s.node_port = np;
+        }
+    }
+    out
+}
+
+/// The Service a destination names on this node: a ClusterIP and port, or (`local`: an address of the
+/// node itself) a NodePort.
+pub fn lookup(services: &[Service], dst: Ipv4Addr, port: u16, local: bool) -> Option<&Service> {
+    services
+        .iter()
+        .find(|s| s.cluster_ip == dst && s.port == port)
+        .or_else(|| if local { services.iter().find(|s| s.node_port == Some(port)) } else { None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::{services as lab, topology};
+
+    /// The lab's rules as each backend lists them. nft: `nft list table ip kube-proxy` recorded from the
+    /// lab on storagenodet3500 (the listing's layout, not the lab's input, is what a node shows).
+    fn mode_dump(mode: lab::ProxyMode, empty: &[String]) -> RuleSets {
+        match mode {
+            lab::ProxyMode::Nftables => RuleSets {
+                nft: Some(if empty.is_empty() { include_str!("testdata/kube-proxy-nft.txt") } else { include_str!("testdata/kube-proxy-nft-no-endpoints.txt") }.into()),
+                ..Default::default()
+            },
+            lab::ProxyMode::IptablesLegacy => RuleSets { iptables_legacy: Some(lab::iptables_rules(empty)), ..Default::default() },
+            lab::ProxyMode::IptablesNft => RuleSets { iptables_nft: Some(lab::iptables_rules(empty)), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn the_labs_services_read_back_in_every_mode() {
+        for mode in lab::ProxyMode::ALL {
+            let svcs = from_rules(&mode_dump(mode, &[]));
+            let jf = lookup(&svcs, topology::SERVICES[0].cluster_ip, 8096, false).unwrap_or_else(|| panic!("{mode:?}: {svcs:?}"));
+            assert_eq!(jf.name, "default/jellyfin:http", "{mode:?}");
+            assert_eq!(jf.node_port, Some(30896), "{mode:?}");
+            assert_eq!(jf.endpoints.len(), 1, "{mode:?}");
+            assert_eq!(jf.endpoints[0].addr, "10.244.0.19:8096".parse().unwrap(), "{mode:?}");
+            assert_eq!(lookup(&svcs, "198.51.100.1".parse().unwrap(), 30896, true).map(|s| s.name.as_str()), Some("default/jellyfin:http"));
+            assert!(lookup(&svcs, "198.51.100.1".parse().unwrap(), 30896, false).is_none());
+            let none = from_rules(&mode_dump(mode, &["jellyfin".to_string()]));
+            let jf = lookup(&none, topology::SERVICES[0].cluster_ip, 8096, false).unwrap_or_else(|| panic!("{mode:?}: {none:?}"));
+            assert_eq!(jf.name, "default/jellyfin:http", "{mode:?}");
+            assert!(jf.endpoints.is_empty() && jf.no_endpoints_rule.is_some(), "{mode:?}: {jf:?}");
+            assert_eq!(jf.node_port, Some(30896), "{mode:?}");
+            assert_eq!(lookup(&none, topology::SERVICES[1].cluster_ip, 8096, false).map(|s| s.endpoints.len()), Some(1), "{mode:?}");
+        }
+    }
+}
