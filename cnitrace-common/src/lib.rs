@@ -177,6 +177,14 @@ pub struct Config {
     /// remote VTEP on flannel.1), network byte order, 0 = unused: their ARP and neighbour entries are
     /// followed too, so a packet waiting on one of them is seen waiting.
     pub next_hops: [u32; 4],
+    /// More addresses of each side, network byte order, 0 = unused: a Service's traffic changes addresses
+    /// on the way (DNAT to an endpoint, SNAT to a node's address), and a packet between any address of
+    /// one side and any of the other is the pair's. `alt_b`: the endpoints behind a Service address;
+    /// `alt_a`: the addresses a masquerade gives the source. `alts` is 0 when both are empty (the
+    /// programs then compare the two addresses only).
+    pub alt_a: [u32; 2],
+    pub alt_b: [u32; 6],
+    pub alts: u32,
     /// Records a CPU writes before its hop records (see counter::COUNTED_ONLY) are only counted; drops,
     /// failed route lookups, refusals (a kprobe's non-zero return) and neighbour events are always
     /// written. The timeline userspace keeps is bounded anyway: a bulk flow need not pay for records
@@ -230,6 +238,9 @@ impl Config {
             vxlan_port_2: 0,
             enabled: 0,
             next_hops: [0; 4],
+            alt_a: [0; 2],
+            alt_b: [0; 6],
+            alts: 0,
             hop_budget: 0,
             skb_head: 0,
             skb_data: 0,
@@ -258,7 +269,7 @@ impl Config {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 112);
+const _: () = assert!(core::mem::size_of::<Config>() == 148);
 
 /// `cnitrace watch`: drops counted in the kernel by where and why (map `DROPS`, key → count). No pair
 /// and no record per packet: a node can run it for hours.

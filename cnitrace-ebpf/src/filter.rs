@@ -156,9 +156,24 @@ pub unsafe fn dev_ids(c: &Config, dev: *const u8) -> (u32, u32) {
     (netns, ifindex)
 }
 
+/// An address of side A: the source as given, or one a masquerade gave it.
+#[inline(always)]
+fn side_a(c: &Config, addr: u32) -> bool {
+    addr == c.addr_a || (c.alts != 0 && addr != 0 && (addr == c.alt_a[0] || addr == c.alt_a[1]))
+}
+
+/// An address of side B: the destination as given (a Service's), or an endpoint behind it.
+#[inline(always)]
+fn side_b(c: &Config, addr: u32) -> bool {
+    addr == c.addr_b
+        || (c.alts != 0
+            && addr != 0
+            && (addr == c.alt_b[0] || addr == c.alt_b[1] || addr == c.alt_b[2] || addr == c.alt_b[3] || addr == c.alt_b[4] || addr == c.alt_b[5]))
+}
+
 #[inline(always)]
 pub fn in_pair(c: &Config, addr: u32) -> bool {
-    addr == c.addr_a || addr == c.addr_b
+    side_a(c, addr) || side_b(c, addr)
 }
 
 /// A next hop of the pair's path (its ARP and neighbour entry are followed).
@@ -169,7 +184,10 @@ pub fn is_next_hop(c: &Config, addr: u32) -> bool {
 
 #[inline(always)]
 pub fn is_pair(c: &Config, s: u32, d: u32) -> bool {
-    (s == c.addr_a && d == c.addr_b) || (s == c.addr_b && d == c.addr_a)
+    if c.alts == 0 {
+        return (s == c.addr_a && d == c.addr_b) || (s == c.addr_b && d == c.addr_a);
+    }
+    (side_a(c, s) && side_b(c, d)) || (side_b(c, s) && side_a(c, d))
 }
 
 /// The first bytes of a packet from its network header, read with one helper call (a helper call is

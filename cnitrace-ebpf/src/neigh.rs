@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::{EventKind, ETH_P_ARP};
 
-use crate::filter::{config, dev_ids, emit, is_next_hop, new_event, read, zeroed, Wake};
+use crate::filter::{config, dev_ids, emit, in_pair, is_next_hop, new_event, read, zeroed, Wake};
 
 #[inline(always)]
 fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<u32>, err: i32) -> i32 {
@@ -12,7 +12,7 @@ fn on_neigh(n: *const u8, lladdr: *const u8, kind: EventKind, new_state: Option<
         return 0;
     }
     let key: u32 = unsafe { read(n, c.neigh_primary_key) }.unwrap_or(0);
-    if key != c.addr_a && key != c.addr_b && !is_next_hop(c, key) {
+    if !in_pair(c, key) && !is_next_hop(c, key) {
         return 0;
     }
     let mut ev = new_event(kind, core::ptr::null(), zeroed());

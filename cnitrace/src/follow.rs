@@ -28,6 +28,9 @@ pub const VXLAN_PORTS: [u16; 2] = [8472, 4789];
 pub struct FollowRequest {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    /// The destination's port when one was given (`ADDR:PORT`): a Service's ClusterIP or a NodePort is
+    /// looked up in kube-proxy's rules and followed through its NAT.
+    pub dst_port: Option<u16>,
     pub probe: ProbeKind,
     pub count: u32,
     pub timeout: Duration,
@@ -264,15 +267,36 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         states.dst_node = l.node.as_ref().map(|n| n.netns.inode);
         states.dst_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
     }
+    // A Service: the node that translates it, and its endpoints here (their pods and nodes).
+    let service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, port));
+    let mut extra_spaces = Vec::new();
+    let mut endpoints_here = Vec::new();
+    if let Some(sp) = &service {
+        progress.say(&format!("{}…", sp.describe()));
+        extra_spaces.push(sp.nat_node);
+        for ip in sp.endpoint_ips() {
+            if let Ok(crate::resolve::Endpoint::Local(l)) = resolver.resolve(ip) {
+                extra_spaces.push(l.netns.inode);
+                extra_spaces.extend(l.node.as_ref().map(|n| n.netns.inode));
+                endpoints_here.push(l);
+            }
+        }
+    }
+    states.service = service.clone();
     let involved: Vec<u32> = {
         let mut v = vec![states.src_pod];
         v.extend([states.src_node, states.dst_pod, states.dst_node].into_iter().flatten());
+        v.extend(&extra_spaces);
         v.sort();
         v.dedup();
         v.retain(|i| *i != 0);
         v
     };
-    let node_inodes: Vec<u32> = [states.src_node, states.dst_node].into_iter().flatten().collect();
+    let mut node_inodes: Vec<u32> = [states.src_node, states.dst_node].into_iter().flatten().collect();
+    node_inodes.extend(service.as_ref().map(|s| s.nat_node));
+    node_inodes.extend(endpoints_here.iter().filter_map(|l| l.node.as_ref().map(|n| n.netns.inode)));
+    node_inodes.sort();
+    node_inodes.dedup();
     for inode in &node_inodes {
         if let Some(ns) = resolver.namespace(*inode) {
             let path = ns.path.clone();
@@ -292,6 +316,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         kprobes: !req.opts.no_kprobes,
         btf_tracepoints: !req.opts.raw_tracepoints,
         hooks_only: req.opts.hooks_only,
+        alt_b: service.as_ref().map(|s| s.endpoint_ips()).unwrap_or_default(),
+        alt_a: service.as_ref().map(|s| masquerade_sources(&resolver, s, &src)).unwrap_or_default(),
     };
     progress.say("attaching the probes…");
     let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, &probe_opts)?;
@@ -423,7 +449,23 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
             }
         }
     }
-    let trace = Trace::build(decoded);
+    let mut trace = Trace::build(decoded);
+    // Through a Service: the endpoint the trace shows chosen is the destination the causes look at.
+    if let Some(sp) = states.service.as_mut() {
+        sp.chosen = crate::service::chosen(sp, &mut trace);
+        if let Some(ep) = sp.chosen.clone() {
+            states.dst_ip = Some(*ep.addr.ip());
+            if let Some(l) = endpoints_here.iter().find(|l| l.ip == *ep.addr.ip()) {
+                states.dst_pod = Some(l.netns.inode);
+                states.dst_node = l.node.as_ref().map(|n| n.netns.inode);
+                states.dst_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
+                states.dst_name = l.display.clone();
+                if let Some(n) = states.names.get(&l.netns.inode) {
+                    states.dst_name = n.clone();
+                }
+            }
+        }
+    }
     let mut verdict = finding::diagnose(&Ctx { trace: &trace, probe: &outcome, states: &states });
     verdict.missing = finding::missing_evidence(&verdict, &hooks, names_had_reasons);
     // Decided before the kernel's give-up: say what was not waited for, with this namespace's numbers.
@@ -450,6 +492,24 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         peak_rss_kib: peak_rss_kib(),
         arp_unanswered,
     })
+}
+
+/// The addresses a masquerade on the Service's node may give the source on its way to an endpoint (its
+/// addresses on the bridge and the VXLAN device): kube-proxy masquerades NodePort traffic, traffic from
+/// outside the pod network, and a pod reaching itself through its Service (hairpin).
+fn masquerade_sources(resolver: &HostResolver, sp: &crate::service::ServicePath, src: &Endpoint) -> Vec<Ipv4Addr> {
+    let hairpin = sp.endpoint_ips().contains(&src.ip());
+    let from_a_pod = src.local().is_some_and(|l| l.node.is_some());
+    if !(sp.node_port || hairpin || !from_a_pod) {
+        return Vec::new();
+    }
+    let Some((_, st)) = resolver.spaces().iter().find(|(ns, _)| ns.inode == sp.nat_node) else { return Vec::new() };
+    st.addrs
+        .iter()
+        .filter(|a| st.link(a.ifindex).is_some_and(|l| l.kind == "bridge" || l.kind == "vxlan"))
+        .map(|a| a.addr)
+        .take(2)
+        .collect()
 }
 
 /// An ICMP echo of the pair with another id than this run's own probes.
@@ -598,7 +658,10 @@ impl Recording {
 
     /// Diagnoses the recorded trace and state again.
     pub fn replay(&self) -> Verdict {
-        let trace = Trace::build(self.events.clone());
+        let mut trace = Trace::build(self.events.clone());
+        if let Some(sp) = &self.states.service {
+            crate::service::chosen(sp, &mut trace);
+        }
         let mut v = finding::diagnose(&Ctx { trace: &trace, probe: &self.probe, states: &self.states });
         if let Some(a) = &self.arp_unanswered {
             a.annotate(&mut v);

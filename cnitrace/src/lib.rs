@@ -22,6 +22,7 @@ pub mod plan;
 pub mod probe;
 pub mod render;
 pub mod resolve;
+pub mod service;
 pub mod state;
 pub mod sys;
 pub mod validate;

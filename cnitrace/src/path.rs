@@ -9,6 +9,54 @@ pub struct PacketPath {
     pub key: String,
     pub what: String,
     pub events: Vec<TraceEvent>,
+    /// Address translations on the way (kube-proxy's DNAT, a masquerade, their reversal): the packet
+    /// keeps its first key, the events after a translation carry the new addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<Nat>,
+}
+
+/// One address translation seen between two hops of the same packet (the same skb, not freed between).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nat {
+    /// The first hop with the new addresses.
+    pub t_ns: u64,
+    pub where_: String,
+    pub ifname: String,
+    /// `ADDR:PORT` (or the address, for ICMP) before and after, source then destination.
+    pub src: (String, String),
+    pub dst: (String, String),
+    /// The rule that did it, where follow could tell (`KUBE-SEP-…`, `endpoint-…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+impl Nat {
+    pub fn dnat(&self) -> bool {
+        self.dst.0 != self.dst.1
+    }
+    pub fn snat(&self) -> bool {
+        self.src.0 != self.src.1
+    }
+    /// `10.96.12.7:8096 → 10.244.0.19:8096` (destination), `src 10.244.0.20:4 → 10.244.0.1:9` (source).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.dnat() {
+            parts.push(format!("dst {} → {}", self.dst.0, self.dst.1));
+        }
+        if self.snat() {
+            parts.push(format!("src {} → {}", self.src.0, self.src.1));
+        }
+        let by = self.by.as_ref().map(|b| format!(" by {b}")).unwrap_or_default();
+        format!("NAT {}{by}", parts.join(", "))
+    }
+}
+
+/// Source and destination of a packet as `ADDR[:PORT]`, from its decoded key (`tcp A:p>B:q`, `icmp 8
+/// A>B id seq`).
+fn ends(p: &crate::event::Packet) -> Option<(String, String)> {
+    let body = p.key.split_whitespace().nth(if p.proto == "icmp" { 2 } else { 1 })?;
+    let (a, b) = body.split_once('>')?;
+    Some((a.to_string(), b.to_string()))
 }
 
 impl PacketPath {
@@ -54,13 +102,45 @@ pub fn is_noise(e: &TraceEvent) -> bool {
 /// named TCP as the place the pair's traffic died.
 const TCP_DUPLICATES: &[&str] = &["TCP_OLD_DATA", "TCP_OFOMERGE", "TCP_OLD_SEQUENCE", "TCP_OLD_ACK"];
 
+/// The translation between an skb's previous hop (`before`, at `t`) and this one, if its addresses
+/// changed: same protocol, not freed in between, not a reply that reused a freed skb's memory (the
+/// two ends swapped), within a second.
+fn translation(t: u64, kind: Kind, before: &crate::event::Packet, e: &TraceEvent, now: &crate::event::Packet) -> Option<Nat> {
+    if before.key == now.key || before.proto != now.proto || matches!(kind, Kind::Drop | Kind::Consume) || now.proto == "arp" || before.icmp_error || now.icmp_error {
+        return None;
+    }
+    if e.t_ns.saturating_sub(t) > 1_000_000_000 {
+        return None;
+    }
+    let (b, n) = (ends(before)?, ends(now)?);
+    if b.0 == n.1 && b.1 == n.0 {
+        return None;
+    }
+    if b == n {
+        // Same ends, another id or sequence: another packet.
+        return None;
+    }
+    Some(Nat { t_ns: e.t_ns, where_: e.where_.clone(), ifname: e.ifname.clone(), src: (b.0, n.0), dst: (b.1, n.1), by: None })
+}
+
 impl Trace {
+    /// Every translation of the trace, in time order.
+    pub fn translations(&self) -> Vec<&Nat> {
+        let mut v: Vec<&Nat> = self.packets.iter().flat_map(|p| p.nat.iter()).collect();
+        v.sort_by_key(|n| n.t_ns);
+        v
+    }
+
     /// Builds timelines from decoded events (any order).
     pub fn build(mut events: Vec<TraceEvent>) -> Trace {
         events.sort_by_key(|e| e.t_ns);
         // Records matched only through the tracking map carry no headers: they belong to the packet last
         // seen with the same skb.
         let mut last_key_of_skb: std::collections::HashMap<u64, (String, String)> = Default::default();
+        // Per skb: its last event with headers (time, kind, the packet), to see a translation.
+        let mut last_of_skb: std::collections::HashMap<u64, (u64, Kind, crate::event::Packet)> = Default::default();
+        // A translated packet's key → the key it had first (its path).
+        let mut first_key: std::collections::HashMap<String, String> = Default::default();
         let mut packets: Vec<PacketPath> = Vec::new();
         let mut control = Vec::new();
         let mut last_on_cpu: std::collections::HashMap<u32, (u32, String)> = Default::default();
@@ -80,8 +160,17 @@ impl Trace {
                 _ => {}
             }
             last_on_cpu.insert(e.cpu, (e.netns, e.where_.clone()));
+            let mut nat = None;
             let (key, what) = match &e.packet {
                 Some(p) => {
+                    if let Some((t, kind, before)) = last_of_skb.get(&e.skb) {
+                        nat = translation(*t, kind.clone(), before, e, p);
+                        if nat.is_some() && !first_key.contains_key(&p.key) {
+                            let orig = first_key.get(&before.key).cloned().unwrap_or_else(|| before.key.clone());
+                            first_key.insert(p.key.clone(), orig);
+                        }
+                    }
+                    last_of_skb.insert(e.skb, (e.t_ns, e.kind.clone(), p.clone()));
                     last_key_of_skb.insert(e.skb, (p.key.clone(), p.what.clone()));
                     (p.key.clone(), p.what.clone())
                 }
@@ -90,9 +179,23 @@ impl Trace {
                     None => continue,
                 },
             };
-            match packets.iter_mut().find(|p| p.key == key) {
-                Some(p) => p.events.push(e.clone()),
-                None => packets.push(PacketPath { key, what, events: vec![e.clone()] }),
+            if matches!(e.kind, Kind::Drop | Kind::Consume) {
+                // Freed: an skb at this address from now on is another packet.
+                last_of_skb.remove(&e.skb);
+            }
+            let key = first_key.get(&key).cloned().unwrap_or(key);
+            let path = match packets.iter().position(|p| p.key == key) {
+                Some(i) => &mut packets[i],
+                None => {
+                    packets.push(PacketPath { key, what, events: Vec::new(), nat: Vec::new() });
+                    packets.last_mut().expect("just pushed")
+                }
+            };
+            path.events.push(e.clone());
+            if let Some(n) = nat {
+                if !path.nat.iter().any(|m| m.src == n.src && m.dst == n.dst) {
+                    path.nat.push(n);
+                }
             }
         }
         Trace { events, packets, control }

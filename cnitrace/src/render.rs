@@ -196,7 +196,10 @@ fn control_matters(e: &TraceEvent) -> bool {
 }
 
 pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
-    writeln!(out, "follow {} → {}", endpoint(&r.src), endpoint(&r.dst))?;
+    match &r.states.service {
+        Some(sp) => writeln!(out, "follow {} → {} (Service {}, translated on {})", endpoint(&r.src), sp.asked, sp.name(), sp.nat_node_name)?,
+        None => writeln!(out, "follow {} → {}", endpoint(&r.src), endpoint(&r.dst))?,
+    }
     let attached = r.hooks.iter().filter(|h| h.attached).count();
     let missing: Vec<String> = r.hooks.iter().filter(|h| !h.attached).map(|h| format!("{}: {}", h.hook, h.reason.clone().unwrap_or_default())).collect();
     writeln!(out, "hooks: {attached} attached{}", if missing.is_empty() { String::new() } else { format!("; unavailable: {}", missing.join("; ")) })?;
@@ -209,8 +212,16 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
             continue;
         }
         writeln!(out, "\n{}", style.paint(&p.what, BOLD))?;
+        // A translation prints before the first hop shown with the new addresses.
+        let mut nat = p.nat.iter().peekable();
         for e in events {
+            while let Some(n) = nat.next_if(|n| n.t_ns <= e.t_ns) {
+                writeln!(out, "{}", style.paint(&format!("  {:>12}  {:<width$} {}", "", n.where_, n.describe()), YELLOW))?;
+            }
             writeln!(out, "{}", line(e, width, style))?;
+        }
+        for n in nat {
+            writeln!(out, "{}", style.paint(&format!("  {:>12}  {:<width$} {}", "", n.where_, n.describe()), YELLOW))?;
         }
     }
     // The local table (255) is consulted before the main one for every packet: only its hits matter.

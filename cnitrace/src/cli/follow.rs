@@ -14,11 +14,14 @@ pub struct FollowArgs {
     /// Source pod: its address, or its name as kubectl has it (POD, NAMESPACE/POD; needs the API).
     /// Probe traffic starts in its network namespace.
     src: String,
-    /// Destination: an address (a pod here, a pod on another node, or anything beyond) or a pod's name.
+    /// Destination: an address (a pod here, a pod on another node, or anything beyond) or a pod's name;
+    /// ADDR:PORT for a Service — its ClusterIP and port, or a node's address and a NodePort — followed
+    /// through kube-proxy's NAT to the endpoint (probe: tcp:PORT).
     dst: String,
-    /// Probe traffic: icmp, tcp:PORT, udp:PORT, or none (wait for real traffic).
-    #[arg(long, default_value = "icmp")]
-    probe: ProbeKind,
+    /// Probe traffic: icmp (the default), tcp:PORT, udp:PORT, or none (wait for real traffic). With
+    /// DST as ADDR:PORT: tcp:PORT.
+    #[arg(long)]
+    probe: Option<ProbeKind>,
     /// Number of probes (plus one full-size echo when --size is not given).
     #[arg(long, default_value_t = 1)]
     count: u32,
@@ -70,6 +73,31 @@ pub struct FollowArgs {
 
 impl FollowArgs {
     /// The pair (made addresses) and the raw options → a validated request (no system access here).
+    /// The destination without its port, and the port (`10.96.12.7:8096`).
+    fn dst_and_port(&self) -> Result<(&str, Option<u16>)> {
+        match self.dst.rsplit_once(':') {
+            Some((addr, port)) if !addr.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => {
+                let port: u16 = port.parse().map_err(|_| anyhow::anyhow!("{port} is not a port"))?;
+                anyhow::ensure!(port != 0, "port 0 is not a destination");
+                Ok((addr, Some(port)))
+            }
+            _ => Ok((self.dst.as_str(), None)),
+        }
+    }
+
+    fn probe_kind(&self) -> Result<ProbeKind> {
+        let (_, port) = self.dst_and_port()?;
+        match (self.probe, port) {
+            (None, None) => Ok(ProbeKind::Icmp),
+            (None, Some(p)) => Ok(ProbeKind::Tcp(p)),
+            (Some(k @ (ProbeKind::Tcp(q) | ProbeKind::Udp(q))), Some(p)) if q != p => {
+                bail!("--probe {k} and destination port {p} disagree: give the port once")
+            }
+            (Some(ProbeKind::Icmp), Some(p)) => bail!("--probe icmp has no port, but the destination names port {p}"),
+            (Some(k), _) => Ok(k),
+        }
+    }
+
     pub fn request(&self, src: Ipv4Addr, dst: Ipv4Addr, cluster: Option<crate::k8s::ClusterFacts>) -> Result<FollowRequest> {
         if self.count == 0 || self.count > 100 {
             bail!("--count must be between 1 and 100");
@@ -87,7 +115,12 @@ impl FollowArgs {
             hooks_only: self.hooks_only,
             progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
-        Ok(FollowRequest { src, dst, probe: self.probe, count: self.count, timeout: self.timeout, size: self.size, opts, cluster })
+        let probe = self.probe_kind()?;
+        let dst_port = match probe {
+            ProbeKind::Tcp(p) | ProbeKind::Udp(p) => Some(p),
+            _ => None,
+        };
+        Ok(FollowRequest { src, dst, dst_port, probe, count: self.count, timeout: self.timeout, size: self.size, opts, cluster })
     }
 }
 
@@ -97,7 +130,7 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if !crate::sys::is_root() {
         return Err(follow::FollowError::NotRoot.into());
     }
-    let pair = super::pair::resolve(&args.src, &args.dst, kube)?;
+    let pair = super::pair::resolve(&args.src, args.dst_and_port()?.0, kube)?;
     let req = args.request(pair.src, pair.dst, pair.cluster)?;
     let report = follow::run(&req)?;
     // `fix --auto` without a pair repairs what was followed last.

@@ -169,7 +169,7 @@ fn hooks(no_kprobes: bool, raw_tracepoints: bool, json: bool) -> anyhow::Result<
     if !crate::sys::is_root() {
         anyhow::bail!("`cnitrace hooks` needs root (it loads the eBPF programs)");
     }
-    let opts = ProbeOptions { hop_budget: 0, kernel_stats: false, kprobes: !no_kprobes, btf_tracepoints: !raw_tracepoints, hooks_only: true };
+    let opts = ProbeOptions { hop_budget: 0, kernel_stats: false, kprobes: !no_kprobes, btf_tracepoints: !raw_tracepoints, hooks_only: true, alt_a: Vec::new(), alt_b: Vec::new() };
     let none = std::net::Ipv4Addr::UNSPECIFIED;
     let mut probe = Probe::start(none, none, &[], crate::follow::VXLAN_PORTS, &opts)?;
     probe.detach();

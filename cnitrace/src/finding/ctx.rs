@@ -36,6 +36,10 @@ pub struct States {
     /// What the Kubernetes API said (nodes, the pair's pods, flannel's configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::k8s::ClusterFacts>,
+    /// The destination is a Service: how this host's kube-proxy rules translate it, and the endpoint the
+    /// trace saw chosen (then `dst_*` above are that endpoint's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::service::ServicePath>,
 }
 
 pub struct Ctx<'a> {

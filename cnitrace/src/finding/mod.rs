@@ -112,8 +112,31 @@ fn kprobe_facts(ctx: &Ctx) -> Vec<String> {
     out
 }
 
-/// Decides the verdict for one traced pair.
+/// Decides the verdict for one traced pair (through a Service: the Service, its translation and the
+/// endpoint chosen are part of it).
 pub fn diagnose(ctx: &Ctx) -> Verdict {
+    let mut v = diagnose_pair(ctx);
+    if let Some(sp) = &ctx.states.service {
+        let mut facts = vec![sp.describe()];
+        for n in ctx.trace.translations() {
+            facts.push(format!("translated on {} {}: {}", n.where_, n.ifname, n.describe()));
+        }
+        if sp.ipvs {
+            facts.push(format!("kube-proxy on {} runs in IPVS mode (KUBE-* IPVS sets and chains): its Services live in the kernel's IPVS table, which cnitrace does not read — not covered", sp.nat_node_name));
+        }
+        if v.verdict == Outcome::Delivered {
+            v.explanation = match &sp.chosen {
+                Some(ep) => format!("{} reached {} through Service {} ({} → {}) and the answer came back", ctx.src_name(), ctx.dst_name(), sp.name(), sp.asked, ep.addr),
+                None => format!("{} reached Service {} ({}) and the answer came back", ctx.src_name(), sp.name(), sp.asked),
+            };
+        }
+        facts.append(&mut v.facts);
+        v.facts = facts;
+    }
+    v
+}
+
+fn diagnose_pair(ctx: &Ctx) -> Verdict {
     let drop = ctx.trace.first_drop();
     let saw_traffic = !ctx.trace.packets.is_empty() || !ctx.trace.control.is_empty();
     let probe = ctx.probe;

@@ -72,7 +72,7 @@ pub fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr)> {
 }
 
 fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration, cluster: &Option<crate::k8s::ClusterFacts>) -> Result<Report> {
-    follow::run(&FollowRequest { src, dst, probe: ProbeKind::Icmp, count: 1, timeout, size: None, opts: Default::default(), cluster: cluster.clone() })
+    follow::run(&FollowRequest { src, dst, dst_port: None, probe: ProbeKind::Icmp, count: 1, timeout, size: None, opts: Default::default(), cluster: cluster.clone() })
 }
 
 /// The remedy for a report's verdict.

@@ -56,6 +56,9 @@ pub struct ProbeOptions {
     /// Attach every program with the filter off: each run returns at once. What the hooks alone cost
     /// (the kernel's dispatch and entering a program), the floor `cargo xtask bench` measures against.
     pub hooks_only: bool,
+    /// More addresses of each side of the pair (a Service's traffic after NAT): see `Config::alt_a`.
+    pub alt_a: Vec<Ipv4Addr>,
+    pub alt_b: Vec<Ipv4Addr>,
 }
 
 /// An optional kprobe (or kprobe + kretprobe pair) on one kernel function: detail that tracepoints
@@ -173,6 +176,13 @@ impl Probe {
         for (slot, hop) in cfg.next_hops.iter_mut().zip(next_hops.iter().filter(|h| **h != a && **h != b)) {
             *slot = u32::from_ne_bytes(hop.octets());
         }
+        for (slot, ip) in cfg.alt_a.iter_mut().zip(&opts.alt_a) {
+            *slot = u32::from_ne_bytes(ip.octets());
+        }
+        for (slot, ip) in cfg.alt_b.iter_mut().zip(&opts.alt_b) {
+            *slot = u32::from_ne_bytes(ip.octets());
+        }
+        cfg.alts = u32::from(!opts.alt_a.is_empty() || !opts.alt_b.is_empty());
         cfg.hop_budget = opts.hop_budget;
         cfg.vxlan_port_1 = vxlan_ports[0];
         cfg.vxlan_port_2 = vxlan_ports[1];

@@ -79,6 +79,21 @@ pub fn kube_proxy_present(rules: &RuleSets) -> Vec<&'static str> {
     v
 }
 
+/// The Service ranges kube-proxy's rules name (nftables mode drops traffic to unallocated ClusterIPs
+/// of the range: `ip daddr 10.96.0.0/12 drop`).
+pub fn service_ranges(rules: &RuleSets) -> Vec<(Ipv4Addr, u8)> {
+    let Some(d) = &rules.nft else { return vec![] };
+    nft_chain(d, "cluster-ips-check")
+        .iter()
+        .filter(|l| l.ends_with("drop comment \"Drop traffic to unallocated ClusterIPs\"") || l.contains("drop comment \"Drop traffic to unallocated ClusterIPs\""))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|net| {
+            let (a, len) = net.split_once('/')?;
+            Some((a.parse().ok()?, len.parse().ok()?))
+        })
+        .collect()
+}
+
 /// kube-proxy in IPVS mode leaves `kube-ipvs0` and KUBE-IPVS chains/sets: its Services are not in rules.
 pub fn ipvs_seen(rules: &RuleSets) -> bool {
     [&rules.iptables_nft, &rules.iptables_legacy].iter().any(|d| d.as_deref().is_some_and(|d| d.contains("KUBE-LOAD-BALANCER") || d.contains("KUBE-CLUSTER-IP")))

@@ -324,6 +324,11 @@ fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<T
     let f = FollowRequest {
         src: req.src,
         dst,
+        // A TCP check to a Service's address is followed through kube-proxy's NAT.
+        dst_port: match kind {
+            ProbeKind::Tcp(p) => Some(p),
+            _ => None,
+        },
         probe: kind,
         count: 1,
         timeout: Duration::from_secs(5),
