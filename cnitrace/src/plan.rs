@@ -79,6 +79,8 @@ pub enum Action {
     /// Enslave to `master`, or release from any bridge when None.
     SetMaster { ns: Target, ifname: String, master: Option<String> },
     PortState { ns: Target, ifname: String, state: String },
+    /// A bridge port's hairpin mode (a frame may leave by the port it came in by).
+    Hairpin { ns: Target, ifname: String, on: bool },
     /// Set a link's hardware address (for a bridge: from then on its own, no longer its lowest port's).
     LinkAddress { ns: Target, ifname: String, mac: String },
     Mtu { ns: Target, ifname: String, mtu: u32 },
@@ -116,6 +118,7 @@ impl Action {
             | Action::LinkDown { ns, .. }
             | Action::SetMaster { ns, .. }
             | Action::PortState { ns, .. }
+            | Action::Hairpin { ns, .. }
             | Action::LinkAddress { ns, .. }
             | Action::Mtu { ns, .. }
             | Action::AddrAdd { ns, .. }
@@ -164,6 +167,7 @@ impl Action {
             Action::PortState { ns, ifname, state } => {
                 format!("{} link set dev {ifname} state {}", ns.ip_prefix("bridge"), port_state_number(state).unwrap_or(3))
             }
+            Action::Hairpin { ns, ifname, on } => format!("{} link set dev {ifname} hairpin {}", ns.ip_prefix("bridge"), if *on { "on" } else { "off" }),
             Action::LinkAddress { ns, ifname, mac } => format!("{} link set {ifname} address {mac}", ns.ip_prefix("ip")),
             Action::Mtu { ns, ifname, mtu } => format!("{} link set {ifname} mtu {mtu}", ns.ip_prefix("ip")),
             Action::AddrAdd { ns, ifname, addr, prefix, broadcast } => format!(

@@ -74,6 +74,15 @@ impl<'a> Ctx<'a> {
     pub fn dst_ip(&self) -> Ipv4Addr {
         self.states.dst_ip.expect("destination address")
     }
+    /// The address the source sent to: a Service's (ClusterIP, a node's NodePort address) when the
+    /// destination is one, else the destination's. The source's own routes are about this one.
+    pub fn sent_to(&self) -> Ipv4Addr {
+        self.states.service.as_ref().map(|s| *s.asked.ip()).unwrap_or_else(|| self.dst_ip())
+    }
+    /// Did the trace see the Service's address translated to one of its endpoints?
+    pub fn translated_to_endpoint(&self) -> bool {
+        self.states.service.as_ref().is_some_and(|s| s.chosen.is_some())
+    }
     pub fn src_name(&self) -> &str {
         &self.states.src_name
     }

@@ -64,6 +64,7 @@ impl Action {
                 let n = crate::plan::port_state_number(state).ok_or_else(|| anyhow!("unknown bridge port state {state}"))?;
                 sys::run(&tools::BRIDGE, &["link", "set", "dev", ifname, "state", &n.to_string()]).map(|_| ())
             }
+            Action::Hairpin { ifname, on, .. } => sys::run(&tools::BRIDGE, &["link", "set", "dev", ifname, "hairpin", if *on { "on" } else { "off" }]).map(|_| ()),
             _ => {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {
@@ -167,7 +168,7 @@ impl Action {
                 m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
                 Ok(h.neighbours().del(m).execute().await?)
             }
-            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } | Action::RestartPod { .. } | Action::NoUndo { .. } | Action::Reconfigure { .. } => {
+            Action::Sysctl { .. } | Action::Iptables { .. } | Action::Nft { .. } | Action::PortState { .. } | Action::Hairpin { .. } | Action::RestartPod { .. } | Action::NoUndo { .. } | Action::Reconfigure { .. } => {
                 unreachable!("not netlink")
             }
         }

@@ -35,6 +35,9 @@ pub struct Link {
     pub peer_netnsid: Option<i32>,
     /// Bridge port state, when this link is a bridge port.
     pub port_state: Option<String>,
+    /// Bridge port hairpin mode, when this link is a bridge port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hairpin: Option<bool>,
     pub vxlan: Option<Vxlan>,
 }
 

@@ -123,8 +123,10 @@ fn link_from(msg: LinkMessage) -> Link {
                         }
                         LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
                             for x in attrs {
-                                if let InfoBridgePort::State(s) = x {
-                                    l.port_state = Some(format!("{s:?}").to_lowercase());
+                                match x {
+                                    InfoBridgePort::State(s) => l.port_state = Some(format!("{s:?}").to_lowercase()),
+                                    InfoBridgePort::HairpinMode(on) => l.hairpin = Some(on),
+                                    _ => {}
                                 }
                             }
                         }

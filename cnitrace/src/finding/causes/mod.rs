@@ -6,6 +6,11 @@ use super::{Ctx, Diagnosis};
 use crate::plan::Remedy;
 
 mod bridge_down;
+mod hairpin_missing;
+mod kube_proxy_rules_missing;
+mod masquerade_missing;
+mod nodeport_blocked;
+mod service_no_endpoints;
 mod bridge_ip_conflict;
 mod bridge_port_blocked;
 mod ip_forward_disabled;
@@ -41,6 +46,13 @@ pub struct Cause {
 }
 
 pub static CAUSES: &[Cause] = &[
+    // A Service's own causes first: each needs a Service in the trace (and nodeport-blocked, hairpin and
+    // masquerade evidence the pod causes below do not look for).
+    service_no_endpoints::CAUSE,
+    kube_proxy_rules_missing::CAUSE,
+    nodeport_blocked::CAUSE,
+    hairpin_missing::CAUSE,
+    masquerade_missing::CAUSE,
     pod_prefix_too_wide::CAUSE,
     pod_route_missing::CAUSE,
     bridge_down::CAUSE,
@@ -68,14 +80,20 @@ pub static CAUSES: &[Cause] = &[
 /// is flannel's own — its pod restarted, so flanneld writes its state again. None without the API or
 /// without a Running flannel pod on that node (the caller repairs by hand then, or says what is needed).
 pub fn restart_flannel(ctx: &Ctx, node: &crate::state::NsState, why: &str) -> Option<Remedy> {
+    restart_daemon(ctx, node, "flannel", why)
+}
+
+/// A node DaemonSet's pod (`app`: flannel, kube-proxy) restarted through the API, so it writes what it
+/// owns again; None without the API or without a Running pod of it on that node.
+pub fn restart_daemon(ctx: &Ctx, node: &crate::state::NsState, app: &str, why: &str) -> Option<Remedy> {
     use crate::plan::{Action, Step, Target};
     let name = ctx.node_name(node);
-    let pod = ctx.states.cluster.as_ref()?.flannel_pod_on(&name)?;
+    let pod = ctx.states.cluster.as_ref()?.pods.iter().find(|p| p.app.as_deref() == Some(app) && p.node.as_deref() == Some(name.as_str()) && p.phase == "Running")?;
     let ns = Target::of(node);
     Some(Remedy::Steps(vec![Step {
-        action: Action::RestartPod { ns: ns.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone(), node: name, app: "flannel".into() },
+        action: Action::RestartPod { ns: ns.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone(), node: name, app: app.into() },
         undo: Action::NoUndo { ns, what: format!("{} was restarted; the DaemonSet's new pod replaced it", pod.full_name()) },
-        why: format!("{why}: flanneld, restarted, writes it again (no undo: a restart cannot be taken back)"),
+        why: format!("{why}: {app}, restarted, writes it again (no undo: a restart cannot be taken back)"),
     }]))
 }
 

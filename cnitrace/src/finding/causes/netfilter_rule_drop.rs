@@ -25,8 +25,13 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 /// Removing a rule someone wrote is never automatic: shown with its location, applied only with
 /// --allow-rule-removal (undo: the rule back where it was).
 fn fix(ctx: &Ctx) -> Remedy {
+    remove_rule(ctx, |_| true)
+}
+
+/// The removal of the first rule (not a policy) `pick` takes among those that counted the dropped packet.
+pub(super) fn remove_rule(ctx: &Ctx, pick: impl Fn(&netfilter::Hit) -> bool) -> Remedy {
     let hits = netfilter::hits(ctx);
-    let Some(h) = hits.iter().find(|h| !h.is_policy) else { return Remedy::NoSafeFix("no rule counted the probe any more".into()) };
+    let Some(h) = hits.iter().find(|h| !h.is_policy && pick(h)) else { return Remedy::NoSafeFix("no rule counted the probe any more".into()) };
     let Some(node) = netfilter::node_of(ctx, h) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
     let ns = Target::of(node);
     let step = if h.backend == "nft" {

@@ -30,7 +30,7 @@ struct Wide<'a> {
 
 fn wide_side<'a>(ctx: &'a Ctx<'a>) -> Option<Wide<'a>> {
     let sides = [
-        (ctx.src_name(), ctx.src_pod(), ctx.src_ip(), ctx.src_node(), ctx.dst_ip()),
+        (ctx.src_name(), ctx.src_pod(), ctx.src_ip(), ctx.src_node(), ctx.sent_to()),
         (ctx.dst_name(), ctx.dst_pod(), ctx.dst_ip(), ctx.dst_node(), ctx.src_ip()),
     ];
     sides.into_iter().find_map(|(name, pod, ip, node, peer)| {

@@ -1,0 +1,57 @@
+//! kube-proxy-rules-missing: the node that should translate a Service has no rule for it (kube-proxy not
+//! running there, cleaned up, or not synced), so its traffic goes out untranslated. kube-proxy's own
+//! restart is the fix; cnitrace never writes NAT rules by hand.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+use crate::plan::Remedy;
+
+pub const CAUSE: Cause = Cause { id: "kube-proxy-rules-missing", layer: "service", hop_from_state: true, detect, fix };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let sp = ctx.states.service.as_ref()?;
+    if sp.service.is_some() || sp.ipvs || ctx.translated_to_endpoint() {
+        return None;
+    }
+    let node = &sp.nat_node_name;
+    let mut facts = Vec::new();
+    let known = match sp.elsewhere.first() {
+        Some((other, s)) => {
+            facts.push(format!("{other}'s kube-proxy rules ({}) have Service {} at {}", s.backend, s.name, sp.asked));
+            format!("Service {}", s.name)
+        }
+        None => {
+            facts.push(format!("{} lies in the Service range kube-proxy's rules name", sp.asked.ip()));
+            format!("{} (in the Service range)", sp.asked)
+        }
+    };
+    let why = if sp.kube_proxy.is_empty() {
+        facts.push(format!("{node} has no KUBE-SERVICES chain in iptables-nft or iptables-legacy and no table ip kube-proxy"));
+        format!("{node} has none of kube-proxy's rules (kube-proxy is not running there, or was cleaned up)")
+    } else {
+        facts.push(format!("kube-proxy's rules on {node} are in {} but name no {}", sp.kube_proxy.join(" and "), sp.asked));
+        format!("kube-proxy's rules on {node} ({}) have no rule for it (kube-proxy has not synced it)", sp.kube_proxy.join(", "))
+    };
+    if let Some(p) = ctx.states.cluster.as_ref().and_then(|c| c.pods.iter().find(|p| p.app.as_deref() == Some("kube-proxy") && p.node.as_deref() == Some(node.as_str()))) {
+        facts.push(format!("kube-proxy's pod on {node}: {} ({}{})", p.full_name(), p.phase, if p.ready { ", Ready" } else { ", not Ready" }));
+    }
+    Some(Diagnosis {
+        explanation: format!("{} is not translated on {node}: {why}; its traffic leaves the node still addressed to the Service", known),
+        facts,
+        hop: Some((node.clone(), ctx.trace.events.iter().rev().find(|e| e.where_ == *node && !e.ifname.is_empty()).map(|e| e.ifname.clone()).unwrap_or_default())),
+    })
+}
+
+fn fix(ctx: &Ctx) -> Remedy {
+    let Some(sp) = ctx.states.service.as_ref() else { return Remedy::NoSafeFix("no Service in this trace".into()) };
+    let node_name = &sp.nat_node_name;
+    if let Some(node) = ctx.states.by_inode.get(&sp.nat_node) {
+        if let Some(r) = super::restart_daemon(ctx, node, "kube-proxy", &format!("kube-proxy's rules for {} are missing on {node_name}", sp.asked)) {
+            return r;
+        }
+    }
+    Remedy::NoSafeFix(format!(
+        "kube-proxy writes these rules and cnitrace never writes NAT rules by hand: restart kube-proxy on {node_name} \
+         (kubectl -n kube-system delete pod -l k8s-app=kube-proxy --field-selector spec.nodeName={node_name}) and check its log"
+    ))
+}

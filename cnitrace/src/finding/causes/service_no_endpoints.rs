@@ -1,0 +1,46 @@
+//! service-no-endpoints: the Service selects no Ready pod; kube-proxy answers its traffic with a
+//! rejection ("has no endpoints"). Nothing on the node is broken: no node fix.
+
+use super::Cause;
+use crate::finding::{Ctx, Diagnosis};
+use crate::plan::Remedy;
+
+pub const CAUSE: Cause = Cause { id: "service-no-endpoints", layer: "service", hop_from_state: false, detect, fix };
+
+fn detect(ctx: &Ctx) -> Option<Diagnosis> {
+    let sp = ctx.states.service.as_ref()?;
+    let svc = sp.service.as_ref()?;
+    if !svc.endpoints.is_empty() || ctx.translated_to_endpoint() {
+        return None;
+    }
+    let rule = svc.no_endpoints_rule.clone().unwrap_or_else(|| "no DNAT rule".into());
+    let mut facts = vec![
+        format!("kube-proxy on {} ({}) has no endpoint for {}: `{rule}`", sp.nat_node_name, svc.backend, svc.name),
+        "kube-proxy rejects a Service without endpoints (ICMP port unreachable: the client sees \"connection refused\")".into(),
+    ];
+    if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref().map(|i| (d, i))).filter(|(_, i)| i.reason == "IP_INNOROUTES") {
+        facts.push(format!(
+            "the packet died at {} ({}) on {} before reaching that rule: the node has no route for {} (no default route); with one, the rejection answers",
+            d.1.function, d.1.reason, d.0.where_, sp.asked.ip()
+        ));
+    }
+    Some(Diagnosis {
+        explanation: format!(
+            "Service {} ({}) has no endpoints: it selects no Ready pod, so kube-proxy on {} does not translate its traffic but rejects it",
+            svc.name, sp.asked, sp.nat_node_name
+        ),
+        facts,
+        hop: None,
+    })
+}
+
+fn fix(ctx: &Ctx) -> Remedy {
+    let name = ctx.states.service.as_ref().map(|s| s.name()).unwrap_or_default();
+    let (object, _) = name.split_once(':').unwrap_or((&name, ""));
+    let (ns, svc) = object.split_once('/').unwrap_or(("default", object));
+    Remedy::NoSafeFix(format!(
+        "a Service without endpoints is not a node problem: its selector matches no Ready pod. See why: \
+         kubectl -n {ns} get endpointslices -l kubernetes.io/service-name={svc}; kubectl -n {ns} describe service {svc} \
+         (the selector), and the readiness of the pods it should select"
+    ))
+}
