@@ -9,7 +9,7 @@ use crate::fix::{self, journal, FixRequest, Mode};
 pub struct FixArgs {
     /// Source pod: address or name, as for follow (default: the pair of the most recent `follow` here).
     src: Option<String>,
-    /// Destination: address or pod name.
+    /// Destination: address or pod name; ADDR:PORT for a Service (its ClusterIP, or a node's NodePort).
     dst: Option<String>,
     /// Apply without asking (otherwise: ask on a terminal, only print the plan elsewhere).
     #[arg(long)]
@@ -58,17 +58,20 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
         Mode::DryRun
     };
     if args.cluster {
-        let req = FixRequest { pair: None, mode, allow_rule_removal: false, confirm_timeout: None, state_dir, trace_timeout: args.timeout, cluster: None };
+        let req = FixRequest { pair: None, dst_port: None, mode, allow_rule_removal: false, confirm_timeout: None, state_dir, trace_timeout: args.timeout, cluster: None };
         return fix::cluster::run(&req, &mut out);
     }
+    let mut dst_port = None;
     let (pair, cluster) = match (&args.src, &args.dst) {
         (Some(s), Some(d)) => {
+            let (d, port) = super::split_port(d)?;
+            dst_port = port;
             let p = super::pair::resolve(s, d, kube)?;
             (Some((p.src, p.dst)), p.cluster)
         }
         // The last follow's pair, named by the API as it was then (fix::run says why if there is none).
         (None, None) => match fix::last_pair(&state_dir) {
-            Ok((s, d)) => (None, super::pair::resolve(&s.to_string(), &d.to_string(), kube)?.cluster),
+            Ok((s, d, _)) => (None, super::pair::resolve(&s.to_string(), &d.to_string(), kube)?.cluster),
             Err(_) => (None, None),
         },
         _ => bail!("give both SRC and DST, or neither (the pair of the last follow)"),
@@ -80,6 +83,7 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     }
     let req = FixRequest {
         pair,
+        dst_port,
         mode,
         allow_rule_removal: args.allow_rule_removal,
         confirm_timeout: args.confirm_timeout.map(Duration::from_secs_f64),

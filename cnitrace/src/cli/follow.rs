@@ -75,14 +75,7 @@ impl FollowArgs {
     /// The pair (made addresses) and the raw options → a validated request (no system access here).
     /// The destination without its port, and the port (`10.96.12.7:8096`).
     fn dst_and_port(&self) -> Result<(&str, Option<u16>)> {
-        match self.dst.rsplit_once(':') {
-            Some((addr, port)) if !addr.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => {
-                let port: u16 = port.parse().map_err(|_| anyhow::anyhow!("{port} is not a port"))?;
-                anyhow::ensure!(port != 0, "port 0 is not a destination");
-                Ok((addr, Some(port)))
-            }
-            _ => Ok((self.dst.as_str(), None)),
-        }
+        super::split_port(&self.dst)
     }
 
     fn probe_kind(&self) -> Result<ProbeKind> {
@@ -134,7 +127,7 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     let req = args.request(pair.src, pair.dst, pair.cluster)?;
     let report = follow::run(&req)?;
     // `fix --auto` without a pair repairs what was followed last.
-    crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst);
+    crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst, req.dst_port);
     if let Some(path) = &args.record {
         let rec = follow::Recording::of(&report);
         std::fs::write(path, serde_json::to_vec(&rec)?).with_context(|| format!("write {}", path.display()))?;

@@ -280,3 +280,15 @@ fn replay(file: &std::path::Path, json: bool, plan: bool) -> anyhow::Result<u8> 
     Ok(v.exit_code())
 }
 
+
+/// `ADDR:PORT` (or `NAME:PORT`) → the destination and its port; anything else stays whole.
+pub fn split_port(dst: &str) -> anyhow::Result<(&str, Option<u16>)> {
+    match dst.rsplit_once(':') {
+        Some((addr, port)) if !addr.is_empty() && !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => {
+            let port: u16 = port.parse().map_err(|_| anyhow::anyhow!("{port} is not a port"))?;
+            anyhow::ensure!(port != 0, "port 0 is not a destination");
+            Ok((addr, Some(port)))
+        }
+        _ => Ok((dst, None)),
+    }
+}

@@ -39,6 +39,8 @@ pub enum Mode {
 
 pub struct FixRequest {
     pub pair: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// The destination's port when the pair's destination is a Service (`ADDR:PORT`).
+    pub dst_port: Option<u16>,
     pub mode: Mode,
     pub allow_rule_removal: bool,
     pub confirm_timeout: Option<Duration>,
@@ -57,22 +59,27 @@ pub const MAX_ROUNDS: usize = 5;
 struct LastFollow {
     src: Ipv4Addr,
     dst: Ipv4Addr,
+    /// The destination's port (a Service: ClusterIP or NodePort).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
 }
 
-pub fn remember_pair(state_dir: &Path, src: Ipv4Addr, dst: Ipv4Addr) {
+pub fn remember_pair(state_dir: &Path, src: Ipv4Addr, dst: Ipv4Addr, port: Option<u16>) {
     let _ = std::fs::create_dir_all(state_dir);
-    let _ = std::fs::write(state_dir.join("last-follow.json"), serde_json::to_vec(&LastFollow { src, dst }).unwrap_or_default());
+    let _ = std::fs::write(state_dir.join("last-follow.json"), serde_json::to_vec(&LastFollow { src, dst, port }).unwrap_or_default());
 }
 
-pub fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr)> {
+pub fn last_pair(state_dir: &Path) -> Result<(Ipv4Addr, Ipv4Addr, Option<u16>)> {
     let p = state_dir.join("last-follow.json");
     let data = std::fs::read(&p).map_err(|_| anyhow!("no pair given and no earlier `cnitrace follow` on this host: give SRC DST"))?;
     let l: LastFollow = serde_json::from_slice(&data).context("read the last follow's pair")?;
-    Ok((l.src, l.dst))
+    Ok((l.src, l.dst, l.port))
 }
 
-fn trace(src: Ipv4Addr, dst: Ipv4Addr, timeout: Duration, cluster: &Option<crate::k8s::ClusterFacts>) -> Result<Report> {
-    follow::run(&FollowRequest { src, dst, dst_port: None, probe: ProbeKind::Icmp, count: 1, timeout, size: None, opts: Default::default(), cluster: cluster.clone() })
+/// One trace of the pair: ICMP, or TCP to the destination's port (a Service's traffic is TCP to it).
+fn trace(src: Ipv4Addr, dst: Ipv4Addr, port: Option<u16>, timeout: Duration, cluster: &Option<crate::k8s::ClusterFacts>) -> Result<Report> {
+    let probe = port.map(ProbeKind::Tcp).unwrap_or(ProbeKind::Icmp);
+    follow::run(&FollowRequest { src, dst, dst_port: port, probe, count: 1, timeout, size: None, opts: Default::default(), cluster: cluster.clone() })
 }
 
 /// The remedy for a report's verdict.
@@ -92,12 +99,12 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
     if !crate::sys::is_root() {
         bail!("`cnitrace fix` needs root");
     }
-    let (src, dst) = match req.pair {
-        Some(p) => p,
+    let (src, dst, port) = match req.pair {
+        Some((s, d)) => (s, d, req.dst_port),
         None => last_pair(&req.state_dir)?,
     };
-    remember_pair(&req.state_dir, src, dst);
-    let report = trace(src, dst, req.trace_timeout, &req.cluster)?;
+    remember_pair(&req.state_dir, src, dst, port);
+    let report = trace(src, dst, port, req.trace_timeout, &req.cluster)?;
     if req.pair.is_none() {
         report_node_checks(&report, out)?;
     }
@@ -168,7 +175,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
             return Ok(crate::exit::DROPPED);
         }
         settle_neighbours(&report);
-        report = trace(src, dst, req.trace_timeout, &req.cluster)?;
+        report = trace(src, dst, port, req.trace_timeout, &req.cluster)?;
         let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
         if report.verdict.verdict == Verdict::Delivered && !late {
             let after = verify::check(&paths);
@@ -239,7 +246,7 @@ fn the_rest_of_the_fault(
             continue;
         }
         for _ in 0..ROUNDS_PER_PATH {
-            let r = trace(p.from_ip, p.to, timeout, cluster)?;
+            let r = trace(p.from_ip, p.to, None, timeout, cluster)?;
             if r.verdict.verdict == Verdict::Delivered {
                 break;
             }
@@ -297,7 +304,11 @@ fn pair_label(r: &Report) -> String {
         Some(ip) => ip.to_string(),
         None => name.to_string(),
     };
-    format!("{} → {}", one(&r.states.src_name, r.states.src_ip), one(&r.states.dst_name, r.states.dst_ip))
+    let dst = one(&r.states.dst_name, r.states.dst_ip);
+    match &r.states.service {
+        Some(sp) => format!("{} → Service {} ({}{})", one(&r.states.src_name, r.states.src_ip), sp.name(), sp.asked, if sp.chosen.is_some() { format!(", endpoint {dst}") } else { String::new() }),
+        None => format!("{} → {dst}", one(&r.states.src_name, r.states.src_ip)),
+    }
 }
 
 fn report_node_checks(report: &Report, out: &mut dyn Write) -> Result<()> {
