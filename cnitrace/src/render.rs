@@ -273,6 +273,19 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
     if !r.program_stats.is_empty() {
         v["program_stats"] = serde_json::to_value(&r.program_stats)?;
     }
+    if let Some(sp) = &r.states.service {
+        v["service"] = serde_json::json!({
+            "name": sp.name(),
+            "asked": sp.asked.to_string(),
+            "node_port": sp.node_port,
+            "translated_on": sp.nat_node_name,
+            "backend": sp.service.as_ref().map(|s| s.backend.clone()),
+            "endpoints": sp.service.as_ref().map(|s| s.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+            "endpoint": sp.chosen.as_ref().map(|e| e.addr.to_string()),
+            "rule": sp.chosen.as_ref().map(|e| e.chain.clone()),
+            "translations": r.trace.translations().iter().map(|n| n.describe()).collect::<Vec<_>>(),
+        });
+    }
     v["src"] = serde_json::to_value(&r.src)?;
     v["dst"] = serde_json::to_value(&r.dst)?;
     // The pair as Kubernetes names it, where the API said.

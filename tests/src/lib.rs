@@ -255,11 +255,17 @@ pub struct LabGuard {
 
 impl LabGuard {
     pub fn up(faults: &[&str]) -> LabGuard {
+        Self::up_with(faults, &[])
+    }
+
+    /// With more `lab up` options (`--proxy-mode nftables`).
+    pub fn up_with(faults: &[&str], options: &[&str]) -> LabGuard {
         let kernel = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
         // A previous run that was killed may have left its lab: start clean.
         let _ = cnitrace(&["lab", "down"]);
         let _ = std::fs::remove_dir_all(state_dir());
         let mut args = vec!["lab", "up"];
+        args.extend_from_slice(options);
         for f in faults {
             args.extend_from_slice(&["--fault", f]);
         }
@@ -362,7 +368,19 @@ pub fn ns_config(ns: &str) -> String {
     let mut s = in_order_where(&batch(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n"), |l| {
         l.contains(" lladdr ") && l.ends_with("PERMANENT")
     });
-    let bridge = batch(&cnitrace_tools::BRIDGE, &[], "link show\nfdb show\n");
+    // `-d`: a port's flags (hairpin, learning, flood…) on an indented line of their own, joined to it.
+    let bridge = batch(&cnitrace_tools::BRIDGE, &["-d"], "link show\nfdb show\n");
+    let bridge = bridge.lines().fold(String::new(), |mut acc, l| {
+        if l.starts_with(char::is_whitespace) {
+            acc.push_str(l.trim_end());
+        } else {
+            if !acc.is_empty() {
+                acc.push('\n');
+            }
+            acc.push_str(l.trim_end());
+        }
+        acc
+    });
     // Ports ("7: vethX: ...") all; of the FDB only the permanent entries and the VXLAN destinations
     // (learned ones come and go with traffic).
     // Multicast entries ("33:33:ff:…") follow the addresses IPv6 configures by itself a moment after a

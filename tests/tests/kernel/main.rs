@@ -10,5 +10,6 @@ mod kube;
 mod lab;
 mod layouts;
 mod node_shape;
+mod services;
 mod validate;
 mod watch;
