@@ -268,7 +268,13 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         states.dst_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
     }
     // A Service: the node that translates it, and its endpoints here (their pods and nodes).
-    let service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, port));
+    let api_service = req.cluster.as_ref().is_some_and(|c| c.service_with_ip(req.dst).is_some());
+    let mut service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, port, api_service));
+    if let Some(sp) = service.as_mut() {
+        if let Some(n) = states.names.get(&sp.nat_node) {
+            sp.nat_node_name = n.clone();
+        }
+    }
     let mut extra_spaces = Vec::new();
     let mut endpoints_here = Vec::new();
     if let Some(sp) = &service {
@@ -395,7 +401,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         }
         // Only the events decoded since the last pass need a look.
         let now = Instant::now();
-        significant_drop |= decoded[scanned..].iter().any(|e| e.kind == Kind::Drop && !is_noise(e));
+        // A drop of the pair's traffic, or a route lookup for it that failed (the kernel found no way on:
+        // an answer that cannot be routed back is never sent, so nothing more will come).
+        significant_drop |= decoded[scanned..].iter().any(|e| (e.kind == Kind::Drop && !is_noise(e)) || crate::path::is_route_failure(e));
         for e in &decoded[scanned..] {
             arp.see(e, now);
         }

@@ -95,6 +95,12 @@ pub fn is_noise(e: &TraceEvent) -> bool {
         || e.packet.as_ref().is_some_and(|p| p.icmp_error)
 }
 
+/// A route lookup that found nothing: an error other than the local table's miss or a policy rule's
+/// "try the next table" (-EAGAIN).
+pub fn is_route_failure(e: &TraceEvent) -> bool {
+    e.kind == Kind::Route && e.route.as_ref().is_some_and(|r| r.err != 0 && r.err != -11 && r.table != 255)
+}
+
 /// TCP's receiver freeing a segment whose data (or acknowledgement) it had already: a retransmission
 /// that arrived after all, data already in the out-of-order queue. The data got through; where a copy
 /// was lost on the way, that loss is a drop of its own. A bulk flow of a healthy pair shows some
@@ -245,10 +251,7 @@ impl Trace {
 
     /// Failed route lookups (err != 0 in a non-local table) for `dst`.
     pub fn route_failures(&self, dst: std::net::Ipv4Addr) -> impl Iterator<Item = &TraceEvent> {
-        self.control.iter().filter(move |e| {
-            e.route.as_ref().is_some_and(|r| r.err != 0 && r.err != -11 && r.table != 255)
-                && e.packet.as_ref().is_some_and(|p| p.dst == dst)
-        })
+        self.control.iter().filter(move |e| is_route_failure(e) && e.packet.as_ref().is_some_and(|p| p.dst == dst))
     }
 }
 

@@ -76,9 +76,9 @@ fn rules_in(resolver: &HostResolver, inode: u32) -> Option<RuleSets> {
 }
 
 /// The Service `dst:port` names, seen from `src`: None when no node of this host has kube-proxy rules for
-/// it, it is not in a Service range kube-proxy names, and it is not a node's own address (then it is
-/// just an address and port).
-pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16) -> Option<ServicePath> {
+/// it, it is not in a Service range kube-proxy names, the API (`api`: it has a Service at that address)
+/// does not say so, and it is not a node's own address (then it is just an address and port).
+pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, api: bool) -> Option<ServicePath> {
     let dst_ip = dst.ip();
     // An address of this host: a NodePort if the namespace holding it has kube-proxy's rules (a pod's
     // address and port is just that); translated where it is held.
@@ -122,7 +122,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16) 
                 path.elsewhere.push((name, s.clone()));
             }
         }
-        if path.elsewhere.is_empty() && !in_range && !path.ipvs {
+        if path.elsewhere.is_empty() && !in_range && !path.ipvs && !api {
             return None;
         }
     }

@@ -117,6 +117,27 @@ impl Objects {
         self
     }
 
+    /// A ClusterIP Service with one TCP port (`port_name`), a NodePort if given, selecting `selector`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn service(&mut self, namespace: &str, name: &str, cluster_ip: Ipv4Addr, port_name: &str, port: u16, node_port: Option<u16>, selector: Value) -> &mut Self {
+        let mut p = json!({"name": port_name, "protocol": "TCP", "port": port, "targetPort": port});
+        if let Some(np) = node_port {
+            p["nodePort"] = json!(np);
+        }
+        self.add(
+            "services",
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": namespace, "uid": uid(&format!("svc/{namespace}/{name}")), "resourceVersion": "2100",
+                             "creationTimestamp": "2026-11-29T10:00:00Z"},
+                "spec": {"type": if node_port.is_some() { "NodePort" } else { "ClusterIP" }, "clusterIP": cluster_ip.to_string(),
+                         "clusterIPs": [cluster_ip.to_string()], "ports": [p], "selector": selector, "sessionAffinity": "None",
+                         "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster", "externalTrafficPolicy": "Cluster"},
+                "status": {"loadBalancer": {}}
+            }),
+        )
+    }
+
     /// flannel's pod on `node`, as its DaemonSet (`kube-flannel/kube-flannel-ds`) makes it: host network,
     /// labels app=flannel, owned by the DaemonSet (deleting it makes the server start a replacement).
     pub fn flannel_pod(&mut self, node: &str, node_ip: Ipv4Addr) -> &mut Self {
@@ -128,6 +149,20 @@ impl Objects {
         pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "kube-flannel-ds", "uid": uid("kube-flannel-ds"), "controller": true, "blockOwnerDeletion": true}]);
         pod["spec"]["containers"] = json!([{"name": "kube-flannel", "image": "ghcr.io/flannel-io/flannel:v0.26.4"}]);
         pod["status"]["containerStatuses"][0]["name"] = json!("kube-flannel");
+        self
+    }
+
+    /// kube-proxy's pod on `node`, as its DaemonSet (`kube-system/kube-proxy`) makes it: host network,
+    /// label k8s-app=kube-proxy, owned by the DaemonSet (deleting it makes the server start a replacement).
+    pub fn kube_proxy_pod(&mut self, node: &str, node_ip: Ipv4Addr) -> &mut Self {
+        let name = format!("kube-proxy-{}", &uid(&format!("kp{node}"))[..5]);
+        self.pod("kube-system", &name, node, node_ip, json!({"k8s-app": "kube-proxy"}));
+        let pod = self.by_kind.get_mut("pods").and_then(|v| v.last_mut()).expect("the pod just added");
+        pod["spec"]["hostNetwork"] = json!(true);
+        pod["metadata"]["generateName"] = json!("kube-proxy-");
+        pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "kube-proxy", "uid": uid("kube-proxy"), "controller": true, "blockOwnerDeletion": true}]);
+        pod["spec"]["containers"] = json!([{"name": "kube-proxy", "image": "registry.k8s.io/kube-proxy:v1.32.4"}]);
+        pod["status"]["containerStatuses"][0]["name"] = json!("kube-proxy");
         self
     }
 
@@ -458,6 +493,7 @@ fn discovery(path: &str, addr: SocketAddr) -> Option<Value> {
             res("pods", "Pod", true, &rw, &["po"]),
             {"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
             res("configmaps", "ConfigMap", true, &rw, &["cm"]),
+            res("services", "Service", true, &rw, &["svc"]),
             res("namespaces", "Namespace", false, &rw, &["ns"])]}),
         "/apis/apps/v1" => json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
             res("daemonsets", "DaemonSet", true, &rw, &["ds"])]}),

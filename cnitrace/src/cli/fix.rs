@@ -65,8 +65,8 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     let (pair, cluster) = match (&args.src, &args.dst) {
         (Some(s), Some(d)) => {
             let (d, port) = super::split_port(d)?;
-            dst_port = port;
             let p = super::pair::resolve(s, d, kube)?;
+            dst_port = port.or(p.dst_port);
             (Some((p.src, p.dst)), p.cluster)
         }
         // The last follow's pair, named by the API as it was then (fix::run says why if there is none).

@@ -124,7 +124,14 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
         return Err(follow::FollowError::NotRoot.into());
     }
     let pair = super::pair::resolve(&args.src, args.dst_and_port()?.0, kube)?;
-    let req = args.request(pair.src, pair.dst, pair.cluster)?;
+    let mut req = args.request(pair.src, pair.dst, pair.cluster)?;
+    // `svc/NAME[:PORT]`: the port the API gave, probed over TCP unless --probe said otherwise.
+    if let (Some(p), None) = (pair.dst_port, req.dst_port) {
+        req.dst_port = Some(p);
+        if args.probe.is_none() {
+            req.probe = ProbeKind::Tcp(p);
+        }
+    }
     let report = follow::run(&req)?;
     // `fix --auto` without a pair repairs what was followed last.
     crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst, req.dst_port);

@@ -10,18 +10,29 @@ use crate::k8s::{self, ApiError, ClusterFacts, KubeArgs, NoApi, PodFacts, Target
 pub struct Pair {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    /// The destination's port, when it was named as a Service (`svc/NAME[:PORT]`).
+    pub dst_port: Option<u16>,
     pub cluster: Option<ClusterFacts>,
 }
 
 /// Parses both ends; asks the API for pods given by name (required then) and for the names and flannel
 /// facts of the rest (optional: without an API, one line on stderr and the local work goes on).
 pub fn resolve(src: &str, dst: &str, kube: &KubeArgs) -> Result<Pair> {
-    let (ips, cluster) = resolve_all(&[(src, "source"), (dst, "destination")], kube)?;
-    Ok(Pair { src: ips[0], dst: ips[1], cluster })
+    if matches!(Target::parse(src, "source")?, Target::Service { .. }) {
+        bail!("source {src:?} is a Service: traffic starts in a pod (or a node); give one");
+    }
+    let (ends, cluster) = resolve_ends(&[(src, "source"), (dst, "destination")], kube)?;
+    Ok(Pair { src: ends[0].0, dst: ends[1].0, dst_port: ends[1].1, cluster })
 }
 
 /// Each `(text, role)` made an address (in order), with what the API knows about them all.
 pub fn resolve_all(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<Ipv4Addr>, Option<ClusterFacts>)> {
+    let (ends, cluster) = resolve_ends(targets, kube)?;
+    Ok((ends.into_iter().map(|(ip, _)| ip).collect(), cluster))
+}
+
+/// Each `(text, role)` made an address and, for a Service, its port.
+fn resolve_ends(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<(Ipv4Addr, Option<u16>)>, Option<ClusterFacts>)> {
     let parsed: Vec<Target> = targets.iter().map(|(t, role)| Target::parse(t, role)).collect::<Result<_>>()?;
     let mut cluster = match k8s::connect(kube) {
         Ok(c) => Some(c),
@@ -34,9 +45,26 @@ pub fn resolve_all(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<Ipv
         }
     };
     let mut known = Vec::new();
-    let mut ip_of = |t: &Target, cluster: &mut Option<k8s::Cluster>| -> Result<Ipv4Addr> {
+    let mut services = Vec::new();
+    let mut ip_of = |t: &Target, cluster: &mut Option<k8s::Cluster>| -> Result<(Ipv4Addr, Option<u16>)> {
         match t {
-            Target::Ip(ip) => Ok(*ip),
+            Target::Ip(ip) => Ok((*ip, None)),
+            Target::Service { namespace, name, port } => {
+                let c = cluster.as_mut().expect("connected when a name is given");
+                let ns = namespace.clone().or_else(|| kube.namespace.clone()).unwrap_or_else(|| c.default_namespace.clone());
+                let svc = c.service(&ns, name).map_err(|e| anyhow::anyhow!("cannot find service {ns}/{name}: {e}"))?;
+                let Some(ip) = svc.cluster_ip else { bail!("service {ns}/{name} has no ClusterIP (headless, or ExternalName): follow one of its pods") };
+                let p = svc.port(port.as_deref()).ok_or_else(|| {
+                    let have = svc.ports.iter().map(|p| format!("{}{}", p.name.as_ref().map(|n| format!("{n}=")).unwrap_or_default(), p.port)).collect::<Vec<_>>().join(", ");
+                    match port {
+                        Some(want) => anyhow::anyhow!("service {ns}/{name} has no port {want} (it has {have})"),
+                        None => anyhow::anyhow!("service {ns}/{name} has several ports ({have}): name one, svc/{name}:PORT"),
+                    }
+                })?;
+                let port = p.port;
+                services.push(svc);
+                Ok((ip, Some(port)))
+            }
             Target::Pod { namespace, name } => {
                 let c = cluster.as_mut().expect("connected when a name is given");
                 let ns = namespace.clone().or_else(|| kube.namespace.clone()).unwrap_or_else(|| c.default_namespace.clone());
@@ -46,19 +74,25 @@ pub fn resolve_all(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<Ipv
                 })?;
                 let ip = pod_ip(&pod)?;
                 known.push(pod);
-                Ok(ip)
+                Ok((ip, None))
             }
             Target::Node { name } => {
                 let c = cluster.as_mut().expect("connected when a name is given");
                 let nodes = c.nodes().map_err(|e| anyhow::anyhow!("cannot find node {name}: {e}"))?;
                 let node = nodes.iter().find(|n| n.name == *name).ok_or_else(|| anyhow::anyhow!("node {name} not found"))?;
-                node_address(node)
+                node_address(node).map(|a| (a, None))
             }
         }
     };
-    let ips: Vec<Ipv4Addr> = parsed.iter().map(|t| ip_of(t, &mut cluster)).collect::<Result<_>>()?;
+    let ends: Vec<(Ipv4Addr, Option<u16>)> = parsed.iter().map(|t| ip_of(t, &mut cluster)).collect::<Result<_>>()?;
+    let ips: Vec<Ipv4Addr> = ends.iter().map(|(ip, _)| *ip).collect();
     let facts = cluster.as_mut().map(|c| {
         let mut f = k8s::gather(c, &ips);
+        for s in services.drain(..) {
+            if !f.services.iter().any(|t| t.namespace == s.namespace && t.name == s.name) {
+                f.services.push(s);
+            }
+        }
         for p in known.drain(..) {
             if !f.pods.iter().any(|q| q.namespace == p.namespace && q.name == p.name) {
                 f.pods.push(p);
@@ -69,7 +103,7 @@ pub fn resolve_all(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<Ipv
         }
         f
     });
-    Ok((ips, facts))
+    Ok((ends, facts))
 }
 
 /// The address a node talks to its pods from, on this host: its bridge's address in its pod network

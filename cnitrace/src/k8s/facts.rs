@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use serde::{Deserialize, Serialize};
 
 use crate::state::in_prefix;
@@ -195,6 +195,74 @@ pub struct ClusterFacts {
     pub pods: Vec<PodFacts>,
     pub flannel: Option<NetConf>,
     pub missing: Vec<String>,
+    /// Services the trace went to (by ClusterIP), with the pods their selectors match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceFacts>,
+}
+
+/// A Service as the API has it, and the pods its selector matches (Ready or not: its endpoints are the
+/// Ready ones).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceFacts {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub ports: Vec<ServicePortFacts>,
+    /// `k=v` pairs; empty: a Service without a selector (its endpoints are managed by hand).
+    pub selector: Vec<(String, String)>,
+    pub selected: Vec<PodFacts>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServicePortFacts {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    pub node_port: Option<u16>,
+}
+
+impl ServiceFacts {
+    pub fn of(s: &Service) -> ServiceFacts {
+        let spec = s.spec.as_ref();
+        ServiceFacts {
+            namespace: s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: s.metadata.name.clone().unwrap_or_default(),
+            cluster_ip: spec.and_then(|s| s.cluster_ip.as_deref()).and_then(|ip| ip.parse().ok()),
+            ports: spec
+                .and_then(|s| s.ports.as_ref())
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| ServicePortFacts {
+                            name: p.name.clone(),
+                            port: p.port.clamp(0, 65535) as u16,
+                            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                            node_port: p.node_port.map(|n| n.clamp(0, 65535) as u16),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            selector: spec.and_then(|s| s.selector.as_ref()).map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default(),
+            selected: Vec::new(),
+        }
+    }
+
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The port `want` names (its name or number); the only one when none is named.
+    pub fn port(&self, want: Option<&str>) -> Option<&ServicePortFacts> {
+        match want {
+            Some(w) => self.ports.iter().find(|p| p.name.as_deref() == Some(w) || p.port.to_string() == w),
+            None if self.ports.len() == 1 => self.ports.first(),
+            None => None,
+        }
+    }
+
+    /// `app=jellyfin,tier=media`
+    pub fn selector_text(&self) -> String {
+        self.selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    }
 }
 
 impl ClusterFacts {
@@ -215,6 +283,11 @@ impl ClusterFacts {
 
     pub fn node(&self, name: &str) -> Option<&NodeFacts> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The Service with this ClusterIP.
+    pub fn service_with_ip(&self, ip: Ipv4Addr) -> Option<&ServiceFacts> {
+        self.services.iter().find(|s| s.cluster_ip == Some(ip))
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use kube::{
     api::{Api, ListParams},
     config::{KubeConfigOptions, Kubeconfig},
@@ -25,7 +25,7 @@ use kube::{
 };
 use thiserror::Error;
 
-pub use facts::{ClusterFacts, NetConf, NodeFacts, PodFacts};
+pub use facts::{ClusterFacts, NetConf, NodeFacts, PodFacts, ServiceFacts};
 pub use target::Target;
 
 /// The most any command waits for the API in all (connect and every request together): an API that is
@@ -297,6 +297,39 @@ impl Cluster {
         }
     }
 
+    /// A Service by name, with the pods its selector matches.
+    pub fn service(&mut self, namespace: &str, name: &str) -> Result<ServiceFacts, ApiError> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        let n = name.to_string();
+        let svc = self.call(&format!("service {namespace}/{name}"), async move { api.get(&n).await })?;
+        let mut f = ServiceFacts::of(&svc);
+        f.selected = self.selected_pods(&f)?;
+        Ok(f)
+    }
+
+    /// The Services whose ClusterIP is `ip` (one, in a sane cluster), with the pods they select.
+    pub fn services_with_ip(&mut self, ip: Ipv4Addr) -> Result<Vec<ServiceFacts>, ApiError> {
+        let api: Api<Service> = Api::all(self.client.clone());
+        let list = self.call("list services", async move { api.list(&ListParams::default()).await })?;
+        let mut out = Vec::new();
+        for s in list.items.iter().map(ServiceFacts::of).filter(|s| s.cluster_ip == Some(ip)) {
+            let mut s = s;
+            s.selected = self.selected_pods(&s)?;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    fn selected_pods(&mut self, s: &ServiceFacts) -> Result<Vec<PodFacts>, ApiError> {
+        if s.selector.is_empty() {
+            return Ok(Vec::new());
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &s.namespace);
+        let lp = ListParams::default().labels(&s.selector_text());
+        let list = self.call(&format!("list the pods service {} selects", s.full_name()), async move { api.list(&lp).await })?;
+        Ok(list.items.iter().map(PodFacts::of).collect())
+    }
+
     /// The pods with this address (a pod IP, or every host-network pod of a node for a node address).
     pub fn pods_with_ip(&mut self, ip: Ipv4Addr) -> Result<Vec<PodFacts>, ApiError> {
         self.list_pods(&format!("status.podIP={ip}"), &format!("pods with IP {ip}"))
@@ -371,6 +404,14 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
     match cluster.flannel_config() {
         Ok(c) => f.flannel = c,
         Err(e) => f.missing.push(e.to_string()),
+    }
+    // An address of the pair no pod holds may be a Service's ClusterIP.
+    let unknown: Vec<Ipv4Addr> = pair.iter().copied().filter(|ip| f.pod_with_ip(*ip).is_none() && !f.nodes.iter().any(|n| n.internal_ip == Some(*ip))).collect();
+    for ip in &unknown {
+        match cluster.services_with_ip(*ip) {
+            Ok(s) => f.services.extend(s.into_iter().filter(|s| !f.services.iter().any(|t| t.namespace == s.namespace && t.name == s.name)).collect::<Vec<_>>()),
+            Err(e) => f.missing.push(e.to_string()),
+        }
     }
     f.missing.dedup();
     f

@@ -12,6 +12,9 @@ pub enum Target {
     /// A node by its Kubernetes name (`node/NAME`): the address it talks to its pods from, as the
     /// kubelet's probes do.
     Node { name: String },
+    /// A Service (`svc/NAME[:PORT]`, `NAMESPACE/svc/NAME[:PORT]`): its ClusterIP and the port named (by
+    /// name or number; the only one when none is).
+    Service { namespace: Option<String>, name: String, port: Option<String> },
 }
 
 impl Target {
@@ -38,10 +41,27 @@ impl Target {
             }
         }
         let is_svc_kind = |k: &str| matches!(k, "svc" | "service" | "services");
+        let service = match parts.as_slice() {
+            [kind, name] if is_svc_kind(kind) => Some((None, *name)),
+            [ns, kind, name] if is_svc_kind(kind) => Some((Some(*ns), *name)),
+            _ => None,
+        };
+        if let Some((namespace, name)) = service {
+            let (name, port) = match name.split_once(':') {
+                Some((n, p)) if !p.is_empty() => (n, Some(p.to_string())),
+                _ => (name, None),
+            };
+            if let Some(ns) = namespace.filter(|ns| !dns_label(ns)) {
+                bail!("{what} {s:?}: {ns:?} is not a valid namespace name (lower-case letters, digits and '-', at most 63)");
+            }
+            if !dns_label(name) {
+                bail!("{what} {s:?}: {name:?} is not a valid Service name (lower-case letters, digits and '-', at most 63)");
+            }
+            return Ok(Target::Service { namespace: namespace.map(str::to_string), name: name.to_string(), port });
+        }
         let (namespace, name) = match parts.as_slice() {
             [name] => (None, *name),
             [kind, name] if is_pod_kind(kind) => (None, *name),
-            [kind, _] | [_, kind, _] if is_svc_kind(kind) => bail!("{what} {s:?} is a Service: following a Service is not supported yet; give a pod"),
             [ns, name] => (Some(*ns), *name),
             [ns, kind, name] if is_pod_kind(kind) => (Some(*ns), *name),
             _ => bail!("{what} {s:?} is neither an IPv4 address nor a pod (POD, NAMESPACE/POD or NAMESPACE/pod/POD)"),
@@ -69,6 +89,9 @@ impl std::fmt::Display for Target {
             Target::Pod { namespace: Some(ns), name } => write!(f, "{ns}/{name}"),
             Target::Pod { namespace: None, name } => write!(f, "{name}"),
             Target::Node { name } => write!(f, "node/{name}"),
+            Target::Service { namespace, name, port } => {
+                write!(f, "{}svc/{name}{}", namespace.as_ref().map(|n| format!("{n}/")).unwrap_or_default(), port.as_ref().map(|p| format!(":{p}")).unwrap_or_default())
+            }
         }
     }
 }
@@ -103,6 +126,10 @@ mod tests {
         assert_eq!(Target::parse("pod/debug", "source").unwrap(), pod(None, "debug"));
         assert_eq!(Target::parse("media/pod/jellyfin-7d9f8-x2x.v1", "d").unwrap(), pod(Some("media"), "jellyfin-7d9f8-x2x.v1"));
         assert_eq!(Target::parse("node/gpu-worker-7", "source").unwrap(), Target::Node { name: "gpu-worker-7".into() });
+        let svc = |ns: Option<&str>, name: &str, port: Option<&str>| Target::Service { namespace: ns.map(str::to_string), name: name.into(), port: port.map(str::to_string) };
+        assert_eq!(Target::parse("svc/jellyfin", "destination").unwrap(), svc(None, "jellyfin", None));
+        assert_eq!(Target::parse("media/svc/jellyfin:http", "destination").unwrap(), svc(Some("media"), "jellyfin", Some("http")));
+        assert_eq!(Target::parse("service/jellyfin:8096", "destination").unwrap(), svc(None, "jellyfin", Some("8096")));
     }
 
     #[test]
@@ -113,6 +140,6 @@ mod tests {
         assert!(e("Media/jellyfin").contains("not a valid namespace name"));
         assert!(e("media/Jelly_fin").contains("not a valid pod name"));
         assert!(e("a/b/c/d").contains("neither an IPv4 address nor a pod"));
-        assert!(e("svc/jellyfin").contains("is a Service"));
+        assert!(e("svc/Jelly").contains("not a valid Service name"));
     }
 }

@@ -351,3 +351,91 @@ fn an_iptables_backend_split_names_the_crashing_kube_proxy_of_its_node() {
     assert_eq!(proxy.len(), 1, "only the kube-proxy of the node that drops: {facts:#?}");
     assert!(proxy[0].starts_with("kube-system/kube-proxy-0x7q on rack4-node: CrashLoopBackOff, not Ready, 7 restarts"), "{}", proxy[0]);
 }
+
+/// A Service named as kubectl names it (`NAMESPACE/svc/NAME[:PORT]`), through the API: followed through
+/// kube-proxy's NAT to its endpoint; one whose pod is not Ready says which pods its selector matches and
+/// how they are.
+#[test]
+fn a_service_by_name_is_followed_and_an_empty_one_names_the_pods_that_are_not_ready() {
+    if !can_run_kernel_tests("a_service_by_name_is_followed_and_an_empty_one_names_the_pods_that_are_not_ready") {
+        return;
+    }
+    let _lab = LabGuard::up(&["service-no-endpoints"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
+    let svc = |name: &str| topology::service(name).expect("lab service");
+    o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
+        .pod_not_ready("default", "jellyfin-6c9f7-qx2lp", &rack(0), pod("jellyfin"), json!({"app": "jellyfin"}), None, 0, "")
+        .pod("default", "web-0", &rack(1), pod("web"), json!({"app": "web"}))
+        .service("default", "jellyfin", svc("jellyfin").cluster_ip, "http", 8096, Some(30896), json!({"app": "jellyfin"}))
+        .service("default", "web", svc("web").cluster_ip, "http", 8096, None, json!({"app": "web"}));
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let dir = scratch("service");
+    let k = api.kubeconfig(&dir, None);
+    let k = k.to_str().expect("utf-8 path");
+
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "svc/jellyfin", &["--kubeconfig", k, "--timeout", "2"]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("service-no-endpoints")), "{v}");
+    assert_eq!(v["service"]["asked"], "10.96.12.7:8096", "{v}");
+    let text = v["explanation"].as_str().unwrap_or_default();
+    assert!(text.contains("app=jellyfin matches 1 pod(s), none Ready: default/jellyfin-6c9f7-qx2lp (Running"), "{text}");
+
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "default/svc/web:http", &["--kubeconfig", k]);
+    assert_eq!((code, v["verdict"].as_str()), (0, Some("delivered")), "{v}");
+    assert_eq!(v["service"]["endpoint"], "10.244.1.10:8096", "{v}");
+    // A Service is no source, and a port it does not have is named.
+    let out = cnitrace(&["follow", "svc/web", "default/debug-shell", "--kubeconfig", k]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a Service"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cnitrace(&["follow", "default/debug-shell", "svc/web:grpc", "--kubeconfig", k]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no port grpc (it has http=8096)"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// kube-proxy's rules gone from one node while its pod runs: the repair is kube-proxy's own restart
+/// through the API (never NAT rules written by hand), verified by the trace through the Service.
+#[test]
+fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node() {
+    if !can_run_kernel_tests("missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node") {
+        return;
+    }
+    let _lab = LabGuard::up(&["kube-proxy-rules-missing"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.kube_proxy_pod(&rack(i), n.underlay);
+    }
+    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
+    o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
+        .pod("default", "jellyfin-6c9f7-qx2lp", &rack(0), pod("jellyfin"), json!({"app": "jellyfin"}))
+        .service("default", "jellyfin", topology::service("jellyfin").unwrap().cluster_ip, "http", 8096, Some(30896), json!({"app": "jellyfin"}));
+    let proxy_on_4 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == rack(0) && p["metadata"]["namespace"] == "kube-system").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // kube-proxy on rack4-node, restarted: syncs every Service's rules again.
+    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
+        if node == "rack4-node" {
+            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
+            cnitrace::lab::services::program(&lab, 0, lab.state.proxy_mode, &[]).expect("kube-proxy's rules");
+        }
+    });
+    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
+    let dir = scratch("kube-proxy");
+    let k = api.kubeconfig(&dir, None);
+    let k = k.to_str().expect("utf-8 path");
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "svc/jellyfin", &["--kubeconfig", k, "--timeout", "2"]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{v}");
+    let facts = v["facts"].to_string();
+    assert!(facts.contains(&format!("kube-proxy's pod on rack4-node: kube-system/{proxy_on_4} (Running, Ready)")), "{facts}");
+    let dry = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains(&format!("kubectl -n kube-system delete pod {proxy_on_4}")) && !text.contains("iptables"), "a restart, no rule written: {text}");
+    assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
+    let out = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--auto", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("verified") && text.contains("Service default/jellyfin:http"), "{text}");
+    let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
+    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/kube-system/pods/{proxy_on_4}")]);
+}

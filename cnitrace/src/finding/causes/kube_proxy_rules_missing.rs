@@ -14,13 +14,19 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         return None;
     }
     let node = &sp.nat_node_name;
+    let api_name = ctx.states.by_inode.get(&sp.nat_node).map(|n| ctx.node_name(n)).unwrap_or_else(|| node.clone());
     let mut facts = Vec::new();
-    let known = match sp.elsewhere.first() {
-        Some((other, s)) => {
+    let from_api = ctx.states.cluster.as_ref().and_then(|c| c.service_with_ip(*sp.asked.ip()));
+    let known = match (sp.elsewhere.first(), from_api) {
+        (_, Some(s)) => {
+            facts.push(format!("the API has Service {} at {} (selector {})", s.full_name(), sp.asked, s.selector_text()));
+            format!("Service {}", s.full_name())
+        }
+        (Some((other, s)), None) => {
             facts.push(format!("{other}'s kube-proxy rules ({}) have Service {} at {}", s.backend, s.name, sp.asked));
             format!("Service {}", s.name)
         }
-        None => {
+        (None, None) => {
             facts.push(format!("{} lies in the Service range kube-proxy's rules name", sp.asked.ip()));
             format!("{} (in the Service range)", sp.asked)
         }
@@ -32,8 +38,16 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         facts.push(format!("kube-proxy's rules on {node} are in {} but name no {}", sp.kube_proxy.join(" and "), sp.asked));
         format!("kube-proxy's rules on {node} ({}) have no rule for it (kube-proxy has not synced it)", sp.kube_proxy.join(", "))
     };
-    if let Some(p) = ctx.states.cluster.as_ref().and_then(|c| c.pods.iter().find(|p| p.app.as_deref() == Some("kube-proxy") && p.node.as_deref() == Some(node.as_str()))) {
-        facts.push(format!("kube-proxy's pod on {node}: {} ({}{})", p.full_name(), p.phase, if p.ready { ", Ready" } else { ", not Ready" }));
+    match ctx.states.cluster.as_ref().map(|c| c.pods.iter().find(|p| p.app.as_deref() == Some("kube-proxy") && p.node.as_deref() == Some(api_name.as_str()))) {
+        Some(Some(p)) => facts.push(format!(
+            "kube-proxy's pod on {api_name}: {} ({}{}{})",
+            p.full_name(),
+            p.phase,
+            if p.ready { ", Ready" } else { ", not Ready" },
+            p.waiting.as_ref().map(|w| format!(", waiting: {w}, {} restarts", p.restarts)).unwrap_or_default()
+        )),
+        Some(None) => facts.push(format!("the API shows no kube-proxy pod on {api_name}")),
+        None => {}
     }
     Some(Diagnosis {
         explanation: format!("{} is not translated on {node}: {why}; its traffic leaves the node still addressed to the Service", known),

@@ -18,6 +18,24 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         format!("kube-proxy on {} ({}) has no endpoint for {}: `{rule}`", sp.nat_node_name, svc.backend, svc.name),
         "kube-proxy rejects a Service without endpoints (ICMP port unreachable: the client sees \"connection refused\")".into(),
     ];
+    // Why it has none, where the API says: what its selector matches and how those pods are.
+    let mut why = "it selects no Ready pod".to_string();
+    if let Some(s) = ctx.states.cluster.as_ref().and_then(|c| c.service_with_ip(*sp.asked.ip())) {
+        if s.selector.is_empty() {
+            why = "it has no selector, and nobody added endpoints by hand".into();
+        } else if s.selected.is_empty() {
+            why = format!("its selector {} matches no pod in namespace {}", s.selector_text(), s.namespace);
+        } else {
+            let not_ready: Vec<String> = s
+                .selected
+                .iter()
+                .filter(|p| !p.ready)
+                .map(|p| format!("{} ({}{}{})", p.full_name(), p.phase, p.waiting.as_ref().map(|w| format!(", waiting: {w}")).unwrap_or_default(), if p.restarts > 0 { format!(", {} restarts", p.restarts) } else { String::new() }))
+                .collect();
+            why = format!("its selector {} matches {} pod(s), none Ready: {}", s.selector_text(), s.selected.len(), not_ready.join(", "));
+        }
+        facts.push(format!("the API: Service {} selector {}: {}", s.full_name(), if s.selector.is_empty() { "none".into() } else { s.selector_text() }, why));
+    }
     if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref().map(|i| (d, i))).filter(|(_, i)| i.reason == "IP_INNOROUTES") {
         facts.push(format!(
             "the packet died at {} ({}) on {} before reaching that rule: the node has no route for {} (no default route); with one, the rejection answers",
@@ -26,7 +44,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     }
     Some(Diagnosis {
         explanation: format!(
-            "Service {} ({}) has no endpoints: it selects no Ready pod, so kube-proxy on {} does not translate its traffic but rejects it",
+            "Service {} ({}) has no endpoints: {why}, so kube-proxy on {} does not translate its traffic but rejects it",
             svc.name, sp.asked, sp.nat_node_name
         ),
         facts,
