@@ -430,7 +430,8 @@ fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node()
     assert!(facts.contains(&format!("kube-proxy's pod on rack4-node: kube-system/{proxy_on_4} (Running, Ready)")), "{facts}");
     let dry = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--kubeconfig", k]);
     let text = String::from_utf8_lossy(&dry.stdout);
-    assert!(text.contains(&format!("kubectl -n kube-system delete pod {proxy_on_4}")) && !text.contains("iptables"), "a restart, no rule written: {text}");
+    let plan = text.split("plan (round 1").nth(1).unwrap_or_default();
+    assert!(plan.contains(&format!("kubectl -n kube-system delete pod {proxy_on_4}")) && !plan.contains("iptables"), "a restart, no rule written: {text}\n{}", String::from_utf8_lossy(&dry.stderr));
     assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
     let out = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--auto", "--kubeconfig", k]);
     let text = String::from_utf8_lossy(&out.stdout);
