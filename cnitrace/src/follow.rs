@@ -403,7 +403,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         let now = Instant::now();
         // A drop of the pair's traffic, or a route lookup for it that failed (the kernel found no way on:
         // an answer that cannot be routed back is never sent, so nothing more will come).
-        significant_drop |= decoded[scanned..].iter().any(|e| (e.kind == Kind::Drop && !is_noise(e)) || crate::path::is_route_failure(e));
+        significant_drop |= decoded[scanned..].iter().any(|e| (e.kind == Kind::Drop && !is_noise(e)) || crate::path::is_route_failure(e) || no_way_back(e, req.src));
         for e in &decoded[scanned..] {
             arp.see(e, now);
         }
@@ -518,6 +518,14 @@ fn masquerade_sources(resolver: &HostResolver, sp: &crate::service::ServicePath,
         .map(|a| a.addr)
         .take(2)
         .collect()
+}
+
+/// A main-table miss for the source's address (-EAGAIN: nothing in the main table, and a node's default
+/// table is empty): somewhere an answer to the source cannot be routed back, so it is never sent.
+fn no_way_back(e: &TraceEvent, src: Ipv4Addr) -> bool {
+    e.kind == Kind::Route
+        && e.route.as_ref().is_some_and(|r| r.err == -11 && r.table == crate::state::MAIN_TABLE)
+        && e.packet.as_ref().is_some_and(|p| p.dst == src)
 }
 
 /// An ICMP echo of the pair with another id than this run's own probes.

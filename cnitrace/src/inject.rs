@@ -3,7 +3,7 @@
 //! ICMP errors, send errors) is kept as evidence next to the trace.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     time::{Duration, Instant},
@@ -84,7 +84,7 @@ pub fn run(plan: ProbePlan) -> Result<ProbeOutcome> {
     let path = plan.netns.clone();
     crate::netns::in_netns(&path, move || match plan.kind {
         ProbeKind::Icmp => icmp(&plan),
-        ProbeKind::Tcp(port) => tcp(plan.dst, port, plan.wait),
+        ProbeKind::Tcp(port) => tcp(plan.dst, port, plan.wait, &plan.stop),
         ProbeKind::Udp(port) => udp(plan.dst, port),
         ProbeKind::None => Ok(ProbeOutcome::default()),
     })
@@ -215,15 +215,44 @@ fn icmp(plan: &ProbePlan) -> Result<ProbeOutcome> {
     Ok(out)
 }
 
-fn tcp(dst: Ipv4Addr, port: u16, wait: Duration) -> Result<ProbeOutcome> {
+/// One TCP connect, given up when `wait` passes or the caller says it has seen enough (`stop`: a drop
+/// settled the trace — a SYN the kernel will retransmit for a minute need not be waited out).
+fn tcp(dst: Ipv4Addr, port: u16, wait: Duration, stop: &std::sync::atomic::AtomicBool) -> Result<ProbeOutcome> {
+    use nix::{
+        errno::Errno,
+        poll::{poll, PollFd, PollFlags, PollTimeout},
+        sys::socket::{connect, getsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn},
+    };
+    use std::os::fd::{AsFd, AsRawFd};
     let mut out = ProbeOutcome { sent: 1, sizes: vec![0], answered_each: vec![false], ..Default::default() };
-    match TcpStream::connect_timeout(&SocketAddr::new(dst.into(), port), wait) {
-        Ok(_) => {
+    let refused = |e: i32| format!("connect to {dst}:{port}: {}", std::io::Error::from_raw_os_error(e));
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None).context("a TCP socket")?;
+    match connect(fd.as_raw_fd(), &SockaddrIn::from(std::net::SocketAddrV4::new(dst, port))) {
+        Ok(()) => {
             out.answered = 1;
             out.answered_each[0] = true;
+            return Ok(out);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-        Err(e) => out.send_error = Some(format!("connect to {dst}:{port}: {e}")),
+        Err(Errno::EINPROGRESS) => {}
+        Err(e) => {
+            out.send_error = Some(refused(e as i32));
+            return Ok(out);
+        }
+    }
+    let t_end = Instant::now() + wait;
+    while Instant::now() < t_end && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+        if poll(&mut fds, PollTimeout::from(50u16)).unwrap_or(0) == 0 {
+            continue;
+        }
+        match getsockopt(&fd, sockopt::SocketError).unwrap_or(0) {
+            0 => {
+                out.answered = 1;
+                out.answered_each[0] = true;
+            }
+            e => out.send_error = Some(refused(e)),
+        }
+        return Ok(out);
     }
     Ok(out)
 }

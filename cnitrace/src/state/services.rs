@@ -379,4 +379,22 @@ mod tests {
             assert_eq!(lookup(&none, topology::SERVICES[1].cluster_ip, 8096, false).map(|s| s.endpoints.len()), Some(1), "{mode:?}");
         }
     }
+
+    #[test]
+    fn ipvs_mode_is_named_not_read_and_no_rules_is_no_kube_proxy() {
+        // kube-proxy's IPVS mode: its Services are ipsets and IPVS virtual servers; iptables only matches
+        // the sets (what `iptables-save` shows on such a node).
+        let ipvs = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
+                    -A KUBE-SERVICES -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP src,dst -j KUBE-MARK-MASQ\n\
+                    -A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT\nCOMMIT\n";
+        let r = RuleSets { iptables_nft: Some(ipvs.into()), ..Default::default() };
+        assert!(ipvs_seen(&r));
+        assert!(from_rules(&r).is_empty(), "no Service is read from IPVS mode's rules");
+        assert_eq!(kube_proxy_present(&r), vec!["iptables-nft"]);
+        let none = RuleSets { iptables_nft: Some("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n".into()), nft: Some(String::new()), ..Default::default() };
+        assert!(kube_proxy_present(&none).is_empty() && !ipvs_seen(&none));
+        // nftables mode names its Service range.
+        let nft = RuleSets { nft: Some(include_str!("testdata/kube-proxy-nft.txt").into()), ..Default::default() };
+        assert_eq!(service_ranges(&nft), vec![(Ipv4Addr::new(10, 96, 0, 0), 12)]);
+    }
 }

@@ -313,17 +313,26 @@ fn a_vxlan_address_flannel_owns_is_repaired_by_restarting_flannel_where_it_runs(
     let k = k.to_str().expect("utf-8 path");
     let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k]);
     assert_eq!((code, v["cause"].as_str()), (1, Some("vxlan-address-invalid")), "{v}");
-    let dry = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--kubeconfig", k]);
+    restart_repairs(&api, k, ("default/debug-shell", "shop/web-0"), ("kube-flannel", &flannel_on_4), "ip addr");
+}
+
+/// `fix` of the pair, as a dry run then `--auto`: the plan is the restart of `pod` (namespace, name) with
+/// nothing by hand (no line holding `by_hand`) and no undo, the dry run writes nothing, the repair is
+/// verified, and the one write to the API is that pod's deletion. Returns what `--auto` printed.
+fn restart_repairs(api: &FakeApi, k: &str, (src, dst): (&str, &str), (ns, pod): (&str, &str), by_hand: &str) -> String {
+    let dry = cnitrace(&["fix", src, dst, "--kubeconfig", k]);
     let text = String::from_utf8_lossy(&dry.stdout);
-    assert!(text.contains(&format!("kubectl -n kube-flannel delete pod {flannel_on_4}")) && !text.contains("ip addr"), "a restart, no address edited: {text}");
-    assert!(text.contains("no undo"), "the plan says a restart has no undo: {text}");
+    let plan = text.split("plan (round 1").nth(1).unwrap_or_default();
+    assert!(plan.contains(&format!("kubectl -n {ns} delete pod {pod}")) && !plan.contains(by_hand), "a restart, nothing by hand: {text}\n{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(plan.contains("no undo"), "the plan says a restart has no undo: {text}");
     assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
-    let out = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--auto", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = cnitrace(&["fix", src, dst, "--auto", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("verified"), "{text}");
     let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
-    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/kube-flannel/pods/{flannel_on_4}")]);
+    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/{ns}/pods/{pod}")]);
+    text
 }
 
 /// The iptables backends' split on a node, with kube-proxy crashing there: the verdict names both.
@@ -428,15 +437,7 @@ fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node()
     assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{v}");
     let facts = v["facts"].to_string();
     assert!(facts.contains(&format!("kube-proxy's pod on rack4-node: kube-system/{proxy_on_4} (Running, Ready)")), "{facts}");
-    let dry = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&dry.stdout);
-    let plan = text.split("plan (round 1").nth(1).unwrap_or_default();
-    assert!(plan.contains(&format!("kubectl -n kube-system delete pod {proxy_on_4}")) && !plan.contains("iptables"), "a restart, no rule written: {text}\n{}", String::from_utf8_lossy(&dry.stderr));
-    assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
-    let out = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--auto", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("verified") && text.contains("Service default/jellyfin:http"), "{text}");
-    let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
-    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/kube-system/pods/{proxy_on_4}")]);
+    // kube-proxy's restart, never a NAT rule written by hand.
+    let text = restart_repairs(&api, k, ("default/debug-shell", "svc/jellyfin"), ("kube-system", &proxy_on_4), "iptables");
+    assert!(text.contains("verified: ") && text.contains("Service default/jellyfin:http"), "{text}");
 }

@@ -40,3 +40,67 @@ fn pods_of_two_nodes_with_colliding_interface_indexes_are_placed_on_their_own_no
         assert_eq!(side.host_veth, "vethcafe0001");
     }
 }
+
+/// A Service on a layout the lab does not build — k3s's Service range (10.43.0.0/16), a bridge named
+/// `br-k8s`, pods in 172.21.3.0/24, a port that differs from its target port (443 → 6443), kube-proxy in
+/// nftables mode under other chain hashes — is followed to its endpoint; emptied of endpoints, it is
+/// named as such.
+#[test]
+fn a_service_on_a_layout_the_lab_does_not_build_is_followed_to_its_endpoint() {
+    if !can_run_kernel_tests("a_service_on_a_layout_the_lab_does_not_build_is_followed_to_its_endpoint") {
+        return;
+    }
+    let l = HandLayout::new("cnitrace-t19", &["k3s-agent", "client", "apiserver"]);
+    l.ip("k3s-agent", "link add br-k8s type bridge\nlink set br-k8s up\naddr add 172.21.3.1/24 dev br-k8s\nlink set lo up");
+    for (pod, addr, veth) in [("client", "172.21.3.7", "vethc1"), ("apiserver", "172.21.3.40", "vetha1")] {
+        l.ip("k3s-agent", &format!("link add {veth} type veth peer name eth0 netns {}\nlink set {veth} master br-k8s up", l.ns(pod)));
+        l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via 172.21.3.1"));
+    }
+    let node = cnitrace::netns::named(&l.ns("k3s-agent"));
+    cnitrace::netns::in_netns(&node, || {
+        cnitrace::sys::write_sysctl("net.ipv4.ip_forward", "1")?;
+        cnitrace::sys::write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
+    })
+    .expect("the node's sysctls");
+    // The API server's port, listening in its pod (the socket belongs to the namespace it was made in).
+    let listener = cnitrace::netns::in_netns(&cnitrace::netns::named(&l.ns("apiserver")), || Ok(std::net::TcpListener::bind("0.0.0.0:6443")?)).expect("listen");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            drop(s);
+        }
+    });
+    let rules = |endpoints: bool| {
+        let (svc, ep) = ("service-ZX3Q0P1K-kube-system/metrics/tcp/https", "endpoint-7HD2KQ9A-kube-system/metrics/tcp/https__172.21.3.40/6443");
+        let mut t = format!(
+            "table ip kube-proxy {{\n comment \"rules for kube-proxy\"\n\
+             map service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
+             map no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
+             chain reject-chain {{ reject; }}\n\
+             chain services {{ ip daddr . meta l4proto . th dport vmap @service-ips; }}\n\
+             chain service-endpoints-check {{ ip daddr . meta l4proto . th dport vmap @no-endpoint-services; }}\n\
+             chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}\n\
+             chain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump service-endpoints-check; }}\n\
+             chain cluster-ips-check {{ ip daddr 10.43.0.0/16 drop comment \"Drop traffic to unallocated ClusterIPs\"; }}\n"
+        );
+        if endpoints {
+            t += &format!(" chain {ep} {{ meta l4proto tcp dnat to 172.21.3.40:6443; }}\n chain {svc} {{ numgen random mod 1 vmap {{ 0 : goto {ep} }}; }}\n}}\n");
+            t += &format!("add element ip kube-proxy service-ips {{ 10.43.12.34 . tcp . 443 : goto {svc} }}\n");
+        } else {
+            t += "}\nadd element ip kube-proxy no-endpoint-services { 10.43.12.34 . tcp . 443 comment \"kube-system/metrics:https\" : goto reject-chain }\n";
+        }
+        let ns = l.ns("k3s-agent");
+        let _ = cnitrace::sys::run_in_stdin(&ns, &cnitrace_tools::NFT, &["-f", "-"], "table ip kube-proxy {}\ndelete table ip kube-proxy\n");
+        cnitrace::sys::run_in_stdin(&ns, &cnitrace_tools::NFT, &["-f", "-"], &t).unwrap_or_else(|e| panic!("{e:#}"));
+    };
+    rules(true);
+    let (code, v) = cnitrace_tests::follow("172.21.3.7", "10.43.12.34:443", &["--timeout", "3"]);
+    assert_eq!((code, v["verdict"].as_str()), (0, Some("delivered")), "{v}");
+    assert_eq!(v["service"]["name"], "kube-system/metrics:https", "{v}");
+    assert_eq!(v["service"]["endpoint"], "172.21.3.40:6443", "{v}");
+    assert!(v["service"]["translations"].to_string().contains("dst 10.43.12.34:443 → 172.21.3.40:6443 by endpoint-7HD2KQ9A"), "{v}");
+
+    rules(false);
+    let (code, v) = cnitrace_tests::follow("172.21.3.7", "10.43.12.34:443", &["--timeout", "2"]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("service-no-endpoints")), "{v}");
+    assert!(v["explanation"].as_str().is_some_and(|e| e.contains("kube-system/metrics:https (10.43.12.34:443) has no endpoints")), "{v}");
+}
