@@ -420,12 +420,17 @@ pub fn up(prefix: &str, fault_names: &[String], proxy_mode: services::ProxyMode)
     }
 }
 
-fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
-    // kubeadm's first prerequisite. Built into some kernels (this project's CI host), a module on
-    // Debian's stock kernels, where its sysctls exist only once it is loaded.
+/// kubeadm's first prerequisite: bridged pod traffic through iptables. Built into some kernels (this
+/// project's CI host), a module on Debian's stock kernels, where its sysctls exist only once it is loaded.
+pub fn ensure_br_netfilter() -> Result<()> {
     if !std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
         sys::run(&tools::MODPROBE, &["br_netfilter"]).context("load br_netfilter (bridged pod traffic through iptables, as on a kubeadm node)")?;
     }
+    Ok(())
+}
+
+fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
+    ensure_br_netfilter()?;
     let ext = lab.external_ns();
     let (n0, n1) = (lab.node_ns(0), lab.node_ns(1));
     // From the root namespace: the namespaces, and the veth pairs between them (created in them).

@@ -57,6 +57,7 @@ fn a_service_on_a_layout_the_lab_does_not_build_is_followed_to_its_endpoint() {
         l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via 172.21.3.1"));
     }
     let node = cnitrace::netns::named(&l.ns("k3s-agent"));
+    cnitrace::lab::ensure_br_netfilter().expect("br_netfilter");
     cnitrace::netns::in_netns(&node, || {
         cnitrace::sys::write_sysctl("net.ipv4.ip_forward", "1")?;
         cnitrace::sys::write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
