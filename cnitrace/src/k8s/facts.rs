@@ -37,6 +37,10 @@ pub struct PodFacts {
     /// Its controller, `Kind/name` (`DaemonSet/kube-flannel-ds`).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The last line its (crashed) container wrote, read for a node daemon (kube-proxy, flannel) that is
+    /// not Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_log: Option<String>,
 }
 
 impl PodFacts {
@@ -64,6 +68,7 @@ impl PodFacts {
                 .as_ref()
                 .and_then(|o| o.iter().find(|r| r.controller == Some(true)).or(o.first()))
                 .map(|r| format!("{}/{}", r.kind, r.name)),
+            last_log: None,
         }
     }
 

@@ -397,7 +397,20 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
     nodes.dedup();
     for node in nodes {
         match cluster.pods_on(&node) {
-            Ok(p) => f.pods.extend(p.into_iter().filter(|p| matches!(p.app.as_deref(), Some("flannel") | Some("kube-proxy")))),
+            Ok(p) => {
+                for mut p in p.into_iter().filter(|p| matches!(p.app.as_deref(), Some("flannel") | Some("kube-proxy"))) {
+                    // A daemon that is not Ready: the last line its container wrote (the crashed one's).
+                    if !p.ready {
+                        if let Some(c) = p.containers.first().cloned() {
+                            match cluster.logs(&p.namespace, &p.name, &c, p.restarts > 0, 20) {
+                                Ok(log) => p.last_log = log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()),
+                                Err(e) => f.missing.push(e.to_string()),
+                            }
+                        }
+                    }
+                    f.pods.push(p);
+                }
+            }
             Err(e) => f.missing.push(e.to_string()),
         }
     }

@@ -389,6 +389,8 @@ fn a_service_by_name_is_followed_and_an_empty_one_names_the_pods_that_are_not_re
     assert_eq!(v["service"]["asked"], "10.96.12.7:8096", "{v}");
     let text = v["explanation"].as_str().unwrap_or_default();
     assert!(text.contains("app=jellyfin matches 1 pod(s), none Ready: default/jellyfin-6c9f7-qx2lp (Running"), "{text}");
+    // Its readiness probe comes from its node: the trace of that path, as `check` gives it.
+    assert!(v["facts"].to_string().contains("`cnitrace follow node/rack4-node default/jellyfin-6c9f7-qx2lp`"), "{v}");
 
     let (code, v) = cnitrace_tests::follow("default/debug-shell", "default/svc/web:http", &["--kubeconfig", k]);
     assert_eq!((code, v["verdict"].as_str()), (0, Some("delivered")), "{v}");
@@ -440,4 +442,34 @@ fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node()
     // kube-proxy's restart, never a NAT rule written by hand.
     let text = restart_repairs(&api, k, ("default/debug-shell", "svc/jellyfin"), ("kube-system", &proxy_on_4), "iptables");
     assert!(text.contains("verified: ") && text.contains("Service default/jellyfin:http"), "{text}");
+}
+
+/// kube-proxy crashing on the node whose rules are missing: the verdict quotes its log, and `fix` does not
+/// restart what would crash again.
+#[test]
+fn a_crashing_kube_proxy_is_named_with_its_log_and_not_restarted() {
+    if !can_run_kernel_tests("a_crashing_kube_proxy_is_named_with_its_log_and_not_restarted") {
+        return;
+    }
+    let _lab = LabGuard::up(&["kube-proxy-rules-missing"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    let log = "E1201 03:58:12.000000 1 proxier.go:1504] \"Failed to execute iptables-restore\" err=\"exit status 2: iptables-restore: unable to initialize table 'nat'\"";
+    o.pod_not_ready("kube-system", "kube-proxy-crash1", &rack(0), topology::NODES[0].underlay, json!({"k8s-app": "kube-proxy"}), Some("CrashLoopBackOff"), 9, log);
+    o.by_kind.get_mut("pods").unwrap().last_mut().unwrap()["spec"]["hostNetwork"] = json!(true);
+    o.pod("default", "debug-shell", &rack(0), topology::pod("debug").unwrap().ip, json!({"run": "debug-shell"}))
+        .service("default", "jellyfin", topology::service("jellyfin").unwrap().cluster_ip, "http", 8096, Some(30896), json!({"app": "jellyfin"}));
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let dir = scratch("kube-proxy-crash");
+    let k = api.kubeconfig(&dir, None);
+    let k = k.to_str().expect("utf-8 path");
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", "svc/jellyfin", &["--kubeconfig", k, "--timeout", "2"]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{v}");
+    let facts = v["facts"].to_string();
+    assert!(facts.contains("kube-system/kube-proxy-crash1 (Running, not Ready, waiting: CrashLoopBackOff, 9 restarts); its log: E1201"), "{facts}");
+    let out = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--auto", "--kubeconfig", k]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("no safe fix") && text.contains("unable to initialize table 'nat'"), "{text}");
+    assert!(api.writes().is_empty(), "nothing restarted: {:?}", api.writes());
 }

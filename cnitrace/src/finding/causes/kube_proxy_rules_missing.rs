@@ -45,7 +45,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
             p.phase,
             if p.ready { ", Ready" } else { ", not Ready" },
             p.waiting.as_ref().map(|w| format!(", waiting: {w}, {} restarts", p.restarts)).unwrap_or_default()
-        )),
+        ) + &p.last_log.as_ref().map(|l| format!("; its log: {l}")).unwrap_or_default()),
         Some(None) => facts.push(format!("the API shows no kube-proxy pod on {api_name}")),
         None => {}
     }
@@ -59,6 +59,15 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
 fn fix(ctx: &Ctx) -> Remedy {
     let Some(sp) = ctx.states.service.as_ref() else { return Remedy::NoSafeFix("no Service in this trace".into()) };
     let node_name = &sp.nat_node_name;
+    // A kube-proxy that is crashing would crash again: what it says is the repair, not a restart.
+    let api_name = ctx.states.by_inode.get(&sp.nat_node).map(|n| ctx.node_name(n)).unwrap_or_else(|| node_name.clone());
+    if let Some(p) = ctx.states.cluster.as_ref().and_then(|c| c.pods.iter().find(|p| p.app.as_deref() == Some("kube-proxy") && p.node.as_deref() == Some(api_name.as_str()) && !p.ready)) {
+        return Remedy::NoSafeFix(format!(
+            "kube-proxy on {api_name} is not Ready ({}): restarting it would not help; its log says what stops it{}",
+            p.state(),
+            p.last_log.as_ref().map(|l| format!(": {l}")).unwrap_or_default()
+        ));
+    }
     if let Some(node) = ctx.states.by_inode.get(&sp.nat_node) {
         if let Some(r) = super::restart_daemon(ctx, node, "kube-proxy", &format!("kube-proxy's rules for {} are missing on {node_name}", sp.asked)) {
             return r;

@@ -33,6 +33,12 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
                 .map(|p| format!("{} ({}{}{})", p.full_name(), p.phase, p.waiting.as_ref().map(|w| format!(", waiting: {w}")).unwrap_or_default(), if p.restarts > 0 { format!(", {} restarts", p.restarts) } else { String::new() }))
                 .collect();
             why = format!("its selector {} matches {} pod(s), none Ready: {}", s.selector_text(), s.selected.len(), not_ready.join(", "));
+            // The kubelet probes each from its node: that path, traced, says where a probe dies.
+            for p in s.selected.iter().filter(|p| !p.ready && p.ip.is_some()) {
+                if let Some(node) = &p.node {
+                    facts.push(format!("{}'s readiness probe comes from its node: `cnitrace follow node/{node} {}` traces that path", p.full_name(), p.full_name()));
+                }
+            }
         }
         facts.push(format!("the API: Service {} selector {}: {}", s.full_name(), if s.selector.is_empty() { "none".into() } else { s.selector_text() }, why));
     }
