@@ -135,6 +135,13 @@ impl Lab {
         fdb.run()
     }
 
+    /// flanneld's masquerade chain on node `i` written again whole, as a restarted flanneld syncs it (the
+    /// API tests' stand-in for flannel's restart; declaring the chain flushes it first).
+    pub fn resync_flannel_masquerade(&self, i: usize) -> Result<()> {
+        let nat: String = flannel_rules(i).lines().skip_while(|l| *l != "*nat").filter(|l| !l.starts_with("-A POSTROUTING")).map(|l| format!("{l}\n")).collect();
+        sys::run_in_stdin(&self.node_ns(i), &tools::IPTABLES_NFT_RESTORE, &["--noflush", "-w"], &nat).map(|_| ())
+    }
+
     /// Creates a pod through the CNI bridge plugin, as the runtime does.
     pub fn add_pod(&mut self, name: &str, node: usize, addr: Ipv4Addr) -> Result<()> {
         if self.state.pods.contains_key(name) {

@@ -473,3 +473,39 @@ fn a_crashing_kube_proxy_is_named_with_its_log_and_not_restarted() {
     assert!(text.contains("no safe fix") && text.contains("unable to initialize table 'nat'"), "{text}");
     assert!(api.writes().is_empty(), "nothing restarted: {:?}", api.writes());
 }
+
+/// flannel's masquerade rule gone on the pod's node while flannel runs there: the repair is flannel's own
+/// restart through the API (flanneld writes its FLANNEL-POSTRTG chain again), verified by the pod reaching
+/// the outside.
+#[test]
+fn a_missing_masquerade_is_repaired_by_restarting_flannel() {
+    if !can_run_kernel_tests("a_missing_masquerade_is_repaired_by_restarting_flannel") {
+        return;
+    }
+    let _lab = LabGuard::up(&["masquerade-missing"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    for (i, n) in topology::NODES.iter().enumerate() {
+        o.flannel_pod(&rack(i), n.underlay);
+    }
+    o.pod("default", "debug-shell", &rack(0), topology::pod("debug").unwrap().ip, json!({"run": "debug-shell"}))
+        .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
+    let flannel_on_4 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == rack(0) && p["metadata"]["namespace"] == "kube-flannel").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
+        if node == "rack4-node" {
+            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
+            lab.resync_flannel_masquerade(0).expect("flanneld's masquerade chain");
+        }
+    });
+    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
+    let dir = scratch("masquerade");
+    let k = api.kubeconfig(&dir, None);
+    let k = k.to_str().expect("utf-8 path");
+    let external = topology::EXTERNAL_IP.to_string();
+    let (code, v) = cnitrace_tests::follow("default/debug-shell", &external, &["--kubeconfig", k, "--timeout", "2"]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("masquerade-missing")), "{v}");
+    restart_repairs(&api, k, ("default/debug-shell", &external), ("kube-flannel", &flannel_on_4), "iptables");
+}
