@@ -269,7 +269,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     }
     // A Service: the node that translates it, and its endpoints here (their pods and nodes).
     let api_service = req.cluster.as_ref().is_some_and(|c| c.service_with_ip(req.dst).is_some());
-    let mut service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, port, api_service));
+    let mut service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, port, api_service, &mut states.rules_before));
     if let Some(sp) = service.as_mut() {
         if let Some(n) = states.names.get(&sp.nat_node) {
             sp.nat_node_name = n.clone();
@@ -303,6 +303,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     node_inodes.extend(endpoints_here.iter().filter_map(|l| l.node.as_ref().map(|n| n.netns.inode)));
     node_inodes.sort();
     node_inodes.dedup();
+    node_inodes.retain(|i| !states.rules_before.contains_key(i));
     for inode in &node_inodes {
         if let Some(ns) = resolver.namespace(*inode) {
             let path = ns.path.clone();

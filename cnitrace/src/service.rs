@@ -2,7 +2,10 @@
 //! NodePort's address, else the source pod's node), the Service and its endpoints as that node's rules
 //! have them, and — after the trace — the endpoint the packet was translated to.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -70,15 +73,21 @@ impl ServicePath {
     }
 }
 
-fn rules_in(resolver: &HostResolver, inode: u32) -> Option<RuleSets> {
-    let ns = resolver.namespace(inode)?;
-    crate::netns::in_netns(&ns.path.clone(), || Ok(state::rules_now())).ok()
+/// A namespace's rule sets, read once: `read` keeps what was read (follow's rules before the probe).
+fn rules_in<'a>(resolver: &HostResolver, inode: u32, read: &'a mut BTreeMap<u32, RuleSets>) -> Option<&'a RuleSets> {
+    if !read.contains_key(&inode) {
+        let ns = resolver.namespace(inode)?;
+        let r = crate::netns::in_netns(&ns.path.clone(), || Ok(state::rules_now())).ok()?;
+        read.insert(inode, r);
+    }
+    read.get(&inode)
 }
 
 /// The Service `dst:port` names, seen from `src`: None when no node of this host has kube-proxy rules for
 /// it, it is not in a Service range kube-proxy names, the API (`api`: it has a Service at that address)
-/// does not say so, and it is not a node's own address (then it is just an address and port).
-pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, api: bool) -> Option<ServicePath> {
+/// does not say so, and it is not a node's own address (then it is just an address and port). The rule
+/// sets it reads are kept in `read` (by namespace inode) and not read again when already there.
+pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, api: bool, read: &mut BTreeMap<u32, RuleSets>) -> Option<ServicePath> {
     let dst_ip = dst.ip();
     // An address of this host: a NodePort if the namespace holding it has kube-proxy's rules (a pod's
     // address and port is just that); translated where it is held.
@@ -90,7 +99,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
         }
     };
     let ns = resolver.namespace(nat_node)?;
-    let rules = rules_in(resolver, nat_node)?;
+    let rules = rules_in(resolver, nat_node, read)?.clone();
     let all = services::from_rules(&rules);
     let service = services::lookup(&all, dst_ip, port, node_port).cloned();
     let kube_proxy: Vec<String> = services::kube_proxy_present(&rules).into_iter().map(str::to_string).collect();
@@ -115,7 +124,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
         nodes.sort();
         nodes.dedup();
         for inode in nodes.into_iter().filter(|i| *i != nat_node) {
-            let Some(r) = rules_in(resolver, inode) else { continue };
+            let Some(r) = rules_in(resolver, inode, read) else { continue };
             let local = node_port && resolver.spaces().iter().any(|(n, st)| n.inode == inode && st.has_addr(dst_ip).is_some());
             if let Some(s) = services::lookup(&services::from_rules(&r), dst_ip, port, local || node_port) {
                 let name = resolver.namespace(inode).map(display_ns).unwrap_or_default();
