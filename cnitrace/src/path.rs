@@ -111,8 +111,8 @@ const TCP_DUPLICATES: &[&str] = &["TCP_OLD_DATA", "TCP_OFOMERGE", "TCP_OLD_SEQUE
 /// The translation between an skb's previous hop (`before`, at `t`) and this one, if its addresses
 /// changed: same protocol, not freed in between, not a reply that reused a freed skb's memory (the
 /// two ends swapped), within a second.
-fn translation(t: u64, kind: Kind, before: &crate::event::Packet, e: &TraceEvent, now: &crate::event::Packet) -> Option<Nat> {
-    if before.key == now.key || before.proto != now.proto || matches!(kind, Kind::Drop | Kind::Consume) || now.proto == "arp" || before.icmp_error || now.icmp_error {
+fn translation(t: u64, before: &crate::event::Packet, e: &TraceEvent, now: &crate::event::Packet) -> Option<Nat> {
+    if before.key == now.key || before.proto != now.proto || now.proto == "arp" || before.icmp_error || now.icmp_error {
         return None;
     }
     if e.t_ns.saturating_sub(t) > 1_000_000_000 {
@@ -144,7 +144,7 @@ impl Trace {
         // seen with the same skb.
         let mut last_key_of_skb: std::collections::HashMap<u64, (String, String)> = Default::default();
         // Per skb: its last event with headers (time, kind, the packet), to see a translation.
-        let mut last_of_skb: std::collections::HashMap<u64, (u64, Kind, crate::event::Packet)> = Default::default();
+        let mut last_of_skb: std::collections::HashMap<u64, (u64, crate::event::Packet)> = Default::default();
         // A translated packet's key → the key it had first (its path).
         let mut first_key: std::collections::HashMap<String, String> = Default::default();
         let mut packets: Vec<PacketPath> = Vec::new();
@@ -169,14 +169,14 @@ impl Trace {
             let mut nat = None;
             let (key, what) = match &e.packet {
                 Some(p) => {
-                    if let Some((t, kind, before)) = last_of_skb.get(&e.skb) {
-                        nat = translation(*t, kind.clone(), before, e, p);
+                    if let Some((t, before)) = last_of_skb.get(&e.skb) {
+                        nat = translation(*t, before, e, p);
                         if nat.is_some() && !first_key.contains_key(&p.key) {
                             let orig = first_key.get(&before.key).cloned().unwrap_or_else(|| before.key.clone());
                             first_key.insert(p.key.clone(), orig);
                         }
                     }
-                    last_of_skb.insert(e.skb, (e.t_ns, e.kind.clone(), p.clone()));
+                    last_of_skb.insert(e.skb, (e.t_ns, p.clone()));
                     last_key_of_skb.insert(e.skb, (p.key.clone(), p.what.clone()));
                     (p.key.clone(), p.what.clone())
                 }
@@ -297,5 +297,39 @@ mod tests {
         let real = drop_of("tcp", "tcp b", 20, "tcp_v4_rcv", "TCP_CSUM");
         let t = Trace::build(vec![dup, real]);
         assert_eq!(t.first_drop().and_then(|e| e.drop.as_ref()).map(|d| d.reason.as_str()), Some("TCP_CSUM"));
+    }
+
+    fn hop(kind: Kind, t_ns: u64, skb: u64, where_: &str, src: &str, dst: &str) -> TraceEvent {
+        let mut e = drop_of("tcp", &format!("tcp {src}>{dst}"), t_ns, "", "");
+        e.kind = kind;
+        e.skb = skb;
+        e.drop = None;
+        e.where_ = where_.into();
+        let p = e.packet.as_mut().unwrap();
+        p.src = src.split(':').next().unwrap().parse().unwrap();
+        p.dst = dst.split(':').next().unwrap().parse().unwrap();
+        e
+    }
+
+    #[test]
+    fn a_translated_packet_keeps_its_path_and_a_reused_skb_is_another_packet() {
+        let t = Trace::build(vec![
+            hop(Kind::Xmit, 1, 7, "debug", "10.244.0.20:4000", "10.96.12.7:8096"),
+            hop(Kind::Receive, 2, 7, "node", "10.244.0.20:4000", "10.96.12.7:8096"),
+            // kube-proxy's DNAT between two hops of the same skb.
+            hop(Kind::Xmit, 3, 7, "node", "10.244.0.20:4000", "10.244.0.19:8096"),
+            hop(Kind::Consume, 4, 7, "jellyfin", "10.244.0.20:4000", "10.244.0.19:8096"),
+            // The answer, in the freed skb's memory: another packet, not a translation.
+            hop(Kind::Xmit, 5, 7, "jellyfin", "10.244.0.19:8096", "10.244.0.20:4000"),
+        ]);
+        assert_eq!(t.packets.len(), 2, "{:?}", t.packets.iter().map(|p| &p.key).collect::<Vec<_>>());
+        assert_eq!(t.packets[0].events.len(), 4, "the translated hops stay on the packet's first path");
+        let n = t.translations();
+        assert_eq!(n.len(), 1);
+        assert_eq!((n[0].dst.0.as_str(), n[0].dst.1.as_str(), n[0].where_.as_str()), ("10.96.12.7:8096", "10.244.0.19:8096", "node"));
+        assert!(n[0].dnat() && !n[0].snat());
+        // Ends swapped in an skb not seen freed: a reply reusing the memory, still not a translation.
+        let t = Trace::build(vec![hop(Kind::Xmit, 1, 9, "a", "10.0.0.1:1", "10.0.0.2:2"), hop(Kind::Xmit, 2, 9, "b", "10.0.0.2:2", "10.0.0.1:1")]);
+        assert!(t.translations().is_empty());
     }
 }
