@@ -405,6 +405,7 @@ pub fn up(prefix: &str, fault_names: &[String], proxy_mode: services::ProxyMode)
     if !sys::is_root() {
         bail!("`cnitrace lab up` needs root (it creates network namespaces)");
     }
+    topology::check_prefix(prefix)?;
     let faults: Vec<&faults::Fault> = fault_names
         .iter()
         .map(|n| faults::find(n).ok_or_else(|| anyhow!("unknown fault {n:?}; `cnitrace lab list` shows them")))
@@ -533,6 +534,7 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
     if !sys::is_root() {
         bail!("`cnitrace lab down` needs root");
     }
+    topology::check_prefix(prefix)?;
     let names = Names::new(prefix);
     if let Ok(mut lab) = Lab::load(prefix) {
         lab.stop_servers(|_| true);

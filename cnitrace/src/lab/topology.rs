@@ -143,6 +143,16 @@ pub fn pod(name: &str) -> Option<&'static PodSpec> {
     PODS.iter().find(|p| p.name == name)
 }
 
+/// A lab prefix is a namespace-name part without `-pod-` in it: `<prefix>-pod-…` is then one lab's pods
+/// only, whatever other labs run beside it.
+pub fn check_prefix(prefix: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !prefix.is_empty() && prefix.len() <= 40 && prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') && !prefix.contains("-pod-"),
+        "lab prefix {prefix:?}: letters, digits, '-' and '_', at most 40, and no \"-pod-\" in it"
+    );
+    Ok(())
+}
+
 /// Namespace names of one lab, all under one prefix so `lab down` can find every piece.
 #[derive(Clone, Debug)]
 pub struct Names {
@@ -163,14 +173,40 @@ impl Names {
         format!("{}-external", self.prefix)
     }
     /// Is this namespace name one of this lab's?
+    ///
+    /// Exactly its own names: a lab under prefix `cnitrace` must not take `cnitrace-test-…` (another lab,
+    /// a test's, on the same kernel) for its own — `lab down` once removed a running test's namespaces so.
     pub fn owns(&self, ns: &str) -> bool {
-        ns.starts_with(&format!("{}-", self.prefix))
+        (0..NODES.len()).any(|i| ns == self.node(i)) || ns == self.external() || self.owns_pod(ns)
     }
-    /// Is this namespace one of this lab's pods?
+    /// Is this namespace one of this lab's pods (`<prefix>-pod-NAME`)? Unambiguous because no prefix
+    /// holds `-pod-` ([`check_prefix`]).
     pub fn owns_pod(&self, ns: &str) -> bool {
-        ns.starts_with(&format!("{}-pod-", self.prefix))
+        ns.strip_prefix(&format!("{}-pod-", self.prefix)).is_some_and(|name| !name.is_empty())
     }
     pub fn state_dir(&self) -> std::path::PathBuf {
         std::path::Path::new(super::STATE_ROOT).join(&self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lab_owns_its_own_namespaces_not_those_of_a_longer_prefix() {
+        let lab = Names::new("cnitrace");
+        for ns in ["cnitrace-storagenodet3500", "cnitrace-storagenodet3501", "cnitrace-external", "cnitrace-pod-debug", "cnitrace-pod-coredns"] {
+            assert!(lab.owns(ns), "{ns}");
+        }
+        let test = Names::new("cnitrace-test");
+        for ns in ["cnitrace-test-storagenodet3500", "cnitrace-test-external", "cnitrace-test-pod-debug", "cnitrace-t19-k3s-agent", "cnitrace-pod"] {
+            assert!(!lab.owns(ns), "{ns} is not lab cnitrace's");
+        }
+        assert!(test.owns("cnitrace-test-pod-web") && !test.owns("cnitrace-pod-web"));
+        assert!(lab.owns("cnitrace-pod-my-pod-1"), "a pod's own name may hold -pod-");
+        // A prefix that would make one lab's pods look like another's is refused.
+        assert!(check_prefix("cnitrace-pod-x").is_err() && check_prefix("").is_err() && check_prefix("a b").is_err());
+        assert!(check_prefix("cnitrace-t19").is_ok());
     }
 }
