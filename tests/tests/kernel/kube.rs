@@ -34,6 +34,22 @@ fn lab_nodes(o: &mut Objects) {
     }
 }
 
+/// The name of the pod of `namespace` the objects put on `node` (a DaemonSet's, by its namespace).
+fn pod_on(o: &Objects, node: &str, namespace: &str) -> String {
+    let p = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == node && p["metadata"]["namespace"] == namespace);
+    p.and_then(|p| p["metadata"]["name"].as_str()).unwrap_or_else(|| panic!("no pod of {namespace} on {node}")).to_string()
+}
+
+/// What the restarted daemon on lab node `i` (API name `rack(i)`) writes again, run by the test API
+/// server when that node's DaemonSet pod is replaced.
+fn on_restart(i: usize, rewrite: fn(&cnitrace_tests::Lab)) -> cnitrace_tests::apiserver::OnRestart {
+    std::sync::Arc::new(move |_pod: &str, node: &str| {
+        if node == rack(i) {
+            rewrite(&cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab"));
+        }
+    })
+}
+
 #[test]
 fn lab_pods_by_name_are_named_as_kubernetes_names_them_in_follow_and_fix() {
     if !can_run_kernel_tests("lab_pods_by_name_are_named_as_kubernetes_names_them_in_follow_and_fix") {
@@ -238,17 +254,9 @@ fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs()
     o.pod("default", "debug-shell", "rack4-node", pod("debug"), json!({"run": "debug-shell"}))
         .pod("shop", "web-0", "rack5-node", pod("web"), json!({"app": "web"}))
         .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
-    let flannel_on_5 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == "rack5-node" && p["metadata"]["namespace"] == "kube-flannel").unwrap()["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let flannel_on_5 = pod_on(&o, &rack(1), "kube-flannel");
     // flanneld on rack5-node, restarted: recreates flannel.1 from the ConfigMap (VNI 1, port 8472).
-    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
-        if node == "rack5-node" {
-            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
-            lab.rebuild_vxlan(1, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1");
-        }
-    });
+    let hook = on_restart(1, |lab| lab.rebuild_vxlan(1, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1"));
     let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
     let dir = scratch("restart");
     let k = api.kubeconfig(&dir, None);
@@ -296,17 +304,9 @@ fn a_vxlan_address_flannel_owns_is_repaired_by_restarting_flannel_where_it_runs(
     o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
         .pod("shop", "web-0", &rack(1), pod("web"), json!({"app": "web"}))
         .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
-    let flannel_on_4 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == rack(0) && p["metadata"]["namespace"] == "kube-flannel").unwrap()["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let flannel_on_4 = pod_on(&o, &rack(0), "kube-flannel");
     // flanneld on rack4-node, restarted: writes flannel.1 again (its address, routes, neighbours, FDB).
-    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
-        if node == "rack4-node" {
-            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
-            lab.rebuild_vxlan(0, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1");
-        }
-    });
+    let hook = on_restart(0, |lab| lab.rebuild_vxlan(0, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1"));
     let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
     let dir = scratch("address");
     let k = api.kubeconfig(&dir, None);
@@ -420,17 +420,9 @@ fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node()
     o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
         .pod("default", "jellyfin-6c9f7-qx2lp", &rack(0), pod("jellyfin"), json!({"app": "jellyfin"}))
         .service("default", "jellyfin", topology::service("jellyfin").unwrap().cluster_ip, "http", 8096, Some(30896), json!({"app": "jellyfin"}));
-    let proxy_on_4 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == rack(0) && p["metadata"]["namespace"] == "kube-system").unwrap()["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let proxy_on_4 = pod_on(&o, &rack(0), "kube-system");
     // kube-proxy on rack4-node, restarted: syncs every Service's rules again.
-    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
-        if node == "rack4-node" {
-            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
-            cnitrace::lab::services::program(&lab, 0, lab.state.proxy_mode, &[]).expect("kube-proxy's rules");
-        }
-    });
+    let hook = on_restart(0, |lab| cnitrace::lab::services::program(lab, 0, lab.state.proxy_mode, &[]).expect("kube-proxy's rules"));
     let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
     let dir = scratch("kube-proxy");
     let k = api.kubeconfig(&dir, None);
@@ -490,16 +482,8 @@ fn a_missing_masquerade_is_repaired_by_restarting_flannel() {
     }
     o.pod("default", "debug-shell", &rack(0), topology::pod("debug").unwrap().ip, json!({"run": "debug-shell"}))
         .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
-    let flannel_on_4 = o.by_kind["pods"].iter().find(|p| p["spec"]["nodeName"] == rack(0) && p["metadata"]["namespace"] == "kube-flannel").unwrap()["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let hook: cnitrace_tests::apiserver::OnRestart = std::sync::Arc::new(|_pod: &str, node: &str| {
-        if node == "rack4-node" {
-            let lab = cnitrace_tests::Lab::load(cnitrace_tests::PREFIX).expect("the lab");
-            lab.resync_flannel_masquerade(0).expect("flanneld's masquerade chain");
-        }
-    });
+    let flannel_on_4 = pod_on(&o, &rack(0), "kube-flannel");
+    let hook = on_restart(0, |lab| lab.resync_flannel_masquerade(0).expect("flanneld's masquerade chain"));
     let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
     let dir = scratch("masquerade");
     let k = api.kubeconfig(&dir, None);
