@@ -148,7 +148,18 @@ fn table_rules(dump: &str, table: &str) -> Vec<Vec<String>> {
 fn from_iptables(dump: &str, backend: &str) -> Vec<Service> {
     let nat = table_rules(dump, "nat");
     let filter = table_rules(dump, "filter");
-    let in_chain = |rules: &[Vec<String>], chain: &str| -> Vec<Vec<String>> { rules.iter().filter(|w| w.get(1).is_some_and(|c| c == chain)).cloned().collect() };
+    // Each table's rules by chain, once: a node with thousands of Services has tens of thousands of rules.
+    let by_chain = |rules: &[Vec<String>]| {
+        let mut m: std::collections::HashMap<String, Vec<Vec<String>>> = Default::default();
+        for w in rules {
+            if let Some(c) = w.get(1) {
+                m.entry(c.clone()).or_default().push(w.clone());
+            }
+        }
+        m
+    };
+    let (nat, filter) = (by_chain(&nat), by_chain(&filter));
+    let in_chain = |rules: &std::collections::HashMap<String, Vec<Vec<String>>>, chain: &str| -> Vec<Vec<String>> { rules.get(chain).cloned().unwrap_or_default() };
     let mut out: Vec<Service> = Vec::new();
     for w in in_chain(&nat, "KUBE-SERVICES") {
         let (Some(d), Some(dport), Some(target)) = (opt(&w, "-d"), opt(&w, "--dport"), opt(&w, "-j")) else { continue };
@@ -231,14 +242,28 @@ fn nft_elements(dump: &str, table: &str, map: &str) -> Vec<String> {
 
 /// The rule lines of an nft chain of table `ip kube-proxy` (handles cut off).
 fn nft_chain<'a>(dump: &'a str, chain: &str) -> Vec<&'a str> {
-    let head = format!("\tchain {chain} {{");
-    let Some(start) = dump.find(&head) else { return vec![] };
-    dump[start + head.len()..]
-        .lines()
-        .skip(1)
-        .take_while(|l| l.trim() != "}")
-        .map(|l| l.split(" # handle").next().unwrap_or(l).trim())
-        .collect()
+    nft_chains(dump).remove(chain).unwrap_or_default()
+}
+
+/// Every chain of the listing with its rule lines (handles cut off), read in one pass: a node with
+/// thousands of Services has thousands of chains.
+fn nft_chains(dump: &str) -> std::collections::HashMap<&str, Vec<&str>> {
+    let mut out: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    let mut current: Option<&str> = None;
+    for line in dump.lines() {
+        let t = line.trim();
+        if let Some(rest) = line.strip_prefix("\tchain ") {
+            current = rest.split(" {").next();
+            if let Some(c) = current {
+                out.entry(c).or_default();
+            }
+        } else if t == "}" {
+            current = None;
+        } else if let Some(c) = current {
+            out.entry(c).or_default().push(t.split(" # handle").next().unwrap_or(t));
+        }
+    }
+    out
 }
 
 /// `service-HASH-NS/NAME/PROTO/PORT` → `NS/NAME:PORT`.
@@ -254,6 +279,8 @@ fn nft_service_name(chain: &str) -> String {
 
 fn from_nft(dump: &str) -> Vec<Service> {
     let mut out = Vec::new();
+    let chains = nft_chains(dump);
+    let chain_of = |name: &str| chains.get(name).cloned().unwrap_or_default();
     for e in nft_elements(dump, "kube-proxy", "service-ips") {
         // 10.96.12.7 . tcp . 8096 : goto service-…
         let Some((key, verdict)) = e.split_once(" : ") else { continue };
@@ -263,10 +290,10 @@ fn from_nft(dump: &str) -> Vec<Service> {
         let chain = chain.trim();
         let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
         let mut endpoints = Vec::new();
-        for line in nft_chain(dump, chain) {
+        for line in chain_of(chain) {
             for ep in line.split_whitespace().filter(|w| w.starts_with("endpoint-")) {
                 let ep = ep.trim_end_matches([',', '}', ';']);
-                if let Some(to) = nft_chain(dump, ep).iter().find_map(|l| l.split("dnat to ").nth(1)).and_then(|t| t.split_whitespace().next()?.parse::<SocketAddrV4>().ok()) {
+                if let Some(to) = chain_of(ep).iter().find_map(|l| l.split("dnat to ").nth(1)).and_then(|t| t.split_whitespace().next()?.parse::<SocketAddrV4>().ok()) {
                     endpoints.push(Endpoint { addr: to, chain: ep.to_string() });
                 }
             }
@@ -291,7 +318,7 @@ fn from_nft(dump: &str) -> Vec<Service> {
         let svc = if target.starts_with("service-") {
             Some(target.to_string())
         } else {
-            nft_chain(dump, target).iter().find_map(|l| l.split_whitespace().skip_while(|w| *w != "goto").nth(1).map(str::to_string))
+            chain_of(target).iter().find_map(|l| l.split_whitespace().skip_while(|w| *w != "goto").nth(1).map(str::to_string))
         };
         if let Some(s) = svc.and_then(|c| out.iter_mut().find(|s| s.chain == c)) {
             s.node_port = Some(np);
