@@ -15,8 +15,9 @@ pub struct FollowArgs {
     /// Probe traffic starts in its network namespace.
     src: String,
     /// Destination: an address (a pod here, a pod on another node, or anything beyond) or a pod's name;
-    /// ADDR:PORT for a Service — its ClusterIP and port, or a node's address and a NodePort — followed
-    /// through kube-proxy's NAT to the endpoint (probe: tcp:PORT).
+    /// ADDR:PORT for a Service — its ClusterIP and port, or a node's address and a NodePort — or a Service
+    /// by name (svc/NAME[:PORT], NAMESPACE/svc/NAME; needs the API), followed through kube-proxy's NAT to
+    /// the endpoint (probe: tcp:PORT).
     dst: String,
     /// Probe traffic: icmp (the default), tcp:PORT, udp:PORT, or none (wait for real traffic). With
     /// DST as ADDR:PORT: tcp:PORT.
