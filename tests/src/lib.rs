@@ -234,6 +234,14 @@ pub fn cnitrace(args: &[&str]) -> Output {
         .expect("run the cnitrace binary (build it first: cargo xtask test does)")
 }
 
+/// `cnitrace fix ARGS…` on this suite's lab: its exit code and what it printed (stdout, then stderr).
+pub fn fix(args: &[&str]) -> (i32, String) {
+    let mut full = vec!["fix"];
+    full.extend_from_slice(args);
+    let out = cnitrace(&full);
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// Returns false (after printing why) when kernel tests cannot run here.
 pub fn can_run_kernel_tests(test: &str) -> bool {
     if !cnitrace::sys::is_root() {

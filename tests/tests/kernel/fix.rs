@@ -11,7 +11,7 @@ use std::{
 };
 
 use cnitrace_tools as tools;
-use cnitrace_tests::{bin, can_run_kernel_tests, check, cnitrace, config_diff, config_diff_but_port_states, faults, lab_config, state_dir, LabGuard, PREFIX};
+use cnitrace_tests::{bin, can_run_kernel_tests, check, cnitrace, config_diff, config_diff_but_port_states, faults, fix, lab_config, state_dir, LabGuard, PREFIX};
 
 /// Faults whose cause has no safe automatic fix: fix says so and changes nothing.
 const NO_SAFE_FIX: &[&str] = &["vxlan-port-mismatch", "vxlan-vni-mismatch"];
@@ -20,14 +20,6 @@ const RULE_REMOVAL: &[&str] = &["iptables-drop", "nft-drop"];
 
 fn ip(pod: &str) -> String {
     cnitrace_tests::pod_ip(pod)
-}
-
-fn fix(args: &[&str]) -> (i32, String) {
-    let mut full = vec!["fix"];
-    full.extend_from_slice(args);
-    let out = cnitrace(&full);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
 }
 
 /// The namespaces the last fix's actions ran in, from its journal.

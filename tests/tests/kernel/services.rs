@@ -2,7 +2,7 @@
 //! nftables) to the endpoint, each Service fault diagnosed, and the fixes that exist applied, verified
 //! and rolled back byte-identical.
 
-use cnitrace_tests::{can_run_kernel_tests, check, cnitrace, config_diff, faults, follow, lab_config, topology, LabGuard};
+use cnitrace_tests::{can_run_kernel_tests, check, config_diff, faults, fix, follow, lab_config, topology, LabGuard};
 
 const MODES: [&str; 3] = ["iptables", "iptables-legacy", "nftables"];
 
@@ -76,13 +76,6 @@ fn every_service_fault_is_diagnosed_in_every_proxy_mode() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
-}
-
-fn fix(args: &[&str]) -> (i32, String) {
-    let mut full = vec!["fix"];
-    full.extend_from_slice(args);
-    let out = cnitrace(&full);
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 #[test]
