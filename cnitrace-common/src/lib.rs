@@ -211,6 +211,12 @@ pub struct Config {
     /// read as their low byte (little-endian), which holds the value.
     pub nf_state_hook: u32,
     pub nf_state_pf: u32,
+    /// `follow --write`: bytes of each matched packet to capture from its network header (0: none, the
+    /// records carry no bytes; at most [`MAX_SNAPLEN`]). Each such record is a [`Captured`].
+    pub snaplen: u32,
+    /// `sk_buff::tail`: where the linear data ends (an offset from `head`), so a capture never reads
+    /// past it into memory that is not the packet's.
+    pub skb_tail: u32,
     /// 1 when `sk_buff`'s protocol, network_header, head and data lie within [`Config::SKB_WINDOW`] bytes
     /// from `protocol`, each at an offset aligned to its size (every kernel this project runs on): the
     /// programs then read them with one helper call instead of three.
@@ -260,6 +266,8 @@ impl Config {
             neigh_ha: 0,
             nf_state_hook: 0,
             nf_state_pf: 0,
+            snaplen: 0,
+            skb_tail: 0,
             skb_window: 0,
         }
     }
@@ -269,7 +277,23 @@ impl Config {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<PacketInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 148);
+const _: () = assert!(core::mem::size_of::<Config>() == 156);
+const _: () = assert!(core::mem::size_of::<Captured>() == 104 + MAX_SNAPLEN as usize);
+
+/// Most bytes a record captures (`Config::snaplen`).
+pub const MAX_SNAPLEN: u32 = 256;
+
+/// A record with the first bytes of its packet (`follow --write`): what [`Event`] is, then `caplen`
+/// bytes from the network header on (the rest of `bytes` is not the packet's). Told from a plain
+/// [`Event`] by its size in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Captured {
+    pub event: Event,
+    pub caplen: u32,
+    pub _pad: u32,
+    pub bytes: [u8; MAX_SNAPLEN as usize],
+}
 
 /// `cnitrace watch`: drops counted in the kernel by where and why (map `DROPS`, key → count). No pair
 /// and no record per packet: a node can run it for hours.
@@ -303,6 +327,7 @@ mod user {
     // SAFETY: plain-old-data, repr(C), no padding holes that matter, no pointers.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Captured {}
 }
 
 #[cfg(test)]

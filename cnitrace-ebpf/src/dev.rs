@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use cnitrace_common::EventKind;
 
-use crate::filter::{config, count_only, counting_only, emit, match_skb, new_event, stamp_dev, Fields, L3At, Wake};
+use crate::filter::{config, count_only, counting_only, emit_skb, match_skb, new_event, stamp_dev, Fields, L3At, Wake};
 
 #[inline(always)]
 fn on_skb(skb: *const u8, kind: EventKind, at: L3At, fields: Fields) -> i32 {
@@ -28,7 +28,7 @@ fn on_skb(skb: *const u8, kind: EventKind, at: L3At, fields: Fields) -> i32 {
     }
     let mut ev = new_event(kind, skb, pkt);
     unsafe { stamp_dev(c, skb, &mut ev) };
-    emit(&mut ev, Wake::Later);
+    emit_skb(c, &mut ev, Wake::Later, skb, at);
     0
 }
 

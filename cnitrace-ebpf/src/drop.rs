@@ -3,7 +3,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use cnitrace_common::EventKind;
 
-use crate::filter::{config, count_only, counting_only, emit, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At, Skb, Wake};
+use crate::filter::{config, count_only, counting_only, emit_skb, forget, match_skb, new_event, stamp_dev, tracked, Fields, L3At, Skb, Wake};
 
 #[inline(always)]
 fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
@@ -20,7 +20,7 @@ fn on_drop(ctx: &RawTracePointContext, reason: u32) -> i32 {
     ev.location = location;
     ev.reason = reason;
     // The record a passive `follow` waits for: wake it.
-    emit(&mut ev, Wake::Now);
+    emit_skb(c, &mut ev, Wake::Now, skb, L3At::NetworkHeader);
     0
 }
 
@@ -62,6 +62,6 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     }
     let mut ev = new_event(EventKind::Consume, skb, pkt);
     unsafe { stamp_dev(c, skb, &mut ev) };
-    emit(&mut ev, Wake::Later);
+    emit_skb(c, &mut ev, Wake::Later, skb, L3At::NetworkHeader);
     0
 }

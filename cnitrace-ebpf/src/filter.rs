@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use cnitrace_common::{counter, pkt_flags, Config, Event, EventKind, PacketInfo, ETH_P_ARP, ETH_P_IP};
+use cnitrace_common::{counter, pkt_flags, Captured, Config, Event, EventKind, PacketInfo, ETH_P_ARP, ETH_P_IP, MAX_SNAPLEN};
 
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config::zeroed();
@@ -612,14 +612,78 @@ pub enum Wake {
 /// Stamps and writes a matched record; every call counts as matched and as emitted or lost.
 #[inline(always)]
 pub fn emit(ev: &mut Event, wake: Wake) {
-    bump(counter::MATCHED);
-    ev.header.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.header.cpu = unsafe { bpf_get_smp_processor_id() };
+    stamp(ev);
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(*ev);
             // No wakeup per record: a wakeup costs the traced flow more than the record itself, and
             // userspace polls every 10 ms while records come.
+            slot.submit(wake_flags(wake));
+            bump(counter::EMITTED);
+        }
+        None => bump(counter::LOST),
+    }
+}
+
+#[inline(always)]
+fn stamp(ev: &mut Event) {
+    bump(counter::MATCHED);
+    ev.header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.header.cpu = unsafe { bpf_get_smp_processor_id() };
+}
+
+/// [`emit`] for a record about `skb`: with the packet's first bytes when `follow --write` asked for
+/// them (`Config::snaplen`), in a function of its own that a trace without it never enters.
+#[inline(always)]
+pub fn emit_skb(c: &Config, ev: &mut Event, wake: Wake, skb: *const u8, at: L3At) {
+    if c.snaplen == 0 {
+        emit(ev, wake);
+        return;
+    }
+    let how = (at == L3At::Data) as u64 | ((wake == Wake::Now) as u64) << 1;
+    unsafe { emit_captured(ev as *mut Event, skb as u64, how) };
+}
+
+/// Writes `*ev` as a [`Captured`] record: `how` bit 0: the network header is at `data` (else at the
+/// recorded network header); bit 1: wake the reader now. The bytes are read with the probe-read
+/// helper whatever the program holds (a number or a BTF-typed pointer), from the network header up
+/// to the end of the linear data (`tail`) and at most `snaplen`; a packet whose header is not set is
+/// written without bytes.
+#[cold]
+#[inline(never)]
+unsafe fn emit_captured(ev: *mut Event, skb: u64, how: u64) {
+    let c = config();
+    let at = if how & 1 != 0 { L3At::Data } else { L3At::NetworkHeader };
+    let wake = if how & 2 != 0 { Wake::Now } else { Wake::Later };
+    let skb = skb as *const u8;
+    let ev = unsafe { &mut *ev };
+    stamp(ev);
+    let (_, l3) = unsafe { skb_l3(c, skb, at, Fields::Probed) };
+    let mut n = c.snaplen as u64;
+    if c.skb_tail != Config::ABSENT {
+        let head: u64 = unsafe { read(skb, c.skb_head) }.unwrap_or(0);
+        let tail: u32 = unsafe { read(skb, c.skb_tail) }.unwrap_or(0);
+        let end = head + tail as u64;
+        let linear = if head == 0 || end <= l3 as u64 { 0 } else { end - l3 as u64 };
+        if linear < n {
+            n = linear;
+        }
+    }
+    if l3.is_null() {
+        n = 0;
+    }
+    match EVENTS.reserve::<Captured>(0) {
+        Some(mut slot) => {
+            let p = slot.as_mut_ptr();
+            let n = n as u32;
+            unsafe {
+                (*p).event = *ev;
+                let ok = n > 0
+                    && n <= MAX_SNAPLEN
+                    && generated::bpf_probe_read_kernel((*p).bytes.as_mut_ptr().cast(), n, l3.cast()) == 0;
+                (*p).caplen = if ok { n } else { 0 };
+                (*p)._pad = 0;
+            }
             slot.submit(wake_flags(wake));
             bump(counter::EMITTED);
         }

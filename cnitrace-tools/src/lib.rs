@@ -129,6 +129,8 @@ tools! {
 
     // Tests and benchmarks.
     IPERF3 = "iperf3", Apt("iperf3"), "bulk flows in tests and bench";
+    TSHARK = "tshark", Apt("tshark"), "tests: `follow --write` read back by Wireshark's own dissectors";
+    CAPINFOS = "capinfos", Apt("wireshark-common"), "tests: the capture comment and interfaces of `follow --write`";
     BASH = "bash", Base("bash"), "tests: /dev/udp";
     SETPRIV = "setpriv", Base("util-linux"), "tests: cnitrace without root";
     SCRIPT = "script", Base("bsdutils"), "tests: fix's prompt on a terminal";

@@ -187,6 +187,38 @@ pub struct TraceEvent {
     pub neigh: Option<NeighInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub func: Option<FuncInfo>,
+    /// The packet's first bytes from its network header, captured in the kernel (`follow --write`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<PacketBytes>,
+}
+
+/// Captured packet bytes; hex in JSON (`--json`, recordings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketBytes(pub Vec<u8>);
+
+impl Serialize for PacketBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut hex = String::with_capacity(self.0.len() * 2);
+        for b in &self.0 {
+            use std::fmt::Write;
+            let _ = write!(hex, "{b:02x}");
+        }
+        s.serialize_str(&hex)
+    }
+}
+
+impl<'de> Deserialize<'de> for PacketBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(d)?;
+        if hex.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd number of hex digits"));
+        }
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16).map_err(serde::de::Error::custom))
+            .collect::<Result<Vec<u8>, _>>()
+            .map(PacketBytes)
+    }
 }
 
 /// Names the decoder needs, gathered before tracing.
@@ -319,6 +351,19 @@ impl Decoder {
         Some(Packet { proto, src, dst, what, len: p.len, outer, icmp_error, key, echo_id })
     }
 
+    /// The kernel's clock (CLOCK_MONOTONIC, ns) at the trace's first record: `TraceEvent::t_ns` counts
+    /// from it.
+    pub fn t0(&self) -> Option<u64> {
+        self.t0
+    }
+
+    /// [`Decoder::decode`] of a ring buffer record, with the bytes it captured.
+    pub fn decode_record(&mut self, r: &crate::probe::Record) -> Option<TraceEvent> {
+        let mut ev = self.decode(&r.event)?;
+        ev.bytes = r.bytes.as_ref().map(|b| PacketBytes(b.to_vec()));
+        Some(ev)
+    }
+
     pub fn decode(&mut self, e: &Event) -> Option<TraceEvent> {
         let kind = match EventKind::from_u32(e.header.kind)? {
             EventKind::Xmit => Kind::Xmit,
@@ -346,6 +391,7 @@ impl Decoder {
             route: None,
             neigh: None,
             func: None,
+            bytes: None,
         };
         match kind {
             Kind::Route => {

@@ -63,6 +63,8 @@ pub struct FollowOptions {
     pub hooks_only: bool,
     /// One line on stderr saying what follow is doing while it works (a terminal, not --json).
     pub progress: bool,
+    /// Bytes of each packet record captured in the kernel (`--write`, `--snaplen`); 0: none.
+    pub snaplen: u32,
 }
 
 /// How often follow drains the ring buffer while records come or a probe of its own is out.
@@ -203,6 +205,17 @@ pub struct Report {
     pub peak_rss_kib: u64,
     /// Follow decided on an ARP request nobody answered, before the kernel gave up on it.
     pub arp_unanswered: Option<ArpUnanswered>,
+    /// Wall-clock time (ns since 1970) of the trace's first record, where `TraceEvent::t_ns` starts.
+    #[serde(skip)]
+    pub t0_unix_ns: Option<u64>,
+}
+
+/// The wall-clock time (ns since 1970) of a CLOCK_MONOTONIC reading (the kernel's `bpf_ktime_get_ns`).
+fn monotonic_to_unix_ns(mono_ns: u64) -> Option<u64> {
+    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_mono = now_mono.tv_sec() as u64 * 1_000_000_000 + now_mono.tv_nsec() as u64;
+    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as u64;
+    Some(now_unix.saturating_sub(now_mono.saturating_sub(mono_ns)))
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -325,6 +338,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         hooks_only: req.opts.hooks_only,
         alt_b: service.as_ref().map(|s| s.endpoint_ips()).unwrap_or_default(),
         alt_a: service.as_ref().map(|s| masquerade_sources(&resolver, s, &src)).unwrap_or_default(),
+        snaplen: req.opts.snaplen,
     };
     progress.say("attaching the probes…");
     let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, &probe_opts)?;
@@ -441,6 +455,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     while intake.run(&mut probe, &mut decoder, &mut decoded, own_echo) || intake.holds() {}
     let counters = probe.counters();
     let hooks = probe.hooks.clone();
+    let t0_unix_ns = decoder.t0().and_then(monotonic_to_unix_ns);
     drop(probe);
     // Stopped early on a drop: tell the prober, and take what its socket saw.
     stop_probe.store(true, Ordering::SeqCst);
@@ -500,6 +515,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         program_stats,
         peak_rss_kib: peak_rss_kib(),
         arp_unanswered,
+        t0_unix_ns,
     })
 }
 
@@ -562,7 +578,7 @@ fn next_hops(resolver: &HostResolver, states: &States, src: Ipv4Addr, dst: Ipv4A
 /// that ends the trace before they are told apart.
 #[derive(Default)]
 struct Intake {
-    raw: std::collections::VecDeque<cnitrace_common::Event>,
+    raw: std::collections::VecDeque<crate::probe::Record>,
     /// Records drained but not kept (over MAX_KEPT_EVENTS, or noise).
     not_kept: u64,
 }
@@ -585,7 +601,7 @@ impl Intake {
         probe.drain(|r| {
             got = true;
             let held = kept + self.raw.len();
-            let drop = r.header.kind == cnitrace_common::EventKind::Drop as u32;
+            let drop = r.event.header.kind == cnitrace_common::EventKind::Drop as u32;
             if held < MAX_KEPT_EVENTS || (drop && self.raw.len() < MAX_HELD_DROPS) {
                 self.raw.push_back(r);
             } else {
@@ -603,7 +619,7 @@ impl Intake {
         let until = Instant::now() + DECODE_TIME;
         while !self.raw.is_empty() && Instant::now() < until {
             let n = self.raw.len().min(DECODE_BATCH);
-            let unnamed = decoder.unnamed_locations(self.raw.iter().take(n));
+            let unnamed = decoder.unnamed_locations(self.raw.iter().take(n).map(|r| &r.event));
             if !unnamed.is_empty() {
                 let names = std::thread::scope(|s| {
                     let lookup = s.spawn(|| crate::probe::kallsyms::resolve(&unnamed));
@@ -627,17 +643,17 @@ impl Intake {
 /// ping_rcv, must not crowd it out); counts the rest. Echoes of the pair with another id than this run's
 /// probes (an earlier run's, still queued on a failing neighbour entry) are not this run's evidence: they
 /// neither end it nor enter its trace.
-fn keep(decoder: &mut Decoder, raw: impl Iterator<Item = cnitrace_common::Event>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64, own_echo: Option<u16>) {
+fn keep(decoder: &mut Decoder, raw: impl Iterator<Item = crate::probe::Record>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64, own_echo: Option<u16>) {
     for r in raw {
         if kept.len() < MAX_KEPT_EVENTS {
-            if let Some(e) = decoder.decode(&r).filter(|e| !foreign_echo(e, own_echo)) {
+            if let Some(e) = decoder.decode_record(&r).filter(|e| !foreign_echo(e, own_echo)) {
                 kept.push(e);
             }
             continue;
         }
-        let late_drop = r.header.kind == cnitrace_common::EventKind::Drop as u32 && kept.len() < MAX_KEPT_EVENTS + MAX_KEPT_DROPS;
+        let late_drop = r.event.header.kind == cnitrace_common::EventKind::Drop as u32 && kept.len() < MAX_KEPT_EVENTS + MAX_KEPT_DROPS;
         // Only a drop is decoded here: past the timeline, hop records are counted, not read.
-        match late_drop.then(|| decoder.decode(&r)).flatten().filter(|e| !is_noise(e) && !foreign_echo(e, own_echo)) {
+        match late_drop.then(|| decoder.decode_record(&r)).flatten().filter(|e| !is_noise(e) && !foreign_echo(e, own_echo)) {
             Some(e) => kept.push(e),
             None => *not_kept += 1,
         }
@@ -661,6 +677,9 @@ pub struct Recording {
     /// follow stopped on an unanswered ARP request (not waiting for the kernel's give-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arp_unanswered: Option<ArpUnanswered>,
+    /// Wall-clock time (ns since 1970) of the first record (what a capture written from it is dated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t0_unix_ns: Option<u64>,
 }
 
 impl Recording {
@@ -670,6 +689,7 @@ impl Recording {
             probe: r.probe.clone(),
             states: r.states.clone(),
             arp_unanswered: r.arp_unanswered.clone(),
+            t0_unix_ns: r.t0_unix_ns,
         }
     }
 
@@ -759,6 +779,7 @@ mod tests {
             route: None,
             neigh: None,
             func: None,
+            bytes: None,
         }
     }
 

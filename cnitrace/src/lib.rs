@@ -18,6 +18,7 @@ pub mod k8s;
 pub mod lab;
 pub mod netns;
 pub mod path;
+pub mod pcapng;
 pub mod plan;
 pub mod probe;
 pub mod render;

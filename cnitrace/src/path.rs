@@ -285,6 +285,7 @@ mod tests {
             route: None,
             neigh: None,
             func: None,
+            bytes: None,
         }
     }
 

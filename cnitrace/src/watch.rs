@@ -75,8 +75,12 @@ pub struct Namer {
 }
 
 impl Namer {
-    pub fn scan(kube_names: &BTreeMap<u32, String>) -> Namer {
+    /// With the API, pods and nodes are named as Kubernetes names them (`NAMESPACE/POD`, the
+    /// Node's name); without, by what the host shows (the pod's own namespace name, its address).
+    pub fn scan(cluster: Option<&mut crate::k8s::Cluster>) -> Namer {
         let Ok(r) = HostResolver::scan() else { return Namer::default() };
+        let facts = cluster.map(|c| crate::k8s::gather_host(c, &r));
+        let kube_names: BTreeMap<u32, String> = facts.map(|f| crate::k8s::name_namespaces(&f, &r)).unwrap_or_default();
         let mut n = Namer::default();
         for (ns, st) in r.spaces() {
             n.netns.insert(ns.inode, kube_names.get(&ns.inode).cloned().unwrap_or_else(|| resolve::display_ns(ns)));

@@ -30,6 +30,9 @@ pub const HOST_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     // The terminal tests (fix's prompt, colours) run in a real terminal.
     "tmux",
+    // `follow --write` is read back by Wireshark's own dissectors (tshark; capinfos is wireshark-common's).
+    "tshark",
+    "wireshark-common",
 ];
 /// What the kernel matrix's VMs need on the host: qemu (TCG), busybox (virtme-ng's initramfs), udev
 /// (virtme-ng's init), kmod (depmod for the extracted modules), file (virtme-ng reads the image's

@@ -70,6 +70,14 @@ pub struct FollowArgs {
     /// Also write the trace, the probe's outcome and the node's state to FILE (a replayable fixture).
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
+    /// Also write the traced packets to FILE.pcapng for Wireshark or tshark: each packet's first bytes
+    /// (captured in the kernel), one interface per namespace and device of its hops, the hop, its
+    /// direction and — for a drop — the kernel's function and drop reason in the packet's comment.
+    #[arg(short = 'w', long, value_name = "FILE.pcapng")]
+    write: Option<std::path::PathBuf>,
+    /// Bytes of each packet to capture (from its network header) for --write and --record.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=cnitrace_common::MAX_SNAPLEN as i64))]
+    snaplen: Option<u32>,
 }
 
 impl FollowArgs {
@@ -108,6 +116,11 @@ impl FollowArgs {
             all_events: self.all_events,
             hooks_only: self.hooks_only,
             progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            snaplen: match (self.snaplen, &self.write) {
+                (Some(n), _) => n,
+                (None, Some(_)) => crate::pcapng::DEFAULT_SNAPLEN,
+                (None, None) => 0,
+            },
         };
         let probe = self.probe_kind()?;
         let dst_port = match probe {
@@ -139,6 +152,12 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if let Some(path) = &args.record {
         let rec = follow::Recording::of(&report);
         std::fs::write(path, serde_json::to_vec(&rec)?).with_context(|| format!("write {}", path.display()))?;
+    }
+    if let Some(path) = &args.write {
+        let title = format!("cnitrace follow {} {}", args.src, args.dst);
+        let t0 = Duration::from_nanos(report.t0_unix_ns.unwrap_or(0));
+        let snaplen = req.opts.snaplen;
+        crate::pcapng::write(path, &report.trace.events, t0, snaplen, &crate::pcapng::verdict_comment(&title, &report.verdict))?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {

@@ -50,6 +50,10 @@ enum Command {
         /// its undo (nothing is applied).
         #[arg(long)]
         plan: bool,
+        /// Write the recorded packets to FILE.pcapng, as `follow --write` does (the recording must hold
+        /// their bytes: `follow --record … --write …` or `--snaplen`).
+        #[arg(short = 'w', long, value_name = "FILE.pcapng")]
+        write: Option<std::path::PathBuf>,
     },
     /// Which probes load on this kernel, which are refused, and why (loads them matching nothing, then
     /// unloads them).
@@ -99,9 +103,9 @@ pub fn main() -> ExitCode {
         Command::Fix(args) => fix::run(args, &cli.kube),
         Command::Check(args) => check::run(args, &cli.kube),
         Command::Validate(args) => validate::run(args, &cli.kube),
-        Command::Watch(args) => watch::run(args),
+        Command::Watch(args) => watch::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
-        Command::Replay { file, json, plan } => replay(&file, json, plan),
+        Command::Replay { file, json, plan, write } => replay(&file, json, plan, write.as_deref()),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut std::io::stdout());
             Ok(exit::OK)
@@ -169,7 +173,7 @@ fn hooks(no_kprobes: bool, raw_tracepoints: bool, json: bool) -> anyhow::Result<
     if !crate::sys::is_root() {
         anyhow::bail!("`cnitrace hooks` needs root (it loads the eBPF programs)");
     }
-    let opts = ProbeOptions { hop_budget: 0, kernel_stats: false, kprobes: !no_kprobes, btf_tracepoints: !raw_tracepoints, hooks_only: true, alt_a: Vec::new(), alt_b: Vec::new() };
+    let opts = ProbeOptions { hop_budget: 0, kernel_stats: false, kprobes: !no_kprobes, btf_tracepoints: !raw_tracepoints, hooks_only: true, alt_a: Vec::new(), alt_b: Vec::new(), snaplen: 0 };
     let none = std::net::Ipv4Addr::UNSPECIFIED;
     let mut probe = Probe::start(none, none, &[], crate::follow::VXLAN_PORTS, &opts)?;
     probe.detach();
@@ -244,12 +248,21 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn replay(file: &std::path::Path, json: bool, plan: bool) -> anyhow::Result<u8> {
+fn replay(file: &std::path::Path, json: bool, plan: bool, write: Option<&std::path::Path>) -> anyhow::Result<u8> {
     use anyhow::Context;
     use std::io::Write;
     let data = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
     let rec: crate::follow::Recording = serde_json::from_slice(&data).with_context(|| format!("{} is not a recording", file.display()))?;
     let v = rec.replay();
+    if let Some(path) = write {
+        let snaplen = rec.events.iter().filter_map(|e| e.bytes.as_ref().map(|b| b.0.len() as u32)).max();
+        let Some(snaplen) = snaplen else {
+            anyhow::bail!("{} holds no packet bytes: record with `follow --record FILE --write FILE.pcapng` (or --snaplen)", file.display())
+        };
+        let t0 = std::time::Duration::from_nanos(rec.t0_unix_ns.unwrap_or(0));
+        let title = format!("cnitrace replay {}", file.display());
+        crate::pcapng::write(path, &rec.events, t0, snaplen, &crate::pcapng::verdict_comment(&title, &v))?;
+    }
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{}", serde_json::to_string(&v)?)?;

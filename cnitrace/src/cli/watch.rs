@@ -1,5 +1,5 @@
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     io::{IsTerminal, Write},
     sync::{atomic::AtomicBool, Arc, Mutex},
     time::{Duration, Instant},
@@ -57,7 +57,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-pub fn run(args: WatchArgs) -> Result<u8> {
+pub fn run(args: WatchArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if !crate::sys::is_root() {
         bail!("`cnitrace watch` needs root (it loads an eBPF program)");
     }
@@ -79,7 +79,18 @@ pub fn run(args: WatchArgs) -> Result<u8> {
     let style = crate::render::Style::for_stdout(args.color, false);
     let started = Instant::now();
     let mut functions: HashMap<u64, String> = HashMap::new();
-    let mut namer = Namer::scan(&BTreeMap::new());
+    // Pods by their Kubernetes names where the API answers (asked again with every rescan: pods come and
+    // go); a node without one names them by what it shows.
+    let mut cluster = match crate::k8s::connect(kube) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if !args.json || matches!(e, crate::k8s::NoApi::BadConfig { .. }) {
+                super::pair::note_no_api(&e);
+            }
+            None
+        }
+    };
+    let mut namer = Namer::scan(cluster.as_mut());
     let mut named_at = Instant::now();
     let mut before: Vec<Group> = Vec::new();
     eprintln!("cnitrace: watching every drop on this host ({} on kfree_skb{}); Ctrl-C ends", watcher.program, if watcher.has_reasons { "" } else { ", no drop reasons on this kernel" });
@@ -95,7 +106,7 @@ pub fn run(args: WatchArgs) -> Result<u8> {
             functions.extend(kallsyms::resolve(&unknown));
         }
         if named_at.elapsed() > Duration::from_secs(10) {
-            namer = Namer::scan(&BTreeMap::new());
+            namer = Namer::scan(cluster.as_mut());
             named_at = Instant::now();
         }
         let now = watch::with_rates(watch::group(&counts, &namer, &functions, |c| watcher.reason_name(c)), &before, args.interval);

@@ -174,6 +174,13 @@ fn kubeconfig_detail(e: &dyn std::error::Error) -> String {
 }
 
 impl Cluster {
+    /// A fresh budget, and the API asked again even if it was down: for a command that runs for hours
+    /// (`watch`) and reads the API again now and then.
+    pub fn renew_budget(&mut self) {
+        self.deadline = Instant::now() + API_BUDGET;
+        self.down = None;
+    }
+
     /// Runs one request within what is left of the budget; marks the API down on a transport failure.
     fn call<T>(&mut self, what: &str, fut: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, ApiError> {
         if let Some(d) = &self.down {
@@ -423,6 +430,29 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
     for ip in &unknown {
         match cluster.services_with_ip(*ip) {
             Ok(s) => f.services.extend(s.into_iter().filter(|s| !f.services.iter().any(|t| t.namespace == s.namespace && t.name == s.name)).collect::<Vec<_>>()),
+            Err(e) => f.missing.push(e.to_string()),
+        }
+    }
+    f.missing.dedup();
+    f
+}
+
+/// What names a whole host's pods (`watch`): the nodes, and every pod on the nodes this host holds (a
+/// real node: itself; the lab: each node namespace). Within [`API_BUDGET`].
+pub fn gather_host(cluster: &mut Cluster, resolver: &crate::resolve::HostResolver) -> ClusterFacts {
+    cluster.renew_budget();
+    let mut f = ClusterFacts { server: cluster.server.clone(), ..Default::default() };
+    match cluster.nodes() {
+        Ok(n) => f.nodes = n,
+        Err(e) => f.missing.push(e.to_string()),
+    }
+    let named = name_namespaces(&f, resolver);
+    let mut nodes: Vec<String> = resolver.pods().iter().filter(|p| !p.host_addressed).filter_map(|p| named.get(&p.node.inode).cloned()).collect();
+    nodes.sort();
+    nodes.dedup();
+    for node in nodes.into_iter().filter(|n| f.nodes.iter().any(|k| k.name == *n)) {
+        match cluster.pods_on(&node) {
+            Ok(p) => f.pods.extend(p),
             Err(e) => f.missing.push(e.to_string()),
         }
     }

@@ -142,6 +142,8 @@ impl KernelBtf {
         c.skb_dev = need("sk_buff", "dev")?;
         c.skb_protocol = need("sk_buff", "protocol")?;
         c.skb_network_header = need("sk_buff", "network_header")?;
+        // An offset from head on 64-bit kernels (sk_buff_data_t).
+        c.skb_tail = opt("sk_buff", "tail");
         c.dev_ifindex = need("net_device", "ifindex")?;
         c.dev_nd_net = need("net_device", "nd_net")?;
         c.net_ns_inum = need("net", "ns.inum")?;

@@ -16,7 +16,7 @@ use aya::{
     programs::{BtfTracePoint, KProbe, Program, ProgramError, RawTracePoint},
     Ebpf, EbpfLoader,
 };
-use cnitrace_common::{counter, Config, Event};
+use cnitrace_common::{counter, Captured, Config, Event};
 use serde::Serialize;
 
 /// One hook: the program in the object and the tracepoint it attaches to.
@@ -59,6 +59,8 @@ pub struct ProbeOptions {
     /// More addresses of each side of the pair (a Service's traffic after NAT): see `Config::alt_a`.
     pub alt_a: Vec<Ipv4Addr>,
     pub alt_b: Vec<Ipv4Addr>,
+    /// Bytes of each packet record to capture in the kernel (`follow --write`); 0: none.
+    pub snaplen: u32,
 }
 
 /// An optional kprobe (or kprobe + kretprobe pair) on one kernel function: detail that tracepoints
@@ -111,6 +113,12 @@ pub struct Counters {
     pub lost: u64,
     /// Hop records past the kept timeline, counted in the kernel instead of written (not in `matched`).
     pub counted_only: u64,
+}
+
+/// One record of the ring buffer: the event, and the packet's first bytes when they were captured.
+pub struct Record {
+    pub event: Event,
+    pub bytes: Option<Box<[u8]>>,
 }
 
 /// The kernel side, loaded and attached. Dropping it detaches everything (links are fds of this process,
@@ -184,6 +192,7 @@ impl Probe {
         }
         cfg.alts = u32::from(!opts.alt_a.is_empty() || !opts.alt_b.is_empty());
         cfg.hop_budget = opts.hop_budget;
+        cfg.snaplen = opts.snaplen.min(cnitrace_common::MAX_SNAPLEN);
         cfg.vxlan_port_1 = vxlan_ports[0];
         cfg.vxlan_port_2 = vxlan_ports[1];
         cfg.enabled = u32::from(!opts.hooks_only);
@@ -264,12 +273,17 @@ impl Probe {
     }
 
     /// Hands every record waiting in the ring buffer to `each`, oldest first.
-    pub fn drain(&mut self, mut each: impl FnMut(Event)) {
+    pub fn drain(&mut self, mut each: impl FnMut(Record)) {
         while let Some(item) = self.ring.next() {
-            if item.len() >= std::mem::size_of::<Event>() {
-                // SAFETY: the kernel side writes exactly one `Event` per record; read_unaligned copes
-                // with the ring buffer's 8-byte alignment.
-                each(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+            if item.len() >= std::mem::size_of::<Captured>() {
+                // SAFETY: a record this size is one `Captured` (see `Event`).
+                let c = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Captured) };
+                let n = (c.caplen as usize).min(c.bytes.len());
+                each(Record { event: c.event, bytes: (n > 0).then(|| c.bytes[..n].into()) });
+            } else if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel side writes one `Event` per record (or a `Captured`, above);
+                // read_unaligned copes with the ring buffer's 8-byte alignment.
+                each(Record { event: unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) }, bytes: None });
             }
         }
     }

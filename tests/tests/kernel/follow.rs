@@ -349,3 +349,84 @@ fn an_nft_drop_rule_without_a_counter_is_named() {
         assert!(fact.contains(part), "{part}: {fact}");
     }
 }
+
+/// tshark's fields of every frame of `file` (tab-separated), flannel's VXLAN port decoded as VXLAN.
+fn tshark(file: &std::path::Path, fields: &[&str], filter: &str) -> Vec<Vec<String>> {
+    let mut args = vec!["-r".to_string(), file.display().to_string(), "-d".into(), "udp.port==8472,vxlan".into(), "-T".into(), "fields".into()];
+    for f in fields {
+        args.extend(["-e".to_string(), f.to_string()]);
+    }
+    if !filter.is_empty() {
+        args.extend(["-Y".to_string(), filter.to_string()]);
+    }
+    let out = tools::TSHARK.command().args(&args).output().expect("run tshark");
+    assert!(out.status.success(), "tshark {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split('\t').map(str::to_string).collect()).collect()
+}
+
+#[test]
+fn the_trace_is_written_as_pcapng_that_wireshark_reads_hop_by_hop() {
+    if !can_run_kernel_tests("the_trace_is_written_as_pcapng_that_wireshark_reads_hop_by_hop") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cnitrace-pcapng-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let (dropped, healthy, short, rec) = (dir.join("drop.pcapng"), dir.join("healthy.pcapng"), dir.join("short.pcapng"), dir.join("drop.json"));
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+
+    // A drop: the capture ends where the kernel dropped the packet, and says so in its comment.
+    {
+        let _g = LabGuard::up(&["iptables-drop"]);
+        let (code, events, v) = cnitrace_tests::follow_events(&ip("debug"), &ip("web"), &["--write", dropped.to_str().unwrap(), "--record", rec.to_str().unwrap()]);
+        assert_eq!((code, v["cause"].as_str()), (1, Some("netfilter-rule-drop")), "{v}");
+        let with_bytes = events.iter().filter(|e| e["bytes"].is_string()).count();
+        let frames = tshark(&dropped, &["frame.number", "frame.interface_name", "frame.comment", "ip.src", "ip.dst", "icmp.type", "frame.time_epoch", "frame.cap_len", "frame.len"], "");
+        assert_eq!(frames.len(), with_bytes, "one frame per record with bytes: {frames:?}");
+        assert!(frames.len() >= 4, "{frames:?}");
+        let drops: Vec<_> = frames.iter().filter(|f| f[2].starts_with("DROPPED")).collect();
+        assert!(!drops.is_empty(), "a frame says it was dropped: {frames:?}");
+        for d in &drops {
+            let (function, reason) = (v["function"].as_str().unwrap(), v["reason"].as_str().unwrap());
+            assert!(d[2].contains(function) && d[2].contains(reason), "the drop's comment names {function} and {reason}: {d:?}");
+            assert_eq!((d[1].as_str(), d[3].as_str(), d[4].as_str(), d[5].as_str()), ("storagenodet3500/cni0", "10.244.0.20", "10.244.1.10", "8"), "{d:?}");
+        }
+        // The first hop is the pod's own interface, outbound; times are the trace's, in wall-clock time.
+        assert!(frames.iter().any(|f| f[1] == "debug/eth0" && f[2].contains("transmit")), "{frames:?}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+        for f in &frames {
+            let t: f64 = f[6].parse().expect("epoch time");
+            assert!(t >= started - 1.0 && t <= now + 1.0, "frame time {t} within the test ({started}..{now})");
+            assert!(f[7].parse::<u32>().unwrap() <= 16 + 128, "the default snaplen: {f:?}");
+        }
+        // The full-size echo is longer on the wire than captured.
+        assert!(frames.iter().any(|f| f[8].parse::<u32>().unwrap() > 1400 && f[7].parse::<u32>().unwrap() == 16 + 128), "{frames:?}");
+        let info = tools::CAPINFOS.command().arg(&dropped).output().expect("capinfos");
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains("Capture comment:") && info.contains("netfilter-rule-drop"), "the verdict is the capture's comment:\n{info}");
+        assert!(info.contains("Name = storagenodet3500/cni0") && info.contains("Name = debug/eth0"), "one interface per hop:\n{info}");
+    }
+    // The recording holds the bytes: replay writes the same packets, without root or kernel.
+    let replayed = dir.join("replayed.pcapng");
+    let out = std::process::Command::new(bin()).args(["replay", rec.to_str().unwrap(), "--write", replayed.to_str().unwrap()]).output().expect("replay");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let fields = ["frame.interface_name", "frame.comment", "frame.time_epoch", "frame.cap_len", "ip.id"];
+    assert_eq!(tshark(&replayed, &fields, ""), tshark(&dropped, &fields, ""), "replay --write gives the same capture");
+
+    // Across nodes: VXLAN between the nodes, the pair inside it.
+    {
+        let _g = LabGuard::up(&[]);
+        let (code, _, v) = cnitrace_tests::follow_events(&ip("debug"), &ip("web"), &["--write", healthy.to_str().unwrap()]);
+        assert_eq!(code, 0, "{v}");
+        let vxlan = tshark(&healthy, &["frame.interface_name", "vxlan.vni", "ip.src", "ip.dst"], "vxlan && icmp");
+        assert!(!vxlan.is_empty(), "the underlay hops decode as VXLAN");
+        assert!(vxlan.iter().all(|f| f[1] == "1" && f[2].contains("10.244.") && f[3].contains("10.244.")), "inner packets of the pair: {vxlan:?}");
+        let replies = tshark(&healthy, &["frame.interface_name"], "icmp.type == 0 && ip.src == 10.244.1.10");
+        assert!(replies.iter().any(|f| f[0] == "debug/eth0"), "the echo reply back at the source: {replies:?}");
+        // --snaplen: fewer bytes per packet.
+        let (code, _, _) = cnitrace_tests::follow_events(&ip("debug"), &ip("web"), &["--write", short.to_str().unwrap(), "--snaplen", "40"]);
+        assert_eq!(code, 0);
+        let short_frames = tshark(&short, &["frame.cap_len"], "");
+        assert!(!short_frames.is_empty() && short_frames.iter().all(|f| f[0].parse::<u32>().unwrap() <= 16 + 40), "{short_frames:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
