@@ -493,3 +493,41 @@ fn a_missing_masquerade_is_repaired_by_restarting_flannel() {
     assert_eq!((code, v["cause"].as_str()), (1, Some("masquerade-missing")), "{v}");
     restart_repairs(&api, k, ("default/debug-shell", &external), ("kube-flannel", &flannel_on_4), "iptables");
 }
+
+#[test]
+fn watch_names_each_pods_drops_as_kubernetes_names_the_pod() {
+    if !can_run_kernel_tests("watch_names_each_pods_drops_as_kubernetes_names_the_pod") {
+        return;
+    }
+    let g = LabGuard::up(&["iptables-drop"]);
+    let mut o = Objects::default();
+    lab_nodes(&mut o);
+    let pod = |name: &str| topology::pod(name).expect("lab pod");
+    o.pod("default", "debug-shell", &rack(0), pod("debug").ip, json!({"run": "debug-shell"}))
+        .pod("shop", "web-5d8f9-k2x7c", &rack(1), pod("web").ip, json!({"app": "web"}));
+    let api = FakeApi::start(o, Behaviour::Normal);
+    let dir = scratch("watch");
+    let k = api.kubeconfig(&dir, None);
+    let child = std::process::Command::new(cnitrace_tests::bin())
+        .args(["watch", "--json", "--interval", "0.5", "--duration", "5", "--kubeconfig", k.to_str().expect("utf-8 path")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cnitrace watch");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Echoes from debug to web: the FORWARD rule on the first node drops each.
+    let debug = g.lab.pod_ns("debug");
+    let _ = cnitrace_tools::PING
+        .in_netns(&debug)
+        .args(["-c", "5", "-i", "0.2", "-W", "1", &pod("web").ip.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
+    let out = child.wait_with_output().expect("watch ends by itself");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
+    let web = lines.iter().filter(|v| v["function"] == "nft_do_chain").last().unwrap_or_else(|| panic!("the dropped echoes: {lines:#?}"));
+    assert_eq!(web["pod"], "shop/web-5d8f9-k2x7c", "the pod by its Kubernetes name: {web}");
+    assert_eq!(web["node"], rack(1), "its node by the Node's name: {web}");
+    assert_eq!(web["netns"], rack(0), "dropped on the first node, named as the API names it: {web}");
+    assert!(web["total"].as_u64().unwrap_or(0) >= 5, "{web}");
+}
