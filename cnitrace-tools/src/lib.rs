@@ -121,6 +121,7 @@ tools! {
     /// Debian's python3 (with python3-venv, also in setup's list, for its venv module).
     PYTHON3 = "/usr/bin/python3", Apt("python3-minimal"), "setup: the virtme-ng venv";
     TIMEOUT = "timeout", Base("coreutils"), "bounds a VM's run";
+    NICE = "nice", Base("coreutils"), "the VMs yield to the host's own suite";
     MOUNT = "mount", Base("mount"), "bench: tracefs for bpftrace";
     SH = "sh", Base("dash"), "pipelines in setup and bench";
     /// mawk by name: `awk` is an alternatives link no package holds.

@@ -53,6 +53,9 @@ enum Task {
         /// VMs at once (default: one per core).
         #[arg(long, default_value_t = 0)]
         jobs: usize,
+        /// CPUs of each VM (default: 1 when several VMs run at once, else up to 2).
+        #[arg(long)]
+        vm_cpus: Option<usize>,
         /// Instead of the suite: N generated layouts (seeds 1000..1000+N, 1–3 nodes, each with every
         /// fault it can hold) on the host kernel, with the figures per fault. Not in CI.
         #[arg(long, value_name = "N")]
@@ -104,11 +107,11 @@ fn main() {
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
         Task::Test { soak: Some(n), .. } => test::soak(n),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, soak: None } => {
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_cpus, soak: None } => {
             if all.is_some() {
                 kernels.push("all".into());
             }
-            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs })
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_cpus })
         }
         Task::Install { prefix, destdir } => setup::run(true).and_then(|_| build()).and_then(|bin| {
             for f in install::install(&bin, &prefix, destdir.as_deref())? {

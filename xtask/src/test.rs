@@ -18,6 +18,7 @@ pub struct Options {
     pub vm_timeout_min: Option<u64>,
     /// VMs run at once (0: one per core).
     pub jobs: usize,
+    pub vm_cpus: Option<usize>,
 }
 
 pub fn run(o: Options) -> Result<()> {
@@ -77,20 +78,42 @@ pub fn run(o: Options) -> Result<()> {
     // host core does more in the same time than two CPUs for one VM (measured: a 2-CPU guest kept the
     // host at ~115 % of one core).
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let jobs = if o.jobs == 0 { cores } else { o.jobs }.clamp(1, kernels.len().max(1));
-    let cpus = if jobs == 1 { cores.min(2) } else { 1 };
-    let queue = std::sync::Mutex::new(kernels.iter().collect::<std::collections::VecDeque<_>>());
+    // One run per kernel; in CI's subset with a core to spare per half, each kernel's subset in halves
+    // (vm::DEFAULT_SHARDS), each half a guest of its own, their results one column.
+    let runs: Vec<(String, Option<usize>, Vec<String>)> = kernels
+        .iter()
+        .flat_map(|k| {
+            if subset && kernels.len() * vm::DEFAULT_SHARDS.len() <= cores {
+                vm::DEFAULT_SHARDS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, shard)| (k.clone(), Some(i), shard.iter().map(|f| f.to_string()).chain(args.iter().cloned()).collect()))
+                    .collect::<Vec<_>>()
+            } else {
+                vec![(k.clone(), None, vm_args.clone())]
+            }
+        })
+        .collect();
+    let jobs = if o.jobs == 0 { cores } else { o.jobs }.clamp(1, runs.len().max(1));
+    let cpus = o.vm_cpus.unwrap_or(if jobs == 1 { cores.min(2) } else { 1 });
+    let queue = std::sync::Mutex::new(runs.iter().collect::<std::collections::VecDeque<_>>());
     let done = std::sync::Mutex::new(Vec::new());
     let host = std::thread::scope(|s| {
         let host = (!o.no_host).then(|| s.spawn(|| vm::run_host(&test_bin, &args, &logs.join("host.log"), host_prefix)));
         for _ in 0..jobs {
             s.spawn(|| loop {
-                let Some(k) = queue.lock().expect("queue").pop_front() else { break };
+                let Some((k, shard, vm_args)) = queue.lock().expect("queue").pop_front() else { break };
+                let name = match shard {
+                    Some(i) => format!("{k}-{}", i + 1),
+                    None => k.clone(),
+                };
                 let r = vm::kernel(k).and_then(|kernel| {
-                    println!("\n=== kernel {} ({}; {}) in a VM: qemu, software emulation, {cpus} CPU ===", kernel.name, kernel.release, vm::spec(k)?.why);
-                    vm::run_suite(&kernel, &test_bin, &bin, &vm_args, &logs.join(format!("{}.log", kernel.name)), vm_timeout, cpus)
+                    let part = shard.map(|i| format!(", part {} of {}: {}", i + 1, vm::DEFAULT_SHARDS.len(), vm::DEFAULT_SHARDS[i].join(" "))).unwrap_or_default();
+                    let threads = if cpus > 1 { " on one host thread" } else { "" };
+                    println!("\n=== kernel {} ({}; {}) in a VM: qemu, software emulation, {cpus} CPU{threads}{part} ===", kernel.name, kernel.release, vm::spec(k)?.why);
+                    vm::run_suite(&kernel, &test_bin, &bin, vm_args, &logs.join(format!("{name}.log")), vm_timeout, cpus)
                 });
-                done.lock().expect("results").push((k.clone(), r));
+                done.lock().expect("results").push((k.clone(), shard, r));
             });
         }
         host.map(|h| h.join().expect("the host's test runner panicked"))
@@ -100,9 +123,13 @@ pub fn run(o: Options) -> Result<()> {
         columns.push(h?);
     }
     let mut done = done.into_inner().expect("results");
-    done.sort_by_key(|(k, _)| kernels.iter().position(|x| x == k));
-    for (_, r) in done {
-        columns.push(r?);
+    done.sort_by_key(|(k, shard, _)| (kernels.iter().position(|x| x == k), *shard));
+    for (_, _, r) in done {
+        let c = r?;
+        match columns.iter_mut().find(|x: &&mut vm::Column| x.kernel == c.kernel) {
+            Some(x) => x.merge(c),
+            None => columns.push(c),
+        }
     }
     let _ = std::fs::remove_dir_all(&snap);
     let report = matrix(&columns);

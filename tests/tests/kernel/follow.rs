@@ -350,6 +350,52 @@ fn an_nft_drop_rule_without_a_counter_is_named() {
     }
 }
 
+/// `follow` started and stopped again and again while a bulk flow crosses the path it probes: attaching
+/// and detaching the programs (and, where the kernel has them, the kprobes) under load leaves the kernel
+/// running and the flow unharmed. `extra`: more arguments for each follow.
+fn attach_and_detach_under_a_bulk_flow(extra: &[&str]) {
+    // Enough to have crashed a guest whose CPUs the emulator ran on a thread each (see xtask's vm.rs),
+    // few enough for a one-CPU guest, where a follow starts in ~25 s beside the flow.
+    const CYCLES: u32 = 6;
+    let g = LabGuard::up(&[]);
+    let web = g.lab.pod_ns("web");
+    let mut server = tools::IPERF3.in_netns(&web).args(["-s", "-A", "0"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    let debug = g.lab.pod_ns("debug");
+    let mut flow = tools::IPERF3
+        .in_netns(&debug)
+        .args(["-c", "10.244.1.10", "-t", "600", "-A", "0,0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 -c");
+    let t0 = Instant::now();
+    let mut cycles = 0;
+    while cycles < CYCLES && t0.elapsed() < Duration::from_secs(150) {
+        let f = PassiveFollow::start_with("10.244.0.20", "10.244.1.10", 60, extra);
+        std::thread::sleep(Duration::from_millis(200 + 150 * (cycles % 4) as u64));
+        let (code, v) = f.interrupt();
+        assert!(code.is_some(), "follow ended by a signal: {v}");
+        cycles += 1;
+    }
+    let alive = flow.try_wait().expect("iperf3 -c").is_none();
+    let _ = flow.kill();
+    let _ = flow.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    println!("{cycles} attach/detach cycles during the flow in {:.0?}", t0.elapsed());
+    assert!(alive, "the flow ended during {cycles} attach/detach cycles");
+    assert!(cycles >= 3, "only {cycles} cycles in {:.0?}", t0.elapsed());
+}
+
+#[test]
+fn attaching_and_detaching_under_a_bulk_flow_leaves_the_kernel_running() {
+    if !can_run_kernel_tests("attaching_and_detaching_under_a_bulk_flow_leaves_the_kernel_running") {
+        return;
+    }
+    attach_and_detach_under_a_bulk_flow(&[]);
+}
+
 /// tshark's fields of every frame of `file` (tab-separated), flannel's VXLAN port decoded as VXLAN.
 fn tshark(file: &std::path::Path, fields: &[&str], filter: &str) -> Vec<Vec<String>> {
     let mut args = vec!["-r".to_string(), file.display().to_string(), "-d".into(), "udp.port==8472,vxlan".into(), "-T".into(), "fields".into()];
