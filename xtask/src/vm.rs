@@ -602,6 +602,15 @@ mod tests {
     }
 
     #[test]
+    fn the_halves_of_the_subset_are_the_subset_each_test_once() {
+        let mut halves: Vec<&str> = DEFAULT_SHARDS.iter().flat_map(|s| s.iter().copied()).collect();
+        let mut whole: Vec<&str> = DEFAULT_FILTERS.to_vec();
+        halves.sort();
+        whole.sort();
+        assert_eq!(halves, whole);
+    }
+
+    #[test]
     fn an_oops_names_its_task_place_and_frames() {
         let console = "[  748.926649] BUG: kernel NULL pointer dereference, address: 0000000000000000\n\
                        [  748.928272] Oops: 0010 [#1] SMP NOPTI\n\
