@@ -7,6 +7,7 @@
 //! vocabulary) → apply / verify (the `fix` command). `state` is the node's state read through netlink, `resolve` turns addresses into
 //! pods and namespaces, `k8s` asks the Kubernetes API (when there is one) for names and flannel's record, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
 
+pub mod agent;
 pub mod cli;
 pub mod event;
 pub mod exit;

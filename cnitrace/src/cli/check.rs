@@ -22,18 +22,26 @@ pub struct CheckArgs {
     /// One JSON object.
     #[arg(long)]
     json: bool,
+    /// Ask the agent of NODE (`cnitrace agent`) at ADDR (unix:PATH) for that node's findings instead of
+    /// looking here; repeat for every node. Asked in parallel, each within --agent-timeout; a node whose
+    /// agent does not answer is reported as such.
+    #[arg(long = "agent", value_name = "NODE=ADDR")]
+    agents: Vec<String>,
+    /// Seconds one agent may take to answer.
+    #[arg(long, default_value = "10", value_name = "SECS")]
+    agent_timeout: f64,
 }
 
 #[derive(Serialize)]
-struct NodeReport {
-    node: String,
-    netns: String,
+pub struct NodeReport {
+    pub node: String,
+    pub netns: String,
     findings: Vec<NodeFinding>,
 }
 
 #[derive(Serialize)]
-struct CheckReport {
-    nodes: Vec<NodeReport>,
+pub struct CheckReport {
+    pub nodes: Vec<NodeReport>,
     /// The API asked, or why none was.
     api: Option<String>,
     no_api: Option<String>,
@@ -42,9 +50,50 @@ struct CheckReport {
 }
 
 pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
+    if !args.agents.is_empty() {
+        return through_agents(&args);
+    }
     if !crate::sys::is_root() {
         bail!("`cnitrace check` needs root (it reads every network namespace's routes, neighbours and rules)");
     }
+    let report = report(args.node.as_deref(), args.json, kube)?;
+    let found = report.nodes.iter().map(|n| n.findings.len()).sum::<usize>();
+    let v = serde_json::to_value(&report)?;
+    if args.json {
+        println!("{v}");
+    } else {
+        render(&v, &mut std::io::stdout().lock())?;
+    }
+    Ok(if found == 0 { exit::OK } else { exit::DROPPED })
+}
+
+/// `check --agent NODE=ADDR …`: each node's findings from its agent, asked in parallel.
+fn through_agents(args: &CheckArgs) -> Result<u8> {
+    let timeout = std::time::Duration::from_secs_f64(args.agent_timeout.max(0.1));
+    let agents: Vec<(String, crate::agent::Addr)> = args.agents.iter().map(|a| crate::agent::parse_agent(a)).collect::<Result<_>>()?;
+    // Each agent is asked for the node it was named for: an agent that serves another refuses.
+    let answers = crate::agent::ask_each(&agents, |node| format!("/v1/check?node={node}"), timeout);
+    let mut nodes = Vec::new();
+    let mut missing = Vec::new();
+    for ((node, addr), answer) in agents.iter().zip(answers) {
+        match answer {
+            Ok(v) => nodes.extend(v["nodes"].as_array().cloned().unwrap_or_default()),
+            Err(e) => missing.push(serde_json::json!({"node": node, "agent": addr.to_string(), "error": format!("{e:#}")})),
+        }
+    }
+    let found = nodes.iter().map(|n| n["findings"].as_array().map_or(0, Vec::len)).sum::<usize>();
+    let v = serde_json::json!({"nodes": nodes, "agents_missing": missing});
+    if args.json {
+        println!("{v}");
+    } else {
+        render(&v, &mut std::io::stdout().lock())?;
+    }
+    Ok(if found == 0 && missing.is_empty() { exit::OK } else { exit::DROPPED })
+}
+
+/// The findings of this host's nodes (`node`: only that one, by its Kubernetes or namespace name).
+/// `quiet_api`: a missing API is only in the report (`no_api`), not said on stderr.
+pub fn report(node: Option<&str>, quiet_api: bool, kube: &KubeArgs) -> Result<CheckReport> {
     let mut cluster = None;
     let (facts, no_api): (Option<ClusterFacts>, Option<String>) = match k8s::connect(kube) {
         Ok(mut c) => {
@@ -54,7 +103,7 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
         }
         Err(e) => {
             // JSON carries the reason in `no_api`; a broken kubeconfig is said on stderr all the same.
-            if !args.json || matches!(e, k8s::NoApi::BadConfig { .. }) {
+            if !quiet_api || matches!(e, k8s::NoApi::BadConfig { .. }) {
                 super::pair::note_no_api(&e);
             }
             (None, Some(e.to_string()))
@@ -70,7 +119,7 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
     for inode in inodes {
         let Some(ns) = resolver.namespace(inode) else { continue };
         let name = names.get(&inode).cloned().unwrap_or_else(|| resolve::display_ns(ns));
-        if args.node.as_ref().is_some_and(|want| *want != name && *want != ns.name) {
+        if node.is_some_and(|want| want != name && want != ns.name) {
             continue;
         }
         let st = state::snapshot(ns)?;
@@ -86,7 +135,7 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
         report.nodes.push(NodeReport { node: name, netns: ns.name.clone(), findings });
     }
     // This host's kubeconfigs: the node's well-known files and the one in use.
-    if args.node.is_none() {
+    if node.is_none() {
         let mut in_use: Vec<std::path::PathBuf> = kube.kubeconfig.iter().cloned().collect();
         if let Some(list) = std::env::var_os("KUBECONFIG") {
             in_use.extend(std::env::split_paths(&list));
@@ -105,13 +154,13 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
         }
     }
     // The cluster's own findings, once, with the host's nodes (not with --node: they are no node's).
-    if let (Some(f), None) = (&facts, &args.node) {
+    if let (Some(f), None) = (&facts, node) {
         let cluster = node_checks::cluster_findings(f);
         if !cluster.is_empty() {
             report.nodes.push(NodeReport { node: "cluster".into(), netns: String::new(), findings: cluster });
         }
     }
-    if let Some(want) = &args.node {
+    if let Some(want) = node {
         if report.nodes.is_empty() {
             bail!("no node {want:?} on this host (a node is a network namespace pods hang off)");
         }
@@ -120,37 +169,39 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
     if !report.api_missing.is_empty() {
         eprintln!("cnitrace: from the Kubernetes API, not known: {}; the local checks go on", report.api_missing.join("; "));
     }
-    let found = report.nodes.iter().map(|n| n.findings.len()).sum::<usize>();
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        render(&report, &mut std::io::stdout().lock())?;
-    }
-    Ok(if found == 0 { exit::OK } else { exit::DROPPED })
+    Ok(report)
 }
 
-fn render(r: &CheckReport, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    if r.nodes.is_empty() {
+/// The report as a person reads it (from its JSON: a local report and the agents' merged one alike).
+fn render(r: &serde_json::Value, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let nodes = r["nodes"].as_array().cloned().unwrap_or_default();
+    let missing = r["agents_missing"].as_array().cloned().unwrap_or_default();
+    if nodes.is_empty() && missing.is_empty() {
         writeln!(out, "no node with pods on this host")?;
     }
-    for n in &r.nodes {
-        if n.findings.is_empty() {
-            writeln!(out, "{}: nothing wrong", n.node)?;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    for n in &nodes {
+        let findings = n["findings"].as_array().cloned().unwrap_or_default();
+        if findings.is_empty() {
+            writeln!(out, "{}: nothing wrong", s(&n["node"]))?;
             continue;
         }
-        writeln!(out, "{}: {} finding{}", n.node, n.findings.len(), if n.findings.len() == 1 { "" } else { "s" })?;
-        let w = n.findings.iter().map(|f| f.cause.len()).max().unwrap_or(0);
-        for f in &n.findings {
-            writeln!(out, "  {:<w$}  {}", f.cause, f.what)?;
-            if let Some(cmd) = &f.fix {
+        writeln!(out, "{}: {} finding{}", s(&n["node"]), findings.len(), if findings.len() == 1 { "" } else { "s" })?;
+        let w = findings.iter().map(|f| s(&f["cause"]).len()).max().unwrap_or(0);
+        for f in &findings {
+            writeln!(out, "  {:<w$}  {}", s(&f["cause"]), s(&f["what"]))?;
+            if let Some(cmd) = f["fix"].as_str() {
                 writeln!(out, "  {:<w$}  fix:   {cmd}", "")?;
             }
-            if let Some(cmd) = &f.trace {
+            if let Some(cmd) = f["trace"].as_str() {
                 writeln!(out, "  {:<w$}  trace: {cmd}  (the kubelet's probe path)", "")?;
             }
         }
     }
-    match (&r.api, &r.no_api) {
+    for m in &missing {
+        writeln!(out, "{}: NOT CHECKED — its agent at {} did not answer: {}", s(&m["node"]), s(&m["agent"]), s(&m["error"]))?;
+    }
+    match (r["api"].as_str(), r["no_api"].as_str()) {
         (Some(server), _) => writeln!(out, "checked against the Kubernetes API at {server}")?,
         (None, Some(why)) => writeln!(out, "local checks only: {why}")?,
         _ => {}

@@ -1,6 +1,6 @@
 //! The only place clap appears: raw arguments become resolved, typed requests before any command runs.
 
-mod check;
+pub mod check;
 mod fix;
 mod follow;
 mod lab;
@@ -41,6 +41,16 @@ enum Command {
     Watch(watch::WatchArgs),
     /// Build, break and inspect the built-in lab: a flannel node in network namespaces.
     Lab(lab::LabArgs),
+    /// Serve one node's checks to the CLI of other machines (`check --agent NODE=ADDR`), on a Unix
+    /// socket: the node's own service, as a DaemonSet runs it on every node.
+    Agent {
+        /// The node it answers for: its Kubernetes name, or its network namespace's name (the lab).
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        /// Where it listens: unix:PATH.
+        #[arg(long, value_name = "ADDR", default_value = "unix:/run/cnitrace/agent.sock")]
+        listen: String,
+    },
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
     Replay {
         file: std::path::PathBuf,
@@ -105,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args, &cli.kube),
         Command::Watch(args) => watch::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
+        Command::Agent { node, listen } => agent(&node, &listen, &cli.kube),
         Command::Replay { file, json, plan, write } => replay(&file, json, plan, write.as_deref()),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut std::io::stdout());
@@ -246,6 +257,18 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     }
     out.write_all(&page)?;
     Ok(())
+}
+
+fn agent(node: &str, listen: &str, kube: &crate::k8s::KubeArgs) -> anyhow::Result<u8> {
+    if !crate::sys::is_root() {
+        anyhow::bail!("`cnitrace agent` needs root (it reads its node's namespaces, as `check` does)");
+    }
+    let crate::agent::Addr::Unix(path) = crate::agent::parse_addr(listen)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::agent::serve(&path, node, kube)?;
+    Ok(exit::OK)
 }
 
 fn replay(file: &std::path::Path, json: bool, plan: bool, write: Option<&std::path::Path>) -> anyhow::Result<u8> {

@@ -2,6 +2,7 @@
 //! Built as one self-contained test binary so the same suite can run inside VMs with other kernels.
 //! Each test skips with a printed reason when it cannot run here (not root, no binary).
 
+mod agents;
 mod fix;
 mod follow;
 mod generated;
