@@ -55,8 +55,6 @@ pub fn parse_agent(s: &str) -> Result<(String, Addr)> {
 
 /// Agents asked at once at most.
 const CONCURRENCY: usize = 8;
-/// The largest request or response head read.
-const MAX_HEAD: usize = 16 * 1024;
 
 /// `GET path` from every agent, at most [`CONCURRENCY`] at once, each within `timeout`; answers in the
 /// order of `agents`.
@@ -135,15 +133,7 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
     }
     names.dedup();
     let names = &names;
-    {
-        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-        let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
-        // SAFETY: the handler only stores to an atomic.
-        unsafe {
-            let _ = sigaction(Signal::SIGINT, &act);
-            let _ = sigaction(Signal::SIGTERM, &act);
-        }
-    }
+    crate::sys::on_stop_signals(on_signal);
     if let Ok(m) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !m.file_type().is_socket() {
@@ -183,23 +173,14 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
 
 fn handle(mut conn: UnixStream, names: &[String], kube: &crate::k8s::KubeArgs) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 2048];
-    let target = loop {
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => break (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string()),
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            _ => return respond(&mut conn, 400, &json!({"error": "not an HTTP request"})),
-        }
+    let head = crate::sys::read_http_head(&mut conn);
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let (method, path) = match req.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string()),
+        _ => return respond(&mut conn, 400, &json!({"error": "not an HTTP request"})),
     };
-    let (code, body) = route(&target.0, &target.1, names, |n| crate::cli::check::report(Some(n), true, kube).and_then(|r| Ok(serde_json::to_value(r)?)));
+    let (code, body) = route(&method, &path, names, |n| crate::cli::check::report(Some(n), true, kube).and_then(|r| Ok(serde_json::to_value(r)?)));
     respond(&mut conn, code, &body)
 }
 

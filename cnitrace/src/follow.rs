@@ -225,13 +225,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 fn catch_sigint() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(SigHandler::Handler(on_sigint), SaFlags::empty(), SigSet::empty());
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        let _ = sigaction(Signal::SIGINT, &act);
-        let _ = sigaction(Signal::SIGTERM, &act);
-    }
+    crate::sys::on_stop_signals(on_sigint);
 }
 
 pub fn run(req: &FollowRequest) -> Result<Report> {

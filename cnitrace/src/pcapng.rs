@@ -50,8 +50,7 @@ pub struct Written {
 /// record (`TraceEvent::t_ns` counts from it); `verdict` becomes the capture's comment.
 pub fn write(path: &Path, events: &[TraceEvent], t0_unix: Duration, snaplen: u32, verdict: &str) -> Result<Written> {
     let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-    let out = to_writer(std::io::BufWriter::new(file), events, t0_unix, snaplen, verdict)?;
-    Ok(out)
+    to_writer(std::io::BufWriter::new(file), events, t0_unix, snaplen, verdict)
 }
 
 /// [`write`] to any writer.

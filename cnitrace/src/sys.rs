@@ -97,6 +97,18 @@ fn sysctl_path(key: &str) -> String {
     format!("/proc/sys/{}", key.replace('.', "/"))
 }
 
+/// Has `handler` (which must only store to an atomic) run on SIGINT and SIGTERM: a command that runs
+/// until stopped ends in order (a verdict, probes detached, a socket removed).
+pub fn on_stop_signals(handler: extern "C" fn(libc::c_int)) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(handler), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handlers given here only store to an atomic.
+    unsafe {
+        let _ = sigaction(Signal::SIGINT, &act);
+        let _ = sigaction(Signal::SIGTERM, &act);
+    }
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -61,15 +61,7 @@ pub fn run(args: WatchArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if !crate::sys::is_root() {
         bail!("`cnitrace watch` needs root (it loads an eBPF program)");
     }
-    {
-        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-        let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
-        // SAFETY: the handler only stores to an atomic.
-        unsafe {
-            let _ = sigaction(Signal::SIGINT, &act);
-            let _ = sigaction(Signal::SIGTERM, &act);
-        }
-    }
+    crate::sys::on_stop_signals(on_signal);
     let metrics = match args.prometheus {
         Some(addr) => Some(serve_metrics(addr)?),
         None => None,

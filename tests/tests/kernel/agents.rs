@@ -92,5 +92,15 @@ fn check_through_each_nodes_agent_equals_the_hosts_own_and_a_dead_agent_is_named
     let a1 = Agent::start(n1, &s1);
     let (_, v) = check_json(&agent_args);
     assert!(v["agents_missing"].as_array().unwrap().len() == 1 && nodes(&v).len() == 1 && v["nodes"][0]["node"] == n1, "{v}");
-    drop(a1);
+    // Stopped as a DaemonSet's pod is (SIGTERM): it ends in order and takes its socket with it.
+    let mut a1 = a1;
+    let st = cnitrace_tools::KILL.command().args(["-TERM", &a1.0.id().to_string()]).status().expect("kill -TERM");
+    assert!(st.success());
+    let code = a1.0.wait().expect("the agent ends");
+    assert!(code.success(), "{code:?}");
+    assert!(!s1.exists(), "its socket is removed");
+    // An agent for a node this host does not have does not start.
+    let out = cnitrace(&["agent", "--node", "no-such-node", "--listen", &format!("unix:{}", dir.join("x.sock").display())]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node \"no-such-node\""));
 }
