@@ -268,7 +268,7 @@ impl Lab {
             cmd.arg(format!("--host-record={name},{ip}"));
         }
         self.spawn(cmd, topology::DNS_POD, &ns, 53, "coredns.log")?;
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + SERVER_START;
         let path = netns::named(&ns);
         loop {
             let answered = netns::in_netns(&path, || Ok(crate::validate::dns::query_once(topology::DNS_IP, "kubernetes.default.svc.cluster.local", Duration::from_millis(200))))?;
@@ -373,8 +373,13 @@ fn stop_server_pid(pid: u32) {
     }
 }
 
+/// How long a lab server (dnsmasq, the HTTP servers) may take to answer after its start. Returned from
+/// as soon as it answers: milliseconds on a host; 3 s was not enough once in a one-CPU guest under
+/// emulation beside another guest and the host suite (dnsmasq "Connection refused" at lab up).
+const SERVER_START: Duration = Duration::from_secs(30);
+
 fn wait_listening(ns: &str, port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + SERVER_START;
     let path = netns::named(ns);
     loop {
         let ok = netns::in_netns(&path, move || {
