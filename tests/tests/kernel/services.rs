@@ -79,20 +79,20 @@ fn every_service_fault_is_diagnosed_in_every_proxy_mode() {
 }
 
 #[test]
-fn service_fixes_repair_what_they_can_and_roll_back_byte_identical() {
-    if !can_run_kernel_tests("service_fixes_repair_what_they_can_and_roll_back_byte_identical") {
+fn service_fixes_repair_what_they_can_and_roll_back_byte_identical_in_every_proxy_mode() {
+    if !can_run_kernel_tests("service_fixes_repair_what_they_can_and_roll_back_byte_identical_in_every_proxy_mode") {
         return;
     }
     let mut wrong = Vec::new();
-    for f in faults::SERVICE_FAULTS {
-        let g = LabGuard::up(&[f.name]);
+    for (mode, f) in MODES.iter().flat_map(|m| faults::SERVICE_FAULTS.iter().map(move |f| (*m, f))) {
+        let g = LabGuard::up_with(&[f.name], &["--proxy-mode", mode]);
         let (src, dst) = (target(f.pair.0), target(f.pair.1));
         let before = lab_config();
         // A dry run (no terminal, no --auto) prints the plan and changes nothing.
         let (code, text) = fix(&[&src, &dst]);
         let diff = config_diff(&before, &lab_config());
         if code != 1 || !diff.is_empty() {
-            wrong.push(format!("{}: dry run: exit {code}, changed {diff:?}\n{text}", f.name));
+            wrong.push(format!("{mode} {}: dry run: exit {code}, changed {diff:?}\n{text}", f.name));
             continue;
         }
         let (code, text) = fix(&["--auto", "--allow-rule-removal", "--timeout", "2", &src, &dst]);
@@ -100,19 +100,19 @@ fn service_fixes_repair_what_they_can_and_roll_back_byte_identical() {
         if !safe {
             let diff = config_diff(&before, &lab_config());
             if code != 1 || !text.contains("no safe fix") || !diff.is_empty() {
-                wrong.push(format!("{}: no safe fix here (no API in the lab): exit {code}, changed {diff:?}\n{text}", f.name));
+                wrong.push(format!("{mode} {}: no safe fix here (no API in the lab): exit {code}, changed {diff:?}\n{text}", f.name));
             }
             continue;
         }
         let still = broken(&g);
         if code != 0 || !still.is_empty() || !text.contains("verified:") {
-            wrong.push(format!("{}: exit {code}, still broken {still:?}\n{text}", f.name));
+            wrong.push(format!("{mode} {}: exit {code}, still broken {still:?}\n{text}", f.name));
             continue;
         }
         let (code, text) = fix(&["--rollback"]);
         let diff = config_diff(&before, &lab_config());
         if code != 0 || !diff.is_empty() {
-            wrong.push(format!("{}: rollback: exit {code}, differs from the fault's state in {diff:?}\n{text}", f.name));
+            wrong.push(format!("{mode} {}: rollback: exit {code}, differs from the fault's state in {diff:?}\n{text}", f.name));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
