@@ -4,11 +4,18 @@
 //! agent (`--agent NODE=ADDR`) in parallel, each within a timeout, and says which node did not answer.
 //!
 //! The protocol is HTTP/1.1 with JSON bodies, one request per connection:
-//! - `GET /v1/node` → `{"node": NAME}`
+//! - `GET /v1/node` → `{"node": NAME, "pods": [{"ip", "name"}], "boot_id"}`: the node and its pods now.
 //! - `GET /v1/check[?node=NAME]` → that node's `check` report; another node's name is refused (403).
+//! - `GET /v1/follow?src=A&dst=B[&probe=icmp|tcp:P|udp:P|none][&count=N][&size=N][&timeout_ms=N]
+//!   [&icmp_id=N][&no_kprobes=1][&until_drop=1][&node=NAME]` → `application/x-ndjson`, one object a
+//!   line as it happens: `{"ready_ms"}` once the probes are attached, then `{"node", "boot_id",
+//!   "report", "recording"}` — what this node's kernel saw of the pair (only its own namespaces), its
+//!   state, and its clock — or `{"error"}`. The agent sends the probe when the source is one of its pods;
+//!   otherwise it watches. The trace ends at its own verdict, at its timeout, or when the client shuts
+//!   down its side of the connection (or goes away): the probes are attached per request and detached
+//!   after it, so an idle agent has nothing in the kernel.
 //!
-//! This is the first part of the agent of issue 20: `check` across nodes. `follow` and `fix` through
-//! the agents (a stitched timeline, a remedy run where its cause is) build on it.
+//! `follow` and `check` ask the agents; `fix` through them is still to come.
 
 use std::{
     io::{Read, Write},
@@ -121,6 +128,38 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// This node: the names it answers to (the first as it was started) and its network namespace's name.
+struct Node {
+    names: Vec<String>,
+    netns: String,
+}
+
+/// The namespaces of the node whose namespace is called `netns` now — its own and its pods' (pods come
+/// and go: read for each request) — and its pods' addresses and names.
+pub fn scope_of(netns: &str) -> Result<(crate::follow::Scope, Vec<(std::net::Ipv4Addr, String)>)> {
+    let resolver = crate::resolve::HostResolver::scan()?;
+    let Some(node) = resolver.spaces().iter().map(|(ns, _)| ns).find(|ns| ns.name == netns) else {
+        bail!("this node's network namespace {netns} is gone");
+    };
+    let mut scope = crate::follow::Scope::default();
+    scope.inodes.insert(node.inode);
+    scope.names.insert(crate::resolve::display_ns(node));
+    let mut pods = Vec::new();
+    // A veth whose host end holds an address is a link to another host (an uplink), not a pod.
+    for p in resolver.pods().into_iter().filter(|p| p.node.inode == node.inode && !p.host_addressed) {
+        scope.inodes.insert(p.netns.inode);
+        scope.names.insert(p.display.clone());
+        pods.push((p.ip, p.display));
+    }
+    pods.sort();
+    Ok((scope, pods))
+}
+
+/// The running kernel's boot id: two agents that report the same one trace with one clock.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
 /// Serves `node` on the socket at `path` until SIGINT or SIGTERM. The node must be one of this host's
 /// (`check --node` finds it); the socket is the caller's only (mode 0600) and removed at the end.
 pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()> {
@@ -132,7 +171,8 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
         names.extend([n.node.clone(), n.netns.clone()].into_iter().filter(|x| !x.is_empty()));
     }
     names.dedup();
-    let names = &names;
+    let Some(netns) = first.nodes.first().map(|n| n.netns.clone()) else { bail!("agent for node {node}: no such node on this host") };
+    let node = &Node { names, netns };
     crate::sys::on_stop_signals(on_signal);
     if let Ok(m) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -151,14 +191,14 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     listener.set_nonblocking(true)?;
-    eprintln!("cnitrace agent: node {node}, listening on unix:{}", path.display());
+    eprintln!("cnitrace agent: node {}, listening on unix:{}", node.names[0], path.display());
     let result = std::thread::scope(|s| -> Result<()> {
         while !STOP.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((conn, _)) => {
                     s.spawn(move || {
                         let _ = conn.set_nonblocking(false);
-                        let _ = handle(conn, names, kube);
+                        let _ = handle(conn, node, kube);
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
@@ -171,7 +211,8 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
     result
 }
 
-fn handle(mut conn: UnixStream, names: &[String], kube: &crate::k8s::KubeArgs) -> Result<()> {
+fn handle(mut conn: UnixStream, node: &Node, kube: &crate::k8s::KubeArgs) -> Result<()> {
+    let names = &node.names;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let head = crate::sys::read_http_head(&mut conn);
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -180,13 +221,139 @@ fn handle(mut conn: UnixStream, names: &[String], kube: &crate::k8s::KubeArgs) -
         Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string()),
         _ => return respond(&mut conn, 400, &json!({"error": "not an HTTP request"})),
     };
-    let (code, body) = route(&method, &path, names, |n| crate::cli::check::report(Some(n), true, kube).and_then(|r| Ok(serde_json::to_value(r)?)));
+    if method == "GET" && path.split('?').next() == Some("/v1/follow") {
+        let q = query(&path);
+        if let Some(other) = q.iter().find(|(k, _)| *k == "node").map(|(_, v)| *v).filter(|n| !names.iter().any(|x| x == n)) {
+            return respond(&mut conn, 403, &json!({"error": format!("this agent serves node {} only, not {other}", names[0])}));
+        }
+        let req = match follow_request(&q) {
+            Ok(r) => r,
+            Err(e) => return respond(&mut conn, 400, &json!({"error": format!("{e:#}")})),
+        };
+        return follow_stream(conn, node, req);
+    }
+    let (code, body) = route(&method, &path, names, |n| crate::cli::check::report(Some(n), true, kube).and_then(|r| Ok(serde_json::to_value(r)?)), || {
+        let (_, pods) = scope_of(&node.netns)?;
+        Ok(json!({
+            "node": names[0],
+            "pods": pods.iter().map(|(ip, name)| json!({"ip": ip.to_string(), "name": name})).collect::<Vec<_>>(),
+            "boot_id": boot_id(),
+        }))
+    });
     respond(&mut conn, code, &body)
+}
+
+/// `a=1&b=2` of a request path.
+fn query(path: &str) -> Vec<(&str, &str)> {
+    path.split_once('?').map(|(_, q)| q.split('&').filter_map(|kv| kv.split_once('=')).collect()).unwrap_or_default()
+}
+
+/// The trace a `/v1/follow` query asks for (no system access).
+fn follow_request(q: &[(&str, &str)]) -> Result<crate::follow::FollowRequest> {
+    use crate::inject::ProbeKind;
+    let get = |k: &str| q.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let num = |k: &str, default: u64| -> Result<u64> { get(k).map(|v| v.parse::<u64>().with_context(|| format!("{k}={v}: not a number"))).unwrap_or(Ok(default)) };
+    let addr = |k: &str| -> Result<std::net::Ipv4Addr> {
+        let v = get(k).with_context(|| format!("{k} is missing"))?;
+        v.parse().with_context(|| format!("{k}={v}: not an IPv4 address"))
+    };
+    let probe: ProbeKind = get("probe").unwrap_or("icmp").parse().map_err(|e: String| anyhow::anyhow!("probe: {e}"))?;
+    let count = num("count", 1)?;
+    if !(1..=100).contains(&count) {
+        bail!("count must be between 1 and 100");
+    }
+    let timeout = Duration::from_millis(num("timeout_ms", 5_000)?.clamp(100, 120_000));
+    let size = get("size").map(|v| v.parse::<usize>().with_context(|| format!("size={v}"))).transpose()?;
+    if size.is_some_and(|s| s > 65_000) {
+        bail!("size must be at most 65000 bytes");
+    }
+    let icmp_id = get("icmp_id").map(|v| v.parse::<u16>().with_context(|| format!("icmp_id={v}"))).transpose()?;
+    let dst_port = match probe {
+        ProbeKind::Tcp(p) | ProbeKind::Udp(p) => Some(p),
+        _ => None,
+    };
+    let opts = crate::follow::FollowOptions {
+        no_kprobes: get("no_kprobes") == Some("1"),
+        until_drop: get("until_drop") == Some("1"),
+        icmp_id,
+        ..Default::default()
+    };
+    Ok(crate::follow::FollowRequest { src: addr("src")?, dst: addr("dst")?, dst_port, probe, count: count as u32, timeout, size, opts, cluster: None })
+}
+
+/// Runs one trace for the client on `conn`, limited to this node's namespaces, and streams it (see the
+/// module's protocol). The client stops it by shutting down its side of the connection; a client that
+/// goes away stops it the same way, and SIGTERM to the agent stops every trace in flight.
+fn follow_stream(mut conn: UnixStream, node: &Node, mut req: crate::follow::FollowRequest) -> Result<()> {
+    use std::sync::{mpsc, Arc};
+    let (scope, pods) = match scope_of(&node.netns) {
+        Ok(s) => s,
+        Err(e) => return respond(&mut conn, 500, &json!({"error": format!("{e:#}")})),
+    };
+    // The source is not one of this node's pods: this node watches.
+    if !pods.iter().any(|(ip, _)| *ip == req.src) {
+        req.probe = crate::inject::ProbeKind::None;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let namespaces = scope.names.clone();
+    req.opts.scope = Some(scope);
+    req.opts.stop = Some(stop.clone());
+    req.opts.on_ready = Some(ready_tx);
+    conn.set_read_timeout(None)?;
+    let mut watcher = conn.try_clone()?;
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            while matches!(watcher.read(&mut b), Ok(n) if n > 0) {}
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")?;
+    let worker = std::thread::spawn(move || crate::follow::run(&req));
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            stop.store(true, Ordering::SeqCst);
+        }
+        match ready_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(ms) => {
+                writeln!(conn, "{}", json!({"ready_ms": ms}))?;
+                conn.flush()?;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if !worker.is_finished() => {}
+            Err(_) => break,
+        }
+    }
+    let last = match worker.join() {
+        Ok(Ok(report)) => json!({
+            "node": node.names[0],
+            "boot_id": boot_id(),
+            "namespaces": namespaces,
+            "report": {
+                "src": report.src,
+                "dst": report.dst,
+                "verdict": report.verdict,
+                "counters": report.counters,
+                "hooks": report.hooks,
+                "elapsed_ms": report.elapsed_ms,
+                "ready_ms": report.ready_ms,
+                "events_not_kept": report.events_not_kept,
+                "peak_rss_kib": report.peak_rss_kib,
+            },
+            "recording": crate::follow::Recording::of(&report),
+        }),
+        Ok(Err(e)) => json!({"error": format!("{e:#}")}),
+        Err(_) => json!({"error": "the trace's thread panicked"}),
+    };
+    writeln!(conn, "{last}")?;
+    conn.flush()?;
+    Ok(())
 }
 
 /// What the agent of the node called `names` (the first as it was started) answers to `method path`;
 /// `check` runs the node's checks.
-fn route(method: &str, path: &str, names: &[String], check: impl FnOnce(&str) -> Result<Value>) -> (u16, Value) {
+fn route(method: &str, path: &str, names: &[String], check: impl FnOnce(&str) -> Result<Value>, about: impl FnOnce() -> Result<Value>) -> (u16, Value) {
     let node = names.first().map(String::as_str).unwrap_or("");
     if method != "GET" {
         return (405, json!({"error": format!("{method} is not served: GET only")}));
@@ -197,12 +364,15 @@ fn route(method: &str, path: &str, names: &[String], check: impl FnOnce(&str) ->
         return (403, json!({"error": format!("this agent serves node {node} only, not {other}")}));
     }
     match p {
-        "/v1/node" => (200, json!({"node": node})),
+        "/v1/node" => match about() {
+            Ok(v) => (200, v),
+            Err(e) => (500, json!({"error": format!("{e:#}")})),
+        },
         "/v1/check" => match check(node) {
             Ok(v) => (200, v),
             Err(e) => (500, json!({"error": format!("{e:#}")})),
         },
-        _ => (404, json!({"error": format!("no {p} here: /v1/node, /v1/check")})),
+        _ => (404, json!({"error": format!("no {p} here: /v1/node, /v1/check, /v1/follow")})),
     }
 }
 
@@ -239,17 +409,42 @@ mod tests {
     #[test]
     fn an_agent_answers_for_its_node_only() {
         let check = |n: &str| Ok(json!({"nodes": [{"node": n}]}));
+        let about = || Ok(json!({"node": "n1", "pods": []}));
         let n1 = ["n1".to_string(), "lab-n1".to_string()];
-        assert_eq!(route("GET", "/v1/node", &n1, check), (200, json!({"node": "n1"})));
-        assert_eq!(route("GET", "/v1/check", &n1, check).1["nodes"][0]["node"], "n1");
-        assert_eq!(route("GET", "/v1/check?node=n1", &n1, check).0, 200);
-        assert_eq!(route("GET", "/v1/check?node=lab-n1", &n1, check).0, 200, "its namespace's name is its name too");
-        let (code, body) = route("GET", "/v1/check?node=n2", &n1, |_| panic!("another node's checks never run"));
+        assert_eq!(route("GET", "/v1/node", &n1, check, about), (200, json!({"node": "n1", "pods": []})));
+        assert_eq!(route("GET", "/v1/check", &n1, check, about).1["nodes"][0]["node"], "n1");
+        assert_eq!(route("GET", "/v1/check?node=n1", &n1, check, about).0, 200);
+        assert_eq!(route("GET", "/v1/check?node=lab-n1", &n1, check, about).0, 200, "its namespace's name is its name too");
+        let (code, body) = route("GET", "/v1/check?node=n2", &n1, |_| panic!("another node's checks never run"), about);
         assert_eq!(code, 403);
         assert!(body["error"].as_str().unwrap().contains("serves node n1 only"));
-        assert_eq!(route("POST", "/v1/check", &n1, check).0, 405);
-        assert_eq!(route("GET", "/v1/fix", &n1, check).0, 404);
-        assert_eq!(route("GET", "/v1/check", &n1, |_| anyhow::bail!("no such node")).0, 500);
+        assert_eq!(route("POST", "/v1/check", &n1, check, about).0, 405);
+        assert_eq!(route("GET", "/v1/fix", &n1, check, about).0, 404);
+        assert_eq!(route("GET", "/v1/check", &n1, |_| anyhow::bail!("no such node"), about).0, 500);
+        assert_eq!(route("GET", "/v1/node", &n1, check, || anyhow::bail!("its namespace is gone")).0, 500);
+    }
+
+    #[test]
+    fn a_follow_query_becomes_the_request_or_says_what_is_wrong() {
+        use crate::inject::ProbeKind;
+        let q = query("/v1/follow?src=10.1.0.5&dst=10.1.1.7&probe=tcp:8096&count=2&timeout_ms=3000&icmp_id=77&no_kprobes=1");
+        let r = follow_request(&q).unwrap();
+        assert_eq!((r.src, r.dst), ("10.1.0.5".parse().unwrap(), "10.1.1.7".parse().unwrap()));
+        assert_eq!((r.probe, r.dst_port, r.count, r.timeout), (ProbeKind::Tcp(8096), Some(8096), 2, Duration::from_secs(3)));
+        assert_eq!(r.opts.icmp_id, Some(77));
+        assert!(r.opts.no_kprobes && !r.opts.until_drop);
+        let defaults = follow_request(&query("/v1/follow?src=10.1.0.5&dst=10.1.1.7")).unwrap();
+        assert_eq!((defaults.probe, defaults.count, defaults.timeout), (ProbeKind::Icmp, 1, Duration::from_secs(5)));
+        for (bad, says) in [
+            ("/v1/follow?dst=10.1.1.7", "src is missing"),
+            ("/v1/follow?src=web&dst=10.1.1.7", "not an IPv4 address"),
+            ("/v1/follow?src=10.1.0.5&dst=10.1.1.7&count=0", "count must be"),
+            ("/v1/follow?src=10.1.0.5&dst=10.1.1.7&probe=sctp", "probe"),
+            ("/v1/follow?src=10.1.0.5&dst=10.1.1.7&icmp_id=70000", "icmp_id"),
+        ] {
+            let e = format!("{:#}", follow_request(&query(bad)).unwrap_err());
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 
 use std::{
     net::Ipv4Addr,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -65,6 +68,66 @@ pub struct FollowOptions {
     pub progress: bool,
     /// Bytes of each packet record captured in the kernel (`--write`, `--snaplen`); 0: none.
     pub snaplen: u32,
+    /// The network namespaces (inodes) this trace may report on: an agent's node — its own namespace and
+    /// its pods' (on a real node everything the kernel has; in the lab, one node of the several one kernel
+    /// holds). Events elsewhere are not kept and no state is read there. None: the whole host.
+    pub scope: Option<Scope>,
+    /// Ends the trace when set (an agent's client stopped it or went away). With it, follow leaves the
+    /// process's signal handling alone (the agent has its own).
+    pub stop: Option<Arc<AtomicBool>>,
+    /// The probe's ICMP echo id, when several tracers (each node's agent) must tell this probe's echoes
+    /// from any other's: the one that sends uses it, the others keep only its echoes.
+    pub icmp_id: Option<u16>,
+    /// Told the milliseconds start-up took once the probes are attached (an agent says "ready" to the
+    /// CLI that waits for every node's probes before the first packet is sent).
+    pub on_ready: Option<std::sync::mpsc::Sender<u64>>,
+}
+
+/// What one node's tracer keeps: the namespaces of that node (see [`FollowOptions::scope`]).
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    pub inodes: std::collections::BTreeSet<u32>,
+    /// What those namespaces are called (the node's name, its pods').
+    pub names: std::collections::BTreeSet<String>,
+}
+
+impl Scope {
+    pub fn holds(&self, inode: u32) -> bool {
+        self.inodes.contains(&inode)
+    }
+}
+
+/// A scope applied to records as they are decoded. A route lookup or neighbour event carries no
+/// namespace: it ran where its CPU's last packet was (as [`Trace::build`] attributes it), so that is
+/// decided here, before the other node's records are dropped.
+#[derive(Default)]
+struct ScopeFilter {
+    scope: Option<Scope>,
+    /// Keep a lookup nothing places (no packet on its CPU before it): the tracer that sends the probe
+    /// does — such a lookup is the probe's own, made where it was sent from (its first route lookup).
+    keep_unplaced: bool,
+    last_on_cpu: std::collections::HashMap<u32, (u32, String)>,
+}
+
+impl ScopeFilter {
+    fn admits(&mut self, e: &mut TraceEvent) -> bool {
+        let Some(scope) = &self.scope else { return true };
+        match e.kind {
+            Kind::Route | Kind::Neigh if e.netns == 0 => match self.last_on_cpu.get(&e.cpu) {
+                Some((ns, name)) => {
+                    e.netns = *ns;
+                    e.where_ = name.clone();
+                }
+                // Nothing says where it ran: the prober's, if this node sent the probe.
+                None => return self.keep_unplaced,
+            },
+            Kind::Route | Kind::Neigh => {}
+            _ => {
+                self.last_on_cpu.insert(e.cpu, (e.netns, e.where_.clone()));
+            }
+        }
+        scope.holds(e.netns)
+    }
 }
 
 /// How often follow drains the ring buffer while records come or a probe of its own is out.
@@ -208,6 +271,13 @@ pub struct Report {
     /// Wall-clock time (ns since 1970) of the trace's first record, where `TraceEvent::t_ns` starts.
     #[serde(skip)]
     pub t0_unix_ns: Option<u64>,
+    /// The same instant on the kernel's CLOCK_MONOTONIC (exact between tracers of one kernel).
+    #[serde(skip)]
+    pub t0_mono_ns: Option<u64>,
+    /// Traced by the nodes' agents and stitched: each node's share and clock, the agents that did not
+    /// answer, the node where the packet died.
+    #[serde(skip)]
+    pub stitched: Option<crate::stitch::Stitched>,
 }
 
 /// The wall-clock time (ns since 1970) of a CLOCK_MONOTONIC reading (the kernel's `bpf_ktime_get_ns`).
@@ -230,8 +300,12 @@ fn catch_sigint() {
 
 pub fn run(req: &FollowRequest) -> Result<Report> {
     let t_start = Instant::now();
-    // Before anything is attached: an interrupt must end in a verdict and a clean detach.
-    catch_sigint();
+    // Before anything is attached: an interrupt must end in a verdict and a clean detach. An agent's
+    // trace is stopped through its own flag instead.
+    if req.opts.stop.is_none() {
+        catch_sigint();
+    }
+    let in_scope = |inode: u32| req.opts.scope.as_ref().is_none_or(|s| s.holds(inode));
     if !crate::sys::is_root() {
         return Err(FollowError::NotRoot.into());
     }
@@ -243,7 +317,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let resolver = HostResolver::scan()?;
     let mut src = resolver.resolve(req.src)?;
     let mut dst = resolver.resolve(req.dst)?;
-    if src.local().is_none() && req.probe != ProbeKind::None {
+    if src.local().is_none_or(|l| !in_scope(l.netns.inode)) && req.probe != ProbeKind::None {
         return Err(FollowError::SourceNotHere(req.src).into());
     }
     // Kubernetes names where the API gave them: the same name in the timeline, the verdict and its facts.
@@ -264,12 +338,12 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         cluster: req.cluster.clone(),
         ..Default::default()
     };
-    if let Some(l) = src.local() {
+    if let Some(l) = src.local().filter(|l| in_scope(l.netns.inode)) {
         states.src_pod = l.netns.inode;
         states.src_node = l.node.as_ref().map(|n| n.netns.inode);
         states.src_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
     }
-    if let Some(l) = dst.local() {
+    if let Some(l) = dst.local().filter(|l| in_scope(l.netns.inode)) {
         states.dst_pod = Some(l.netns.inode);
         states.dst_node = l.node.as_ref().map(|n| n.netns.inode);
         states.dst_host_veth = l.node.as_ref().map(|n| n.host_ifindex);
@@ -302,7 +376,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         v.extend(&extra_spaces);
         v.sort();
         v.dedup();
-        v.retain(|i| *i != 0);
+        v.retain(|i| *i != 0 && in_scope(*i));
         v
     };
     let mut node_inodes: Vec<u32> = [states.src_node, states.dst_node].into_iter().flatten().collect();
@@ -310,7 +384,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     node_inodes.extend(endpoints_here.iter().filter_map(|l| l.node.as_ref().map(|n| n.netns.inode)));
     node_inodes.sort();
     node_inodes.dedup();
-    node_inodes.retain(|i| !states.rules_before.contains_key(i));
+    node_inodes.retain(|i| !states.rules_before.contains_key(i) && in_scope(*i));
     for inode in &node_inodes {
         if let Some(ns) = resolver.namespace(*inode) {
             let path = ns.path.clone();
@@ -340,12 +414,15 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     if let Some(path) = &req.opts.ready_file {
         std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
     }
+    if let Some(tx) = &req.opts.on_ready {
+        let _ = tx.send(ready_ms);
+    }
     names.drop_reasons = probe.drop_reasons.clone();
     names.has_reasons = probe.kfree_has_reason;
     let names_had_reasons = probe.kfree_has_reason;
 
-    let stop_probe = std::sync::Arc::new(AtomicBool::new(false));
-    let icmp_id = inject::new_icmp_id();
+    let stop_probe = Arc::new(AtomicBool::new(false));
+    let icmp_id = req.opts.icmp_id.unwrap_or_else(inject::new_icmp_id);
     // Probe traffic on its own thread; the kernel's events are collected meanwhile.
     let sender = src.local().filter(|_| req.probe != ProbeKind::None).map(|l| {
         let mtu = resolver
@@ -375,12 +452,12 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         std::thread::spawn(move || inject::run(plan))
     });
 
-    let own_echo = (req.probe == ProbeKind::Icmp && sender.is_some()).then_some(icmp_id);
+    let own_echo = if req.probe == ProbeKind::Icmp && sender.is_some() { Some(icmp_id) } else { req.opts.icmp_id };
     // The timeout counts from the probes being ready: start-up is the kernel's and the machine's (tens
     // of ms here, seconds under emulation), not time the traffic had.
     let probing_since = Instant::now();
     let deadline = probing_since + req.timeout + Duration::from_millis(300);
-    let mut intake = Intake::default();
+    let mut intake = Intake { scope: ScopeFilter { scope: req.opts.scope.clone(), keep_unplaced: sender.is_some(), ..Default::default() }, ..Default::default() };
     let mut decoder = Decoder::new(names);
     let mut decoded: Vec<TraceEvent> = Vec::new();
     let mut settle_until: Option<Instant> = None;
@@ -432,7 +509,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         // be waiting out its timeout for a reply that will not come).
         let settled =
             settle_until.is_some_and(|t| Instant::now() > t) && (sender.is_none() || significant_drop || arp_unanswered.is_some());
-        if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline || settled {
+        let stopped = INTERRUPTED.load(Ordering::SeqCst) || req.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if stopped || Instant::now() > deadline || settled {
             break;
         }
         let waited = probing_since.elapsed().as_millis();
@@ -449,7 +527,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     while intake.run(&mut probe, &mut decoder, &mut decoded, own_echo) || intake.holds() {}
     let counters = probe.counters();
     let hooks = probe.hooks.clone();
-    let t0_unix_ns = decoder.t0().and_then(monotonic_to_unix_ns);
+    let t0_mono_ns = decoder.t0();
+    let t0_unix_ns = t0_mono_ns.and_then(monotonic_to_unix_ns);
     drop(probe);
     // Stopped early on a drop: tell the prober, and take what its socket saw.
     stop_probe.store(true, Ordering::SeqCst);
@@ -510,6 +589,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         peak_rss_kib: peak_rss_kib(),
         arp_unanswered,
         t0_unix_ns,
+        t0_mono_ns,
+        stitched: None,
     })
 }
 
@@ -575,6 +656,8 @@ struct Intake {
     raw: std::collections::VecDeque<crate::probe::Record>,
     /// Records drained but not kept (over MAX_KEPT_EVENTS, or noise).
     not_kept: u64,
+    /// Another node's records are not kept (an agent's trace).
+    scope: ScopeFilter,
 }
 
 /// Records decoded between two emptyings of the ring.
@@ -625,7 +708,7 @@ impl Intake {
                 });
                 decoder.learn_functions(&unnamed, names);
             }
-            keep(decoder, self.raw.drain(..n), kept, &mut self.not_kept, own_echo);
+            keep(decoder, self.raw.drain(..n), kept, &mut self.not_kept, own_echo, &mut self.scope);
             got |= self.take(probe, kept.len());
         }
         got
@@ -637,17 +720,24 @@ impl Intake {
 /// ping_rcv, must not crowd it out); counts the rest. Echoes of the pair with another id than this run's
 /// probes (an earlier run's, still queued on a failing neighbour entry) are not this run's evidence: they
 /// neither end it nor enter its trace.
-fn keep(decoder: &mut Decoder, raw: impl Iterator<Item = crate::probe::Record>, kept: &mut Vec<TraceEvent>, not_kept: &mut u64, own_echo: Option<u16>) {
+fn keep(
+    decoder: &mut Decoder,
+    raw: impl Iterator<Item = crate::probe::Record>,
+    kept: &mut Vec<TraceEvent>,
+    not_kept: &mut u64,
+    own_echo: Option<u16>,
+    scope: &mut ScopeFilter,
+) {
     for r in raw {
         if kept.len() < MAX_KEPT_EVENTS {
-            if let Some(e) = decoder.decode_record(&r).filter(|e| !foreign_echo(e, own_echo)) {
+            if let Some(e) = decoder.decode_record(&r).filter(|e| !foreign_echo(e, own_echo)).and_then(|mut e| scope.admits(&mut e).then_some(e)) {
                 kept.push(e);
             }
             continue;
         }
         let late_drop = r.event.header.kind == cnitrace_common::EventKind::Drop as u32 && kept.len() < MAX_KEPT_EVENTS + MAX_KEPT_DROPS;
         // Only a drop is decoded here: past the timeline, hop records are counted, not read.
-        match late_drop.then(|| decoder.decode_record(&r)).flatten().filter(|e| !is_noise(e) && !foreign_echo(e, own_echo)) {
+        match late_drop.then(|| decoder.decode_record(&r)).flatten().filter(|e| !is_noise(e) && !foreign_echo(e, own_echo)).and_then(|mut e| scope.admits(&mut e).then_some(e)) {
             Some(e) => kept.push(e),
             None => *not_kept += 1,
         }
@@ -674,6 +764,9 @@ pub struct Recording {
     /// Wall-clock time (ns since 1970) of the first record (what a capture written from it is dated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub t0_unix_ns: Option<u64>,
+    /// The same instant on the tracing kernel's CLOCK_MONOTONIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t0_mono_ns: Option<u64>,
 }
 
 impl Recording {
@@ -684,6 +777,7 @@ impl Recording {
             states: r.states.clone(),
             arp_unanswered: r.arp_unanswered.clone(),
             t0_unix_ns: r.t0_unix_ns,
+            t0_mono_ns: r.t0_mono_ns,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod render;
 pub mod resolve;
 pub mod service;
 pub mod state;
+pub mod stitch;
 pub mod sys;
 pub mod validate;
 pub mod watch;

@@ -239,6 +239,17 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
     }
     writeln!(out)?;
     verdict_styled(&r.verdict, style, out)?;
+    if let Some(s) = &r.stitched {
+        if let Some(n) = &s.died_on {
+            writeln!(out, "  {}  {}", style.paint("node: ", BOLD), style.paint(n, BOLD))?;
+        }
+        for n in &s.nodes {
+            writeln!(out, "  agent {} ({}): {}, {} events, clock: {}", n.node, n.agent, n.role, n.events, n.clock)?;
+        }
+        for m in &s.missing {
+            writeln!(out, "{}", style.paint(&format!("  agent {} ({}): NOT TRACED — {}", m.node, m.agent, m.error), RED))?;
+        }
+    }
     writeln!(
         out,
         "events: {} matched, {} emitted, {} lost{}; ready in {} ms, {} ms in all",
@@ -285,6 +296,10 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
             "rule": sp.chosen.as_ref().map(|e| e.chain.clone()),
             "translations": r.trace.translations().iter().map(|n| n.describe()).collect::<Vec<_>>(),
         });
+    }
+    if let Some(s) = &r.stitched {
+        v["agents"] = serde_json::to_value(s)?;
+        v["node"] = serde_json::to_value(&s.died_on)?;
     }
     v["src"] = serde_json::to_value(&r.src)?;
     v["dst"] = serde_json::to_value(&r.dst)?;

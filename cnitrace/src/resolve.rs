@@ -13,7 +13,7 @@ use crate::{
     state::{self, NsState},
 };
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct NsRef {
     pub inode: u32,
     pub name: String,
@@ -22,7 +22,7 @@ pub struct NsRef {
 }
 
 /// Where an address lives on this host.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct LocalEndpoint {
     pub ip: Ipv4Addr,
     /// What people call it: the pod name when known, else the namespace name.
@@ -37,7 +37,7 @@ pub struct LocalEndpoint {
     pub pod: Option<crate::k8s::PodFacts>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct NodeSide {
     pub netns: NsRef,
     /// What people call the node: its Kubernetes name when the API gave it, else the namespace's.
@@ -60,7 +60,7 @@ pub struct PodOnNode {
     pub host_addressed: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub enum Endpoint {
     Local(LocalEndpoint),
     /// Not on this host (another node, or outside the cluster).

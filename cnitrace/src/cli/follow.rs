@@ -78,6 +78,14 @@ pub struct FollowArgs {
     /// Bytes of each packet to capture (from its network header) for --write and --record.
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=cnitrace_common::MAX_SNAPLEN as i64))]
     snaplen: Option<u32>,
+    /// Trace through the agent of NODE (`cnitrace agent`) at ADDR (unix:PATH); repeat for every node.
+    /// Each node's agent traces what its own kernel sees, the source's sends the probe, and the timeline
+    /// is stitched from all of them (the verdict names the node where the packet died).
+    #[arg(long = "agent", value_name = "NODE=ADDR")]
+    agents: Vec<String>,
+    /// Seconds an agent may take to answer and to attach its probes.
+    #[arg(long, default_value = "10", value_name = "SECS")]
+    agent_timeout: f64,
 }
 
 impl FollowArgs {
@@ -121,6 +129,7 @@ impl FollowArgs {
                 (None, Some(_)) => crate::pcapng::DEFAULT_SNAPLEN,
                 (None, None) => 0,
             },
+            ..Default::default()
         };
         let probe = self.probe_kind()?;
         let dst_port = match probe {
@@ -134,7 +143,12 @@ impl FollowArgs {
 pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     // Options and root first: neither waits for the API.
     args.request(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, None)?;
-    if !crate::sys::is_root() {
+    let agents: Vec<(String, crate::agent::Addr)> = args.agents.iter().map(|a| crate::agent::parse_agent(a)).collect::<Result<_>>()?;
+    if !agents.is_empty() && (args.kernel_stats || args.hooks_only || args.all_events || args.raw_tracepoints) {
+        bail!("--kernel-stats, --all-events and --raw-tracepoints are for a trace on this host, not through agents");
+    }
+    // Through agents, the agents need root on their nodes; this CLI only reaches their sockets.
+    if agents.is_empty() && !crate::sys::is_root() {
         return Err(follow::FollowError::NotRoot.into());
     }
     let pair = super::pair::resolve(&args.src, args.dst_and_port()?.0, kube)?;
@@ -146,9 +160,14 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
             req.probe = ProbeKind::Tcp(p);
         }
     }
-    let report = follow::run(&req)?;
-    // `fix --auto` without a pair repairs what was followed last.
-    crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst, req.dst_port);
+    let report = if agents.is_empty() {
+        let r = follow::run(&req)?;
+        // `fix --auto` without a pair repairs what was followed last.
+        crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst, req.dst_port);
+        r
+    } else {
+        crate::stitch::follow(&agents, &req, Duration::from_secs_f64(args.agent_timeout.max(0.1)))?
+    };
     if let Some(path) = &args.record {
         let rec = follow::Recording::of(&report);
         std::fs::write(path, serde_json::to_vec(&rec)?).with_context(|| format!("write {}", path.display()))?;

@@ -26,6 +26,10 @@ enum LabCommand {
         /// nftables.
         #[arg(long, default_value = "iptables", value_name = "MODE")]
         proxy_mode: lab::services::ProxyMode,
+        /// Start an agent (`cnitrace agent`) for each node, as the DaemonSet runs one on every node; its
+        /// socket is printed as the `--agent NODE=ADDR` that `follow` and `check` take.
+        #[arg(long)]
+        agents: bool,
     },
     /// Tear everything of the lab down: namespaces, links, rules, processes.
     Down,
@@ -76,10 +80,24 @@ enum PodCommand {
 pub fn run(args: LabArgs) -> Result<u8> {
     let prefix = args.prefix.as_str();
     match args.command {
-        LabCommand::Up { faults, proxy_mode } => {
-            let lab = lab::up(prefix, &faults, proxy_mode)?;
+        LabCommand::Up { faults, proxy_mode, agents } => {
+            let mut lab = lab::up(prefix, &faults, proxy_mode)?;
+            let agents = if agents {
+                match lab.start_agents() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = lab::down(prefix);
+                        return Err(e.context("starting the agents failed; the lab was torn down again"));
+                    }
+                }
+            } else {
+                Vec::new()
+            };
             println!("lab up: prefix {prefix}");
             print_layout(&lab);
+            for (node, sock) in &agents {
+                println!("agent of {node}: --agent {node}=unix:{}", sock.display());
+            }
             if lab.state.faults.is_empty() {
                 println!("faults: none");
             } else {

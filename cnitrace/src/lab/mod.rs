@@ -243,6 +243,33 @@ impl Lab {
         self.save()
     }
 
+    /// An agent per node (`cnitrace agent`), as the DaemonSet runs one on every node: each answers for its
+    /// own node only, on a socket in the lab's state folder; recorded with the lab's servers (`lab down`
+    /// ends them). Returns each node's name and socket once every agent answers.
+    pub fn start_agents(&mut self) -> Result<Vec<(String, PathBuf)>> {
+        let exe = std::env::current_exe().context("locate the cnitrace binary")?;
+        let mut agents = Vec::new();
+        for (i, n) in topology::NODES.iter().enumerate() {
+            let sock = self.file(&format!("agent-{}.sock", n.name));
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["agent", "--node", n.name, "--listen"]).arg(format!("unix:{}", sock.display()));
+            let ns = self.node_ns(i);
+            self.spawn(cmd, &format!("agent-{}", n.name), &ns, 0, &format!("agent-{}.log", n.name))?;
+            agents.push((n.name.to_string(), sock));
+        }
+        let deadline = Instant::now() + SERVER_START;
+        for (node, sock) in &agents {
+            let addr = crate::agent::Addr::Unix(sock.clone());
+            while let Err(e) = crate::agent::get(&addr, "/v1/node", Duration::from_secs(2)) {
+                if Instant::now() > deadline {
+                    bail!("the lab's agent of {node} does not answer on {addr}: {e:#}; its log: {}", self.file(&format!("agent-{node}.log")).display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(agents)
+    }
+
     /// The cluster DNS pod: dnsmasq answering the lab's names (and nothing else: no upstream).
     fn start_dns(&mut self) -> Result<()> {
         let ns = self.pod_ns(topology::DNS_POD);
@@ -355,14 +382,17 @@ pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     netns::in_netns(&netns::named(ns), move || sys::write_sysctl(&k, &v)).with_context(|| format!("set {key} in {ns}"))
 }
 
-/// Is `pid` one of the lab's processes (checked before signalling it: pids are reused): a `lab serve`, or
-/// the DNS pod's dnsmasq (its pid file is in the lab's state folder)?
+/// Is `pid` one of the lab's processes (checked before signalling it: pids are reused): a `lab serve`,
+/// the DNS pod's dnsmasq (its pid file is in the lab's state folder), or a node's agent (its socket is)?
 fn is_lab_server(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
             let pid_file = format!("--pid-file={STATE_ROOT}/");
-            args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"serve") || args.iter().any(|a| a.starts_with(pid_file.as_bytes()))
+            let agent_socket = format!("unix:{STATE_ROOT}/");
+            args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"serve")
+                || args.iter().any(|a| a.starts_with(pid_file.as_bytes()))
+                || (args.contains(&&b"agent"[..]) && args.windows(2).any(|w| w[0] == b"--listen" && w[1].starts_with(agent_socket.as_bytes())))
         })
         .unwrap_or(false)
 }
@@ -545,8 +575,10 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
         lab.stop_servers(|_| true);
     }
     let namespaces = existing_namespaces(prefix);
-    // Servers whose pid was never recorded (a crash mid-`up`): ours by command line and namespace.
+    // Servers whose pid was never recorded (a crash mid-`up`): ours by command line and namespace; the
+    // agents (they run in the root namespace) by their socket in this lab's state folder.
     sweep_servers(&namespaces);
+    sweep_agents(&names.state_dir());
     // One process for all of them (`-force`: the rest go even if one fails); then whatever is left
     // one by one, for each its own error.
     let mut all = Batch::ip(None).force();
@@ -565,6 +597,19 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
         bail!("lab down left something behind: {}", errors.join("; "));
     }
     Ok(namespaces)
+}
+
+fn sweep_agents(state_dir: &std::path::Path) {
+    let socket = format!("unix:{}/", state_dir.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+        if args.windows(2).any(|w| w[0] == b"--listen" && w[1].starts_with(socket.as_bytes())) {
+            stop_server_pid(pid);
+        }
+    }
 }
 
 fn sweep_servers(namespaces: &[String]) {

@@ -90,7 +90,7 @@ fn kprobes_unavailable() -> Option<String> {
     (!pmu && !tracefs).then(|| "this kernel has no kprobes (no kprobe PMU, no kprobe_events): tracepoints only".to_string())
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct HookStatus {
     pub hook: String,
     pub attached: bool,
@@ -106,7 +106,7 @@ pub struct ProgramStats {
     pub run_time_ns: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub matched: u64,
     pub emitted: u64,

@@ -1,13 +1,14 @@
 //! `cnitrace agent`: one per lab node, each answering for its node only; `check --agent` asks them all
 //! and reports exactly what `check` on the host reports, node by node; an agent killed is a node said
-//! unchecked within the timeout, not a hang.
+//! unchecked within the timeout, not a hang. `follow --agent`: each node's agent traces its own
+//! namespaces, the timeline is stitched, and it is what `follow` on the host sees, hop for hop.
 
 use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, topology, LabGuard, Scratch};
+use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, faults, follow_events, loaded_cnitrace_programs, topology, LabGuard, Scratch};
 use serde_json::Value;
 
 /// An agent this test started, ended by its id.
@@ -103,4 +104,133 @@ fn check_through_each_nodes_agent_equals_the_hosts_own_and_a_dead_agent_is_named
     let out = cnitrace(&["agent", "--node", "no-such-node", "--listen", &format!("unix:{}", dir.join("x.sock").display())]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node \"no-such-node\""));
+}
+
+/// The lab's agents (`lab up --agents`), as `--agent NODE=ADDR` arguments.
+fn lab_agents(g: &LabGuard) -> Vec<String> {
+    topology::NODES.iter().map(|n| format!("--agent={}=unix:{}", n.name, g.lab.file(&format!("agent-{}.sock", n.name)).display())).collect()
+}
+
+/// The node a verdict's `netns` (a node's or a pod's display name) belongs to.
+fn node_of(where_: &str) -> String {
+    match topology::pod(where_) {
+        Some(p) => topology::NODES[p.node].name.to_string(),
+        None => where_.to_string(),
+    }
+}
+
+/// Each hop of a trace once, in words: where, device, what happened, to which packet (its ICMP id, which
+/// each run draws anew, left out).
+fn hops(events: &[Value]) -> std::collections::BTreeSet<String> {
+    events
+        .iter()
+        .map(|e| {
+            let what = e["packet"]["what"].as_str().unwrap_or("-");
+            let what = what.split(" id ").next().unwrap_or(what);
+            let seq = e["packet"]["what"].as_str().and_then(|w| w.split(" seq ").nth(1)).unwrap_or("");
+            format!("{} {} {} {what} {seq} {}", e["where_"].as_str().unwrap_or(""), e["ifname"].as_str().unwrap_or(""), e["kind"].as_str().unwrap_or(""), e["drop"]["function"].as_str().unwrap_or(""))
+        })
+        .collect()
+}
+
+#[test]
+fn follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_node_fault() {
+    if !can_run_kernel_tests("follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_node_fault") {
+        return;
+    }
+    // Every fault whose pair spans the two nodes, the seed (one node: the other agent sees nothing) and
+    // the healthy lab.
+    let cross = |a: &str, b: &str| matches!((topology::pod(a), topology::pod(b)), (Some(x), Some(y)) if x.node != y.node);
+    let mut cases: Vec<(Option<&str>, &str, &str)> =
+        faults::FAULTS.iter().filter(|f| cross(f.pair.0, f.pair.1)).map(|f| (Some(f.name), f.pair.0, f.pair.1)).collect();
+    assert!(cases.len() >= 8, "the lab has cross-node faults: {}", cases.len());
+    cases.push((Some(faults::SEED_FAULT), "debug", "jellyfin"));
+    cases.push((None, "debug", "web"));
+    let mut wrong = Vec::new();
+    for (fault, src, dst) in cases {
+        let g = LabGuard::up_with(&fault.into_iter().collect::<Vec<_>>(), &["--agents"]);
+        let agents = lab_agents(&g);
+        let (src_ip, dst_ip) = (cnitrace_tests::pod_ip(src), cnitrace_tests::pod_ip(dst));
+        assert_eq!(loaded_cnitrace_programs(), 0, "idle agents have nothing attached");
+        // Once before both: the first trace of a fresh lab also carries the ARP that fills the caches (and
+        // creates the incomplete neighbour entries of a fault), which the second would not.
+        let _ = follow_events(&src_ip, &dst_ip, &["--timeout", "2"]);
+        let (code_h, events_h, here) = follow_events(&src_ip, &dst_ip, &["--timeout", "2"]);
+        let args: Vec<&str> = ["--timeout", "2"].into_iter().chain(agents.iter().map(String::as_str)).collect();
+        let (code_a, events_a, through) = follow_events(&src_ip, &dst_ip, &args);
+        let name = fault.unwrap_or("healthy");
+        let keys = ["verdict", "cause", "layer", "function", "reason", "ifname", "netns"];
+        let differ: Vec<&str> = keys.iter().copied().filter(|k| here[k] != through[k]).collect();
+        if code_h != code_a || !differ.is_empty() {
+            wrong.push(format!("{name}: exit {code_h} here, {code_a} through the agents; {differ:?} differ\nhere: {here}\nthrough: {through}"));
+            continue;
+        }
+        let (h, a) = (hops(&events_h), hops(&events_a));
+        if h != a {
+            let only_h: Vec<&String> = h.difference(&a).collect();
+            let only_a: Vec<&String> = a.difference(&h).collect();
+            wrong.push(format!("{name}: hops only here {only_h:?}, only through the agents {only_a:?}"));
+        }
+        // The node where it died, and each node's share with its clock.
+        let expected_node = (here["verdict"] == "dropped").then(|| node_of(here["netns"].as_str().unwrap_or("")));
+        if through["node"].as_str().map(String::from) != expected_node {
+            wrong.push(format!("{name}: died on {:?}, expected {expected_node:?}: {through}", through["node"]));
+        }
+        let nodes = through["agents"]["nodes"].as_array().cloned().unwrap_or_default();
+        let ok_nodes = nodes.len() == 2
+            && nodes.iter().any(|n| n["node"] == topology::pod(src).map(|p| topology::NODES[p.node].name).unwrap_or("") && n["role"] == "sent the probe")
+            && nodes.iter().all(|n| n["role"] == "sent the probe" || n["clock"].as_str().is_some_and(|c| c.starts_with("one kernel with")))
+            && through["agents"]["missing"].as_array().is_some_and(|m| m.is_empty());
+        if !ok_nodes {
+            wrong.push(format!("{name}: the nodes' shares: {}", through["agents"]));
+        }
+        drop(g);
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+    assert_eq!(loaded_cnitrace_programs(), 0, "nothing stays attached");
+}
+
+#[test]
+fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
+    if !can_run_kernel_tests("an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands") {
+        return;
+    }
+    let g = LabGuard::up_with(&[], &["--agents"]);
+    let agents = lab_agents(&g);
+    let (n0, n1) = (topology::NODES[0].name, topology::NODES[1].name);
+    let victim = cnitrace::lab::Lab::load(&g.lab.state.prefix).expect("lab state").state.servers.iter().find(|s| s.name == format!("agent-{n1}")).expect("node 1's agent").pid;
+    // A passive trace of the pair for 6 s while real traffic flows between them; node 1's agent is
+    // killed (SIGKILL) 2 s in.
+    let mut args = vec!["follow".to_string(), cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"), "--json".into(), "--probe".into(), "none".into(), "--timeout".into(), "6".into()];
+    args.extend(agents.iter().cloned());
+    let child = Command::new(bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("follow through agents");
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ping = cnitrace_tools::PING.in_netns(&g.lab.pod_ns("debug")).args(["-c", "3", "-i", "0.2", "-W", "1", &cnitrace_tests::pod_ip("web")]).output();
+    let st = cnitrace_tools::KILL.command().args(["-KILL", &victim.to_string()]).status().expect("kill -KILL");
+    assert!(st.success());
+    let out = child.wait_with_output().expect("follow ends");
+    assert!(t0.elapsed() < Duration::from_secs(20), "not hung on: {:?}", t0.elapsed());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verdict: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    let missing = verdict["agents"]["missing"].as_array().cloned().unwrap_or_default();
+    assert!(missing.len() == 1 && missing[0]["node"] == n1 && missing[0]["error"].as_str().unwrap_or("").contains("stopped answering"), "{verdict}");
+    let nodes = verdict["agents"]["nodes"].as_array().cloned().unwrap_or_default();
+    assert!(nodes.len() == 1 && nodes[0]["node"] == n0, "what node 0 saw still stands: {verdict}");
+    // What the source's node saw of the pings is in the timeline.
+    let events: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v["type"] == "event").collect();
+    assert!(events.iter().any(|e| e["packet"]["what"].as_str().is_some_and(|w| w.starts_with("echo request"))), "{text}");
+    assert!(events.iter().all(|e| e["where_"] != n1 && e["where_"] != "web"), "nothing of node 1 after its agent died");
+    // The killed agent's programs died with it; the other's were detached after its trace.
+    let t = Instant::now();
+    while loaded_cnitrace_programs() > 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(loaded_cnitrace_programs(), 0, "nothing stays attached");
+    // The text names the node that stopped answering.
+    let pair = [cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web")];
+    let args: Vec<&str> = ["follow", &pair[0], &pair[1], "--timeout", "1"].into_iter().chain(agents.iter().map(String::as_str)).collect();
+    let out = cnitrace(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("agent {n1} (unix:")) && text.contains("NOT TRACED"), "{text}");
 }

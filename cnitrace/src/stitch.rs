@@ -1,0 +1,520 @@
+//! `follow` through the nodes' agents: each node's agent traces what its own kernel sees of the pair (its
+//! namespaces only: the node's and its pods'), the source's agent sends the probe once every other node's
+//! probes are attached, and the CLI stitches their recordings into one timeline — the same packet across
+//! encapsulation and nodes by its identity (the packet key: addresses, protocol, ICMP id/seq, TCP port) —
+//! and diagnoses it as `replay` diagnoses a recording: the same code, the same verdict form.
+//!
+//! Clocks: agents on one kernel (the same boot id: the lab's nodes) share CLOCK_MONOTONIC and are placed
+//! exactly. Across machines their wall clocks place them first, then causality corrects the offset: a
+//! packet seen on two nodes is seen first on the node that holds its source address (a request leaves
+//! before it arrives, and so does its answer). Each node's offset and its basis are reported.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    agent::Addr,
+    event::TraceEvent,
+    finding::{ctx::States, Outcome},
+    follow::{FollowRequest, Recording, Report},
+    inject::ProbeKind,
+    path::Trace,
+    probe::{Counters, HookStatus},
+    resolve::Endpoint,
+};
+
+/// What one node's agent sent at the end of its trace.
+#[derive(Deserialize)]
+struct Part {
+    node: String,
+    #[serde(default)]
+    boot_id: String,
+    /// What its namespaces are called: the node's name and its pods'.
+    #[serde(default)]
+    namespaces: Vec<String>,
+    report: PartReport,
+    recording: Recording,
+}
+
+#[derive(Deserialize)]
+struct PartReport {
+    src: Endpoint,
+    dst: Endpoint,
+    verdict: crate::finding::Verdict,
+    counters: Counters,
+    hooks: Vec<HookStatus>,
+    ready_ms: u64,
+    events_not_kept: u64,
+}
+
+/// How the stitched trace came together: each node's share, its clock, and who did not answer.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stitched {
+    pub nodes: Vec<NodeShare>,
+    /// Nodes whose agent did not answer or stopped answering: the trace has nothing of them.
+    pub missing: Vec<MissingAgent>,
+    /// The node where the pair's packet died (the verdict's drop), when one did.
+    pub died_on: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeShare {
+    pub node: String,
+    pub agent: String,
+    /// Sent the probe (its pod is the source) or watched.
+    pub role: &'static str,
+    pub events: usize,
+    /// Where this node's first event sits on the source node's clock (ns; negative: before it).
+    pub offset_ns: i64,
+    /// What placed it: "one kernel with NODE", "wall clock", "wall clock, moved N ns by causality".
+    pub clock: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MissingAgent {
+    pub node: String,
+    pub agent: String,
+    pub error: String,
+}
+
+/// A message from one agent's stream.
+enum Msg {
+    Ready,
+    Final(Box<Part>),
+    Failed(String),
+}
+
+/// One `/v1/follow` stream: its reader thread sends [`Msg`]s; `stop` shuts down our side (the agent
+/// ends its trace and sends what it has).
+struct Stream {
+    conn: UnixStream,
+}
+
+impl Stream {
+    fn open(idx: usize, addr: &Addr, path: &str, tx: mpsc::Sender<(usize, Msg)>) -> Result<Stream> {
+        let Addr::Unix(sock) = addr;
+        let mut conn = UnixStream::connect(sock).with_context(|| format!("connect to {addr}"))?;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: cnitrace-agent\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let reader = conn.try_clone()?;
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let msg = read_stream(reader, &addr, |m| {
+                let _ = tx.send((idx, m));
+            });
+            if let Err(e) = msg {
+                let _ = tx.send((idx, Msg::Failed(format!("{e:#}"))));
+            }
+        });
+        Ok(Stream { conn })
+    }
+
+    fn stop(&self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Reads one agent's answer: the HTTP head, then a JSON object a line.
+fn read_stream(conn: UnixStream, addr: &Addr, mut send: impl FnMut(Msg)) -> Result<()> {
+    let mut r = BufReader::new(conn);
+    let mut status = String::new();
+    r.read_line(&mut status).with_context(|| format!("read from {addr}"))?;
+    let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("{addr} did not answer in HTTP"))?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+    }
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("{addr} closed the connection before its trace ended");
+        }
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("{addr} sent a line that is not JSON"))?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("{addr} answered {code}: {e}");
+        }
+        if v.get("ready_ms").is_some() {
+            send(Msg::Ready);
+            continue;
+        }
+        let part: Part = serde_json::from_value(v).with_context(|| format!("{addr} sent a trace this CLI cannot read (another version?)"))?;
+        send(Msg::Final(Box::new(part)));
+        return Ok(());
+    }
+}
+
+/// `follow` through `agents`: every node traced by its own agent, stitched into one report.
+pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Duration) -> Result<Report> {
+    let t_start = Instant::now();
+    // Which node holds the source (its agent sends the probe) and which the destination.
+    let about = crate::agent::ask_each(agents, |node| format!("/v1/node?node={node}"), agent_timeout);
+    let mut missing = Vec::new();
+    let mut live: Vec<(usize, Vec<Ipv4Addr>)> = Vec::new();
+    for (i, answer) in about.into_iter().enumerate() {
+        let (node, addr) = &agents[i];
+        match answer {
+            Ok(v) => {
+                let pods = v["pods"].as_array().map(|a| a.iter().filter_map(|p| p["ip"].as_str()?.parse().ok()).collect()).unwrap_or_default();
+                live.push((i, pods));
+            }
+            Err(e) => missing.push(MissingAgent { node: node.clone(), agent: addr.to_string(), error: format!("{e:#}") }),
+        }
+    }
+    let holder = |ip: Ipv4Addr| live.iter().find(|(_, pods)| pods.contains(&ip)).map(|(i, _)| *i);
+    // The node whose agent sends the probe (none: every node watches for real traffic).
+    let source = holder(req.src).filter(|_| req.probe != ProbeKind::None);
+    if source.is_none() && req.probe != ProbeKind::None {
+        let asked: Vec<&str> = agents.iter().map(|(n, _)| n.as_str()).collect();
+        let silent: Vec<&str> = missing.iter().map(|m| m.node.as_str()).collect();
+        bail!(
+            "{} is a pod of none of the nodes whose agents answered ({}){}: the probe must start on the source's node",
+            req.src,
+            asked.join(", "),
+            if silent.is_empty() { String::new() } else { format!("; no answer from {}", silent.join(", ")) }
+        );
+    }
+    let pods_of: BTreeMap<usize, Vec<Ipv4Addr>> = live.iter().cloned().collect();
+    let icmp_id = (req.probe == ProbeKind::Icmp).then(crate::inject::new_icmp_id);
+    let mut path = format!("/v1/follow?src={}&dst={}&probe={}&count={}&timeout_ms={}", req.src, req.dst, req.probe, req.count, req.timeout.as_millis());
+    if let Some(s) = req.size {
+        path += &format!("&size={s}");
+    }
+    if let Some(id) = icmp_id {
+        path += &format!("&icmp_id={id}");
+    }
+    if req.opts.no_kprobes {
+        path += "&no_kprobes=1";
+    }
+    if req.opts.until_drop {
+        path += "&until_drop=1";
+    }
+
+    // Every watching node attaches first; then the source's agent, which sends the probe once attached.
+    let (tx, rx) = mpsc::channel::<(usize, Msg)>();
+    let mut streams: BTreeMap<usize, Stream> = BTreeMap::new();
+    let mut done: BTreeMap<usize, Part> = BTreeMap::new();
+    let fail = |i: usize, e: String, missing: &mut Vec<MissingAgent>| {
+        missing.push(MissingAgent { node: agents[i].0.clone(), agent: agents[i].1.to_string(), error: e });
+    };
+    let order: Vec<usize> = live.iter().map(|(i, _)| *i).filter(|i| Some(*i) != source).chain(source).collect();
+    for &i in &order {
+        let (node, addr) = &agents[i];
+        let stream = match Stream::open(i, addr, &format!("{path}&node={node}"), tx.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                fail(i, format!("{e:#}"), &mut missing);
+                continue;
+            }
+        };
+        streams.insert(i, stream);
+        // Its probes attached (or its failure) before the next: the source's comes last.
+        let deadline = Instant::now() + agent_timeout;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((j, Msg::Ready)) if j == i => break,
+                Ok((j, Msg::Final(p))) => {
+                    done.insert(j, *p);
+                    if j == i {
+                        break;
+                    }
+                }
+                Ok((j, Msg::Failed(e))) => {
+                    streams.remove(&j);
+                    fail(j, e, &mut missing);
+                    if j == i {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    streams.remove(&i);
+                    fail(i, format!("its probes were not attached within {:.1} s", agent_timeout.as_secs_f64()), &mut missing);
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(s) = source {
+        if !streams.contains_key(&s) && !done.contains_key(&s) {
+            let why = missing.iter().find(|m| m.node == agents[s].0).map(|m| m.error.clone()).unwrap_or_default();
+            for st in streams.values() {
+                st.stop();
+            }
+            bail!("the source's node {} could not trace: {why}", agents[s].0);
+        }
+    }
+    // The trace runs. The source's verdict, or a drop any node saw, ends it for every node.
+    let deadline = Instant::now() + req.timeout + agent_timeout + Duration::from_secs(1);
+    let mut stopping = false;
+    while done.len() + missing_among(&missing, agents, &order) < order.len() {
+        let Ok((j, msg)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            for (i, _) in streams.iter().filter(|(i, _)| !done.contains_key(i)) {
+                fail(*i, "stopped answering during the trace (nothing of this node is in it)".into(), &mut missing);
+            }
+            break;
+        };
+        match msg {
+            Msg::Ready => {}
+            Msg::Final(p) => {
+                let ends = Some(j) == source || p.report.verdict.verdict == Outcome::Dropped;
+                done.insert(j, *p);
+                if ends && !stopping {
+                    stopping = true;
+                    for (i, st) in &streams {
+                        if !done.contains_key(i) {
+                            st.stop();
+                        }
+                    }
+                }
+            }
+            Msg::Failed(e) => {
+                if !done.contains_key(&j) {
+                    fail(j, format!("stopped answering during the trace: {e}"), &mut missing);
+                }
+            }
+        }
+    }
+    for st in streams.values() {
+        st.stop();
+    }
+    if done.is_empty() {
+        bail!("no agent returned a trace: {}", missing.iter().map(|m| format!("{}: {}", m.node, m.error)).collect::<Vec<_>>().join("; "));
+    }
+    let parts: Vec<(usize, Part)> = done.into_iter().collect();
+    let mut report = stitch(parts, source, &pods_of, agents, req)?;
+    if let Some(s) = report.stitched.as_mut() {
+        s.missing = missing;
+    }
+    report.elapsed_ms = t_start.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+fn missing_among(missing: &[MissingAgent], agents: &[(String, Addr)], order: &[usize]) -> usize {
+    order.iter().filter(|i| missing.iter().any(|m| m.node == agents[**i].0)).count()
+}
+
+/// One report from the nodes' parts: events placed on the source node's clock, the nodes' states
+/// merged, diagnosed as a recording is.
+fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeMap<usize, Vec<Ipv4Addr>>, agents: &[(String, Addr)], req: &FollowRequest) -> Result<Report> {
+    // The reference clock: the source's node (or the first that answered, for a passive trace).
+    let r = parts.iter().position(|(i, _)| Some(*i) == source).unwrap_or(0);
+    parts.swap(0, r);
+    let placed = place(&parts.iter().map(|(i, p)| (p, pods_of.get(i).map(Vec::as_slice).unwrap_or(&[]))).collect::<Vec<_>>());
+    let mut shares = Vec::new();
+    let mut events: Vec<TraceEvent> = Vec::new();
+    let mut shifted: Vec<Vec<(i128, TraceEvent)>> = Vec::new();
+    for (k, ((i, p), (offset, clock))) in parts.iter().zip(&placed).enumerate() {
+        let same_kernel = p.boot_id == parts[0].1.boot_id && !p.boot_id.is_empty();
+        shifted.push(
+            p.recording
+                .events
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    // Another kernel's socket buffers are other objects, whatever their address.
+                    if !same_kernel {
+                        e.skb ^= (k as u64) << 48;
+                    }
+                    (e.t_ns as i128 + *offset as i128, e)
+                })
+                .collect(),
+        );
+        shares.push(NodeShare {
+            node: p.node.clone(),
+            agent: agents[*i].1.to_string(),
+            role: if Some(*i) == source { "sent the probe" } else { "watched" },
+            events: p.recording.events.len(),
+            offset_ns: *offset,
+            clock: clock.clone(),
+        });
+    }
+    let min = shifted.iter().flatten().map(|(t, _)| *t).min().unwrap_or(0).min(0);
+    for list in shifted {
+        events.extend(list.into_iter().map(|(t, mut e)| {
+            e.t_ns = (t - min) as u64;
+            e
+        }));
+    }
+    events.sort_by_key(|e| e.t_ns);
+
+    let first = &parts[0].1;
+    let mut states: States = first.recording.states.clone();
+    for (_, p) in &parts[1..] {
+        let s = &p.recording.states;
+        states.by_inode.extend(s.by_inode.clone());
+        states.rules_before.extend(s.rules_before.clone());
+        states.names.extend(s.names.clone());
+        if states.src_pod == 0 && s.src_pod != 0 {
+            (states.src_pod, states.src_node, states.src_host_veth, states.src_name) = (s.src_pod, s.src_node, s.src_host_veth, s.src_name.clone());
+        }
+        if states.dst_pod.is_none() && s.dst_pod.is_some() {
+            (states.dst_pod, states.dst_node, states.dst_host_veth, states.dst_name) = (s.dst_pod, s.dst_node, s.dst_host_veth, s.dst_name.clone());
+        }
+        if states.service.is_none() {
+            states.service = s.service.clone();
+        }
+    }
+    if states.cluster.is_none() {
+        states.cluster = req.cluster.clone();
+    }
+    let recording = Recording {
+        events,
+        probe: first.recording.probe.clone(),
+        states,
+        arp_unanswered: parts.iter().find_map(|(_, p)| p.recording.arp_unanswered.clone()),
+        t0_unix_ns: first.recording.t0_unix_ns.map(|t| (t as i128 + min) as u64),
+        t0_mono_ns: first.recording.t0_mono_ns.map(|t| (t as i128 + min) as u64),
+    };
+    let mut verdict = recording.replay();
+    // What a node's kernel could not give is said by its own agent for its own drop.
+    if let Some(f) = &verdict.function {
+        if let Some((_, p)) = parts.iter().find(|(_, p)| p.report.verdict.function.as_ref() == Some(f)) {
+            verdict.missing = p.report.verdict.missing.clone();
+        }
+    }
+    let died_on = (verdict.verdict == Outcome::Dropped)
+        .then(|| verdict.netns.as_ref())
+        .flatten()
+        .and_then(|w| parts.iter().find(|(_, p)| p.namespaces.contains(w) || p.recording.events.iter().any(|e| &e.where_ == w)))
+        .map(|(_, p)| p.node.clone());
+    // The pair as the nodes that hold them see it.
+    let holds = |ep: &Endpoint| ep.local().is_some_and(|l| l.node.is_some());
+    let src = parts.iter().map(|(_, p)| &p.report.src).find(|e| holds(e)).unwrap_or(&first.report.src).clone();
+    let dst = parts.iter().map(|(_, p)| &p.report.dst).find(|e| holds(e)).unwrap_or(&first.report.dst).clone();
+    let mut counters = Counters::default();
+    for (_, p) in &parts {
+        counters.matched += p.report.counters.matched;
+        counters.emitted += p.report.counters.emitted;
+        counters.lost += p.report.counters.lost;
+        counters.counted_only += p.report.counters.counted_only;
+    }
+    let trace = Trace::build(recording.events.clone());
+    Ok(Report {
+        src,
+        dst,
+        trace,
+        verdict,
+        counters,
+        hooks: first.report.hooks.clone(),
+        probe: recording.probe.clone(),
+        states: recording.states,
+        elapsed_ms: 0,
+        ready_ms: parts.iter().map(|(_, p)| p.report.ready_ms).max().unwrap_or(0),
+        events_not_kept: parts.iter().map(|(_, p)| p.report.events_not_kept).sum(),
+        program_stats: Vec::new(),
+        peak_rss_kib: 0,
+        arp_unanswered: recording.arp_unanswered,
+        t0_unix_ns: recording.t0_unix_ns,
+        t0_mono_ns: recording.t0_mono_ns,
+        stitched: Some(Stitched { nodes: shares, missing: Vec::new(), died_on }),
+    })
+}
+
+/// Where each part's first event sits on the first part's clock (ns), and what placed it. `parts[k].1`:
+/// the addresses of the pods of that part's node.
+fn place(parts: &[(&Part, &[Ipv4Addr])]) -> Vec<(i64, String)> {
+    let Some((reference, _)) = parts.first() else { return Vec::new() };
+    let first_seen = |p: &Part| {
+        let mut m: BTreeMap<String, (u64, Ipv4Addr)> = BTreeMap::new();
+        for e in &p.recording.events {
+            if let Some(pk) = &e.packet {
+                m.entry(pk.key.clone()).or_insert((e.t_ns, pk.src));
+            }
+        }
+        m
+    };
+    let ref_seen = first_seen(reference);
+    let mut out = vec![(0, format!("the source's node ({})", reference.node))];
+    for (p, pods) in &parts[1..] {
+        let same_kernel = !p.boot_id.is_empty() && p.boot_id == reference.boot_id;
+        if same_kernel {
+            if let (Some(a), Some(b)) = (p.recording.t0_mono_ns, reference.recording.t0_mono_ns) {
+                out.push((a as i64 - b as i64, format!("one kernel with {} (monotonic clock)", reference.node)));
+                continue;
+            }
+        }
+        let wall = match (p.recording.t0_unix_ns, reference.recording.t0_unix_ns) {
+            (Some(a), Some(b)) => a as i64 - b as i64,
+            _ => 0,
+        };
+        // A packet is seen first on the node that holds its source address.
+        let (mut low, mut high) = (i64::MIN, i64::MAX);
+        for (key, (t, src)) in first_seen(p) {
+            let Some((t_ref, _)) = ref_seen.get(&key) else { continue };
+            let bound = *t_ref as i64 - t as i64;
+            if pods.contains(&src) {
+                high = high.min(bound);
+            } else if parts[0].1.contains(&src) {
+                low = low.max(bound);
+            }
+        }
+        let offset = wall.clamp(low.min(high), high.max(low));
+        let clock = if offset == wall { "wall clock (causality agrees)".to_string() } else { format!("wall clock, moved {} µs by causality", (offset - wall) / 1000) };
+        out.push((offset, clock));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(t: u64, key: &str, src: &str, dst: &str, where_: &str) -> TraceEvent {
+        serde_json::from_value(serde_json::json!({
+            "t_ns": t, "kind": "receive", "netns": 1, "where_": where_, "ifindex": 2, "ifname": "eth0", "cpu": 0, "skb": 1,
+            "packet": {"proto": "icmp", "src": src, "dst": dst, "what": "echo", "len": 84, "icmp_error": false, "key": key},
+        }))
+        .unwrap()
+    }
+
+    fn part(node: &str, boot: &str, mono: u64, unix: u64, events: Vec<TraceEvent>) -> Part {
+        serde_json::from_value(serde_json::json!({
+            "node": node, "boot_id": boot,
+            "report": {"src": {"Remote": "10.1.0.5"}, "dst": {"Remote": "10.1.1.7"}, "verdict": {"verdict": "delivered", "cause": null, "layer": null, "function": null, "reason": null, "ifname": null, "netns": null, "explanation": "", "facts": []},
+                       "counters": {"matched": 0, "emitted": 0, "lost": 0, "counted_only": 0}, "hooks": [], "ready_ms": 1, "events_not_kept": 0},
+            "recording": {"events": events, "probe": {"sent": 1, "answered": 1, "icmp_errors": [], "send_error": null, "sizes": [], "answered_each": []},
+                          "states": States::default(), "t0_unix_ns": unix, "t0_mono_ns": mono},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_kernel_places_nodes_by_its_monotonic_clock() {
+        let a = part("a", "boot-1", 1_000_000, 5_000_000, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "a")]);
+        let b = part("b", "boot-1", 1_250_000, 9_999_999_999, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "b")]);
+        let placed = place(&[(&a, &["10.1.0.5".parse().unwrap()]), (&b, &["10.1.1.7".parse().unwrap()])]);
+        assert_eq!(placed[1].0, 250_000, "the wall clocks do not matter on one kernel: {placed:?}");
+        assert!(placed[1].1.starts_with("one kernel with a"));
+    }
+
+    #[test]
+    fn across_kernels_causality_corrects_a_wall_clock_that_is_off() {
+        let src: Ipv4Addr = "10.1.0.5".parse().unwrap();
+        let dst: Ipv4Addr = "10.1.1.7".parse().unwrap();
+        // On a: the request leaves at 0, the reply arrives at 900 µs. On b (its first event = the request
+        // arriving): the reply leaves 400 µs after it. b's wall clock says it started 2 ms *before* a.
+        let a = part("a", "boot-a", 0, 10_000_000, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "a"), ev(900_000, "rep", "10.1.1.7", "10.1.0.5", "a")]);
+        let b = part("b", "boot-b", 0, 8_000_000, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "b"), ev(400_000, "rep", "10.1.1.7", "10.1.0.5", "b")]);
+        let placed = place(&[(&a, &[src]), (&b, &[dst])]);
+        // The request arrived after it left (offset ≥ 0), the reply left before it arrived (≤ 500 µs).
+        assert_eq!(placed[1].0, 0, "{placed:?}");
+        assert!(placed[1].1.contains("moved 2000 µs by causality"), "{placed:?}");
+        // A wall clock within the bounds is kept.
+        let b = part("b", "boot-b", 0, 10_300_000, b.recording.events.clone());
+        let placed = place(&[(&a, &[src]), (&b, &[dst])]);
+        assert_eq!(placed[1].0, 300_000);
+        assert!(placed[1].1.contains("causality agrees"));
+    }
+}
