@@ -121,6 +121,8 @@ tools! {
     /// Debian's python3 (with python3-venv, also in setup's list, for its venv module).
     PYTHON3 = "/usr/bin/python3", Apt("python3-minimal"), "setup: the virtme-ng venv";
     TIMEOUT = "timeout", Base("coreutils"), "bounds a VM's run";
+    /// In setup's venv (`CNITRACE_PY_BIN` names its bin folder for the tests).
+    KUBERNETES_VALIDATE = "kubernetes-validate", Pip("kubernetes-validate"), "tests: `cnitrace deploy`'s manifests against the Kubernetes API's schemas";
     NICE = "nice", Base("coreutils"), "the VMs yield to the host's own suite";
     MOUNT = "mount", Base("mount"), "bench: tracefs for bpftrace";
     SH = "sh", Base("dash"), "pipelines in setup and bench";

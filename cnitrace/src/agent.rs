@@ -20,7 +20,7 @@
 use std::{
     io::{Read, Write},
     os::unix::net::{UnixListener, UnixStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -28,27 +28,162 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-/// Where an agent listens.
+/// Where an agent listens: a Unix socket, or a loopback TCP port — in a cluster the agent's pod has its
+/// own network namespace, so its loopback is reached only through the API server's port-forward to that
+/// pod (who may trace a node is who may port-forward to its agent), never from the pod network.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Addr {
     Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
 }
 
 impl std::fmt::Display for Addr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Tcp(a) => write!(f, "tcp:{a}"),
         }
     }
 }
 
-/// `unix:PATH` (or a path alone).
+/// `unix:PATH` (or a path alone), or `tcp:127.0.0.1:PORT` (loopback only).
 pub fn parse_addr(s: &str) -> Result<Addr> {
+    if let Some(a) = s.strip_prefix("tcp:") {
+        let a: std::net::SocketAddr = a.parse().with_context(|| format!("{s:?} is not an agent address: tcp:127.0.0.1:PORT"))?;
+        if !a.ip().is_loopback() {
+            bail!("{s:?}: an agent listens on loopback only (tcp:127.0.0.1:PORT; reached through port-forward), never on an address the pod network reaches");
+        }
+        return Ok(Addr::Tcp(a));
+    }
     let path = s.strip_prefix("unix:").unwrap_or(s);
     if path.is_empty() || !path.starts_with('/') {
-        bail!("{s:?} is not an agent address: unix:/PATH (an absolute socket path)");
+        bail!("{s:?} is not an agent address: unix:/PATH (an absolute socket path) or tcp:127.0.0.1:PORT");
     }
     Ok(Addr::Unix(PathBuf::from(path)))
+}
+
+/// One connection to or from an agent.
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Conn {
+    pub fn connect(addr: &Addr) -> Result<Conn> {
+        Ok(match addr {
+            Addr::Unix(p) => Conn::Unix(UnixStream::connect(p).with_context(|| format!("connect to {addr}"))?),
+            Addr::Tcp(a) => Conn::Tcp(std::net::TcpStream::connect_timeout(a, Duration::from_secs(5)).with_context(|| format!("connect to {addr}"))?),
+        })
+    }
+    pub fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_nonblocking(on),
+            Conn::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// Where an agent listens, bound.
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket nobody answers on is an earlier agent's and is replaced; one that
+    /// answers is another agent's. The socket is the caller's only (mode 0600).
+    fn bind(addr: &Addr) -> Result<Listener> {
+        let l = match addr {
+            Addr::Tcp(a) => Listener::Tcp(std::net::TcpListener::bind(a).with_context(|| format!("listen on {addr}"))?),
+            Addr::Unix(path) => {
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !m.file_type().is_socket() {
+                        bail!("{} exists and is not a socket: not replacing it", path.display());
+                    }
+                    if UnixStream::connect(path).is_ok() {
+                        bail!("an agent already listens on unix:{}", path.display());
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let l = UnixListener::bind(path).with_context(|| format!("listen on unix:{}", path.display()))?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                Listener::Unix(l, path.clone())
+            }
+        };
+        match &l {
+            Listener::Unix(u, _) => u.set_nonblocking(true)?,
+            Listener::Tcp(t) => t.set_nonblocking(true)?,
+        }
+        Ok(l)
+    }
+
+    fn accept(&self) -> std::io::Result<Conn> {
+        match self {
+            Listener::Unix(u, _) => u.accept().map(|(c, _)| Conn::Unix(c)),
+            Listener::Tcp(t) => t.accept().map(|(c, _)| Conn::Tcp(c)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// `NODE=ADDR`.
@@ -87,8 +222,7 @@ pub fn ask_each(agents: &[(String, Addr)], path: impl Fn(&str) -> String + Sync,
 /// within `timeout`, an error it returned).
 pub fn get(addr: &Addr, path: &str, timeout: Duration) -> Result<Value> {
     let deadline = Instant::now() + timeout;
-    let Addr::Unix(sock) = addr;
-    let mut s = UnixStream::connect(sock).with_context(|| format!("connect to {addr}"))?;
+    let mut s = Conn::connect(addr)?;
     s.set_write_timeout(Some(timeout))?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: cnitrace-agent\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut buf = Vec::new();
@@ -160,9 +294,9 @@ pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// Serves `node` on the socket at `path` until SIGINT or SIGTERM. The node must be one of this host's
-/// (`check --node` finds it); the socket is the caller's only (mode 0600) and removed at the end.
-pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()> {
+/// Serves `node` at `addr` until SIGINT or SIGTERM. The node must be one of this host's (`check --node`
+/// finds it); a Unix socket is the caller's only (mode 0600) and removed at the end.
+pub fn serve(addr: &Addr, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()> {
     // The node is checked once before anything listens: an agent for a node it cannot see is a mistake.
     // It answers to the name it was given, the node's display name and its namespace's name.
     let first = crate::cli::check::report(Some(node), true, kube).with_context(|| format!("agent for node {node}"))?;
@@ -174,28 +308,12 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
     let Some(netns) = first.nodes.first().map(|n| n.netns.clone()) else { bail!("agent for node {node}: no such node on this host") };
     let node = &Node { names, netns };
     crate::sys::on_stop_signals(on_signal);
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !m.file_type().is_socket() {
-            bail!("{} exists and is not a socket: not replacing it", path.display());
-        }
-        // A socket nobody answers on is an earlier agent's; one that answers is another agent's.
-        if UnixStream::connect(path).is_ok() {
-            bail!("an agent already listens on unix:{}", path.display());
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path).with_context(|| format!("listen on unix:{}", path.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    listener.set_nonblocking(true)?;
-    eprintln!("cnitrace agent: node {}, listening on unix:{}", node.names[0], path.display());
+    let listener = Listener::bind(addr)?;
+    eprintln!("cnitrace agent: node {}, listening on {addr}", node.names[0]);
     let result = std::thread::scope(|s| -> Result<()> {
         while !STOP.load(Ordering::SeqCst) {
             match listener.accept() {
-                Ok((conn, _)) => {
+                Ok(conn) => {
                     s.spawn(move || {
                         let _ = conn.set_nonblocking(false);
                         let _ = handle(conn, node, kube);
@@ -207,11 +325,11 @@ pub fn serve(path: &Path, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
         }
         Ok(())
     });
-    let _ = std::fs::remove_file(path);
+    drop(listener);
     result
 }
 
-fn handle(mut conn: UnixStream, node: &Node, kube: &crate::k8s::KubeArgs) -> Result<()> {
+fn handle(mut conn: Conn, node: &Node, kube: &crate::k8s::KubeArgs) -> Result<()> {
     let names = &node.names;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let head = crate::sys::read_http_head(&mut conn);
@@ -284,7 +402,7 @@ fn follow_request(q: &[(&str, &str)]) -> Result<crate::follow::FollowRequest> {
 /// Runs one trace for the client on `conn`, limited to this node's namespaces, and streams it (see the
 /// module's protocol). The client stops it by shutting down its side of the connection; a client that
 /// goes away stops it the same way, and SIGTERM to the agent stops every trace in flight.
-fn follow_stream(mut conn: UnixStream, node: &Node, mut req: crate::follow::FollowRequest) -> Result<()> {
+fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequest) -> Result<()> {
     use std::sync::{mpsc, Arc};
     let (scope, pods) = match scope_of(&node.netns) {
         Ok(s) => s,
@@ -376,7 +494,7 @@ fn route(method: &str, path: &str, names: &[String], check: impl FnOnce(&str) ->
     }
 }
 
-fn respond(conn: &mut UnixStream, code: u16, body: &Value) -> Result<()> {
+fn respond(conn: &mut Conn, code: u16, body: &Value) -> Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
@@ -401,6 +519,10 @@ mod tests {
         assert_eq!(parse_addr("/run/a.sock").unwrap().to_string(), "unix:/run/a.sock");
         assert!(parse_addr("unix:relative").is_err());
         assert!(parse_addr("10.0.0.1:9000").is_err());
+        assert_eq!(parse_addr("tcp:127.0.0.1:7390").unwrap().to_string(), "tcp:127.0.0.1:7390");
+        let e = format!("{:#}", parse_addr("tcp:0.0.0.0:7390").unwrap_err());
+        assert!(e.contains("loopback only"), "{e}");
+        assert!(parse_addr("tcp:10.244.0.5:7390").is_err());
         assert_eq!(parse_agent("n1=unix:/s").unwrap(), ("n1".to_string(), Addr::Unix("/s".into())));
         assert!(parse_agent("unix:/s").is_err());
         assert!(parse_agent("=unix:/s").is_err());

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod deploy;
 pub mod event;
 pub mod exit;
 pub mod finding;

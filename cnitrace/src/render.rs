@@ -241,7 +241,7 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
     verdict_styled(&r.verdict, style, out)?;
     if let Some(s) = &r.stitched {
         if let Some(n) = &s.died_on {
-            writeln!(out, "  {}  {}", style.paint("node: ", BOLD), style.paint(n, BOLD))?;
+            writeln!(out, "  {} {}", style.paint("node:", BOLD), style.paint(n, BOLD))?;
         }
         for n in &s.nodes {
             writeln!(out, "  agent {} ({}): {}, {} events, clock: {}", n.node, n.agent, n.role, n.events, n.clock)?;

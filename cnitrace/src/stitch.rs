@@ -13,7 +13,6 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::Ipv4Addr,
-    os::unix::net::UnixStream,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -23,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    agent::Addr,
+    agent::{Addr, Conn},
     event::TraceEvent,
     finding::{ctx::States, Outcome},
     follow::{FollowRequest, Recording, Report},
@@ -97,13 +96,12 @@ enum Msg {
 /// One `/v1/follow` stream: its reader thread sends [`Msg`]s; `stop` shuts down our side (the agent
 /// ends its trace and sends what it has).
 struct Stream {
-    conn: UnixStream,
+    conn: Conn,
 }
 
 impl Stream {
     fn open(idx: usize, addr: &Addr, path: &str, tx: mpsc::Sender<(usize, Msg)>) -> Result<Stream> {
-        let Addr::Unix(sock) = addr;
-        let mut conn = UnixStream::connect(sock).with_context(|| format!("connect to {addr}"))?;
+        let mut conn = Conn::connect(addr)?;
         conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: cnitrace-agent\r\nConnection: close\r\n\r\n").as_bytes())?;
         let reader = conn.try_clone()?;
         let addr = addr.clone();
@@ -119,12 +117,12 @@ impl Stream {
     }
 
     fn stop(&self) {
-        let _ = self.conn.shutdown(std::net::Shutdown::Write);
+        self.conn.shutdown_write();
     }
 }
 
 /// Reads one agent's answer: the HTTP head, then a JSON object a line.
-fn read_stream(conn: UnixStream, addr: &Addr, mut send: impl FnMut(Msg)) -> Result<()> {
+fn read_stream(conn: Conn, addr: &Addr, mut send: impl FnMut(Msg)) -> Result<()> {
     let mut r = BufReader::new(conn);
     let mut status = String::new();
     r.read_line(&mut status).with_context(|| format!("read from {addr}"))?;

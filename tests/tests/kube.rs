@@ -363,3 +363,60 @@ fn check_names_an_expired_client_certificate() {
     assert!(f["what"].as_str().unwrap().contains("CN=system:node:gpu-worker-7") && f["what"].as_str().unwrap().contains("expired 2025-01-01"), "{f}");
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// kubernetes-validate from setup's venv (`CNITRACE_PY_BIN`, set by `cargo xtask test`; else the default
+/// cache folder), else from PATH.
+fn kubernetes_validate() -> std::process::Command {
+    let program = cnitrace_tools::KUBERNETES_VALIDATE.program;
+    let default_cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("cnitrace/vm/venv/bin"));
+    let dirs = std::env::var_os("CNITRACE_PY_BIN").map(PathBuf::from).into_iter().chain(default_cache);
+    match dirs.map(|d| d.join(program)).find(|p| p.exists()) {
+        Some(p) => std::process::Command::new(p),
+        None if on_path(program) => cnitrace_tools::KUBERNETES_VALIDATE.command(),
+        None => panic!("{program} is not installed: `cargo xtask setup` installs it (pip, into its venv)"),
+    }
+}
+
+/// `cnitrace deploy` prints manifests the Kubernetes API's own schemas accept (v1.32, strict: no field
+/// the API does not know), with another namespace and image too; `deploy/cnitrace.yaml` in the
+/// repository is exactly what this version prints; and `kubectl cnitrace deploy` is the same.
+#[test]
+fn deploy_prints_manifests_the_api_schemas_accept() {
+    let bin = cnitrace_tests::bin();
+    if !bin.exists() {
+        println!("SKIPPED deploy_prints_manifests_the_api_schemas_accept: no cnitrace binary at {}", bin.display());
+        return;
+    }
+    let dir = scratch("deploy");
+    let mut kinds = Vec::new();
+    for extra in [&[][..], &["--namespace", "node-tools", "--image", "registry.example.internal/cnitrace:dev"][..]] {
+        let out = std::process::Command::new(&bin).arg("deploy").args(extra).output().expect("cnitrace deploy");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let file = dir.join("deploy.yaml");
+        std::fs::write(&file, &out.stdout).unwrap();
+        let v = kubernetes_validate().args(["--strict", "-k", "1.32.0"]).arg(&file).output().expect("run kubernetes-validate");
+        let report = format!("{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        assert!(v.status.success(), "{extra:?}: {report}");
+        kinds = report.lines().filter(|l| l.contains(" passed for resource ")).map(|l| l.split(" resource ").nth(1).unwrap_or("").split('/').next().unwrap_or("").to_string()).collect();
+        if extra.is_empty() {
+            let committed = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/cnitrace.yaml")).expect("deploy/cnitrace.yaml");
+            assert!(committed == out.stdout, "deploy/cnitrace.yaml is not what this version prints: `cnitrace deploy > deploy/cnitrace.yaml`");
+        } else {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("registry.example.internal/cnitrace:dev"));
+        }
+    }
+    assert_eq!(kinds, ["namespace", "serviceaccount", "clusterrole", "clusterrolebinding", "role", "rolebinding", "daemonset"], "every object validated");
+    if on_path("kubectl") {
+        let plugins = dir.join("bin");
+        std::fs::create_dir_all(&plugins).unwrap();
+        let _ = std::fs::remove_file(plugins.join("kubectl-cnitrace"));
+        std::os::unix::fs::symlink(&bin, plugins.join("kubectl-cnitrace")).unwrap();
+        let path = format!("{}:{}", plugins.display(), std::env::var("PATH").unwrap_or_default());
+        let out = cnitrace_tools::KUBECTL.command().env("PATH", &path).args(["cnitrace", "deploy"]).output().expect("kubectl cnitrace deploy");
+        let direct = std::process::Command::new(&bin).arg("deploy").output().unwrap();
+        assert!(out.status.success() && out.stdout == direct.stdout, "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -33,6 +33,9 @@ pub const HOST_PACKAGES: &[&str] = &[
     // `follow --write` is read back by Wireshark's own dissectors (tshark; capinfos is wireshark-common's).
     "tshark",
     "wireshark-common",
+    // Setup's Python venv (kubernetes-validate for the deploy manifests; virtme-ng for the VMs).
+    "python3-minimal",
+    "python3-venv",
 ];
 /// What the kernel matrix's VMs need on the host: qemu (TCG), busybox (virtme-ng's initramfs), udev
 /// (virtme-ng's init), kmod (depmod for the extracted modules), file (virtme-ng reads the image's
@@ -44,8 +47,42 @@ pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "udev", 
 pub const BENCH_PACKAGES: &[&str] = &["linux-perf"];
 /// `cargo install`s: (crate, version). bpf-linker's LLVM feature is chosen at install time.
 pub const CARGO_INSTALLS: &[(&str, &str)] = &[("bpf-linker", "0.13.0"), ("virtiofsd", "1.14.0")];
-/// pip installs into the VM cache's venv: (package, version).
-pub const PIP_INSTALLS: &[(&str, &str)] = &[("virtme-ng", "1.42")];
+/// pip installs into setup's venv (in the VM cache folder): (package, version).
+pub const PIP_INSTALLS: &[(&str, &str)] = &[("virtme-ng", "1.42"), ("kubernetes-validate", "1.37.0")];
+/// Of PIP_INSTALLS, what the host's tests need (the rest: the VMs).
+pub const HOST_PIP: &[&str] = &["kubernetes-validate"];
+
+/// Setup's Python venv: its `bin` holds the programs of PIP_INSTALLS.
+pub fn venv() -> std::path::PathBuf {
+    crate::vm::cache_dir().join("venv")
+}
+
+/// pip-installs each of `pkgs` (of PIP_INSTALLS) whose program is not in the venv yet; true if any was.
+pub fn ensure_pip(pkgs: &[&str]) -> Result<bool> {
+    let mut did = false;
+    for pkg in pkgs {
+        let (_, version) = PIP_INSTALLS.iter().find(|(p, _)| p == pkg).with_context(|| format!("{pkg} is not in PIP_INSTALLS"))?;
+        let program = tools::ALL.iter().find(|t| matches!(t.source, cnitrace_tools::Source::Pip(p) if p == *pkg)).map(|t| t.program).unwrap_or(pkg);
+        if venv().join("bin").join(program).exists() {
+            continue;
+        }
+        std::fs::create_dir_all(crate::vm::cache_dir())?;
+        if !venv().join("bin/pip").exists() {
+            // Debian's python3 (python3-venv is in HOST_PACKAGES): the same on every machine of this kind.
+            if !tools::PYTHON3.command().args(["-m", "venv"]).arg(venv()).status().context("python3 -m venv")?.success() {
+                bail!("could not create a Python venv at {}", venv().display());
+            }
+        }
+        let spec = format!("{pkg}=={version}");
+        println!("setup: pip install {spec} into {}", venv().display());
+        let st = std::process::Command::new(venv().join("bin/pip")).args(["install", "-q", &spec]).status().context("run pip")?;
+        if !st.success() {
+            bail!("pip install {spec} failed");
+        }
+        did = true;
+    }
+    Ok(did)
+}
 
 pub fn cargo_version(krate: &str) -> &'static str {
     CARGO_INSTALLS.iter().find(|(k, _)| *k == krate).map(|(_, v)| *v).expect("a crate of CARGO_INSTALLS")
@@ -66,6 +103,7 @@ pub fn run(quiet_if_done: bool) -> Result<bool> {
         install_bpf_linker(&llvm)?;
         did = true;
     }
+    did |= ensure_pip(HOST_PIP)?;
     let linker = cargo_version("bpf-linker");
     // What the machine image must bring (setup cannot install it): said once, and the tests that need
     // it skip with the same reason.

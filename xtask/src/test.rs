@@ -40,6 +40,8 @@ pub fn run(o: Options) -> Result<()> {
     // The Kubernetes client against the test API server, the real kubectl, `kubectl cnitrace` (no
     // kernel needed: once, on the host, whatever the kernels asked for).
     std::env::set_var("CNITRACE_BIN", &bin);
+    // Setup's Python tools (kubernetes-validate) for the deploy manifests' test.
+    std::env::set_var("CNITRACE_PY_BIN", crate::setup::venv().join("bin"));
     crate::cargo(&["test", "--release", "-p", "cnitrace-tests", "--test", "kube"])?;
     // A snapshot of both binaries: a rebuild while a VM runs (minutes under emulation) must not change
     // what the guest executes.

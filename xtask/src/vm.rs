@@ -94,7 +94,7 @@ pub fn kernel(name: &str) -> Result<Kernel> {
 }
 
 fn venv() -> PathBuf {
-    cache_dir().join("venv")
+    crate::setup::venv()
 }
 
 fn virtiofsd_root() -> PathBuf {
@@ -117,24 +117,8 @@ fn ensure_runner() -> Result<bool> {
         }
         did = true;
     }
-    let vng = venv().join("bin").join(tools::VNG.program);
-    if vng.exists() {
-        return Ok(did);
-    }
-    std::fs::create_dir_all(cache_dir())?;
-    let (pkg, version) = crate::setup::PIP_INSTALLS.iter().find(|(p, _)| *p == "virtme-ng").expect("virtme-ng in PIP_INSTALLS");
-    let spec = format!("{pkg}=={version}");
-    println!("setup: {spec} into {}", venv().display());
-    // Debian's python3 (python3-venv is in VM_PACKAGES): the same on every machine of this kind.
-    if !tools::PYTHON3.command().args(["-m", "venv"]).arg(venv()).status().context("python3 -m venv")?.success() {
-        bail!("could not create a Python venv for virtme-ng at {}", venv().display());
-    }
-    let st = Command::new(venv().join("bin/pip")).args(["install", "-q", &spec]).status().context("run pip")?;
-    if !st.success() {
-        let _ = std::fs::remove_dir_all(venv());
-        bail!("pip install {spec} failed");
-    }
-    Ok(true)
+    did |= crate::setup::ensure_pip(&["virtme-ng"])?;
+    Ok(did)
 }
 
 /// Downloads and extracts the newest `linux-image-<line>.*-amd64` package of the kernel's suites.

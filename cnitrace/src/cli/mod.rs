@@ -47,9 +47,21 @@ enum Command {
         /// The node it answers for: its Kubernetes name, or its network namespace's name (the lab).
         #[arg(long, value_name = "NAME")]
         node: String,
-        /// Where it listens: unix:PATH.
+        /// Where it listens: unix:PATH, or tcp:127.0.0.1:PORT (loopback only: in its pod, reached
+        /// through the API server's port-forward).
         #[arg(long, value_name = "ADDR", default_value = "unix:/run/cnitrace/agent.sock")]
         listen: String,
+    },
+    /// Print the manifests that run an agent on every node (DaemonSet, its least-privilege RBAC, the
+    /// tracers' Role): `cnitrace deploy | kubectl apply -f -`; the same into `kubectl delete -f -`
+    /// removes them.
+    Deploy {
+        /// The namespace of the agents.
+        #[arg(long, default_value = "cnitrace")]
+        namespace: String,
+        /// The agents' image (this version's by default).
+        #[arg(long)]
+        image: Option<String>,
     },
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
     Replay {
@@ -116,6 +128,11 @@ pub fn main() -> ExitCode {
         Command::Watch(args) => watch::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
         Command::Agent { node, listen } => agent(&node, &listen, &cli.kube),
+        Command::Deploy { namespace, image } => {
+            let o = crate::deploy::Options { namespace, image: image.unwrap_or_else(crate::deploy::default_image) };
+            print!("{}", crate::deploy::render(&o));
+            Ok(exit::OK)
+        }
         Command::Replay { file, json, plan, write } => replay(&file, json, plan, write.as_deref()),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut std::io::stdout());
@@ -263,11 +280,7 @@ fn agent(node: &str, listen: &str, kube: &crate::k8s::KubeArgs) -> anyhow::Resul
     if !crate::sys::is_root() {
         anyhow::bail!("`cnitrace agent` needs root (it reads its node's namespaces, as `check` does)");
     }
-    let crate::agent::Addr::Unix(path) = crate::agent::parse_addr(listen)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    crate::agent::serve(&path, node, kube)?;
+    crate::agent::serve(&crate::agent::parse_addr(listen)?, node, kube)?;
     Ok(exit::OK)
 }
 
