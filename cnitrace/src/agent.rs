@@ -13,7 +13,8 @@
 //!   state, and its clock — or `{"error"}`. The agent sends the probe when the source is one of its pods;
 //!   otherwise it watches. The trace ends at its own verdict, at its timeout, or when the client shuts
 //!   down its side of the connection (or goes away): the probes are attached per request and detached
-//!   after it, so an idle agent has nothing in the kernel.
+//!   after it, so an idle agent has nothing in the kernel. With `hold=1` the probe waits, once attached,
+//!   for the client's line `go` (the CLI attaches every node at once and says go when all are ready).
 //!
 //! `follow` and `check` ask the agents; `fix` through them is still to come.
 
@@ -170,6 +171,19 @@ impl Listener {
         Ok(l)
     }
 
+    /// Sleeps until a connection waits or `timeout` passes (a signal ends it early): an idle agent wakes
+    /// up only to look at its stop flag.
+    fn wait(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let fd = match self {
+            Listener::Unix(u, _) => u.as_fd(),
+            Listener::Tcp(t) => t.as_fd(),
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::NONE));
+    }
+
     fn accept(&self) -> std::io::Result<Conn> {
         match self {
             Listener::Unix(u, _) => u.accept().map(|(c, _)| Conn::Unix(c)),
@@ -319,7 +333,7 @@ pub fn serve(addr: &Addr, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
                         let _ = handle(conn, node, kube);
                     });
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => listener.wait(Duration::from_millis(500)),
                 Err(e) => return Err(e).context("accept"),
             }
         }
@@ -386,6 +400,7 @@ fn follow_request(q: &[(&str, &str)]) -> Result<crate::follow::FollowRequest> {
         bail!("size must be at most 65000 bytes");
     }
     let icmp_id = get("icmp_id").map(|v| v.parse::<u16>().with_context(|| format!("icmp_id={v}"))).transpose()?;
+    let go = (get("hold") == Some("1")).then(|| std::sync::Arc::new(AtomicBool::new(false)));
     let dst_port = match probe {
         ProbeKind::Tcp(p) | ProbeKind::Udp(p) => Some(p),
         _ => None,
@@ -394,6 +409,7 @@ fn follow_request(q: &[(&str, &str)]) -> Result<crate::follow::FollowRequest> {
         no_kprobes: get("no_kprobes") == Some("1"),
         until_drop: get("until_drop") == Some("1"),
         icmp_id,
+        go,
         ..Default::default()
     };
     Ok(crate::follow::FollowRequest { src: addr("src")?, dst: addr("dst")?, dst_port, probe, count: count as u32, timeout, size, opts, cluster: None })
@@ -419,12 +435,22 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
     req.opts.stop = Some(stop.clone());
     req.opts.on_ready = Some(ready_tx);
     conn.set_read_timeout(None)?;
-    let mut watcher = conn.try_clone()?;
+    let watcher = conn.try_clone()?;
     {
+        // The client's side: a line `go` releases a held probe; its end (or the client's) stops the trace.
         let stop = stop.clone();
+        let go = req.opts.go.clone();
         std::thread::spawn(move || {
-            let mut b = [0u8; 64];
-            while matches!(watcher.read(&mut b), Ok(n) if n > 0) {}
+            let mut lines = std::io::BufReader::new(watcher);
+            let mut line = String::new();
+            while matches!(std::io::BufRead::read_line(&mut lines, &mut line), Ok(n) if n > 0) {
+                if line.trim() == "go" {
+                    if let Some(g) = &go {
+                        g.store(true, Ordering::SeqCst);
+                    }
+                }
+                line.clear();
+            }
             stop.store(true, Ordering::SeqCst);
         });
     }

@@ -81,6 +81,8 @@ pub struct FollowOptions {
     /// Told the milliseconds start-up took once the probes are attached (an agent says "ready" to the
     /// CLI that waits for every node's probes before the first packet is sent).
     pub on_ready: Option<std::sync::mpsc::Sender<u64>>,
+    /// Attached, the probe waits for this flag (the CLI says go once every node's agent is attached).
+    pub go: Option<Arc<AtomicBool>>,
 }
 
 /// What one node's tracer keeps: the namespaces of that node (see [`FollowOptions::scope`]).
@@ -423,6 +425,14 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
 
     let stop_probe = Arc::new(AtomicBool::new(false));
     let icmp_id = req.opts.icmp_id.unwrap_or_else(inject::new_icmp_id);
+    if let Some(go) = &req.opts.go {
+        // The ring holds what comes meanwhile (nothing of the pair: nobody probes yet).
+        let stopped = || INTERRUPTED.load(Ordering::SeqCst) || req.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let t = Instant::now();
+        while !go.load(Ordering::SeqCst) && !stopped() && t.elapsed() < req.timeout + Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     // Probe traffic on its own thread; the kernel's events are collected meanwhile.
     let sender = src.local().filter(|_| req.probe != ProbeKind::None).map(|l| {
         let mtu = resolver

@@ -199,50 +199,50 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
         path += "&until_drop=1";
     }
 
-    // Every watching node attaches first; then the source's agent, which sends the probe once attached.
+    // Every node attaches at once; the source's agent holds its probe until the CLI says go, once every
+    // node's probes are attached (a packet must not pass a node before it watches).
     let (tx, rx) = mpsc::channel::<(usize, Msg)>();
     let mut streams: BTreeMap<usize, Stream> = BTreeMap::new();
     let mut done: BTreeMap<usize, Part> = BTreeMap::new();
     let fail = |i: usize, e: String, missing: &mut Vec<MissingAgent>| {
         missing.push(MissingAgent { node: agents[i].0.clone(), agent: agents[i].1.to_string(), error: e });
     };
-    let order: Vec<usize> = live.iter().map(|(i, _)| *i).filter(|i| Some(*i) != source).chain(source).collect();
+    let order: Vec<usize> = live.iter().map(|(i, _)| *i).collect();
     for &i in &order {
         let (node, addr) = &agents[i];
-        let stream = match Stream::open(i, addr, &format!("{path}&node={node}"), tx.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                fail(i, format!("{e:#}"), &mut missing);
-                continue;
+        let hold = if Some(i) == source { "&hold=1" } else { "" };
+        match Stream::open(i, addr, &format!("{path}&node={node}{hold}"), tx.clone()) {
+            Ok(s) => {
+                streams.insert(i, s);
             }
-        };
-        streams.insert(i, stream);
-        // Its probes attached (or its failure) before the next: the source's comes last.
-        let deadline = Instant::now() + agent_timeout;
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((j, Msg::Ready)) if j == i => break,
-                Ok((j, Msg::Final(p))) => {
-                    done.insert(j, *p);
-                    if j == i {
-                        break;
+            Err(e) => fail(i, format!("{e:#}"), &mut missing),
+        }
+    }
+    let mut ready: Vec<usize> = Vec::new();
+    let deadline = Instant::now() + agent_timeout;
+    while streams.keys().any(|i| !ready.contains(i) && !done.contains_key(i)) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((j, Msg::Ready)) => ready.push(j),
+            Ok((j, Msg::Final(p))) => {
+                done.insert(j, *p);
+            }
+            Ok((j, Msg::Failed(e))) => {
+                streams.remove(&j);
+                fail(j, e, &mut missing);
+            }
+            Err(_) => {
+                let late: Vec<usize> = streams.keys().copied().filter(|i| !ready.contains(i) && !done.contains_key(i)).collect();
+                for i in late {
+                    if let Some(st) = streams.remove(&i) {
+                        st.stop();
                     }
-                }
-                Ok((j, Msg::Failed(e))) => {
-                    streams.remove(&j);
-                    fail(j, e, &mut missing);
-                    if j == i {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    streams.remove(&i);
                     fail(i, format!("its probes were not attached within {:.1} s", agent_timeout.as_secs_f64()), &mut missing);
-                    break;
                 }
             }
         }
+    }
+    if let Some(st) = source.and_then(|s| streams.get_mut(&s)) {
+        let _ = st.conn.write_all(b"go\n");
     }
     if let Some(s) = source {
         if !streams.contains_key(&s) && !done.contains_key(&s) {

@@ -186,8 +186,13 @@ impl Bench {
     }
 
     fn lab_up(&self, faults: &[&str]) -> Result<()> {
+        self.lab_up_with(faults, &[])
+    }
+
+    fn lab_up_with(&self, faults: &[&str], options: &[&str]) -> Result<()> {
         let _ = self.cnitrace(&["lab", "down"]);
         let mut args = vec!["lab", "up"];
+        args.extend_from_slice(options);
         for f in faults {
             args.extend_from_slice(&["--fault", f]);
         }
@@ -359,6 +364,7 @@ pub fn run(json_out: bool, quick: bool) -> Result<()> {
         stop_iperf_servers(&servers);
         let mut report = r?;
         report.as_object_mut().expect("object").extend(verdicts(&b)?.as_object().expect("object").clone());
+        report.as_object_mut().expect("object").extend(agents(&b, quick)?.as_object().expect("object").clone());
         Ok(report)
     })();
     let _ = b.cnitrace(&["lab", "down"]);
@@ -626,6 +632,106 @@ fn measure(b: &Bench) -> Result<Value> {
     Ok(out)
 }
 
+/// The lab's agents (`lab up --agents`): their pids, by the socket under the bench lab's state folder.
+fn agent_pids() -> Vec<u32> {
+    let socket = format!("unix:/run/cnitrace/lab/{PREFIX}/");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                        args.windows(2).any(|w| w[0] == b"--listen" && w[1].starts_with(socket.as_bytes()))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (CPU ticks used so far, resident KiB, open file descriptors) of `pid`.
+fn usage(pid: u32) -> (u64, u64, usize) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's closing parenthesis: state is field 3; utime and stime are 14 and 15.
+    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = rest.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + rest.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    (ticks, rss, fds)
+}
+
+/// The agents: what an idle one costs its node (CPU, memory: nothing is attached while nobody traces),
+/// and what stitching a trace from each node's agent adds to the time to verdict, against `follow` on
+/// the host (both nodes are one kernel in the lab: the same events either way).
+fn agents(b: &Bench, quick: bool) -> Result<Value> {
+    let mut per = serde_json::Map::new();
+    let mut worst_extra: f64 = 0.0;
+    let mut idle = json!({});
+    for (case, faults) in [("healthy", &[][..]), ("rp-filter-strict", &["rp-filter-strict"][..])] {
+        b.lab_up_with(faults, &["--agents"])?;
+        let pids = agent_pids();
+        if pids.len() != 2 {
+            bail!("lab up --agents: {} agents found, expected 2", pids.len());
+        }
+        if case == "healthy" {
+            // Idle: nobody traces.
+            let secs = if quick { 3.0 } else { 10.0 };
+            let before: Vec<_> = pids.iter().map(|p| usage(*p)).collect();
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            let after: Vec<_> = pids.iter().map(|p| usage(*p)).collect();
+            let ticks_per_s = 100.0; // USER_HZ on Linux
+            let cpu = before.iter().zip(&after).map(|(a, z)| (z.0 - a.0) as f64 / ticks_per_s / secs * 100.0).fold(0.0, f64::max);
+            let rss = after.iter().map(|u| u.1).max().unwrap_or(0);
+            idle = json!({ "agent_idle_cpu_pct": (cpu * 100.0).round() / 100.0, "agent_idle_rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0, "agent_idle_fds": after.iter().map(|u| u.2).max() });
+        }
+        let agent_args: Vec<String> =
+            ["storagenodet3500", "storagenodet3501"].iter().map(|n| format!("--agent={n}=unix:/run/cnitrace/lab/{PREFIX}/agent-{n}.sock")).collect();
+        let mut timed = |extra: &[&str]| -> Result<(f64, Value)> {
+            let mut args = vec!["follow", DEBUG, WEB, "--json", "--timeout", "2"];
+            args.extend_from_slice(extra);
+            let t0 = Instant::now();
+            let out = b.cnitrace(&args)?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let v: Value = String::from_utf8_lossy(&out.stdout).lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+            Ok((ms, v))
+        };
+        // The caches warm once, then interleaved.
+        timed(&[])?;
+        let (mut here, mut through) = (Vec::new(), Vec::new());
+        let mut verdicts = (Value::Null, Value::Null);
+        for _ in 0..if quick { 2 } else { 5 } {
+            let (ms, v) = timed(&[])?;
+            here.push(ms);
+            verdicts.0 = v["cause"].clone();
+            let a: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+            let (ms, v) = timed(&a)?;
+            through.push(ms);
+            verdicts.1 = v["cause"].clone();
+        }
+        let extra = median(&through) - median(&here);
+        worst_extra = worst_extra.max(extra);
+        let after: Vec<_> = pids.iter().map(|p| usage(*p)).collect();
+        per.insert(
+            case.into(),
+            json!({
+                "host_ms": median(&here).round(), "agents_ms": median(&through).round(), "extra_ms": extra.round(),
+                "cause_host": verdicts.0, "cause_agents": verdicts.1,
+                "agent_rss_mib_after": (after.iter().map(|u| u.1).max().unwrap_or(0) as f64 / 1024.0 * 10.0).round() / 10.0,
+                "agent_fds_after": after.iter().map(|u| u.2).max(),
+            }),
+        );
+    }
+    let mut out = json!({ "stitched": per, "stitched_extra_ms": worst_extra.round() });
+    out.as_object_mut().expect("object").extend(idle.as_object().expect("object").clone());
+    Ok(out)
+}
+
 /// Time to verdict for every lab fault, and `fix --auto` end to end.
 fn verdicts(b: &Bench) -> Result<Value> {
     let list = b.cnitrace(&["lab", "list", "--json"])?;
@@ -712,6 +818,9 @@ fn print_table(r: &Value) {
         ("ready_ms", "≤ 200"),
         ("verdict_ms_max", "≤ 1000"),
         ("fix_ms", "≤ 3000"),
+        ("agent_idle_cpu_pct", "an idle agent: % of one core (nothing attached)"),
+        ("agent_idle_rss_mib", "an idle agent's resident memory"),
+        ("stitched_extra_ms", "time to verdict through the agents − on the host"),
         ("events_per_s_lossless", "≥ 1000000"),
         ("lost_accounted", "true"),
         ("rss_mib", "≤ 32"),
@@ -723,6 +832,7 @@ fn print_table(r: &Value) {
     for (k, v) in r["verdict_ms"].as_object().into_iter().flatten() {
         println!("  {k:<28} {:>6}  {} {}", v["ms"], v["cause"], v["reason"]);
     }
+    println!("\nthrough the agents (median ms): {}", r["stitched"]);
     println!("\nkernel ns per program run:");
     for (k, v) in r["kernel_ns_per_run"].as_object().into_iter().flatten() {
         println!("  {k:<22} {v}");
