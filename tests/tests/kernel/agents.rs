@@ -234,3 +234,36 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("agent {n1} (unix:")) && text.contains("NOT TRACED"), "{text}");
 }
+
+/// An agent on a loopback TCP port (as in its pod, reached through port-forward): the same answers as on a
+/// Unix socket; an address the pod network could reach is refused before anything listens.
+#[test]
+fn an_agent_on_loopback_tcp_answers_and_one_on_another_address_does_not_start() {
+    if !can_run_kernel_tests("an_agent_on_loopback_tcp_answers_and_one_on_another_address_does_not_start") {
+        return;
+    }
+    let g = LabGuard::up(&["ip-forward-off"]);
+    let n0 = topology::NODES[0].name;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let child = Command::new(bin()).args(["agent", "--node", n0, "--listen", &addr]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start cnitrace agent");
+    let _agent = Agent(child);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, v) = check_json(&["--agent", &format!("{n0}={addr}")]);
+    assert_eq!(code, 1, "{v}");
+    assert!(v["agents_missing"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["nodes"][0]["node"], n0, "{v}");
+    assert!(v["nodes"][0]["findings"].as_array().unwrap().iter().any(|f| f["cause"] == "ip-forward-disabled"), "{v}");
+    // A trace through it: node 0's agent alone sees the pair on its own node.
+    let (code, _, verdict) = follow_events(&cnitrace_tests::pod_ip("debug"), &cnitrace_tests::pod_ip("jellyfin"), &["--timeout", "2", "--agent", &format!("{n0}={addr}")]);
+    assert_eq!((code, &verdict["verdict"]), (0, &Value::from("delivered")), "{verdict}");
+    for bad in ["tcp:0.0.0.0:7390", "tcp:10.244.0.1:7390"] {
+        let out = cnitrace(&["agent", "--node", n0, "--listen", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    drop(g);
+}
