@@ -793,6 +793,12 @@ impl Recording {
 
     /// Diagnoses the recorded trace and state again.
     pub fn replay(&self) -> Verdict {
+        self.diagnose().1
+    }
+
+    /// The timeline built from the recorded events (a Service's endpoint marked as follow marks it) and
+    /// its verdict.
+    pub fn diagnose(&self) -> (Trace, Verdict) {
         let mut trace = Trace::build(self.events.clone());
         if let Some(sp) = &self.states.service {
             crate::service::chosen(sp, &mut trace);
@@ -801,7 +807,7 @@ impl Recording {
         if let Some(a) = &self.arp_unanswered {
             a.annotate(&mut v);
         }
-        v
+        (trace, v)
     }
 
     /// The fix plan for the recorded verdict (nothing is applied).

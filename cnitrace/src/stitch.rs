@@ -27,7 +27,6 @@ use crate::{
     finding::{ctx::States, Outcome},
     follow::{FollowRequest, Recording, Report},
     inject::ProbeKind,
-    path::Trace,
     probe::{Counters, HookStatus},
     resolve::Endpoint,
 };
@@ -375,7 +374,7 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
         t0_unix_ns: first.recording.t0_unix_ns.map(|t| (t as i128 + min) as u64),
         t0_mono_ns: first.recording.t0_mono_ns.map(|t| (t as i128 + min) as u64),
     };
-    let mut verdict = recording.replay();
+    let (trace, mut verdict) = recording.diagnose();
     // What a node's kernel could not give is said by its own agent for its own drop.
     if let Some(f) = &verdict.function {
         if let Some((_, p)) = parts.iter().find(|(_, p)| p.report.verdict.function.as_ref() == Some(f)) {
@@ -398,7 +397,6 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
         counters.lost += p.report.counters.lost;
         counters.counted_only += p.report.counters.counted_only;
     }
-    let trace = Trace::build(recording.events.clone());
     Ok(Report {
         src,
         dst,
