@@ -16,12 +16,15 @@
 //!   after it, so an idle agent has nothing in the kernel. With `hold=1` the probe waits, once attached,
 //!   for the client's line `go` (the CLI attaches every node at once and says go when all are ready).
 //!
-//! `follow` and `check` ask the agents; `fix` through them is still to come.
+//! - `GET /v1/fixes` → the node's fix journal; `POST /v1/rollback[?id=ID]` → one of its fixes undone.
+//! - `POST /v1/fix` → one fix on this node, a JSON object a line each way ([`crate::fix::session`]):
+//!   the CLI sends the steps of the remedy it diagnosed, the agent journals and applies them on its node
+//!   (its own namespaces only), checks its paths, and keeps the fix only when the CLI says so.
 
 use std::{
     io::{Read, Write},
     os::unix::net::{UnixListener, UnixStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -235,10 +238,15 @@ pub fn ask_each(agents: &[(String, Addr)], path: impl Fn(&str) -> String + Sync,
 /// One request to one agent: the JSON it answered, or why there is none (not listening, no answer
 /// within `timeout`, an error it returned).
 pub fn get(addr: &Addr, path: &str, timeout: Duration) -> Result<Value> {
+    request(addr, "GET", path, timeout)
+}
+
+/// [`get`] with another method (`POST /v1/rollback`).
+pub fn request(addr: &Addr, method: &str, path: &str, timeout: Duration) -> Result<Value> {
     let deadline = Instant::now() + timeout;
     let mut s = Conn::connect(addr)?;
     s.set_write_timeout(Some(timeout))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: cnitrace-agent\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: cnitrace-agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -280,11 +288,18 @@ extern "C" fn on_signal(_: libc::c_int) {
 struct Node {
     names: Vec<String>,
     netns: String,
+    /// Where the fixes on this node are journaled.
+    state_dir: PathBuf,
 }
 
 /// The namespaces of the node whose namespace is called `netns` now — its own and its pods' (pods come
 /// and go: read for each request) — and its pods' addresses and names.
 pub fn scope_of(netns: &str) -> Result<(crate::follow::Scope, Vec<(std::net::Ipv4Addr, String)>)> {
+    node_scope(netns).map(|(s, pods, _)| (s, pods))
+}
+
+/// [`scope_of`] and the node's own namespace inode.
+fn node_scope(netns: &str) -> Result<(crate::follow::Scope, Vec<(std::net::Ipv4Addr, String)>, u32)> {
     let resolver = crate::resolve::HostResolver::scan()?;
     let Some(node) = resolver.spaces().iter().map(|(ns, _)| ns).find(|ns| ns.name == netns) else {
         bail!("this node's network namespace {netns} is gone");
@@ -300,7 +315,7 @@ pub fn scope_of(netns: &str) -> Result<(crate::follow::Scope, Vec<(std::net::Ipv
         pods.push((p.ip, p.display));
     }
     pods.sort();
-    Ok((scope, pods))
+    Ok((scope, pods, node.inode))
 }
 
 /// The running kernel's boot id: two agents that report the same one trace with one clock.
@@ -310,7 +325,7 @@ pub fn boot_id() -> String {
 
 /// Serves `node` at `addr` until SIGINT or SIGTERM. The node must be one of this host's (`check --node`
 /// finds it); a Unix socket is the caller's only (mode 0600) and removed at the end.
-pub fn serve(addr: &Addr, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()> {
+pub fn serve(addr: &Addr, node: &str, state_dir: &Path, kube: &crate::k8s::KubeArgs) -> Result<()> {
     // The node is checked once before anything listens: an agent for a node it cannot see is a mistake.
     // It answers to the name it was given, the node's display name and its namespace's name.
     let first = crate::cli::check::report(Some(node), true, kube).with_context(|| format!("agent for node {node}"))?;
@@ -320,10 +335,15 @@ pub fn serve(addr: &Addr, node: &str, kube: &crate::k8s::KubeArgs) -> Result<()>
     }
     names.dedup();
     let Some(netns) = first.nodes.first().map(|n| n.netns.clone()) else { bail!("agent for node {node}: no such node on this host") };
-    let node = &Node { names, netns };
+    let node = &Node { names, netns, state_dir: state_dir.to_path_buf() };
     crate::sys::on_stop_signals(on_signal);
     let listener = Listener::bind(addr)?;
-    eprintln!("cnitrace agent: node {}, listening on {addr}", node.names[0]);
+    // Only one agent serves a node (the socket says so): a fix still in progress in the journal is one
+    // an earlier agent never saw verified.
+    for line in crate::fix::session::recover(state_dir) {
+        eprintln!("cnitrace agent: {line}");
+    }
+    eprintln!("cnitrace agent: node {}, listening on {addr}, journal in {}", node.names[0], state_dir.display());
     let result = std::thread::scope(|s| -> Result<()> {
         while !STOP.load(Ordering::SeqCst) {
             match listener.accept() {
@@ -349,10 +369,33 @@ fn handle(mut conn: Conn, node: &Node, kube: &crate::k8s::KubeArgs) -> Result<()
     let head = crate::sys::read_http_head(&mut conn);
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let (method, path) = match req.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string()),
+    let (method, path, body_start) = match req.parse(&head) {
+        Ok(httparse::Status::Complete(n)) => (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string(), n),
         _ => return respond(&mut conn, 400, &json!({"error": "not an HTTP request"})),
     };
+    if method == "POST" {
+        let q = query(&path);
+        if let Some(other) = q.iter().find(|(k, _)| *k == "node").map(|(_, v)| *v).filter(|n| !names.iter().any(|x| x == n)) {
+            return respond(&mut conn, 403, &json!({"error": format!("this agent serves node {} only, not {other}", names[0])}));
+        }
+        match path.split('?').next() {
+            Some("/v1/fix") => return fix_session(conn, node, head[body_start..].to_vec()),
+            Some("/v1/rollback") => {
+                let id = q.iter().find(|(k, _)| *k == "id").map(|(_, v)| *v);
+                return match crate::fix::session::rollback(&node.state_dir, id) {
+                    Ok(v) => respond(&mut conn, 200, &v),
+                    Err(e) => respond(&mut conn, 500, &json!({"error": format!("{e:#}")})),
+                };
+            }
+            _ => {}
+        }
+    }
+    if method == "GET" && path.split('?').next() == Some("/v1/fixes") {
+        return match crate::fix::session::history(&node.state_dir) {
+            Ok(v) => respond(&mut conn, 200, &v),
+            Err(e) => respond(&mut conn, 500, &json!({"error": format!("{e:#}")})),
+        };
+    }
     if method == "GET" && path.split('?').next() == Some("/v1/follow") {
         let q = query(&path);
         if let Some(other) = q.iter().find(|(k, _)| *k == "node").map(|(_, v)| *v).filter(|n| !names.iter().any(|x| x == n)) {
@@ -431,6 +474,7 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel();
     let namespaces = scope.names.clone();
+    let inodes = scope.inodes.clone();
     req.opts.scope = Some(scope);
     req.opts.stop = Some(stop.clone());
     req.opts.on_ready = Some(ready_tx);
@@ -474,6 +518,7 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
             "node": node.names[0],
             "boot_id": boot_id(),
             "namespaces": namespaces,
+            "inodes": inodes,
             "report": {
                 "src": report.src,
                 "dst": report.dst,
@@ -493,6 +538,19 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
     writeln!(conn, "{last}")?;
     conn.flush()?;
     Ok(())
+}
+
+/// One fix on this node for the CLI on `conn` (see [`crate::fix::session`]); `early` is what came after
+/// the request's head in its first read.
+fn fix_session(conn: Conn, node: &Node, early: Vec<u8>) -> Result<()> {
+    let mut w = conn.try_clone()?;
+    w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")?;
+    w.flush()?;
+    // Short reads, so a stopped agent rolls back without waiting for the CLI's next word.
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut wire = crate::fix::session::Lines::new(std::io::BufReader::new(std::io::Cursor::new(early).chain(conn)), w);
+    let scope = || node_scope(&node.netns).map(|(s, _, inode)| (s, inode));
+    crate::fix::session::serve(&mut wire, &scope, &node.state_dir, &STOP)
 }
 
 /// What the agent of the node called `names` (the first as it was started) answers to `method path`;
@@ -516,7 +574,7 @@ fn route(method: &str, path: &str, names: &[String], check: impl FnOnce(&str) ->
             Ok(v) => (200, v),
             Err(e) => (500, json!({"error": format!("{e:#}")})),
         },
-        _ => (404, json!({"error": format!("no {p} here: /v1/node, /v1/check, /v1/follow")})),
+        _ => (404, json!({"error": format!("no {p} here: GET /v1/node, /v1/check, /v1/follow, /v1/fixes; POST /v1/fix, /v1/rollback")})),
     }
 }
 

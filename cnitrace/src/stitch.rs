@@ -40,6 +40,9 @@ struct Part {
     /// What its namespaces are called: the node's name and its pods'.
     #[serde(default)]
     namespaces: Vec<String>,
+    /// Their namespace inodes, as its kernel numbers them.
+    #[serde(default)]
+    inodes: Vec<u32>,
     report: PartReport,
     recording: Recording,
 }
@@ -76,6 +79,10 @@ pub struct NodeShare {
     pub offset_ns: i64,
     /// What placed it: "one kernel with NODE", "wall clock", "wall clock, moved N ns by causality".
     pub clock: String,
+    /// The namespaces it answers for (inodes of the stitched trace): a fix's action in one of them is
+    /// this node's to apply.
+    #[serde(skip)]
+    pub inodes: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -335,6 +342,7 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
             events: p.recording.events.len(),
             offset_ns: *offset,
             clock: clock.clone(),
+            inodes: p.inodes.clone(),
         });
     }
     let min = shifted.iter().flatten().map(|(t, _)| *t).min().unwrap_or(0).min(0);

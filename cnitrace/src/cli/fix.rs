@@ -33,6 +33,14 @@ pub struct FixArgs {
     /// Where the journal lives (default /var/lib/cnitrace, or $CNITRACE_STATE_DIR).
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
+    /// Fix through the agent of NODE (`cnitrace agent`) at ADDR; repeat for every node. The pair is traced
+    /// across the nodes, each step is applied and journaled on the node whose namespace it changes, and
+    /// --history / --rollback reach those journals.
+    #[arg(long = "agent", value_name = "NODE=ADDR")]
+    agents: Vec<String>,
+    /// Seconds an agent may take to answer and to attach its probes.
+    #[arg(long, default_value = "10", value_name = "SECS")]
+    agent_timeout: f64,
     /// Seconds each trace waits for an answer or a drop.
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = super::trace_timeout)]
     timeout: Duration,
@@ -41,6 +49,10 @@ pub struct FixArgs {
 pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     let state_dir = journal::state_dir(args.journal_dir.as_deref());
     let mut out = std::io::stdout().lock();
+    let agents: Vec<(String, crate::agent::Addr)> = args.agents.iter().map(|a| crate::agent::parse_agent(a)).collect::<Result<_>>()?;
+    if !agents.is_empty() {
+        return through_agents(args, &agents, kube, &mut out);
+    }
     if args.history {
         return fix::history(&state_dir, &mut out);
     }
@@ -92,4 +104,42 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
         cluster,
     };
     fix::run(&req, &mut out)
+}
+
+/// `fix … --agent NODE=ADDR…`: the agents need root on their nodes; this CLI only reaches their sockets.
+fn through_agents(args: FixArgs, agents: &[(String, crate::agent::Addr)], kube: &crate::k8s::KubeArgs, out: &mut dyn std::io::Write) -> Result<u8> {
+    let timeout = Duration::from_secs_f64(args.agent_timeout.max(0.1));
+    if args.journal_dir.is_some() || args.cluster || args.confirm_timeout.is_some() {
+        bail!("--journal-dir, --cluster and --confirm-timeout are for a fix on this host, not through agents (each node journals its own part)");
+    }
+    if args.history {
+        return crate::fix::remote::history(agents, timeout, out);
+    }
+    if let Some(id) = &args.rollback {
+        return crate::fix::remote::rollback(agents, (!id.is_empty()).then_some(id.as_str()), timeout, out);
+    }
+    let (Some(s), Some(d)) = (&args.src, &args.dst) else { bail!("through agents, give the pair: cnitrace fix SRC DST --agent NODE=ADDR…") };
+    let (d, port) = super::split_port(d)?;
+    let p = super::pair::resolve(s, d, kube)?;
+    if p.src == p.dst {
+        bail!("source and destination are the same address ({})", p.src);
+    }
+    let mode = if args.auto {
+        Mode::Auto
+    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        Mode::Ask
+    } else {
+        Mode::DryRun
+    };
+    let req = FixRequest {
+        pair: Some((p.src, p.dst)),
+        dst_port: port.or(p.dst_port),
+        mode,
+        allow_rule_removal: args.allow_rule_removal,
+        confirm_timeout: None,
+        state_dir: PathBuf::new(),
+        trace_timeout: args.timeout,
+        cluster: p.cluster,
+    };
+    crate::fix::remote::run(&req, agents, timeout, out)
 }

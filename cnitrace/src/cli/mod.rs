@@ -51,6 +51,10 @@ enum Command {
         /// through the API server's port-forward).
         #[arg(long, value_name = "ADDR", default_value = "unix:/run/cnitrace/agent.sock")]
         listen: String,
+        /// Where the fixes made on this node are journaled (on the host: a fix an agent left
+        /// unverified is rolled back by the next agent from it).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/cnitrace/agent")]
+        state_dir: std::path::PathBuf,
     },
     /// Print the manifests that run an agent on every node (DaemonSet, its least-privilege RBAC, the
     /// tracers' Role): `cnitrace deploy | kubectl apply -f -`; the same into `kubectl delete -f -`
@@ -127,7 +131,7 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args, &cli.kube),
         Command::Watch(args) => watch::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
-        Command::Agent { node, listen } => agent(&node, &listen, &cli.kube),
+        Command::Agent { node, listen, state_dir } => agent(&node, &listen, &state_dir, &cli.kube),
         Command::Deploy { namespace, image } => {
             let o = crate::deploy::Options { namespace, image: image.unwrap_or_else(crate::deploy::default_image) };
             print!("{}", crate::deploy::render(&o));
@@ -276,11 +280,11 @@ fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent(node: &str, listen: &str, kube: &crate::k8s::KubeArgs) -> anyhow::Result<u8> {
+fn agent(node: &str, listen: &str, state_dir: &std::path::Path, kube: &crate::k8s::KubeArgs) -> anyhow::Result<u8> {
     if !crate::sys::is_root() {
         anyhow::bail!("`cnitrace agent` needs root (it reads its node's namespaces, as `check` does)");
     }
-    crate::agent::serve(&crate::agent::parse_addr(listen)?, node, kube)?;
+    crate::agent::serve(&crate::agent::parse_addr(listen)?, node, state_dir, kube)?;
     Ok(exit::OK)
 }
 

@@ -69,7 +69,13 @@ impl Journal {
         let jdir = dir.join("journal");
         std::fs::create_dir_all(&jdir).with_context(|| format!("create {}", jdir.display()))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let id = format!("{now}-{}", std::process::id());
+        // One process may journal several fixes a second (an agent serving many CLIs): `-N` after the
+        // first.
+        let base = format!("{now}-{}", std::process::id());
+        let id = (0..)
+            .map(|k| if k == 0 { base.clone() } else { format!("{base}-{k}") })
+            .find(|id| !jdir.join(format!("{id}.json")).exists())
+            .unwrap_or(base);
         let j = Journal {
             path: jdir.join(format!("{id}.json")),
             id,
@@ -164,10 +170,10 @@ pub struct Listing {
     pub unreadable: Vec<Unreadable>,
 }
 
-/// A fix id (`<epoch seconds>-<pid>`) as something that sorts by time.
-fn id_order(id: &str) -> (u64, u64) {
-    let (s, p) = id.split_once('-').unwrap_or((id, "0"));
-    (s.parse().unwrap_or(0), p.parse().unwrap_or(0))
+/// A fix id (`<epoch seconds>-<pid>[-<n>]`) as something that sorts by time.
+fn id_order(id: &str) -> (u64, u64, u64) {
+    let mut parts = id.split('-').map(|x| x.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Every journal of `dir`, oldest first; a file that cannot be read is listed as such and the rest
@@ -197,7 +203,7 @@ pub fn list(dir: &Path) -> Result<Listing> {
             }
         }
     }
-    out.journals.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+    out.journals.sort_by_key(|j| (j.started, id_order(&j.id)));
     out.unreadable.sort_by_key(|u| id_order(&u.id));
     Ok(out)
 }
@@ -243,6 +249,22 @@ mod tests {
         let e = format!("{:#}", Journal::load(&dir, Some("200-2")).unwrap_err());
         assert!(e.contains("200-2.json") && e.contains("cannot be read"), "{e}");
         assert!(dir.join("journal/200-2.json").exists(), "nothing is deleted");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fixes_journaled_in_one_second_by_one_process_each_get_their_own_id_in_order() {
+        let dir = dir_with(&[]).with_extension("same-second");
+        let _ = std::fs::remove_dir_all(&dir);
+        let ids: Vec<String> = (0..12).map(|_| Journal::create(&dir, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)).expect("create").id).collect();
+        let listed: Vec<String> = list(&dir).expect("list").journals.into_iter().map(|j| j.id).collect();
+        let mut unique = ids.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), 12, "{ids:?}");
+        // Within a second, in the order they were made (the 10th after the 9th, not after the 1st).
+        let same: Vec<&String> = listed.iter().filter(|i| i.split('-').next() == ids[11].split('-').next()).collect();
+        assert!(same.windows(2).all(|w| id_order(w[0]) < id_order(w[1])), "{listed:?}");
+        assert_eq!(listed.last(), ids.last());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -7,6 +7,8 @@ mod apply;
 pub mod cluster;
 pub mod journal;
 pub mod node_checks;
+pub mod remote;
+pub mod session;
 pub mod verify;
 
 use std::{

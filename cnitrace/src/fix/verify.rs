@@ -54,6 +54,27 @@ pub fn discover(nodes: &[u32], cluster: (Ipv4Addr, u8)) -> Result<Vec<NodePath>>
     Ok(paths_of(&pods, nodes))
 }
 
+/// The paths of one node's pods as its agent sees them: each pod ↔ its gateway, ↔ each sibling, and ↔
+/// one pod of each other node from `others` (`(node, pod address, pod name)`: what the other nodes'
+/// agents said they hold — this host sees only its own pods).
+pub fn discover_node(node: u32, cluster: (Ipv4Addr, u8), others: &[(String, Ipv4Addr, String)]) -> Result<Vec<NodePath>> {
+    let mut pods: Vec<PodOnNode> = HostResolver::scan()?
+        .pods()
+        .into_iter()
+        .filter(|p| p.node.inode == node && !p.host_addressed && crate::state::in_prefix(p.ip, cluster.0, cluster.1))
+        .collect();
+    let mut nodes: Vec<&String> = others.iter().map(|(n, _, _)| n).collect();
+    nodes.sort();
+    nodes.dedup();
+    for (ip, name, other) in others.iter().map(|(n, ip, name)| (*ip, name, n)) {
+        // Another machine's pod: no namespace here; its node keyed by its place among the others.
+        let key = nodes.iter().position(|n| *n == other).unwrap_or(0) as u32 + 1;
+        let remote = crate::resolve::NsRef { inode: 0, name: String::new(), ns: None };
+        pods.push(PodOnNode { ip, display: name.clone(), netns: remote, node: crate::resolve::NsRef { inode: key, name: other.clone(), ns: None }, gateway: None, host_addressed: false });
+    }
+    Ok(paths_of(&pods, &[node]))
+}
+
 fn paths_of(pods: &[PodOnNode], nodes: &[u32]) -> Vec<NodePath> {
     let mut out = Vec::new();
     let path = |from: &PodOnNode, to: Ipv4Addr, to_name: String, to_netns: String, class: Class| NodePath {

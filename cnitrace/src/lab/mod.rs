@@ -253,6 +253,8 @@ impl Lab {
             let sock = self.file(&format!("agent-{}.sock", n.name));
             let mut cmd = std::process::Command::new(&exe);
             cmd.args(["agent", "--node", n.name, "--listen"]).arg(format!("unix:{}", sock.display()));
+            // Its node's fix journal, with the lab's state (gone with the lab).
+            cmd.arg("--state-dir").arg(self.file(&format!("agent-{}.state", n.name)));
             let ns = self.node_ns(i);
             self.spawn(cmd, &format!("agent-{}", n.name), &ns, 0, &format!("agent-{}.log", n.name))?;
             agents.push((n.name.to_string(), sock));
