@@ -242,7 +242,14 @@ pub fn run(req: &FixRequest, agents: &[(String, Addr)], agent_timeout: Duration,
                     }
                 }
                 Err(e) => {
-                    writeln!(out, "{e:#}")?;
+                    // What it had applied is in its journal on that node, each step marked before it ran.
+                    writeln!(out, "{e:#} while applying: the fix may be half applied on {node}")?;
+                    writeln!(
+                        out,
+                        "  its journal there holds every step before it runs: the agent rolls the fix back when it starts again \
+                         (`cnitrace fix --history --agent {node}={addr}` shows it)"
+                    )?;
+                    sessions.remove(&node);
                     return roll_back_all(&mut sessions, "a node's agent stopped answering mid-fix", out);
                 }
             }
@@ -306,7 +313,11 @@ pub fn history(agents: &[(String, Addr)], timeout: Duration, out: &mut dyn Write
         match a {
             Ok(v) => {
                 let journals: Vec<super::journal::Journal> = serde_json::from_value(v["journals"].clone()).unwrap_or_default();
-                writeln!(out, "{node} ({addr}): {}", if journals.is_empty() { "no fixes yet" } else { "" }.trim_end())?;
+                if journals.is_empty() && v["unreadable"].as_array().is_none_or(|u| u.is_empty()) {
+                    writeln!(out, "{node} ({addr}): no fixes yet")?;
+                } else {
+                    writeln!(out, "{node} ({addr}):")?;
+                }
                 for u in v["unreadable"].as_array().into_iter().flatten() {
                     writeln!(out, "  {}  UNREADABLE: {}", u["id"].as_str().unwrap_or(""), u["error"].as_str().unwrap_or(""))?;
                 }

@@ -16,10 +16,19 @@ struct Agent(Child);
 
 impl Agent {
     fn start(node: &str, sock: &std::path::Path) -> Agent {
+        Agent::start_with(node, sock, &sock.with_extension("state"), &[], Stdio::piped())
+    }
+
+    /// With its fix journal in `state_dir`, `env` added, its stderr to `stderr`.
+    fn start_with(node: &str, sock: &std::path::Path, state_dir: &std::path::Path, env: &[(&str, &str)], stderr: Stdio) -> Agent {
         let child = Command::new(bin())
             .args(["agent", "--node", node, "--listen", &format!("unix:{}", sock.display())])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("CNITRACE_LAB_PREFIX", cnitrace_tests::PREFIX)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("start cnitrace agent");
         // Listening: a connection is taken (a socket file alone may be a killed agent's).
@@ -358,4 +367,116 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
     }
     assert_eq!(loaded_cnitrace_programs(), 0, "nothing stays attached");
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The lab's agent of `node`: its pid (from the lab's state), socket and journal folder.
+fn lab_agent(g: &LabGuard, node: &str) -> (u32, std::path::PathBuf, std::path::PathBuf) {
+    let lab = cnitrace::lab::Lab::load(&g.lab.state.prefix).expect("lab state");
+    let pid = lab.state.servers.iter().find(|s| s.name == format!("agent-{node}")).expect("the lab's agent").pid;
+    (pid, g.lab.file(&format!("agent-{node}.sock")), g.lab.file(&format!("agent-{node}.state")))
+}
+
+fn with_agents<'a>(args: &[&'a str], agents: &'a [String]) -> Vec<&'a str> {
+    args.iter().copied().chain(agents.iter().map(String::as_str)).collect()
+}
+
+/// `fix` through the agents: the cause is on the destination's node (strict rp_filter on node 1), so
+/// the remedy runs there, through node 1's agent, journaled in node 1's folder; the re-trace across both
+/// nodes and node 1's own paths verify it; a dry run changes nothing; `--history` and `--rollback` reach
+/// the fix on its node and the rollback restores it exactly (the drop is back).
+#[test]
+fn a_fix_through_agents_runs_on_the_node_of_the_cause_and_rolls_back_there() {
+    if !can_run_kernel_tests("a_fix_through_agents_runs_on_the_node_of_the_cause_and_rolls_back_there") {
+        return;
+    }
+    let g = LabGuard::up_with(&["rp-filter-strict"], &["--agents"]);
+    let agents = lab_agents(&g);
+    let (n0, n1) = (topology::NODES[0].name, topology::NODES[1].name);
+    let (src, dst) = (cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"));
+    let before = cnitrace_tests::lab_config();
+
+    let (code, text) = cnitrace_tests::fix(&with_agents(&[&src, &dst], &agents));
+    assert_eq!(code, 1, "a dry run of a drop: {text}");
+    assert!(text.contains(&format!("on {n1}:")) && text.contains("rp_filter=2") && text.contains("dry run"), "{text}");
+    assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new(), "a dry run changes nothing");
+
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--auto", &src, &dst], &agents));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("{n1}: 6 of its 6 paths answer")) && text.contains("verified across the nodes"), "{text}");
+    let id = text.split("(fix ").nth(1).and_then(|t| t.split_whitespace().next()).expect("the fix's id").to_string();
+    assert!(text.contains(&format!("(fix {id} on {n1};")), "{text}");
+    // Node 1's namespace alone changed; the journal is node 1's agent's, not the CLI's.
+    let diff = cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config());
+    assert!(diff.len() == 1 && diff[0].starts_with(&format!("{}:", g.lab.node_ns(1))) && diff[0].contains("rp_filter = 2"), "{diff:?}");
+    let (_, _, journals) = lab_agent(&g, n1);
+    assert!(journals.join("journal").join(format!("{id}.json")).exists(), "journaled on node 1: {}", journals.display());
+    assert!(!cnitrace_tests::state_dir().join("journal").join(format!("{id}.json")).exists(), "not in the CLI's journal");
+    let (code, _, verdict) = cnitrace_tests::follow_events(&src, &dst, &with_agents(&["--timeout", "2"], &agents));
+    assert_eq!((code, &verdict["verdict"]), (0, &Value::from("delivered")), "{verdict}");
+
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--history"], &agents));
+    assert_eq!(code, 0, "{text}");
+    let (ours, theirs) = text.split_once(&format!("{n1} (unix:")).expect("node 1's history");
+    assert!(ours.contains(&format!("{n0} (unix:")) && ours.contains("no fixes yet"), "{text}");
+    assert!(theirs.contains(&id) && theirs.contains("Fixed") && theirs.contains("rp-filter"), "{text}");
+
+    // Without an id there is no telling which node's fix: refused, nothing changed.
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--rollback"], &agents));
+    assert_eq!(code, 2, "{text}");
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--rollback", &id], &agents));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("rolled back fix {id} on {n1}")) && text.contains("rp_filter=1"), "{text}");
+    assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new(), "rolled back exactly");
+    let (code, _, verdict) = cnitrace_tests::follow_events(&src, &dst, &with_agents(&["--timeout", "2"], &agents));
+    assert_eq!(code, 1, "{verdict}");
+    assert_eq!((&verdict["cause"], &verdict["node"]), (&Value::from("rp-filter"), &Value::from(n1)), "the drop is back, on node 1: {verdict}");
+    let (_, text) = cnitrace_tests::fix(&with_agents(&["--history"], &agents));
+    assert!(text.contains(&id) && text.contains("RolledBack"), "{text}");
+}
+
+/// A node's agent killed in the middle of a fix (the test switch: SIGKILL right after its first change):
+/// the CLI names the node that stopped answering and says the change may be half applied there; the
+/// agent started again on that node rolls the unverified fix back from its journal before it serves.
+#[test]
+fn an_agent_killed_mid_fix_rolls_the_fix_back_from_its_journal_when_it_starts_again() {
+    if !can_run_kernel_tests("an_agent_killed_mid_fix_rolls_the_fix_back_from_its_journal_when_it_starts_again") {
+        return;
+    }
+    let g = LabGuard::up_with(&["rp-filter-strict"], &["--agents"]);
+    let agents = lab_agents(&g);
+    let n1 = topology::NODES[1].name;
+    let (src, dst) = (cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"));
+    let before = cnitrace_tests::lab_config();
+    // Node 1's agent replaced by one that dies after its first change.
+    let (pid, sock, journals) = lab_agent(&g, n1);
+    let st = cnitrace_tools::KILL.command().args(["-KILL", &pid.to_string()]).status().expect("kill -KILL");
+    assert!(st.success());
+    // Gone (its listening socket closed) before the next one is asked whether it listens.
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let crash_log = g.lab.file("agent-crashing.log");
+    let mut crashing =
+        Agent::start_with(n1, &sock, &journals, &[("CNITRACE_TEST_CRASH_AFTER_ACTIONS", "1")], Stdio::from(std::fs::File::create(&crash_log).expect("log")));
+
+    let t0 = Instant::now();
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--auto", &src, &dst], &agents));
+    assert!(t0.elapsed() < Duration::from_secs(60), "not hung on: {:?}", t0.elapsed());
+    assert_eq!(code, 1, "{text}\nthe agent said: {}", std::fs::read_to_string(&crash_log).unwrap_or_default());
+    assert!(text.contains(&format!("{n1}'s agent (unix:")) && text.contains("stopped answering") && text.contains(&format!("half applied on {n1}")), "{text}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(crashing.0.wait().expect("the agent ended").signal(), Some(9), "the test switch killed the agent");
+    let diff = cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config());
+    assert!(diff.len() == 1 && diff[0].starts_with(&format!("{}:", g.lab.node_ns(1))), "the change was made before the agent died: {diff:?}");
+
+    // Started again (as the DaemonSet restarts its pod): the unverified fix is undone before it listens.
+    let log = g.lab.file("agent-restarted.log");
+    let _again = Agent::start_with(n1, &sock, &journals, &[], Stdio::from(std::fs::File::create(&log).expect("log")));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(said.contains("was not verified when the agent stopped: rolled back") && said.contains("rp_filter=1"), "{said}");
+    assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new(), "rolled back exactly");
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--history"], &agents));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("RolledBack") && text.contains("unfinished when the node's agent stopped"), "{text}");
 }
