@@ -10,7 +10,9 @@
 //!   agent. Capabilities instead of privileged: BPF and PERFMON (load and attach the probes), NET_ADMIN
 //!   (netlink, rules), SYS_ADMIN (setns into the pods' namespaces), SYS_PTRACE (open other processes'
 //!   namespaces), SYS_RESOURCE (the locked-memory limit kernels before 5.11 charge maps to). Host
-//!   mounts: BTF, bpffs, tracefs, /run/netns, /var/lib/cni, the xtables lock.
+//!   mounts: BTF, bpffs, tracefs, /run/netns, /var/lib/cni, the xtables lock, and the node's fix journal
+//!   (`/var/lib/cnitrace/agent`, a host folder: a fix applied by one agent pod is rolled back by the next
+//!   one on that node if it was never verified, across a restart, an update or a node reboot).
 //! - Role `cnitrace-tracer` (get/list the agents' pods, create pods/portforward) bound to the group
 //!   `cnitrace:tracers`: the users who may trace.
 //!
@@ -23,6 +25,8 @@ use serde_json::{json, Value};
 pub const AGENT_PORT: u16 = 7390;
 pub const AGENT_NAME: &str = "cnitrace-agent";
 pub const TRACERS_GROUP: &str = "cnitrace:tracers";
+/// The node's fix journal: a host folder, so it outlives the agent's pod.
+pub const AGENT_STATE_DIR: &str = "/var/lib/cnitrace/agent";
 
 pub struct Options {
     pub namespace: String,
@@ -96,7 +100,7 @@ pub fn manifests(o: &Options) -> Vec<Value> {
                         "containers": [{
                             "name": "agent",
                             "image": o.image,
-                            "args": ["agent", "--node", "$(NODE_NAME)", "--listen", format!("tcp:127.0.0.1:{AGENT_PORT}")],
+                            "args": ["agent", "--node", "$(NODE_NAME)", "--listen", format!("tcp:127.0.0.1:{AGENT_PORT}"), "--state-dir", AGENT_STATE_DIR],
                             "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
                             "securityContext": {
                                 "privileged": false,
@@ -116,6 +120,7 @@ pub fn manifests(o: &Options) -> Vec<Value> {
                                 {"name": "cni", "mountPath": "/var/lib/cni", "readOnly": true},
                                 {"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
                                 {"name": "state", "mountPath": "/run/cnitrace"},
+                                {"name": "journal", "mountPath": AGENT_STATE_DIR},
                             ],
                         }],
                         "volumes": [
@@ -126,6 +131,7 @@ pub fn manifests(o: &Options) -> Vec<Value> {
                             host("cni", "/var/lib/cni", "DirectoryOrCreate"),
                             host("xtables-lock", "/run/xtables.lock", "FileOrCreate"),
                             {"name": "state", "emptyDir": {}},
+                            host("journal", AGENT_STATE_DIR, "DirectoryOrCreate"),
                         ],
                     },
                 },
@@ -175,6 +181,12 @@ mod tests {
         for need in ["/sys/kernel/btf", "/sys/fs/bpf", "/run/netns", "/var/lib/cni", "/run/xtables.lock"] {
             assert!(mounts.contains(&need), "{need}");
         }
+        // The fix journal the agent is told to use is the host's folder, not the pod's (gone with it).
+        let state = args[args.iter().position(|a| *a == "--state-dir").unwrap() + 1];
+        let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == state).expect("the journal is mounted");
+        let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).expect("its volume");
+        assert_eq!(volume["hostPath"]["path"], state, "{volume}");
+        assert!(mount.get("readOnly").is_none(), "written");
     }
 
     #[test]
