@@ -15,6 +15,7 @@
 //!   down its side of the connection (or goes away): the probes are attached per request and detached
 //!   after it, so an idle agent has nothing in the kernel. With `hold=1` the probe waits, once attached,
 //!   for the client's line `go` (the CLI attaches every node at once and says go when all are ready).
+//!   The client's line `stop` (or its going away) ends the trace; the agent then sends its last line.
 //!
 //! - `GET /v1/fixes` → the node's fix journal; `POST /v1/rollback[?id=ID]` → one of its fixes undone.
 //! - `POST /v1/fix` → one fix on this node, a JSON object a line each way ([`crate::fix::session`]):
@@ -39,6 +40,9 @@ use serde_json::{json, Value};
 pub enum Addr {
     Unix(PathBuf),
     Tcp(std::net::SocketAddr),
+    /// An agent's pod reached through the API server's port-forward: `local` is this process's end of
+    /// the tunnel (see [`crate::k8s::agents`]); `pod` is `NAMESPACE/NAME`, for messages.
+    Forwarded { local: std::net::SocketAddr, pod: String },
 }
 
 impl std::fmt::Display for Addr {
@@ -46,6 +50,7 @@ impl std::fmt::Display for Addr {
         match self {
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
             Addr::Tcp(a) => write!(f, "tcp:{a}"),
+            Addr::Forwarded { pod, .. } => write!(f, "pod {pod} (port-forward)"),
         }
     }
 }
@@ -76,7 +81,9 @@ impl Conn {
     pub fn connect(addr: &Addr) -> Result<Conn> {
         Ok(match addr {
             Addr::Unix(p) => Conn::Unix(UnixStream::connect(p).with_context(|| format!("connect to {addr}"))?),
-            Addr::Tcp(a) => Conn::Tcp(std::net::TcpStream::connect_timeout(a, Duration::from_secs(5)).with_context(|| format!("connect to {addr}"))?),
+            Addr::Tcp(a) | Addr::Forwarded { local: a, .. } => {
+                Conn::Tcp(std::net::TcpStream::connect_timeout(a, Duration::from_secs(5)).with_context(|| format!("connect to {addr}"))?)
+            }
         })
     }
     pub fn try_clone(&self) -> std::io::Result<Conn> {
@@ -84,6 +91,13 @@ impl Conn {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
         })
+    }
+    /// Writes `line` through a shared reference (a stream's other side reads on another thread).
+    pub fn say(&self, line: &str) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => (&*s).write_all(line.as_bytes()),
+            Conn::Tcp(s) => (&*s).write_all(line.as_bytes()),
+        }
     }
     pub fn shutdown_write(&self) {
         let _ = match self {
@@ -147,6 +161,7 @@ impl Listener {
     fn bind(addr: &Addr) -> Result<Listener> {
         let l = match addr {
             Addr::Tcp(a) => Listener::Tcp(std::net::TcpListener::bind(a).with_context(|| format!("listen on {addr}"))?),
+            Addr::Forwarded { .. } => bail!("an agent listens on its own address, not on a port-forward"),
             Addr::Unix(path) => {
                 if let Ok(m) = std::fs::symlink_metadata(path) {
                     use std::os::unix::fs::FileTypeExt;
@@ -210,6 +225,35 @@ pub fn parse_agent(s: &str) -> Result<(String, Addr)> {
         bail!("--agent {s:?}: the node's name is missing");
     }
     Ok((node.to_string(), parse_addr(addr)?))
+}
+
+/// `--agents`: find the agents through the Kubernetes API instead of (or besides) naming each.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Discovery {
+    /// Find every node's agent through the Kubernetes API (the pods of `cnitrace deploy`) and reach each
+    /// through the API server's port-forward to its pod; an `--agent NODE=ADDR` replaces its node's.
+    #[arg(long = "agents")]
+    pub discover: bool,
+    /// The namespace of the agents' pods.
+    #[arg(long, default_value = "cnitrace", value_name = "NAMESPACE")]
+    pub agents_namespace: String,
+}
+
+/// The agents a command asks: those found through the API when `discover` (every Ready agent pod of
+/// `namespace`, through port-forward; `all_nodes`: every node expected to have one), then each
+/// `--agent NODE=ADDR` given, which replaces the found one of its node. Also the nodes that have no
+/// agent to ask, with why.
+pub fn resolve_agents(explicit: &[String], discover: bool, all_nodes: bool, namespace: &str, kube: &crate::k8s::KubeArgs) -> Result<(Vec<(String, Addr)>, Vec<(String, String)>)> {
+    let given: Vec<(String, Addr)> = explicit.iter().map(|a| parse_agent(a)).collect::<Result<_>>()?;
+    if !discover && !all_nodes {
+        return Ok((given, Vec::new()));
+    }
+    let found = crate::k8s::agents::discover(kube, namespace, all_nodes, crate::deploy::AGENT_PORT)?;
+    let mut agents: Vec<(String, Addr)> = found.agents.into_iter().filter(|(n, _)| !given.iter().any(|(g, _)| g == n)).collect();
+    agents.extend(given.iter().cloned());
+    agents.sort_by(|a, b| a.0.cmp(&b.0));
+    let missing = found.missing.into_iter().filter(|(n, _)| !given.iter().any(|(g, _)| g == n)).collect();
+    Ok((agents, missing))
 }
 
 /// Agents asked at once at most.
@@ -488,6 +532,11 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
             let mut lines = std::io::BufReader::new(watcher);
             let mut line = String::new();
             while matches!(std::io::BufRead::read_line(&mut lines, &mut line), Ok(n) if n > 0) {
+                // `stop`: said, not a half-close — a port-forward (WebSocket) has no half-close, and
+                // the stream must stay open for the agent's last line.
+                if line.trim() == "stop" {
+                    break;
+                }
                 if line.trim() == "go" {
                     if let Some(g) = &go {
                         g.store(true, Ordering::SeqCst);

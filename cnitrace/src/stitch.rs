@@ -99,8 +99,8 @@ enum Msg {
     Failed(String),
 }
 
-/// One `/v1/follow` stream: its reader thread sends [`Msg`]s; `stop` shuts down our side (the agent
-/// ends its trace and sends what it has).
+/// One `/v1/follow` stream: its reader thread sends [`Msg`]s; `stop` says so (the agent ends its trace
+/// and sends what it has).
 struct Stream {
     conn: Conn,
 }
@@ -123,7 +123,10 @@ impl Stream {
     }
 
     fn stop(&self) {
-        self.conn.shutdown_write();
+        // A line, not a half-close: through a port-forward a half-close ends the whole stream.
+        if self.conn.say("stop\n").is_err() {
+            self.conn.shutdown_write();
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! A local HTTP server that speaks enough of the Kubernetes API, in its real JSON, for the kube client
 //! and for the real kubectl: discovery (`/version`, `/api`, `/apis`, the resource lists), Nodes, Pods
-//! (with field and label selectors), ConfigMaps, DaemonSets, pod logs. It records every request, so a
+//! (with field and label selectors), ConfigMaps, DaemonSets, pod logs, and a pod's port-forward (the
+//! WebSocket protocol `v4.channel.k8s.io` the API server speaks, each stream carried to a local socket
+//! the test names: an agent's). It records every request, so a
 //! test asserts on what was asked (and that a dry run wrote nothing). It can also misbehave the ways a
 //! real API does: answer nothing (slow), refuse (403), or not be there at all.
 //!
@@ -213,6 +215,8 @@ struct State {
     seen: Vec<Seen>,
     on_restart: Option<OnRestart>,
     replacements: u32,
+    /// Where a pod's port-forward goes ("NAMESPACE/NAME" → a Unix socket): its container's port.
+    forwards: BTreeMap<String, PathBuf>,
 }
 
 /// The running server; stops when dropped.
@@ -230,7 +234,7 @@ impl FakeApi {
 
     /// `start`, with what happens on a node when one of its DaemonSet pods is restarted (pod name, node).
     pub fn start_with(objects: Objects, behaviour: Behaviour, on_restart: Option<OnRestart>) -> FakeApi {
-        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new(), on_restart, replacements: 0 }));
+        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new(), on_restart, replacements: 0, forwards: BTreeMap::new() }));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local address");
@@ -250,6 +254,7 @@ impl FakeApi {
                                 let svc = service_fn(move |req| handle(st.clone(), addr, req));
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                    .with_upgrades()
                                     .await;
                             });
                         }
@@ -272,6 +277,12 @@ impl FakeApi {
     /// The requests that would change something (anything but GET).
     pub fn writes(&self) -> Vec<Seen> {
         self.seen().into_iter().filter(|s| s.method != "GET").collect()
+    }
+
+    /// A port-forward to pod `namespace/name` reaches `socket` (whatever port is asked: the pod's one
+    /// listening port). A pod without one refuses, as a container with nothing on the port does.
+    pub fn forward(&self, namespace: &str, name: &str, socket: &Path) {
+        self.state.lock().expect("state").forwards.insert(format!("{namespace}/{name}"), socket.to_path_buf());
     }
 
     /// A kubeconfig for this server in `dir` (context `fake`, namespace `ns` when given).
@@ -317,6 +328,9 @@ fn status(code: u16, reason: &str, message: String) -> Reply {
 }
 
 async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>) -> Result<Reply, std::convert::Infallible> {
+    if req.uri().path().ends_with("/portforward") {
+        return Ok(portforward::upgrade(st, req));
+    }
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -574,4 +588,121 @@ fn selects(o: &Value, fields: &str, labels: &str) -> bool {
         None => !o["metadata"]["labels"][l].is_null(),
     });
     field_ok && label_ok
+}
+
+/// `pods/NAME/portforward` over WebSocket, as the API server serves it (`v4.channel.k8s.io`): for the
+/// one port asked, channel 0 carries its data and channel 1 its errors; each channel's first frame is
+/// the port (2 bytes, little-endian); every frame starts with its channel's byte.
+mod portforward {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+
+    const PROTOCOL: &str = "v4.channel.k8s.io";
+
+    pub fn upgrade(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let (behaviour, target, pod_known) = {
+            let mut s = st.lock().expect("state");
+            s.seen.push(Seen { method: req.method().to_string(), path: path.clone(), query: query.clone(), body: String::new() });
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let (ns, name) = match parts.as_slice() {
+                ["api", "v1", "namespaces", ns, "pods", name, "portforward"] => (ns.to_string(), name.to_string()),
+                _ => (String::new(), String::new()),
+            };
+            let known = s.objects.by_kind.get("pods").into_iter().flatten().any(|p| p["metadata"]["namespace"] == ns.as_str() && p["metadata"]["name"] == name.as_str());
+            (s.behaviour, s.forwards.get(&format!("{ns}/{name}")).cloned(), known.then_some((ns, name)))
+        };
+        if behaviour == Behaviour::Forbidden {
+            return status(403, "Forbidden", format!("pods \"{}\" is forbidden: User \"tester\" cannot create resource \"pods/portforward\"", path.rsplit('/').nth(1).unwrap_or("")));
+        }
+        let Some((ns, name)) = pod_known else { return status(404, "NotFound", format!("pods \"{}\" not found", path.rsplit('/').nth(1).unwrap_or(""))) };
+        let port: u16 = match parse_query(&query).get("ports").map(|p| p.parse()) {
+            Some(Ok(p)) => p,
+            _ => return status(400, "BadRequest", "exactly one port is forwarded by this test server: ?ports=PORT".into()),
+        };
+        let h = req.headers();
+        let offered = h.get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let (Some(key), true) = (h.get("sec-websocket-key").cloned(), offered.split(',').any(|p| p.trim() == PROTOCOL)) else {
+            return status(400, "BadRequest", format!("a WebSocket upgrade offering {PROTOCOL} is needed (SPDY is not served here)"));
+        };
+        let accept = derive_accept_key(key.as_bytes());
+        tokio::spawn(async move {
+            let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(hyper_util::rt::TokioIo::new(upgraded), Role::Server, None).await;
+            carry(ws, port, target, &format!("{ns}/{name}")).await;
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-accept", accept)
+            .header("sec-websocket-protocol", PROTOCOL)
+            .body(Full::new(Bytes::new()))
+            .expect("response")
+    }
+
+    fn frame(channel: u8, data: &[u8]) -> Message {
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::Binary(v.into())
+    }
+
+    async fn carry<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(ws: tokio_tungstenite::WebSocketStream<S>, port: u16, target: Option<PathBuf>, pod: &str) {
+        let (mut tx, mut rx) = ws.split();
+        let p = port.to_le_bytes();
+        if tx.send(frame(0, &p)).await.is_err() || tx.send(frame(1, &p)).await.is_err() {
+            return;
+        }
+        let conn = match &target {
+            Some(t) => tokio::net::UnixStream::connect(t).await.map_err(|e| e.to_string()),
+            None => Err("connection refused".to_string()),
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("error forwarding port {port} to pod {pod}: failed to connect to localhost:{port}: {e}");
+                let _ = tx.send(frame(1, msg.as_bytes())).await;
+                let _ = tx.close().await;
+                return;
+            }
+        };
+        let (mut r, mut w) = conn.into_split();
+        let up = async {
+            while let Some(Ok(m)) = rx.next().await {
+                match m {
+                    Message::Binary(b) if b.first() == Some(&0) => {
+                        if w.write_all(&b[1..]).await.is_err() {
+                            break;
+                        }
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            let _ = w.shutdown().await;
+        };
+        let down = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(frame(0, &buf[..n])).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = tx.close().await;
+        };
+        // The pod's side ending ends the stream (as the kubelet's does); the client's close ends ours.
+        tokio::select! {
+            _ = down => {}
+            _ = up => {}
+        }
+    }
 }

@@ -420,3 +420,63 @@ fn deploy_prints_manifests_the_api_schemas_accept() {
         assert!(out.status.success() && out.stdout == direct.stdout, "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The agents' pods by their labels, each reached through the API's port-forward (the test server speaks
+/// its WebSocket protocol and carries the stream to a socket standing in for the agent's port): a whole
+/// request and its answer go through; a node whose agent pod is not Ready, or that has none, is said
+/// so; an API that refuses the listing says what was refused.
+#[test]
+fn agents_are_found_by_their_labels_and_answer_through_port_forward() {
+    let dir = scratch("agents");
+    // Stands in for an agent on its pod's port: answers one HTTP request with its node.
+    let sock = dir.join("agent.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut c, &mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            let path = String::from_utf8_lossy(&head).split_whitespace().nth(1).unwrap_or("").to_string();
+            let body = json!({"node": "w1", "asked": path}).to_string();
+            let _ = std::io::Write::write_all(&mut c, format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+        }
+    });
+    let labels = json!({"app.kubernetes.io/name": "cnitrace", "app.kubernetes.io/component": "agent"});
+    let mut o = Objects::default();
+    o.node("w1", "10.244.1.0/24", Ipv4Addr::new(192, 0, 2, 11), "aa:bb:cc:00:01:01", "linux")
+        .node("w2", "10.244.2.0/24", Ipv4Addr::new(192, 0, 2, 12), "aa:bb:cc:00:01:02", "linux")
+        .node("w3", "10.244.3.0/24", Ipv4Addr::new(192, 0, 2, 13), "aa:bb:cc:00:01:03", "linux")
+        .pod("cnitrace", "cnitrace-agent-a", "w1", Ipv4Addr::new(10, 244, 1, 9), labels.clone())
+        .pod_not_ready("cnitrace", "cnitrace-agent-b", "w2", Ipv4Addr::new(10, 244, 2, 9), labels, Some("CrashLoopBackOff"), 4, "")
+        .pod("cnitrace", "not-an-agent", "w3", Ipv4Addr::new(10, 244, 3, 9), json!({"app": "web"}));
+    let api = FakeApi::start(o, Behaviour::Normal);
+    api.forward("cnitrace", "cnitrace-agent-a", &sock);
+    let kube = args(api.kubeconfig(&dir, None));
+    let found = k8s::agents::discover(&kube, "cnitrace", true, 7390).expect("discovery");
+    assert_eq!(found.agents.len(), 1, "{found:?}");
+    assert_eq!(found.agents[0].0, "w1");
+    assert_eq!(found.agents[0].1.to_string(), "pod cnitrace/cnitrace-agent-a (port-forward)");
+    let v = cnitrace::agent::get(&found.agents[0].1, "/v1/node", std::time::Duration::from_secs(5)).expect("an answer through the port-forward");
+    assert_eq!(v, json!({"node": "w1", "asked": "/v1/node"}));
+    // Twice: each connection is its own port-forward stream.
+    let v = cnitrace::agent::get(&found.agents[0].1, "/v1/check?node=w1", std::time::Duration::from_secs(5)).expect("again");
+    assert_eq!(v["asked"], "/v1/check?node=w1");
+    let missing: Vec<String> = found.missing.iter().map(|(n, why)| format!("{n}: {why}")).collect();
+    assert_eq!(missing.len(), 2, "{missing:?}");
+    assert!(missing[0].starts_with("w2: its agent pod cnitrace/cnitrace-agent-b is not Ready") && missing[0].contains("CrashLoopBackOff"), "{missing:?}");
+    assert!(missing[1].starts_with("w3: no agent pod on it"), "{missing:?}");
+    let asked: Vec<String> = api.seen().into_iter().map(|s| format!("{} {}?{}", s.method, s.path, s.query)).collect();
+    assert!(asked.iter().any(|a| a.starts_with("GET /api/v1/namespaces/cnitrace/pods?") && a.contains("labelSelector=app.kubernetes.io%2Fname%3Dcnitrace")), "{asked:?}");
+    assert!(asked.iter().any(|a| a.starts_with("GET /api/v1/namespaces/cnitrace/pods/cnitrace-agent-a/portforward?") && a.contains("ports=7390")), "{asked:?}");
+    assert!(!asked.iter().any(|a| a.contains("cnitrace-agent-b/portforward")), "a pod that is not Ready is not asked: {asked:?}");
+    // Only the agents' pods asked, without a list of nodes: none is missing for lack of a pod.
+    let found = k8s::agents::discover(&kube, "cnitrace", false, 7390).expect("discovery");
+    assert!(found.missing.iter().all(|(n, _)| n == "w2"), "{:?}", found.missing);
+
+    let refused = FakeApi::start(Objects::default(), Behaviour::Forbidden);
+    let e = k8s::agents::discover(&args(refused.kubeconfig(&dir.join("refused"), None)), "cnitrace", true, 7390).unwrap_err();
+    assert!(format!("{e:#}").contains("forbidden to list the agents' pods in cnitrace"), "{e:#}");
+}

@@ -30,6 +30,12 @@ pub struct CheckArgs {
     /// Seconds one agent may take to answer.
     #[arg(long, default_value = "10", value_name = "SECS")]
     agent_timeout: f64,
+    #[command(flatten)]
+    discovery: crate::agent::Discovery,
+    /// Every node of the cluster, each through its agent (found through the API, as --agents): a node
+    /// whose agent pod is missing or not Ready is reported as such, not waited on.
+    #[arg(long)]
+    all_nodes: bool,
 }
 
 #[derive(Serialize)]
@@ -50,8 +56,8 @@ pub struct CheckReport {
 }
 
 pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
-    if !args.agents.is_empty() {
-        return through_agents(&args);
+    if !args.agents.is_empty() || args.discovery.discover || args.all_nodes {
+        return through_agents(&args, kube);
     }
     if !crate::sys::is_root() {
         bail!("`cnitrace check` needs root (it reads every network namespace's routes, neighbours and rules)");
@@ -68,13 +74,14 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
 }
 
 /// `check --agent NODE=ADDR …`: each node's findings from its agent, asked in parallel.
-fn through_agents(args: &CheckArgs) -> Result<u8> {
+/// `--agents` / `--all-nodes`: the agents found through the API too, each through port-forward.
+fn through_agents(args: &CheckArgs, kube: &KubeArgs) -> Result<u8> {
     let timeout = std::time::Duration::from_secs_f64(args.agent_timeout.max(0.1));
-    let agents: Vec<(String, crate::agent::Addr)> = args.agents.iter().map(|a| crate::agent::parse_agent(a)).collect::<Result<_>>()?;
+    let (agents, no_agent) = crate::agent::resolve_agents(&args.agents, args.discovery.discover, args.all_nodes, &args.discovery.agents_namespace, kube)?;
     // Each agent is asked for the node it was named for: an agent that serves another refuses.
     let answers = crate::agent::ask_each(&agents, |node| format!("/v1/check?node={node}"), timeout);
     let mut nodes = Vec::new();
-    let mut missing = Vec::new();
+    let mut missing: Vec<serde_json::Value> = no_agent.iter().map(|(node, why)| serde_json::json!({"node": node, "agent": null, "error": why})).collect();
     for ((node, addr), answer) in agents.iter().zip(answers) {
         match answer {
             Ok(v) => nodes.extend(v["nodes"].as_array().cloned().unwrap_or_default()),
@@ -199,7 +206,10 @@ fn render(r: &serde_json::Value, out: &mut dyn std::io::Write) -> std::io::Resul
         }
     }
     for m in &missing {
-        writeln!(out, "{}: NOT CHECKED — its agent at {} did not answer: {}", s(&m["node"]), s(&m["agent"]), s(&m["error"]))?;
+        match m["agent"].as_str() {
+            Some(agent) => writeln!(out, "{}: NOT CHECKED — its agent at {agent} did not answer: {}", s(&m["node"]), s(&m["error"]))?,
+            None => writeln!(out, "{}: NOT CHECKED — {}", s(&m["node"]), s(&m["error"]))?,
+        }
     }
     match (r["api"].as_str(), r["no_api"].as_str()) {
         (Some(server), _) => writeln!(out, "checked against the Kubernetes API at {server}")?,

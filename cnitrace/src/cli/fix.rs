@@ -41,6 +41,8 @@ pub struct FixArgs {
     /// Seconds an agent may take to answer and to attach its probes.
     #[arg(long, default_value = "10", value_name = "SECS")]
     agent_timeout: f64,
+    #[command(flatten)]
+    discovery: crate::agent::Discovery,
     /// Seconds each trace waits for an answer or a drop.
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = super::trace_timeout)]
     timeout: Duration,
@@ -49,7 +51,10 @@ pub struct FixArgs {
 pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     let state_dir = journal::state_dir(args.journal_dir.as_deref());
     let mut out = std::io::stdout().lock();
-    let agents: Vec<(String, crate::agent::Addr)> = args.agents.iter().map(|a| crate::agent::parse_agent(a)).collect::<Result<_>>()?;
+    let (agents, no_agent) = crate::agent::resolve_agents(&args.agents, args.discovery.discover, false, &args.discovery.agents_namespace, kube)?;
+    for (node, why) in &no_agent {
+        std::io::Write::write_fmt(&mut out, format_args!("{node}: no agent to ask: {why}\n"))?;
+    }
     if !agents.is_empty() {
         return through_agents(args, &agents, kube, &mut out);
     }

@@ -86,6 +86,8 @@ pub struct FollowArgs {
     /// Seconds an agent may take to answer and to attach its probes.
     #[arg(long, default_value = "10", value_name = "SECS")]
     agent_timeout: f64,
+    #[command(flatten)]
+    discovery: crate::agent::Discovery,
 }
 
 impl FollowArgs {
@@ -143,7 +145,10 @@ impl FollowArgs {
 pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     // Options and root first: neither waits for the API.
     args.request(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, None)?;
-    let agents: Vec<(String, crate::agent::Addr)> = args.agents.iter().map(|a| crate::agent::parse_agent(a)).collect::<Result<_>>()?;
+    let (agents, no_agent) = crate::agent::resolve_agents(&args.agents, args.discovery.discover, false, &args.discovery.agents_namespace, kube)?;
+    for (node, why) in &no_agent {
+        eprintln!("cnitrace: {node} is not traced: {why}");
+    }
     if !agents.is_empty() && (args.kernel_stats || args.hooks_only || args.all_events || args.raw_tracepoints) {
         bail!("--kernel-stats, --all-events and --raw-tracepoints are for a trace on this host, not through agents");
     }

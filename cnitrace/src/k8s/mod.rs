@@ -7,6 +7,7 @@
 //! files that do not exist are skipped, as kubectl does), then `~/.kube/config`, then the pod's service
 //! account when running in a cluster.
 
+pub mod agents;
 mod facts;
 pub mod kubeconfig;
 mod target;

@@ -480,3 +480,79 @@ fn an_agent_killed_mid_fix_rolls_the_fix_back_from_its_journal_when_it_starts_ag
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("RolledBack") && text.contains("unfinished when the node's agent stopped"), "{text}");
 }
+
+/// In a cluster the agents are found through the API (the DaemonSet's pods, by their labels) and each
+/// reached through the API server's port-forward to its pod: here a test API server that speaks the
+/// port-forward protocol (WebSocket, `v4.channel.k8s.io`) and carries each stream to the lab's agent of
+/// that pod's node. `check --all-nodes` reports every node of the API — the two with agents as their
+/// agents answer, one whose agent pod is not Ready and one without an agent said so, not waited on; a
+/// trace through the found agents is the trace through the named ones; `fix --history` reaches them.
+#[test]
+fn agents_are_found_through_the_api_and_reached_through_its_port_forward() {
+    if !can_run_kernel_tests("agents_are_found_through_the_api_and_reached_through_its_port_forward") {
+        return;
+    }
+    use cnitrace_tests::apiserver::{Behaviour, FakeApi, Objects};
+    let g = LabGuard::up_with(&["rp-filter-strict"], &["--agents"]);
+    let agents = lab_agents(&g);
+    let (n0, n1) = (topology::NODES[0].name, topology::NODES[1].name);
+    let labels = serde_json::json!({"app.kubernetes.io/name": "cnitrace", "app.kubernetes.io/component": "agent"});
+    let mut o = Objects::default();
+    o.node(n0, "10.244.0.0/24", "192.0.2.1".parse().unwrap(), "aa:bb:cc:00:00:01", "linux")
+        .node(n1, "10.244.1.0/24", "192.0.2.2".parse().unwrap(), "aa:bb:cc:00:00:02", "linux")
+        .node("rack9-late", "10.244.2.0/24", "192.0.2.3".parse().unwrap(), "aa:bb:cc:00:00:03", "linux")
+        .node("rack9-tainted", "10.244.3.0/24", "192.0.2.4".parse().unwrap(), "aa:bb:cc:00:00:04", "linux")
+        .pod("cnitrace", "cnitrace-agent-4x7kq", n0, "10.244.0.200".parse().unwrap(), labels.clone())
+        .pod("cnitrace", "cnitrace-agent-p2m9z", n1, "10.244.1.200".parse().unwrap(), labels.clone())
+        .pod_not_ready("cnitrace", "cnitrace-agent-zz81c", "rack9-late", "10.244.2.200".parse().unwrap(), labels, Some("ImagePullBackOff"), 0, "");
+    let api = FakeApi::start(o, Behaviour::Normal);
+    api.forward("cnitrace", "cnitrace-agent-4x7kq", &g.lab.file(&format!("agent-{n0}.sock")));
+    api.forward("cnitrace", "cnitrace-agent-p2m9z", &g.lab.file(&format!("agent-{n1}.sock")));
+    let dir = Scratch::new("agents-api");
+    let k = api.kubeconfig(&dir.join("kube"), None);
+    let k = k.to_str().expect("utf-8 path");
+
+    let (code, named) = check_json(&with_agents(&[], &agents));
+    assert_eq!(code, 1, "{named}");
+    let t0 = Instant::now();
+    let (code, all) = check_json(&["--all-nodes", "--kubeconfig", k, "--agent-timeout", "5"]);
+    assert!(t0.elapsed() < Duration::from_secs(20), "not hung on: {:?}", t0.elapsed());
+    assert_eq!(code, 1, "{all}");
+    assert_eq!(all["nodes"], named["nodes"], "each node's findings through port-forward are those through its named agent");
+    let missing: Vec<(String, String)> =
+        all["agents_missing"].as_array().unwrap().iter().map(|m| (m["node"].as_str().unwrap().to_string(), m["error"].as_str().unwrap().to_string())).collect();
+    assert_eq!(missing.len(), 2, "{all}");
+    assert!(missing[0].0 == "rack9-late" && missing[0].1.contains("cnitrace/cnitrace-agent-zz81c is not Ready") && missing[0].1.contains("ImagePullBackOff"), "{missing:?}");
+    assert!(missing[1].0 == "rack9-tainted" && missing[1].1.contains("no agent pod on it"), "{missing:?}");
+    let forwarded: Vec<String> = api.seen().into_iter().filter(|s| s.path.ends_with("/portforward")).map(|s| format!("{}?{}", s.path, s.query)).collect();
+    assert!(
+        forwarded.iter().any(|f| f.contains("/namespaces/cnitrace/pods/cnitrace-agent-4x7kq/portforward") && f.contains(&format!("ports={}", cnitrace::deploy::AGENT_PORT))),
+        "{forwarded:?}"
+    );
+    let text = String::from_utf8_lossy(&cnitrace(&["check", "--all-nodes", "--kubeconfig", k]).stdout).into_owned();
+    assert!(text.contains("rack9-tainted: NOT CHECKED — no agent pod on it") && text.contains(&format!("{n1}: 1 finding")), "{text}");
+
+    // A trace through the found agents: the stream stays open through the port-forward until each
+    // agent's last line (the CLI says `stop`; a WebSocket has no half-close).
+    let (src, dst) = (cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"));
+    let (code_n, _, v_named) = follow_events(&src, &dst, &with_agents(&["--timeout", "2"], &agents));
+    let (code_f, _, v_found) = follow_events(&src, &dst, &["--timeout", "2", "--agents", "--kubeconfig", k]);
+    assert_eq!((code_f, &v_found["cause"], &v_found["node"]), (code_n, &v_named["cause"], &v_named["node"]), "found: {v_found}\nnamed: {v_named}");
+    assert_eq!((&v_found["cause"], &v_found["node"]), (&Value::from("rp-filter"), &Value::from(n1)), "{v_found}");
+    let shares: Vec<&str> = v_found["agents"]["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(shares.len(), 2, "{v_found}");
+
+    let (code, text) = cnitrace_tests::fix(&["--history", "--agents", "--kubeconfig", k]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("{n1} (pod cnitrace/cnitrace-agent-p2m9z (port-forward)): no fixes yet")), "{text}");
+    // A fix session through the port-forward: applied on node 1, verified, kept; rolled back the same way.
+    let before = cnitrace_tests::lab_config();
+    let (code, text) = cnitrace_tests::fix(&["--auto", &src, &dst, "--agents", "--kubeconfig", k]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("on {n1};")) && text.contains("verified across the nodes"), "{text}");
+    let id = text.split("(fix ").nth(1).and_then(|t| t.split_whitespace().next()).expect("the fix's id").to_string();
+    let (code, text) = cnitrace_tests::fix(&["--rollback", &id, "--agents", "--kubeconfig", k]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new(), "rolled back exactly");
+    drop(api);
+}
