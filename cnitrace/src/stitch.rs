@@ -308,6 +308,91 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
     Ok(report)
 }
 
+/// Namespace inodes are numbered by each kernel: two machines both have their root namespace at
+/// 4026531840, and their pods' may collide too. The parts of one kernel (the reference's, or the lab's
+/// nodes on one host) keep their numbers; each other kernel's are renumbered where they collide, the
+/// same way in everything of its part (events, states, the pair, its list of namespaces), so the
+/// stitched trace tells the machines' namespaces apart.
+fn renumber(parts: &mut [(usize, Part)]) {
+    use std::collections::{BTreeSet, HashMap};
+    // Which kernel each number of the stitched trace belongs to.
+    let mut owner: HashMap<u32, String> = HashMap::new();
+    let mut kernels: HashMap<String, HashMap<u32, u32>> = HashMap::new();
+    let inodes_of = |p: &Part| -> BTreeSet<u32> {
+        let st = &p.recording.states;
+        let mut all: BTreeSet<u32> = p.inodes.iter().copied().collect();
+        all.extend(st.by_inode.keys().chain(st.rules_before.keys()).chain(st.names.keys()));
+        all.extend([st.src_pod].into_iter().chain(st.src_node).chain(st.dst_pod).chain(st.dst_node));
+        all.extend(st.service.as_ref().map(|s| s.nat_node));
+        all.extend(p.recording.events.iter().map(|e| e.netns));
+        for ep in [&p.report.src, &p.report.dst] {
+            if let Some(l) = ep.local() {
+                all.insert(l.netns.inode);
+                all.extend(l.node.as_ref().map(|n| n.netns.inode));
+            }
+        }
+        all.remove(&0);
+        all
+    };
+    for (k, (_, p)) in parts.iter_mut().enumerate() {
+        let own = inodes_of(p);
+        // A part without a boot id is a kernel of its own.
+        let kernel = if p.boot_id.is_empty() { format!("part-{k}") } else { p.boot_id.clone() };
+        let map = kernels.entry(kernel.clone()).or_default();
+        for i in own {
+            if map.contains_key(&i) {
+                continue;
+            }
+            let to = if owner.get(&i).is_none_or(|o| *o == kernel) {
+                i
+            } else {
+                // A number no kernel of the trace uses, from the top down (above any inode the kernel
+                // hands out in practice: proc inodes start at 0xF0000000 and count up).
+                let mut n = u32::MAX;
+                while owner.contains_key(&n) {
+                    n -= 1;
+                }
+                n
+            };
+            owner.insert(to, kernel.clone());
+            map.insert(i, to);
+        }
+        if map.iter().all(|(a, b)| a == b) {
+            continue;
+        }
+        let m = |i: u32| map.get(&i).copied().unwrap_or(i);
+        let st = &mut p.recording.states;
+        st.by_inode = std::mem::take(&mut st.by_inode)
+            .into_iter()
+            .map(|(i, mut ns)| {
+                ns.inode = m(ns.inode);
+                (m(i), ns)
+            })
+            .collect();
+        st.rules_before = std::mem::take(&mut st.rules_before).into_iter().map(|(i, r)| (m(i), r)).collect();
+        st.names = std::mem::take(&mut st.names).into_iter().map(|(i, n)| (m(i), n)).collect();
+        st.src_pod = if st.src_pod == 0 { 0 } else { m(st.src_pod) };
+        st.src_node = st.src_node.map(m);
+        st.dst_pod = st.dst_pod.map(m);
+        st.dst_node = st.dst_node.map(m);
+        if let Some(sv) = st.service.as_mut() {
+            sv.nat_node = m(sv.nat_node);
+        }
+        for e in &mut p.recording.events {
+            e.netns = m(e.netns);
+        }
+        for ep in [&mut p.report.src, &mut p.report.dst] {
+            if let Endpoint::Local(l) = ep {
+                l.netns.inode = m(l.netns.inode);
+                if let Some(n) = l.node.as_mut() {
+                    n.netns.inode = m(n.netns.inode);
+                }
+            }
+        }
+        p.inodes = p.inodes.iter().map(|i| m(*i)).collect();
+    }
+}
+
 fn missing_among(missing: &[MissingAgent], agents: &[(String, Addr)], order: &[usize]) -> usize {
     order.iter().filter(|i| missing.iter().any(|m| m.node == agents[**i].0)).count()
 }
@@ -318,6 +403,7 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
     // The reference clock: the source's node (or the first that answered, for a passive trace).
     let r = parts.iter().position(|(i, _)| Some(*i) == source).unwrap_or(0);
     parts.swap(0, r);
+    renumber(&mut parts);
     let placed = place(&parts.iter().map(|(i, p)| (p, pods_of.get(i).map(Vec::as_slice).unwrap_or(&[]))).collect::<Vec<_>>());
     let mut shares = Vec::new();
     let mut events: Vec<TraceEvent> = Vec::new();
@@ -523,5 +609,42 @@ mod tests {
         let placed = place(&[(&a, &[src]), (&b, &[dst])]);
         assert_eq!(placed[1].0, 300_000);
         assert!(placed[1].1.contains("causality agrees"));
+    }
+
+    /// Two machines: both roots are init_net (4026531840) and a pod namespace number repeats; on one
+    /// kernel (the lab's two nodes) a shared number is one namespace and stays.
+    #[test]
+    fn each_kernels_namespaces_stay_apart_and_one_kernels_stay_together() {
+        let root = 4026531840u32;
+        let mut a = part("a", "boot-a", 0, 0, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "a")]);
+        let mut b = part("b", "boot-b", 0, 0, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "b")]);
+        for (p, pod) in [(&mut a, 4026532300u32), (&mut b, 4026532300u32)] {
+            p.inodes = vec![root, pod];
+            p.recording.events[0].netns = root;
+            for (i, name) in [(root, "host"), (pod, "pod")] {
+                p.recording.states.by_inode.insert(i, crate::state::NsState { inode: i, name: format!("{}-{name}", p.node), ..Default::default() });
+            }
+            p.recording.states.dst_node = Some(root);
+        }
+        let mut parts = vec![(0, a), (1, b)];
+        renumber(&mut parts);
+        let (a, b) = (&parts[0].1, &parts[1].1);
+        assert_eq!(a.inodes, vec![root, 4026532300], "the reference keeps its numbers");
+        assert!(b.inodes.iter().all(|i| !a.inodes.contains(i)), "{:?} vs {:?}", b.inodes, a.inodes);
+        let b_root = b.inodes[0];
+        assert_eq!(b.recording.events[0].netns, b_root);
+        assert_eq!(b.recording.states.dst_node, Some(b_root));
+        assert_eq!(b.recording.states.by_inode[&b_root].name, "b-host");
+        assert_eq!(b.recording.states.by_inode[&b_root].inode, b_root);
+        let mut merged = a.recording.states.by_inode.clone();
+        merged.extend(b.recording.states.by_inode.clone());
+        assert_eq!(merged.len(), 4, "four namespaces, none hidden by another machine's");
+
+        // One kernel: the same numbers are the same namespaces.
+        let mut c = part("c", "boot-a", 0, 0, vec![ev(0, "req", "10.1.0.5", "10.1.1.7", "c")]);
+        c.inodes = vec![root, 4026532400];
+        let mut parts = vec![parts.remove(0), (2, c)];
+        renumber(&mut parts);
+        assert_eq!(parts[1].1.inodes, vec![root, 4026532400]);
     }
 }

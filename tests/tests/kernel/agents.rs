@@ -556,3 +556,45 @@ fn agents_are_found_through_the_api_and_reached_through_its_port_forward() {
     assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new(), "rolled back exactly");
     drop(api);
 }
+
+/// Node 1's agent says it runs on another machine (the test switch gives it another boot id): the
+/// stitch takes the path of several kernels — node 1's clock placed by its wall clock and causality,
+/// its namespaces kept apart from node 0's — and the timeline is still the host's, hop for hop; the
+/// fix still lands on node 1.
+#[test]
+fn a_node_on_another_kernel_is_stitched_by_causality_and_fixed_on_its_node() {
+    if !can_run_kernel_tests("a_node_on_another_kernel_is_stitched_by_causality_and_fixed_on_its_node") {
+        return;
+    }
+    let g = LabGuard::up_with(&["rp-filter-strict"], &["--agents"]);
+    let agents = lab_agents(&g);
+    let n1 = topology::NODES[1].name;
+    let (pid, sock, journals) = lab_agent(&g, n1);
+    let st = cnitrace_tools::KILL.command().args(["-TERM", &pid.to_string()]).status().expect("kill -TERM");
+    assert!(st.success());
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _other = Agent::start_with(n1, &sock, &journals, &[("CNITRACE_TEST_BOOT_ID", "00000000-another-machine")], Stdio::null());
+
+    let (src, dst) = (cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"));
+    // Once before both: the first trace of a fresh lab carries the ARP that fills the caches.
+    let _ = follow_events(&src, &dst, &["--timeout", "2"]);
+    let (code_h, events_h, here) = follow_events(&src, &dst, &["--timeout", "2"]);
+    let (code_a, events_a, through) = follow_events(&src, &dst, &with_agents(&["--timeout", "2"], &agents));
+    assert_eq!(code_a, code_h, "here: {here}\nthrough: {through}");
+    assert_eq!((&through["cause"], &through["node"]), (&here["cause"], &Value::from(n1)), "{through}");
+    assert_eq!(hops(&events_a), hops(&events_h), "hop for hop");
+    let clocks: Vec<String> = through["agents"]["nodes"].as_array().unwrap().iter().map(|n| format!("{}: {}", n["node"], n["clock"])).collect();
+    assert!(clocks.iter().any(|c| c.starts_with(&format!("\"{n1}\"")) && c.contains("wall clock")), "{clocks:?}");
+
+    let before = cnitrace_tests::lab_config();
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--auto", &src, &dst], &agents));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("on {n1};")), "{text}");
+    let id = text.split("(fix ").nth(1).and_then(|t| t.split_whitespace().next()).expect("the fix's id").to_string();
+    let (code, text) = cnitrace_tests::fix(&with_agents(&["--rollback", &id], &agents));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new());
+}
