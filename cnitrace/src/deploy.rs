@@ -17,7 +17,9 @@
 //!   `cnitrace:tracers`: the users who may trace.
 //!
 //! Printed as YAML documents, each written in JSON (JSON is YAML): `cnitrace deploy | kubectl apply -f -`,
-//! and `kubectl delete -f -` of the same removes everything.
+//! and `kubectl delete -f -` of the same removes everything. Or through the API directly:
+//! `cnitrace deploy --apply` (server-side apply) and `cnitrace undeploy` (which deletes only objects
+//! labelled as cnitrace's).
 
 use serde_json::{json, Value};
 
@@ -149,6 +151,66 @@ pub fn render(o: &Options) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The label every object of the manifests carries: what `undeploy` checks before it deletes one.
+pub const OWNER_LABEL: (&str, &str) = ("app.kubernetes.io/name", "cnitrace");
+
+/// `cnitrace deploy --apply`: every object applied through the API (server-side apply), in order; one
+/// line each. A namespace that is there already and is not cnitrace's (`--namespace kube-system`) is
+/// used as it is: neither labelled nor, later, deleted.
+pub fn apply(cluster: &mut crate::k8s::Cluster, o: &Options, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    use crate::k8s::manifests::{title, Applied};
+    writeln!(out, "cnitrace {} → {}", env!("CARGO_PKG_VERSION"), format!("{} ({})", cluster.server, cluster.source))?;
+    for m in manifests(o) {
+        if m["kind"] == "Namespace" {
+            if let Some(ns) = cluster.get_object(&m)? {
+                let ours = ns.metadata.labels.as_ref().and_then(|l| l.get(OWNER_LABEL.0)).is_some_and(|v| v == OWNER_LABEL.1);
+                if !ours {
+                    writeln!(out, "  {:<52} exists, not cnitrace's: used as it is", title(&m))?;
+                    continue;
+                }
+            }
+        }
+        let did = cluster.apply_object(&m).map_err(|e| e.context(format!("deploy stopped at {}", title(&m))))?;
+        let said = match did {
+            Applied::Created => "created",
+            Applied::Configured => "configured",
+            Applied::Unchanged => "unchanged",
+        };
+        writeln!(out, "  {:<52} {said}", title(&m))?;
+    }
+    let selector = format!("{}={}", OWNER_LABEL.0, OWNER_LABEL.1);
+    writeln!(out, "The agents start on every node: kubectl get pods -n {} -l {selector} -o wide", o.namespace)?;
+    Ok(())
+}
+
+/// `cnitrace undeploy`: every object of the manifests deleted, in the reverse order (the DaemonSet
+/// before its RBAC, the namespace last), each only if it carries [`OWNER_LABEL`]. With `dry_run`,
+/// what would be deleted, and nothing is.
+pub fn remove(cluster: &mut crate::k8s::Cluster, o: &Options, dry_run: bool, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    use crate::k8s::manifests::{title, Removed};
+    writeln!(out, "cnitrace {} → {}{}", env!("CARGO_PKG_VERSION"), format!("{} ({})", cluster.server, cluster.source), if dry_run { " (dry run: nothing is deleted)" } else { "" })?;
+    for m in manifests(o).iter().rev() {
+        let said = if dry_run {
+            match cluster.get_object(m)? {
+                None => "not there".to_string(),
+                Some(now) if now.metadata.labels.as_ref().and_then(|l| l.get(OWNER_LABEL.0)).is_some_and(|v| v == OWNER_LABEL.1) => "would be deleted".to_string(),
+                Some(_) => format!("kept: not labelled {}={}", OWNER_LABEL.0, OWNER_LABEL.1),
+            }
+        } else {
+            match cluster.delete_object(m, OWNER_LABEL).map_err(|e| e.context(format!("undeploy stopped at {}", title(m))))? {
+                Removed::Deleted if m["kind"] == "DaemonSet" => "deleted (each agent ends as its pod stops, rolling back a fix it was still verifying)".to_string(),
+                Removed::Deleted if m["kind"] == "Namespace" => "deleted (the API removes what is left in it)".to_string(),
+                Removed::Deleted => "deleted".to_string(),
+                Removed::Absent => "not there".to_string(),
+                Removed::NotOurs { label } => format!("kept: not labelled {label}"),
+            }
+        };
+        writeln!(out, "  {:<52} {said}", title(m))?;
+    }
+    writeln!(out, "Each node keeps its fix journal in {AGENT_STATE_DIR} (a host folder: `cnitrace fix --history --journal-dir {AGENT_STATE_DIR}` on the node reads it): remove it there if it is not wanted.")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! A local HTTP server that speaks enough of the Kubernetes API, in its real JSON, for the kube client
 //! and for the real kubectl: discovery (`/version`, `/api`, `/apis`, the resource lists), Nodes, Pods
-//! (with field and label selectors), ConfigMaps, DaemonSets, pod logs, and a pod's port-forward (the
+//! (with field and label selectors), ConfigMaps, DaemonSets, the agents' RBAC objects, pod logs,
+//! server-side apply and delete of any of them, and a pod's port-forward (the
 //! WebSocket protocol `v4.channel.k8s.io` the API server speaks, each stream carried to a local socket
 //! the test names: an agent's). It records every request, so a
 //! test asserts on what was asked (and that a dry run wrote nothing). It can also misbehave the ways a
@@ -217,6 +218,8 @@ struct State {
     replacements: u32,
     /// Where a pod's port-forward goes ("NAMESPACE/NAME" → a Unix socket): its container's port.
     forwards: BTreeMap<String, PathBuf>,
+    /// The last resourceVersion given (every write of an object takes the next).
+    version: u64,
 }
 
 /// The running server; stops when dropped.
@@ -234,7 +237,7 @@ impl FakeApi {
 
     /// `start`, with what happens on a node when one of its DaemonSet pods is restarted (pod name, node).
     pub fn start_with(objects: Objects, behaviour: Behaviour, on_restart: Option<OnRestart>) -> FakeApi {
-        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new(), on_restart, replacements: 0, forwards: BTreeMap::new() }));
+        let state = Arc::new(Mutex::new(State { objects, behaviour, seen: Vec::new(), on_restart, replacements: 0, forwards: BTreeMap::new(), version: 5000 }));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local address");
@@ -333,6 +336,7 @@ async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>)
     }
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let body = req.into_body().collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
     let behaviour = {
@@ -354,6 +358,9 @@ async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>)
     if method == "DELETE" {
         return Ok(delete(st, &path).await);
     }
+    if method == "PATCH" && content_type.starts_with("application/apply-patch") {
+        return Ok(server_side_apply(st, &path, &body));
+    }
     if method == "PATCH" {
         return Ok(patch(st, &path, &body));
     }
@@ -370,7 +377,7 @@ async fn handle(st: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>)
 async fn delete(st: Arc<Mutex<State>>, path: &str) -> Reply {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let ["api", "v1", "namespaces", ns, "pods", name] = parts.as_slice() else {
-        return status(405, "MethodNotAllowed", format!("DELETE {path} is not served by this test server"));
+        return delete_object(st, path);
     };
     let (gone, hook) = {
         let mut s = st.lock().expect("state");
@@ -398,6 +405,119 @@ async fn delete(st: Arc<Mutex<State>>, path: &str) -> Reply {
             new["metadata"]["uid"] = json!(uid(&format!("{base}{}", s.replacements)));
             s.objects.by_kind.entry("pods").or_default().push(new);
         });
+    }
+    reply(StatusCode::OK, gone)
+}
+
+/// The object a path names: its resource (one this server keeps), namespace and name.
+struct Named {
+    kind: &'static str,
+    ns: Option<String>,
+    name: String,
+    api_version: String,
+}
+
+/// The resources this server keeps, by their plural (a path's) and their kind.
+const KINDS: [(&str, &str); 12] = [
+    ("nodes", "Node"),
+    ("pods", "Pod"),
+    ("configmaps", "ConfigMap"),
+    ("services", "Service"),
+    ("namespaces", "Namespace"),
+    ("serviceaccounts", "ServiceAccount"),
+    ("daemonsets", "DaemonSet"),
+    ("clusterroles", "ClusterRole"),
+    ("clusterrolebindings", "ClusterRoleBinding"),
+    ("roles", "Role"),
+    ("rolebindings", "RoleBinding"),
+    ("endpointslices", "EndpointSlice"),
+];
+
+/// `/api/v1/...` or `/apis/GROUP/VERSION/...`: the group/version and the rest of the path.
+fn split_group(path: &str) -> Option<(String, Vec<String>)> {
+    let parts: Vec<String> = path.trim_matches('/').split('/').map(str::to_string).collect();
+    match parts.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["api", "v1", ..] => Some(("v1".into(), parts[2..].to_vec())),
+        ["apis", g, v, ..] => Some((format!("{g}/{v}"), parts[3..].to_vec())),
+        _ => None,
+    }
+}
+
+fn named(path: &str) -> Option<Named> {
+    let (api_version, rest) = split_group(path)?;
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let (ns, plural, name) = match rest.as_slice() {
+        ["namespaces", ns, kind, name] => (Some(ns.to_string()), *kind, *name),
+        ["namespaces", name] => (None, "namespaces", *name),
+        [kind, name] => (None, *kind, *name),
+        _ => return None,
+    };
+    let kind = KINDS.iter().find(|(p, _)| *p == plural)?.0;
+    Some(Named { kind, ns, name: name.to_string(), api_version })
+}
+
+fn is(o: &Value, n: &Named) -> bool {
+    o["metadata"]["name"].as_str() == Some(n.name.as_str()) && o["metadata"]["namespace"].as_str() == n.ns.as_deref()
+}
+
+/// Server-side apply (`application/apply-patch+yaml`, sent as JSON, which is YAML): the object is
+/// created if it is not there, else the applied fields are merged in; its resourceVersion changes only
+/// when something did. The body must name the same object the path does, as the real API insists.
+fn server_side_apply(st: Arc<Mutex<State>>, path: &str, body: &str) -> Reply {
+    let Some(n) = named(path) else {
+        return status(404, "NotFound", format!("the server could not find the requested resource ({path})"));
+    };
+    let Ok(applied) = serde_json::from_str::<Value>(body) else {
+        return status(400, "BadRequest", "the applied configuration is not JSON".into());
+    };
+    if applied["metadata"]["name"].as_str() != Some(n.name.as_str()) || applied["apiVersion"].as_str() != Some(n.api_version.as_str()) {
+        return status(400, "BadRequest", format!("the applied configuration does not match {path}: {}", applied["metadata"]));
+    }
+    let mut s = st.lock().expect("state");
+    s.version += 1;
+    let version = s.version.to_string();
+    let objs = s.objects.by_kind.entry(n.kind).or_default();
+    let out = match objs.iter_mut().find(|o| is(o, &n)) {
+        Some(obj) => {
+            let mut new = obj.clone();
+            merge_patch(&mut new, &applied);
+            if new != *obj {
+                new["metadata"]["resourceVersion"] = json!(version);
+                *obj = new;
+            }
+            obj.clone()
+        }
+        None => {
+            let mut new = applied.clone();
+            if let Some(ns) = &n.ns {
+                new["metadata"]["namespace"] = json!(ns);
+            }
+            new["metadata"]["uid"] = json!(uid(&format!("{path}{version}")));
+            new["metadata"]["resourceVersion"] = json!(version);
+            new["metadata"]["creationTimestamp"] = json!("2026-12-01T00:00:00Z");
+            objs.push(new.clone());
+            new
+        }
+    };
+    reply(StatusCode::OK, out)
+}
+
+/// DELETE of any other object: gone at once; a namespace takes everything in it along (what the
+/// namespace controller does, without the time it takes).
+fn delete_object(st: Arc<Mutex<State>>, path: &str) -> Reply {
+    let Some(n) = named(path) else {
+        return status(405, "MethodNotAllowed", format!("DELETE {path} is not served by this test server"));
+    };
+    let mut s = st.lock().expect("state");
+    let objs = s.objects.by_kind.entry(n.kind).or_default();
+    let Some(i) = objs.iter().position(|o| is(o, &n)) else {
+        return status(404, "NotFound", format!("{} \"{}\" not found", n.kind, n.name));
+    };
+    let gone = objs.remove(i);
+    if n.kind == "namespaces" {
+        for v in s.objects.by_kind.values_mut() {
+            v.retain(|o| o["metadata"]["namespace"].as_str() != Some(n.name.as_str()));
+        }
     }
     reply(StatusCode::OK, gone)
 }
@@ -501,29 +621,36 @@ fn discovery(path: &str, addr: SocketAddr) -> Option<Value> {
                              "gitTreeState": "clean", "buildDate": "2026-04-01T00:00:00Z", "goVersion": "go1.23.8", "compiler": "gc", "platform": "linux/amd64"}),
         "/api" => json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}]}),
         "/apis" => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}], "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]}),
+            {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}], "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}},
+            {"name": "rbac.authorization.k8s.io", "versions": [{"groupVersion": "rbac.authorization.k8s.io/v1", "version": "v1"}],
+             "preferredVersion": {"groupVersion": "rbac.authorization.k8s.io/v1", "version": "v1"}}]}),
         "/api/v1" => json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
             res("nodes", "Node", false, &rw, &["no"]),
             res("pods", "Pod", true, &rw, &["po"]),
             {"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
             res("configmaps", "ConfigMap", true, &rw, &["cm"]),
             res("services", "Service", true, &rw, &["svc"]),
-            res("namespaces", "Namespace", false, &rw, &["ns"])]}),
+            res("namespaces", "Namespace", false, &rw, &["ns"]),
+            res("serviceaccounts", "ServiceAccount", true, &rw, &["sa"])]}),
         "/apis/apps/v1" => json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
             res("daemonsets", "DaemonSet", true, &rw, &["ds"])]}),
+        "/apis/rbac.authorization.k8s.io/v1" => json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "rbac.authorization.k8s.io/v1", "resources": [
+            res("clusterroles", "ClusterRole", false, &rw, &[]),
+            res("clusterrolebindings", "ClusterRoleBinding", false, &rw, &[]),
+            res("roles", "Role", true, &rw, &[]),
+            res("rolebindings", "RoleBinding", true, &rw, &[])]}),
         _ => return None,
     })
 }
 
 /// GET of a collection (optionally in a namespace, with selectors) or of one object.
 fn resource(objects: &Objects, path: &str, params: &BTreeMap<String, String>) -> Reply {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // /api/v1/<kind>[/<name>] or /api/v1/namespaces/<ns>/<kind>[/<name>[/log]]; /apis/apps/v1/... likewise.
-    let rest: &[&str] = match parts.as_slice() {
-        ["api", "v1", rest @ ..] => rest,
-        ["apis", "apps", "v1", rest @ ..] => rest,
-        _ => return status(404, "NotFound", format!("the server could not find the requested resource ({path})")),
+    // /api/v1/<kind>[/<name>] or /api/v1/namespaces/<ns>/<kind>[/<name>[/log]]; /apis/GROUP/VERSION/... likewise.
+    let Some((api_version, rest)) = split_group(path) else {
+        return status(404, "NotFound", format!("the server could not find the requested resource ({path})"));
     };
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let rest = rest.as_slice();
     let (ns, kind, name, sub) = match rest {
         ["namespaces", ns, kind, name, sub] => (Some(*ns), *kind, Some(*name), Some(*sub)),
         ["namespaces", ns, kind, name] => (Some(*ns), *kind, Some(*name), None),
@@ -534,11 +661,15 @@ fn resource(objects: &Objects, path: &str, params: &BTreeMap<String, String>) ->
         _ => return status(404, "NotFound", format!("the server could not find the requested resource ({path})")),
     };
     let all: Vec<Value> = if kind == "namespaces" {
+        // The namespaces made through the API as they are; any other one an object is in, as it
+        // would be.
+        let made: Vec<Value> = objects.by_kind.get("namespaces").cloned().unwrap_or_default();
         let mut names: Vec<String> = objects.by_kind.values().flatten().filter_map(|o| o["metadata"]["namespace"].as_str().map(str::to_string)).collect();
         names.extend(["default", "kube-system"].map(String::from));
+        names.retain(|n| !made.iter().any(|m| m["metadata"]["name"] == n.as_str()));
         names.sort();
         names.dedup();
-        names.iter().map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}, "status": {"phase": "Active"}})).collect()
+        made.into_iter().chain(names.iter().map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}, "status": {"phase": "Active"}}))).collect()
     } else {
         objects.by_kind.iter().find(|(k, _)| **k == kind).map(|(_, v)| v.clone()).unwrap_or_default()
     };
@@ -561,7 +692,6 @@ fn resource(objects: &Objects, path: &str, params: &BTreeMap<String, String>) ->
     let labels = params.get("labelSelector").cloned().unwrap_or_default();
     let items: Vec<Value> = all.iter().filter(in_ns).filter(|o| selects(o, &fields, &labels)).cloned().collect();
     let list_kind = items.first().and_then(|o| o["kind"].as_str()).map(|k| format!("{k}List")).unwrap_or_else(|| "List".into());
-    let api_version = if path.starts_with("/apis/apps") { "apps/v1" } else { "v1" };
     reply(StatusCode::OK, json!({"kind": list_kind, "apiVersion": api_version, "metadata": {"resourceVersion": "5000"}, "items": items}))
 }
 

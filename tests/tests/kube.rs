@@ -480,3 +480,150 @@ fn agents_are_found_by_their_labels_and_answer_through_port_forward() {
     let e = k8s::agents::discover(&args(refused.kubeconfig(&dir.join("refused"), None)), "cnitrace", true, 7390).unwrap_err();
     assert!(format!("{e:#}").contains("forbidden to list the agents' pods in cnitrace"), "{e:#}");
 }
+
+/// `cnitrace deploy --apply` makes every object of the manifests through the API (server-side apply)
+/// and a second run changes nothing; the real kubectl sees what it made; `undeploy --dry-run` deletes
+/// nothing, `undeploy` deletes it all (the namespace last) and is safe to run again. Into a namespace
+/// cnitrace did not make, the namespace is used as it is and kept by undeploy with what else is in it.
+/// Without an API, both say what to run instead.
+#[test]
+fn deploy_applies_through_the_api_and_undeploy_removes_only_what_it_made() {
+    let bin = cnitrace_tests::bin();
+    if !bin.exists() {
+        println!("SKIPPED deploy_applies_through_the_api_and_undeploy_removes_only_what_it_made: no cnitrace binary at {}", bin.display());
+        return;
+    }
+    let mut objects = cluster();
+    objects.flannel_pod("gpu-worker-7", Ipv4Addr::new(172, 31, 9, 17));
+    let api = FakeApi::start(objects, Behaviour::Normal);
+    let dir = scratch("undeploy");
+    let k = api.kubeconfig(&dir, None);
+    let run = |a: &[&str]| {
+        let out = std::process::Command::new(&bin).args(a).arg("--kubeconfig").arg(&k).output().expect("run cnitrace");
+        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let lines_with = |text: &str, word: &str| text.lines().filter(|l| l.trim_end().ends_with(word) || l.contains(&format!(" {word} ("))).count();
+    let manifests: Vec<serde_json::Value> = {
+        let out = std::process::Command::new(&bin).arg("deploy").output().expect("cnitrace deploy");
+        String::from_utf8_lossy(&out.stdout).split("\n---\n").skip(1).map(|d| serde_json::from_str(d).expect("a manifest")).collect()
+    };
+    assert_eq!(manifests.len(), 7);
+
+    let (code, text) = run(&["deploy", "--apply"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(lines_with(&text, "created"), 7, "{text}");
+    let applies: Vec<_> = api.writes().into_iter().filter(|w| w.method == "PATCH").collect();
+    assert_eq!(applies.len(), 7, "one server-side apply per object");
+    assert!(applies.iter().all(|w| w.query.contains("fieldManager=cnitrace") && w.query.contains("force=true")), "{applies:?}");
+    for m in &manifests {
+        let path = object_path(m);
+        let got: serde_json::Value = api_get(&api, &path);
+        for key in ["spec", "rules", "roleRef", "subjects"] {
+            assert_eq!(got[key], m[key], "{path}: {key} as applied");
+        }
+        assert_eq!(got["metadata"]["labels"], m["metadata"]["labels"], "{path}");
+    }
+    let (code, text) = run(&["deploy", "--apply"]);
+    assert_eq!((code, lines_with(&text, "unchanged")), (Some(0), 7), "{text}");
+
+    if on_path("kubectl") {
+        let kubectl = |a: &[&str]| {
+            let out = cnitrace_tools::KUBECTL.command().env("KUBECONFIG", &k).env("HOME", &dir).args(a).output().expect("run kubectl");
+            (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        };
+        let (ok, seen) = kubectl(&["get", "daemonset,serviceaccount,role,rolebinding", "-n", "cnitrace", "-o", "name"]);
+        assert!(ok, "{seen}");
+        let mut seen: Vec<&str> = seen.lines().collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            ["daemonset.apps/cnitrace-agent", "role.rbac.authorization.k8s.io/cnitrace-tracer", "rolebinding.rbac.authorization.k8s.io/cnitrace-tracer", "serviceaccount/cnitrace-agent"]
+        );
+        let (ok, img) = kubectl(&["get", "ds", "cnitrace-agent", "-n", "cnitrace", "-o", "jsonpath={.spec.template.spec.containers[0].image}"]);
+        assert!(ok && img.starts_with("ghcr.io/cnitrace/cnitrace:v"), "{img}");
+    }
+
+    let before = api.writes().len();
+    let (code, text) = run(&["undeploy", "--dry-run"]);
+    assert_eq!((code, lines_with(&text, "would be deleted")), (Some(0), 7), "{text}");
+    assert_eq!(api.writes().len(), before, "a dry run writes nothing");
+
+    let (code, text) = run(&["undeploy"]);
+    assert_eq!((code, lines_with(&text, "deleted")), (Some(0), 7), "{text}");
+    let deletes: Vec<String> = api.writes().into_iter().filter(|w| w.method == "DELETE").map(|w| w.path).collect();
+    assert_eq!(deletes.first().map(String::as_str), Some("/apis/apps/v1/namespaces/cnitrace/daemonsets/cnitrace-agent"), "the agents first: {deletes:?}");
+    assert_eq!(deletes.last().map(String::as_str), Some("/api/v1/namespaces/cnitrace"), "the namespace last: {deletes:?}");
+    for m in &manifests {
+        assert!(api_status(&api, &object_path(m)) == 404, "{} is gone", object_path(m));
+    }
+    assert!(text.contains("/var/lib/cnitrace/agent"), "the journal left on each node is said: {text}");
+    let (code, text) = run(&["undeploy"]);
+    assert_eq!((code, lines_with(&text, "not there")), (Some(0), 7), "{text}");
+
+    // What users apply with kubectl from the printed manifests, undeploy removes as well.
+    if on_path("kubectl") {
+        let file = dir.join("deploy.yaml");
+        std::fs::write(&file, std::process::Command::new(&bin).arg("deploy").output().expect("cnitrace deploy").stdout).unwrap();
+        // --validate=false: validation downloads the OpenAPI documents, which this server does not serve
+        // (the schemas are checked offline, by deploy_prints_manifests_the_api_schemas_accept).
+        let out = cnitrace_tools::KUBECTL.command().env("KUBECONFIG", &k).env("HOME", &dir).args(["apply", "--server-side", "--validate=false", "-f"]).arg(&file).output().expect("kubectl apply");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.lines().filter(|l| l.ends_with("serverside-applied")).count() == 7, "{said}{}", String::from_utf8_lossy(&out.stderr));
+        let (code, text) = run(&["undeploy"]);
+        assert_eq!((code, lines_with(&text, "deleted")), (Some(0), 7), "{text}");
+    }
+
+    // Into a namespace that was there before: neither labelled nor deleted, and what else is in it stays.
+    let (code, text) = run(&["deploy", "--apply", "--namespace", "kube-flannel"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("namespace/kube-flannel") && text.contains("exists, not cnitrace's"), "{text}");
+    assert_eq!(lines_with(&text, "created"), 6, "{text}");
+    let (code, text) = run(&["undeploy", "--namespace", "kube-flannel"]);
+    assert_eq!((code, lines_with(&text, "deleted")), (Some(0), 6), "{text}");
+    assert!(text.lines().any(|l| l.contains("namespace/kube-flannel") && l.contains("kept: not labelled")), "{text}");
+    assert_eq!(api_status(&api, "/api/v1/namespaces/kube-flannel/configmaps/kube-flannel-cfg"), 200, "flannel's ConfigMap stays");
+    assert!(!api.writes().iter().any(|w| w.method == "DELETE" && w.path == "/api/v1/namespaces/kube-flannel"));
+
+    // No API: what to run instead.
+    let (code, text) = {
+        let out = std::process::Command::new(&bin).args(["undeploy"]).env("KUBECONFIG", dir.join("none")).env("HOME", &dir).output().expect("run cnitrace");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_ne!(code, Some(0));
+    assert!(text.contains("needs the Kubernetes API") && text.contains("kubectl delete -f -"), "{text}");
+}
+
+/// The API path of a manifest's object.
+fn object_path(m: &serde_json::Value) -> String {
+    let av = m["apiVersion"].as_str().unwrap();
+    let base = if av == "v1" { "/api/v1".to_string() } else { format!("/apis/{av}") };
+    let plural = format!("{}s", m["kind"].as_str().unwrap().to_lowercase());
+    let name = m["metadata"]["name"].as_str().unwrap();
+    match (m["kind"].as_str(), m["metadata"]["namespace"].as_str()) {
+        (Some("Namespace"), _) => format!("{base}/namespaces/{name}"),
+        (_, Some(ns)) => format!("{base}/namespaces/{ns}/{plural}/{name}"),
+        (_, None) => format!("{base}/{plural}/{name}"),
+    }
+}
+
+/// One GET of the test server, as JSON (and its status).
+fn get_raw(api: &FakeApi, path: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api.addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (code, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+fn api_get(api: &FakeApi, path: &str) -> serde_json::Value {
+    let (code, v) = get_raw(api, path);
+    assert_eq!(code, 200, "GET {path}: {v}");
+    v
+}
+
+fn api_status(api: &FakeApi, path: &str) -> u16 {
+    get_raw(api, path).0
+}

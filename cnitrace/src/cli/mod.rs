@@ -57,8 +57,7 @@ enum Command {
         state_dir: std::path::PathBuf,
     },
     /// Print the manifests that run an agent on every node (DaemonSet, its least-privilege RBAC, the
-    /// tracers' Role): `cnitrace deploy | kubectl apply -f -`; the same into `kubectl delete -f -`
-    /// removes them.
+    /// tracers' Role): `cnitrace deploy | kubectl apply -f -`; or apply them through the API (--apply).
     Deploy {
         /// The namespace of the agents.
         #[arg(long, default_value = "cnitrace")]
@@ -66,6 +65,20 @@ enum Command {
         /// The agents' image (this version's by default).
         #[arg(long)]
         image: Option<String>,
+        /// Apply them through the Kubernetes API (server-side apply, field manager `cnitrace`) instead
+        /// of printing them.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Remove what `deploy` made, through the Kubernetes API: each object of the manifests that
+    /// carries cnitrace's label, the namespace last.
+    Undeploy {
+        /// The namespace of the agents.
+        #[arg(long, default_value = "cnitrace")]
+        namespace: String,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Diagnose a recording (`follow --record`) again, without root or kernel.
     Replay {
@@ -132,10 +145,18 @@ pub fn main() -> ExitCode {
         Command::Watch(args) => watch::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
         Command::Agent { node, listen, state_dir } => agent(&node, &listen, &state_dir, &cli.kube),
-        Command::Deploy { namespace, image } => {
+        Command::Deploy { namespace, image, apply: false } => {
             let o = crate::deploy::Options { namespace, image: image.unwrap_or_else(crate::deploy::default_image) };
             print!("{}", crate::deploy::render(&o));
             Ok(exit::OK)
+        }
+        Command::Deploy { namespace, image, apply: true } => {
+            let o = crate::deploy::Options { namespace, image: image.unwrap_or_else(crate::deploy::default_image) };
+            through_api(&cli.kube, "deploy --apply", "cnitrace deploy | kubectl apply -f -", |c| crate::deploy::apply(c, &o, &mut std::io::stdout()))
+        }
+        Command::Undeploy { namespace, dry_run } => {
+            let o = crate::deploy::Options { namespace, ..Default::default() };
+            through_api(&cli.kube, "undeploy", "cnitrace deploy | kubectl delete -f -", |c| crate::deploy::remove(c, &o, dry_run, &mut std::io::stdout()))
         }
         Command::Replay { file, json, plan, write } => replay(&file, json, plan, write.as_deref()),
         Command::Completions { shell } => {
@@ -246,6 +267,13 @@ fn render_hooks(release: &str, probe: &crate::probe::Probe, out: &mut dyn std::i
 
 /// The manual page: the top command's, then one section per subcommand (its own options), so `man
 /// cnitrace` holds all of them.
+/// A command that only acts through the Kubernetes API: without one, says so and what to run instead.
+fn through_api(kube: &crate::k8s::KubeArgs, what: &str, instead: &str, run: impl FnOnce(&mut crate::k8s::Cluster) -> anyhow::Result<()>) -> anyhow::Result<u8> {
+    let mut cluster = crate::k8s::connect(kube).map_err(|e| anyhow::anyhow!("{what} needs the Kubernetes API: {e} (without it: {instead})"))?;
+    run(&mut cluster)?;
+    Ok(exit::OK)
+}
+
 fn man(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let cmd = Cli::command();
     let mut page = Vec::new();

@@ -10,6 +10,7 @@
 pub mod agents;
 mod facts;
 pub mod kubeconfig;
+pub mod manifests;
 mod target;
 
 use std::{
