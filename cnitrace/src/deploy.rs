@@ -104,6 +104,13 @@ pub fn manifests(o: &Options) -> Vec<Value> {
                             "image": o.image,
                             "args": ["agent", "--node", "$(NODE_NAME)", "--listen", format!("tcp:127.0.0.1:{AGENT_PORT}"), "--state-dir", AGENT_STATE_DIR],
                             "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                            // Ready once it serves (its journal recovered): what `--agents` waits for.
+                            // An exec probe: the agent listens on its pod's loopback only, which the
+                            // kubelet's own TCP and HTTP probes do not reach.
+                            "readinessProbe": {
+                                "exec": {"command": ["/usr/local/bin/cnitrace", "agent", "--ready", "--listen", format!("tcp:127.0.0.1:{AGENT_PORT}")]},
+                                "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3,
+                            },
                             "securityContext": {
                                 "privileged": false,
                                 "allowPrivilegeEscalation": false,
@@ -238,6 +245,10 @@ mod tests {
         let listen = args[args.iter().position(|a| *a == "--listen").unwrap() + 1];
         assert!(crate::agent::parse_addr(listen).is_ok(), "the agent takes its own listen address: {listen}");
         assert!(listen.starts_with("tcp:127.0.0.1:"));
+        // Its readiness probe asks that very address, with the binary the image installs.
+        let probe: Vec<&str> = c["readinessProbe"]["exec"]["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(probe, ["/usr/local/bin/cnitrace", "agent", "--ready", "--listen", listen]);
+        assert!(include_str!("../../deploy/Containerfile").contains(" /usr/local/bin/cnitrace\n"), "the image has the binary where the probe runs it");
         assert_eq!(c["image"], format!("ghcr.io/cnitrace/cnitrace:v{}", env!("CARGO_PKG_VERSION")));
         let mounts: Vec<&str> = c["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
         for need in ["/sys/kernel/btf", "/sys/fs/bpf", "/run/netns", "/var/lib/cni", "/run/xtables.lock"] {

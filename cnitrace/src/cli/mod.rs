@@ -45,8 +45,8 @@ enum Command {
     /// socket: the node's own service, as a DaemonSet runs it on every node.
     Agent {
         /// The node it answers for: its Kubernetes name, or its network namespace's name (the lab).
-        #[arg(long, value_name = "NAME")]
-        node: String,
+        #[arg(long, value_name = "NAME", required_unless_present = "ready")]
+        node: Option<String>,
         /// Where it listens: unix:PATH, or tcp:127.0.0.1:PORT (loopback only: in its pod, reached
         /// through the API server's port-forward).
         #[arg(long, value_name = "ADDR", default_value = "unix:/run/cnitrace/agent.sock")]
@@ -55,6 +55,10 @@ enum Command {
         /// unverified is rolled back by the next agent from it).
         #[arg(long, value_name = "DIR", default_value = "/var/lib/cnitrace/agent")]
         state_dir: std::path::PathBuf,
+        /// Serve nothing: ask the agent listening at --listen for its node and exit 0 if it answers
+        /// (the DaemonSet's readiness probe), 1 if it does not.
+        #[arg(long)]
+        ready: bool,
     },
     /// Print the manifests that run an agent on every node (DaemonSet, its least-privilege RBAC, the
     /// tracers' Role): `cnitrace deploy | kubectl apply -f -`; or apply them through the API (--apply).
@@ -144,7 +148,8 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args, &cli.kube),
         Command::Watch(args) => watch::run(args, &cli.kube),
         Command::Lab(args) => lab::run(args),
-        Command::Agent { node, listen, state_dir } => agent(&node, &listen, &state_dir, &cli.kube),
+        Command::Agent { listen, ready: true, .. } => agent_ready(&listen),
+        Command::Agent { node, listen, state_dir, ready: false } => agent(node.as_deref().unwrap_or_default(), &listen, &state_dir, &cli.kube),
         Command::Deploy { namespace, image, apply: false } => {
             let o = crate::deploy::Options { namespace, image: image.unwrap_or_else(crate::deploy::default_image) };
             print!("{}", crate::deploy::render(&o));
@@ -314,6 +319,22 @@ fn agent(node: &str, listen: &str, state_dir: &std::path::Path, kube: &crate::k8
     }
     crate::agent::serve(&crate::agent::parse_addr(listen)?, node, state_dir, kube)?;
     Ok(exit::OK)
+}
+
+/// `agent --ready`: the agent at `listen` answers for its node within 3 s (it has recovered its
+/// journal and serves).
+fn agent_ready(listen: &str) -> anyhow::Result<u8> {
+    let addr = crate::agent::parse_addr(listen)?;
+    match crate::agent::get(&addr, "/v1/node", std::time::Duration::from_secs(3)) {
+        Ok(v) => {
+            println!("ready: the agent at {addr} serves node {}", v["node"].as_str().unwrap_or("?"));
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            println!("not ready: the agent at {addr}: {e:#}");
+            Ok(1)
+        }
+    }
 }
 
 fn replay(file: &std::path::Path, json: bool, plan: bool, write: Option<&std::path::Path>) -> anyhow::Result<u8> {

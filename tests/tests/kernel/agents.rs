@@ -275,6 +275,14 @@ fn an_agent_on_loopback_tcp_answers_and_one_on_another_address_does_not_start() 
     // A trace through it: node 0's agent alone sees the pair on its own node.
     let (code, _, verdict) = follow_events(&cnitrace_tests::pod_ip("debug"), &cnitrace_tests::pod_ip("jellyfin"), &["--timeout", "2", "--agent", &format!("{n0}={addr}")]);
     assert_eq!((code, &verdict["verdict"]), (0, &Value::from("delivered")), "{verdict}");
+    // The DaemonSet's readiness probe: ready while it serves, not once it is gone.
+    let out = cnitrace(&["agent", "--ready", "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("serves node {n0}")), "{}", String::from_utf8_lossy(&out.stdout));
+    drop(_agent);
+    let out = cnitrace(&["agent", "--ready", "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("not ready"), "{}", String::from_utf8_lossy(&out.stdout));
     for bad in ["tcp:0.0.0.0:7390", "tcp:10.244.0.1:7390"] {
         let out = cnitrace(&["agent", "--node", n0, "--listen", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad}");
