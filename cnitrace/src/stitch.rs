@@ -308,6 +308,31 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
     Ok(report)
 }
 
+/// The stitched trace's counters. Each agent's probes count what its kernel matched, whatever node
+/// the packet was on: the agents of one kernel (the lab's nodes on one host) each counted the same
+/// packets, so a kernel counts once (the most any of its agents counted); kernels add up. Records lost
+/// are each agent's own ring buffer's: they add up everywhere. A part without a boot id is a kernel of
+/// its own.
+fn kernel_counters<'a>(parts: impl Iterator<Item = (&'a str, &'a Counters)>) -> Counters {
+    let mut by_kernel: BTreeMap<String, Counters> = BTreeMap::new();
+    let mut lost = 0;
+    for (k, (boot_id, c)) in parts.enumerate() {
+        let kernel = if boot_id.is_empty() { format!("part-{k}") } else { boot_id.to_string() };
+        let e = by_kernel.entry(kernel).or_default();
+        e.matched = e.matched.max(c.matched);
+        e.emitted = e.emitted.max(c.emitted);
+        e.counted_only = e.counted_only.max(c.counted_only);
+        lost += c.lost;
+    }
+    let mut total = Counters { lost, ..Default::default() };
+    for c in by_kernel.values() {
+        total.matched += c.matched;
+        total.emitted += c.emitted;
+        total.counted_only += c.counted_only;
+    }
+    total
+}
+
 /// Namespace inodes are numbered by each kernel: two machines both have their root namespace at
 /// 4026531840, and their pods' may collide too. The parts of one kernel (the reference's, or the lab's
 /// nodes on one host) keep their numbers; each other kernel's are renumbered where they collide, the
@@ -487,13 +512,7 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
     let holds = |ep: &Endpoint| ep.local().is_some_and(|l| l.node.is_some());
     let src = parts.iter().map(|(_, p)| &p.report.src).find(|e| holds(e)).unwrap_or(&first.report.src).clone();
     let dst = parts.iter().map(|(_, p)| &p.report.dst).find(|e| holds(e)).unwrap_or(&first.report.dst).clone();
-    let mut counters = Counters::default();
-    for (_, p) in &parts {
-        counters.matched += p.report.counters.matched;
-        counters.emitted += p.report.counters.emitted;
-        counters.lost += p.report.counters.lost;
-        counters.counted_only += p.report.counters.counted_only;
-    }
+    let counters = kernel_counters(parts.iter().map(|(_, p)| (p.boot_id.as_str(), &p.report.counters)));
     Ok(Report {
         src,
         dst,
@@ -609,6 +628,17 @@ mod tests {
         let placed = place(&[(&a, &[src]), (&b, &[dst])]);
         assert_eq!(placed[1].0, 300_000);
         assert!(placed[1].1.contains("causality agrees"));
+    }
+
+    #[test]
+    fn one_kernels_agents_count_its_packets_once_and_kernels_add_up() {
+        let c = |matched, emitted, lost, counted_only| Counters { matched, emitted, lost, counted_only };
+        let lab = [("k1", c(40, 38, 1, 0)), ("k1", c(41, 39, 2, 5))];
+        let t = kernel_counters(lab.iter().map(|(b, c)| (*b, c)));
+        assert_eq!((t.matched, t.emitted, t.lost, t.counted_only), (41, 39, 3, 5));
+        let machines = [("k1", c(40, 38, 0, 0)), ("k2", c(7, 7, 1, 0)), ("", c(3, 3, 0, 0))];
+        let t = kernel_counters(machines.iter().map(|(b, c)| (*b, c)));
+        assert_eq!((t.matched, t.emitted, t.lost), (50, 48, 1));
     }
 
     /// Two machines: both roots are init_net (4026531840) and a pod namespace number repeats; on one
