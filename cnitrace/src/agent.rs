@@ -8,7 +8,8 @@
 //! - `GET /v1/check[?node=NAME]` → that node's `check` report; another node's name is refused (403).
 //! - `GET /v1/follow?src=A&dst=B[&probe=icmp|tcp:P|udp:P|none][&count=N][&size=N][&timeout_ms=N]
 //!   [&icmp_id=N][&no_kprobes=1][&until_drop=1][&node=NAME]` → `application/x-ndjson`, one object a
-//!   line as it happens: `{"ready_ms"}` once the probes are attached, then `{"node", "boot_id",
+//!   line as it happens: `{"ready_ms"}` once the probes are attached, `{"event"}` for each event of
+//!   its namespaces as it is decoded, then `{"node", "boot_id",
 //!   "report", "recording"}` — what this node's kernel saw of the pair (only its own namespaces), its
 //!   state, and its clock — or `{"error"}`. The agent sends the probe when the source is one of its pods;
 //!   otherwise it watches. The trace ends at its own verdict, at its timeout, or when the client shuts
@@ -527,6 +528,8 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
     req.opts.scope = Some(scope);
     req.opts.stop = Some(stop.clone());
     req.opts.on_ready = Some(ready_tx);
+    let (event_tx, event_rx) = mpsc::channel();
+    req.opts.on_event = Some(event_tx);
     conn.set_read_timeout(None)?;
     let watcher = conn.try_clone()?;
     {
@@ -558,13 +561,22 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
         if STOP.load(Ordering::SeqCst) {
             stop.store(true, Ordering::SeqCst);
         }
+        // Each event as it is decoded (the CLI keeps them should this agent die before its last line).
+        let mut said = false;
+        for e in event_rx.try_iter() {
+            writeln!(conn, "{}", json!({ "event": e }))?;
+            said = true;
+        }
         match ready_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(ms) => {
                 writeln!(conn, "{}", json!({"ready_ms": ms}))?;
-                conn.flush()?;
+                said = true;
             }
             Err(mpsc::RecvTimeoutError::Timeout) if !worker.is_finished() => {}
             Err(_) => break,
+        }
+        if said {
+            conn.flush()?;
         }
     }
     let last = match worker.join() {

@@ -83,6 +83,9 @@ pub struct FollowOptions {
     pub on_ready: Option<std::sync::mpsc::Sender<u64>>,
     /// Attached, the probe waits for this flag (the CLI says go once every node's agent is attached).
     pub go: Option<Arc<AtomicBool>>,
+    /// Told each event as it is decoded, while the trace runs (an agent streams them to the CLI, which
+    /// keeps what a node saw even if its agent dies before its trace ends).
+    pub on_event: Option<std::sync::mpsc::Sender<TraceEvent>>,
 }
 
 /// What one node's tracer keeps: the namespaces of that node (see [`FollowOptions::scope`]).
@@ -502,6 +505,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         significant_drop |= decoded[scanned..].iter().any(|e| (e.kind == Kind::Drop && !is_noise(e)) || crate::path::is_route_failure(e) || no_way_back(e, req.src));
         for e in &decoded[scanned..] {
             arp.see(e, now);
+            if let Some(tx) = &req.opts.on_event {
+                let _ = tx.send(e.clone());
+            }
         }
         scanned = decoded.len();
         // A question nobody answers: the kernel holds the packet and asks again 1 s later; what the

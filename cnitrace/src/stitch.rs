@@ -95,6 +95,8 @@ pub struct MissingAgent {
 /// A message from one agent's stream.
 enum Msg {
     Ready,
+    /// One event of the agent's node, as it happened.
+    Event(Box<TraceEvent>),
     Final(Box<Part>),
     Failed(String),
 }
@@ -154,6 +156,12 @@ fn read_stream(conn: Conn, addr: &Addr, mut send: impl FnMut(Msg)) -> Result<()>
         }
         if v.get("ready_ms").is_some() {
             send(Msg::Ready);
+            continue;
+        }
+        if let Some(e) = v.get("event") {
+            if let Ok(e) = serde_json::from_value::<TraceEvent>(e.clone()) {
+                send(Msg::Event(Box::new(e)));
+            }
             continue;
         }
         let part: Part = serde_json::from_value(v).with_context(|| format!("{addr} sent a trace this CLI cannot read (another version?)"))?;
@@ -228,10 +236,13 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
         }
     }
     let mut ready: Vec<usize> = Vec::new();
+    // What each node's agent sent while its trace ran: what is known of a node whose agent dies.
+    let mut seen: BTreeMap<usize, Vec<TraceEvent>> = BTreeMap::new();
     let deadline = Instant::now() + agent_timeout;
     while streams.keys().any(|i| !ready.contains(i) && !done.contains_key(i)) {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok((j, Msg::Ready)) => ready.push(j),
+            Ok((j, Msg::Event(e))) => seen.entry(j).or_default().push(*e),
             Ok((j, Msg::Final(p))) => {
                 done.insert(j, *p);
             }
@@ -268,12 +279,13 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
     while done.len() + missing_among(&missing, agents, &order) < order.len() {
         let Ok((j, msg)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             for (i, _) in streams.iter().filter(|(i, _)| !done.contains_key(i)) {
-                fail(*i, "stopped answering during the trace (nothing of this node is in it)".into(), &mut missing);
+                fail(*i, format!("stopped answering during the trace; {}", known_before(seen.get(i))), &mut missing);
             }
             break;
         };
         match msg {
             Msg::Ready => {}
+            Msg::Event(e) => seen.entry(j).or_default().push(*e),
             Msg::Final(p) => {
                 let ends = Some(j) == source || p.report.verdict.verdict == Outcome::Dropped;
                 done.insert(j, *p);
@@ -288,7 +300,7 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
             }
             Msg::Failed(e) => {
                 if !done.contains_key(&j) {
-                    fail(j, format!("stopped answering during the trace: {e}"), &mut missing);
+                    fail(j, format!("stopped answering during the trace: {e}; {}", known_before(seen.get(&j))), &mut missing);
                 }
             }
         }
@@ -306,6 +318,29 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
     }
     report.elapsed_ms = t_start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// What a node's agent had sent before it stopped answering (its events are not in the stitched
+/// timeline: without its state and clock they cannot be placed or judged), in words: how many, and
+/// the last of the pair's packets and any drop it saw.
+fn known_before(events: Option<&Vec<TraceEvent>>) -> String {
+    let events = events.map(Vec::as_slice).unwrap_or_default();
+    let say = |e: &TraceEvent| {
+        let what = e.packet.as_ref().map(|p| format!(" {}", p.what)).unwrap_or_default();
+        let drop = e.drop.as_ref().map(|d| format!(" in {} ({})", d.function, d.reason)).unwrap_or_default();
+        format!("{} {}: {}{what}{drop}", e.where_, e.ifname, format!("{:?}", e.kind).to_lowercase())
+    };
+    match events.last() {
+        None => "nothing of this node is in it (it had sent no event)".into(),
+        Some(last) => {
+            let drop = events.iter().rev().find(|e| e.kind == crate::event::Kind::Drop);
+            let mut s = format!("before, it had sent {} event{} of its node, not in the timeline; the last: {}", events.len(), if events.len() == 1 { "" } else { "s" }, say(last));
+            if let Some(d) = drop.filter(|d| !std::ptr::eq(*d, last)) {
+                s += &format!("; a drop: {}", say(d));
+            }
+            s
+        }
+    }
 }
 
 /// The stitched trace's counters. Each agent's probes count what its kernel matched, whatever node

@@ -230,6 +230,9 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     let verdict: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
     let missing = verdict["agents"]["missing"].as_array().cloned().unwrap_or_default();
     assert!(missing.len() == 1 && missing[0]["node"] == n1 && missing[0]["error"].as_str().unwrap_or("").contains("stopped answering"), "{verdict}");
+    // What it still knows of node 1: the events its agent streamed before it died (the pings reached web).
+    let said = missing[0]["error"].as_str().unwrap_or("");
+    assert!(said.contains("before, it had sent") && said.contains("echo"), "{said}");
     let nodes = verdict["agents"]["nodes"].as_array().cloned().unwrap_or_default();
     assert!(nodes.len() == 1 && nodes[0]["node"] == n0, "what node 0 saw still stands: {verdict}");
     // What the source's node saw of the pings is in the timeline.
