@@ -8,6 +8,7 @@
 //! host's /boot or /lib/modules.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -49,6 +50,34 @@ pub const DEFAULT_FILTERS: &[&str] = &["follow::", "kernels::", "fix::every_faul
 /// every fault fixed 1,218 s, each fault breaking its paths 235 s | follow:: 1,335 s, kernels:: 74 s,
 /// node_shape:: 27 s.
 pub const DEFAULT_SHARDS: &[&[&str]] = &[&["fix::every_fault", "lab::each_fault"], &["follow::", "kernels::", "node_shape::"]];
+
+/// The whole suite (`--kernel V`, no filter) in `n` parts for as many one-CPU guests side by side: whole
+/// modules (a module's tests share their labs' kind and cost), the biggest first onto the lightest
+/// part, weighed by their tests' count with the modules known to be long under emulation counted
+/// heavier (per test, measured on 5.10: a fault fixed ~60 s, a follow ~30 s, the rest ~15–25 s).
+/// Returns each part's modules and its tests' exact names; every test is in exactly one part.
+pub fn split_suite(tests: &[String], n: usize) -> Vec<(Vec<String>, Vec<String>)> {
+    let weight = |module: &str| match module {
+        "fix" => 4,
+        "follow" | "services" | "agents" => 2,
+        _ => 1,
+    };
+    let mut modules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for t in tests {
+        let module = t.split("::").next().unwrap_or(t).to_string();
+        modules.entry(module).or_default().push(t.clone());
+    }
+    let mut by_cost: Vec<(String, Vec<String>)> = modules.into_iter().collect();
+    by_cost.sort_by_key(|(m, ts)| std::cmp::Reverse(ts.len() * weight(m)));
+    let mut parts: Vec<(usize, Vec<String>, Vec<String>)> = (0..n.max(1)).map(|_| (0, Vec::new(), Vec::new())).collect();
+    for (m, ts) in by_cost {
+        let lightest = parts.iter_mut().min_by_key(|p| p.0).expect("a part");
+        lightest.0 += ts.len() * weight(&m);
+        lightest.1.push(format!("{m}::"));
+        lightest.2.extend(ts);
+    }
+    parts.into_iter().filter(|p| !p.2.is_empty()).map(|(_, m, t)| (m, t)).collect()
+}
 
 // The Rust virtiofsd (setup's CARGO_INSTALLS; Debian 12 has none, and qemu's old C one is not used by
 // virtme-ng): with it the guest's shared root is virtiofs with caching instead of uncached 9p. Measured
@@ -583,6 +612,28 @@ mod tests {
             "console: [  601.2] Out of memory: Killed process 412 (kernel-1234) total-vm:1kB; last memory reading: 20 MiB available of 1953 MiB, 1000 MiB in tmpfs; console kept in /x/5.10.console.log"
         );
         assert!(why_the_guest_ended("", Path::new("c")).starts_with("the console names no cause"));
+    }
+
+    #[test]
+    fn the_whole_suite_splits_into_parts_of_whole_modules_each_test_once() {
+        let tests: Vec<String> = ["fix::a", "fix::b", "follow::a", "follow::b", "follow::c", "lab::a", "kube::a", "agents::a", "agents::b", "kernels::a"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let parts = split_suite(&tests, 2);
+        assert_eq!(parts.len(), 2);
+        let mut all: Vec<&String> = parts.iter().flat_map(|(_, t)| t).collect();
+        all.sort();
+        let mut want: Vec<&String> = tests.iter().collect();
+        want.sort();
+        assert_eq!(all, want, "every test once");
+        for (modules, names) in &parts {
+            assert!(names.iter().all(|t| modules.iter().any(|m| t.starts_with(m.as_str()))), "{modules:?} {names:?}");
+        }
+        // fix (2 × 4) and follow (3 × 2) are the heaviest: not in the same part.
+        let part_of = |t: &str| parts.iter().position(|(_, n)| n.iter().any(|x| x == t));
+        assert_ne!(part_of("fix::a"), part_of("follow::a"));
+        assert_eq!(split_suite(&tests[..1], 2).len(), 1, "no empty guest");
     }
 
     #[test]
