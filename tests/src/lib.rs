@@ -414,14 +414,21 @@ pub fn ns_config(ns: &str) -> String {
 }
 
 /// `text` with the lines `pick` says yes to sorted among themselves, each sorted line in one of their places.
+/// Each picked line once, too: a dump of a table that changes while it is dumped (a hash table resized)
+/// can list an entry twice (seen once under load: a VTEP neighbour repeated), and the kernel holds one
+/// entry per address and device.
 fn in_order_where(text: &str, pick: impl Fn(&str) -> bool) -> String {
-    let mut lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.lines().collect();
     let at: Vec<usize> = (0..lines.len()).filter(|i| pick(lines[*i])).collect();
     let mut picked: Vec<&str> = at.iter().map(|i| lines[*i]).collect();
     picked.sort_unstable();
-    for (i, l) in at.into_iter().zip(picked) {
-        lines[i] = l;
-    }
+    picked.dedup();
+    let mut sorted = picked.into_iter();
+    let lines: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| if at.contains(&i) { sorted.next() } else { Some(*l) })
+        .collect();
     let mut out = lines.join("\n");
     if text.ends_with('\n') {
         out.push('\n');

@@ -484,7 +484,14 @@ fn an_agent_killed_mid_fix_rolls_the_fix_back_from_its_journal_when_it_starts_ag
     // Started again (as the DaemonSet restarts its pod): the unverified fix is undone before it listens.
     let log = g.lab.file("agent-restarted.log");
     let _again = Agent::start_with(n1, &sock, &journals, &[], Stdio::from(std::fs::File::create(&log).expect("log")));
-    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    // Its socket is bound before it recovers (only one agent serves a node), so it may answer connects
+    // before its recovery is said: wait for the line (requests wait meanwhile, they are not refused).
+    let t = Instant::now();
+    let mut said = String::new();
+    while !said.contains("rolled back") && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+        said = std::fs::read_to_string(&log).unwrap_or_default();
+    }
     assert!(said.contains("was not verified when the agent stopped: rolled back") && said.contains("rp_filter=1"), "{said}");
     assert_eq!(cnitrace_tests::config_diff(&before, &cnitrace_tests::lab_config()), Vec::<String>::new(), "rolled back exactly");
     let (code, text) = cnitrace_tests::fix(&with_agents(&["--history"], &agents));
