@@ -214,18 +214,30 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     let agents = lab_agents(&g);
     let (n0, n1) = (topology::NODES[0].name, topology::NODES[1].name);
     let victim = cnitrace::lab::Lab::load(&g.lab.state.prefix).expect("lab state").state.servers.iter().find(|s| s.name == format!("agent-{n1}")).expect("node 1's agent").pid;
-    // A passive trace of the pair for 6 s while real traffic flows between them; node 1's agent is
-    // killed (SIGKILL) 2 s in.
-    let mut args = vec!["follow".to_string(), cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"), "--json".into(), "--probe".into(), "none".into(), "--timeout".into(), "6".into()];
+    // A passive trace of the pair for 10 s while real traffic flows between them; node 1's agent is
+    // killed (SIGKILL) once it has seen the pings.
+    let mut args = vec!["follow".to_string(), cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"), "--json".into(), "--probe".into(), "none".into(), "--timeout".into(), "10".into()];
     args.extend(agents.iter().cloned());
     let child = Command::new(bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("follow through agents");
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Both agents' programs in: their count has stopped growing for a second (an emulated kernel
+    // takes seconds to load them), then the pings, then a second for node 1's agent to stream them.
+    let (mut last, mut since) = (0, Instant::now());
+    while t0.elapsed() < Duration::from_secs(30) {
+        let n = loaded_cnitrace_programs();
+        if n != last {
+            (last, since) = (n, Instant::now());
+        } else if n > 0 && since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _ping = cnitrace_tools::PING.in_netns(&g.lab.pod_ns("debug")).args(["-c", "3", "-i", "0.2", "-W", "1", &cnitrace_tests::pod_ip("web")]).output();
+    std::thread::sleep(Duration::from_secs(1));
     let st = cnitrace_tools::KILL.command().args(["-KILL", &victim.to_string()]).status().expect("kill -KILL");
     assert!(st.success());
     let out = child.wait_with_output().expect("follow ends");
-    assert!(t0.elapsed() < Duration::from_secs(20), "not hung on: {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(60), "not hung on: {:?}", t0.elapsed());
     let text = String::from_utf8_lossy(&out.stdout);
     let verdict: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
     let missing = verdict["agents"]["missing"].as_array().cloned().unwrap_or_default();
