@@ -692,7 +692,7 @@ fn agents(b: &Bench, quick: bool) -> Result<Value> {
         }
         let agent_args: Vec<String> =
             ["storagenodet3500", "storagenodet3501"].iter().map(|n| format!("--agent={n}=unix:/run/cnitrace/lab/{PREFIX}/agent-{n}.sock")).collect();
-        let mut timed = |extra: &[&str]| -> Result<(f64, Value)> {
+        let timed = |extra: &[&str]| -> Result<(f64, Value)> {
             let mut args = vec!["follow", DEBUG, WEB, "--json", "--timeout", "2"];
             args.extend_from_slice(extra);
             let t0 = Instant::now();
