@@ -116,8 +116,14 @@ fn check_through_each_nodes_agent_equals_the_hosts_own_and_a_dead_agent_is_named
 }
 
 /// The lab's agents (`lab up --agents`), as `--agent NODE=ADDR` arguments.
+/// The `--agent` of each lab node, and a bound on their attach that an emulated kernel meets (20 traces
+/// at once on 5.10 under emulation took more than the default 10 s to attach).
 fn lab_agents(g: &LabGuard) -> Vec<String> {
-    topology::NODES.iter().map(|n| format!("--agent={}=unix:{}", n.name, g.lab.file(&format!("agent-{}.sock", n.name)).display())).collect()
+    topology::NODES
+        .iter()
+        .map(|n| format!("--agent={}=unix:{}", n.name, g.lab.file(&format!("agent-{}.sock", n.name)).display()))
+        .chain(["--agent-timeout=60".to_string()])
+        .collect()
 }
 
 /// The node a verdict's `netns` (a node's or a pod's display name) belongs to.
