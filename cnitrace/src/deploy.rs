@@ -167,13 +167,12 @@ pub const OWNER_LABEL: (&str, &str) = ("app.kubernetes.io/name", "cnitrace");
 /// line each. A namespace that is there already and is not cnitrace's (`--namespace kube-system`) is
 /// used as it is: neither labelled nor, later, deleted.
 pub fn apply(cluster: &mut crate::k8s::Cluster, o: &Options, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
-    use crate::k8s::manifests::{title, Applied};
+    use crate::k8s::manifests::{labelled, title, Applied};
     writeln!(out, "cnitrace {} → {}", env!("CARGO_PKG_VERSION"), format!("{} ({})", cluster.server, cluster.source))?;
     for m in manifests(o) {
         if m["kind"] == "Namespace" {
             if let Some(ns) = cluster.get_object(&m)? {
-                let ours = ns.metadata.labels.as_ref().and_then(|l| l.get(OWNER_LABEL.0)).is_some_and(|v| v == OWNER_LABEL.1);
-                if !ours {
+                if !labelled(&ns, OWNER_LABEL) {
                     writeln!(out, "  {:<52} exists, not cnitrace's: used as it is", title(&m))?;
                     continue;
                 }
@@ -196,13 +195,13 @@ pub fn apply(cluster: &mut crate::k8s::Cluster, o: &Options, out: &mut dyn std::
 /// before its RBAC, the namespace last), each only if it carries [`OWNER_LABEL`]. With `dry_run`,
 /// what would be deleted, and nothing is.
 pub fn remove(cluster: &mut crate::k8s::Cluster, o: &Options, dry_run: bool, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
-    use crate::k8s::manifests::{title, Removed};
+    use crate::k8s::manifests::{labelled, title, Removed};
     writeln!(out, "cnitrace {} → {}{}", env!("CARGO_PKG_VERSION"), format!("{} ({})", cluster.server, cluster.source), if dry_run { " (dry run: nothing is deleted)" } else { "" })?;
     for m in manifests(o).iter().rev() {
         let said = if dry_run {
             match cluster.get_object(m)? {
                 None => "not there".to_string(),
-                Some(now) if now.metadata.labels.as_ref().and_then(|l| l.get(OWNER_LABEL.0)).is_some_and(|v| v == OWNER_LABEL.1) => "would be deleted".to_string(),
+                Some(now) if labelled(&now, OWNER_LABEL) => "would be deleted".to_string(),
                 Some(_) => format!("kept: not labelled {}={}", OWNER_LABEL.0, OWNER_LABEL.1),
             }
         } else {

@@ -237,12 +237,12 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
     }
     let mut ready: Vec<usize> = Vec::new();
     // What each node's agent sent while its trace ran: what is known of a node whose agent dies.
-    let mut seen: BTreeMap<usize, Vec<TraceEvent>> = BTreeMap::new();
+    let mut seen: BTreeMap<usize, Known> = BTreeMap::new();
     let deadline = Instant::now() + agent_timeout;
     while streams.keys().any(|i| !ready.contains(i) && !done.contains_key(i)) {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok((j, Msg::Ready)) => ready.push(j),
-            Ok((j, Msg::Event(e))) => seen.entry(j).or_default().push(*e),
+            Ok((j, Msg::Event(e))) => seen.entry(j).or_default().see(*e),
             Ok((j, Msg::Final(p))) => {
                 done.insert(j, *p);
             }
@@ -285,7 +285,7 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
         };
         match msg {
             Msg::Ready => {}
-            Msg::Event(e) => seen.entry(j).or_default().push(*e),
+            Msg::Event(e) => seen.entry(j).or_default().see(*e),
             Msg::Final(p) => {
                 let ends = Some(j) == source || p.report.verdict.verdict == Outcome::Dropped;
                 done.insert(j, *p);
@@ -323,23 +323,39 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
 /// What a node's agent had sent before it stopped answering (its events are not in the stitched
 /// timeline: without its state and clock they cannot be placed or judged), in words: how many, and
 /// the last of the pair's packets and any drop it saw.
-fn known_before(events: Option<&Vec<TraceEvent>>) -> String {
-    let events = events.map(Vec::as_slice).unwrap_or_default();
+fn known_before(known: Option<&Known>) -> String {
     let say = |e: &TraceEvent| {
         let what = e.packet.as_ref().map(|p| format!(" {}", p.what)).unwrap_or_default();
         let drop = e.drop.as_ref().map(|d| format!(" in {} ({})", d.function, d.reason)).unwrap_or_default();
         format!("{} {}: {}{what}{drop}", e.where_, e.ifname, format!("{:?}", e.kind).to_lowercase())
     };
-    match events.last() {
+    match known.and_then(|k| Some((k, k.last.as_ref()?))) {
         None => "nothing of this node is in it (it had sent no event)".into(),
-        Some(last) => {
-            let drop = events.iter().rev().find(|e| e.kind == crate::event::Kind::Drop);
-            let mut s = format!("before, it had sent {} event{} of its node, not in the timeline; the last: {}", events.len(), if events.len() == 1 { "" } else { "s" }, say(last));
-            if let Some(d) = drop.filter(|d| !std::ptr::eq(*d, last)) {
+        Some((k, last)) => {
+            let mut s = format!("before, it had sent {} event{} of its node, not in the timeline; the last: {}", k.count, if k.count == 1 { "" } else { "s" }, say(last));
+            if let Some(d) = k.drop.as_ref().filter(|d| *d != last) {
                 s += &format!("; a drop: {}", say(d));
             }
             s
         }
+    }
+}
+
+/// What one node's agent has streamed so far, as much as [`known_before`] says of it.
+#[derive(Default)]
+struct Known {
+    count: usize,
+    last: Option<TraceEvent>,
+    drop: Option<TraceEvent>,
+}
+
+impl Known {
+    fn see(&mut self, e: TraceEvent) {
+        self.count += 1;
+        if e.kind == crate::event::Kind::Drop {
+            self.drop = Some(e.clone());
+        }
+        self.last = Some(e);
     }
 }
 

@@ -45,6 +45,11 @@ pub fn title(obj: &Value) -> String {
     }
 }
 
+/// Whether an object as the API has it carries the label `key=value`.
+pub fn labelled(obj: &DynamicObject, (key, value): (&str, &str)) -> bool {
+    obj.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == value)
+}
+
 impl Cluster {
     fn dynamic(&self, obj: &Value) -> anyhow::Result<(Api<DynamicObject>, String)> {
         let (api_version, kind) = (obj["apiVersion"].as_str().unwrap_or(""), obj["kind"].as_str().unwrap_or(""));
@@ -87,8 +92,7 @@ impl Cluster {
         let Some(now) = self.get_object(obj)? else {
             return Ok(Removed::Absent);
         };
-        let ours = now.metadata.labels.as_ref().and_then(|l| l.get(label.0)).is_some_and(|v| v == label.1);
-        if !ours {
+        if !labelled(&now, label) {
             return Ok(Removed::NotOurs { label: format!("{}={}", label.0, label.1) });
         }
         let (api, name) = self.dynamic(obj)?;
