@@ -223,7 +223,61 @@ fn neigh_state(s: NeighbourState) -> String {
     .to_string()
 }
 
+/// The neighbours and the FDB as two dumps in a row agree on them. The kernel resumes a dump that spans
+/// several reads by position (hash bucket, index in it), and the neighbour table is one for every
+/// namespace: when it grows or changes between two reads of one dump (pods coming up on the node), an
+/// entry can be listed twice or not at all (seen: a VTEP's permanent neighbour listed twice). A missing
+/// neighbour or FDB entry is a cause (vxlan-neigh-missing, vxlan-fdb-missing) that `fix` acts on, so it
+/// must not come from a torn dump: each is read again until two reads list the same entries (at most
+/// `DUMP_READS`; then every entry any read listed), each entry once.
 async fn neighbours(h: &Handle) -> Result<(Vec<Neigh>, Vec<Fdb>)> {
+    let mut reads = Vec::new();
+    for _ in 0..DUMP_READS {
+        reads.push(neighbours_once(h).await?);
+        if let [.., a, b] = &reads[..] {
+            if keys(&a.0, neigh_key) == keys(&b.0, neigh_key) && keys(&a.1, fdb_key) == keys(&b.1, fdb_key) {
+                break;
+            }
+        }
+    }
+    let (n, f): (Vec<_>, Vec<_>) = reads.into_iter().unzip();
+    Ok((settled(n, neigh_key), settled(f, fdb_key)))
+}
+
+const DUMP_READS: usize = 4;
+
+fn neigh_key(n: &Neigh) -> (u32, Ipv4Addr) {
+    (n.ifindex, n.ip)
+}
+
+fn fdb_key(f: &Fdb) -> (u32, String, Option<Ipv4Addr>) {
+    (f.ifindex, f.mac.clone(), f.dst)
+}
+
+fn keys<T, K: Ord>(v: &[T], key: fn(&T) -> K) -> std::collections::BTreeSet<K> {
+    v.iter().map(key).collect()
+}
+
+/// One list from reads of the same dump: when the last two agree, the last; otherwise every entry any
+/// read listed (the latest reading of each). Each entry once, in the order the kernel listed them.
+fn settled<T, K: Ord + Clone>(reads: Vec<Vec<T>>, key: fn(&T) -> K) -> Vec<T> {
+    let agreed = matches!(&reads[..], [.., a, b] if keys(a, key) == keys(b, key));
+    let reads: Vec<Vec<T>> = if agreed { reads.into_iter().last().into_iter().collect() } else { reads };
+    let mut at: std::collections::BTreeMap<K, usize> = std::collections::BTreeMap::new();
+    let mut out: Vec<T> = Vec::new();
+    for entry in reads.into_iter().flatten() {
+        match at.get(&key(&entry)) {
+            Some(&i) => out[i] = entry,
+            None => {
+                at.insert(key(&entry), out.len());
+                out.push(entry);
+            }
+        }
+    }
+    out
+}
+
+async fn neighbours_once(h: &Handle) -> Result<(Vec<Neigh>, Vec<Fdb>)> {
     let v4: Vec<NeighbourMessage> =
         h.neighbours().get().set_address_family(AddressFamily::Inet).execute().try_collect().await.context("dump neighbours")?;
     let mut neighbours = Vec::new();
@@ -302,4 +356,35 @@ pub fn nsid_of(target: &std::path::Path) -> Result<Option<i32>> {
         }
         Ok(None)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(ifindex: u32, ip: [u8; 4], state: &str) -> Neigh {
+        Neigh { ifindex, ip: Ipv4Addr::from(ip), mac: None, state: state.into() }
+    }
+
+    #[test]
+    fn reads_that_agree_give_the_last_each_entry_once() {
+        // A torn dump repeated the VTEP's entry; the key sets still agree.
+        let first = vec![n(5, [10, 244, 1, 0], "permanent"), n(2, [10, 244, 0, 20], "reachable")];
+        let second = vec![n(5, [10, 244, 1, 0], "permanent"), n(2, [10, 244, 0, 20], "stale"), n(5, [10, 244, 1, 0], "permanent")];
+        let got = settled(vec![first, second], neigh_key);
+        assert_eq!(got, vec![n(5, [10, 244, 1, 0], "permanent"), n(2, [10, 244, 0, 20], "stale")]);
+    }
+
+    #[test]
+    fn reads_that_never_agree_keep_every_entry_any_read_listed() {
+        // Each read skipped another entry: none is claimed missing.
+        let reads = vec![
+            vec![n(5, [10, 244, 1, 0], "permanent")],
+            vec![n(5, [10, 244, 2, 0], "permanent")],
+            vec![n(5, [10, 244, 1, 0], "permanent"), n(2, [10, 244, 0, 20], "reachable")],
+            vec![n(5, [10, 244, 2, 0], "permanent"), n(2, [10, 244, 0, 20], "stale")],
+        ];
+        let got = settled(reads, neigh_key);
+        assert_eq!(got, vec![n(5, [10, 244, 1, 0], "permanent"), n(5, [10, 244, 2, 0], "permanent"), n(2, [10, 244, 0, 20], "stale")]);
+    }
 }
