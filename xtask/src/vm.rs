@@ -55,17 +55,34 @@ pub const DEFAULT_SHARDS: &[&[&str]] = &[&["fix::every_fault", "lab::each_fault"
 /// own parameters are on it (measured: 700–800 bytes with this project's paths).
 const MAX_GUEST_COMMAND_B64: usize = 1200;
 
+/// Seconds per test of each module in the whole suite on 5.10 under emulation, one CPU (the matrix of
+/// 2026-12-06, `target/kernel-tests/matrix.txt`: module total / tests). Counting tests alone put agents
+/// (its 120-trace soak: 964 s), generated (one test, 876 s) and follow in one guest: 54 min beside 22.
+/// By these weights the same suite splits ~38 / ~38 min.
+const SECONDS_PER_TEST: &[(&str, usize)] = &[
+    ("agents", 160),
+    ("generated", 876),
+    ("services", 178),
+    ("fix", 48),
+    ("follow", 45),
+    ("lab", 20),
+    ("kube", 14),
+    ("validate", 12),
+    ("node_shape", 12),
+    ("watch", 10),
+    ("kernels", 6),
+    ("layouts", 5),
+];
+/// A module not measured yet.
+const UNMEASURED_SECONDS: usize = 30;
+
 /// The whole suite (`--kernel V`, no filter) in `n` parts for as many one-CPU guests side by side: whole
-/// modules (a module's tests share their labs' kind and cost), the biggest first onto the lightest
-/// part, weighed by their tests' count with the modules known to be long under emulation counted
-/// heavier (per test, measured on 5.10: a fault fixed ~60 s, a follow ~30 s, the rest ~15–25 s).
-/// Returns each part's modules and its tests' exact names; every test is in exactly one part.
+/// modules (a module's tests share their labs' kind and cost), the longest first onto the lightest part,
+/// each weighed by its tests' count times the seconds one of its tests took on 5.10 in a one-CPU guest
+/// (`SECONDS_PER_TEST`). Returns each part's modules and its tests' exact names; every test is in
+/// exactly one part.
 pub fn split_suite(tests: &[String], n: usize) -> Vec<(Vec<String>, Vec<String>)> {
-    let weight = |module: &str| match module {
-        "fix" => 4,
-        "follow" | "services" | "agents" => 2,
-        _ => 1,
-    };
+    let weight = |module: &str| SECONDS_PER_TEST.iter().find(|(m, _)| *m == module).map_or(UNMEASURED_SECONDS, |(_, s)| *s);
     let mut modules: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for t in tests {
         let module = t.split("::").next().unwrap_or(t).to_string();
@@ -644,9 +661,10 @@ mod tests {
         for (modules, names) in &parts {
             assert!(names.iter().all(|t| modules.iter().any(|m| t.starts_with(m.as_str()))), "{modules:?} {names:?}");
         }
-        // fix (2 × 4) and follow (3 × 2) are the heaviest: not in the same part.
+        // agents (2 × 160 s) outweighs the rest (follow 3 × 45, fix 2 × 48, …): a part of its own.
         let part_of = |t: &str| parts.iter().position(|(_, n)| n.iter().any(|x| x == t));
-        assert_ne!(part_of("fix::a"), part_of("follow::a"));
+        assert_eq!(parts[part_of("agents::a").unwrap()].1.len(), 2, "{parts:?}");
+        assert_eq!(part_of("fix::a"), part_of("follow::a"));
         assert_eq!(split_suite(&tests[..1], 2).len(), 1, "no empty guest");
     }
 
