@@ -178,6 +178,16 @@ fn kubectl_reads_the_test_server() {
     assert!(kubectl(&["version", "-o", "json"]).contains("v1.32.4"));
 }
 
+/// A PATH on which kubectl finds `bin` as its plugin `kubectl-cnitrace` (a link in `dir/bin`), as a user
+/// who installed it has.
+fn plugin_path(dir: &std::path::Path, bin: &std::path::Path) -> String {
+    let plugins = dir.join("bin");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let _ = std::fs::remove_file(plugins.join("kubectl-cnitrace"));
+    std::os::unix::fs::symlink(bin, plugins.join("kubectl-cnitrace")).unwrap();
+    format!("{}:{}", plugins.display(), std::env::var("PATH").unwrap_or_default())
+}
+
 /// As users run it: `kubectl cnitrace …` finds `kubectl-cnitrace` on PATH. Without root, the names
 /// are resolved through the API and follow stops at the root check: the plugin path and the name
 /// resolution, end to end, through kubectl.
@@ -194,11 +204,7 @@ fn kubectl_runs_cnitrace_as_a_plugin() {
     }
     let api = FakeApi::start(cluster(), Behaviour::Normal);
     let dir = scratch("plugin");
-    let plugins = dir.join("bin");
-    std::fs::create_dir_all(&plugins).unwrap();
-    let _ = std::fs::remove_file(plugins.join("kubectl-cnitrace"));
-    std::os::unix::fs::symlink(&bin, plugins.join("kubectl-cnitrace")).unwrap();
-    let path = format!("{}:{}", plugins.display(), std::env::var("PATH").unwrap_or_default());
+    let path = plugin_path(&dir, &bin);
     let k = api.kubeconfig(&dir, Some("media"));
     let out = cnitrace_tools::KUBECTL
         .command()
@@ -410,11 +416,7 @@ fn deploy_prints_manifests_the_api_schemas_accept() {
     }
     assert_eq!(kinds, ["namespace", "serviceaccount", "clusterrole", "clusterrolebinding", "role", "rolebinding", "daemonset"], "every object validated");
     if on_path("kubectl") {
-        let plugins = dir.join("bin");
-        std::fs::create_dir_all(&plugins).unwrap();
-        let _ = std::fs::remove_file(plugins.join("kubectl-cnitrace"));
-        std::os::unix::fs::symlink(&bin, plugins.join("kubectl-cnitrace")).unwrap();
-        let path = format!("{}:{}", plugins.display(), std::env::var("PATH").unwrap_or_default());
+        let path = plugin_path(&dir, &bin);
         let out = cnitrace_tools::KUBECTL.command().env("PATH", &path).args(["cnitrace", "deploy"]).output().expect("kubectl cnitrace deploy");
         let direct = std::process::Command::new(&bin).arg("deploy").output().unwrap();
         assert!(out.status.success() && out.stdout == direct.stdout, "{}", String::from_utf8_lossy(&out.stderr));

@@ -417,6 +417,17 @@ fn lab_agent(g: &LabGuard, node: &str) -> (u32, std::path::PathBuf, std::path::P
     (pid, g.lab.file(&format!("agent-{node}.sock")), g.lab.file(&format!("agent-{node}.state")))
 }
 
+/// Ends the lab's agent `pid` (started by the lab for this test) with `signal` and waits until it is gone
+/// — its listening socket closed — before the next one is asked whether it listens.
+fn end_lab_agent(pid: u32, signal: &str) {
+    let st = cnitrace_tools::KILL.command().args([signal, &pid.to_string()]).status().expect("kill");
+    assert!(st.success(), "kill {signal} {pid}");
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn with_agents<'a>(args: &[&'a str], agents: &'a [String]) -> Vec<&'a str> {
     args.iter().copied().chain(agents.iter().map(String::as_str)).collect()
 }
@@ -490,13 +501,7 @@ fn an_agent_killed_mid_fix_rolls_the_fix_back_from_its_journal_when_it_starts_ag
     let before = cnitrace_tests::lab_config();
     // Node 1's agent replaced by one that dies after its first change.
     let (pid, sock, journals) = lab_agent(&g, n1);
-    let st = cnitrace_tools::KILL.command().args(["-KILL", &pid.to_string()]).status().expect("kill -KILL");
-    assert!(st.success());
-    // Gone (its listening socket closed) before the next one is asked whether it listens.
-    let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    end_lab_agent(pid, "-KILL");
     let crash_log = g.lab.file("agent-crashing.log");
     let mut crashing =
         Agent::start_with(n1, &sock, &journals, &[("CNITRACE_TEST_CRASH_AFTER_ACTIONS", "1")], Stdio::from(std::fs::File::create(&crash_log).expect("log")));
@@ -618,12 +623,7 @@ fn a_node_on_another_kernel_is_stitched_by_causality_and_fixed_on_its_node() {
     let agents = lab_agents(&g);
     let n1 = topology::NODES[1].name;
     let (pid, sock, journals) = lab_agent(&g, n1);
-    let st = cnitrace_tools::KILL.command().args(["-TERM", &pid.to_string()]).status().expect("kill -TERM");
-    assert!(st.success());
-    let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    end_lab_agent(pid, "-TERM");
     let _other = Agent::start_with(n1, &sock, &journals, &[("CNITRACE_TEST_BOOT_ID", "00000000-another-machine")], Stdio::null());
 
     let (src, dst) = (cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"));
