@@ -339,10 +339,15 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
     assert_eq!(pids.len(), 2);
     let in_a_row = if std::env::var_os("CNITRACE_SOAK").is_some() { 1000 } else { 120 };
     let pair = [cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web")];
-    let trace = |pair: &[String; 2]| -> (i32, Vec<Value>, Value) {
-        let args: Vec<&str> = ["--timeout", "2", "--count", "1", "--size", "56"].into_iter().chain(agents.iter().map(String::as_str)).collect();
+    let trace_within = |pair: &[String; 2], agent_timeout: &str| -> (i32, Vec<Value>, Value) {
+        let args: Vec<&str> = ["--timeout", "2", "--count", "1", "--size", "56"]
+            .into_iter()
+            .chain(agents.iter().map(String::as_str).filter(|a| !a.starts_with("--agent-timeout")))
+            .chain(["--agent-timeout", agent_timeout])
+            .collect();
         follow_events(&pair[0], &pair[1], &args)
     };
+    let trace = |pair: &[String; 2]| trace_within(pair, "60");
     // Warm: the first traces grow the agents' allocator to its working size.
     for _ in 0..10 {
         trace(&pair);
@@ -363,6 +368,7 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
     let t0 = Instant::now();
     let mut wrong = Vec::new();
     let mut half = before.clone();
+    let mut slowest_ready_ms = 0;
     for i in 0..in_a_row {
         if i == in_a_row / 2 {
             half = (0..pids.len()).map(settled).collect();
@@ -371,6 +377,7 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
         if code != 0 || v["verdict"] != "delivered" {
             wrong.push(format!("trace {i}: exit {code}: {v}"));
         }
+        slowest_ready_ms = slowest_ready_ms.max(v["ready_ms"].as_u64().unwrap_or(0));
         if (i + 1) % 100 == 0 {
             println!("after {} traces: agents' (RSS KiB, fds) {:?}", i + 1, pids.iter().map(|p| rss_fds(*p)).collect::<Vec<_>>());
         }
@@ -378,11 +385,17 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
     let per_trace_ms = t0.elapsed().as_millis() as f64 / in_a_row as f64;
     let after: Vec<(u64, usize)> = (0..pids.len()).map(settled).collect();
     println!("{in_a_row} traces in a row through 2 agents: {per_trace_ms:.0} ms each; agents' (RSS KiB, fds) before {before:?}, after {after:?}");
-    // 20 at once, each from its own CLI: each trace holds its own probe's echoes only.
+    // 20 at once, each from its own CLI: each trace holds its own probe's echoes only. Each attaches
+    // its own programs, and the kernel verifies and attaches them one CPU's worth at a time: on one
+    // emulated CPU (5.10 in a guest: ~3 s to attach one trace's 13 programs) the last of 20 is ready
+    // a minute or more after it asked. Each is given three times 20 of the slowest attach seen alone.
+    let agent_timeout = (3 * 20 * slowest_ready_ms / 1000).max(60).to_string();
+    println!("20 at once, each given {agent_timeout} s to attach (the slowest alone: {slowest_ready_ms} ms)");
     let pair_ref = &pair;
-    let trace_ref = &trace;
+    let trace_ref = &trace_within;
+    let timeout_ref = agent_timeout.as_str();
     let at_once: Vec<(i32, Vec<Value>, Value)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..20).map(|_| s.spawn(move || trace_ref(pair_ref))).collect();
+        let hs: Vec<_> = (0..20).map(|_| s.spawn(move || trace_ref(pair_ref, timeout_ref))).collect();
         hs.into_iter().map(|h| h.join().expect("a trace's thread")).collect()
     });
     for (i, (code, events, v)) in at_once.iter().enumerate() {
