@@ -373,11 +373,26 @@ pub fn ns_config(ns: &str) -> String {
     // Permanent neighbours and FDB entries come out in the kernel's hash-table order, which a repair that
     // re-adds one entry may change for entries it never touched (seen on 5.10: a node's two VTEP
     // neighbours swapped places after a rollback elsewhere): as sets, in order.
-    let mut s = in_order_where(&batch(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n"), |l| {
+    // A dump the kernel resumes across reads can list an entry twice or skip it when its table changes
+    // meanwhile (other namespaces' neighbours share one table): read until two reads agree, as
+    // cnitrace's own state reading does (seen on 5.10: a snapshot one line longer than the other, the
+    // same lines).
+    let agreed = |prog: &cnitrace_tools::Tool, opts: &[&str], script: &str| {
+        let mut last = batch(prog, opts, script);
+        for _ in 0..3 {
+            let again = batch(prog, opts, script);
+            if again == last {
+                break;
+            }
+            last = again;
+        }
+        last
+    };
+    let mut s = in_order_where(&agreed(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n"), |l| {
         l.contains(" lladdr ") && l.ends_with("PERMANENT")
     });
     // `-d`: a port's flags (hairpin, learning, flood…) on an indented line of their own, joined to it.
-    let bridge = batch(&cnitrace_tools::BRIDGE, &["-d"], "link show\nfdb show\n");
+    let bridge = agreed(&cnitrace_tools::BRIDGE, &["-d"], "link show\nfdb show\n");
     let bridge = bridge.lines().fold(String::new(), |mut acc, l| {
         if l.starts_with(char::is_whitespace) {
             acc.push_str(l.trim_end());
@@ -509,9 +524,25 @@ pub fn config_diff(a: &std::collections::BTreeMap<String, String>, b: &std::coll
                 let only_a: Vec<&&str> = la.iter().filter(|l| !lb.contains(l)).take(3).collect();
                 let only_b: Vec<&&str> = lb.iter().filter(|l| !la.contains(l)).take(3).collect();
                 if only_a.is_empty() && only_b.is_empty() {
-                    // The same lines, in another order or another number of times: the first that differs.
+                    // The same lines, in another order or another number of times: those repeated a
+                    // different number of times, else the first that differs.
+                    let count = |ls: &[&str], l: &str| ls.iter().filter(|x| **x == l).count();
+                    let recounted: Vec<String> = la
+                        .iter()
+                        .chain(&lb)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .filter(|l| count(&la, l) != count(&lb, l))
+                        .map(|l| format!("{l:?} {}× before, {}× after", count(&la, l), count(&lb, l)))
+                        .collect();
                     let at = la.iter().zip(&lb).position(|(x, y)| x != y).unwrap_or(la.len().min(lb.len()));
-                    out.push(format!("{ns}: the same lines, reordered or repeated; line {at}: before {:?} after {:?}", la.get(at), lb.get(at)));
+                    out.push(format!(
+                        "{ns}: the same lines, reordered or repeated ({} lines before, {} after); repeated otherwise: {recounted:?}; first difference, line {at}: before {:?} after {:?}",
+                        la.len(),
+                        lb.len(),
+                        la.get(at),
+                        lb.get(at)
+                    ));
                 } else {
                     out.push(format!("{ns}: before {only_a:?} after {only_b:?}"));
                 }
