@@ -388,9 +388,7 @@ pub fn ns_config(ns: &str) -> String {
         }
         last
     };
-    let mut s = in_order_where(&agreed(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n"), |l| {
-        l.contains(" lladdr ") && l.ends_with("PERMANENT")
-    });
+    let mut s = in_order_where(&agreed(&cnitrace_tools::IP, &["-4", "-d"], "link show\naddr show\nroute show table all\nneigh show nud permanent\n"), permanent_neighbour);
     // `-d`: a port's flags (hairpin, learning, flood…) on an indented line of their own, joined to it.
     let bridge = agreed(&cnitrace_tools::BRIDGE, &["-d"], "link show\nfdb show\n");
     let bridge = bridge.lines().fold(String::new(), |mut acc, l| {
@@ -426,6 +424,11 @@ pub fn ns_config(ns: &str) -> String {
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
     normalize(&s)
+}
+
+/// A permanent neighbour's line of `ip neigh show` (iproute2 ends it with a space: "… PERMANENT ").
+fn permanent_neighbour(l: &str) -> bool {
+    l.contains(" lladdr ") && l.trim_end().ends_with("PERMANENT")
 }
 
 /// `text` with the lines `pick` says yes to sorted among themselves, each sorted line in one of their places.
@@ -551,4 +554,19 @@ pub fn config_diff(a: &std::collections::BTreeMap<String, String>, b: &std::coll
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_neighbours_are_compared_as_a_set() {
+        // As iproute2 prints them: each line ends with a space. Until this test, the pick missed every
+        // line and a rollback that reordered the kernel's hash table failed the byte-for-byte check.
+        let a = "1: lo\n10.11.28.0 dev flannel.1 lladdr 0e:7c:51:8c:67:32 PERMANENT \n10.11.150.0 dev flannel.1 lladdr 0e:1e:0a:8b:31:e8 PERMANENT \n";
+        let b = "1: lo\n10.11.150.0 dev flannel.1 lladdr 0e:1e:0a:8b:31:e8 PERMANENT \n10.11.28.0 dev flannel.1 lladdr 0e:7c:51:8c:67:32 PERMANENT \n";
+        assert_eq!(in_order_where(a, permanent_neighbour), in_order_where(b, permanent_neighbour));
+        assert!(in_order_where(a, permanent_neighbour).starts_with("1: lo\n"), "other lines stay in place");
+    }
 }
