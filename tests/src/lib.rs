@@ -142,6 +142,23 @@ pub fn pod_ip(pod: &str) -> String {
     topology::pod(pod).expect("lab pod").ip.to_string()
 }
 
+/// Waits (at most 6 s) until the lab pod `pod` holds no packet for an unresolved address: no neighbour
+/// entry of its namespace is INCOMPLETE. A trace that ends on an unanswered ARP leaves its prober's
+/// last packet queued, and the kernel frees it (neigh_invalidate) up to 3 s later — inside the next
+/// trace's window, where it would be that trace's drop. Two traces to compare start from the same state
+/// after this.
+pub fn await_no_pending_arp(pod: &str) {
+    let ns = format!("{PREFIX}-pod-{pod}");
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(6) {
+        let out = cnitrace::sys::output_in(&ns, &cnitrace_tools::IP, &["-4", "neigh", "show", "nud", "incomplete"]);
+        if out.is_ok_and(|o| o.stdout.iter().all(u8::is_ascii_whitespace)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A real terminal for a test: a tmux server on a socket of the test's own, one session running `cmd` in a
 /// 220×60 pane; the server is killed when dropped (no one else's tmux is touched).
 pub struct Tmux {

@@ -29,10 +29,12 @@ fn every_hook_is_attached_or_says_why_not() {
     }
     let f = faults::find("veth-detached").expect("fault");
     let _g = LabGuard::up(&[f.name]);
-    // Each trace waits for the source to give up on ARP (--until-drop): otherwise whether the earlier
-    // trace's queued echo is freed inside the later one's window (and so where the verdict puts the
-    // drop) depends on timing, not on the hooks.
+    // Each trace waits for the source to give up on ARP (--until-drop), and the second starts once the
+    // first one's last queued packet is freed too: otherwise whether an earlier trace's queued echo is
+    // freed inside the later one's window (and so where the verdict puts the drop) depends on timing,
+    // not on the hooks.
     let (_, v) = follow(&ip(f.pair.0), &ip(f.pair.1), &["--count", "1", "--until-drop"]);
+    cnitrace_tests::await_no_pending_arp(f.pair.0);
     let hooks = v["hooks"].as_array().expect("hooks in the verdict");
     let attached = |v: &serde_json::Value, h: &str| hook(v, h).is_some_and(|h| h["attached"] == true);
     // The busiest hooks as BTF tracepoints (every kernel here has BTF, 5.10 on), the rest raw.
