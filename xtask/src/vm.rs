@@ -58,7 +58,7 @@ const MAX_GUEST_COMMAND_B64: usize = 1200;
 /// Seconds per test of each module in the whole suite on 5.10 under emulation, one CPU (the matrix of
 /// 2026-12-06, `target/kernel-tests/matrix.txt`: module total / tests). Counting tests alone put agents
 /// (its 120-trace soak: 964 s), generated (one test, 876 s) and follow in one guest: 54 min beside 22.
-/// By these weights the same suite splits ~38 / ~38 min.
+/// By these weights it ran as 43 + 36 and 37 + 35 min (2026-12-07, two runs of the whole suite).
 const SECONDS_PER_TEST: &[(&str, usize)] = &[
     ("agents", 160),
     ("generated", 876),
