@@ -23,38 +23,37 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
         return None;
     }
-    for (OverlayLeg { node, gw, vx, .. }, mac) in missing(ctx) {
-        let name = ctx.node_name(node);
-        let mut facts = vec![
-            format!("neighbour {gw} on {} is {mac}", vx.name),
-            format!("{} on {name} has no FDB entry for {mac} (no underlay destination)", vx.name),
-        ];
-        if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
-            if d.says("NO_TX_TARGET", &["vxlan_xmit", "vxlan_xmit_one"]) {
-                facts.push(format!("{} dropped the frame: no transmit target (NO_TX_TARGET)", d.function));
-            }
+    // The first leg whose VTEP has no FDB entry.
+    let (OverlayLeg { node, gw, vx, .. }, mac) = missing(ctx).into_iter().next()?;
+    let name = ctx.node_name(node);
+    let mut facts = vec![
+        format!("neighbour {gw} on {} is {mac}", vx.name),
+        format!("{} on {name} has no FDB entry for {mac} (no underlay destination)", vx.name),
+    ];
+    if let Some(d) = ctx.trace.first_drop().and_then(|d| d.drop.as_ref()) {
+        if d.says("NO_TX_TARGET", &["vxlan_xmit", "vxlan_xmit_one"]) {
+            facts.push(format!("{} dropped the frame: no transmit target (NO_TX_TARGET)", d.function));
         }
-        return Some(Diagnosis {
-            explanation: format!("{} on {name} does not know which node owns VTEP {mac}: the encapsulated frame has no destination", vx.name),
-            facts,
-            hop: None,
-        });
     }
-    None
+    Some(Diagnosis {
+        explanation: format!("{} on {name} does not know which node owns VTEP {mac}: the encapsulated frame has no destination", vx.name),
+        facts,
+        hop: None,
+    })
 }
 
 /// The FDB entry flannel writes: the VTEP's MAC lives at the remote node's underlay address (undo: removed).
 fn fix(ctx: &Ctx) -> Remedy {
-    for (OverlayLeg { node, to, vx, .. }, mac) in missing(ctx) {
-        let Some(underlay) = ctx.remote_vtep(node, to).filter(|v| v.mac == mac).and_then(|v| v.underlay) else {
-            return Remedy::NoSafeFix(format!("which node owns VTEP {mac} is not known on this host: flannel's node annotations (public-ip) are needed"));
-        };
-        let ns = Target::of(node);
-        return Remedy::Steps(vec![Step {
-            action: Action::FdbAdd { ns: ns.clone(), ifname: vx.name.clone(), mac: mac.clone(), dst: underlay },
-            undo: Action::FdbDel { ns, ifname: vx.name.clone(), mac: mac.clone(), dst: underlay },
-            why: format!("VTEP {mac} is reached at {underlay} on the underlay"),
-        }]);
-    }
-    Remedy::NoSafeFix("the FDB entries are there now".into())
+    let Some((OverlayLeg { node, to, vx, .. }, mac)) = missing(ctx).into_iter().next() else {
+        return Remedy::NoSafeFix("the FDB entries are there now".into());
+    };
+    let Some(underlay) = ctx.remote_vtep(node, to).filter(|v| v.mac == mac).and_then(|v| v.underlay) else {
+        return Remedy::NoSafeFix(format!("which node owns VTEP {mac} is not known on this host: flannel's node annotations (public-ip) are needed"));
+    };
+    let ns = Target::of(node);
+    Remedy::Steps(vec![Step {
+        action: Action::FdbAdd { ns: ns.clone(), ifname: vx.name.clone(), mac: mac.clone(), dst: underlay },
+        undo: Action::FdbDel { ns, ifname: vx.name.clone(), mac: mac.clone(), dst: underlay },
+        why: format!("VTEP {mac} is reached at {underlay} on the underlay"),
+    }])
 }
