@@ -148,7 +148,7 @@ pub fn pod_ip(pod: &str) -> String {
 /// trace's window, where it would be that trace's drop. Two traces to compare start from the same state
 /// after this.
 pub fn await_no_pending_arp(pod: &str) {
-    let ns = format!("{PREFIX}-pod-{pod}");
+    let ns = topology::Names::new(PREFIX).pod(pod);
     let t = std::time::Instant::now();
     while t.elapsed() < std::time::Duration::from_secs(6) {
         let out = cnitrace::sys::output_in(&ns, &cnitrace_tools::IP, &["-4", "neigh", "show", "nud", "incomplete"]);
@@ -454,16 +454,11 @@ fn permanent_neighbour(l: &str) -> bool {
 /// entry per address and device.
 fn in_order_where(text: &str, pick: impl Fn(&str) -> bool) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    let at: Vec<usize> = (0..lines.len()).filter(|i| pick(lines[*i])).collect();
-    let mut picked: Vec<&str> = at.iter().map(|i| lines[*i]).collect();
+    let mut picked: Vec<&str> = lines.iter().copied().filter(|l| pick(l)).collect();
     picked.sort_unstable();
     picked.dedup();
     let mut sorted = picked.into_iter();
-    let lines: Vec<&str> = lines
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| if at.contains(&i) { sorted.next() } else { Some(*l) })
-        .collect();
+    let lines: Vec<&str> = lines.iter().filter_map(|l| if pick(l) { sorted.next() } else { Some(*l) }).collect();
     let mut out = lines.join("\n");
     if text.ends_with('\n') {
         out.push('\n');

@@ -231,16 +231,15 @@ fn neigh_state(s: NeighbourState) -> String {
 /// must not come from a torn dump: each is read again until two reads list the same entries (at most
 /// `DUMP_READS`; then every entry any read listed), each entry once.
 async fn neighbours(h: &Handle) -> Result<(Vec<Neigh>, Vec<Fdb>)> {
-    let mut reads = Vec::new();
+    let (mut n, mut f) = (Vec::new(), Vec::new());
     for _ in 0..DUMP_READS {
-        reads.push(neighbours_once(h).await?);
-        if let [.., a, b] = &reads[..] {
-            if keys(&a.0, neigh_key) == keys(&b.0, neigh_key) && keys(&a.1, fdb_key) == keys(&b.1, fdb_key) {
-                break;
-            }
+        let (neighbours, fdb) = neighbours_once(h).await?;
+        n.push(neighbours);
+        f.push(fdb);
+        if last_two_agree(&n, neigh_key) && last_two_agree(&f, fdb_key) {
+            break;
         }
     }
-    let (n, f): (Vec<_>, Vec<_>) = reads.into_iter().unzip();
     Ok((settled(n, neigh_key), settled(f, fdb_key)))
 }
 
@@ -254,15 +253,16 @@ fn fdb_key(f: &Fdb) -> (u32, String, Option<Ipv4Addr>) {
     (f.ifindex, f.mac.clone(), f.dst)
 }
 
-fn keys<T, K: Ord>(v: &[T], key: fn(&T) -> K) -> std::collections::BTreeSet<K> {
-    v.iter().map(key).collect()
+/// Whether the last two reads list the same entries (each read's repeats aside).
+fn last_two_agree<T, K: Ord>(reads: &[Vec<T>], key: fn(&T) -> K) -> bool {
+    let keys = |v: &[T]| v.iter().map(key).collect::<std::collections::BTreeSet<K>>();
+    matches!(reads, [.., a, b] if keys(a) == keys(b))
 }
 
 /// One list from reads of the same dump: when the last two agree, the last; otherwise every entry any
 /// read listed (the latest reading of each). Each entry once, in the order the kernel listed them.
 fn settled<T, K: Ord + Clone>(reads: Vec<Vec<T>>, key: fn(&T) -> K) -> Vec<T> {
-    let agreed = matches!(&reads[..], [.., a, b] if keys(a, key) == keys(b, key));
-    let reads: Vec<Vec<T>> = if agreed { reads.into_iter().last().into_iter().collect() } else { reads };
+    let reads: Vec<Vec<T>> = if last_two_agree(&reads, key) { reads.into_iter().last().into_iter().collect() } else { reads };
     let mut at: std::collections::BTreeMap<K, usize> = std::collections::BTreeMap::new();
     let mut out: Vec<T> = Vec::new();
     for entry in reads.into_iter().flatten() {
