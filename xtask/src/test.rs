@@ -47,9 +47,10 @@ pub fn run(o: Options) -> Result<()> {
     // what the guest executes.
     // One folder per run: two runs at once do not share binaries either.
     let logs = crate::workspace_root().join("target/kernel-tests");
-    let snap = logs.join(format!("bin-{}", std::process::id()));
-    std::fs::create_dir_all(&snap)?;
-    let (bin, test_bin) = (snapshot(&bin, &snap)?, snapshot(&kernel_test_binary()?, &snap)?);
+    sweep_snapshots(&logs);
+    let snap = Snapshot(logs.join(format!("bin-{}", std::process::id())));
+    std::fs::create_dir_all(&snap.0)?;
+    let (bin, test_bin) = (snapshot(&bin, &snap.0)?, snapshot(&kernel_test_binary()?, &snap.0)?);
     let mut args: Vec<String> = o.filter.clone();
     // --show-output: the reason of every skipped kernel test (they print nothing else).
     args.extend(["--test-threads=1".into(), "--show-output".into()]);
@@ -153,7 +154,7 @@ pub fn run(o: Options) -> Result<()> {
             None => columns.push(c),
         }
     }
-    let _ = std::fs::remove_dir_all(&snap);
+    drop(snap);
     let report = matrix(&columns);
     println!("\n{report}");
     std::fs::write(logs.join("matrix.txt"), &report)?;
@@ -187,6 +188,34 @@ pub fn soak(n: u64) -> Result<()> {
         bail!("the soak found cases that went wrong (listed above as MISS)");
     }
     Ok(())
+}
+
+/// A run's own copy of the binaries, removed when the run ends however it ends (a guest that broke
+/// returns early with an error).
+struct Snapshot(PathBuf);
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the binaries' copies of runs that are no longer alive (stopped by a signal: 35 MB each). A
+/// copy's folder is named after its run's process id; a live run's is left alone.
+fn sweep_snapshots(logs: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(logs) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(snapshot_pid) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The process id in a snapshot folder's name (`bin-<pid>`), if it is one.
+fn snapshot_pid(name: &str) -> Option<u32> {
+    name.strip_prefix("bin-")?.parse().ok()
 }
 
 fn snapshot(bin: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
@@ -303,4 +332,17 @@ fn matrix_json(columns: &[Column]) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Array(cols)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_pid;
+
+    #[test]
+    fn only_a_runs_binaries_folder_is_swept() {
+        assert_eq!(snapshot_pid("bin-31048"), Some(31048));
+        for other in ["5.10-1.log", "bin-", "bin-x", "binaries", "matrix.txt"] {
+            assert_eq!(snapshot_pid(other), None, "{other}");
+        }
+    }
 }

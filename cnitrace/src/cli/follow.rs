@@ -35,7 +35,8 @@ pub struct FollowArgs {
     /// JSON Lines: one object per event, the verdict object last.
     #[arg(long)]
     json: bool,
-    /// Write FILE once the probes are attached (holds the milliseconds start-up took).
+    /// Write FILE once the probes are attached (through agents: on every node that answered); it holds
+    /// the milliseconds start-up took.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<std::path::PathBuf>,
     /// Report the kernel's own run count and time of each program (BPF_ENABLE_STATS while tracing).

@@ -141,17 +141,21 @@ fn node_of(where_: &str) -> String {
 /// timer, not the trace's) decides whether they fall inside one 2 s trace or the next, so two honest
 /// traces of the same fault differ there (seen under CI load: a `flannel.1 neigh` hop in one, the
 /// "host unreachable" errors in the other). The verdict, compared field by field, covers the drop.
-/// Left out too: ARP about the source's own address. After the first trace the return path's entry for
-/// the source is known, and whether the node re-confirms it during a trace (a stale entry's probe,
-/// some seconds after it was last used) is its timers' choice (seen on 5.10: `who-has <source> tell
-/// <gateway>` in one of two traces of vxlan-neigh-missing).
-fn hops(events: &[Value], src: &str) -> std::collections::BTreeSet<String> {
-    let about_src = |e: &Value| {
-        e["packet"]["what"].as_str().is_some_and(|w| w.starts_with("ARP") && (w.contains(&format!("who-has {src} ")) || w.contains(&format!("reply {src} "))))
+/// Left out too: ARP that was answered, in either of the two traces, and ARP about the source's own
+/// address. After the first trace every entry the path needs is known, and whether a node re-confirms
+/// one during a trace (a stale entry's probe, seconds after it was last used, answered at once) is its
+/// timers' choice, not the path's (seen on 5.10: `who-has <source> tell <gateway>` in one of two traces
+/// of vxlan-neigh-missing, and `who-has <gateway> tell <destination>` with its reply in one of two of
+/// mtu-mismatch). ARP nobody answers — a fault's — is compared.
+fn hops(events: &[Value], src: &str, answered: &std::collections::BTreeSet<String>) -> std::collections::BTreeSet<String> {
+    let refresh = |e: &Value| {
+        let Some(w) = e["packet"]["what"].as_str().filter(|w| w.starts_with("ARP")) else { return false };
+        let about = w.strip_prefix("ARP who-has ").or_else(|| w.strip_prefix("ARP reply ")).and_then(|r| r.split(' ').next()).unwrap_or("");
+        about == src || answered.contains(about)
     };
     events
         .iter()
-        .filter(|e| e["kind"] != "neigh" && e["packet"]["icmp_error"] != true && !about_src(e))
+        .filter(|e| e["kind"] != "neigh" && e["packet"]["icmp_error"] != true && !refresh(e))
         .map(|e| {
             let what = e["packet"]["what"].as_str().unwrap_or("-");
             let what = what.split(" id ").next().unwrap_or(what);
@@ -159,6 +163,17 @@ fn hops(events: &[Value], src: &str) -> std::collections::BTreeSet<String> {
             format!("{} {} {} {what} {seq} {}", e["where_"].as_str().unwrap_or(""), e["ifname"].as_str().unwrap_or(""), e["kind"].as_str().unwrap_or(""), e["drop"]["function"].as_str().unwrap_or(""))
         })
         .collect()
+}
+
+/// The hops of two traces of one pair to compare, each without the ARP either trace saw answered (see
+/// [`hops`]).
+fn hops_of_both(one: &[Value], other: &[Value], src: &str) -> (std::collections::BTreeSet<String>, std::collections::BTreeSet<String>) {
+    let answered: std::collections::BTreeSet<String> = one
+        .iter()
+        .chain(other)
+        .filter_map(|e| e["packet"]["what"].as_str()?.strip_prefix("ARP reply ")?.split(' ').next().map(str::to_string))
+        .collect();
+    (hops(one, src, &answered), hops(other, src, &answered))
 }
 
 #[test]
@@ -198,7 +213,7 @@ fn follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_n
             wrong.push(format!("{name}: exit {code_h} here, {code_a} through the agents; {differ:?} differ\nhere: {here}\nthrough: {through}"));
             continue;
         }
-        let (h, a) = (hops(&events_h, &src_ip), hops(&events_a, &src_ip));
+        let (h, a) = hops_of_both(&events_h, &events_a, &src_ip);
         if h != a {
             let only_h: Vec<&String> = h.difference(&a).collect();
             let only_a: Vec<&String> = a.difference(&h).collect();
@@ -234,24 +249,22 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     let victim = cnitrace::lab::Lab::load(&g.lab.state.prefix).expect("lab state").state.servers.iter().find(|s| s.name == format!("agent-{n1}")).expect("node 1's agent").pid;
     // A passive trace of the pair for 10 s while real traffic flows between them; node 1's agent is
     // killed (SIGKILL) once it has seen the pings.
+    let scratch = Scratch::new("agent-killed");
+    let ready = scratch.join("ready");
     let mut args = vec!["follow".to_string(), cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web"), "--json".into(), "--probe".into(), "none".into(), "--timeout".into(), "10".into()];
+    args.extend(["--ready-file".to_string(), ready.display().to_string()]);
     args.extend(agents.iter().cloned());
     let child = Command::new(bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("follow through agents");
     let t0 = Instant::now();
-    // Both agents' programs in: their count has stopped growing for a second (an emulated kernel
-    // takes seconds to load them), then the pings, then a second for node 1's agent to stream them.
-    let (mut last, mut since) = (0, Instant::now());
-    while t0.elapsed() < Duration::from_secs(30) {
-        let n = loaded_cnitrace_programs();
-        if n != last {
-            (last, since) = (n, Instant::now());
-        } else if n > 0 && since.elapsed() > Duration::from_secs(1) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    // Both nodes' probes in (the ready file: an emulated kernel takes seconds to load them; counting
+    // programs was not enough: a pause between two loads looked like the end, and on 5.10 node 1's
+    // agent had seen nothing), then the pings, then time for node 1's agent to stream them.
+    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(ready.exists(), "the agents' probes were not attached within 60 s");
     let _ping = cnitrace_tools::PING.in_netns(&g.lab.pod_ns("debug")).args(["-c", "3", "-i", "0.2", "-W", "1", &cnitrace_tests::pod_ip("web")]).output();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(2));
     let st = cnitrace_tools::KILL.command().args(["-KILL", &victim.to_string()]).status().expect("kill -KILL");
     assert!(st.success());
     let out = child.wait_with_output().expect("follow ends");
@@ -661,7 +674,8 @@ fn a_node_on_another_kernel_is_stitched_by_causality_and_fixed_on_its_node() {
     let (code_a, events_a, through) = follow_events(&src, &dst, &with_agents(&["--timeout", "2"], &agents));
     assert_eq!(code_a, code_h, "here: {here}\nthrough: {through}");
     assert_eq!((&through["cause"], &through["node"]), (&here["cause"], &Value::from(n1)), "{through}");
-    assert_eq!(hops(&events_a, &src), hops(&events_h, &src), "hop for hop");
+    let (h, a) = hops_of_both(&events_h, &events_a, &src);
+    assert_eq!(a, h, "hop for hop");
     let clocks: Vec<String> = through["agents"]["nodes"].as_array().unwrap().iter().map(|n| format!("{}: {}", n["node"], n["clock"])).collect();
     assert!(clocks.iter().any(|c| c.starts_with(&format!("\"{n1}\"")) && c.contains("wall clock")), "{clocks:?}");
 
