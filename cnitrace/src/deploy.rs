@@ -168,7 +168,7 @@ pub const OWNER_LABEL: (&str, &str) = ("app.kubernetes.io/name", "cnitrace");
 /// used as it is: neither labelled nor, later, deleted.
 pub fn apply(cluster: &mut crate::k8s::Cluster, o: &Options, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     use crate::k8s::manifests::{labelled, title, Applied};
-    writeln!(out, "cnitrace {} → {}", env!("CARGO_PKG_VERSION"), format!("{} ({})", cluster.server, cluster.source))?;
+    writeln!(out, "cnitrace {} → {} ({})", env!("CARGO_PKG_VERSION"), cluster.server, cluster.source)?;
     for m in manifests(o) {
         if m["kind"] == "Namespace" {
             if let Some(ns) = cluster.get_object(&m)? {
@@ -196,7 +196,7 @@ pub fn apply(cluster: &mut crate::k8s::Cluster, o: &Options, out: &mut dyn std::
 /// what would be deleted, and nothing is.
 pub fn remove(cluster: &mut crate::k8s::Cluster, o: &Options, dry_run: bool, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     use crate::k8s::manifests::{labelled, title, Removed};
-    writeln!(out, "cnitrace {} → {}{}", env!("CARGO_PKG_VERSION"), format!("{} ({})", cluster.server, cluster.source), if dry_run { " (dry run: nothing is deleted)" } else { "" })?;
+    writeln!(out, "cnitrace {} → {} ({}){}", env!("CARGO_PKG_VERSION"), cluster.server, cluster.source, if dry_run { " (dry run: nothing is deleted)" } else { "" })?;
     for m in manifests(o).iter().rev() {
         let said = if dry_run {
             match cluster.get_object(m)? {

@@ -75,10 +75,10 @@ impl ServicePath {
 
 /// A namespace's rule sets, read once: `read` keeps what was read (follow's rules before the probe).
 fn rules_in<'a>(resolver: &HostResolver, inode: u32, read: &'a mut BTreeMap<u32, RuleSets>) -> Option<&'a RuleSets> {
-    if !read.contains_key(&inode) {
+    if let std::collections::btree_map::Entry::Vacant(e) = read.entry(inode) {
         let ns = resolver.namespace(inode)?;
         let r = crate::netns::in_netns(&ns.path.clone(), || Ok(state::rules_now())).ok()?;
-        read.insert(inode, r);
+        e.insert(r);
     }
     read.get(&inode)
 }
@@ -126,7 +126,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
         for inode in nodes.into_iter().filter(|i| *i != nat_node) {
             let Some(r) = rules_in(resolver, inode, read) else { continue };
             let local = node_port && resolver.spaces().iter().any(|(n, st)| n.inode == inode && st.has_addr(dst_ip).is_some());
-            if let Some(s) = services::lookup(&services::from_rules(&r), dst_ip, port, local || node_port) {
+            if let Some(s) = services::lookup(&services::from_rules(r), dst_ip, port, local || node_port) {
                 let name = resolver.namespace(inode).map(display_ns).unwrap_or_default();
                 path.elsewhere.push((name, s.clone()));
             }

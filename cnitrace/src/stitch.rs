@@ -560,7 +560,7 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
         }
     }
     let died_on = (verdict.verdict == Outcome::Dropped)
-        .then(|| verdict.netns.as_ref())
+        .then_some(verdict.netns.as_ref())
         .flatten()
         .and_then(|w| parts.iter().find(|(_, p)| p.namespaces.contains(w) || p.recording.events.iter().any(|e| &e.where_ == w)))
         .map(|(_, p)| p.node.clone());

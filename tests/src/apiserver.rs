@@ -804,11 +804,10 @@ mod portforward {
         let up = async {
             while let Some(Ok(m)) = rx.next().await {
                 match m {
-                    Message::Binary(b) if b.first() == Some(&0) => {
-                        if w.write_all(&b[1..]).await.is_err() {
+                    Message::Binary(b) if b.first() == Some(&0)
+                        && w.write_all(&b[1..]).await.is_err() => {
                             break;
                         }
-                    }
                     Message::Close(_) => break,
                     _ => {}
                 }

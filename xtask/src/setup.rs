@@ -285,7 +285,7 @@ pub fn home() -> PathBuf {
 pub fn path_with_cargo_bin() -> String {
     let cargo_bin = std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home().join(".cargo")).join("bin");
     let path = std::env::var("PATH").unwrap_or_default();
-    if path.split(':').any(|p| PathBuf::from(p) == cargo_bin) {
+    if path.split(':').any(|p| std::path::Path::new(p) == cargo_bin) {
         path
     } else {
         format!("{}:{path}", cargo_bin.display())

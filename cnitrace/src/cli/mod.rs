@@ -180,50 +180,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn usage_error(args: &[&str]) -> String {
-        match Cli::try_parse_from(args) {
-            Ok(_) => panic!("{args:?} was accepted"),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    #[test]
-    fn completions_and_the_man_page_know_every_subcommand() {
-        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
-            let mut buf = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut buf);
-            let text = String::from_utf8(buf).expect("utf-8");
-            for sub in ["follow", "fix", "lab", "replay"] {
-                assert!(text.contains(sub), "{shell:?} completion lacks {sub}");
-            }
-            assert!(text.contains("allow-rule-removal"), "{shell:?} completes fix's options");
-        }
-        let mut page = Vec::new();
-        man(&mut page).expect("man page");
-        let page = String::from_utf8(page).expect("utf-8");
-        assert!(page.starts_with(".ie") || page.contains(".TH cnitrace"), "roff: {}", &page[..page.len().min(200)]);
-        for needle in ["CNITRACE FOLLOW", "CNITRACE FIX", "\\-\\-allow\\-rule\\-removal", "\\-\\-timeout"] {
-            assert!(page.contains(needle), "the man page lacks {needle}");
-        }
-    }
-
-    #[test]
-    fn a_timeout_out_of_range_says_the_range_it_needs() {
-        for cmd in [&["cnitrace", "follow", "10.0.0.1", "10.0.0.2"][..], &["cnitrace", "fix", "10.0.0.1", "10.0.0.2"]] {
-            for bad in ["0", "-0.5", "601"] {
-                let e = usage_error(&[cmd, &[&format!("--timeout={bad}")]].concat());
-                assert!(e.contains("give more than 0 and at most 600 seconds"), "{cmd:?} --timeout {bad}: {e}");
-            }
-            assert!(usage_error(&[cmd, &["--timeout", "soon"]].concat()).contains("not a number of seconds"));
-            assert!(Cli::try_parse_from([cmd, &["--timeout", "0.5"]].concat()).is_ok());
-        }
-    }
-}
-
 /// `cnitrace hooks`: the probes `follow` would load, loaded with a filter that matches nothing
 /// (0.0.0.0 both ways, programs off), listed, unloaded.
 fn hooks(no_kprobes: bool, raw_tracepoints: bool, json: bool) -> anyhow::Result<u8> {
@@ -392,5 +348,49 @@ pub fn split_port(dst: &str) -> anyhow::Result<(&str, Option<u16>)> {
             Ok((addr, Some(port)))
         }
         _ => Ok((dst, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage_error(args: &[&str]) -> String {
+        match Cli::try_parse_from(args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn completions_and_the_man_page_know_every_subcommand() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cnitrace", &mut buf);
+            let text = String::from_utf8(buf).expect("utf-8");
+            for sub in ["follow", "fix", "lab", "replay"] {
+                assert!(text.contains(sub), "{shell:?} completion lacks {sub}");
+            }
+            assert!(text.contains("allow-rule-removal"), "{shell:?} completes fix's options");
+        }
+        let mut page = Vec::new();
+        man(&mut page).expect("man page");
+        let page = String::from_utf8(page).expect("utf-8");
+        assert!(page.starts_with(".ie") || page.contains(".TH cnitrace"), "roff: {}", &page[..page.len().min(200)]);
+        for needle in ["CNITRACE FOLLOW", "CNITRACE FIX", "\\-\\-allow\\-rule\\-removal", "\\-\\-timeout"] {
+            assert!(page.contains(needle), "the man page lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn a_timeout_out_of_range_says_the_range_it_needs() {
+        for cmd in [&["cnitrace", "follow", "10.0.0.1", "10.0.0.2"][..], &["cnitrace", "fix", "10.0.0.1", "10.0.0.2"]] {
+            for bad in ["0", "-0.5", "601"] {
+                let e = usage_error(&[cmd, &[&format!("--timeout={bad}")]].concat());
+                assert!(e.contains("give more than 0 and at most 600 seconds"), "{cmd:?} --timeout {bad}: {e}");
+            }
+            assert!(usage_error(&[cmd, &["--timeout", "soon"]].concat()).contains("not a number of seconds"));
+            assert!(Cli::try_parse_from([cmd, &["--timeout", "0.5"]].concat()).is_ok());
+        }
     }
 }

@@ -139,7 +139,7 @@ fn table(out: &mut impl Write, all: &[Group], shown: &[&Group], t: f64, style: &
     rows.sort_by(|a, b| b.rate.total_cmp(&a.rate).then(b.total.cmp(&a.total)));
     write!(out, "\x1b[H\x1b[2J")?;
     writeln!(out, "cnitrace watch — every drop on this host, {t:.0} s (Ctrl-C ends)\n")?;
-    writeln!(out, "{:>9} {:>8}  {:<28} {:<26} {:<24} {}", "rate/s", "total", "pod", "reason", "function", "where")?;
+    writeln!(out, "{:>9} {:>8}  {:<28} {:<26} {:<24} where", "rate/s", "total", "pod", "reason", "function")?;
     for g in rows.iter().take(40) {
         let line = format!("{:>9.1} {:>8}  {:<28} {:<26} {:<24} {} {}", g.rate, g.total, g.pod, g.reason, g.function, g.netns, g.ifname);
         writeln!(out, "{}", if g.rate > 0.0 { style.paint_drop(&line) } else { line })?;

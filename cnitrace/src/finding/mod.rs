@@ -88,7 +88,7 @@ fn kprobe_facts(ctx: &Ctx) -> Vec<String> {
             .iter()
             .filter(|e| e.skb == d.skb && e.t_ns <= d.t_ns)
             .filter_map(|e| e.func.as_ref().filter(|f| f.function == "nf_hook_slow").map(|f| (e, f)))
-            .last();
+            .next_back();
         if let (true, Some((e, f))) = (in_netfilter, hook) {
             out.push(format!("kprobe: the packet was in netfilter hook {} on {} {} when it was dropped", f.detail, e.where_, e.ifname));
         }

@@ -133,7 +133,7 @@ fn ping(ns: &str, dst: &str, size: Option<u32>) -> Result<()> {
 }
 
 fn last_line(s: &str) -> String {
-    s.lines().filter(|l| !l.trim().is_empty()).next_back().unwrap_or("").trim().to_string()
+    s.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
 /// An HTTP GET from inside the namespace, by cnitrace itself (no curl needed).

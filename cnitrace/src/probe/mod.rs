@@ -249,12 +249,11 @@ impl Probe {
             None => {
                 for x in EXTRAS {
                     let r = attach_kprobe(&mut ebpf, x.entry, x.function).and_then(|_| match x.ret {
-                        Some(ret) => attach_kprobe(&mut ebpf, ret, x.function).map_err(|e| {
+                        Some(ret) => attach_kprobe(&mut ebpf, ret, x.function).inspect_err(|_| {
                             // Half a pair would leave the entry's per-CPU state unread: drop both.
                             if let Ok(k) = program::<KProbe>(&mut ebpf, x.entry) {
                                 let _ = k.unload();
                             }
-                            e
                         }),
                         None => Ok(()),
                     });

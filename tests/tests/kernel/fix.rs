@@ -368,7 +368,7 @@ fn the_node_check_names_a_pod_brought_up_without_its_routes() {
     let jellyfin = g.lab.pod_ns("jellyfin");
     tools::IP.command().args(["-n", &jellyfin, "link", "set", "eth0", "up"]).status().expect("ip link set up");
     let after = verify::check(&paths);
-    let wrong = verify::judge(&paths, &before, &after, &[jellyfin.clone()]);
+    let wrong = verify::judge(&paths, &before, &after, std::slice::from_ref(&jellyfin));
     assert_eq!(wrong.len(), 1, "{wrong:?} (paths {names:?}, before {before:?}, after {after:?})");
     assert!(wrong[0].starts_with("jellyfin → web (10.244.1.10) fails after the repair"), "{wrong:?}");
 }

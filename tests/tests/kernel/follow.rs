@@ -82,7 +82,7 @@ fn the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth() {
     let (code, v) = follow("10.244.0.20", "10.244.0.19", &[]);
     assert_eq!(code, 1, "{v}");
     assert_eq!(v["cause"], "veth-detached");
-    assert_eq!((v["netns"].as_str(), v["ifname"].as_str()), (Some("storagenodet3500"), Some(&*veth)), "{v}");
+    assert_eq!((v["netns"].as_str(), v["ifname"].as_str()), (Some("storagenodet3500"), Some(veth)), "{v}");
     assert!(v["function"].is_null(), "no drop happened yet, none is claimed: {v}");
     let facts = v["facts"].to_string();
     assert!(facts.contains(&format!("{veth}, the host end of jellyfin's eth0 on storagenodet3500, has no master")), "{facts}");

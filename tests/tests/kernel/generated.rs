@@ -34,7 +34,7 @@ fn case(g: &gen::Generated, f: &gen::GenFault) -> (bool, bool, Option<String>) {
     f.apply(g);
     let broken = configs(g);
     let (code, out) = cnitrace(&["follow", &src, &dst, "--json"]);
-    let v: serde_json::Value = serde_json::from_str(out.lines().filter(|l| l.starts_with('{')).last().unwrap_or("{}")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(out.lines().rfind(|l| l.starts_with('{')).unwrap_or("{}")).unwrap_or_default();
     let hop = f.hop(g);
     let node = f.at_first_node().then(|| g.layout.ns(&g.nodes[0].name));
     let right = code == 1

@@ -193,9 +193,7 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
     // flanneld's route and FDB entry for the other node, gone from node 0.
     let node0 = lab.lab.node_ns(0);
     let other = &topology::NODES[1];
-    for args in [vec!["-n", &node0, "route", "del", "10.244.1.0/24"]] {
-        assert!(cnitrace_tools::IP.command().args(&args).status().unwrap().success());
-    }
+    assert!(cnitrace_tools::IP.command().args(["-n", &node0, "route", "del", "10.244.1.0/24"]).status().unwrap().success());
     let st = cnitrace_tools::BRIDGE.command().args(["-n", &node0, "fdb", "del", other.vtep_mac, "dev", "flannel.1", "dst", &other.underlay.to_string()]).status().unwrap();
     assert!(st.success());
 
@@ -526,7 +524,7 @@ fn watch_names_each_pods_drops_as_kubernetes_names_the_pod() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
     // Freed in nft_do_chain here, in nf_hook_slow on a kernel without drop reasons (5.10).
-    let web = lines.iter().filter(|v| v["function"] == "nft_do_chain" || v["function"] == "nf_hook_slow").last().unwrap_or_else(|| panic!("the dropped echoes: {lines:#?}"));
+    let web = lines.iter().rfind(|v| v["function"] == "nft_do_chain" || v["function"] == "nf_hook_slow").unwrap_or_else(|| panic!("the dropped echoes: {lines:#?}"));
     assert_eq!(web["pod"], "shop/web-5d8f9-k2x7c", "the pod by its Kubernetes name: {web}");
     assert_eq!(web["node"], rack(1), "its node by the Node's name: {web}");
     assert_eq!(web["netns"], rack(0), "dropped on the first node, named as the API names it: {web}");

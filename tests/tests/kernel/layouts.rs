@@ -72,17 +72,15 @@ fn a_service_on_a_layout_the_lab_does_not_build_is_followed_to_its_endpoint() {
     });
     let rules = |endpoints: bool| {
         let (svc, ep) = ("service-ZX3Q0P1K-kube-system/metrics/tcp/https", "endpoint-7HD2KQ9A-kube-system/metrics/tcp/https__172.21.3.40/6443");
-        let mut t = format!(
-            "table ip kube-proxy {{\n comment \"rules for kube-proxy\"\n\
-             map service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
-             map no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
-             chain reject-chain {{ reject; }}\n\
-             chain services {{ ip daddr . meta l4proto . th dport vmap @service-ips; }}\n\
-             chain service-endpoints-check {{ ip daddr . meta l4proto . th dport vmap @no-endpoint-services; }}\n\
-             chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}\n\
-             chain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump service-endpoints-check; }}\n\
-             chain cluster-ips-check {{ ip daddr 10.43.0.0/16 drop comment \"Drop traffic to unallocated ClusterIPs\"; }}\n"
-        );
+        let mut t = "table ip kube-proxy {\n comment \"rules for kube-proxy\"\n\
+             map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
+             map no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
+             chain reject-chain { reject; }\n\
+             chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n\
+             chain service-endpoints-check { ip daddr . meta l4proto . th dport vmap @no-endpoint-services; }\n\
+             chain nat-prerouting { type nat hook prerouting priority -100; policy accept; jump services; }\n\
+             chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump service-endpoints-check; }\n\
+             chain cluster-ips-check { ip daddr 10.43.0.0/16 drop comment \"Drop traffic to unallocated ClusterIPs\"; }\n".to_string();
         if endpoints {
             t += &format!(" chain {ep} {{ meta l4proto tcp dnat to 172.21.3.40:6443; }}\n chain {svc} {{ numgen random mod 1 vmap {{ 0 : goto {ep} }}; }}\n}}\n");
             t += &format!("add element ip kube-proxy service-ips {{ 10.43.12.34 . tcp . 443 : goto {svc} }}\n");

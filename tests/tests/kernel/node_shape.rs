@@ -56,7 +56,7 @@ fn a_node_whose_host_side_is_the_root_namespace_is_traced_fixed_and_rolled_back(
     root_ip(&["link", "set", "vethshape1", "nomaster"]);
 
     let (code, out) = cnitrace(&["follow", "10.244.7.10", "10.244.7.11", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(out.lines().filter(|l| l.starts_with('{')).last().unwrap_or("{}")).expect("the verdict");
+    let v: serde_json::Value = serde_json::from_str(out.lines().rfind(|l| l.starts_with('{')).unwrap_or("{}")).expect("the verdict");
     assert_eq!(code, 1, "{out}");
     assert_eq!(v["cause"], "veth-detached", "{v}");
     assert_eq!(v["ifname"], "vethshape1", "the hop is the host veth in the root namespace: {v}");

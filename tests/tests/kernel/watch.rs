@@ -53,7 +53,7 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
     assert!(n >= 5.0, "every echo counted: {}", web[0]);
 
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
-    let last = lines.iter().filter(|v| v["pod"] == "web" && v["function"].as_str().is_some_and(netfilter)).last().unwrap_or_else(|| panic!("web's drops: {lines:#?}"));
+    let last = lines.iter().rfind(|v| v["pod"] == "web" && v["function"].as_str().is_some_and(netfilter)).unwrap_or_else(|| panic!("web's drops: {lines:#?}"));
     assert!(last["total"].as_u64().unwrap() >= 5, "{last}");
     assert_eq!(last["netns"], "storagenodet3500", "dropped on the node, for web: {last}");
     assert!(last["what"].as_str().unwrap().contains(&format!("→ {}", pod_ip("web"))), "{last}");

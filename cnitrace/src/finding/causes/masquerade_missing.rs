@@ -20,7 +20,7 @@ fn net(s: &str) -> Option<(Ipv4Addr, u8)> {
 /// Would an unconditional MASQUERADE/SNAT rule (not kube-proxy's mark-based one) in the node's nat rules
 /// translate `src` → `dst`? iptables rules of both backends read exactly (`-s`, `-d`, `! -d`); a native
 /// nft masquerade/snat rule counts when its `ip saddr` covers `src` (or it has none).
-fn masquerade_rules<'a>(node: &'a NsState, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<String> {
+fn masquerade_rules(node: &NsState, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<String> {
     let mut out = Vec::new();
     let rules = &node.rules;
     for dump in [&rules.iptables_nft, &rules.iptables_legacy].into_iter().flatten() {

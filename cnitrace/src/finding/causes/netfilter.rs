@@ -196,7 +196,7 @@ pub fn nft_rule_matches(rule: &str, h: &Headers) -> Option<bool> {
     let mut i = 0;
     let mut all = true;
     while i < words.len() {
-        let (neg, value_at) = |at: usize| -> (bool, usize) { if words.get(at) == Some(&"!=") { (true, at + 1) } else { (false, at) } }(i + 2);
+        let (neg, value_at) = if words.get(i + 2) == Some(&"!=") { (true, i + 3) } else { (false, i + 2) };
         match (words[i], words.get(i + 1).copied()) {
             ("counter", _) => i += 1,
             ("drop" | "accept", _) => break,
