@@ -303,6 +303,11 @@ fn catch_sigint() {
     crate::sys::on_stop_signals(on_sigint);
 }
 
+/// `--ready-file`: the file holds the milliseconds start-up took, written once the probes watch.
+pub(crate) fn write_ready_file(path: &std::path::Path, ready_ms: u64) -> Result<()> {
+    std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))
+}
+
 pub fn run(req: &FollowRequest) -> Result<Report> {
     let t_start = Instant::now();
     // Before anything is attached: an interrupt must end in a verdict and a clean detach. An agent's
@@ -417,7 +422,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     let mut probe = Probe::start(req.src, req.dst, &hops, VXLAN_PORTS, &probe_opts)?;
     let ready_ms = t_start.elapsed().as_millis() as u64;
     if let Some(path) = &req.opts.ready_file {
-        std::fs::write(path, format!("{ready_ms}\n")).with_context(|| format!("write the ready file {}", path.display()))?;
+        write_ready_file(path, ready_ms)?;
     }
     if let Some(tx) = &req.opts.on_ready {
         let _ = tx.send(ready_ms);

@@ -276,7 +276,7 @@ pub fn follow(agents: &[(String, Addr)], req: &FollowRequest, agent_timeout: Dur
     // `--ready-file` as on one node: written once every node that answered watches (a script starts its
     // traffic then).
     if let Some(file) = req.opts.ready_file.as_ref().filter(|_| !ready.is_empty()) {
-        std::fs::write(file, format!("{}\n", t_start.elapsed().as_millis())).with_context(|| format!("write the ready file {}", file.display()))?;
+        crate::follow::write_ready_file(file, t_start.elapsed().as_millis() as u64)?;
     }
     // The trace runs. The source's verdict, or a drop any node saw, ends it for every node.
     let deadline = Instant::now() + req.timeout + agent_timeout + Duration::from_secs(1);
