@@ -37,6 +37,10 @@ pub struct WatchArgs {
     /// function), e.g. 127.0.0.1:9465.
     #[arg(long, value_name = "ADDR")]
     prometheus: Option<std::net::SocketAddr>,
+    /// Write FILE once the drop counter is attached; it holds the milliseconds start-up took (as
+    /// `follow --ready-file`: a script sends its traffic after it, not after a guessed sleep).
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<std::path::PathBuf>,
     /// Colour and a live table on a terminal: auto, always, never.
     #[arg(long, value_enum, default_value_t = clap::ColorChoice::Auto, value_name = "WHEN")]
     color: clap::ColorChoice,
@@ -66,7 +70,11 @@ pub fn run(args: WatchArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
         Some(addr) => Some(serve_metrics(addr)?),
         None => None,
     };
+    let t_start = Instant::now();
     let watcher = Watcher::start()?;
+    if let Some(path) = &args.ready_file {
+        crate::follow::write_ready_file(path, t_start.elapsed().as_millis() as u64)?;
+    }
     let live = !args.json && std::io::stdout().is_terminal();
     let style = crate::render::Style::for_stdout(args.color, false);
     let started = Instant::now();

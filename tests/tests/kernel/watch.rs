@@ -4,10 +4,10 @@
 use std::{
     io::{Read, Write},
     process::Stdio,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use cnitrace_tests::{bin, can_run_kernel_tests, loaded_cnitrace_programs, pod_ip, LabGuard};
+use cnitrace_tests::{bin, can_run_kernel_tests, loaded_cnitrace_programs, pod_ip, LabGuard, Scratch};
 use serde_json::Value;
 
 #[test]
@@ -19,38 +19,63 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
     // The metrics listen inside a lab namespace (its loopback): nothing of the host's is used.
     let ext = g.lab.external_ns();
     let before = loaded_cnitrace_programs();
+    let scratch = Scratch::new("watch");
+    let ready = scratch.join("ready");
+    // Until stopped: the test ends it (SIGTERM, as a DaemonSet's pod is stopped) once the scrape shows
+    // every echo; a fixed duration raced the start-up (an emulated 7.2 took longer than the sleep that
+    // stood for it, and the echoes went before the counter was attached).
     let child = cnitrace_tools::Tool::netns_exec(&ext, &bin())
-        .args(["watch", "--json", "--interval", "0.5", "--duration", "5", "--prometheus", "127.0.0.1:9465"])
+        .args(["watch", "--json", "--interval", "0.5", "--prometheus", "127.0.0.1:9465", "--ready-file"])
+        .arg(&ready)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start cnitrace watch");
-    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ready.exists(), "watch's counter was not attached within 60 s");
     // Five echoes from debug to web: the FORWARD rule on storagenodet3500 drops each.
     let debug = g.lab.pod_ns("debug");
     let _ = cnitrace_tools::PING.in_netns(&debug).args(["-c", "5", "-i", "0.2", "-W", "1", &pod_ip("web")]).stdout(Stdio::null()).status();
-    std::thread::sleep(Duration::from_millis(700));
-    let metrics = cnitrace::netns::in_netns(&cnitrace::netns::named(&ext), || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", 9465))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/openmetrics-text\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    })
-    .expect("scrape /metrics");
-    let out = child.wait_with_output().expect("watch ends by itself");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(metrics.starts_with("HTTP/1.1 200 OK") && metrics.contains("# TYPE cnitrace_drops counter"), "{metrics}");
+    let scrape = || {
+        cnitrace::netns::in_netns(&cnitrace::netns::named(&ext), || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 9465))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/openmetrics-text\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .expect("scrape /metrics")
+    };
     // Where the kernel frees a packet nftables dropped: nft_do_chain here, nf_hook_slow on a kernel
     // without drop reasons (5.10: the hook's caller frees it).
     let netfilter = |f: &str| f == "nft_do_chain" || f == "nf_hook_slow";
-    let web: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("cnitrace_drops_total{") && l.contains("pod=\"web\"") && (l.contains("function=\"nft_do_chain\"") || l.contains("function=\"nf_hook_slow\"")))
-        .collect();
+    let webs = |metrics: &str| -> Vec<String> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("cnitrace_drops_total{") && l.contains("pod=\"web\"") && (l.contains("function=\"nft_do_chain\"") || l.contains("function=\"nf_hook_slow\"")))
+            .map(str::to_string)
+            .collect()
+    };
+    let count = |line: &str| -> f64 { line.rsplit(' ').next().unwrap().parse().unwrap() };
+    // Scraped as Prometheus does, every half second, until the five echoes are counted (a reading every
+    // interval; naming a new drop's function reads /proc/kallsyms, seconds under emulation).
+    let t = Instant::now();
+    let mut metrics = scrape();
+    while !webs(&metrics).first().is_some_and(|l| count(l) >= 5.0) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+        metrics = scrape();
+    }
+    let st = cnitrace_tools::KILL.command().args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+    assert!(st.success());
+    let out = child.wait_with_output().expect("watch ends on SIGTERM");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(metrics.starts_with("HTTP/1.1 200 OK") && metrics.contains("# TYPE cnitrace_drops counter"), "{metrics}");
+    let web = webs(&metrics);
     assert_eq!(web.len(), 1, "one series for web's dropped echoes: {metrics}");
-    let n: f64 = web[0].rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(n >= 5.0, "every echo counted: {}", web[0]);
+    assert!(count(&web[0]) >= 5.0, "every echo counted: {}", web[0]);
 
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
     let last = lines.iter().rfind(|v| v["pod"] == "web" && v["function"].as_str().is_some_and(netfilter)).unwrap_or_else(|| panic!("web's drops: {lines:#?}"));
