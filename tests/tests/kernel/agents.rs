@@ -275,7 +275,7 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     let st = cnitrace_tools::KILL.command().args(["-KILL", &victim.to_string()]).status().expect("kill -KILL");
     assert!(st.success());
     let out = child.wait_with_output().expect("follow ends");
-    // Node 0's trace runs out its 30 s; then the CLI must end, not wait on the dead agent.
+    // The CLI ends (at the latest when node 0's trace runs out its 30 s), not waiting on the dead agent.
     let after = t0.elapsed().saturating_sub(attached);
     assert!(after < Duration::from_secs(60), "not hung on: {after:?} after the probes were ready");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -86,7 +86,7 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
         assert_eq!(last["reason"], "NETFILTER_DROP", "{last}");
     }
     assert!(lines.iter().all(|v| v.get("noise").is_none()), "the noise classes are folded away without --all");
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
