@@ -51,11 +51,12 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
     };
     // Where the kernel frees a packet nftables dropped: nft_do_chain here, nf_hook_slow on a kernel
     // without drop reasons (5.10: the hook's caller frees it).
-    let netfilter = |f: &str| f == "nft_do_chain" || f == "nf_hook_slow";
+    const NETFILTER: [&str; 2] = ["nft_do_chain", "nf_hook_slow"];
+    let netfilter = |f: &str| NETFILTER.contains(&f);
     let webs = |metrics: &str| -> Vec<String> {
         metrics
             .lines()
-            .filter(|l| l.starts_with("cnitrace_drops_total{") && l.contains("pod=\"web\"") && (l.contains("function=\"nft_do_chain\"") || l.contains("function=\"nf_hook_slow\"")))
+            .filter(|l| l.starts_with("cnitrace_drops_total{") && l.contains("pod=\"web\"") && NETFILTER.iter().any(|f| l.contains(&format!("function=\"{f}\""))))
             .map(str::to_string)
             .collect()
     };
