@@ -804,10 +804,13 @@ mod portforward {
         let up = async {
             while let Some(Ok(m)) = rx.next().await {
                 match m {
-                    Message::Binary(b) if b.first() == Some(&0)
-                        && w.write_all(&b[1..]).await.is_err() => {
+                    Message::Binary(b) if b.first() == Some(&0) => {
+                        // The write stays out of the match guard: a guard with a side effect reads as a test.
+                        let sent = w.write_all(&b[1..]).await;
+                        if sent.is_err() {
                             break;
                         }
+                    }
                     Message::Close(_) => break,
                     _ => {}
                 }
