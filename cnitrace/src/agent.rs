@@ -602,6 +602,7 @@ fn follow_stream(mut conn: Conn, node: &Node, mut req: crate::follow::FollowRequ
                 "elapsed_ms": report.elapsed_ms,
                 "ready_ms": report.ready_ms,
                 "events_not_kept": report.events_not_kept,
+                "ring_peak": report.ring_peak,
                 "peak_rss_kib": report.peak_rss_kib,
             },
             "recording": crate::follow::Recording::of(&report),

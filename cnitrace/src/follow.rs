@@ -268,6 +268,8 @@ pub struct Report {
     pub ready_ms: u64,
     /// Records drained from the ring buffer but not kept (over MAX_KEPT_EVENTS).
     pub events_not_kept: u64,
+    /// The fullest the reader found the ring (with `counters.lost`, why records were lost).
+    pub ring_peak: RingPeak,
     pub program_stats: Vec<crate::probe::ProgramStats>,
     /// Peak resident memory of this process (VmHWM).
     pub peak_rss_kib: u64,
@@ -606,6 +608,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         elapsed_ms: t_start.elapsed().as_millis() as u64,
         ready_ms,
         events_not_kept: intake.not_kept,
+        ring_peak: intake.peak,
         program_stats,
         peak_rss_kib: peak_rss_kib(),
         arp_unanswered,
@@ -679,6 +682,19 @@ struct Intake {
     not_kept: u64,
     /// Another node's records are not kept (an agent's trace).
     scope: ScopeFilter,
+    /// When the ring was last emptied, and the most records it held at one emptying.
+    last_take: Option<Instant>,
+    peak: RingPeak,
+}
+
+/// The most records the ring held when the reader came to empty it, and how long the reader had been
+/// away (ms since the emptying before). With records lost, it says which of two things happened: the
+/// reader was kept away (a starved CPU: a long wait) or the records came faster than its usual period
+/// could take them (a short one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RingPeak {
+    pub records: u64,
+    pub waited_ms: u64,
 }
 
 /// Records decoded between two emptyings of the ring.
@@ -695,9 +711,11 @@ impl Intake {
 
     /// Empties the ring; true if anything came.
     fn take(&mut self, probe: &mut Probe, kept: usize) -> bool {
-        let mut got = false;
+        let now = Instant::now();
+        let waited = self.last_take.replace(now).map_or(Duration::ZERO, |t| now - t);
+        let mut n = 0u64;
         probe.drain(|r| {
-            got = true;
+            n += 1;
             let held = kept + self.raw.len();
             let drop = r.event.header.kind == cnitrace_common::EventKind::Drop as u32;
             if held < MAX_KEPT_EVENTS || (drop && self.raw.len() < MAX_HELD_DROPS) {
@@ -706,7 +724,10 @@ impl Intake {
                 self.not_kept += 1;
             }
         });
-        got
+        if n > self.peak.records {
+            self.peak = RingPeak { records: n, waited_ms: waited.as_millis() as u64 };
+        }
+        n > 0
     }
 
     /// What the ring holds into `kept` (see [`keep`]), for up to DECODE_TIME (a flood of drops could

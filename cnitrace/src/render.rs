@@ -263,6 +263,14 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
         r.ready_ms,
         r.elapsed_ms
     )?;
+    if r.counters.lost > 0 {
+        // Why the ring overflowed: a reader kept away long, or records faster than its period.
+        writeln!(
+            out,
+            "  {} records lost to a full ring: the fullest the reader found it was {} records, {} ms after it last emptied it",
+            r.counters.lost, r.ring_peak.records, r.ring_peak.waited_ms
+        )?;
+    }
     Ok(())
 }
 
@@ -279,6 +287,7 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
     v["elapsed_ms"] = r.elapsed_ms.into();
     v["ready_ms"] = r.ready_ms.into();
     v["events_not_kept"] = r.events_not_kept.into();
+    v["ring_peak"] = serde_json::to_value(r.ring_peak)?;
     v["peak_rss_kib"] = r.peak_rss_kib.into();
     v["hooks"] = serde_json::to_value(&r.hooks)?;
     if !r.program_stats.is_empty() {

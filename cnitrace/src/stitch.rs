@@ -56,6 +56,9 @@ struct PartReport {
     hooks: Vec<HookStatus>,
     ready_ms: u64,
     events_not_kept: u64,
+    /// Absent from an agent older than the field.
+    #[serde(default)]
+    ring_peak: crate::follow::RingPeak,
 }
 
 /// How the stitched trace came together: each node's share, its clock, and who did not answer.
@@ -581,6 +584,7 @@ fn stitch(mut parts: Vec<(usize, Part)>, source: Option<usize>, pods_of: &BTreeM
         elapsed_ms: 0,
         ready_ms: parts.iter().map(|(_, p)| p.report.ready_ms).max().unwrap_or(0),
         events_not_kept: parts.iter().map(|(_, p)| p.report.events_not_kept).sum(),
+        ring_peak: parts.iter().map(|(_, p)| p.report.ring_peak).max_by_key(|r| r.records).unwrap_or_default(),
         program_stats: Vec::new(),
         peak_rss_kib: 0,
         arp_unanswered: recording.arp_unanswered,

@@ -319,6 +319,10 @@ fn a_burst_while_the_idle_reader_sleeps_is_drained_without_loss() {
     assert!(e > 43_690, "more records than the ring holds: {v}");
     // The kernel wakes the sleeping reader every 4,096 records of a CPU, and the ring is emptied while
     // the first drop's function is looked up in /proc/kallsyms (~50 ms: half the flood was lost to it).
+    // The fullest the reader found the ring (what tells a starved reader from a too-fast flood when
+    // records are lost): some of the flood at once, never more than the ring holds.
+    let peak = v["ring_peak"]["records"].as_u64().unwrap_or(0);
+    assert!(peak > 0 && peak <= 43_690, "ring_peak: {v}");
     assert_eq!(l, 0, "no record lost: {v}");
     // Among the flood's 8,000 noise drops (echo replies at ping_rcv).
     assert_the_datagrams_drop_ended_it(code, &v);
