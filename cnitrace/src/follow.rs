@@ -682,19 +682,46 @@ struct Intake {
     not_kept: u64,
     /// Another node's records are not kept (an agent's trace).
     scope: ScopeFilter,
-    /// When the ring was last emptied, and the most records it held at one emptying.
-    last_take: Option<Instant>,
+    /// When the ring was last emptied (and the reader's CPU time then), and the most records one emptying
+    /// took.
+    last_take: Option<(Instant, Duration)>,
     peak: RingPeak,
 }
 
-/// The most records the ring held when the reader came to empty it, and how long the reader had been
-/// away (ms since the emptying before). With records lost, it says which of two things happened: the
-/// reader was kept away (a starved CPU: a long wait) or the records came faster than its usual period
-/// could take them (a short one).
+/// The emptying of the ring that took the most records, and what came before it. With records lost,
+/// it tells a reader kept from the CPU (a long wait, little of it on the CPU: seen in a one-CPU guest,
+/// where a ping flood held the reader off for 420 ms with 5 ms on the CPU) from records that came
+/// faster than the reader's period could take them (a short wait).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RingPeak {
     pub records: u64,
+    /// From the end of the emptying before to the start of this one.
     pub waited_ms: u64,
+    /// How long that emptying took (records that came meanwhile were taken too).
+    pub emptying_ms: u64,
+    /// Of both, how long the reader ran (its thread's CPU time): far less, and it was kept from the
+    /// CPU; about as much, and its own work took that long.
+    pub on_cpu_ms: u64,
+    /// What the reader did meanwhile.
+    pub away: Away,
+}
+
+/// This thread's CPU time.
+fn thread_cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
+}
+
+/// What the reader did between two emptyings of the ring (named by where the second one is).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Away {
+    /// Slept its period (or until woken) and looked at what it had.
+    #[default]
+    Waiting,
+    /// Named new functions from /proc/kallsyms (the ring is emptied every 2 ms meanwhile).
+    NamingFunctions,
+    /// Decoded a batch of records.
+    Decoding,
 }
 
 /// Records decoded between two emptyings of the ring.
@@ -710,9 +737,11 @@ impl Intake {
     }
 
     /// Empties the ring; true if anything came.
-    fn take(&mut self, probe: &mut Probe, kept: usize) -> bool {
-        let now = Instant::now();
-        let waited = self.last_take.replace(now).map_or(Duration::ZERO, |t| now - t);
+    fn take(&mut self, probe: &mut Probe, kept: usize, away: Away) -> bool {
+        // Away: from the end of the last emptying (records that come while it empties are taken too) to
+        // the start of this one.
+        let (now, cpu) = (Instant::now(), thread_cpu_time());
+        let (waited, on_cpu) = self.last_take.map_or((Duration::ZERO, Duration::ZERO), |t| (now - t.0, cpu.saturating_sub(t.1)));
         let mut n = 0u64;
         probe.drain(|r| {
             n += 1;
@@ -724,8 +753,11 @@ impl Intake {
                 self.not_kept += 1;
             }
         });
+        let (end, end_cpu) = (Instant::now(), thread_cpu_time());
+        let on_cpu = on_cpu + end_cpu.saturating_sub(cpu);
+        self.last_take = Some((end, end_cpu));
         if n > self.peak.records {
-            self.peak = RingPeak { records: n, waited_ms: waited.as_millis() as u64 };
+            self.peak = RingPeak { records: n, waited_ms: waited.as_millis() as u64, emptying_ms: (end - now).as_millis() as u64, on_cpu_ms: on_cpu.as_millis() as u64, away };
         }
         n > 0
     }
@@ -734,7 +766,7 @@ impl Intake {
     /// outrun decoding, and the caller must still see its deadline); what is left stays held for the
     /// next call. True if anything came.
     fn run(&mut self, probe: &mut Probe, decoder: &mut Decoder, kept: &mut Vec<TraceEvent>, own_echo: Option<u16>) -> bool {
-        let mut got = self.take(probe, kept.len());
+        let mut got = self.take(probe, kept.len(), Away::Waiting);
         let until = Instant::now() + DECODE_TIME;
         while !self.raw.is_empty() && Instant::now() < until {
             let n = self.raw.len().min(DECODE_BATCH);
@@ -743,15 +775,16 @@ impl Intake {
                 let names = std::thread::scope(|s| {
                     let lookup = s.spawn(|| crate::probe::kallsyms::resolve(&unnamed));
                     while !lookup.is_finished() {
-                        self.take(probe, kept.len());
+                        self.take(probe, kept.len(), Away::NamingFunctions);
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     lookup.join().unwrap_or_default()
                 });
                 decoder.learn_functions(&unnamed, names);
+                got |= self.take(probe, kept.len(), Away::NamingFunctions);
             }
             keep(decoder, self.raw.drain(..n), kept, &mut self.not_kept, own_echo, &mut self.scope);
-            got |= self.take(probe, kept.len());
+            got |= self.take(probe, kept.len(), Away::Decoding);
         }
         got
     }

@@ -267,8 +267,18 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
         // Why the ring overflowed: a reader kept away long, or records faster than its period.
         writeln!(
             out,
-            "  {} records lost to a full ring: the fullest the reader found it was {} records, {} ms after it last emptied it",
-            r.counters.lost, r.ring_peak.records, r.ring_peak.waited_ms
+            "  {} records lost to a full ring: at its fullest the reader took {} records, {} ms after it last emptied it ({}), in {} ms; it was on the CPU {} ms of those {} ms",
+            r.counters.lost,
+            r.ring_peak.records,
+            r.ring_peak.waited_ms,
+            match r.ring_peak.away {
+                crate::follow::Away::Waiting => "waiting for records",
+                crate::follow::Away::NamingFunctions => "naming new functions from /proc/kallsyms",
+                crate::follow::Away::Decoding => "decoding records",
+            },
+            r.ring_peak.emptying_ms,
+            r.ring_peak.on_cpu_ms,
+            r.ring_peak.waited_ms + r.ring_peak.emptying_ms,
         )?;
     }
     Ok(())

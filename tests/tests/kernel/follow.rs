@@ -322,6 +322,8 @@ fn a_burst_while_the_idle_reader_sleeps_is_drained_without_loss() {
     // The fullest the reader found the ring (what tells a starved reader from a too-fast flood when
     // records are lost): some of the flood at once, never more than the ring holds.
     let peak = v["ring_peak"]["records"].as_u64().unwrap_or(0);
+    // A figure for the log (a run shows it with --show-output): how near the ring came to full.
+    println!("burst: {m} matched, {e} emitted, {l} lost; the fullest ring: {}", v["ring_peak"]);
     assert!(peak > 0 && peak <= 43_690, "ring_peak: {v}");
     assert_eq!(l, 0, "no record lost: {v}");
     // Among the flood's 8,000 noise drops (echo replies at ping_rcv).
