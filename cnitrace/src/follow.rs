@@ -268,7 +268,7 @@ pub struct Report {
     pub ready_ms: u64,
     /// Records drained from the ring buffer but not kept (over MAX_KEPT_EVENTS).
     pub events_not_kept: u64,
-    /// The fullest the reader found the ring (with `counters.lost`, why records were lost).
+    /// The emptying of the ring that took the most records (with `counters.lost`, why they were lost).
     pub ring_peak: RingPeak,
     pub program_stats: Vec<crate::probe::ProgramStats>,
     /// Peak resident memory of this process (VmHWM).
@@ -722,6 +722,16 @@ pub enum Away {
     NamingFunctions,
     /// Decoded a batch of records.
     Decoding,
+}
+
+impl Away {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Away::Waiting => "waiting for records",
+            Away::NamingFunctions => "naming new functions from /proc/kallsyms",
+            Away::Decoding => "decoding records",
+        }
+    }
 }
 
 /// Records decoded between two emptyings of the ring.

@@ -271,11 +271,7 @@ pub fn text(r: &Report, style: &Style, out: &mut impl Write) -> Result<()> {
             r.counters.lost,
             r.ring_peak.records,
             r.ring_peak.waited_ms,
-            match r.ring_peak.away {
-                crate::follow::Away::Waiting => "waiting for records",
-                crate::follow::Away::NamingFunctions => "naming new functions from /proc/kallsyms",
-                crate::follow::Away::Decoding => "decoding records",
-            },
+            r.ring_peak.away.describe(),
             r.ring_peak.emptying_ms,
             r.ring_peak.on_cpu_ms,
             r.ring_peak.waited_ms + r.ring_peak.emptying_ms,
