@@ -50,6 +50,16 @@ pub fn follow_events(src: &str, dst: &str, extra: &[&str]) -> (i32, Vec<serde_js
 /// emulation): the test makes the traffic, then `finish` waits for the verdict.
 pub struct PassiveFollow(std::process::Child);
 
+/// Waits up to 60 s for a `--ready-file` (follow's, watch's) to appear; true if it did. Start-up is
+/// tens of ms here, seconds under emulation.
+pub fn wait_for_ready_file(path: &std::path::Path) -> bool {
+    let t0 = std::time::Instant::now();
+    while !path.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    path.exists()
+}
+
 impl PassiveFollow {
     pub fn start(src: &str, dst: &str, timeout_s: u32) -> PassiveFollow {
         Self::start_with(src, dst, timeout_s, &[])
@@ -66,10 +76,7 @@ impl PassiveFollow {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start follow");
-        let t0 = std::time::Instant::now();
-        while !ready.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for_ready_file(&ready);
         // Read once: nothing of the test stays in TMPDIR.
         let _ = std::fs::remove_file(&ready);
         PassiveFollow(child)

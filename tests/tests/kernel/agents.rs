@@ -260,10 +260,7 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     // Both nodes' probes in (the ready file: an emulated kernel takes seconds to load them; counting
     // programs was not enough: a pause between two loads looked like the end, and on 5.10 node 1's
     // agent had seen nothing), then the pings, then time for node 1's agent to stream them.
-    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(ready.exists(), "the agents' probes were not attached within 60 s");
+    assert!(cnitrace_tests::wait_for_ready_file(&ready), "the agents' probes were not attached within 60 s");
     let attached = t0.elapsed();
     let _ping = cnitrace_tools::PING.in_netns(&g.lab.pod_ns("debug")).args(["-c", "3", "-i", "0.2", "-W", "1", &cnitrace_tests::pod_ip("web")]).output();
     // Time for node 1's agent to decode and stream the pings, in step with this machine's speed (the

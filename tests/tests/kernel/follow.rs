@@ -317,16 +317,17 @@ fn a_burst_while_the_idle_reader_sleeps_is_drained_without_loss() {
     let [m, e, l, _] = counters(&v);
     assert_eq!(m, e + l, "every record accounted: {v}");
     assert!(e > 43_690, "more records than the ring holds: {v}");
-    // The kernel wakes the sleeping reader every 4,096 records of a CPU, and the ring is emptied while
-    // the first drop's function is looked up in /proc/kallsyms (~50 ms: half the flood was lost to it).
-    // The fullest the reader found the ring (what tells a starved reader from a too-fast flood when
-    // records are lost): some of the flood at once, never more than the ring holds. Known to fail in a
-    // one-CPU 7.2 guest (6 runs of 34 alone, 2026-12-07): the flood held the reader off the CPU ~400 ms
-    // (ring_peak: 5 ms of 431 on the CPU) and the ring filled; the host and 5.10 guests do not.
+    // The emptying that took the most records (what tells a starved reader from a too-fast flood when
+    // records are lost): some of the flood at once, never more than the ring holds. A figure for the
+    // log too (a run shows it with --show-output).
     let peak = v["ring_peak"]["records"].as_u64().unwrap_or(0);
-    // A figure for the log (a run shows it with --show-output): how near the ring came to full.
     println!("burst: {m} matched, {e} emitted, {l} lost; the fullest ring: {}", v["ring_peak"]);
     assert!(peak > 0 && peak <= 43_690, "ring_peak: {v}");
+    // The kernel wakes the sleeping reader every 4,096 records of a CPU, and the ring is emptied while
+    // the first drop's function is looked up in /proc/kallsyms (~50 ms: half the flood was lost to it).
+    // Known to fail in a one-CPU 7.2 guest (6 runs of 34 alone, 2026-12-07): the flood held the reader
+    // off the CPU ~400 ms (ring_peak: 5 ms of 431 on the CPU) and the ring filled; the host and 5.10
+    // guests do not.
     assert_eq!(l, 0, "no record lost: {v}");
     // Among the flood's 8,000 noise drops (echo replies at ping_rcv).
     assert_the_datagrams_drop_ended_it(code, &v);

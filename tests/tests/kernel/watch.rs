@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cnitrace_tests::{bin, can_run_kernel_tests, loaded_cnitrace_programs, pod_ip, LabGuard, Scratch};
+use cnitrace_tests::{bin, can_run_kernel_tests, loaded_cnitrace_programs, pod_ip, wait_for_ready_file, LabGuard, Scratch};
 use serde_json::Value;
 
 #[test]
@@ -31,11 +31,7 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start cnitrace watch");
-    let t0 = Instant::now();
-    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(ready.exists(), "watch's counter was not attached within 60 s");
+    assert!(wait_for_ready_file(&ready), "watch's counter was not attached within 60 s");
     // Five echoes from debug to web: the FORWARD rule on storagenodet3500 drops each.
     let debug = g.lab.pod_ns("debug");
     let _ = cnitrace_tools::PING.in_netns(&debug).args(["-c", "5", "-i", "0.2", "-W", "1", &pod_ip("web")]).stdout(Stdio::null()).status();
