@@ -348,14 +348,15 @@ pub fn verdict_styled(v: &crate::finding::Verdict, style: &Style, out: &mut (imp
         Outcome::Inconclusive => writeln!(out, "verdict: {}", style.paint("INCONCLUSIVE", YELLOW))?,
     }
     if v.verdict != Outcome::Delivered {
-        let at = [v.netns.clone(), v.ifname.clone(), v.function.clone(), v.reason.clone()]
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join(", ");
+        // The fault's place, then the kernel's drop site on a line of its own: one fault reads the same
+        // whichever way the kernel happened to free its packet.
+        let at = [v.netns.clone(), v.ifname.clone()].into_iter().flatten().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(", ");
         if !at.is_empty() {
             writeln!(out, "  where: {}", style.paint(&at, BOLD))?;
+        }
+        if let Some(d) = &v.dropped_at {
+            let place = [d.netns.as_str(), d.ifname.as_str()].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+            writeln!(out, "  drop:  {} ({}) on {place}", d.function, d.reason)?;
         }
     }
     writeln!(out, "  why:   {}", v.explanation)?;

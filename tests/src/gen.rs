@@ -506,8 +506,9 @@ pub const FAULTS: &[GenFault] = &[
     GenFault { name: "veth-detached", cause: "veth-detached", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} nomaster", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
     GenFault { name: "veth-down-host", cause: "veth-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.pair(false).1.host_veth)), hop: |g| g.pair(false).1.host_veth.clone() },
     GenFault { name: "veth-down-pod", cause: "veth-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.pair(false).1.name, "link set eth0 down"), hop: |_| "eth0".into() },
-    // The kernel drops the source's frame at the bridge's ingress port (br_handle_frame): that port is the hop.
-    GenFault { name: "bridge-down", cause: "bridge-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.nodes[0].bridge)), hop: |g| g.pair(false).0.host_veth.clone() },
+    // The fault's place is the bridge that is down (the kernel drops the source's frame at its ingress
+    // port, br_handle_frame: that is the verdict's `dropped_at`).
+    GenFault { name: "bridge-down", cause: "bridge-down", needs: Needs::OneNode, fix: FixKind::Repair, apply: |g| g.layout.ip(&g.nodes[0].name, &format!("link set {} down", g.nodes[0].bridge)), hop: |g| g.nodes[0].bridge.clone() },
     GenFault {
         name: "bridge-port-blocked",
         cause: "bridge-port-blocked",

@@ -24,11 +24,35 @@ pub enum Outcome {
 pub struct Diagnosis {
     pub explanation: String,
     pub facts: Vec<String>,
-    /// Where it died, when no drop event says so (namespace display name, interface).
+    /// The fault's place (namespace display name, interface): the broken device or the node that should
+    /// have acted, as the node's state shows it. None: the place is where the kernel dropped the packet.
     pub hop: Option<(String, String)>,
 }
 
+/// Where the kernel freed the pair's packet: the namespace (display name), the device, the function
+/// and the drop reason, as its kfree_skb said it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropSite {
+    pub netns: String,
+    pub ifname: String,
+    pub function: String,
+    pub reason: String,
+}
+
+impl DropSite {
+    fn of(d: &TraceEvent) -> Option<DropSite> {
+        let info = d.drop.as_ref()?;
+        Some(DropSite { netns: d.where_.clone(), ifname: d.ifname.clone(), function: info.function.clone(), reason: info.reason.clone() })
+    }
+}
+
 /// The verdict object: the last line of `--json`, and the end of the text output.
+///
+/// `netns` and `ifname` are the fault's place (`where`): the hop a cause names from the node's state,
+/// else where the kernel dropped the packet. One fault gives the same `where` whichever way the kernel
+/// happened to free its packet (an ARP give-up in the source pod, or a request unanswered at a detached
+/// port). The kernel's own drop site, when there was one, is `dropped_at`; `function` and `reason` are
+/// its function and reason.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Verdict {
     pub verdict: Outcome,
@@ -38,6 +62,9 @@ pub struct Verdict {
     pub reason: Option<String>,
     pub ifname: Option<String>,
     pub netns: Option<String>,
+    /// Where the kernel freed the packet (None: no kernel drop was seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_at: Option<DropSite>,
     pub explanation: String,
     pub facts: Vec<String>,
     /// Evidence this kernel could not give, and what the verdict rests on instead.
@@ -151,6 +178,7 @@ fn diagnose_pair(ctx: &Ctx) -> Verdict {
             reason: None,
             ifname: None,
             netns: None,
+            dropped_at: None,
             explanation: format!("{} reached {} and the answer came back", ctx.src_name(), ctx.dst_name()),
             facts: ctx.delivery_facts(),
             missing: Vec::new(),
@@ -171,10 +199,10 @@ fn diagnose_pair(ctx: &Ctx) -> Verdict {
             }
             facts.extend(kprobe_facts(ctx));
             facts.extend(ctx.probe_facts());
-            let (netns, ifname) = match (drop, d.hop) {
-                (_, Some((w, i))) if cause.hop_from_state => (Some(w), Some(i)),
-                (Some(dr), _) => (Some(dr.where_.clone()), Some(dr.ifname.clone())),
-                (None, Some((w, i))) => (Some(w), Some(i)),
+            // The fault's place: the hop the cause names, else the kernel's drop site, else the last hop.
+            let (netns, ifname) = match (d.hop, drop) {
+                (Some((w, i)), _) => (Some(w), Some(i)),
+                (None, Some(dr)) => (Some(dr.where_.clone()), Some(dr.ifname.clone())),
                 (None, None) => ctx.last_hop().map(|e| (Some(e.where_.clone()), Some(e.ifname.clone()))).unwrap_or((None, None)),
             };
             return Verdict {
@@ -185,6 +213,7 @@ fn diagnose_pair(ctx: &Ctx) -> Verdict {
                 reason: drop.and_then(|d| d.drop.as_ref().map(|i| i.reason.clone())),
                 ifname,
                 netns,
+                dropped_at: drop.and_then(DropSite::of),
                 explanation: d.explanation,
                 facts,
                 missing: Vec::new(),
@@ -207,6 +236,7 @@ fn diagnose_pair(ctx: &Ctx) -> Verdict {
                 reason: Some(info.reason.clone()),
                 ifname: Some(d.ifname.clone()),
                 netns: Some(d.where_.clone()),
+                dropped_at: DropSite::of(d),
                 explanation: format!(
                     "dropped in {} by {} ({}); none of the known causes matches the node's state",
                     d.where_, info.function, info.reason
@@ -245,6 +275,7 @@ fn no_listener(ctx: &Ctx) -> Option<Verdict> {
         reason: Some(info.reason.clone()),
         ifname: Some(d.ifname.clone()),
         netns: Some(d.where_.clone()),
+        dropped_at: DropSite::of(d),
         explanation: format!(
             "{} reached {} ({} {}), where nothing listens on its port ({}): the network delivered it; the service there is not running or listens elsewhere",
             p.what, ctx.dst_name(), d.where_, d.ifname, p.proto
@@ -302,6 +333,7 @@ fn unanswered_arp(ctx: &Ctx) -> Option<Verdict> {
         reason: None,
         ifname: Some(hop.ifname.clone()),
         netns: Some(hop.where_.clone()),
+        dropped_at: None,
         explanation: format!("{explanation}; none of the known causes matches the node's state"),
         facts,
         missing: Vec::new(),
@@ -321,6 +353,7 @@ fn inconclusive(ctx: &Ctx, why: &str) -> Verdict {
         reason: None,
         ifname: last.map(|e| e.ifname.clone()),
         netns: last.map(|e| e.where_.clone()),
+        dropped_at: None,
         explanation: why.to_string(),
         facts,
         missing: Vec::new(),
@@ -376,6 +409,7 @@ mod tests {
             reason: Some("unknown (this kernel's kfree_skb has no reason)".into()),
             ifname: None,
             netns: None,
+            dropped_at: None,
             explanation: String::new(),
             facts: Vec::new(),
             missing: Vec::new(),

@@ -64,9 +64,9 @@ fn the_drop_point_is_the_kernels_own() {
         let got = v["function"].as_str().unwrap_or("");
         let base = got.split('.').next().unwrap_or("");
         assert!(function.split('|').any(|f| f == base), "{fault}: expected {function}, got {got}: {v}");
-        if !causes::find(f.cause).expect("cause").hop_from_state {
-            assert_eq!(v["netns"], netns, "{fault}: {v}");
-        }
+        // The kernel's drop site is said on its own (`where`, netns/ifname, is the fault's place).
+        assert_eq!(v["dropped_at"]["netns"], netns, "{fault}: {v}");
+        assert_eq!(v["dropped_at"]["function"], got, "{fault}: {v}");
     }
 }
 
@@ -97,7 +97,8 @@ fn the_seed_incident_is_an_arp_failure_at_jellyfins_detached_veth() {
     assert_eq!(v["cause"], "veth-detached");
     assert_eq!(v["function"], "neigh_invalidate", "the source gave up on ARP: {v}");
     assert_reason(&v, "NEIGH_FAILED", "the seed incident");
-    assert_eq!(v["netns"], "debug", "the packet died in the source pod, as the seed saw it");
+    assert_eq!(v["dropped_at"]["netns"], "debug", "the packet died in the source pod, as the seed saw it: {v}");
+    assert_eq!((v["netns"].as_str(), v["ifname"].as_str()), (Some("storagenodet3500"), Some(veth)), "the fault's place, as the early verdict said it: {v}");
     let facts = v["facts"].to_string();
     assert!(facts.contains(&format!("{veth}, the host end of jellyfin's eth0 on storagenodet3500, has no master")), "{facts}");
     assert!(facts.contains("host unreachable"), "the source got Destination Host Unreachable: {facts}");

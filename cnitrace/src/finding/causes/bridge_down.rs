@@ -4,7 +4,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "bridge-down", layer: "bridge", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "bridge-down", layer: "bridge", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     for node in ctx.nodes() {

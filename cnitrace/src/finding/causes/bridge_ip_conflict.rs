@@ -8,7 +8,7 @@ use crate::{
     state::in_prefix,
 };
 
-pub const CAUSE: Cause = Cause { id: "bridge-ip-conflict", layer: "bridge", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "bridge-ip-conflict", layer: "bridge", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.routed() {

@@ -6,7 +6,7 @@ use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 use crate::plan::{Action, Remedy, Step, Target};
 
-pub const CAUSE: Cause = Cause { id: "hairpin-missing", layer: "bridge", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "hairpin-missing", layer: "bridge", detect, fix };
 
 /// The source pod's host veth on its bridge, with hairpin off, when the source reached itself through
 /// a Service's DNAT.

@@ -4,7 +4,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "ip-forward-disabled", layer: "routing", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "ip-forward-disabled", layer: "routing", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.routed() {

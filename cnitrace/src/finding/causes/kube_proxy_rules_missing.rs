@@ -6,7 +6,7 @@ use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 use crate::plan::Remedy;
 
-pub const CAUSE: Cause = Cause { id: "kube-proxy-rules-missing", layer: "service", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "kube-proxy-rules-missing", layer: "service", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sp = ctx.states.service.as_ref()?;

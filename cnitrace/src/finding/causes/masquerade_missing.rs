@@ -10,7 +10,7 @@ use crate::finding::{Ctx, Diagnosis};
 use crate::plan::Remedy;
 use crate::state::{in_prefix, NsState};
 
-pub const CAUSE: Cause = Cause { id: "masquerade-missing", layer: "netfilter", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "masquerade-missing", layer: "netfilter", detect, fix };
 
 fn net(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, l) = s.split_once('/').unwrap_or((s, "32"));

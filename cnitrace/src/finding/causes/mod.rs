@@ -38,8 +38,6 @@ pub struct Cause {
     /// Catalog id: part of the CLI's contract.
     pub id: &'static str,
     pub layer: &'static str,
-    /// The hop comes from the node's state (the broken device), not from where the packet was freed.
-    pub hop_from_state: bool,
     pub detect: fn(&Ctx) -> Option<Diagnosis>,
     /// The repair, each action with its undo (used by `fix`).
     pub fix: fn(&Ctx) -> Remedy,

@@ -4,7 +4,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "mtu-mismatch", layer: "link", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "mtu-mismatch", layer: "link", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;

@@ -5,7 +5,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "neighbor-stale", layer: "neighbour", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "neighbor-stale", layer: "neighbour", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;

@@ -5,7 +5,7 @@ use crate::plan::Remedy;
 use super::{iptables_backend_conflict::pod_net_prefix, netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "netfilter-policy-drop", layer: "netfilter", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "netfilter-policy-drop", layer: "netfilter", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !netfilter::is_netfilter_drop(ctx) {

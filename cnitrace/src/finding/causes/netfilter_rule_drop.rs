@@ -4,7 +4,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::{netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "netfilter-rule-drop", layer: "netfilter", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "netfilter-rule-drop", layer: "netfilter", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !netfilter::is_netfilter_drop(ctx) {

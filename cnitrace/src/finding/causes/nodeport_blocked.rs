@@ -4,7 +4,7 @@
 use super::{netfilter, Cause};
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "nodeport-blocked", layer: "netfilter", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "nodeport-blocked", layer: "netfilter", detect, fix };
 
 fn kube_proxys(h: &netfilter::Hit) -> bool {
     h.chain.starts_with("KUBE-") || h.nft_table == "kube-proxy"

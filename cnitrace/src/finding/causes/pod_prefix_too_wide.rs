@@ -12,7 +12,7 @@ use crate::{
     state::{in_prefix, Addr, Link, NsState},
 };
 
-pub const CAUSE: Cause = Cause { id: "pod-prefix-too-wide", layer: "routing", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "pod-prefix-too-wide", layer: "routing", detect, fix };
 
 /// One side of the pair whose address is wider than its node's subnet and takes the other end for a
 /// neighbour on its link.

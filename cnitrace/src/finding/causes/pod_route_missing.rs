@@ -5,7 +5,7 @@ use crate::state::{in_prefix, NsState};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "pod-route-missing", layer: "routing", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "pod-route-missing", layer: "routing", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let pod = ctx.src_pod()?;

@@ -9,7 +9,7 @@ use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 use crate::state::{in_prefix, NsState};
 
-pub const CAUSE: Cause = Cause { id: "route-missing", layer: "routing", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "route-missing", layer: "routing", detect, fix };
 
 /// Does `node` route `to` as flannel would: through its VXLAN device, or (host-gw) by a route of the
 /// cluster network via a gateway on a link that is not the pods' bridge?

@@ -5,7 +5,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "rp-filter", layer: "routing", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "rp-filter", layer: "routing", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let d = ctx.trace.first_drop()?;

@@ -5,7 +5,7 @@ use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 use crate::plan::Remedy;
 
-pub const CAUSE: Cause = Cause { id: "service-no-endpoints", layer: "service", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "service-no-endpoints", layer: "service", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sp = ctx.states.service.as_ref()?;

@@ -5,7 +5,7 @@ use crate::plan::{self, Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "veth-detached", layer: "bridge", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "veth-detached", layer: "bridge", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sides = [

@@ -4,7 +4,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "veth-down", layer: "link", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "veth-down", layer: "link", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let sides = [

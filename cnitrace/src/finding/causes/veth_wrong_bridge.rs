@@ -4,7 +4,7 @@ use crate::plan::{self, Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "veth-wrong-bridge", layer: "bridge", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "veth-wrong-bridge", layer: "bridge", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     for (name, node, host) in ctx.host_sides() {

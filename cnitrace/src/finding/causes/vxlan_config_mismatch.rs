@@ -5,7 +5,7 @@ use crate::plan::Remedy;
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "vxlan-config-mismatch", layer: "vxlan", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "vxlan-config-mismatch", layer: "vxlan", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {

@@ -6,7 +6,7 @@ use crate::plan::{Action, Remedy, Step, Target};
 use super::Cause;
 use crate::finding::{Ctx, Diagnosis};
 
-pub const CAUSE: Cause = Cause { id: "vxlan-down", layer: "vxlan", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "vxlan-down", layer: "vxlan", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {

@@ -17,7 +17,7 @@ fn missing<'a>(ctx: &Ctx<'a>) -> Vec<(OverlayLeg<'a>, String)> {
         .collect()
 }
 
-pub const CAUSE: Cause = Cause { id: "vxlan-fdb-missing", layer: "vxlan", hop_from_state: false, detect, fix };
+pub const CAUSE: Cause = Cause { id: "vxlan-fdb-missing", layer: "vxlan", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {

@@ -13,7 +13,7 @@ fn usable(entry: Option<&Neigh>) -> bool {
     entry.is_some_and(|n| n.mac.is_some() && matches!(n.state.as_str(), "permanent" | "reachable" | "stale" | "noarp" | "delay" | "probe"))
 }
 
-pub const CAUSE: Cause = Cause { id: "vxlan-neigh-missing", layer: "vxlan", hop_from_state: true, detect, fix };
+pub const CAUSE: Cause = Cause { id: "vxlan-neigh-missing", layer: "vxlan", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     if !ctx.cross_node() {
