@@ -407,6 +407,10 @@ fn vxlan_differs(g: &Generated, port_differs: bool) {
     vxlan_on(&g.layout, &g.nodes, 1, &dev, port, vni);
 }
 
+fn nft(ns: &str, set: &str) {
+    cnitrace::sys::run_in_stdin(ns, &cnitrace_tools::NFT, &["-f", "-"], set).unwrap_or_else(|e| panic!("nft in {ns}: {e:#}\n{set}"));
+}
+
 fn iptables(ns: &str, args: &[&str]) {
     cnitrace::sys::run_in(ns, &cnitrace_tools::IPTABLES_NFT, args).unwrap_or_else(|e| panic!("iptables {args:?}: {e:#}"));
 }
@@ -480,6 +484,8 @@ impl GenFault {
                 | "forward-policy-drop"
                 | "iptables-drop"
                 | "nft-drop"
+                | "nft-bridge-drop"
+                | "nft-netdev-drop"
                 | "iptables-backend-conflict"
         )
     }
@@ -649,6 +655,56 @@ pub const FAULTS: &[GenFault] = &[
             cnitrace::sys::run_in_stdin(&g.layout.ns(&g.nodes[0].name), &cnitrace_tools::NFT, &["-f", "-"], &set).unwrap_or_else(|e| panic!("nft: {e:#}"));
         },
         hop: |_| String::new(),
+    },
+    // nft rules of the families beyond ip/inet (issue 35), each with a counter on even seeds and
+    // without one on odd ones: named by table, chain, rule and handle, removed only with
+    // --allow-rule-removal and put back in place by the rollback.
+    GenFault {
+        name: "nft-arp-drop",
+        cause: "netfilter-rule-drop",
+        needs: Needs::OneNode,
+        fix: FixKind::RuleRemoval,
+        apply: |g| {
+            // arptables' kind of rule, in the destination pod's own namespace: the ARP requests it is
+            // asked dropped at its input, so nobody ever learns its address.
+            let counter = if g.seed % 2 == 0 { "counter " } else { "" };
+            let set = format!("table arp guard {{\n chain in {{\n  type filter hook input priority 0; policy accept;\n  arp operation request {counter}drop\n }}\n}}\n");
+            nft(&g.layout.ns(&g.pair(false).1.name), &set);
+        },
+        hop: |_| "eth0".into(),
+    },
+    GenFault {
+        name: "nft-bridge-drop",
+        cause: "netfilter-rule-drop",
+        needs: Needs::OneNode,
+        fix: FixKind::RuleRemoval,
+        apply: |g| {
+            // ebtables-nft's table: `bridge filter`, the name iptables-nft uses in family ip.
+            let counter = if g.seed % 2 == 0 { "counter " } else { "" };
+            let set = format!(
+                "table bridge filter {{\n chain FORWARD {{\n  type filter hook forward priority -200; policy accept;\n  ip daddr {} {counter}drop\n }}\n}}\n",
+                g.pair(false).1.ip
+            );
+            nft(&g.layout.ns(&g.nodes[0].name), &set);
+        },
+        hop: |_| String::new(),
+    },
+    GenFault {
+        name: "nft-netdev-drop",
+        cause: "netfilter-rule-drop",
+        needs: Needs::OneNode,
+        fix: FixKind::RuleRemoval,
+        apply: |g| {
+            // An ingress filter on the source's host veth (tc's place, in nft).
+            let counter = if g.seed % 2 == 0 { "counter " } else { "" };
+            let (src, dst) = g.pair(false);
+            let set = format!(
+                "table netdev edge {{\n chain ingress-{} {{\n  type filter hook ingress device \"{}\" priority 0; policy accept;\n  ip daddr {} {counter}drop\n }}\n}}\n",
+                src.host_veth, src.host_veth, dst.ip
+            );
+            nft(&g.layout.ns(&g.nodes[0].name), &set);
+        },
+        hop: |g| g.pair(false).0.host_veth.clone(),
     },
     GenFault {
         name: "vxlan-address-zero",

@@ -108,6 +108,8 @@ pub struct NftRule {
     /// The base chain's priority as nft prints it ("filter + 10").
     pub priority: Option<String>,
     pub policy: Option<String>,
+    /// A netdev base chain's device (`device "eth0"`); None for a chain of several devices.
+    pub device: Option<String>,
     /// The rule's handle (`nft -a`), to delete exactly this rule.
     pub handle: Option<u64>,
     /// The handle of the rule before it in its chain (None: the first), to put it back in its place.
@@ -119,6 +121,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
     let mut out = Vec::new();
     let (mut family, mut table, mut chain) = (String::new(), String::new(), String::new());
     let (mut hook, mut policy, mut priority): (Option<String>, Option<String>, Option<String>) = (None, None, None);
+    let mut device: Option<String> = None;
     for line in dump.lines() {
         let l = line.trim();
         if let Some(rest) = l.strip_prefix("table ") {
@@ -131,9 +134,11 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
             hook = None;
             policy = None;
             priority = None;
+            device = None;
         } else if l.starts_with("type ") {
             hook = l.split_whitespace().skip_while(|w| *w != "hook").nth(1).map(str::to_string);
             priority = l.split_once(" priority ").map(|(_, r)| r.split(';').next().unwrap_or("").trim().to_string());
+            device = l.split_whitespace().skip_while(|w| *w != "device").nth(1).filter(|d| *d != "=").map(|d| d.trim_matches(|c| c == '"' || c == ',').to_string());
             policy = l
                 .split_whitespace()
                 .skip_while(|w| *w != "policy")
@@ -150,6 +155,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                     hook: hook.clone(),
                     priority: priority.clone(),
                     policy: policy.clone(),
+                    device: device.clone(),
                     handle: None,
                     after: None,
                 });
@@ -177,6 +183,7 @@ pub fn parse_nft(dump: &str) -> Vec<NftRule> {
                 hook: hook.clone(),
                 priority: priority.clone(),
                 policy: policy.clone(),
+                device: device.clone(),
                 handle,
                 after,
             });

@@ -13,7 +13,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     }
     let pod_net = pod_net_prefix(ctx);
     for h in netfilter::hits(ctx).into_iter().filter(|h| h.is_policy) {
-        let node = ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node)?;
+        let Some(node) = netfilter::node_of(ctx, &h) else { continue };
         let (other, other_dump) = match h.backend {
             "iptables-legacy" => ("iptables-nft", node.rules.iptables_nft.as_ref()),
             "iptables-nft" => ("iptables-legacy", node.rules.iptables_legacy.as_ref()),
@@ -55,7 +55,7 @@ pub fn pod_net_prefix(ctx: &Ctx) -> String {
 /// The accept rules, in the backend that drops (the other one keeps its own): both agree again.
 fn fix(ctx: &Ctx) -> Remedy {
     let hits = netfilter::hits(ctx);
-    let Some(h) = hits.iter().find(|h| h.is_policy) else { return Remedy::NoSafeFix("no policy drop counted any more".into()) };
+    let Some(h) = hits.iter().find(|h| h.is_policy && h.backend != "nft") else { return Remedy::NoSafeFix("no policy drop counted any more".into()) };
     let Some(node) = netfilter::node_of(ctx, h) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
     netfilter::accept_pod_network(ctx, node, h.backend)
 }

@@ -19,7 +19,9 @@ pub struct Hit {
     pub is_policy: bool,
     pub verdict: String,
     pub delta: u64,
+    /// The namespace holding the rule (a node's, or a pod's own), by display name and inode.
     pub node: String,
+    pub inode: u32,
     /// 1-based position in its chain (iptables), to put a removed rule back where it was.
     pub position: usize,
     /// nft: family and table name apart, and the rule's handle.
@@ -47,7 +49,7 @@ pub fn is_netfilter_drop(ctx: &Ctx) -> bool {
     })
 }
 
-fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&String>, node: &str) -> Vec<Hit> {
+fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&String>, node: &str, inode: u32) -> Vec<Hit> {
     let (Some(before), Some(after)) = (before, after) else { return vec![] };
     let b = parse_iptables(before);
     let after = parse_iptables(after);
@@ -67,6 +69,7 @@ fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&Strin
                 verdict,
                 delta: r.packets - old,
                 node: node.into(),
+                inode,
                 position,
                 nft_family: String::new(),
                 nft_table: String::new(),
@@ -79,23 +82,29 @@ fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&Strin
         .collect()
 }
 
-fn nft_hits(before: Option<&String>, after: Option<&String>, node: &str) -> Vec<Hit> {
+fn nft_hits(before: Option<&String>, after: Option<&String>, node: &str, inode: u32) -> Vec<Hit> {
     let (Some(before), Some(after)) = (before, after) else { return vec![] };
     let b = parse_nft(before);
     parse_nft(after)
         .into_iter()
-        .filter(|r| !is_iptables_nft_table(&r.table))
+        .filter(|r| !is_iptables_nft_table(&r.family, &r.table))
         .filter_map(|r| {
             let now = r.packets?;
-            let old = b.iter().find(|o| o.table == r.table && o.chain == r.chain && strip_counter(&o.rule) == strip_counter(&r.rule)).and_then(|o| o.packets).unwrap_or(0);
-            (now > old && matches!(r.verdict.as_str(), "drop" | "reject")).then(|| nft_hit(&r, node.into(), now - old, FoundBy::Counter))
+            let old = b
+                .iter()
+                .find(|o| o.family == r.family && o.table == r.table && o.chain == r.chain && strip_counter(&o.rule) == strip_counter(&r.rule))
+                .and_then(|o| o.packets)
+                .unwrap_or(0);
+            (now > old && matches!(r.verdict.as_str(), "drop" | "reject")).then(|| nft_hit(&r, node.into(), inode, now - old, FoundBy::Counter))
         })
         .collect()
 }
 
-/// Tables iptables-nft manages show up in `nft list ruleset` too; they are counted through iptables.
-fn is_iptables_nft_table(t: &str) -> bool {
-    matches!(t, "filter" | "nat" | "mangle" | "raw" | "security")
+/// Tables iptables-nft manages (`ip filter`, `ip6 nat`, …) show up in `nft list ruleset` too; they are
+/// counted through iptables. The same names in other families are nft's own: `inet filter` (Debian's
+/// default nftables.conf), arptables-nft's `arp filter`, ebtables-nft's `bridge filter`.
+fn is_iptables_nft_table(family: &str, table: &str) -> bool {
+    matches!(family, "ip" | "ip6") && matches!(table, "filter" | "nat" | "mangle" | "raw" | "security")
 }
 
 /// An nft rule's text without its counter values (what `add rule` takes back).
@@ -139,12 +148,34 @@ fn hook_words(r: &NftRule) -> Option<String> {
     })
 }
 
+/// Which way the dropped packet was going in the namespace that dropped it: received there (and
+/// delivered or forwarded: the input-side hooks), sent from it (output, postrouting, egress), or not
+/// known (every hook is considered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    In,
+    Out,
+    Unknown,
+}
+
 /// The headers of a dropped packet that nft rules match on.
 pub struct Headers<'a> {
+    /// IPv4 source and destination; for ARP, the sender's and the target's protocol addresses.
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
-    /// "icmp", "tcp", "udp", or a number.
+    /// "icmp", "tcp", "udp", "arp", or a number.
     pub proto: &'a str,
+    /// ARP: "request" or "reply".
+    pub arp_op: Option<&'a str>,
+    pub way: Way,
+    /// The device the namespace dropped it at: a netdev chain is bound to its own.
+    pub dev: &'a str,
+}
+
+impl Headers<'_> {
+    fn is_arp(&self) -> bool {
+        self.proto == "arp"
+    }
 }
 
 /// What evaluating one namespace's native nft rule set against a packet found: the drop rules it
@@ -154,66 +185,149 @@ pub struct Evaluation {
     pub unsure: Vec<String>,
 }
 
-/// Walks every base chain of the native nft tables (ip, inet, bridge families) in order, as the kernel
-/// would for this packet: the first rule that certainly matches decides the chain; a drop/reject there is
-/// a drop rule reached. A rule this evaluator cannot read (sets, ct state, interface names, ports…) makes
-/// the chain unsure from there on. Chains reached only by a jump are not followed (unsure too).
+/// Does a base chain of this family see this packet at all? ARP goes through the `arp` family's hooks
+/// and, bridged or on a device, `bridge` and `netdev`; IPv4 through `ip`, `inet`, `bridge` and `netdev`.
+fn family_sees(family: &str, h: &Headers) -> bool {
+    match family {
+        "arp" => h.is_arp(),
+        "ip" | "inet" => !h.is_arp(),
+        "bridge" | "netdev" => true,
+        _ => false,
+    }
+}
+
+/// Does this hook see a packet going this way? A received packet meets the input side (and, forwarded,
+/// postrouting and egress); a sent one only the output side.
+fn hook_sees(hook: &str, way: Way) -> bool {
+    match way {
+        Way::Unknown => true,
+        Way::In => hook != "output",
+        Way::Out => matches!(hook, "output" | "postrouting" | "egress"),
+    }
+}
+
+/// Walks every base chain of the native nft tables (every family: ip, inet, arp, bridge, netdev) that
+/// sees this packet, in order, as the kernel would: the first rule that certainly matches decides the
+/// chain; a drop/reject there is a drop rule reached; a chain no rule decided ends in its policy (a drop
+/// policy is a drop reached too). A rule this evaluator cannot read (sets, ct state, interface names…)
+/// makes the chain unsure from there on. Chains reached only by a jump are not followed (unsure too).
 pub fn evaluate_nft(dump: &str, h: &Headers) -> Evaluation {
     let rules = parse_nft(dump);
     let mut ev = Evaluation { drops: Vec::new(), unsure: Vec::new() };
     let mut chains: Vec<(&str, &str, &str)> = Vec::new();
     for r in &rules {
         let key = (r.family.as_str(), r.table.as_str(), r.chain.as_str());
-        if r.hook.is_some() && !chains.contains(&key) && matches!(r.family.as_str(), "ip" | "inet" | "bridge") && !is_iptables_nft_table(&r.table) {
+        let Some(hook) = r.hook.as_deref() else { continue };
+        let on_its_device = r.device.as_deref().is_none_or(|d| h.dev.is_empty() || d == h.dev);
+        if !chains.contains(&key) && family_sees(&r.family, h) && hook_sees(hook, h.way) && on_its_device && !is_iptables_nft_table(&r.family, &r.table) {
             chains.push(key);
         }
     }
     for (family, table, chain) in chains {
-        for r in rules.iter().filter(|r| r.family == family && r.table == table && r.chain == chain && r.handle.is_some()) {
+        let in_chain = || rules.iter().filter(|r| r.family == family && r.table == table && r.chain == chain);
+        let mut decided = false;
+        for r in in_chain().filter(|r| r.handle.is_some()) {
             match nft_rule_matches(&r.rule, h) {
                 Some(false) => continue,
                 Some(true) if matches!(r.verdict.as_str(), "drop" | "reject") => {
                     ev.drops.push(r.clone());
+                    decided = true;
                     break;
                 }
-                Some(true) if r.verdict == "accept" => break,
+                Some(true) if r.verdict == "accept" => {
+                    decided = true;
+                    break;
+                }
                 Some(true) if r.verdict.is_empty() => continue,
                 _ => {
                     ev.unsure.push(format!("{family} {table} {chain}: `{}`", strip_counter(&r.rule)));
+                    decided = true;
                     break;
                 }
+            }
+        }
+        if !decided {
+            if let Some(policy) = in_chain().find(|r| r.handle.is_none() && r.policy.as_deref() == Some("drop") && r.rule == "policy drop") {
+                ev.drops.push(policy.clone());
             }
         }
     }
     ev
 }
 
+/// An address or prefix as nft prints it ("10.244.1.0/24", "10.244.1.10").
+fn prefix(v: &str) -> Option<(Ipv4Addr, u8)> {
+    match v.split_once('/') {
+        Some((n, l)) => Some((n.parse().ok()?, l.parse().ok()?)),
+        None => Some((v.parse().ok()?, 32)),
+    }
+}
+
 /// Does an nft rule (as `nft list ruleset` prints it) match these headers? None when it holds an
-/// expression this evaluator does not read.
+/// expression this evaluator does not read. A match on one protocol's header never matches another
+/// protocol's packet (nft adds that dependency itself): `ip daddr` never matches ARP, `arp operation`
+/// never matches IPv4.
 pub fn nft_rule_matches(rule: &str, h: &Headers) -> Option<bool> {
     let rule = strip_counter(rule);
     let words: Vec<&str> = rule.split_whitespace().collect();
     let mut i = 0;
     let mut all = true;
+    let arp = h.is_arp();
     while i < words.len() {
         let (neg, value_at) = if words.get(i + 2) == Some(&"!=") { (true, i + 3) } else { (false, i + 2) };
         match (words[i], words.get(i + 1).copied()) {
             ("counter", _) => i += 1,
             ("drop" | "accept", _) => break,
             ("reject", _) => break,
+            ("ip", Some("saddr" | "daddr" | "protocol")) if arp => return Some(false),
+            ("arp", Some(_)) if !arp => return Some(false),
             ("ip", Some(field @ ("saddr" | "daddr"))) => {
-                let v = words.get(value_at)?;
+                let (net, len) = prefix(words.get(value_at)?)?;
                 let addr = if field == "saddr" { h.src } else { h.dst };
-                let (net, len) = match v.split_once('/') {
-                    Some((n, l)) => (n.parse::<Ipv4Addr>().ok()?, l.parse::<u8>().ok()?),
-                    None => (v.parse::<Ipv4Addr>().ok()?, 32),
-                };
                 all &= crate::state::in_prefix(addr, net, len) != neg;
                 i = value_at + 1;
             }
             ("ip", Some("protocol")) | ("meta", Some("l4proto")) => {
                 let v = words.get(value_at)?;
                 all &= (*v == h.proto) != neg;
+                i = value_at + 1;
+            }
+            // arp saddr ip 10.1.2.3 / arp daddr ip != 10.1.2.0/24
+            ("arp", Some(field @ ("saddr" | "daddr"))) if words.get(i + 2) == Some(&"ip") => {
+                let (neg, value_at) = if words.get(i + 3) == Some(&"!=") { (true, i + 4) } else { (false, i + 3) };
+                let (net, len) = prefix(words.get(value_at)?)?;
+                let addr = if field == "saddr" { h.src } else { h.dst };
+                all &= crate::state::in_prefix(addr, net, len) != neg;
+                i = value_at + 1;
+            }
+            ("arp", Some("operation")) => {
+                let v = *words.get(value_at)?;
+                let op = match v {
+                    "request" | "1" => "request",
+                    "reply" | "2" => "reply",
+                    _ => return None,
+                };
+                all &= (Some(op) == h.arp_op) != neg;
+                i = value_at + 1;
+            }
+            // The frame's protocol: ether type (bridge, netdev), meta protocol, meta nfproto (inet).
+            ("ether", Some("type")) | ("meta", Some("protocol")) => {
+                let is = match *words.get(value_at)? {
+                    "arp" => arp,
+                    "ip" => !arp,
+                    "ip6" | "vlan" | "8021q" | "8021ad" => false,
+                    _ => return None,
+                };
+                all &= is != neg;
+                i = value_at + 1;
+            }
+            ("meta", Some("nfproto")) => {
+                let is = match *words.get(value_at)? {
+                    "ipv4" => !arp,
+                    "ipv6" => false,
+                    _ => return None,
+                };
+                all &= is != neg;
                 i = value_at + 1;
             }
             ("tcp" | "udp", Some("dport" | "sport")) if words[i] != h.proto => {
@@ -236,26 +350,42 @@ fn evaluated_hit(ctx: &Ctx) -> Option<Hit> {
     }
     let d = ctx.trace.first_drop()?;
     let p = d.packet.as_ref()?;
-    let node = ctx.ns(d.netns)?;
-    let ev = evaluate_nft(node.rules.nft.as_ref()?, &Headers { src: p.src, dst: p.dst, proto: &p.proto });
+    let ns = ctx.ns(d.netns)?;
+    // Received in the dropping namespace (a receive of this packet there before the drop), or sent
+    // from it (its source is one of the namespace's own addresses), or not known.
+    let received = ctx.trace.events.iter().any(|e| {
+        e.kind == crate::event::Kind::Receive && e.netns == d.netns && e.skb == d.skb && e.t_ns <= d.t_ns && e.packet.as_ref().is_some_and(|q| q.key == p.key)
+    });
+    let way = if received {
+        Way::In
+    } else if ns.has_addr(p.src).is_some() {
+        Way::Out
+    } else {
+        Way::Unknown
+    };
+    let arp_op = (p.proto == "arp").then(|| if p.what.starts_with("ARP who-has") { "request" } else { "reply" });
+    let h = Headers { src: p.src, dst: p.dst, proto: &p.proto, arp_op, way, dev: &d.ifname };
+    let ev = evaluate_nft(ns.rules.nft.as_ref()?, &h);
     let [r] = ev.drops.as_slice() else { return None };
     if !ev.unsure.is_empty() {
         return None;
     }
-    Some(nft_hit(r, ctx.node_name(node), 0, FoundBy::Evaluation))
+    Some(nft_hit(r, ctx.node_name(ns), ns.inode, 0, FoundBy::Evaluation))
 }
 
 /// A native nft rule that dropped the pair's packet, as a hit.
-fn nft_hit(r: &NftRule, node: String, delta: u64, found_by: FoundBy) -> Hit {
+fn nft_hit(r: &NftRule, node: String, inode: u32, delta: u64, found_by: FoundBy) -> Hit {
     Hit {
         backend: "nft",
         table: format!("{} {}", r.family, r.table),
         chain: r.chain.clone(),
         rule: r.rule.clone(),
-        is_policy: false,
+        // A base chain's policy (parse_nft lists it as "policy drop", without a handle).
+        is_policy: r.handle.is_none() && r.rule.starts_with("policy "),
         verdict: r.verdict.to_uppercase(),
         delta,
         node,
+        inode,
         position: 0,
         nft_family: r.family.clone(),
         nft_table: r.table.clone(),
@@ -268,9 +398,9 @@ fn nft_hit(r: &NftRule, node: String, delta: u64, found_by: FoundBy) -> Hit {
 
 fn hits_in(before: &RuleSets, node: &NsState, name: &str) -> Vec<Hit> {
     let after = &node.rules;
-    let mut out = ipt_hits("iptables-nft", before.iptables_nft.as_ref(), after.iptables_nft.as_ref(), name);
-    out.extend(ipt_hits("iptables-legacy", before.iptables_legacy.as_ref(), after.iptables_legacy.as_ref(), name));
-    out.extend(nft_hits(before.nft.as_ref(), after.nft.as_ref(), name));
+    let mut out = ipt_hits("iptables-nft", before.iptables_nft.as_ref(), after.iptables_nft.as_ref(), name, node.inode);
+    out.extend(ipt_hits("iptables-legacy", before.iptables_legacy.as_ref(), after.iptables_legacy.as_ref(), name, node.inode));
+    out.extend(nft_hits(before.nft.as_ref(), after.nft.as_ref(), name, node.inode));
     out
 }
 
@@ -282,7 +412,16 @@ pub fn has_pod_accepts(dump: Option<&String>, pod_net_prefix: &str) -> bool {
 }
 
 pub fn describe(h: &Hit) -> String {
-    if h.found_by == FoundBy::Evaluation {
+    if h.found_by == FoundBy::Evaluation && h.is_policy {
+        format!(
+            "nft on {}: table {}, chain {} ({}) policy {}: no rule of the chain decides for the dropped packet's headers, so its policy does (found by evaluating the rule set against them)",
+            h.node,
+            h.table,
+            h.chain,
+            h.hook.as_deref().unwrap_or("no hook"),
+            h.verdict
+        )
+    } else if h.found_by == FoundBy::Evaluation {
         format!(
             "nft on {}: table {}, chain {} ({}), rule `{}` handle {} matches the dropped packet's headers (the rule has no counter: found by evaluating the rule set against them)",
             h.node,
@@ -316,8 +455,9 @@ pub fn accept_pod_network(ctx: &Ctx, node: &NsState, backend: &str) -> crate::pl
     }])
 }
 
+/// The namespace holding the hit's rule: a node's, or (a rule in a pod's own namespace) the pod's.
 pub fn node_of<'a>(ctx: &Ctx<'a>, h: &Hit) -> Option<&'a NsState> {
-    ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node)
+    ctx.ns(h.inode)
 }
 
 #[cfg(test)]
@@ -325,7 +465,66 @@ mod tests {
     use super::*;
 
     fn icmp(src: &str, dst: &str) -> Headers<'static> {
-        Headers { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: "icmp" }
+        Headers { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: "icmp", arp_op: None, way: Way::Unknown, dev: "" }
+    }
+
+    fn arp_request(src: &str, dst: &str, way: Way, dev: &'static str) -> Headers<'static> {
+        Headers { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: "arp", arp_op: Some("request"), way, dev }
+    }
+
+    /// `nft -a list ruleset` of a namespace holding rules of every family but ip's.
+    const FAMILIES: &str = "table arp t { # handle 3\n\tchain in { # handle 1\n\t\ttype filter hook input priority filter; policy accept;\n\t\tdrop # handle 2\n\t}\n}\n\
+        table bridge filter { # handle 4\n\tchain FORWARD { # handle 1\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip daddr 172.30.5.9 counter packets 3 bytes 252 drop # handle 5\n\t}\n}\n\
+        table netdev edge { # handle 5\n\tchain ing { # handle 1\n\t\ttype filter hook ingress device \"veth9\" priority filter; policy accept;\n\t\tether type arp arp operation reply drop # handle 3\n\t}\n}\n";
+
+    #[test]
+    fn arp_is_judged_by_the_arp_bridge_and_netdev_families() {
+        // The ARP request arriving in the pod: the arp family's input chain drops it (no counter).
+        let ev = evaluate_nft(FAMILIES, &arp_request("172.30.5.7", "172.30.5.9", Way::In, "eth0"));
+        assert_eq!(ev.drops.iter().map(|r| (r.family.as_str(), r.handle)).collect::<Vec<_>>(), [("arp", Some(2))], "{:?}", ev.drops);
+        assert!(ev.unsure.is_empty(), "{:?}", ev.unsure);
+        // Sent from the namespace: an input chain never sees it.
+        assert!(evaluate_nft(FAMILIES, &arp_request("172.30.5.9", "172.30.5.7", Way::Out, "eth0")).drops.is_empty());
+        // An echo to the same address: the arp family does not see it; the bridge's forward rule does.
+        let ev = evaluate_nft(FAMILIES, &Headers { way: Way::In, ..icmp("172.30.5.7", "172.30.5.9") });
+        assert_eq!(ev.drops.iter().map(|r| (r.family.as_str(), r.table.as_str(), r.handle)).collect::<Vec<_>>(), [("bridge", "filter", Some(5))]);
+        // A reply on the netdev chain's own device; on another device that chain is not there.
+        let reply = |dev| Headers { arp_op: Some("reply"), ..arp_request("172.30.5.9", "172.30.5.7", Way::In, dev) };
+        let on = evaluate_nft(FAMILIES, &reply("veth9"));
+        assert!(on.drops.iter().any(|r| r.family == "netdev" && r.handle == Some(3)), "{:?}", on.drops);
+        assert!(!evaluate_nft(FAMILIES, &reply("veth1")).drops.iter().any(|r| r.family == "netdev"));
+    }
+
+    #[test]
+    fn a_chain_no_rule_decides_ends_in_its_policy() {
+        let set = "table arp guard { # handle 7\n\tchain out { # handle 1\n\t\ttype filter hook output priority filter; policy drop;\n\t\tarp daddr ip 10.1.0.0/16 accept # handle 2\n\t}\n}\n";
+        let ev = evaluate_nft(set, &arp_request("192.168.9.4", "192.168.9.1", Way::Out, "eth0"));
+        assert_eq!(ev.drops.len(), 1, "{:?}", ev.drops);
+        assert_eq!((ev.drops[0].rule.as_str(), ev.drops[0].handle), ("policy drop", None));
+        // The accept decides first for its own addresses.
+        assert!(evaluate_nft(set, &arp_request("10.1.2.3", "10.1.0.1", Way::Out, "eth0")).drops.is_empty());
+    }
+
+    #[test]
+    fn a_protocols_header_match_never_matches_another_protocol() {
+        let arp = arp_request("10.9.0.20", "10.9.0.19", Way::Unknown, "");
+        assert_eq!(nft_rule_matches("ip daddr 10.9.0.19 drop", &arp), Some(false));
+        assert_eq!(nft_rule_matches("ip saddr != 10.0.0.0/8 drop", &arp), Some(false), "a negated IPv4 match needs IPv4 too");
+        assert_eq!(nft_rule_matches("arp operation request drop", &arp), Some(true));
+        assert_eq!(nft_rule_matches("arp daddr ip 10.9.0.19 drop", &arp), Some(true));
+        assert_eq!(nft_rule_matches("arp saddr ip != 10.9.0.0/24 drop", &arp), Some(false));
+        assert_eq!(nft_rule_matches("meta protocol arp drop", &arp), Some(true));
+        let echo = icmp("10.9.0.20", "10.9.0.19");
+        assert_eq!(nft_rule_matches("arp operation request drop", &echo), Some(false));
+        assert_eq!(nft_rule_matches("ether type arp drop", &echo), Some(false));
+        assert_eq!(nft_rule_matches("meta nfproto ipv4 ip daddr 10.9.0.19 drop", &echo), Some(true));
+    }
+
+    #[test]
+    fn only_ip_and_ip6_tables_of_iptables_names_are_iptables_nfts() {
+        assert!(is_iptables_nft_table("ip", "filter") && is_iptables_nft_table("ip6", "nat"));
+        assert!(!is_iptables_nft_table("inet", "filter"), "Debian's default nftables.conf");
+        assert!(!is_iptables_nft_table("arp", "filter") && !is_iptables_nft_table("bridge", "filter"));
     }
 
     #[test]

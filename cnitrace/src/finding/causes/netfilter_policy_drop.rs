@@ -41,5 +41,12 @@ fn fix(ctx: &Ctx) -> Remedy {
     let hits = netfilter::hits(ctx);
     let Some(h) = hits.iter().find(|h| h.is_policy) else { return Remedy::NoSafeFix("no policy drop counted any more".into()) };
     let Some(node) = netfilter::node_of(ctx, h) else { return Remedy::NoSafeFix("the node's state is missing".into()) };
+    if h.backend == "nft" {
+        // A native nft chain's policy is someone's firewall: what to let through it is theirs to say.
+        return Remedy::NoSafeFix(format!(
+            "nft table {} chain {} on {} drops by its policy: add an accept rule for the pod's traffic before it (nft insert rule {} {} …) or change the policy; cnitrace does not rewrite a firewall's policy",
+            h.table, h.chain, h.node, h.table, h.chain
+        ));
+    }
     netfilter::accept_pod_network(ctx, node, h.backend)
 }

@@ -14,8 +14,14 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
     let rule = hits.iter().find(|h| !h.is_policy)?;
     Some(Diagnosis {
         explanation: format!(
-            "an explicit {} rule drops the traffic: {} table {} chain {}: `{}` on {}",
-            rule.verdict, rule.backend, rule.table, rule.chain, rule.rule, rule.node
+            "an explicit {} rule drops the traffic: {} table {} chain {}: `{}`{} on {}",
+            rule.verdict,
+            rule.backend,
+            rule.table,
+            rule.chain,
+            rule.rule,
+            rule.handle.map(|h| format!(" (handle {h})")).unwrap_or_default(),
+            rule.node
         ),
         facts: hits.iter().map(netfilter::describe).collect(),
         hop: None,
