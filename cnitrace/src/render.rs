@@ -310,6 +310,7 @@ pub fn json(r: &Report, out: &mut impl Write) -> Result<()> {
             "endpoint": sp.chosen.as_ref().map(|e| e.addr.to_string()),
             "rule": sp.chosen.as_ref().map(|e| e.chain.clone()),
             "translations": r.trace.translations().iter().map(|n| n.describe()).collect::<Vec<_>>(),
+            "left_over": sp.left_over,
         });
     }
     if let Some(s) = &r.stitched {

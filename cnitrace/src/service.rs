@@ -33,6 +33,10 @@ pub struct ServicePath {
     /// Other nodes of this host whose rules know `asked` (several nodes on one host: the lab).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub elsewhere: Vec<(String, Service)>,
+    /// The translating node's rules are half gone: the Service's own chain is still there, and nothing
+    /// leads to it any more (then `service` is None: it is not in effect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_over: Option<services::LeftOver>,
     /// The endpoint the trace shows the packet translated to.
     pub chosen: Option<services::Endpoint>,
 }
@@ -40,7 +44,12 @@ pub struct ServicePath {
 impl ServicePath {
     /// The Service's name for people: `default/jellyfin:http`, or the address asked.
     pub fn name(&self) -> String {
-        self.service.as_ref().or(self.elsewhere.first().map(|(_, s)| s)).map(|s| s.name.clone()).unwrap_or_else(|| self.asked.to_string())
+        self.service
+            .as_ref()
+            .or(self.elsewhere.first().map(|(_, s)| s))
+            .map(|s| s.name.clone())
+            .or_else(|| self.left_over.as_ref().map(|l| l.name.clone()))
+            .unwrap_or_else(|| self.asked.to_string())
     }
 
     /// Addresses the traced packets may carry after translation: the endpoints.
@@ -68,7 +77,13 @@ impl ServicePath {
                     format!("endpoints {}", s.endpoints.iter().map(|e| format!("{} ({})", e.addr, e.chain)).collect::<Vec<_>>().join(", "))
                 }
             ),
-            None => format!("{} is in no rule of kube-proxy on {}", self.asked, self.nat_node_name),
+            None => match &self.left_over {
+                Some(l) => format!(
+                    "{} is Service {} by the chain {} kube-proxy left in {} on {}, which nothing leads to: {}",
+                    self.asked, l.name, l.chain, l.backend, self.nat_node_name, l.unreachable
+                ),
+                None => format!("{} is in no rule of kube-proxy on {}", self.asked, self.nat_node_name),
+            },
         }
     }
 }
@@ -101,7 +116,13 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
     let ns = resolver.namespace(nat_node)?;
     let rules = rules_in(resolver, nat_node, read)?.clone();
     let all = services::from_rules(&rules);
-    let service = services::lookup(&all, dst_ip, port, node_port).cloned();
+    let mut service = services::lookup(&all, dst_ip, port, node_port).cloned();
+    // A Service whose chain nothing leads to any more is not in effect: its rules are half gone.
+    let left = services::left_overs(&rules);
+    let left_over = services::lookup_left_over(&left, dst_ip, port, node_port).filter(|l| service.as_ref().is_none_or(|s| s.chain == l.chain && s.backend == l.backend)).cloned();
+    if left_over.is_some() {
+        service = None;
+    }
     let kube_proxy: Vec<String> = services::kube_proxy_present(&rules).into_iter().map(str::to_string).collect();
     if node_port && kube_proxy.is_empty() {
         return None;
@@ -116,6 +137,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
         kube_proxy,
         ipvs: services::ipvs_seen(&rules),
         elsewhere: Vec::new(),
+        left_over,
         chosen: None,
     };
     if path.service.is_none() {
@@ -131,7 +153,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
                 path.elsewhere.push((name, s.clone()));
             }
         }
-        if path.elsewhere.is_empty() && !in_range && !path.ipvs && !api {
+        if path.elsewhere.is_empty() && path.left_over.is_none() && !in_range && !path.ipvs && !api {
             return None;
         }
     }

@@ -261,6 +261,11 @@ fn no_listener(ctx: &Ctx) -> Option<Verdict> {
     let d = ctx.trace.first_drop()?;
     let info = d.drop.as_ref()?;
     let p = d.packet.as_ref()?;
+    // A Service whose rules are half gone is not translated: the NodePort's packet reaching the node's
+    // own stack untranslated is kube-proxy's fault, not a missing listener.
+    if ctx.states.service.as_ref().is_some_and(|sp| sp.left_over.is_some()) {
+        return None;
+    }
     let arrived = ctx.states.dst_pod == Some(d.netns) && p.dst == ctx.dst_ip() && p.outer.is_none() && !p.icmp_error;
     if !arrived || !matches!(p.proto.as_str(), "udp" | "tcp") || !info.says("NO_SOCKET", &["__udp4_lib_rcv", "tcp_v4_rcv"]) {
         return None;

@@ -360,6 +360,133 @@ fn from_nft(dump: &str) -> Vec<Service> {
     out
 }
 
+/// A Service whose chain kube-proxy left behind while what leads to it is gone: `iptables -t nat -F
+/// KUBE-SERVICES`, a cleanup cut short, a kube-proxy that died mid-sync, the nftables mode's maps
+/// emptied. The chain's own rules still name the Service (kube-proxy's comments, the masquerade rule's
+/// ClusterIP and port), so the half-gone rules are proven without the API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftOver {
+    /// `NAMESPACE/NAME:PORT`.
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: String,
+    /// The NodePort its KUBE-NODEPORTS rule still names (iptables mode; nftables mode keeps NodePorts only
+    /// in the map).
+    pub node_port: Option<u16>,
+    pub backend: String,
+    /// The chain left behind: KUBE-SVC-… or service-….
+    pub chain: String,
+    /// What no longer leads to it, in words.
+    pub unreachable: String,
+}
+
+/// Every chain reachable from `roots` by -j/-g in one table's rules.
+fn reachable(by_chain: &std::collections::HashMap<String, Vec<Vec<String>>>, roots: &[&str]) -> std::collections::HashSet<String> {
+    let mut seen: std::collections::HashSet<String> = roots.iter().map(|r| r.to_string()).collect();
+    let mut todo: Vec<String> = seen.iter().cloned().collect();
+    while let Some(c) = todo.pop() {
+        for w in by_chain.get(&c).into_iter().flatten() {
+            if let Some(t) = opt(w, "-j").or_else(|| opt(w, "-g")) {
+                if seen.insert(t.to_string()) {
+                    todo.push(t.to_string());
+                }
+            }
+        }
+    }
+    seen
+}
+
+fn left_overs_iptables(dump: &str, backend: &str) -> Vec<LeftOver> {
+    let mut by_chain: std::collections::HashMap<String, Vec<Vec<String>>> = Default::default();
+    for w in table_rules(dump, "nat") {
+        if let Some(c) = w.get(1) {
+            by_chain.entry(c.clone()).or_default().push(w);
+        }
+    }
+    let live = reachable(&by_chain, &["PREROUTING", "OUTPUT"]);
+    let mut out = Vec::new();
+    let mut chains: Vec<&String> = by_chain.keys().filter(|c| c.starts_with("KUBE-SVC-") && !live.contains(*c)).collect();
+    chains.sort();
+    for chain in chains {
+        // Its masquerade rule names the ClusterIP and port: `! -s CLUSTER -d CIP/32 -p tcp -m comment
+        // --comment "NS/NAME:PORT cluster IP" -m tcp --dport PORT -j KUBE-MARK-MASQ` (written where
+        // kube-proxy knows the cluster's CIDR, or masquerades all).
+        let Some(w) = by_chain[chain].iter().find(|w| opt(w, "-d").is_some() && opt(w, "--dport").is_some()) else { continue };
+        let (Some(ip), Some(port)) = (opt(w, "-d").and_then(|d| d.trim_end_matches("/32").parse().ok()), opt(w, "--dport").and_then(|p| p.parse().ok())) else { continue };
+        let name = opt(w, "--comment").map(|c| c.trim_end_matches(" cluster IP").to_string()).unwrap_or_else(|| chain.clone());
+        // Its NodePort: KUBE-NODEPORTS → (KUBE-EXT-… →) this chain.
+        let node_port = by_chain.get("KUBE-NODEPORTS").into_iter().flatten().find_map(|r| {
+            let target = opt(r, "-j")?;
+            let leads = target == chain || by_chain.get(target).into_iter().flatten().any(|e| opt(e, "-j") == Some(chain.as_str()));
+            leads.then(|| opt(r, "--dport")?.parse().ok())?
+        });
+        let services_jumps = by_chain.get("KUBE-SERVICES").into_iter().flatten().any(|r| opt(r, "-j") == Some(chain.as_str()));
+        let unreachable = if !by_chain.contains_key("KUBE-SERVICES") && !dump.contains(":KUBE-SERVICES") {
+            "the KUBE-SERVICES chain is gone".to_string()
+        } else if services_jumps {
+            "nat PREROUTING and OUTPUT no longer jump to KUBE-SERVICES".to_string()
+        } else {
+            format!("KUBE-SERVICES has no rule for it ({} rule{} left there)", by_chain.get("KUBE-SERVICES").map_or(0, Vec::len), if by_chain.get("KUBE-SERVICES").map_or(0, Vec::len) == 1 { "" } else { "s" })
+        };
+        out.push(LeftOver { name, cluster_ip: ip, port, proto: opt(w, "-p").unwrap_or("tcp").to_string(), node_port, backend: backend.into(), chain: chain.clone(), unreachable });
+    }
+    out
+}
+
+fn left_overs_nft(dump: &str) -> Vec<LeftOver> {
+    if !dump.contains("table ip kube-proxy") {
+        return vec![];
+    }
+    let in_map: Vec<String> = nft_elements(dump, "kube-proxy", "service-ips").iter().filter_map(|e| e.split_once(" : ").map(|(_, v)| v.split_whitespace().nth(1).unwrap_or("").to_string())).collect();
+    let mut out = Vec::new();
+    let chains = nft_chains(dump);
+    let mut names: Vec<&&str> = chains.keys().filter(|c| c.starts_with("service-") && !in_map.iter().any(|m| m == **c)).collect();
+    names.sort();
+    for chain in names {
+        // `ip daddr 10.96.12.7 tcp dport 8096 ip saddr != 10.244.0.0/16 jump mark-for-masquerade`
+        let Some((ip, proto, port)) = chains[*chain].iter().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let ip = w.windows(3).find(|x| x[0] == "ip" && x[1] == "daddr").and_then(|x| x[2].parse::<Ipv4Addr>().ok())?;
+            let (proto, port) = w.windows(3).find(|x| matches!(x[0], "tcp" | "udp" | "sctp") && x[1] == "dport").and_then(|x| Some((x[0], x[2].parse::<u16>().ok()?)))?;
+            Some((ip, proto, port))
+        }) else {
+            continue;
+        };
+        out.push(LeftOver {
+            name: nft_service_name(chain),
+            cluster_ip: ip,
+            port,
+            proto: proto.to_string(),
+            node_port: None,
+            backend: "nft".into(),
+            chain: chain.to_string(),
+            unreachable: format!("the service-ips map of table ip kube-proxy has no element for it ({} left)", in_map.len()),
+        });
+    }
+    out
+}
+
+/// Every Service chain kube-proxy left unreachable on this node, in each backend.
+pub fn left_overs(rules: &RuleSets) -> Vec<LeftOver> {
+    let mut out = Vec::new();
+    if let Some(d) = &rules.iptables_nft {
+        out.extend(left_overs_iptables(d, "iptables-nft"));
+    }
+    if let Some(d) = &rules.iptables_legacy {
+        out.extend(left_overs_iptables(d, "iptables-legacy"));
+    }
+    if let Some(d) = &rules.nft {
+        out.extend(left_overs_nft(d));
+    }
+    out
+}
+
+/// The left-over Service a destination names: its ClusterIP and port, or (`local`) its NodePort.
+pub fn lookup_left_over(left: &[LeftOver], dst: Ipv4Addr, port: u16, local: bool) -> Option<&LeftOver> {
+    left.iter().find(|s| s.cluster_ip == dst && s.port == port).or_else(|| if local { left.iter().find(|s| s.node_port == Some(port)) } else { None })
+}
+
 /// The Service a destination names on this node: a ClusterIP and port, or (`local`: an address of the
 /// node itself) a NodePort.
 pub fn lookup(services: &[Service], dst: Ipv4Addr, port: u16, local: bool) -> Option<&Service> {
@@ -405,6 +532,39 @@ mod tests {
             assert_eq!(jf.node_port, Some(30896), "{mode:?}");
             assert_eq!(lookup(&none, topology::SERVICES[1].cluster_ip, 8096, false).map(|s| s.endpoints.len()), Some(1), "{mode:?}");
         }
+    }
+
+    /// kube-proxy's rules half gone: KUBE-SERVICES flushed (iptables mode), the service maps emptied
+    /// (nftables mode). The Services are no more in effect, and their chains still name them.
+    #[test]
+    fn services_whose_chains_were_left_behind_are_read_from_the_chains() {
+        let jf = topology::SERVICES[0].cluster_ip;
+        for mode in [lab::ProxyMode::IptablesNft, lab::ProxyMode::IptablesLegacy] {
+            let full = mode_dump(mode, &[]);
+            assert!(left_overs(&full).is_empty(), "{mode:?}: every chain is in effect");
+            let flush = |d: &String| d.lines().filter(|l| !l.starts_with("-A KUBE-SERVICES ")).collect::<Vec<_>>().join("\n") + "\n";
+            let half = RuleSets { iptables_nft: full.iptables_nft.as_ref().map(flush), iptables_legacy: full.iptables_legacy.as_ref().map(flush), nft: None };
+            // Read as before, nothing is found; the left-overs name it.
+            assert!(lookup(&from_rules(&half), jf, 8096, false).is_none(), "{mode:?}");
+            let left = left_overs(&half);
+            let lo = lookup_left_over(&left, jf, 8096, false).unwrap_or_else(|| panic!("{mode:?}: {left:?}"));
+            assert_eq!((lo.name.as_str(), lo.node_port, lo.backend.as_str()), ("default/jellyfin:http", Some(30896), mode.name()), "{mode:?}");
+            assert!(lo.chain.starts_with("KUBE-SVC-") && lo.unreachable.starts_with("KUBE-SERVICES has no rule for it"), "{lo:?}");
+            assert_eq!(lookup_left_over(&left, "198.51.100.1".parse().unwrap(), 30896, true).map(|l| l.name.as_str()), Some("default/jellyfin:http"));
+            // The jumps into KUBE-SERVICES removed, its rules kept: the same, said as such.
+            let unhooked = full.iptables_nft.as_ref().or(full.iptables_legacy.as_ref()).unwrap().lines().filter(|l| !l.contains("-j KUBE-SERVICES")).collect::<Vec<_>>().join("\n");
+            let left = left_overs(&RuleSets { iptables_nft: Some(unhooked), ..Default::default() });
+            assert!(lookup_left_over(&left, jf, 8096, false).is_some_and(|l| l.unreachable.contains("no longer jump to KUBE-SERVICES")), "{left:?}");
+        }
+        let nft = include_str!("testdata/kube-proxy-nft.txt");
+        assert!(left_overs(&RuleSets { nft: Some(nft.into()), ..Default::default() }).is_empty());
+        let start = nft.find("\tmap service-ips {").unwrap();
+        let end = start + nft[start..].find("\n\t}").unwrap();
+        let emptied = format!("{}\tmap service-ips {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n{}", &nft[..start], &nft[end..]);
+        let left = left_overs(&RuleSets { nft: Some(emptied), ..Default::default() });
+        let lo = lookup_left_over(&left, jf, 8096, false).unwrap_or_else(|| panic!("{left:?}"));
+        assert_eq!((lo.name.as_str(), lo.proto.as_str(), lo.backend.as_str()), ("default/jellyfin:http", "tcp", "nft"));
+        assert!(lo.unreachable.contains("service-ips map"), "{lo:?}");
     }
 
     #[test]

@@ -103,3 +103,92 @@ fn a_service_on_a_layout_the_lab_does_not_build_is_followed_to_its_endpoint() {
     assert_eq!((code, v["cause"].as_str()), (1, Some("service-no-endpoints")), "{v}");
     assert!(v["explanation"].as_str().is_some_and(|e| e.contains("kube-system/metrics:https (10.43.12.34:443) has no endpoints")), "{v}");
 }
+
+/// kube-proxy's rules half gone, no API (issue 35): on a layout the lab does not build (k3s's Service
+/// range, a bridge `br-pods`, pods in 172.22.4.0/24, the node's own address 192.168.77.10), the Service's rules as
+/// kube-proxy's iptables mode writes them, then `iptables -t nat -F KUBE-SERVICES` (kube-proxy died
+/// after a partial cleanup): the ClusterIP and the NodePort are kube-proxy-rules-missing, proven by the
+/// chains left behind. Then nftables mode with its service map emptied while the service chain remains.
+#[test]
+fn kube_proxy_rules_half_gone_are_named_from_the_chains_left_behind() {
+    if !can_run_kernel_tests("kube_proxy_rules_half_gone_are_named_from_the_chains_left_behind") {
+        return;
+    }
+    let l = HandLayout::new("cnitrace-t35k", &["k3s-server", "shop", "api"]);
+    l.ip("k3s-server", "link add br-pods type bridge\nlink set br-pods up\naddr add 172.22.4.1/24 dev br-pods\nlink set lo up\naddr add 192.168.77.10/24 dev br-pods");
+    for (pod, addr, veth) in [("shop", "172.22.4.7", "vethshop1"), ("api", "172.22.4.40", "vethapi1")] {
+        l.ip("k3s-server", &format!("link add {veth} type veth peer name eth0 netns {}\nlink set {veth} master br-pods up", l.ns(pod)));
+        l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via 172.22.4.1"));
+    }
+    let node = l.ns("k3s-server");
+    cnitrace::lab::ensure_br_netfilter().expect("br_netfilter");
+    cnitrace::netns::in_netns(&cnitrace::netns::named(&node), || {
+        cnitrace::sys::write_sysctl("net.ipv4.ip_forward", "1")?;
+        cnitrace::sys::write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
+    })
+    .expect("the node's sysctls");
+    let listener = cnitrace::netns::in_netns(&cnitrace::netns::named(&l.ns("api")), || Ok(std::net::TcpListener::bind("0.0.0.0:6443")?)).expect("listen");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            drop(s);
+        }
+    });
+    // What kube-proxy's iptables mode writes for one Service with a NodePort (its chain hashes, comments
+    // and masquerade rule, as on a k3s node whose cluster CIDR is 172.22.0.0/16).
+    let (svc, ext, sep) = ("KUBE-SVC-QZ3MBCDP4ZNWTLUE", "KUBE-EXT-QZ3MBCDP4ZNWTLUE", "KUBE-SEP-V7TJ2JNKAXHX4BFK");
+    let name = "kube-system/metrics-server:https";
+    let rules = format!(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:{svc} - [0:0]\n:{ext} - [0:0]\n:{sep} - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         -A KUBE-SERVICES -d 10.43.7.7/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport 443 -j {svc}\n\
+         -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p tcp -m comment --comment \"{name}\" -m tcp --dport 31443 -j {ext}\n\
+         -A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+         -A {ext} -j {svc}\n\
+         -A {svc} ! -s 172.22.0.0/16 -d 10.43.7.7/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport 443 -j KUBE-MARK-MASQ\n\
+         -A {svc} -m comment --comment \"{name} -> 172.22.4.40:6443\" -j {sep}\n\
+         -A {sep} -s 172.22.4.40/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
+         -A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination 172.22.4.40:6443\nCOMMIT\n"
+    );
+    cnitrace::sys::run_in_stdin(&node, &cnitrace_tools::IPTABLES_NFT_RESTORE, &[], &rules).unwrap_or_else(|e| panic!("{e:#}"));
+    let (code, v) = cnitrace_tests::follow("172.22.4.7", "10.43.7.7:443", &["--timeout", "3"]);
+    assert_eq!((code, v["verdict"].as_str()), (0, Some("delivered")), "the rules as kube-proxy wrote them work: {v}");
+
+    // kube-proxy died after a partial cleanup: KUBE-SERVICES emptied, its chains left.
+    cnitrace::sys::run_in(&node, &cnitrace_tools::IPTABLES_NFT, &["-t", "nat", "-F", "KUBE-SERVICES"]).expect("flush");
+    for dst in ["10.43.7.7:443", "192.168.77.10:31443"] {
+        let (code, v) = cnitrace_tests::follow("172.22.4.7", dst, &["--timeout", "3"]);
+        assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{dst}: {v}");
+        let explanation = v["explanation"].as_str().unwrap_or("");
+        assert!(explanation.contains("Service kube-system/metrics-server:https") && explanation.contains("half gone"), "{dst}: {v}");
+        assert!(v["facts"].to_string().contains(&format!("still holds kube-proxy's chain {svc}")), "{dst}: {v}");
+        assert!(v["facts"].to_string().contains("KUBE-SERVICES has no rule for it"), "{dst}: {v}");
+    }
+    // A port of the node no Service ever had is not called a NodePort.
+    let (_, v) = cnitrace_tests::follow("172.22.4.7", "192.168.77.10:31444", &["--timeout", "2"]);
+    assert_ne!(v["cause"], "kube-proxy-rules-missing", "{v}");
+
+    // nftables mode: the service map emptied, the service chain left.
+    cnitrace::sys::run_in(&node, &cnitrace_tools::IPTABLES_NFT, &["-t", "nat", "-F"]).expect("flush nat");
+    cnitrace::sys::run_in(&node, &cnitrace_tools::IPTABLES_NFT, &["-t", "nat", "-X"]).expect("delete the chains");
+    let (chain, ep) = ("service-QZ3MBCDP-kube-system/metrics-server/tcp/https", "endpoint-V7TJ2JNK-kube-system/metrics-server/tcp/https__172.22.4.40/6443");
+    let table = format!(
+        "table ip kube-proxy {{\n comment \"rules for kube-proxy\"\n\
+         map service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
+         chain mark-for-masquerade {{ meta mark set meta mark | 0x00004000; }}\n\
+         chain services {{ ip daddr . meta l4proto . th dport vmap @service-ips; }}\n\
+         chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}\n\
+         chain {ep} {{ ip saddr 172.22.4.40 jump mark-for-masquerade; meta l4proto tcp dnat to 172.22.4.40:6443; }}\n\
+         chain {chain} {{ ip daddr 10.43.7.7 tcp dport 443 ip saddr != 172.22.0.0/16 jump mark-for-masquerade; numgen random mod 1 vmap {{ 0 : goto {ep} }}; }}\n}}\n"
+    );
+    cnitrace::sys::run_in_stdin(&node, &cnitrace_tools::NFT, &["-f", "-"], &table).unwrap_or_else(|e| panic!("{e:#}"));
+    let (code, v) = cnitrace_tests::follow("172.22.4.7", "10.43.7.7:443", &["--timeout", "3"]);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "nftables mode: {v}");
+    assert!(v["facts"].to_string().contains("the service-ips map of table ip kube-proxy has no element for it"), "{v}");
+}

@@ -26,12 +26,25 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
             facts.push(format!("{other}'s kube-proxy rules ({}) have Service {} at {}", s.backend, s.name, sp.asked));
             format!("Service {}", s.name)
         }
+        (None, None) if sp.left_over.is_some() => format!("Service {}", sp.name()),
         (None, None) => {
             facts.push(format!("{} lies in the Service range kube-proxy's rules name", sp.asked.ip()));
             format!("{} (in the Service range)", sp.asked)
         }
     };
-    let why = if sp.kube_proxy.is_empty() {
+    let why = if let Some(l) = &sp.left_over {
+        facts.push(format!(
+            "{node}'s {} still holds kube-proxy's chain {} for Service {} ({}:{}{}), but {}",
+            l.backend,
+            l.chain,
+            l.name,
+            l.cluster_ip,
+            l.port,
+            l.node_port.map(|p| format!(", NodePort {p}")).unwrap_or_default(),
+            l.unreachable
+        ));
+        format!("kube-proxy's rules on {node} are half gone ({}: {}); kube-proxy stopped partway through a cleanup or a sync", l.backend, l.unreachable)
+    } else if sp.kube_proxy.is_empty() {
         facts.push(format!("{node} has no KUBE-SERVICES chain in iptables-nft or iptables-legacy and no table ip kube-proxy"));
         format!("{node} has none of kube-proxy's rules (kube-proxy is not running there, or was cleaned up)")
     } else {
