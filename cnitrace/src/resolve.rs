@@ -167,6 +167,26 @@ impl HostResolver {
         })
     }
 
+    /// The namespaces joined to `from` by veths, directly or through others (the pair's nodes, their
+    /// pods, the other nodes on their underlay, a switch between them): one cluster's part of this host.
+    /// Another cluster in namespaces of its own (a second lab, k3d, a developer's kind cluster) is
+    /// joined to none of them and is left out, whatever addresses it uses.
+    pub fn joined(&self, from: &[u32]) -> std::collections::BTreeSet<u32> {
+        let mut seen: std::collections::BTreeSet<u32> = from.iter().copied().collect();
+        let mut todo: Vec<u32> = from.to_vec();
+        while let Some(inode) = todo.pop() {
+            let Some((ns, st)) = self.spaces.iter().find(|(n, _)| n.inode == inode) else { continue };
+            for link in st.links.iter().filter(|l| l.kind == "veth" && l.peer_netnsid.is_some()) {
+                if let Some((other, _)) = self.peer_of(ns, link) {
+                    if seen.insert(other.inode) {
+                        todo.push(other.inode);
+                    }
+                }
+            }
+        }
+        seen
+    }
+
     pub fn namespace(&self, inode: u32) -> Option<&NetNs> {
         self.spaces.iter().find(|(ns, _)| ns.inode == inode).map(|(ns, _)| ns)
     }

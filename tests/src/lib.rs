@@ -130,18 +130,80 @@ pub fn hook<'a>(verdict: &'a serde_json::Value, name: &str) -> Option<&'a serde_
     verdict["hooks"].as_array()?.iter().find(|h| h["hook"] == name)
 }
 
-/// cnitrace's eBPF programs currently loaded in the kernel (names as the kernel truncates them).
-pub fn loaded_cnitrace_programs() -> usize {
-    const OURS: &[&str] = &[
-        "net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han",
-        "tp_net_dev_star", "tp_netif_receiv", "tp_fib_table_lo",
-        "kp_nf_hook_slow", "kp_fib_validate", "kr_fib_validate", "kp_br_forward", "kp_ip_forward", "kp_vxlan_xmit", "kp_vxlan_rcv",
-        "watch_drop_reas", "watch_drop_lega",
-    ];
+/// cnitrace's eBPF program names, as the kernel truncates them.
+const OUR_PROGRAMS: &[&str] = &[
+    "net_dev_start_x", "netif_receive_s", "kfree_skb_reaso", "kfree_skb_legac", "consume_skb", "fib_table_looku", "neigh_update", "neigh_timer_han",
+    "tp_net_dev_star", "tp_netif_receiv", "tp_fib_table_lo",
+    "kp_nf_hook_slow", "kp_fib_validate", "kr_fib_validate", "kp_br_forward", "kp_ip_forward", "kp_vxlan_xmit", "kp_vxlan_rcv",
+    "watch_drop_reas", "watch_drop_lega",
+];
+
+/// The ids of the programs each process holds, through its program and link fds (`prog_id:` in their
+/// fdinfo), for every process of the host.
+fn program_holders() -> std::collections::BTreeMap<u32, Vec<u32>> {
+    let mut held: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return held };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+            for id in info.lines().filter_map(|l| l.strip_prefix("prog_id:")).filter_map(|v| v.trim().parse().ok()) {
+                held.entry(id).or_default().push(pid);
+            }
+        }
+    }
+    held
+}
+
+/// cnitrace's programs (by name) loaded now: (id, name).
+fn cnitrace_programs_now() -> Vec<(u32, String)> {
     aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
-        .filter(|p| p.name_as_str().is_some_and(|n| OURS.contains(&n)))
-        .count()
+        .filter_map(|p| p.name_as_str().filter(|n| OUR_PROGRAMS.contains(n)).map(|n| (p.id(), n.to_string())))
+        .collect()
+}
+
+/// cnitrace's programs held by these processes (the test's own agents, its follow): another cnitrace
+/// on the same host (another lab's agents, a developer's `watch`) holds its programs in processes of
+/// its own and is not counted.
+pub fn cnitrace_programs_of(pids: &[u32]) -> usize {
+    let held = program_holders();
+    cnitrace_programs_now().iter().filter(|(id, _)| held.get(id).is_some_and(|h| h.iter().any(|p| pids.contains(p)))).count()
+}
+
+/// What a test must not leave loaded: cnitrace's programs loaded since `ProgramBaseline::now()` that no
+/// process holds (pinned, or left attached) or that the given processes of the test's still hold.
+/// Another tool's — held by its own processes, or loaded before the test began — are not the test's.
+pub struct ProgramBaseline(u32);
+
+impl ProgramBaseline {
+    pub fn now() -> ProgramBaseline {
+        ProgramBaseline(aya::programs::loaded_programs().filter_map(|p| p.ok()).map(|p| p.id()).max().unwrap_or(0))
+    }
+
+    /// The programs left: `"id name (held by pids)"` each.
+    pub fn left(&self, ours: &[u32]) -> Vec<String> {
+        let held = program_holders();
+        cnitrace_programs_now()
+            .into_iter()
+            .filter(|(id, _)| *id > self.0)
+            .filter(|(id, _)| held.get(id).is_none_or(|h| h.iter().any(|p| ours.contains(p))))
+            .map(|(id, name)| format!("{id} {name} (held by {:?})", held.get(&id).cloned().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits (at most `within`) until nothing is left; what is left then.
+    pub fn settled(&self, ours: &[u32], within: std::time::Duration) -> Vec<String> {
+        let t = std::time::Instant::now();
+        loop {
+            let left = self.left(ours);
+            if left.is_empty() || t.elapsed() >= within {
+                return left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 }
 
 /// A lab pod's address.
@@ -305,6 +367,13 @@ impl LabGuard {
         assert!(out.status.success(), "lab up {faults:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         let lab = Lab::load(PREFIX).expect("the lab state after lab up");
         LabGuard { lab, _kernel: kernel }
+    }
+}
+
+impl LabGuard {
+    /// The process ids of the lab's agents (`lab up --agents`).
+    pub fn agent_pids(&self) -> Vec<u32> {
+        self.lab.state.servers.iter().filter(|s| s.name.starts_with("agent-")).map(|s| s.pid).collect()
     }
 }
 

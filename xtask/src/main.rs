@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod docs;
 mod install;
+mod neighbour;
 mod setup;
 mod test;
 mod vm;
@@ -56,6 +57,10 @@ enum Task {
         /// CPUs of each VM (default: 1 when several VMs run at once, else up to 2).
         #[arg(long)]
         vm_cpus: Option<usize>,
+        /// Run the host's suite without another cluster's namespaces and eBPF programs beside it (by
+        /// default one is up for the whole run, as on a developer's host).
+        #[arg(long)]
+        alone: bool,
         /// Instead of the suite: N generated layouts (seeds 1000..1000+N, 1–3 nodes, each with every
         /// fault it can hold) on the host kernel, with the figures per fault. Not in CI.
         #[arg(long, value_name = "N")]
@@ -107,11 +112,11 @@ fn main() {
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
         Task::Test { soak: Some(n), .. } => test::soak(n),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_cpus, soak: None } => {
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_cpus, alone, soak: None } => {
             if all.is_some() {
                 kernels.push("all".into());
             }
-            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_cpus })
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_cpus, alone })
         }
         Task::Install { prefix, destdir } => setup::run(true).and_then(|_| build()).and_then(|bin| {
             for f in install::install(&bin, &prefix, destdir.as_deref())? {

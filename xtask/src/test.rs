@@ -19,6 +19,8 @@ pub struct Options {
     /// VMs run at once (0: one per core).
     pub jobs: usize,
     pub vm_cpus: Option<usize>,
+    /// The host's suite without another cluster beside it.
+    pub alone: bool,
 }
 
 pub fn run(o: Options) -> Result<()> {
@@ -119,6 +121,9 @@ pub fn run(o: Options) -> Result<()> {
         .collect();
     let jobs = if o.jobs == 0 { cores } else { o.jobs }.clamp(1, runs.len().max(1));
     let cpus = o.vm_cpus.unwrap_or(if jobs == 1 { cores.min(2) } else { 1 });
+    // The host's suite runs beside another cluster (its namespaces, its pods in the same /16, its own
+    // cnitrace watch): what the tests count and check must be their own cluster's (issue 35).
+    let _neighbour = if o.no_host || o.alone { None } else { Some(crate::neighbour::OtherCluster::up(&bin, &logs)?) };
     let queue = std::sync::Mutex::new(runs.iter().collect::<std::collections::VecDeque<_>>());
     let done = std::sync::Mutex::new(Vec::new());
     let host = std::thread::scope(|s| {

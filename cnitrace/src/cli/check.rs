@@ -48,6 +48,10 @@ pub struct NodeReport {
 #[derive(Serialize)]
 pub struct CheckReport {
     pub nodes: Vec<NodeReport>,
+    /// Namespaces pods hang off that no Node of the API is: another cluster's on the same host (a
+    /// second lab, kind, k3d). Named, not checked: their faults are not this cluster's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_clusters: Vec<String>,
     /// The API asked, or why none was.
     api: Option<String>,
     no_api: Option<String>,
@@ -122,7 +126,19 @@ pub fn report(node: Option<&str>, quiet_api: bool, kube: &KubeArgs) -> Result<Ch
     let mut inodes: Vec<u32> = resolver.pods().iter().filter(|p| !p.host_addressed).map(|p| p.node.inode).collect();
     inodes.sort();
     inodes.dedup();
-    let mut report = CheckReport { nodes: Vec::new(), api: facts.as_ref().map(|f| f.server.clone()), no_api, api_missing: facts.as_ref().map(|f| f.missing.clone()).unwrap_or_default() };
+    // With the API's Node objects, this cluster's nodes are the namespaces they name; the rest belong to
+    // another cluster on this host. (Without them every node of the host is checked.)
+    let mut other_clusters = Vec::new();
+    if facts.as_ref().is_some_and(|f| !f.nodes.is_empty()) {
+        inodes.retain(|i| {
+            let ours = names.contains_key(i);
+            if !ours {
+                other_clusters.extend(resolver.namespace(*i).map(|ns| ns.name.clone()));
+            }
+            ours
+        });
+    }
+    let mut report = CheckReport { nodes: Vec::new(), other_clusters, api: facts.as_ref().map(|f| f.server.clone()), no_api, api_missing: facts.as_ref().map(|f| f.missing.clone()).unwrap_or_default() };
     for inode in inodes {
         let Some(ns) = resolver.namespace(inode) else { continue };
         let name = names.get(&inode).cloned().unwrap_or_else(|| resolve::display_ns(ns));
@@ -210,6 +226,10 @@ fn render(r: &serde_json::Value, out: &mut dyn std::io::Write) -> std::io::Resul
             Some(agent) => writeln!(out, "{}: NOT CHECKED — its agent at {agent} did not answer: {}", s(&m["node"]), s(&m["error"]))?,
             None => writeln!(out, "{}: NOT CHECKED — {}", s(&m["node"]), s(&m["error"]))?,
         }
+    }
+    if let Some(others) = r["other_clusters"].as_array().filter(|o| !o.is_empty()) {
+        let names: Vec<String> = others.iter().map(s).collect();
+        writeln!(out, "not checked: {} (pods hang off them, but no Node of the API is them: another cluster's)", names.join(", "))?;
     }
     match (r["api"].as_str(), r["no_api"].as_str()) {
         (Some(server), _) => writeln!(out, "checked against the Kubernetes API at {server}")?,

@@ -48,9 +48,13 @@ impl NodePath {
 
 /// The paths of every pod on the nodes with these namespace inodes. A pod is an address of the cluster's
 /// pod network (`cluster`: flannel's `Network`) on a veth whose other end is on a node: nodes joined by
-/// veths (an underlay, an uplink on another node's bridge) are not pods.
+/// veths (an underlay, an uplink on another node's bridge) are not pods. The other nodes are those of
+/// this cluster: joined to these nodes by veths (their underlay); another cluster's namespaces on the
+/// same host, whatever its addresses, are not.
 pub fn discover(nodes: &[u32], cluster: (Ipv4Addr, u8)) -> Result<Vec<NodePath>> {
-    let pods: Vec<PodOnNode> = HostResolver::scan()?.pods().into_iter().filter(|p| crate::state::in_prefix(p.ip, cluster.0, cluster.1)).collect();
+    let host = HostResolver::scan()?;
+    let joined = host.joined(nodes);
+    let pods: Vec<PodOnNode> = host.pods().into_iter().filter(|p| joined.contains(&p.node.inode) && crate::state::in_prefix(p.ip, cluster.0, cluster.1)).collect();
     Ok(paths_of(&pods, nodes))
 }
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, faults, follow_events, loaded_cnitrace_programs, topology, LabGuard, Scratch};
+use cnitrace_tests::{bin, can_run_kernel_tests, cnitrace, faults, follow_events, cnitrace_programs_of, topology, ProgramBaseline, LabGuard, Scratch};
 use serde_json::Value;
 
 /// An agent this test started, ended by its id.
@@ -181,6 +181,8 @@ fn follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_n
     if !can_run_kernel_tests("follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_node_fault") {
         return;
     }
+    // What this test loads, told from what another tool on the host (another lab's agents) holds.
+    let programs = ProgramBaseline::now();
     // Every fault whose pair spans the two nodes, the seed (one node: the other agent sees nothing) and
     // the healthy lab.
     let cross = |a: &str, b: &str| matches!((topology::pod(a), topology::pod(b)), (Some(x), Some(y)) if x.node != y.node);
@@ -194,7 +196,7 @@ fn follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_n
         let g = LabGuard::up_with(&fault.into_iter().collect::<Vec<_>>(), &["--agents"]);
         let agents = lab_agents(&g);
         let (src_ip, dst_ip) = (cnitrace_tests::pod_ip(src), cnitrace_tests::pod_ip(dst));
-        assert_eq!(loaded_cnitrace_programs(), 0, "idle agents have nothing attached");
+        assert_eq!(cnitrace_programs_of(&g.agent_pids()), 0, "idle agents have nothing attached");
         // Once before both: the first trace of a fresh lab also carries the ARP that fills the caches (and
         // creates the incomplete neighbour entries of a fault), which the second would not. Each starts
         // once the previous one's queued packet is freed: otherwise whether that happens inside its
@@ -235,7 +237,7 @@ fn follow_through_each_nodes_agent_stitches_what_the_host_sees_for_every_cross_n
         drop(g);
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
-    assert_eq!(loaded_cnitrace_programs(), 0, "nothing stays attached");
+    assert_eq!(programs.settled(&[], Duration::from_secs(5)), Vec::<String>::new(), "nothing stays attached");
 }
 
 #[test]
@@ -243,6 +245,8 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     if !can_run_kernel_tests("an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands") {
         return;
     }
+    // What this test loads, told from what another tool on the host (another lab's agents) holds.
+    let programs = ProgramBaseline::now();
     let g = LabGuard::up_with(&[], &["--agents"]);
     let agents = lab_agents(&g);
     let (n0, n1) = (topology::NODES[0].name, topology::NODES[1].name);
@@ -289,11 +293,7 @@ fn an_agent_killed_during_a_trace_is_named_and_the_others_trace_stands() {
     assert!(events.iter().any(|e| e["packet"]["what"].as_str().is_some_and(|w| w.starts_with("echo request"))), "{text}");
     assert!(events.iter().all(|e| e["where_"] != n1 && e["where_"] != "web"), "nothing of node 1 after its agent died");
     // The killed agent's programs died with it; the other's were detached after its trace.
-    let t = Instant::now();
-    while loaded_cnitrace_programs() > 0 && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(loaded_cnitrace_programs(), 0, "nothing stays attached");
+    assert_eq!(programs.settled(&g.agent_pids(), Duration::from_secs(5)), Vec::<String>::new(), "nothing stays attached");
     // The text names the node that stopped answering.
     let pair = [cnitrace_tests::pod_ip("debug"), cnitrace_tests::pod_ip("web")];
     let args: Vec<&str> = ["follow", &pair[0], &pair[1], "--timeout", "1"].into_iter().chain(agents.iter().map(String::as_str)).collect();
@@ -364,6 +364,8 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
     if !can_run_kernel_tests("agents_stay_flat_over_many_traces_in_a_row_and_at_once") {
         return;
     }
+    // What this test loads, told from what another tool on the host (another lab's agents) holds.
+    let programs = ProgramBaseline::now();
     let g = LabGuard::up_with(&[], &["--agents"]);
     let agents = lab_agents(&g);
     let pids: Vec<u32> = cnitrace::lab::Lab::load(&g.lab.state.prefix).expect("lab state").state.servers.iter().filter(|s| s.name.starts_with("agent-")).map(|s| s.pid).collect();
@@ -449,11 +451,7 @@ fn agents_stay_flat_over_many_traces_in_a_row_and_at_once() {
             wrong.push(format!("agent {k}: RSS {} KiB → {} KiB over the second half of {in_a_row} traces (first: {} KiB)", h.0, a.0, b.0));
         }
     }
-    let t = Instant::now();
-    while loaded_cnitrace_programs() > 0 && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(loaded_cnitrace_programs(), 0, "nothing stays attached");
+    assert_eq!(programs.settled(&g.agent_pids(), Duration::from_secs(5)), Vec::<String>::new(), "nothing stays attached");
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use cnitrace::finding::causes;
 use cnitrace_tools as tools;
-use cnitrace_tests::{assert_reason, bin, can_run_kernel_tests, cnitrace, faults, follow, loaded_cnitrace_programs, topology, LabGuard, PassiveFollow, PREFIX};
+use cnitrace_tests::{assert_reason, bin, can_run_kernel_tests, cnitrace, cnitrace_programs_of, faults, follow, topology, ProgramBaseline, LabGuard, PassiveFollow, PREFIX};
 
 fn ip(pod: &str) -> String {
     cnitrace_tests::pod_ip(pod)
@@ -192,7 +192,9 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
         return;
     }
     let _g = LabGuard::up(&[faults::SEED_FAULT]);
-    let before = loaded_cnitrace_programs();
+    // Counted by what this follow holds and leaves, not by name alone: another cnitrace on the host
+    // (another lab's agents, a `watch`) has programs of the same names.
+    let programs = ProgramBaseline::now();
     // follow masks /sys/kernel/btf in a mount namespace of its own while aya's loader is made: the
     // host's mounts must not see it, at any moment.
     let mounts = || std::fs::read_to_string("/proc/1/mountinfo").expect("init's mounts");
@@ -206,10 +208,11 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
             .expect("start follow");
         // Wait until its programs are in the kernel (seconds under emulation: generous bounds, no timing claim).
         let t0 = Instant::now();
-        while loaded_cnitrace_programs() <= before && t0.elapsed() < Duration::from_secs(60) {
+        let pid = child.id();
+        while cnitrace_programs_of(&[pid]) == 0 && t0.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(loaded_cnitrace_programs() > before, "follow attached its programs");
+        assert!(cnitrace_programs_of(&[pid]) > 0, "follow attached its programs");
         assert_eq!(mounts(), host_mounts, "follow changed the host's mounts");
         if let Some(sig) = signal {
             tools::KILL.command().args([&format!("-{sig}"), &child.id().to_string()]).status().expect("kill");
@@ -218,11 +221,7 @@ fn nothing_remains_in_the_kernel_after_follow_ends() {
         if signal == Some("INT") {
             assert!(matches!(st.code(), Some(0..=3)), "SIGINT ends follow with a verdict, not a crash: {st:?}");
         }
-        let t0 = Instant::now();
-        while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(loaded_cnitrace_programs(), before, "programs left after follow ended by {signal:?}");
+        assert_eq!(programs.settled(&[pid], Duration::from_secs(30)), Vec::<String>::new(), "programs left after follow ended by {signal:?}");
         assert_eq!(mounts(), host_mounts, "mounts left after follow ended by {signal:?}");
     }
 }

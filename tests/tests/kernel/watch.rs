@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cnitrace_tests::{bin, can_run_kernel_tests, loaded_cnitrace_programs, pod_ip, wait_for_ready_file, LabGuard, Scratch};
+use cnitrace_tests::{bin, can_run_kernel_tests, pod_ip, ProgramBaseline, wait_for_ready_file, LabGuard, Scratch};
 use serde_json::Value;
 
 #[test]
@@ -18,7 +18,8 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
     let g = LabGuard::up(&["iptables-drop"]);
     // The metrics listen inside a lab namespace (its loopback): nothing of the host's is used.
     let ext = g.lab.external_ns();
-    let before = loaded_cnitrace_programs();
+    // What this watch leaves, told from another tool's programs of the same names.
+    let programs = ProgramBaseline::now();
     let scratch = Scratch::new("watch");
     let ready = scratch.join("ready");
     // Until stopped: the test ends it (SIGTERM, as a DaemonSet's pod is stopped) once the scrape shows
@@ -31,6 +32,7 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start cnitrace watch");
+    let watch_pid = child.id();
     assert!(wait_for_ready_file(&ready), "watch's counter was not attached within 60 s");
     // Five echoes from debug to web: the FORWARD rule on storagenodet3500 drops each.
     let debug = g.lab.pod_ns("debug");
@@ -83,9 +85,5 @@ fn watch_groups_the_nodes_drops_by_pod_and_serves_them_to_prometheus() {
         assert_eq!(last["reason"], "NETFILTER_DROP", "{last}");
     }
     assert!(lines.iter().all(|v| v.get("noise").is_none()), "the noise classes are folded away without --all");
-    let t0 = Instant::now();
-    while loaded_cnitrace_programs() > before && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(loaded_cnitrace_programs(), before, "nothing stays attached after watch ends");
+    assert_eq!(programs.settled(&[watch_pid], Duration::from_secs(10)), Vec::<String>::new(), "nothing stays attached after watch ends");
 }
