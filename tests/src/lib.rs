@@ -217,10 +217,14 @@ pub fn pod_ip(pod: &str) -> String {
 /// trace's window, where it would be that trace's drop. Two traces to compare start from the same state
 /// after this.
 pub fn await_no_pending_arp(pod: &str) {
-    let ns = topology::Names::new(PREFIX).pod(pod);
+    await_no_pending_arp_in(&topology::Names::new(PREFIX).pod(pod))
+}
+
+/// [`await_no_pending_arp`] for any namespace, by name.
+pub fn await_no_pending_arp_in(ns: &str) {
     let t = std::time::Instant::now();
     while t.elapsed() < std::time::Duration::from_secs(6) {
-        let out = cnitrace::sys::output_in(&ns, &cnitrace_tools::IP, &["-4", "neigh", "show", "nud", "incomplete"]);
+        let out = cnitrace::sys::output_in(ns, &cnitrace_tools::IP, &["-4", "neigh", "show", "nud", "incomplete"]);
         if out.is_ok_and(|o| o.stdout.iter().all(u8::is_ascii_whitespace)) {
             return;
         }

@@ -50,7 +50,9 @@ fn the_drop_point_is_the_kernels_own() {
         ("vxlan-fdb-missing", "storagenodet3500", "vxlan_xmit", "NO_TX_TARGET"),
         // 7.2 frees it in udp_rcv itself (__udp4_lib_rcv is folded into it there).
         ("vxlan-port-mismatch", "storagenodet3501", "__udp4_lib_rcv|udp_rcv", "NO_SOCKET"),
-        ("neighbor-stale", "debug", "ip_rcv_core", "OTHERHOST"),
+        // The frame to the wrong MAC is flooded to the bridge's other port: jellyfin, whose MAC it is not,
+        // frees it (OTHERHOST).
+        ("neighbor-stale", "jellyfin", "ip_rcv_core", "OTHERHOST"),
         ("rp-filter-strict", "storagenodet3501", "ip_rcv_finish_core", "IP_RPFILTER"),
         ("mtu-mismatch", "storagenodet3500", "ip_forward", "PKT_TOO_BIG"),
     ];
@@ -65,7 +67,7 @@ fn the_drop_point_is_the_kernels_own() {
         let base = got.split('.').next().unwrap_or("");
         assert!(function.split('|').any(|f| f == base), "{fault}: expected {function}, got {got}: {v}");
         // The kernel's drop site is said on its own (`where`, netns/ifname, is the fault's place).
-        assert_eq!(v["dropped_at"]["netns"], netns, "{fault}: {v}");
+        assert!(netns.split('|').any(|n| v["dropped_at"]["netns"] == n), "{fault}: dropped in {netns}: {v}");
         assert_eq!(v["dropped_at"]["function"], got, "{fault}: {v}");
     }
 }

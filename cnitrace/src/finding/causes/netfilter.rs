@@ -35,12 +35,19 @@ pub struct Hit {
     pub found_by: FoundBy,
     /// nft base chains: "hook forward priority filter + 10".
     pub hook: Option<String>,
+    /// The fault's place when it is not where the kernel freed the packet: the interface whose ARP
+    /// requests the rule drops (display name, interface).
+    pub place: Option<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FoundBy {
     Counter,
     Evaluation,
+    /// The source's ARP for an address went unanswered and the rule set of the namespace holding that
+    /// address drops such a request (a trace that saw only the source give up, NEIGH_FAILED: the
+    /// requests went out before it attached, or the previous trace's did).
+    UnansweredArp,
 }
 
 pub fn is_netfilter_drop(ctx: &Ctx) -> bool {
@@ -77,6 +84,7 @@ fn ipt_hits(backend: &'static str, before: Option<&String>, after: Option<&Strin
                 nft_after: None,
                 found_by: FoundBy::Counter,
                 hook: None,
+                place: None,
             })
         })
         .collect()
@@ -130,6 +138,11 @@ pub fn strip_counter(rule: &str) -> String {
 /// namespace's rule set against the packet's headers ([`evaluate_nft`]): a rule without a counter (what
 /// firewalld and most hand-written rule sets look like) still gets named.
 pub fn hits(ctx: &Ctx) -> Vec<Hit> {
+    if !is_netfilter_drop(ctx) {
+        // No netfilter drop in the trace: only a rule proven to drop the ARP the source could not
+        // resolve (never a counter that moved for other traffic).
+        return arp_hit(ctx).into_iter().collect();
+    }
     let mut out = Vec::new();
     for node in ctx.nodes() {
         let Some(before) = ctx.states.rules_before.get(&node.inode) else { continue };
@@ -373,6 +386,38 @@ fn evaluated_hit(ctx: &Ctx) -> Option<Hit> {
     Some(nft_hit(r, ctx.node_name(ns), ns.inode, 0, FoundBy::Evaluation))
 }
 
+/// The ARP the source could not resolve, as (asker's address, target address): the trace's unanswered
+/// request, or — a trace that saw only the source pod give up on it (NEIGH_FAILED) — the address its
+/// route resolves for the destination (its gateway, else the destination itself).
+fn unresolved_arp(ctx: &Ctx) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if let Some((target, events)) = ctx.trace.unanswered_arp().into_iter().next() {
+        let asker = events.iter().find(|e| e.kind == crate::event::Kind::Xmit)?.packet.as_ref()?.src;
+        return Some((asker, target));
+    }
+    let d = ctx.trace.first_drop()?;
+    let gave_up = d.drop.as_ref().is_some_and(|i| i.says("NEIGH_FAILED", &["neigh_invalidate"]));
+    (gave_up && ctx.states.src_pod == d.netns).then(|| (ctx.src_ip(), ctx.gateway().unwrap_or_else(|| ctx.sent_to())))
+}
+
+/// The nft rule that drops the ARP request the source could not get answered, in the namespace holding
+/// the address it asked for: named only when evaluation is certain (one drop rule reached, nothing on
+/// the way beyond reading). The fault's place is that namespace's interface, whatever the kernel freed.
+pub fn arp_hit(ctx: &Ctx) -> Option<Hit> {
+    let (asker, target) = unresolved_arp(ctx)?;
+    let (owner, addr) = ctx.states.by_inode.values().find_map(|st| st.addrs.iter().find(|a| a.addr == target && st.ifname(a.ifindex) != "lo").map(|a| (st, a)))?;
+    let dev = owner.ifname(addr.ifindex);
+    let h = Headers { src: asker, dst: target, proto: "arp", arp_op: Some("request"), way: Way::In, dev: &dev };
+    let ev = evaluate_nft(owner.rules.nft.as_ref()?, &h);
+    let [r] = ev.drops.as_slice() else { return None };
+    if !ev.unsure.is_empty() {
+        return None;
+    }
+    let name = ctx.node_name(owner);
+    let mut hit = nft_hit(r, name.clone(), owner.inode, 0, FoundBy::UnansweredArp);
+    hit.place = Some((name, dev));
+    Some(hit)
+}
+
 /// A native nft rule that dropped the pair's packet, as a hit.
 fn nft_hit(r: &NftRule, node: String, inode: u32, delta: u64, found_by: FoundBy) -> Hit {
     Hit {
@@ -393,6 +438,7 @@ fn nft_hit(r: &NftRule, node: String, inode: u32, delta: u64, found_by: FoundBy)
         nft_after: r.after,
         found_by,
         hook: hook_words(r),
+        place: None,
     }
 }
 
@@ -412,7 +458,17 @@ pub fn has_pod_accepts(dump: Option<&String>, pod_net_prefix: &str) -> bool {
 }
 
 pub fn describe(h: &Hit) -> String {
-    if h.found_by == FoundBy::Evaluation && h.is_policy {
+    if h.found_by == FoundBy::UnansweredArp {
+        format!(
+            "nft on {}: table {}, chain {} ({}), {} drops the ARP requests arriving on {}: the source's went unanswered (found by evaluating the rule set against such a request)",
+            h.node,
+            h.table,
+            h.chain,
+            h.hook.as_deref().unwrap_or("no hook"),
+            if h.is_policy { format!("policy {}", h.verdict) } else { format!("rule `{}` handle {}", strip_counter(&h.rule), h.handle.map(|x| x.to_string()).unwrap_or_else(|| "?".into())) },
+            h.place.as_ref().map(|(_, dev)| dev.as_str()).unwrap_or("its interface")
+        )
+    } else if h.found_by == FoundBy::Evaluation && h.is_policy {
         format!(
             "nft on {}: table {}, chain {} ({}) policy {}: no rule of the chain decides for the dropped packet's headers, so its policy does (found by evaluating the rule set against them)",
             h.node,

@@ -8,10 +8,11 @@ use crate::finding::{Ctx, Diagnosis};
 pub const CAUSE: Cause = Cause { id: "netfilter-policy-drop", layer: "netfilter", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
-    if !netfilter::is_netfilter_drop(ctx) {
+    // A netfilter drop in the trace, or the ARP the source could not resolve dropped by a rule.
+    let hits = netfilter::hits(ctx);
+    if !netfilter::is_netfilter_drop(ctx) && hits.is_empty() {
         return None;
     }
-    let hits = netfilter::hits(ctx);
     let h = hits.iter().find(|h| h.is_policy)?;
     let mut facts: Vec<String> = hits.iter().map(netfilter::describe).collect();
     let node = ctx.nodes().into_iter().find(|n| ctx.node_name(n) == h.node);
@@ -33,7 +34,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
             pod_net_prefix(ctx)
         ),
         facts,
-        hop: None,
+        hop: h.place.clone(),
     })
 }
 

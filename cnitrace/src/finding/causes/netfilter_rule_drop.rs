@@ -7,10 +7,11 @@ use crate::finding::{Ctx, Diagnosis};
 pub const CAUSE: Cause = Cause { id: "netfilter-rule-drop", layer: "netfilter", detect, fix };
 
 fn detect(ctx: &Ctx) -> Option<Diagnosis> {
-    if !netfilter::is_netfilter_drop(ctx) {
+    // A netfilter drop in the trace, or the ARP the source could not resolve dropped by a rule.
+    let hits = netfilter::hits(ctx);
+    if !netfilter::is_netfilter_drop(ctx) && hits.is_empty() {
         return None;
     }
-    let hits = netfilter::hits(ctx);
     let rule = hits.iter().find(|h| !h.is_policy)?;
     Some(Diagnosis {
         explanation: format!(
@@ -24,7 +25,7 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
             rule.node
         ),
         facts: hits.iter().map(netfilter::describe).collect(),
-        hop: None,
+        hop: rule.place.clone(),
     })
 }
 
