@@ -51,15 +51,20 @@ impl Service {
 /// Every Service found in the node's rule sets, each backend on its own (a node whose kube-proxy wrote
 /// to both backends over time lists a Service twice: both are in the kernel).
 pub fn from_rules(rules: &RuleSets) -> Vec<Service> {
+    each_backend(rules, from_iptables, from_nft)
+}
+
+/// What `ipt` reads from each iptables backend's dump (with the backend's name), then what `nft` reads
+/// from the native rule set.
+fn each_backend<T>(rules: &RuleSets, ipt: fn(&str, &str) -> Vec<T>, nft: fn(&str) -> Vec<T>) -> Vec<T> {
     let mut out = Vec::new();
-    if let Some(d) = &rules.iptables_nft {
-        out.extend(from_iptables(d, "iptables-nft"));
-    }
-    if let Some(d) = &rules.iptables_legacy {
-        out.extend(from_iptables(d, "iptables-legacy"));
+    for (dump, backend) in [(&rules.iptables_nft, "iptables-nft"), (&rules.iptables_legacy, "iptables-legacy")] {
+        if let Some(d) = dump {
+            out.extend(ipt(d, backend));
+        }
     }
     if let Some(d) = &rules.nft {
-        out.extend(from_nft(d));
+        out.extend(nft(d));
     }
     out
 }
@@ -469,17 +474,7 @@ fn left_overs_nft(dump: &str) -> Vec<LeftOver> {
 
 /// Every Service chain kube-proxy left unreachable on this node, in each backend.
 pub fn left_overs(rules: &RuleSets) -> Vec<LeftOver> {
-    let mut out = Vec::new();
-    if let Some(d) = &rules.iptables_nft {
-        out.extend(left_overs_iptables(d, "iptables-nft"));
-    }
-    if let Some(d) = &rules.iptables_legacy {
-        out.extend(left_overs_iptables(d, "iptables-legacy"));
-    }
-    if let Some(d) = &rules.nft {
-        out.extend(left_overs_nft(d));
-    }
-    out
+    each_backend(rules, left_overs_iptables, left_overs_nft)
 }
 
 /// The left-over Service a destination names: its ClusterIP and port, or (`local`) its NodePort.
