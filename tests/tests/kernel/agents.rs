@@ -136,11 +136,13 @@ fn node_of(where_: &str) -> String {
 
 /// Each hop of a trace once, in words: where, device, what happened, to which packet (its ICMP id, which
 /// each run draws anew, left out).
-/// The probe's own hops, hop for hop. Left out: neighbour events and the ICMP errors a failing
-/// neighbour answers with — when the kernel gives up on an incomplete entry (its retries run on their own
-/// timer, not the trace's) decides whether they fall inside one 2 s trace or the next, so two honest
-/// traces of the same fault differ there (seen under CI load: a `flannel.1 neigh` hop in one, the
-/// "host unreachable" errors in the other). The verdict, compared field by field, covers the drop.
+/// The probe's own hops, hop for hop. Left out: neighbour events, the ICMP errors a failing neighbour
+/// answers with and the queued packets it frees (a drop in neigh_invalidate) — when the kernel gives up
+/// on an incomplete entry (its retries run on their own timer, not the trace's) decides whether they
+/// fall inside one 2 s trace or the next, so two honest traces of the same fault differ there (seen
+/// under CI load: a `flannel.1 neigh` hop in one, the "host unreachable" errors in the other; and on
+/// vxlan-neigh-missing the echoes freed on flannel.1 in the agents' trace only). The verdict, compared
+/// field by field, covers the drop.
 /// Left out too: ARP that was answered, in either of the two traces, and ARP about the source's own
 /// address. After the first trace every entry the path needs is known, and whether a node re-confirms
 /// one during a trace (a stale entry's probe, seconds after it was last used, answered at once) is its
@@ -155,7 +157,7 @@ fn hops(events: &[Value], src: &str, answered: &std::collections::BTreeSet<Strin
     };
     events
         .iter()
-        .filter(|e| e["kind"] != "neigh" && e["packet"]["icmp_error"] != true && !refresh(e))
+        .filter(|e| e["kind"] != "neigh" && e["packet"]["icmp_error"] != true && e["drop"]["function"] != "neigh_invalidate" && !refresh(e))
         .map(|e| {
             let what = e["packet"]["what"].as_str().unwrap_or("-");
             let what = what.split(" id ").next().unwrap_or(what);
