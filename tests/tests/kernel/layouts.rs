@@ -51,25 +51,10 @@ fn a_service_on_a_layout_the_lab_does_not_build_is_followed_to_its_endpoint() {
         return;
     }
     let l = HandLayout::new("cnitrace-t19", &["k3s-agent", "client", "apiserver"]);
-    l.ip("k3s-agent", "link add br-k8s type bridge\nlink set br-k8s up\naddr add 172.21.3.1/24 dev br-k8s\nlink set lo up");
-    for (pod, addr, veth) in [("client", "172.21.3.7", "vethc1"), ("apiserver", "172.21.3.40", "vetha1")] {
-        l.ip("k3s-agent", &format!("link add {veth} type veth peer name eth0 netns {}\nlink set {veth} master br-k8s up", l.ns(pod)));
-        l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via 172.21.3.1"));
-    }
-    let node = cnitrace::netns::named(&l.ns("k3s-agent"));
-    cnitrace::lab::ensure_br_netfilter().expect("br_netfilter");
-    cnitrace::netns::in_netns(&node, || {
-        cnitrace::sys::write_sysctl("net.ipv4.ip_forward", "1")?;
-        cnitrace::sys::write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
-    })
-    .expect("the node's sysctls");
-    // The API server's port, listening in its pod (the socket belongs to the namespace it was made in).
-    let listener = cnitrace::netns::in_netns(&cnitrace::netns::named(&l.ns("apiserver")), || Ok(std::net::TcpListener::bind("0.0.0.0:6443")?)).expect("listen");
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            drop(s);
-        }
-    });
+    bridged_pods(&l, "k3s-agent", "br-k8s", "172.21.3", &[("client", "172.21.3.7", "vethc1"), ("apiserver", "172.21.3.40", "vetha1")]);
+    forwarding_node(&l, "k3s-agent");
+    // The API server's port, listening in its pod.
+    listen_in(&l, "apiserver", 6443);
     let rules = |endpoints: bool| {
         let (svc, ep) = ("service-ZX3Q0P1K-kube-system/metrics/tcp/https", "endpoint-7HD2KQ9A-kube-system/metrics/tcp/https__172.21.3.40/6443");
         let mut t = "table ip kube-proxy {\n comment \"rules for kube-proxy\"\n\
@@ -115,24 +100,12 @@ fn kube_proxy_rules_half_gone_are_named_from_the_chains_left_behind() {
         return;
     }
     let l = HandLayout::new("cnitrace-t35k", &["k3s-server", "shop", "api"]);
-    l.ip("k3s-server", "link add br-pods type bridge\nlink set br-pods up\naddr add 172.22.4.1/24 dev br-pods\nlink set lo up\naddr add 192.168.77.10/24 dev br-pods");
-    for (pod, addr, veth) in [("shop", "172.22.4.7", "vethshop1"), ("api", "172.22.4.40", "vethapi1")] {
-        l.ip("k3s-server", &format!("link add {veth} type veth peer name eth0 netns {}\nlink set {veth} master br-pods up", l.ns(pod)));
-        l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via 172.22.4.1"));
-    }
+    bridged_pods(&l, "k3s-server", "br-pods", "172.22.4", &[("shop", "172.22.4.7", "vethshop1"), ("api", "172.22.4.40", "vethapi1")]);
+    // The node's own address, where its NodePorts are.
+    l.ip("k3s-server", "addr add 192.168.77.10/24 dev br-pods");
     let node = l.ns("k3s-server");
-    cnitrace::lab::ensure_br_netfilter().expect("br_netfilter");
-    cnitrace::netns::in_netns(&cnitrace::netns::named(&node), || {
-        cnitrace::sys::write_sysctl("net.ipv4.ip_forward", "1")?;
-        cnitrace::sys::write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
-    })
-    .expect("the node's sysctls");
-    let listener = cnitrace::netns::in_netns(&cnitrace::netns::named(&l.ns("api")), || Ok(std::net::TcpListener::bind("0.0.0.0:6443")?)).expect("listen");
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            drop(s);
-        }
-    });
+    forwarding_node(&l, "k3s-server");
+    listen_in(&l, "api", 6443);
     // What kube-proxy's iptables mode writes for one Service with a NodePort (its chain hashes, comments
     // and masquerade rule, as on a k3s node whose cluster CIDR is 172.22.0.0/16).
     let (svc, ext, sep) = ("KUBE-SVC-QZ3MBCDP4ZNWTLUE", "KUBE-EXT-QZ3MBCDP4ZNWTLUE", "KUBE-SEP-V7TJ2JNKAXHX4BFK");
@@ -204,11 +177,7 @@ fn an_arp_rule_in_a_pod_is_named_at_the_pod_however_the_kernel_freed_the_packet(
         return;
     }
     let l = HandLayout::new("cnitrace-t35a", &["edge", "alpha", "beta"]);
-    l.ip("edge", "link add lan0 type bridge\nlink set lan0 up\naddr add 172.30.5.1/24 dev lan0\nlink set lo up");
-    for (pod, addr, veth) in [("alpha", "172.30.5.7", "vethalpha"), ("beta", "172.30.5.9", "vethbeta")] {
-        l.ip("edge", &format!("link add {veth} type veth peer name eth0 netns {}\nlink set {veth} master lan0 up", l.ns(pod)));
-        l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via 172.30.5.1"));
-    }
+    bridged_pods(&l, "edge", "lan0", "172.30.5", &[("alpha", "172.30.5.7", "vethalpha"), ("beta", "172.30.5.9", "vethbeta")]);
     let rules = "table arp t {\n chain in {\n  type filter hook input priority 0;\n  drop\n }\n}\n";
     cnitrace::sys::run_in_stdin(&l.ns("beta"), &cnitrace_tools::NFT, &["-f", "-"], rules).unwrap_or_else(|e| panic!("{e:#}"));
     let (code, v) = cnitrace_tests::follow("172.30.5.7", "172.30.5.9", &["--timeout", "3"]);
@@ -232,4 +201,35 @@ fn an_arp_rule_in_a_pod_is_named_at_the_pod_however_the_kernel_freed_the_packet(
     assert_eq!((v["netns"].as_str(), v["ifname"].as_str()), (Some(l.ns("beta").as_str()), Some("eth0")), "the same place: {v}");
     assert_eq!(v["dropped_at"]["netns"], alpha, "the kernel freed it in alpha: {v}");
     assert!(v["facts"].to_string().contains("drops the ARP requests arriving on eth0"), "{v}");
+}
+
+/// A node `node` with a bridge `bridge` at `SUBNET.1/24` and a pod per `(pod, address, host veth)` on
+/// it, each routing through the bridge's address.
+fn bridged_pods(l: &HandLayout, node: &str, bridge: &str, subnet: &str, pods: &[(&str, &str, &str)]) {
+    l.ip(node, &format!("link add {bridge} type bridge\nlink set {bridge} up\naddr add {subnet}.1/24 dev {bridge}\nlink set lo up"));
+    for (pod, addr, veth) in pods {
+        l.ip(node, &format!("link add {veth} type veth peer name eth0 netns {}\nlink set {veth} master {bridge} up", l.ns(pod)));
+        l.ip(pod, &format!("addr add {addr}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {subnet}.1"));
+    }
+}
+
+/// The node forwards, and bridged traffic passes its iptables (as on every Kubernetes node).
+fn forwarding_node(l: &HandLayout, node: &str) {
+    cnitrace::lab::ensure_br_netfilter().expect("br_netfilter");
+    cnitrace::netns::in_netns(&cnitrace::netns::named(&l.ns(node)), || {
+        cnitrace::sys::write_sysctl("net.ipv4.ip_forward", "1")?;
+        cnitrace::sys::write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
+    })
+    .expect("the node's sysctls");
+}
+
+/// A TCP port listening in `pod` (the socket belongs to the namespace it was made in), accepting and
+/// closing every connection.
+fn listen_in(l: &HandLayout, pod: &str, port: u16) {
+    let listener = cnitrace::netns::in_netns(&cnitrace::netns::named(&l.ns(pod)), move || Ok(std::net::TcpListener::bind(("0.0.0.0", port))?)).expect("listen");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            drop(s);
+        }
+    });
 }
