@@ -29,6 +29,21 @@ pub enum Source {
     /// Part of the machine image this project runs on, not something setup can install (says where
     /// it comes from); setup reports it when it is missing, and the tests that need it say they skip.
     Machine(&'static str),
+    /// Built from source by `cargo xtask setup`, from the project's Go module of that name
+    /// (`xtask/cluster/<module>`: pinned versions of the real Kubernetes programs), into
+    /// [`cluster_bin_dir`]. Test and lab dependencies only: the product stays Rust.
+    Go(&'static str),
+}
+
+/// Where `cargo xtask setup` puts the programs it builds from Go modules ([`Source::Go`]):
+/// `CNITRACE_CLUSTER_BIN` if set, else `$XDG_CACHE_HOME/cnitrace/cluster/bin` (`~/.cache/…`).
+pub fn cluster_bin_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("CNITRACE_CLUSTER_BIN") {
+        return d.into();
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| "/root".into());
+    let base = std::env::var_os("XDG_CACHE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| home.join(".cache"));
+    base.join("cnitrace/cluster/bin")
 }
 
 /// One external program.
@@ -44,12 +59,21 @@ pub struct Tool {
 impl Tool {
     /// A `Command` for this program.
     pub fn command(&self) -> Command {
-        Command::new(self.program)
+        Command::new(self.path())
+    }
+
+    /// What is run: the program's name (looked up on PATH) or its absolute path; a program built from
+    /// a Go module, in [`cluster_bin_dir`].
+    pub fn path(&self) -> std::path::PathBuf {
+        match self.source {
+            Source::Go(_) => cluster_bin_dir().join(self.program),
+            _ => self.program.into(),
+        }
     }
 
     /// `ip netns exec NS PROGRAM`: this program inside a named network namespace, as its own process.
     pub fn in_netns(&self, ns: &str) -> Command {
-        Self::netns_exec(ns, std::path::Path::new(self.program))
+        Self::netns_exec(ns, &self.path())
     }
 
     /// `ip netns exec NS PROGRAM` for the project's own binaries (not in the table:
@@ -144,6 +168,20 @@ tools! {
     PERF = "perf", Apt("linux-perf"), "bench: the tracer's sampled share of a core";
     /// The real kubectl (v1.32 on this machine kind, from the image's google-cloud-sdk).
     KUBECTL = "kubectl", Machine("the machine image (google-cloud-sdk)"), "tests: the test API server checked by kubectl; `kubectl cnitrace` as a plugin";
+
+    // The lab's real cluster (`cnitrace lab up --kubernetes`), built from source by setup.
+    GO = "go", Machine("the machine image (Go 1.26)"), "setup: builds the real cluster's programs (xtask/cluster/*)";
+    ETCD = "etcd", Go("kubernetes"), "the real cluster's store (go.etcd.io/etcd/server/v3, the release k8s.io/kubernetes pins)";
+    KUBE_APISERVER = "kube-apiserver", Go("kubernetes"), "the real cluster's API server";
+    KUBE_CONTROLLER_MANAGER = "kube-controller-manager", Go("kubernetes"), "the real cluster's controllers (podCIDRs, EndpointSlices, DaemonSets)";
+    KUBE_SCHEDULER = "kube-scheduler", Go("kubernetes"), "the real cluster's scheduler (binds the DaemonSets' pods)";
+    KUBE_PROXY = "kube-proxy", Go("kubernetes"), "the real cluster's Services, in iptables and nftables mode";
+    FLANNELD = "flanneld", Go("flannel"), "the real cluster's flannel (--kube-subnet-mgr, VXLAN and host-gw)";
+    /// flannel's CNI plugin (its predecessor in containernetworking/plugins v0.9.1: flannel-io/cni-plugin
+    /// is not served by the module proxy here); it delegates to Debian's bridge and host-local.
+    CNI_FLANNEL = "flannel", Go("cni-flannel"), "the real cluster's pods (CNI ADD/DEL as kubelet calls it)";
+    CNI_PORTMAP = "/usr/lib/cni/portmap", Apt("containernetworking-plugins"), "the real cluster's pods: the second plugin of flannel's conflist";
+    CNI_LOOPBACK = "/usr/lib/cni/loopback", Apt("containernetworking-plugins"), "the real cluster's pods: their lo, as the runtime sets it up";
 }
 
 #[cfg(test)]

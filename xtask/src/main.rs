@@ -2,6 +2,7 @@
 //! object is built by cnitrace's build.rs.
 
 mod bench;
+mod cluster;
 mod demo;
 mod docs;
 mod install;

@@ -104,6 +104,7 @@ pub fn run(quiet_if_done: bool) -> Result<bool> {
         did = true;
     }
     did |= ensure_pip(HOST_PIP)?;
+    did |= crate::cluster::ensure()?;
     let linker = cargo_version("bpf-linker");
     // What the machine image must bring (setup cannot install it): said once, and the tests that need
     // it skip with the same reason.
@@ -303,7 +304,7 @@ fn uncovered(table: &[Tool], apt: &[&str], cargo: &[&str], pip: &[&str]) -> Vec<
                 Source::Apt(p) => (apt.contains(&p), format!("Debian package {p}")),
                 Source::Cargo(c) => (cargo.contains(&c), format!("cargo install {c}")),
                 Source::Pip(p) => (pip.contains(&p), format!("pip install {p}")),
-                Source::Base(_) | Source::Toolchain | Source::Machine(_) => (true, String::new()),
+                Source::Base(_) | Source::Toolchain | Source::Machine(_) | Source::Go(_) => (true, String::new()),
             };
             (!covered).then(|| format!("{} ({}) needs {from}, which `cargo xtask setup` does not install", t.program, t.used_for))
         })
