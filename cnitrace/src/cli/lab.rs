@@ -30,6 +30,14 @@ enum LabCommand {
         /// socket is printed as the `--agent NODE=ADDR` that `follow` and `check` take.
         #[arg(long)]
         agents: bool,
+        /// The nodes as nodes of a real cluster: the API server, controller manager, scheduler,
+        /// flanneld, kube-proxy and CNI plugins built from source by `cargo xtask setup`; the pods are
+        /// Kubernetes pods (no faults: inject them with the API or by hand).
+        #[arg(long, conflicts_with_all = ["faults", "agents"])]
+        kubernetes: bool,
+        /// With --kubernetes: flannel's backend.
+        #[arg(long, default_value = "vxlan", requires = "kubernetes")]
+        backend: lab::cluster::Backend,
     },
     /// Tear everything of the lab down: namespaces, links, rules, processes.
     Down,
@@ -47,6 +55,13 @@ enum LabCommand {
     Pod {
         #[command(subcommand)]
         command: PodCommand,
+    },
+    /// (internal) kubelet's part in the real cluster of `lab up --kubernetes`, for every node.
+    #[command(hide = true)]
+    Kubelet {
+        /// The lab's state folder.
+        #[arg(long)]
+        state: std::path::PathBuf,
     },
     /// (internal) A lab container: holds a pod's namespace with the pod's resolv.conf, serves HTTP(S).
     #[command(hide = true)]
@@ -80,7 +95,18 @@ enum PodCommand {
 pub fn run(args: LabArgs) -> Result<u8> {
     let prefix = args.prefix.as_str();
     match args.command {
-        LabCommand::Up { faults, proxy_mode, agents } => {
+        LabCommand::Up { kubernetes: true, proxy_mode, backend, .. } => {
+            let mode = match proxy_mode {
+                lab::services::ProxyMode::Nftables => "nftables",
+                lab::services::ProxyMode::IptablesNft => "iptables",
+                other => anyhow::bail!("kube-proxy has no {} mode: iptables or nftables", other.name()),
+            };
+            let lab = lab::up_kubernetes(prefix, lab::cluster::Layout::incident(mode, backend))?;
+            println!("lab up: prefix {prefix}, a real cluster");
+            lab::cluster::print(&lab)?;
+        }
+        LabCommand::Kubelet { state } => lab::cluster::kubelet::run(prefix, &state)?,
+        LabCommand::Up { faults, proxy_mode, agents, .. } => {
             let mut lab = lab::up(prefix, &faults, proxy_mode)?;
             let agents = if agents {
                 match lab.start_agents() {

@@ -27,7 +27,7 @@ use kube::{
 };
 use thiserror::Error;
 
-pub use facts::{ClusterFacts, NetConf, NodeFacts, PodFacts, ServiceFacts};
+pub use facts::{parse_cidr, ClusterFacts, NetConf, NodeFacts, PodFacts, ServiceFacts};
 pub use target::Target;
 
 /// The most any command waits for the API in all (connect and every request together): an API that is

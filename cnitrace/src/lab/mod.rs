@@ -5,6 +5,7 @@
 //! the VXLAN state its vxlan backend would. The same code is the kernel tests' only harness.
 
 pub mod check;
+pub mod cluster;
 pub mod cni;
 pub mod faults;
 pub mod serve;
@@ -59,6 +60,9 @@ pub struct LabState {
     /// How kube-proxy programs the Services on every node.
     #[serde(default)]
     pub proxy_mode: services::ProxyMode,
+    /// A lab whose nodes are a real cluster's (`lab up --kubernetes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<cluster::ClusterState>,
 }
 
 /// A lab that is up (or being built).
@@ -311,12 +315,11 @@ impl Lab {
         }
     }
 
-    fn stop_servers(&mut self, which: impl Fn(&Server) -> bool) {
+    /// Stops the servers `which` picks; returns the pids signalled.
+    fn stop_servers(&mut self, which: impl Fn(&Server) -> bool) -> Vec<u32> {
         let (stop, keep): (Vec<_>, Vec<_>) = self.state.servers.drain(..).partition(|s| which(s));
         self.state.servers = keep;
-        for s in stop {
-            stop_server_pid(s.pid);
-        }
+        stop.into_iter().filter(|s| stop_server_pid(s.pid)).map(|s| s.pid).collect()
     }
 }
 
@@ -385,23 +388,38 @@ pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
 }
 
 /// Is `pid` one of the lab's processes (checked before signalling it: pids are reused): a `lab serve`,
-/// the DNS pod's dnsmasq (its pid file is in the lab's state folder), or a node's agent (its socket is)?
+/// or a process whose command line names a file of a lab's state folder (the DNS pod's dnsmasq by its
+/// pid file, a node's agent by its socket, the real cluster's programs by their certificates, data and
+/// kubeconfigs, the lab's kubelet by the folder itself)?
 fn is_lab_server(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-            let pid_file = format!("--pid-file={STATE_ROOT}/");
-            let agent_socket = format!("unix:{STATE_ROOT}/");
+            let state = format!("{STATE_ROOT}/");
             args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"serve")
-                || args.iter().any(|a| a.starts_with(pid_file.as_bytes()))
-                || (args.contains(&&b"agent"[..]) && args.windows(2).any(|w| w[0] == b"--listen" && w[1].starts_with(agent_socket.as_bytes())))
+                || args.iter().any(|a| a.windows(state.len()).any(|w| w == state.as_bytes()))
         })
         .unwrap_or(false)
 }
 
-fn stop_server_pid(pid: u32) {
-    if is_lab_server(pid) {
+/// SIGTERM to `pid` if it is the lab's; whether it was.
+fn stop_server_pid(pid: u32) -> bool {
+    let ours = is_lab_server(pid);
+    if ours {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    ours
+}
+
+/// Waits until each of `pids` is gone, at most `within`; then SIGKILL to those left (still the lab's).
+fn reap(pids: &[u32], within: Duration) {
+    let deadline = Instant::now() + within;
+    let alive = |pid: &u32| std::path::Path::new(&format!("/proc/{pid}")).exists() && is_lab_server(*pid);
+    while Instant::now() < deadline && pids.iter().any(alive) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids.iter().filter(|p| alive(p)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -435,6 +453,34 @@ pub fn existing_namespaces(prefix: &str) -> Vec<String> {
         .unwrap_or_default();
     found.sort();
     found
+}
+
+/// Builds a lab whose nodes are a real cluster's ([`cluster`]). On any error, whatever was built is
+/// torn down again.
+pub fn up_kubernetes(prefix: &str, layout: cluster::Layout) -> Result<Lab> {
+    if !sys::is_root() {
+        bail!("`cnitrace lab up` needs root (it creates network namespaces)");
+    }
+    topology::check_prefix(prefix)?;
+    let existing = existing_namespaces(prefix);
+    if !existing.is_empty() {
+        bail!("a lab is already up under prefix {prefix} ({}); run `cnitrace lab down` first", existing.join(", "));
+    }
+    let names = Names::new(prefix);
+    let _ = std::fs::remove_dir_all(names.state_dir());
+    std::fs::create_dir_all(names.state_dir()).context("create the lab's state folder")?;
+    let mut lab = Lab { names, state: LabState { prefix: prefix.into(), ..Default::default() } };
+    lab.save()?;
+    match cluster::build(&mut lab, layout) {
+        Ok(()) => Ok(lab),
+        Err(e) => {
+            if std::env::var_os("CNITRACE_LAB_KEEP_FAILED").is_none() {
+                let _ = down(prefix);
+                return Err(e.context("building the real cluster failed; the lab was torn down again"));
+            }
+            Err(e.context("building the real cluster failed; kept for a look (CNITRACE_LAB_KEEP_FAILED)"))
+        }
+    }
 }
 
 /// Builds the lab with `faults` on. On any error, whatever was built is torn down again.
@@ -573,14 +619,18 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
     }
     topology::check_prefix(prefix)?;
     let names = Names::new(prefix);
+    let mut stopped = Vec::new();
     if let Ok(mut lab) = Lab::load(prefix) {
-        lab.stop_servers(|_| true);
+        stopped = lab.stop_servers(|_| true);
     }
     let namespaces = existing_namespaces(prefix);
-    // Servers whose pid was never recorded (a crash mid-`up`): ours by command line and namespace; the
-    // agents (they run in the root namespace) by their socket in this lab's state folder.
-    sweep_servers(&namespaces);
-    sweep_agents(&names.state_dir());
+    // Servers whose pid was never recorded (a crash mid-`up`, the real cluster's pods that the lab's
+    // kubelet started): ours by command line and namespace; the agents and the lab's kubelet (they run
+    // in the root namespace) by their command line naming this lab's state folder.
+    stopped.extend(sweep_servers(&namespaces));
+    stopped.extend(sweep_agents(&names.state_dir()));
+    // Gone before their namespaces and files are: the real cluster's programs take a moment to stop.
+    reap(&stopped, Duration::from_secs(10));
     // One process for all of them (`-force`: the rest go even if one fails); then whatever is left
     // one by one, for each its own error.
     let mut all = Batch::ip(None).force();
@@ -601,31 +651,40 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
     Ok(namespaces)
 }
 
-fn sweep_agents(state_dir: &std::path::Path) {
-    let socket = format!("unix:{}/", state_dir.display());
-    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+/// The processes whose command line names this lab's state folder (the agents' sockets, the lab's
+/// kubelet's `--state`), signalled; their pids.
+fn sweep_agents(state_dir: &std::path::Path) -> Vec<u32> {
+    let folder = state_dir.display().to_string();
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return pids };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-        if args.windows(2).any(|w| w[0] == b"--listen" && w[1].starts_with(socket.as_bytes())) {
-            stop_server_pid(pid);
+        let names_folder = c.split(|b| *b == 0).any(|a| {
+            let a = String::from_utf8_lossy(a);
+            a == folder || a.starts_with(&format!("{folder}/")) || a.contains(&format!("unix:{folder}/"))
+        });
+        if names_folder && stop_server_pid(pid) {
+            pids.push(pid);
         }
     }
+    pids
 }
 
-fn sweep_servers(namespaces: &[String]) {
+fn sweep_servers(namespaces: &[String]) -> Vec<u32> {
     use std::os::unix::fs::MetadataExt;
     let inodes: Vec<u64> = namespaces
         .iter()
         .filter_map(|n| std::fs::metadata(netns::named(n)).ok().map(|m| m.ino()))
         .collect();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return pids };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(md) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else { continue };
-        if inodes.contains(&md.ino()) {
-            stop_server_pid(pid);
+        if inodes.contains(&md.ino()) && stop_server_pid(pid) {
+            pids.push(pid);
         }
     }
+    pids
 }

@@ -177,7 +177,11 @@ impl Names {
     /// Exactly its own names: a lab under prefix `cnitrace` must not take `cnitrace-test-…` (another lab,
     /// a test's, on the same kernel) for its own — `lab down` once removed a running test's namespaces so.
     pub fn owns(&self, ns: &str) -> bool {
-        (0..NODES.len()).any(|i| ns == self.node(i)) || ns == self.external() || self.owns_pod(ns)
+        (0..NODES.len()).any(|i| ns == self.node(i))
+            || ns == self.external()
+            || self.owns_pod(ns)
+            || ns == super::cluster::control_plane_ns(&self.prefix)
+            || ns == super::cluster::underlay_ns(&self.prefix)
     }
     /// Is this namespace one of this lab's pods (`<prefix>-pod-NAME`)? Unambiguous because no prefix
     /// holds `-pod-` ([`check_prefix`]).
