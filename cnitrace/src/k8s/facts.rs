@@ -273,7 +273,13 @@ impl ServiceFacts {
 impl ClusterFacts {
     /// The pod (not host-network) with this address.
     pub fn pod_with_ip(&self, ip: Ipv4Addr) -> Option<&PodFacts> {
-        self.pods.iter().find(|p| p.ip == Some(ip) && !p.host_network)
+        self.pods.iter().find(|p| p.ip == Some(ip) && !self.host_addressed(p))
+    }
+
+    /// Does the pod have its node's address — a hostNetwork pod (flanneld's, kube-proxy's), whether or
+    /// not its spec says so? Such a pod is its node's, never a name for the node or its namespace.
+    pub fn host_addressed(&self, p: &PodFacts) -> bool {
+        p.host_network || p.ip.is_some_and(|ip| self.nodes.iter().any(|n| n.internal_ip == Some(ip)))
     }
 
     /// The node whose pod network holds `ip`.

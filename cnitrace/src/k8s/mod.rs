@@ -471,22 +471,28 @@ pub fn name_namespaces(facts: &ClusterFacts, resolver: &crate::resolve::HostReso
     let node_ns: std::collections::BTreeSet<u32> = resolver.pods().iter().filter(|p| !p.host_addressed).map(|p| p.node.inode).collect();
     for (ns, st) in resolver.spaces() {
         let addrs = || st.addrs.iter().filter(|a| st.link(a.ifindex).is_some_and(|l| l.name != "lo"));
+        // A Node's address names its node first: the pods that share it (hostNetwork) are the node's.
+        let by_ip = addrs().find_map(|a| facts.nodes.iter().find(|n| n.internal_ip == Some(a.addr)));
+        let is_node = node_ns.contains(&ns.inode) || ns.is_root;
+        if let (Some(n), true) = (by_ip, is_node) {
+            names.insert(ns.inode, n.name.clone());
+            continue;
+        }
         if let Some(p) = addrs().find_map(|a| facts.pod_with_ip(a.addr)) {
             names.insert(ns.inode, p.full_name());
             continue;
         }
         // A node's namespace can look like a pod's too (its underlay veth has an address and a peer
         // elsewhere, as in the lab): a node is a namespace that pods hang off, or the root.
-        if !(node_ns.contains(&ns.inode) || ns.is_root) {
+        if !is_node {
             continue;
         }
-        let by_ip = addrs().find_map(|a| facts.nodes.iter().find(|n| n.internal_ip == Some(a.addr)));
         let by_bridge = || {
             addrs()
                 .filter(|a| st.link(a.ifindex).is_some_and(|l| l.kind == "bridge"))
                 .find_map(|a| facts.node_for_pod_ip(a.addr))
         };
-        if let Some(n) = by_ip.or_else(by_bridge) {
+        if let Some(n) = by_bridge() {
             names.insert(ns.inode, n.name.clone());
         }
     }
@@ -551,5 +557,34 @@ mod tests {
         assert_eq!(names.get(&10).map(String::as_str), Some("gpu-worker-7"));
         assert_eq!(names.get(&20).map(String::as_str), Some("edge-2"));
         assert_eq!(names.get(&21), None, "a pod the API does not know keeps its namespace's name");
+    }
+
+    /// On a real node the node is the root namespace, and its address is also the podIP of every
+    /// hostNetwork pod there (flanneld's, kube-proxy's): the namespace is the node, named by its Node,
+    /// even where a pod's spec did not say hostNetwork — and such a pod is never "the pod with that
+    /// address" (a fix once named the node `kube-flannel/kube-flannel-ds-…` and found no flannel on it).
+    #[test]
+    fn a_node_is_never_named_after_the_pods_that_share_its_address() {
+        let mut root = space(1, "root", vec![link(5, "cni0", "bridge"), veth(7, "veth1", 2, Some(5)), link(2, "ens3", "device")], vec![(5, "10.244.3.1"), (2, "172.31.4.20")]);
+        root.0.is_root = true;
+        let r = HostResolver::from_spaces(
+            vec![root, space(11, "cni-1234", vec![veth(2, "eth0", 7, None)], vec![(2, "10.244.3.9")])],
+            Box::new(Ids([((11, 1), 0), ((1, 11), 0)].into_iter().collect())),
+        );
+        let pod = |ns: &str, name: &str, ip: &str, host: bool| PodFacts { namespace: ns.into(), name: name.into(), ip: Some(ip.parse().unwrap()), host_network: host, node: Some("ip-172-31-4-20".into()), ..Default::default() };
+        let facts = ClusterFacts {
+            nodes: vec![NodeFacts { name: "ip-172-31-4-20".into(), internal_ip: Some("172.31.4.20".parse().unwrap()), pod_cidrs: vec!["10.244.3.0/24".into()], ..Default::default() }],
+            pods: vec![
+                pod("kube-flannel", "kube-flannel-ds-x7k2p", "172.31.4.20", true),
+                // An API that leaves hostNetwork out of what it returns (an old recording, a proxy).
+                pod("kube-system", "kube-proxy-9fzq1", "172.31.4.20", false),
+                pod("media", "jellyfin-0", "10.244.3.9", false),
+            ],
+            ..Default::default()
+        };
+        let names = name_namespaces(&facts, &r);
+        assert_eq!(names.get(&1).map(String::as_str), Some("ip-172-31-4-20"));
+        assert_eq!(names.get(&11).map(String::as_str), Some("media/jellyfin-0"));
+        assert!(facts.pod_with_ip("172.31.4.20".parse().unwrap()).is_none(), "the node's address is no pod's");
     }
 }
