@@ -150,6 +150,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
                 return finish_unfixed(journal, out, &format!("no safe fix for {}", cause.id));
             }
         };
+        let restarts = steps.iter().any(|s| restarts_a_daemon(&s.action));
         writeln!(out, "\nplan (round {round}, cause {}):", cause.id)?;
         for st in &steps {
             writeln!(out, "{}\n      # {}", st.action.command_lines("  ", "  "), st.why)?;
@@ -178,6 +179,9 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         }
         settle_neighbours(&report);
         report = trace(src, dst, port, req.trace_timeout, &req.cluster)?;
+        if restarts {
+            report = await_resync(report, cause.id, out, || trace(src, dst, port, req.trace_timeout, &req.cluster))?;
+        }
         let late = req.confirm_timeout.is_some_and(|t| started.elapsed() > t);
         if report.verdict.verdict == Verdict::Delivered && !late {
             let after = verify::check(&paths);
@@ -204,6 +208,33 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         crate::render::verdict(&report.verdict, out)?;
     }
     finish_unfixed(journal, out, "too many rounds")
+}
+
+/// Does this action restart a node's daemon (flanneld, kube-proxy) through the API?
+pub(crate) fn restarts_a_daemon(a: &Action) -> bool {
+    matches!(a, Action::RestartPod { .. } | Action::Reconfigure { .. })
+}
+
+/// How long a restarted daemon may take to write again what it owns, after its pod is Ready: flannel's
+/// DaemonSet has no readiness probe, so its pod is Ready when flanneld starts, and flanneld rewrites its
+/// VXLAN device only once its informers have synced (1.3 s after its start on the lab's real cluster,
+/// `lab up --kubernetes`; the trace that verified it at once saw the old device and rolled back a right
+/// fix).
+pub(crate) const RESYNC: Duration = Duration::from_secs(20);
+
+/// After a restart: while the trace still shows the cause the restart was to repair, trace again (once
+/// a second, within [`RESYNC`]); the first other verdict, or the last, is the fix's.
+pub(crate) fn await_resync(mut report: Report, cause: &str, out: &mut dyn Write, mut trace: impl FnMut() -> Result<Report>) -> Result<Report> {
+    let t0 = Instant::now();
+    let same = |r: &Report| r.verdict.verdict != Verdict::Delivered && remedy(r).is_some_and(|(c, _)| c.id == cause);
+    if same(&report) {
+        writeln!(out, "waiting for the restarted daemon to write its state again (up to {} s)", RESYNC.as_secs())?;
+    }
+    while same(&report) && t0.elapsed() < RESYNC {
+        std::thread::sleep(Duration::from_secs(1));
+        report = trace()?;
+    }
+    Ok(report)
 }
 
 /// Why a fix whose node got worse is rolled back.
