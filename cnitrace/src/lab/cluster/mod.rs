@@ -32,8 +32,12 @@ use serde::{Deserialize, Serialize};
 use super::{sysctl, topology, Batch, Lab};
 pub use manifests::Backend;
 
-/// The control plane's address on the underlay (TEST-NET-1, lab-only, as the nodes').
-pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+/// The cluster's underlay: TEST-NET-3, lab-only. Not the seed lab's TEST-NET-1: a host may use that one
+/// itself (this project's CI machines have 192.0.2.2 on their own eth0), and an address held both by the
+/// host and by a node makes the node's pods' traffic ambiguous to name.
+pub const UNDERLAY: [u8; 3] = [203, 0, 113];
+/// The control plane's address on the underlay.
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], 100);
 pub const API_PORT: u16 = 6443;
 /// kube-proxy's mode on every node.
 pub const PROXY_MODES: [&str; 2] = ["iptables", "nftables"];
@@ -73,7 +77,11 @@ pub struct Layout {
 impl Layout {
     /// The incident's cluster: its two nodes, the debug pod and jellyfin on the first, web on the second.
     pub fn incident(proxy_mode: &str, backend: Backend) -> Layout {
-        let nodes = topology::NODES.iter().map(|n| NodeSpec { name: n.name.into(), underlay: n.underlay }).collect();
+        let nodes = topology::NODES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NodeSpec { name: n.name.into(), underlay: Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], i as u8 + 1) })
+            .collect();
         let pods = topology::PODS.iter().map(|p| PodSpec { name: p.name.into(), node: p.node, port: p.serves }).collect();
         let services = topology::SERVICES.iter().map(|s| (s.name.to_string(), s.selects[0].to_string(), s.port, s.node_port)).collect();
         Layout {
