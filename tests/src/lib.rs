@@ -390,6 +390,85 @@ impl Drop for LabGuard {
     }
 }
 
+/// A real cluster (`lab up --kubernetes`: the API server, controller manager, scheduler, flanneld,
+/// kube-proxy and CNI plugins built from source) up for one test, down when dropped, also on panic.
+pub struct ClusterGuard {
+    /// The lab's state folder: its kubeconfigs (`admin`, `cnitrace`), logs and node folders.
+    pub state: PathBuf,
+    _kernel: MutexGuard<'static, ()>,
+}
+
+impl ClusterGuard {
+    /// None (after printing why) where the cluster's programs are not built (`cargo xtask setup`
+    /// builds them where Go is).
+    pub fn up(test: &str, options: &[&str]) -> Option<ClusterGuard> {
+        let missing = cnitrace::lab::cluster::missing_programs();
+        if !missing.is_empty() {
+            println!("SKIPPED {test}: the real cluster's programs are not built ({}; `cargo xtask setup` builds them)", missing.join(", "));
+            return None;
+        }
+        let kernel = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = cnitrace(&["lab", "down"]);
+        let _ = std::fs::remove_dir_all(state_dir());
+        let mut args = vec!["lab", "up", "--kubernetes"];
+        args.extend_from_slice(options);
+        let out = cnitrace(&args);
+        assert!(out.status.success(), "lab up --kubernetes {options:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let state = Lab::load(PREFIX).expect("the lab state after lab up").names.state_dir();
+        Some(ClusterGuard { state, _kernel: kernel })
+    }
+
+    pub fn kubeconfig(&self, who: &str) -> PathBuf {
+        self.state.join(format!("{who}.kubeconfig"))
+    }
+
+    /// The real kubectl as the cluster's admin: its exit code and stdout (stderr appended on failure).
+    pub fn kubectl(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(cnitrace_tools::KUBECTL.program).arg("--kubeconfig").arg(self.kubeconfig("admin")).args(args).output().expect("run kubectl");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    /// `kubectl get … -o json`, parsed.
+    pub fn get(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["get"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["-o", "json"]);
+        let (code, out) = self.kubectl(&full);
+        assert_eq!(code, 0, "kubectl {full:?}: {out}");
+        serde_json::from_str(&out).expect("kubectl's JSON")
+    }
+
+    /// cnitrace ARGS with the kubeconfig of the lab's cnitrace user: exit code, stdout then stderr.
+    pub fn cnitrace(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .env("CNITRACE_LAB_PREFIX", PREFIX)
+            .env("CNITRACE_STATE_DIR", state_dir())
+            .env("KUBECONFIG", self.kubeconfig("cnitrace"))
+            .output()
+            .expect("run cnitrace");
+        (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// The network namespace of node `node` (its Kubernetes name).
+    pub fn node_ns(&self, node: &str) -> String {
+        format!("{PREFIX}-{node}")
+    }
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        let out = cnitrace(&["lab", "down"]);
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("lab down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
 /// Namespaces a test builds by hand with `ip` (layouts the lab does not build: other names, other
 /// subnets, interface orders), deleted when dropped, also on panic. Holds the kernel like a lab does.
 pub struct HandLayout {

@@ -3,6 +3,7 @@
 //! Each test skips with a printed reason when it cannot run here (not root, no binary).
 
 mod agents;
+mod cluster;
 mod fix;
 mod follow;
 mod generated;

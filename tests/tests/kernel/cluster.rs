@@ -1,0 +1,302 @@
+//! cnitrace against a real cluster (`lab up --kubernetes`): the API server, controller manager and
+//! scheduler, flanneld and kube-proxy as DaemonSet pods, pods made by flannel's CNI plugin — every one
+//! the real program, built from source. What the tests of `kube.rs` show with the test API server and
+//! the lab's imitation of flannel's and kube-proxy's state, shown here on what the real ones write;
+//! a repair must survive them writing their state again (a resync).
+
+use std::time::{Duration, Instant};
+
+use cnitrace_tests::{can_run_kernel_tests, ClusterGuard, PREFIX};
+use serde_json::Value;
+
+const NODE0: &str = "storagenodet3500";
+const NODE1: &str = "storagenodet3501";
+
+fn up(test: &str, options: &[&str]) -> Option<ClusterGuard> {
+    if !can_run_kernel_tests(test) {
+        return None;
+    }
+    ClusterGuard::up(test, options)
+}
+
+/// The verdict (the last JSON line) of `cnitrace follow SRC DST --json`, and its exit code.
+fn follow(c: &ClusterGuard, src: &str, dst: &str) -> (i32, Value) {
+    let (code, out) = c.cnitrace(&["follow", src, dst, "--json", "--timeout", "5"]);
+    let verdict = out.lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v.get("verdict").is_some()));
+    (code, verdict.unwrap_or_else(|| panic!("follow {src} {dst} gave no verdict:\n{out}")))
+}
+
+/// Until `f` holds, at most `within`; whether it did.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    f()
+}
+
+/// The pod of the DaemonSet labelled `k8s-app=APP` on `node`, Running and Ready (None while there is
+/// none).
+fn daemon_pod(c: &ClusterGuard, app: &str, node: &str) -> Option<String> {
+    let pods = c.get(&["pods", "-A", "-l", &format!("k8s-app={app}"), "--field-selector", &format!("spec.nodeName={node}")]);
+    pods["items"].as_array()?.iter().find_map(|p| {
+        let ready = p["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        (ready && p["metadata"]["deletionTimestamp"].is_null()).then(|| format!("{}/{}", p["metadata"]["namespace"].as_str().unwrap(), p["metadata"]["name"].as_str().unwrap()))
+    })
+}
+
+/// The daemon `app` on `node` restarted as `kubectl delete pod` does it; waits for its replacement.
+fn restart(c: &ClusterGuard, app: &str, node: &str) {
+    let old = daemon_pod(c, app, node).unwrap_or_else(|| panic!("no Ready {app} pod on {node}"));
+    let (ns, name) = old.split_once('/').unwrap();
+    let (code, out) = c.kubectl(&["-n", ns, "delete", "pod", name, "--wait=true"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(eventually(Duration::from_secs(60), || daemon_pod(c, app, node).is_some_and(|p| p != old)), "no new {app} pod on {node}");
+}
+
+/// flanneld and kube-proxy restarted on every node: each writes what it owns again.
+fn resync(c: &ClusterGuard) {
+    for node in [NODE0, NODE1] {
+        restart(c, "flannel", node);
+        restart(c, "kube-proxy", node);
+    }
+}
+
+/// The pair delivers, at once or once the daemons have settled (within 30 s).
+fn delivers(c: &ClusterGuard, src: &str, dst: &str) -> Value {
+    let mut last = Value::Null;
+    let ok = eventually(Duration::from_secs(30), || {
+        let (_, v) = follow(c, src, dst);
+        last = v;
+        last["verdict"] == "delivered"
+    });
+    assert!(ok, "{src} → {dst} is not delivered: {last:#}");
+    last
+}
+
+fn cluster_ip(c: &ClusterGuard, svc: &str) -> String {
+    c.get(&["service", svc])["spec"]["clusterIP"].as_str().expect("a ClusterIP").to_string()
+}
+
+/// What the cluster's programs wrote is theirs: the podCIDRs the controller manager allocated, the
+/// Node annotations flanneld wrote (the VTEP MAC its device has), the EndpointSlices the controllers
+/// made, the DaemonSets' pods hostNetwork with their node's address; and `lab down` leaves no process,
+/// namespace or file behind.
+#[test]
+fn the_real_cluster_comes_up_as_its_programs_make_it_and_goes_down_leaving_nothing() {
+    let outside = ["/var/lib/cni", "/run/flannel", "/etc/cni", "/var/run/kubernetes", "/etc/kube-flannel"];
+    let existed: Vec<bool> = outside.iter().map(|p| std::path::Path::new(p).exists()).collect();
+    let Some(c) = up("the_real_cluster_comes_up_as_its_programs_make_it_and_goes_down_leaving_nothing", &[]) else { return };
+    let nodes = c.get(&["nodes"]);
+    let nodes = nodes["items"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    let mut cidrs = Vec::new();
+    for n in nodes {
+        let name = n["metadata"]["name"].as_str().unwrap();
+        let cidr = n["spec"]["podCIDR"].as_str().unwrap_or_else(|| panic!("{name} has no podCIDR"));
+        assert!(cidr.starts_with("10.244.") && cidr.ends_with("/24"), "{name}: {cidr}");
+        cidrs.push(cidr.to_string());
+        let data: Value = serde_json::from_str(n["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"].as_str().expect("flanneld's backend-data")).unwrap();
+        let link = cnitrace_tools::IP.command().args(["-n", &c.node_ns(name), "-j", "link", "show", "flannel.1"]).output().unwrap();
+        let link: Value = serde_json::from_slice(&link.stdout).unwrap();
+        assert_eq!(data["VtepMAC"], link[0]["address"], "{name}: flanneld's annotation names its own device's MAC");
+        assert_eq!(data["VNI"], 1);
+    }
+    cidrs.sort();
+    cidrs.dedup();
+    assert_eq!(cidrs.len(), 2, "each node its own podCIDR");
+    for svc in ["jellyfin", "web"] {
+        let slices = c.get(&["endpointslices", "-l", &format!("kubernetes.io/service-name={svc}")]);
+        let addrs: Vec<&str> = slices["items"].as_array().unwrap().iter().flat_map(|s| s["endpoints"].as_array().into_iter().flatten()).filter_map(|e| e["addresses"][0].as_str()).collect();
+        assert_eq!(addrs.len(), 1, "{svc}'s EndpointSlice: {addrs:?}");
+    }
+    let pods = c.get(&["pods", "-A"]);
+    for p in pods["items"].as_array().unwrap() {
+        let (ns, name) = (p["metadata"]["namespace"].as_str().unwrap(), p["metadata"]["name"].as_str().unwrap());
+        if ns == "default" {
+            continue;
+        }
+        assert_eq!(p["spec"]["hostNetwork"], true, "{ns}/{name}");
+        assert_eq!(p["status"]["podIP"], p["status"]["hostIP"], "{ns}/{name}: a hostNetwork pod has its node's address");
+        assert!(p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet", "{ns}/{name} is its DaemonSet's");
+    }
+    // Every process of the cluster: those naming its state folder (the control plane, the lab's kubelet,
+    // flanneld and kube-proxy by their files), and those in its namespaces (the pods' containers).
+    let state = c.state.display().to_string();
+    let spaces: Vec<u64> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{PREFIX}-")))
+        .filter_map(|e| std::os::unix::fs::MetadataExt::ino(&e.metadata().ok()?).into())
+        .collect();
+    let named = |pid: &u32| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ")).unwrap_or_default();
+    let in_lab = |pid: &u32| std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| spaces.contains(&std::os::unix::fs::MetadataExt::ino(&m)));
+    let ours: Vec<u32> = all_pids().into_iter().filter(|p| named(p).contains(&state) || in_lab(p)).collect();
+    let programs = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "lab kubelet", "lab serve"];
+    for prog in programs {
+        assert!(ours.iter().any(|p| named(p).contains(prog)), "no {prog} among the cluster's processes");
+    }
+    drop(c);
+    // Gone, or a zombie its new parent has not reaped yet (the programs outlive `lab up`, so init is).
+    let running = |pid: &u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !matches!(s.rsplit(')').next().and_then(|r| r.trim().chars().next()), Some('Z' | 'X')));
+    let alive: Vec<String> = ours.iter().filter(|p| running(p)).map(|p| format!("{p}: {}", named(p))).collect();
+    assert!(alive.is_empty(), "left running: {alive:?}");
+    let netns: Vec<String> = std::fs::read_dir("/run/netns").map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&format!("{PREFIX}-"))).collect()).unwrap_or_default();
+    assert!(netns.is_empty(), "namespaces left: {netns:?}");
+    assert!(!std::path::Path::new(&state).exists(), "the state folder {state} is left");
+    for (p, before) in outside.iter().zip(existed) {
+        assert_eq!(std::path::Path::new(p).exists(), before, "{p}: the cluster wrote outside its state folder");
+    }
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).collect()
+}
+
+/// The incident by pod name on the real cluster: followed, and the flannel misconfiguration the
+/// incident's scripts made (flannel's ConfigMap rewritten, one node's flanneld restarted with it) named
+/// and repaired through the API by restarting flanneld where it differs — a repair that holds when
+/// flanneld and kube-proxy write their state again. `kubectl cnitrace` as users run it.
+#[test]
+fn the_incident_by_pod_name_on_the_real_cluster_is_traced_fixed_and_survives_a_resync() {
+    let Some(c) = up("the_incident_by_pod_name_on_the_real_cluster_is_traced_fixed_and_survives_a_resync", &[]) else { return };
+    let v = delivers(&c, "default/debug", "default/jellyfin");
+    let path = v["facts"].as_array().unwrap().iter().filter_map(|f| f.as_str()).find(|f| f.contains("echo request")).unwrap_or_default().to_string();
+    assert!(path.contains(&format!("default/debug eth0 → {NODE0} ")) && path.ends_with("default/jellyfin eth0"), "{path}");
+
+    // As users run it: kubectl finds the plugin on PATH.
+    let dir = cnitrace_tests::Scratch::new("cluster-plugin");
+    let folder: &std::path::Path = dir.as_ref();
+    let plugin = folder.join("kubectl-cnitrace");
+    std::os::unix::fs::symlink(cnitrace_tests::bin(), &plugin).unwrap();
+    let path_env = format!("{}:{}", folder.display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new(cnitrace_tools::KUBECTL.program)
+        .args(["cnitrace", "follow", "default/debug", "default/web", "--timeout", "5"])
+        .env("PATH", &path_env)
+        .env("KUBECONFIG", c.kubeconfig("cnitrace"))
+        .env("CNITRACE_STATE_DIR", cnitrace_tests::state_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("DELIVERED") && text.contains("default/web"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+
+    // The mismatch as it happens: the ConfigMap rewritten (port 4789), flanneld restarted on one node.
+    let cm = c.get(&["-n", "kube-flannel", "configmap", "kube-flannel-cfg"]);
+    let mut net: Value = serde_json::from_str(cm["data"]["net-conf.json"].as_str().unwrap()).unwrap();
+    net["Backend"]["Port"] = 4789.into();
+    let patch = serde_json::json!({"data": {"net-conf.json": net.to_string()}}).to_string();
+    let (code, out) = c.kubectl(&["-n", "kube-flannel", "patch", "configmap", "kube-flannel-cfg", "--type", "merge", "-p", &patch]);
+    assert_eq!(code, 0, "{out}");
+    restart(&c, "flannel", NODE1);
+    let port_of = |node: &str| {
+        let out = cnitrace_tools::IP.command().args(["-n", &c.node_ns(node), "-d", "-j", "link", "show", "flannel.1"]).output().unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|v| v[0]["linkinfo"]["info_data"]["port"].as_u64())
+    };
+    assert!(eventually(Duration::from_secs(20), || port_of(NODE1) == Some(4789)), "flanneld on {NODE1} did not take port 4789");
+    assert_eq!(port_of(NODE0), Some(8472));
+    let (code, v) = follow(&c, "default/debug", "default/web");
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["cause"], "vxlan-config-mismatch", "{v:#}");
+    let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", "default/web"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("kubectl -n kube-flannel delete pod kube-flannel-ds-") && out.contains(&format!("new pod on {NODE0}")) && out.contains("verified"), "{out}");
+    assert_eq!(port_of(NODE0), Some(4789), "flanneld wrote its device again from the ConfigMap");
+    resync(&c);
+    delivers(&c, "default/debug", "default/web");
+    delivers(&c, "default/debug", "default/jellyfin");
+}
+
+/// Services through the real kube-proxy, in `mode`: a ClusterIP and a NodePort delivered and named; a
+/// Service without endpoints; kube-proxy stopped and its rules removed (`kube-proxy --cleanup`).
+fn services_through_the_real_kube_proxy(test: &str, mode: &str) {
+    let Some(c) = up(test, &["--proxy-mode", mode]) else { return };
+    let jellyfin = format!("{}:8096", cluster_ip(&c, "jellyfin"));
+    let v = delivers(&c, "default/debug", &jellyfin);
+    let facts = v["facts"].to_string();
+    assert!(facts.contains("Service default/jellyfin") && facts.contains(&format!("kube-proxy {mode} mode")), "{v:#}");
+    let node1 = c.get(&["node", NODE1])["status"]["addresses"][0]["address"].as_str().unwrap().to_string();
+    let v = delivers(&c, "default/debug", &format!("{node1}:30810"));
+    assert!(v["facts"].to_string().contains("Service default/web"), "{v:#}");
+
+    let (code, out) = c.kubectl(&["create", "service", "clusterip", "empty", "--tcp=80:80"]);
+    assert_eq!(code, 0, "{out}");
+    let empty = format!("{}:80", cluster_ip(&c, "empty"));
+    // kube-proxy programs the new Service within its sync period.
+    let mut last = Value::Null;
+    let named = eventually(Duration::from_secs(20), || {
+        last = follow(&c, "default/debug", &empty).1;
+        last["cause"] == "service-no-endpoints"
+    });
+    assert!(named, "{last:#}");
+
+    // kube-proxy gone from the nodes (its DaemonSet deleted), its rules removed as `--cleanup` does.
+    let (code, out) = c.kubectl(&["-n", "kube-system", "delete", "daemonset", "kube-proxy", "--wait=true"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(eventually(Duration::from_secs(30), || c.get(&["pods", "-n", "kube-system", "-l", "k8s-app=kube-proxy"])["items"].as_array().is_some_and(|a| a.is_empty())));
+    for node in [NODE0, NODE1] {
+        let out = cnitrace_tools::KUBE_PROXY.in_netns(&c.node_ns(node)).args(["--cleanup", "--proxy-mode", mode]).output().unwrap();
+        assert!(out.status.success(), "kube-proxy --cleanup on {node}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (code, v) = follow(&c, "default/debug", &jellyfin);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["cause"], "kube-proxy-rules-missing", "{v:#}");
+}
+
+#[test]
+fn services_through_the_real_kube_proxy_in_iptables_mode() {
+    services_through_the_real_kube_proxy("services_through_the_real_kube_proxy_in_iptables_mode", "iptables");
+}
+
+#[test]
+fn services_through_the_real_kube_proxy_in_nftables_mode() {
+    services_through_the_real_kube_proxy("services_through_the_real_kube_proxy_in_nftables_mode", "nftables");
+}
+
+/// Node faults on the state the real flanneld wrote: each named, repaired by `fix --auto`, and the
+/// repair still standing after flanneld and kube-proxy are restarted on every node (a fix they would
+/// undo, or that fights them, is a wrong fix).
+#[test]
+fn node_faults_on_what_the_real_flanneld_wrote_are_repaired_and_the_repair_survives_a_resync() {
+    let Some(c) = up("node_faults_on_what_the_real_flanneld_wrote_are_repaired_and_the_repair_survives_a_resync", &[]) else { return };
+    let n0 = c.node_ns(NODE0);
+    let web_net = c.get(&["node", NODE1])["spec"]["podCIDR"].as_str().unwrap().to_string();
+    let vtep1 = web_net.split('/').next().unwrap().to_string();
+    let host_veth = |pod: &str| {
+        // The host end of the pod's veth: the peer of its eth0.
+        let out = cnitrace_tools::IP.command().args(["-n", &format!("{PREFIX}-pod-{pod}"), "-j", "link", "show", "eth0"]).output().unwrap();
+        let idx = serde_json::from_slice::<Value>(&out.stdout).unwrap()[0]["link_index"].as_u64().unwrap();
+        let out = cnitrace_tools::IP.command().args(["-n", &n0, "-j", "link", "show"]).output().unwrap();
+        let links: Value = serde_json::from_slice(&out.stdout).unwrap();
+        links.as_array().unwrap().iter().find(|l| l["ifindex"].as_u64() == Some(idx)).unwrap()["ifname"].as_str().unwrap().to_string()
+    };
+    let faults: Vec<(&str, &str, Vec<String>)> = vec![
+        ("veth-down", "default/jellyfin", vec!["link".into(), "set".into(), host_veth("jellyfin"), "down".into()]),
+        ("route-missing", "default/web", vec!["route".into(), "del".into(), web_net.clone()]),
+        ("vxlan-neigh-missing", "default/web", vec!["neigh".into(), "del".into(), vtep1.clone(), "dev".into(), "flannel.1".into()]),
+        ("vxlan-down", "default/web", vec!["link".into(), "set".into(), "flannel.1".into(), "down".into()]),
+    ];
+    for (cause, dst, change) in &faults {
+        let mut args = vec!["-n".to_string(), n0.clone()];
+        args.extend(change.iter().cloned());
+        let out = cnitrace_tools::IP.command().args(&args).output().unwrap();
+        assert!(out.status.success(), "{cause}: ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let (code, v) = follow(&c, "default/debug", dst);
+        assert_eq!(code, 1, "{cause}: {v:#}");
+        assert_eq!(v["cause"], *cause, "{cause}: {v:#}");
+        let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", dst]);
+        assert_eq!(code, 0, "{cause}: {out}");
+        resync(&c);
+        delivers(&c, "default/debug", dst);
+    }
+    // ip_forward off: the node's own sysctl, which no daemon writes.
+    cnitrace::netns::in_netns(&cnitrace::netns::named(&n0), || Ok(std::fs::write("/proc/sys/net/ipv4/ip_forward", "0")?)).unwrap();
+    let (_, v) = follow(&c, "default/debug", "default/web");
+    assert_eq!(v["cause"], "ip-forward-disabled", "{v:#}");
+    let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", "default/web"]);
+    assert_eq!(code, 0, "{out}");
+    resync(&c);
+    delivers(&c, "default/debug", "default/web");
+}
