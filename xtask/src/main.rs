@@ -77,7 +77,11 @@ enum Task {
         destdir: Option<PathBuf>,
     },
     /// The main job on the built-in lab: the seed's incident, traced.
-    Demo,
+    Demo {
+        /// On the lab's real cluster (the real API server, flanneld, kube-proxy), pods by name.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Regenerate docs/causes.md from the cause files and the recorded fixtures.
     Docs,
     /// What tracing costs, on the lab (root): throughput, CPU, start-up, time to verdict, capacity, RSS.
@@ -125,7 +129,7 @@ fn main() {
             }
             Ok(())
         }),
-        Task::Demo => demo::run(),
+        Task::Demo { kubernetes } => demo::run(kubernetes),
         Task::Docs => docs::run(),
         Task::Bench { json, quick } => bench::run(json, quick),
         Task::UdpFlood { addr, secs, pps } => bench::udp_flood(addr, secs, pps),
