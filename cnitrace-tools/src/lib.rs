@@ -184,6 +184,14 @@ tools! {
     CNI_LOOPBACK = "/usr/lib/cni/loopback", Apt("containernetworking-plugins"), "the real cluster's pods: their lo, as the runtime sets it up";
 }
 
+/// The real cluster's programs (`cnitrace lab up --kubernetes` runs them all).
+pub const CLUSTER: &[Tool] = &[ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KUBE_PROXY, FLANNELD, CNI_FLANNEL];
+
+/// Those of [`CLUSTER`] not built yet (their paths).
+pub fn cluster_missing() -> Vec<String> {
+    CLUSTER.iter().filter(|t| !t.path().is_file()).map(|t| t.path().display().to_string()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

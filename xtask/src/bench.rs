@@ -346,7 +346,7 @@ fn stop_iperf_servers(pidfiles: &[PathBuf]) {
     }
 }
 
-pub fn run(json_out: bool, quick: bool) -> Result<()> {
+pub fn run(json_out: bool, quick: bool, kubernetes_only: bool) -> Result<()> {
     crate::setup::run(true)?;
     // The profiler for the sampled shares; only the benchmark needs it.
     crate::setup::ensure_packages(crate::setup::BENCH_PACKAGES)?;
@@ -357,6 +357,14 @@ pub fn run(json_out: bool, quick: bool) -> Result<()> {
     // same no-tracer run varies ±10 % from one run to the next); seven keep the run near 8 minutes.
     let b = Bench { bin, tmp, repeats: if quick { 1 } else { 7 }, secs: if quick { 1 } else { 2 } };
     let t_all = Instant::now();
+    if kubernetes_only {
+        let r = kubernetes(&b);
+        let _ = b.cnitrace(&["lab", "down"]);
+        let mut r = r?;
+        r["bench_seconds"] = json!(t_all.elapsed().as_secs_f64().round());
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     let result = (|| -> Result<Value> {
         b.lab_up(&[])?;
         let servers = start_iperf_servers()?;
@@ -365,6 +373,7 @@ pub fn run(json_out: bool, quick: bool) -> Result<()> {
         let mut report = r?;
         report.as_object_mut().expect("object").extend(verdicts(&b)?.as_object().expect("object").clone());
         report.as_object_mut().expect("object").extend(agents(&b, quick)?.as_object().expect("object").clone());
+        report.as_object_mut().expect("object").extend(kubernetes(&b)?.as_object().expect("object").clone());
         Ok(report)
     })();
     let _ = b.cnitrace(&["lab", "down"]);
@@ -732,6 +741,76 @@ fn agents(b: &Bench, quick: bool) -> Result<Value> {
     Ok(out)
 }
 
+/// On the lab's real cluster (`lab up --kubernetes`): how long it takes to come up, the time to a
+/// verdict by pod name (the API asked on the way) beside the same pair by address, healthy and with the
+/// incident's veth detached, and `fix --auto` by pod name end to end. Null where the cluster's programs
+/// are not built.
+fn kubernetes(b: &Bench) -> Result<Value> {
+    if !tools::cluster_missing().is_empty() {
+        return Ok(json!({"kubernetes": null}));
+    }
+    let _ = b.cnitrace(&["lab", "down"]);
+    let t0 = Instant::now();
+    let out = b.cnitrace(&["lab", "up", "--kubernetes"])?;
+    if !out.status.success() {
+        bail!("lab up --kubernetes: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let up_s = t0.elapsed().as_secs_f64();
+    // The lab's state folder (cnitrace::lab::STATE_ROOT/<prefix>).
+    let state = std::path::Path::new("/run/cnitrace/lab").join(PREFIX);
+    let kubeconfig = state.join("cnitrace.kubeconfig");
+    let run = |args: &[&str]| -> Result<(f64, Value, bool)> {
+        let t0 = Instant::now();
+        let out = Command::new(&b.bin).args(args).env("KUBECONFIG", &kubeconfig).env("CNITRACE_STATE_DIR", b.tmp.join("state")).output()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let v = String::from_utf8_lossy(&out.stdout).lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+        Ok((ms, v, out.status.success()))
+    };
+    let addr = |pod: &str| -> Result<String> {
+        let ns = format!("{PREFIX}-pod-{pod}");
+        let out = tools::IP.command().args(["-n", &ns, "-j", "-4", "addr", "show", "eth0"]).output()?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        v[0]["addr_info"][0]["local"].as_str().map(str::to_string).context("the pod's address")
+    };
+    let (debug, jellyfin) = (addr("debug")?, addr("jellyfin")?);
+    let mut figures = serde_json::Map::new();
+    let time = |label: &str, args: &[&str], figures: &mut serde_json::Map<String, Value>| -> Result<()> {
+        let mut ms = Vec::new();
+        let mut last = Value::Null;
+        for _ in 0..b.repeats.max(3) {
+            let (t, v, _) = run(args)?;
+            ms.push(t);
+            last = v;
+        }
+        figures.insert(label.into(), json!({"ms": median(&ms).round(), "verdict": last["verdict"], "cause": last["cause"]}));
+        Ok(())
+    };
+    time("healthy, by pod name", &["follow", "default/debug", "default/jellyfin", "--json"], &mut figures)?;
+    time("healthy, by address", &["follow", &debug, &jellyfin, "--json"], &mut figures)?;
+    let node = format!("{PREFIX}-storagenodet3500");
+    let veth = {
+        let out = tools::IP.command().args(["-n", &format!("{PREFIX}-pod-jellyfin"), "-j", "link", "show", "eth0"]).output()?;
+        let peer = serde_json::from_slice::<Value>(&out.stdout)?[0]["link_index"].as_u64().context("eth0's peer")?;
+        let out = tools::IP.command().args(["-n", &node, "-j", "link", "show"]).output()?;
+        let links: Value = serde_json::from_slice(&out.stdout)?;
+        links.as_array().into_iter().flatten().find(|l| l["ifindex"].as_u64() == Some(peer)).and_then(|l| l["ifname"].as_str()).map(str::to_string).context("jellyfin's host veth")?
+    };
+    let detach = || tools::IP.command().args(["-n", &node, "link", "set", &veth, "nomaster"]).status();
+    detach()?;
+    time("veth-detached, by pod name", &["follow", "default/debug", "default/jellyfin", "--json"], &mut figures)?;
+    time("veth-detached, by address", &["follow", &debug, &jellyfin, "--json"], &mut figures)?;
+    let mut fix_ms = Vec::new();
+    let mut fixed = true;
+    for _ in 0..3 {
+        detach()?;
+        let (t, _, ok) = run(&["fix", "--auto", "default/debug", "default/jellyfin"])?;
+        fix_ms.push(t);
+        fixed &= ok;
+    }
+    let _ = b.cnitrace(&["lab", "down"]);
+    Ok(json!({"kubernetes": {"up_s": (up_s * 10.0).round() / 10.0, "verdict_ms": figures, "fix_ms": median(&fix_ms).round(), "fixed": fixed}}))
+}
+
 /// Time to verdict for every lab fault, and `fix --auto` end to end.
 fn verdicts(b: &Bench) -> Result<Value> {
     let list = b.cnitrace(&["lab", "list", "--json"])?;
@@ -838,6 +917,7 @@ fn print_table(r: &Value) {
         println!("  {k:<22} {v}");
     }
     println!("\nfloods: {}", r["floods"]);
+    println!("\nthe real cluster (lab up --kubernetes): {}", r["kubernetes"]);
 }
 
 

@@ -92,6 +92,10 @@ enum Task {
         /// One repeat of 1 s per figure (a smoke run; the figures are noisier).
         #[arg(long)]
         quick: bool,
+        /// Only the real cluster's figures (`lab up --kubernetes`): its start, the time to a verdict by
+        /// pod name, `fix` by pod name.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// (bench helper) Send 18-byte UDP datagrams to ADDR for SECS seconds at PPS packets/s (0: as fast
     /// as one core can); prints how many were sent. Run inside a lab pod by the bench.
@@ -131,7 +135,7 @@ fn main() {
         }),
         Task::Demo { kubernetes } => demo::run(kubernetes),
         Task::Docs => docs::run(),
-        Task::Bench { json, quick } => bench::run(json, quick),
+        Task::Bench { json, quick, kubernetes } => bench::run(json, quick, kubernetes),
         Task::UdpFlood { addr, secs, pps } => bench::udp_flood(addr, secs, pps),
         Task::UdpSink { port, secs } => bench::udp_sink(port, secs),
     };

@@ -149,11 +149,7 @@ pub fn underlay_ns(prefix: &str) -> String {
 
 /// Is every program of the real cluster built? (`cargo xtask setup` builds them.)
 pub fn missing_programs() -> Vec<String> {
-    [&tools::ETCD, &tools::KUBE_APISERVER, &tools::KUBE_CONTROLLER_MANAGER, &tools::KUBE_SCHEDULER, &tools::KUBE_PROXY, &tools::FLANNELD, &tools::CNI_FLANNEL]
-        .iter()
-        .filter(|t| !t.path().is_file())
-        .map(|t| t.path().display().to_string())
-        .collect()
+    tools::cluster_missing()
 }
 
 /// Builds the cluster into `lab` (its state folder exists, nothing else yet).
