@@ -76,7 +76,7 @@ fn own_resolv_conf(file: &std::path::Path) -> Result<()> {
         .with_context(|| format!("bind {} over /etc/resolv.conf", file.display()))
 }
 
-fn server_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>> {
+pub(crate) fn server_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())

@@ -300,3 +300,39 @@ fn node_faults_on_what_the_real_flanneld_wrote_are_repaired_and_the_repair_survi
     resync(&c);
     delivers(&c, "default/debug", "default/web");
 }
+
+/// kube-proxy crashing on one node (its ConfigMap names a mode it refuses; its pod restarted there), and
+/// its rules gone: the real kube-proxy's pod in CrashLoopBackOff as its status says, named with the line
+/// its crashed container wrote (read through the API server from the node's kubelet, as `kubectl logs
+/// --previous` reads it), and no repair: restarting it would not help.
+#[test]
+fn a_crashing_real_kube_proxy_is_named_with_its_own_log_and_not_restarted() {
+    let Some(c) = up("a_crashing_real_kube_proxy_is_named_with_its_own_log_and_not_restarted", &[]) else { return };
+    let cm = c.get(&["-n", "kube-system", "configmap", "kube-proxy"]);
+    let conf = cm["data"]["config.conf"].as_str().unwrap().replace("mode: iptables", "mode: ipvsx");
+    let patch = serde_json::json!({"data": {"config.conf": conf}}).to_string();
+    let (code, out) = c.kubectl(&["-n", "kube-system", "patch", "configmap", "kube-proxy", "--type", "merge", "-p", &patch]);
+    assert_eq!(code, 0, "{out}");
+    let old = daemon_pod(&c, "kube-proxy", NODE0).expect("kube-proxy on the node");
+    let (code, out) = c.kubectl(&["-n", "kube-system", "delete", "pod", old.split_once('/').unwrap().1, "--wait=true"]);
+    assert_eq!(code, 0, "{out}");
+    let crashing = || {
+        let pods = c.get(&["pods", "-n", "kube-system", "-l", "k8s-app=kube-proxy", "--field-selector", &format!("spec.nodeName={NODE0}")]);
+        pods["items"].as_array().into_iter().flatten().any(|p| p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "CrashLoopBackOff")
+    };
+    assert!(eventually(Duration::from_secs(30), crashing), "kube-proxy on {NODE0} is not in CrashLoopBackOff");
+    let pods = c.get(&["pods", "-n", "kube-system", "-l", "k8s-app=kube-proxy", "--field-selector", &format!("spec.nodeName={NODE0}")]);
+    let pod = pods["items"][0]["metadata"]["name"].as_str().expect("kube-proxy's pod").to_string();
+    let (code, logs) = c.kubectl(&["-n", "kube-system", "logs", &pod, "--previous", "--tail=5"]);
+    assert!(code == 0 && logs.contains("ipvsx"), "kubectl logs --previous through the lab's kubelet: {logs}");
+    let out = cnitrace_tools::KUBE_PROXY.in_netns(&c.node_ns(NODE0)).args(["--cleanup"]).output().unwrap();
+    assert!(out.status.success());
+    let jellyfin = format!("{}:8096", cluster_ip(&c, "jellyfin"));
+    let (code, v) = follow(&c, "default/debug", &jellyfin);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{v:#}");
+    let facts = v["facts"].to_string();
+    assert!(facts.contains("CrashLoopBackOff") && facts.contains("ipvsx"), "the crashing pod and its own log line: {facts}");
+    let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", &jellyfin]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("no safe fix") && !out.contains("delete pod"), "{out}");
+}

@@ -137,6 +137,7 @@ pub fn run(prefix: &str, state: &Path) -> Result<()> {
         for n in &cluster.layout.nodes {
             // Its own identity (`lab up` wrote it), through the forward.
             let client = client_via(&files.kubeconfig(&format!("node-{}", n.name)), Some(&api_local)).await?;
+            serve_logs(&files, prefix, &n.name, n.underlay)?;
             let k = Kubelet::new(prefix, &files, &cluster, &n.name, client);
             tasks.push(tokio::spawn(k.run()));
         }
@@ -375,6 +376,8 @@ impl Kubelet {
             } else if p.backoff_until.is_some_and(|t| Instant::now() >= t) {
                 p.backoff_until = None;
                 p.restarts += 1;
+                // The last run's output stays readable as `--previous`.
+                let _ = std::fs::rename(&p.log, p.log.with_extension("previous.log"));
                 match spawn(p) {
                     Ok(()) => {}
                     Err(e) => eprintln!("kubelet: restart {}: {e:#}", p.name),
@@ -446,6 +449,12 @@ impl Kubelet {
             }
         };
         let mut local = Local { namespace: ns.clone(), name: name.clone(), netns: netns.clone(), sandbox, ip, cni_result, procs: Vec::new(), started: String::new() };
+        // Where the log endpoint finds the pod's container logs by its name.
+        let index = self.files.join("kubelet").join(&self.node).join("by-name");
+        std::fs::create_dir_all(&index)?;
+        let link = index.join(format!("{ns}_{name}"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&dir, &link)?;
         let run_ns = netns.clone().unwrap_or_else(|| self.node_ns.clone());
         let env_base = self.env_base(pod, ip)?;
         let result: Result<()> = (|| {
@@ -658,6 +667,58 @@ impl Kubelet {
             let _ = crate::sys::run(&tools::IP, &["netns", "del", netns]);
         }
     }
+}
+
+/// kubelet's log endpoint on the node's address, port 10250 (HTTPS with the node's serving
+/// certificate), as the API server reaches it for `kubectl logs`: `/containerLogs/NS/POD/CONTAINER`
+/// with `tailLines` and `previous`. It does not check who asks (a real kubelet authorizes the API
+/// server's client certificate).
+fn serve_logs(files: &Files, prefix: &str, node: &str, addr: Ipv4Addr) -> Result<()> {
+    let tls = crate::lab::serve::server_config(&files.pki(&format!("node-{node}-serving.crt")), &files.pki(&format!("node-{node}-serving.key")))?;
+    let ns_path = crate::netns::named(&format!("{prefix}-{node}"));
+    let listener = crate::netns::in_netns(&ns_path, move || Ok(std::net::TcpListener::bind((addr, 10250))?))?;
+    let logs = files.dir.join("kubelet").join(node).join("by-name");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(s) = conn else { continue };
+            let (tls, logs) = (tls.clone(), logs.clone());
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(conn) = rustls::ServerConnection::new(tls) else { return };
+                let mut s = rustls::StreamOwned::new(conn, s);
+                let head = crate::sys::read_http_head(&mut s);
+                let (status, body) = container_log(&logs, &head);
+                let reply = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                use std::io::Write;
+                let _ = s.write_all(reply.as_bytes());
+                let _ = s.write_all(body.as_bytes());
+                let _ = s.flush();
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The answer to one request of the log endpoint.
+fn container_log(logs: &Path, head: &[u8]) -> (&'static str, String) {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = req.parse(head) else { return ("400 Bad Request", "bad request\n".into()) };
+    let target = req.path.unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["containerLogs", ns, pod, container] = parts.as_slice() else { return ("404 Not Found", format!("no such endpoint: {path}\n")) };
+    let q = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(&format!("{k}=")));
+    let previous = q("previous") == Some("true");
+    // `previous`: the run before the current one; before a first restart, the run that just ended.
+    let dir = logs.join(format!("{ns}_{pod}"));
+    let file = Some(dir.join(format!("{container}.previous.log"))).filter(|f| previous && f.exists()).unwrap_or_else(|| dir.join(format!("{container}.log")));
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return ("404 Not Found", format!("{}container \"{container}\" in pod \"{pod}\" has no log\n", if previous { "previous terminated " } else { "" }));
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = q("tailLines").and_then(|n| n.parse::<usize>().ok()).unwrap_or(lines.len()).min(lines.len());
+    ("200 OK", lines[lines.len() - tail..].iter().map(|l| format!("{l}\n")).collect())
 }
 
 fn kernel_release() -> String {

@@ -233,10 +233,12 @@ fn certificates(lab: &Lab, layout: &Layout, files: &Files) -> Result<pki::Pki> {
     let on_underlay = &layout.api_server;
     pki.kubeconfig(&pki::Identity { file: "controller-manager", user: "system:kube-controller-manager", groups: &[] }, on_underlay, &files.kubeconfig("controller-manager"))?;
     pki.kubeconfig(&pki::Identity { file: "scheduler", user: "system:kube-scheduler", groups: &[] }, on_underlay, &files.kubeconfig("scheduler"))?;
-    // Each node's kubelet (the lab's kubelet reaches the API through its forward, not this address).
+    // Each node's kubelet (the lab's kubelet reaches the API through its forward, not this address),
+    // and its serving certificate (the API server reads logs from it).
     for n in &layout.nodes {
         let (file, user) = (format!("node-{}", n.name), format!("system:node:{}", n.name));
         pki.kubeconfig(&pki::Identity { file: &file, user: &user, groups: &["system:nodes"] }, on_underlay, &files.kubeconfig(&file))?;
+        pki.server(&format!("node-{}-serving", n.name), &n.name, &[n.underlay.to_string(), n.name.clone()])?;
     }
     let _ = lab;
     Ok(pki)
