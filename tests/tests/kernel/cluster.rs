@@ -209,10 +209,14 @@ fn the_incident_by_pod_name_on_the_real_cluster_is_traced_fixed_and_survives_a_r
     delivers(&c, "default/debug", "default/jellyfin");
 }
 
-/// Services through the real kube-proxy, in `mode`: a ClusterIP and a NodePort delivered and named; a
-/// Service without endpoints; kube-proxy stopped and its rules removed (`kube-proxy --cleanup`).
-fn services_through_the_real_kube_proxy(test: &str, mode: &str) {
-    let Some(c) = up(test, &["--proxy-mode", mode]) else { return };
+/// Services through the real kube-proxy, in `mode`, flannel's `backend` between the nodes: a pod on the
+/// other node, a ClusterIP and a NodePort delivered and named; a Service without endpoints; kube-proxy
+/// stopped and its rules removed (`kube-proxy --cleanup`).
+fn services_through_the_real_kube_proxy(test: &str, mode: &str, backend: &str) {
+    let Some(c) = up(test, &["--proxy-mode", mode, "--backend", backend]) else { return };
+    let v = delivers(&c, "default/debug", "default/web");
+    let hop = if backend == "vxlan" { format!("{NODE0} flannel.1") } else { format!("{NODE0} eth0") };
+    assert!(v["facts"].to_string().contains(&hop), "{backend}: {v:#}");
     let jellyfin = format!("{}:8096", cluster_ip(&c, "jellyfin"));
     let v = delivers(&c, "default/debug", &jellyfin);
     let facts = v["facts"].to_string();
@@ -247,12 +251,13 @@ fn services_through_the_real_kube_proxy(test: &str, mode: &str) {
 
 #[test]
 fn services_through_the_real_kube_proxy_in_iptables_mode() {
-    services_through_the_real_kube_proxy("services_through_the_real_kube_proxy_in_iptables_mode", "iptables");
+    services_through_the_real_kube_proxy("services_through_the_real_kube_proxy_in_iptables_mode", "iptables", "vxlan");
 }
 
+/// nftables mode, and flannel's host-gw backend (routes through the other node's address, no VXLAN).
 #[test]
-fn services_through_the_real_kube_proxy_in_nftables_mode() {
-    services_through_the_real_kube_proxy("services_through_the_real_kube_proxy_in_nftables_mode", "nftables");
+fn services_through_the_real_kube_proxy_in_nftables_mode_over_host_gw() {
+    services_through_the_real_kube_proxy("services_through_the_real_kube_proxy_in_nftables_mode_over_host_gw", "nftables", "host-gw");
 }
 
 /// Node faults on the state the real flanneld wrote: each named, repaired by `fix --auto`, and the
