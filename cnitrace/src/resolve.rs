@@ -55,8 +55,9 @@ pub struct PodOnNode {
     pub node: NsRef,
     /// The node's address the pod routes through (its bridge's, in the pod's subnet).
     pub gateway: Option<Ipv4Addr>,
-    /// The node's end of the veth holds an address: a point-to-point link between two hosts (an
-    /// underlay or uplink, as in the lab) rather than a pod's veth, whose node end a bridge addresses.
+    /// Not a pod but a host on a link: the node's end of the veth holds an address (a point-to-point
+    /// link between two hosts, an underlay or uplink, as in the lab, rather than a pod's veth, whose node
+    /// end a bridge addresses), or this namespace is itself a node (pods hang off it: nodes on a switch).
     pub host_addressed: bool,
 }
 
@@ -150,6 +151,13 @@ impl HostResolver {
                     out.push(PodOnNode { ip: a.addr, display: display_ns(ns), netns: nsref(ns), node: nsref(node), gateway, host_addressed });
                 }
             }
+        }
+        // A namespace that pods hang off is a node, whatever hangs it off something else: nodes joined by
+        // a switch (a bridge in a namespace of its own, veth ports without addresses, as the real
+        // cluster's underlay in the lab, or kind's nodes on docker's bridge) look like that switch's pods.
+        let nodes: std::collections::BTreeSet<u32> = out.iter().filter(|p| !p.host_addressed).map(|p| p.node.inode).collect();
+        for p in &mut out {
+            p.host_addressed |= nodes.contains(&p.netns.inode);
         }
         out
     }

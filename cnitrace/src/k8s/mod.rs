@@ -559,6 +559,26 @@ mod tests {
         assert_eq!(names.get(&21), None, "a pod the API does not know keeps its namespace's name");
     }
 
+    /// Nodes on a switch (a namespace with a bridge whose veth ports carry no address — the real
+    /// cluster's underlay in the lab, kind's nodes on docker's bridge) look like the switch's pods: a
+    /// namespace pods hang off is a node, never a pod (`watch` once counted a node's drops as the
+    /// "pod" storagenodet3500 of "node" underlay).
+    #[test]
+    fn nodes_on_a_switch_are_nodes_not_its_pods() {
+        let r = HostResolver::from_spaces(
+            vec![
+                space(1, "underlay", vec![link(9, "switch", "bridge"), veth(10, "port0", 3, Some(9)), veth(11, "port1", 3, Some(9))], vec![]),
+                space(20, "node-a", vec![link(5, "cni0", "bridge"), veth(7, "vethaa", 2, Some(5)), veth(3, "eth0", 10, None)], vec![(5, "10.244.0.1"), (3, "203.0.113.1")]),
+                space(30, "node-b", vec![link(5, "cni0", "bridge"), veth(7, "vethbb", 2, Some(5)), veth(3, "eth0", 11, None)], vec![(5, "10.244.1.1"), (3, "203.0.113.2")]),
+                space(21, "pod-a", vec![veth(2, "eth0", 7, None)], vec![(2, "10.244.0.5")]),
+                space(31, "pod-b", vec![veth(2, "eth0", 7, None)], vec![(2, "10.244.1.5")]),
+            ],
+            Box::new(Ids([((20, 1), 0), ((1, 20), 0), ((30, 1), 1), ((1, 30), 1), ((21, 20), 0), ((20, 21), 0), ((31, 30), 0), ((30, 31), 0)].into_iter().collect())),
+        );
+        let pods: Vec<(u32, u32)> = r.pods().iter().filter(|p| !p.host_addressed).map(|p| (p.netns.inode, p.node.inode)).collect();
+        assert_eq!(pods, vec![(21, 20), (31, 30)], "the pods and their nodes, not the nodes as the switch's pods");
+    }
+
     /// On a real node the node is the root namespace, and its address is also the podIP of every
     /// hostNetwork pod there (flanneld's, kube-proxy's): the namespace is the node, named by its Node,
     /// even where a pod's spec did not say hostNetwork — and such a pod is never "the pod with that

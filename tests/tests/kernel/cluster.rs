@@ -341,3 +341,36 @@ fn a_crashing_real_kube_proxy_is_named_with_its_own_log_and_not_restarted() {
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("no safe fix") && !out.contains("delete pod"), "{out}");
 }
+
+/// `check` on the real cluster's nodes (what the API's Node objects and flannel's record say they should
+/// hold, against what flanneld wrote: nothing wrong), and `watch` naming a pod's drops by the names the
+/// real API gives: the pod, its node, the node that dropped them.
+#[test]
+fn check_and_watch_name_the_real_clusters_nodes_and_pods() {
+    let Some(c) = up("check_and_watch_name_the_real_clusters_nodes_and_pods", &[]) else { return };
+    let (code, out) = c.cnitrace(&["check"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("{NODE0}: nothing wrong")) && out.contains(&format!("{NODE1}: nothing wrong")), "{out}");
+    let web = c.get(&["pod", "web"])["status"]["podIP"].as_str().unwrap().to_string();
+    // A rule in the first node's FORWARD chain drops what goes to web.
+    let out = cnitrace_tools::IPTABLES_NFT.in_netns(&c.node_ns(NODE0)).args(["-I", "FORWARD", "-d", &web, "-j", "DROP"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let child = std::process::Command::new(cnitrace_tests::bin())
+        .args(["watch", "--json", "--interval", "0.5", "--duration", "5"])
+        .env("KUBECONFIG", c.kubeconfig("cnitrace"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = cnitrace_tools::PING.in_netns(&format!("{PREFIX}-pod-debug")).args(["-c", "5", "-i", "0.2", "-W", "1", &web]).stdout(std::process::Stdio::null()).status();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let drop = lines.iter().rfind(|v| v["pod"] == "default/web").unwrap_or_else(|| panic!("web's dropped echoes: {lines:#?}"));
+    assert_eq!(drop["node"], NODE1, "{drop}");
+    assert_eq!(drop["netns"], NODE0, "{drop}");
+    assert!(drop["total"].as_u64().unwrap_or(0) >= 5, "{drop}");
+    let (code, out) = c.cnitrace(&["check"]);
+    assert_eq!(code, 0, "a rule someone wrote is no node check's: {out}");
+}
