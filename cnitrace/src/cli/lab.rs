@@ -143,6 +143,15 @@ pub fn run(args: LabArgs) -> Result<u8> {
         }
         LabCommand::Status { json } => {
             let lab = Lab::load(prefix)?;
+            if lab.state.kubernetes.is_some() {
+                // A real cluster: its pods and addresses are the API's, not the seed lab's paths.
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "state": lab.state }))?);
+                } else {
+                    lab::cluster::print(&lab)?;
+                }
+                return Ok(exit::OK);
+            }
             let every: Vec<check::PathId> = check::ALL_PATHS.iter().chain(&check::SERVICE_PATHS).copied().collect();
             let results = check::check_these(&lab, &every);
             if json {
@@ -172,6 +181,7 @@ pub fn run(args: LabArgs) -> Result<u8> {
         }
         LabCommand::Pod { command } => {
             let mut lab = Lab::load(prefix)?;
+            anyhow::ensure!(lab.state.kubernetes.is_none(), "this lab is a real cluster: create pods through its API (kubectl apply, with spec.nodeName), and its kubelet makes their network");
             match command {
                 PodCommand::Add { name, node } => {
                     anyhow::ensure!(node < topology::NODES.len(), "no node {node}: the lab has nodes 0 and 1");
