@@ -110,7 +110,9 @@ pub fn run(quiet_if_done: bool) -> Result<bool> {
     // it skip with the same reason.
     for t in tools::ALL {
         if let cnitrace_tools::Source::Machine(from) = t.source {
-            if !on_path(t.program) {
+            // Go answers from the image's own folder too (crate::cluster::go_program).
+            let found_elsewhere = t.program == tools::GO.program && crate::cluster::go_program().is_some();
+            if !on_path(t.program) && !found_elsewhere {
                 println!("setup: {} is not on PATH (it comes with {from}): {} will be skipped", t.program, t.used_for);
             }
         }
