@@ -112,6 +112,13 @@ pub enum Action {
 }
 
 impl Action {
+    /// Goes through the Kubernetes API (restarts a node daemon's pod, or reconfigures and restarts a
+    /// DaemonSet): never a node agent's to apply, and what it repairs is written again by the daemon,
+    /// a moment after its pod is Ready.
+    pub fn through_api(&self) -> bool {
+        matches!(self, Action::RestartPod { .. } | Action::Reconfigure { .. })
+    }
+
     pub fn target(&self) -> &Target {
         match self {
             Action::LinkUp { ns, .. }

@@ -402,7 +402,7 @@ impl ClusterGuard {
     /// None (after printing why) where the cluster's programs are not built (`cargo xtask setup`
     /// builds them where Go is).
     pub fn up(test: &str, options: &[&str]) -> Option<ClusterGuard> {
-        let missing = cnitrace::lab::cluster::missing_programs();
+        let missing = cnitrace_tools::cluster_missing();
         if !missing.is_empty() {
             println!("SKIPPED {test}: the real cluster's programs are not built ({}; `cargo xtask setup` builds them)", missing.join(", "));
             return None;

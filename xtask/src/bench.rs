@@ -788,13 +788,7 @@ fn kubernetes(b: &Bench) -> Result<Value> {
     time("healthy, by pod name", &["follow", "default/debug", "default/jellyfin", "--json"], &mut figures)?;
     time("healthy, by address", &["follow", &debug, &jellyfin, "--json"], &mut figures)?;
     let node = format!("{PREFIX}-storagenodet3500");
-    let veth = {
-        let out = tools::IP.command().args(["-n", &format!("{PREFIX}-pod-jellyfin"), "-j", "link", "show", "eth0"]).output()?;
-        let peer = serde_json::from_slice::<Value>(&out.stdout)?[0]["link_index"].as_u64().context("eth0's peer")?;
-        let out = tools::IP.command().args(["-n", &node, "-j", "link", "show"]).output()?;
-        let links: Value = serde_json::from_slice(&out.stdout)?;
-        links.as_array().into_iter().flatten().find(|l| l["ifindex"].as_u64() == Some(peer)).and_then(|l| l["ifname"].as_str()).map(str::to_string).context("jellyfin's host veth")?
-    };
+    let veth = crate::demo::host_veth(&node, &format!("{PREFIX}-pod-jellyfin"))?;
     let detach = || tools::IP.command().args(["-n", &node, "link", "set", &veth, "nomaster"]).status();
     detach()?;
     time("veth-detached, by pod name", &["follow", "default/debug", "default/jellyfin", "--json"], &mut figures)?;

@@ -113,7 +113,7 @@ fn run_kubernetes() -> Result<()> {
 }
 
 /// The host end (in `node`) of the eth0 of the pod whose namespace is `pod`.
-fn host_veth(node: &str, pod: &str) -> Result<String> {
+pub fn host_veth(node: &str, pod: &str) -> Result<String> {
     let json = |args: &[&str]| -> Result<serde_json::Value> { Ok(serde_json::from_slice(&tools::IP.command().args(args).output()?.stdout)?) };
     let eth0 = json(&["-n", pod, "-j", "link", "show", "eth0"])?;
     let peer = eth0[0]["link_index"].as_u64().context("eth0's peer")?;

@@ -150,7 +150,7 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
                 return finish_unfixed(journal, out, &format!("no safe fix for {}", cause.id));
             }
         };
-        let restarts = steps.iter().any(|s| restarts_a_daemon(&s.action));
+        let restarts = steps.iter().any(|s| s.action.through_api());
         writeln!(out, "\nplan (round {round}, cause {}):", cause.id)?;
         for st in &steps {
             writeln!(out, "{}\n      # {}", st.action.command_lines("  ", "  "), st.why)?;
@@ -208,11 +208,6 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         crate::render::verdict(&report.verdict, out)?;
     }
     finish_unfixed(journal, out, "too many rounds")
-}
-
-/// Does this action restart a node's daemon (flanneld, kube-proxy) through the API?
-pub(crate) fn restarts_a_daemon(a: &Action) -> bool {
-    matches!(a, Action::RestartPod { .. } | Action::Reconfigure { .. })
 }
 
 /// How long a restarted daemon may take to write again what it owns, after its pod is Ready: flannel's

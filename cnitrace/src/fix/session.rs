@@ -163,7 +163,7 @@ fn answer(fix: &mut Fix, msg: &Value, scope: &dyn Fn() -> Result<(Scope, u32)>) 
             let (scope, _) = scope()?;
             // Every change and its undo on this node, or nothing at all.
             for s in &a.steps {
-                if matches!(s.action, Action::RestartPod { .. } | Action::Reconfigure { .. }) {
+                if s.action.through_api() {
                     bail!("`{}` goes through the Kubernetes API, not a node's agent (its role reads only)", s.action.command());
                 }
                 within(&scope, s.action.target()).and_then(|_| within(&scope, s.undo.target())).with_context(|| format!("`{}`", s.action.command()))?;

@@ -458,41 +458,29 @@ pub fn existing_namespaces(prefix: &str) -> Vec<String> {
 /// Builds a lab whose nodes are a real cluster's ([`cluster`]). On any error, whatever was built is
 /// torn down again.
 pub fn up_kubernetes(prefix: &str, layout: cluster::Layout) -> Result<Lab> {
-    if !sys::is_root() {
-        bail!("`cnitrace lab up` needs root (it creates network namespaces)");
-    }
-    topology::check_prefix(prefix)?;
-    let existing = existing_namespaces(prefix);
-    if !existing.is_empty() {
-        bail!("a lab is already up under prefix {prefix} ({}); run `cnitrace lab down` first", existing.join(", "));
-    }
-    let names = Names::new(prefix);
-    let _ = std::fs::remove_dir_all(names.state_dir());
-    std::fs::create_dir_all(names.state_dir()).context("create the lab's state folder")?;
-    let mut lab = Lab { names, state: LabState { prefix: prefix.into(), ..Default::default() } };
-    lab.save()?;
-    match cluster::build(&mut lab, layout) {
-        Ok(()) => Ok(lab),
-        Err(e) => {
-            if std::env::var_os("CNITRACE_LAB_KEEP_FAILED").is_none() {
-                let _ = down(prefix);
-                return Err(e.context("building the real cluster failed; the lab was torn down again"));
-            }
-            Err(e.context("building the real cluster failed; kept for a look (CNITRACE_LAB_KEEP_FAILED)"))
-        }
-    }
+    let mut lab = fresh(prefix, LabState::default())?;
+    let built = cluster::build(&mut lab, layout);
+    kept_or_torn_down(lab, built, "the real cluster")
 }
 
 /// Builds the lab with `faults` on. On any error, whatever was built is torn down again.
 pub fn up(prefix: &str, fault_names: &[String], proxy_mode: services::ProxyMode) -> Result<Lab> {
-    if !sys::is_root() {
-        bail!("`cnitrace lab up` needs root (it creates network namespaces)");
-    }
-    topology::check_prefix(prefix)?;
     let faults: Vec<&faults::Fault> = fault_names
         .iter()
         .map(|n| faults::find(n).ok_or_else(|| anyhow!("unknown fault {n:?}; `cnitrace lab list` shows them")))
         .collect::<Result<_>>()?;
+    let mut lab = fresh(prefix, LabState { proxy_mode, ..Default::default() })?;
+    let built = build(&mut lab, &faults);
+    kept_or_torn_down(lab, built, "the lab")
+}
+
+/// A new lab under `prefix` with `state`, nothing built yet but its (empty) state folder: refused
+/// without root, with a bad prefix, or while a lab is up under it.
+fn fresh(prefix: &str, state: LabState) -> Result<Lab> {
+    if !sys::is_root() {
+        bail!("`cnitrace lab up` needs root (it creates network namespaces)");
+    }
+    topology::check_prefix(prefix)?;
     let existing = existing_namespaces(prefix);
     if !existing.is_empty() {
         bail!("a lab is already up under prefix {prefix} ({}); run `cnitrace lab down` first", existing.join(", "));
@@ -500,15 +488,19 @@ pub fn up(prefix: &str, fault_names: &[String], proxy_mode: services::ProxyMode)
     let names = Names::new(prefix);
     let _ = std::fs::remove_dir_all(names.state_dir());
     std::fs::create_dir_all(names.state_dir()).context("create the lab's state folder")?;
-    let mut lab = Lab { names, state: LabState { prefix: prefix.into(), proxy_mode, ..Default::default() } };
+    let lab = Lab { names, state: LabState { prefix: prefix.into(), ..state } };
     lab.save()?;
-    match build(&mut lab, &faults) {
-        Ok(()) => Ok(lab),
-        Err(e) => {
-            let _ = down(prefix);
-            Err(e.context("building the lab failed; it was torn down again"))
-        }
+    Ok(lab)
+}
+
+/// The lab if it was built; else it is torn down (kept for a look with `CNITRACE_LAB_KEEP_FAILED`).
+fn kept_or_torn_down(lab: Lab, built: Result<()>, what: &str) -> Result<Lab> {
+    let Err(e) = built else { return Ok(lab) };
+    if std::env::var_os("CNITRACE_LAB_KEEP_FAILED").is_some() {
+        return Err(e.context(format!("building {what} failed; kept for a look (CNITRACE_LAB_KEEP_FAILED)")));
     }
+    let _ = down(&lab.names.prefix);
+    Err(e.context(format!("building {what} failed; it was torn down again")))
 }
 
 /// kubeadm's first prerequisite: bridged pod traffic through iptables. Built into some kernels (this

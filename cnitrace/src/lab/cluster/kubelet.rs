@@ -201,7 +201,10 @@ struct Local {
     ip: Ipv4Addr,
     cni_result: Option<Value>,
     procs: Vec<Proc>,
+    /// Its startTime.
     started: String,
+    /// Its status as it is now is not in the API yet (new, changed, or a write that failed).
+    unwritten: bool,
 }
 
 struct Kubelet {
@@ -345,24 +348,19 @@ impl Kubelet {
                 let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
                 if let Err(e) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await {
                     eprintln!("kubelet {}: status of {ns}/{name}: {e}", self.node);
-                    // Written again at the next turn.
-                    if let Some(l) = self.pods.get_mut(&uid) {
-                        l.started.clear();
-                    }
+                } else if let Some(l) = self.pods.get_mut(&uid) {
+                    l.unwritten = false;
                 }
             }
         }
         Ok(())
     }
 
-    /// Reaps exited containers, starts those whose back-off is over; true when the status changed
-    /// (or was never written).
+    /// Reaps exited containers, starts those whose back-off is over; true when the status is to be
+    /// written (it changed, or its last write did not make it).
     fn tend(&mut self, uid: &str) -> bool {
         let l = self.pods.get_mut(uid).expect("a local pod");
-        let mut changed = l.started.is_empty();
-        if changed {
-            l.started = now();
-        }
+        let mut changed = l.unwritten;
         for p in &mut l.procs {
             if let Some(c) = &mut p.child {
                 if let Ok(Some(st)) = c.try_wait() {
@@ -378,13 +376,13 @@ impl Kubelet {
                 p.restarts += 1;
                 // The last run's output stays readable as `--previous`.
                 let _ = std::fs::rename(&p.log, p.log.with_extension("previous.log"));
-                match spawn(p) {
-                    Ok(()) => {}
-                    Err(e) => eprintln!("kubelet: restart {}: {e:#}", p.name),
+                if let Err(e) = spawn(p) {
+                    eprintln!("kubelet: restart {}: {e:#}", p.name);
                 }
                 changed = true;
             }
         }
+        l.unwritten = changed;
         changed
     }
 
@@ -448,7 +446,7 @@ impl Kubelet {
                 }
             }
         };
-        let mut local = Local { namespace: ns.clone(), name: name.clone(), netns: netns.clone(), sandbox, ip, cni_result, procs: Vec::new(), started: String::new() };
+        let mut local = Local { namespace: ns.clone(), name: name.clone(), netns: netns.clone(), sandbox, ip, cni_result, procs: Vec::new(), started: now(), unwritten: true };
         // Where the log endpoint finds the pod's container logs by its name.
         let index = self.files.join("kubelet").join(&self.node).join("by-name");
         std::fs::create_dir_all(&index)?;

@@ -147,14 +147,9 @@ pub fn underlay_ns(prefix: &str) -> String {
     format!("{prefix}-underlay")
 }
 
-/// Is every program of the real cluster built? (`cargo xtask setup` builds them.)
-pub fn missing_programs() -> Vec<String> {
-    tools::cluster_missing()
-}
-
 /// Builds the cluster into `lab` (its state folder exists, nothing else yet).
 pub fn build(lab: &mut Lab, layout: Layout) -> Result<()> {
-    let missing = missing_programs();
+    let missing = tools::cluster_missing();
     if !missing.is_empty() {
         bail!("the real cluster's programs are not built ({}): run `cargo xtask setup`", missing.join(", "));
     }
@@ -162,7 +157,7 @@ pub fn build(lab: &mut Lab, layout: Layout) -> Result<()> {
     let prefix = lab.names.prefix.clone();
     let files = Files::new(lab);
     network(lab, &layout)?;
-    let pki = certificates(lab, &layout, &files)?;
+    let pki = certificates(&layout, &files)?;
     let cp = control_plane_ns(&prefix);
     start_etcd(lab, &files, &cp)?;
     start_apiserver(lab, &layout, &files, &cp)?;
@@ -173,10 +168,11 @@ pub fn build(lab: &mut Lab, layout: Layout) -> Result<()> {
     }
     lab.state.kubernetes = Some(ClusterState { layout: layout.clone(), api_local: api_local.clone() });
     lab.save()?;
-    wait_api_ready(&files)?;
+    let admin = Admin::connect(&files)?;
+    wait_api_ready(&admin, &files)?;
     start_controllers(lab, &layout, &files, &cp)?;
-    apply(&files, &layout)?;
-    wait_settled(&files, &layout)
+    apply(&admin, &layout)?;
+    wait_settled(&admin, &files, &layout)
 }
 
 /// The underlay switch, the control plane and the nodes, with their links and addresses.
@@ -225,7 +221,7 @@ fn network(lab: &Lab, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-fn certificates(lab: &Lab, layout: &Layout, files: &Files) -> Result<pki::Pki> {
+fn certificates(layout: &Layout, files: &Files) -> Result<pki::Pki> {
     let pki = pki::Pki::create(&files.dir)?;
     let addrs: Vec<IpAddr> = vec![CONTROL_PLANE_IP.into(), layout.kubernetes_service_ip()?.into(), Ipv4Addr::LOCALHOST.into()];
     pki.server("apiserver", "kube-apiserver", &pki::apiserver_names(&addrs, topology::CLUSTER_DOMAIN))?;
@@ -240,7 +236,6 @@ fn certificates(lab: &Lab, layout: &Layout, files: &Files) -> Result<pki::Pki> {
         pki.kubeconfig(&pki::Identity { file: &file, user: &user, groups: &["system:nodes"] }, on_underlay, &files.kubeconfig(&file))?;
         pki.server(&format!("node-{}-serving", n.name), &n.name, &[n.underlay.to_string(), n.name.clone()])?;
     }
-    let _ = lab;
     Ok(pki)
 }
 
@@ -298,8 +293,8 @@ fn start_kubelet(lab: &mut Lab, files: &Files) -> Result<String> {
     let exe = std::env::current_exe().context("locate the cnitrace binary")?;
     let mut cmd = std::process::Command::new(&exe);
     cmd.args(["lab", "kubelet", "--prefix", &lab.names.prefix, "--state"]).arg(&files.dir);
-    let root = crate::netns::list()?.into_iter().find(|n| n.is_root).map(|n| n.name).unwrap_or_else(|| "root".into());
-    lab.spawn(cmd, "kubelet", &root, 0, "kubelet.log")?;
+    // It runs in the host's own namespace (its forward listens on the host's loopback).
+    lab.spawn(cmd, "kubelet", "root", 0, "kubelet.log")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(port) = std::fs::read_to_string(files.api_port()) {
@@ -317,13 +312,8 @@ fn start_kubelet(lab: &mut Lab, files: &Files) -> Result<String> {
 fn start_controllers(lab: &mut Lab, layout: &Layout, files: &Files, cp: &str) -> Result<()> {
     let p = |n: &str| files.pki(n).display().to_string();
     let mut cm = tools::KUBE_CONTROLLER_MANAGER.in_netns(cp);
-    cm.args([
-        format!("--kubeconfig={}", files.kubeconfig("controller-manager").display()),
-        format!("--authentication-kubeconfig={}", files.kubeconfig("controller-manager").display()),
-        format!("--authorization-kubeconfig={}", files.kubeconfig("controller-manager").display()),
-        "--bind-address=127.0.0.1".into(),
-        "--leader-elect=false".into(),
-        "--allocate-node-cidrs=true".into(),
+    cm.args(control_plane_args(files, "controller-manager")).args([
+        "--allocate-node-cidrs=true".to_string(),
         format!("--cluster-cidr={}", layout.cluster_cidr),
         "--node-cidr-mask-size=24".into(),
         format!("--service-cluster-ip-range={}", layout.service_cidr),
@@ -331,21 +321,27 @@ fn start_controllers(lab: &mut Lab, layout: &Layout, files: &Files, cp: &str) ->
         format!("--service-account-private-key-file={}", p("sa.key")),
         "--use-service-account-credentials=true".into(),
         "--controllers=*".into(),
-        format!("--cert-dir={}", files.dir.join("controller-manager-certs").display()),
-        "--v=1".into(),
     ]);
     lab.spawn(cm, "kube-controller-manager", cp, 10257, "kube-controller-manager.log")?;
     let mut sched = tools::KUBE_SCHEDULER.in_netns(cp);
-    sched.args([
-        format!("--kubeconfig={}", files.kubeconfig("scheduler").display()),
-        format!("--authentication-kubeconfig={}", files.kubeconfig("scheduler").display()),
-        format!("--authorization-kubeconfig={}", files.kubeconfig("scheduler").display()),
+    sched.args(control_plane_args(files, "scheduler"));
+    lab.spawn(sched, "kube-scheduler", cp, 10259, "kube-scheduler.log")
+}
+
+/// What the controller manager and the scheduler (`who`) both take: their kubeconfig for the API and
+/// for checking who calls them, loopback only, no leader election (one of each), a serving folder of
+/// their own in the lab's (not /var/run/kubernetes).
+fn control_plane_args(files: &Files, who: &str) -> Vec<String> {
+    let kubeconfig = files.kubeconfig(who).display().to_string();
+    vec![
+        format!("--kubeconfig={kubeconfig}"),
+        format!("--authentication-kubeconfig={kubeconfig}"),
+        format!("--authorization-kubeconfig={kubeconfig}"),
         "--bind-address=127.0.0.1".into(),
         "--leader-elect=false".into(),
-        format!("--cert-dir={}", files.dir.join("scheduler-certs").display()),
+        format!("--cert-dir={}", files.dir.join(format!("{who}-certs")).display()),
         "--v=1".into(),
-    ]);
-    lab.spawn(sched, "kube-scheduler", cp, 10259, "kube-scheduler.log")
+    ]
 }
 
 /// Waits until something accepts TCP at `addr:port` inside `ns`.
@@ -379,8 +375,7 @@ impl Admin {
     }
 }
 
-fn wait_api_ready(files: &Files) -> Result<()> {
-    let admin = Admin::connect(files)?;
+fn wait_api_ready(admin: &Admin, files: &Files) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let r: Result<String> = admin.rt.block_on(async {
@@ -396,8 +391,7 @@ fn wait_api_ready(files: &Files) -> Result<()> {
 }
 
 /// Server-side apply of every manifest, as the admin.
-fn apply(files: &Files, layout: &Layout) -> Result<()> {
-    let admin = Admin::connect(files)?;
+fn apply(admin: &Admin, layout: &Layout) -> Result<()> {
     let mut objects = manifests::cnitrace_user();
     objects.extend(manifests::flannel(layout));
     objects.extend(manifests::kube_proxy(layout));
@@ -428,8 +422,7 @@ fn apply(files: &Files, layout: &Layout) -> Result<()> {
 const SETTLE: Duration = Duration::from_secs(120);
 
 /// Until every node has its podCIDR and every pod is Running and Ready.
-fn wait_settled(files: &Files, layout: &Layout) -> Result<()> {
-    let admin = Admin::connect(files)?;
+fn wait_settled(admin: &Admin, files: &Files, layout: &Layout) -> Result<()> {
     let deadline = Instant::now() + SETTLE;
     loop {
         let pending = admin.rt.block_on(kubelet::not_settled(&admin.client, layout))?;
