@@ -180,12 +180,13 @@ tools! {
     /// flannel's CNI plugin (its predecessor in containernetworking/plugins v0.9.1: flannel-io/cni-plugin
     /// is not served by the module proxy here); it delegates to Debian's bridge and host-local.
     CNI_FLANNEL = "flannel", Go("cni-flannel"), "the real cluster's pods (CNI ADD/DEL as kubelet calls it)";
+    COREDNS = "coredns", Go("coredns"), "the real cluster's DNS (kubeadm's CoreDNS, behind the kube-dns Service)";
     CNI_PORTMAP = "/usr/lib/cni/portmap", Apt("containernetworking-plugins"), "the real cluster's pods: the second plugin of flannel's conflist";
     CNI_LOOPBACK = "/usr/lib/cni/loopback", Apt("containernetworking-plugins"), "the real cluster's pods: their lo, as the runtime sets it up";
 }
 
 /// The real cluster's programs (`cnitrace lab up --kubernetes` runs them all).
-pub const CLUSTER: &[Tool] = &[ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KUBE_PROXY, FLANNELD, CNI_FLANNEL];
+pub const CLUSTER: &[Tool] = &[ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KUBE_PROXY, FLANNELD, CNI_FLANNEL, COREDNS];
 
 /// Those of [`CLUSTER`] not built yet (their paths).
 pub fn cluster_missing() -> Vec<String> {

@@ -26,6 +26,7 @@ pub const PROGRAMS: &[Program] = &[
     Program { tool: &tools::KUBE_PROXY, package: "k8s.io/kubernetes/cmd/kube-proxy" },
     Program { tool: &tools::FLANNELD, package: "github.com/flannel-io/flannel" },
     Program { tool: &tools::CNI_FLANNEL, package: "github.com/containernetworking/plugins/plugins/meta/flannel" },
+    Program { tool: &tools::COREDNS, package: "github.com/coredns/coredns" },
 ];
 
 fn module_of(t: &Tool) -> &'static str {

@@ -43,7 +43,7 @@ use kube::{
 };
 use serde_json::{json, Value};
 
-use super::{control_plane_ns, pki, ClusterState, Files, Layout, API_PORT, CONTROL_PLANE_IP};
+use super::{control_plane_ns, manifests, pki, ClusterState, Files, Layout, API_PORT, CONTROL_PLANE_IP};
 
 
 /// A client from a kubeconfig file.
@@ -455,6 +455,7 @@ impl Kubelet {
         std::os::unix::fs::symlink(&dir, &link)?;
         let run_ns = netns.clone().unwrap_or_else(|| self.node_ns.clone());
         let env_base = self.env_base(pod, ip)?;
+        let resolv_conf = self.resolv_conf(pod, &dir)?;
         let result: Result<()> = (|| {
             for c in spec.init_containers.iter().flatten() {
                 let m = container_mounts(c, &mounts);
@@ -465,7 +466,7 @@ impl Kubelet {
                 let m = container_mounts(c, &mounts);
                 let env = env_of(c, &env_base);
                 let argv: Vec<String> = expand(&argv(c), &env).iter().map(|a| translate(a, &m)).collect();
-                let command = self.program(&name, c, argv, &m)?;
+                let command = self.program(&name, c, argv, &m, &resolv_conf)?;
                 let env = env.into_iter().map(|(k, v)| (k, translate(&v, &m))).collect();
                 let log = dir.join(format!("{}.log", c.name));
                 let mut p = Proc { name: c.name.clone(), image: c.image.clone().unwrap_or_default(), child: None, restarts: 0, started_at: now(), backoff_until: None, last_exit: None, command, env, ns: run_ns.clone(), log };
@@ -482,20 +483,28 @@ impl Kubelet {
     }
 
     /// The program a container runs here, with its arguments.
-    fn program(&self, pod: &str, c: &Container, argv: Vec<String>, mounts: &[(String, PathBuf)]) -> Result<Vec<String>> {
+    fn program(&self, pod: &str, c: &Container, argv: Vec<String>, mounts: &[(String, PathBuf)], resolv_conf: &Path) -> Result<Vec<String>> {
         let first = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
         let tool: Option<&Tool> = match first.as_str() {
             "flanneld" => Some(&tools::FLANNELD),
             "kube-proxy" => Some(&tools::KUBE_PROXY),
+            "coredns" => Some(&tools::COREDNS),
             _ => None,
         };
+        if first == "coredns" {
+            if let Some(conf) = argv.windows(2).find(|w| w[0].trim_start_matches('-') == "conf").map(|w| PathBuf::from(&w[1])) {
+                let sa = translate(SA_DIR, mounts);
+                let text = std::fs::read_to_string(&conf).with_context(|| format!("CoreDNS's Corefile {}", conf.display()))?;
+                std::fs::write(&conf, lab_corefile(&text, resolv_conf, (sa != SA_DIR).then(|| Path::new(&sa).join("kubeconfig")).as_deref()))?;
+            }
+        }
         if let Some(t) = tool {
             let mut cmd = vec![t.path().display().to_string()];
             cmd.extend(argv.into_iter().skip(1));
             if first == "flanneld" {
                 // In-cluster credentials, which flanneld would read from the fixed token path.
-                let sa = translate("/var/run/secrets/kubernetes.io/serviceaccount", mounts);
-                if sa != "/var/run/secrets/kubernetes.io/serviceaccount" {
+                let sa = translate(SA_DIR, mounts);
+                if sa != SA_DIR {
                     cmd.push(format!("--kubeconfig-file={sa}/kubeconfig"));
                 }
             }
@@ -503,10 +512,34 @@ impl Kubelet {
         }
         let exe = std::env::current_exe().context("locate the cnitrace binary")?;
         let mut cmd = vec![exe.display().to_string(), "lab".into(), "serve".into(), "--name".into(), pod.into()];
+        cmd.extend(["--resolv-conf".into(), resolv_conf.display().to_string()]);
         if let Some(port) = c.ports.iter().flatten().next() {
             cmd.extend(["--port".into(), port.container_port.to_string()]);
         }
         Ok(cmd)
+    }
+
+    /// The pod's `/etc/resolv.conf`, as kubelet writes it: for `dnsPolicy: ClusterFirst` (the default)
+    /// the cluster's DNS (the kube-dns Service) with the pod's namespace's search list; for `Default`, and
+    /// for a hostNetwork pod, the node's own.
+    fn resolv_conf(&self, pod: &Pod, dir: &Path) -> Result<PathBuf> {
+        let spec = pod.spec.as_ref().context("spec")?;
+        let node = self.root.join("etc/resolv.conf");
+        if !node.exists() {
+            std::fs::create_dir_all(node.parent().expect("a folder"))?;
+            // The node's upstream: the underlay's router, which serves no DNS (names outside the
+            // cluster resolve nowhere in the lab, and no query leaves it).
+            std::fs::write(&node, format!("nameserver {CONTROL_PLANE_IP}\n"))?;
+        }
+        let cluster_first = spec.dns_policy.as_deref().unwrap_or("ClusterFirst") == "ClusterFirst" && !spec.host_network.unwrap_or(false);
+        if !cluster_first {
+            return Ok(node);
+        }
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let file = dir.join("resolv.conf");
+        let d = manifests::CLUSTER_DOMAIN;
+        std::fs::write(&file, format!("search {ns}.svc.{d} svc.{d} {d}\nnameserver {}\noptions ndots:5\n", self.layout.dns_service_ip()?))?;
+        Ok(file)
     }
 
     /// The environment every container of the pod gets: the downward API's fields, the `kubernetes`
@@ -748,9 +781,35 @@ fn spawn(p: &mut Proc) -> Result<()> {
     Ok(())
 }
 
-/// A container's command line as Kubernetes composes it: `command`, then `args`.
+/// A container's command line as Kubernetes composes it: `command` (else its image's entrypoint), then
+/// `args`.
 fn argv(c: &Container) -> Vec<String> {
-    c.command.iter().flatten().chain(c.args.iter().flatten()).cloned().collect()
+    let entrypoint = c.command.is_none().then(|| entrypoint(c.image.as_deref().unwrap_or_default())).flatten().map(|e| vec![e.to_string()]);
+    c.command.clone().or(entrypoint).into_iter().flatten().chain(c.args.iter().flatten().cloned()).collect()
+}
+
+/// The ENTRYPOINT of the images whose containers give only `args`.
+fn entrypoint(image: &str) -> Option<&'static str> {
+    (image.split(':').next() == manifests::COREDNS_IMAGE.split(':').next()).then_some("/coredns")
+}
+
+/// Where a pod's service account's token and CA are (the projected volume the API server adds).
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// kubeadm's Corefile as the lab runs it: without a runtime CoreDNS cannot find its in-cluster
+/// credentials at their fixed path nor the pod's `/etc/resolv.conf`, so its `kubernetes` block is given
+/// the kubeconfig the kubelet wrote from the pod's token, and `/etc/resolv.conf` is the pod's file.
+pub fn lab_corefile(text: &str, resolv_conf: &Path, kubeconfig: Option<&Path>) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str(&line.replace("/etc/resolv.conf", &resolv_conf.display().to_string()));
+        out.push('\n');
+        let t = line.trim();
+        if let (Some(k), true) = (kubeconfig, t.starts_with("kubernetes ") && t.ends_with('{')) {
+            out.push_str(&format!("       kubeconfig {}\n", k.display()));
+        }
+    }
+    out
 }
 
 /// The container's environment: its `env` (values and downward-API fields) and the pod's.
@@ -941,6 +1000,18 @@ mod tests {
         assert_eq!(translate("    tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token\n", &m), "    tokenFile: /lab/sa/token\n");
         // Not under a mount: a longer name that only starts the same, and a path elsewhere.
         assert_eq!(translate("/run/flannel-v6/x /etc/kube-flannel2 /opt/bin/flanneld", &m), "/run/flannel-v6/x /etc/kube-flannel2 /opt/bin/flanneld");
+    }
+
+    #[test]
+    fn the_lab_corefile_gives_coredns_its_credentials_and_the_pods_resolv_conf() {
+        let kubeadm = ".:53 {\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n       pods insecure\n    }\n    forward . /etc/resolv.conf {\n       max_concurrent 1000\n    }\n}\n";
+        let lab = lab_corefile(kubeadm, Path::new("/lab/node/etc/resolv.conf"), Some(Path::new("/lab/sa/kubeconfig")));
+        assert_eq!(
+            lab,
+            ".:53 {\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n       kubeconfig /lab/sa/kubeconfig\n       pods insecure\n    }\n    forward . /lab/node/etc/resolv.conf {\n       max_concurrent 1000\n    }\n}\n"
+        );
+        let c: Container = serde_json::from_value(json!({"name": "coredns", "image": manifests::COREDNS_IMAGE, "args": ["-conf", "/etc/coredns/Corefile"]})).unwrap();
+        assert_eq!(argv(&c), ["/coredns", "-conf", "/etc/coredns/Corefile"]);
     }
 
     #[test]

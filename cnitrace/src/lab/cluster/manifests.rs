@@ -17,6 +17,9 @@ pub const FLANNEL_CM: &str = "kube-flannel-cfg";
 pub const FLANNEL_DS: &str = "kube-flannel-ds";
 pub const FLANNEL_IMAGE: &str = "ghcr.io/flannel-io/flannel:v0.28.11";
 pub const KUBE_PROXY_IMAGE: &str = "registry.k8s.io/kube-proxy:v1.34.4";
+pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.12.1";
+/// The cluster's DNS domain (kubelet's `--cluster-domain`, CoreDNS's `kubernetes` zone).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// flannel's backend, as net-conf.json names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -175,6 +178,66 @@ pub fn kube_proxy(layout: &Layout) -> Vec<Value> {
                 }
             }}),
     ]
+}
+
+/// CoreDNS as kubeadm installs it: its RBAC, the `coredns` ConfigMap with kubeadm's Corefile, the
+/// Deployment (two replicas, `dnsPolicy: Default`) and the `kube-dns` Service at the tenth address of
+/// the Service range.
+pub fn coredns(layout: &Layout) -> anyhow::Result<Vec<Value>> {
+    let corefile = format!(
+        ".:53 {{\n    errors\n    health {{\n       lameduck 5s\n    }}\n    ready\n    \
+         kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n       pods insecure\n       fallthrough in-addr.arpa ip6.arpa\n       ttl 30\n    }}\n    \
+         prometheus :9153\n    forward . /etc/resolv.conf {{\n       max_concurrent 1000\n    }}\n    cache 30 {{\n       disable success {CLUSTER_DOMAIN}\n       disable denial {CLUSTER_DOMAIN}\n    }}\n    \
+         loop\n    reload\n    loadbalance\n}}\n"
+    );
+    let dns = layout.dns_service_ip()?.to_string();
+    let label = json!({"k8s-app": "kube-dns"});
+    Ok(vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", "namespace": "kube-system"}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "system:coredns"},
+            "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+                      {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "system:coredns"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
+            "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}]}),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": "kube-system"}, "data": {"Corefile": corefile}}),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "coredns", "namespace": "kube-system", "labels": label},
+            "spec": {
+                "replicas": 2,
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+                "selector": {"matchLabels": label},
+                "template": {
+                    "metadata": {"labels": label},
+                    "spec": {
+                        "priorityClassName": "system-cluster-critical",
+                        "serviceAccountName": "coredns",
+                        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+                            "labelSelector": {"matchExpressions": [{"key": "k8s-app", "operator": "In", "values": ["kube-dns"]}]},
+                            "topologyKey": "kubernetes.io/hostname"}}]}},
+                        "tolerations": [{"key": "CriticalAddonsOnly", "operator": "Exists"}, {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}],
+                        "nodeSelector": {"kubernetes.io/os": "linux"},
+                        "containers": [{
+                            "name": "coredns", "image": COREDNS_IMAGE,
+                            "resources": {"limits": {"memory": "170Mi"}, "requests": {"cpu": "100m", "memory": "70Mi"}},
+                            "args": ["-conf", "/etc/coredns/Corefile"],
+                            "volumeMounts": [{"name": "config-volume", "mountPath": "/etc/coredns", "readOnly": true}],
+                            "ports": [{"containerPort": 53, "name": "dns", "protocol": "UDP"}, {"containerPort": 53, "name": "dns-tcp", "protocol": "TCP"},
+                                      {"containerPort": 9153, "name": "metrics", "protocol": "TCP"}],
+                            "livenessProbe": {"httpGet": {"path": "/health", "port": 8080, "scheme": "HTTP"}, "initialDelaySeconds": 60, "timeoutSeconds": 5},
+                            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181, "scheme": "HTTP"}}
+                        }],
+                        "dnsPolicy": "Default",
+                        "volumes": [{"name": "config-volume", "configMap": {"name": "coredns", "items": [{"key": "Corefile", "path": "Corefile"}]}}]
+                    }
+                }
+            }}),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true", "kubernetes.io/name": "CoreDNS"},
+                "annotations": {"prometheus.io/port": "9153", "prometheus.io/scrape": "true"}},
+            "spec": {"clusterIP": dns, "selector": label,
+                     "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                               {"name": "metrics", "port": 9153, "protocol": "TCP"}]}}),
+    ])
 }
 
 /// cnitrace's own user: what a node operator runs it as (cluster-admin, as kubeadm's admin).

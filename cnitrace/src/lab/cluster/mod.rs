@@ -103,6 +103,12 @@ impl Layout {
         let (net, _) = crate::k8s::parse_cidr(&self.service_cidr).ok_or_else(|| anyhow!("bad Service range {}", self.service_cidr))?;
         Ok(Ipv4Addr::from(u32::from(net) + 1))
     }
+
+    /// The kube-dns Service's ClusterIP: the tenth address of the Service range, as kubeadm sets it.
+    pub fn dns_service_ip(&self) -> Result<Ipv4Addr> {
+        let (net, _) = crate::k8s::parse_cidr(&self.service_cidr).ok_or_else(|| anyhow!("bad Service range {}", self.service_cidr))?;
+        Ok(Ipv4Addr::from(u32::from(net) + 10))
+    }
 }
 
 /// The real cluster's part of the lab's state.
@@ -395,6 +401,7 @@ fn apply(admin: &Admin, layout: &Layout) -> Result<()> {
     let mut objects = manifests::cnitrace_user();
     objects.extend(manifests::flannel(layout));
     objects.extend(manifests::kube_proxy(layout));
+    objects.extend(manifests::coredns(layout)?);
     for p in &layout.pods {
         objects.push(manifests::pod(&p.name, &layout.nodes[p.node].name, p.port));
     }
