@@ -362,7 +362,8 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     }
     // A Service: the node that translates it, and its endpoints here (their pods and nodes).
     let api_service = req.cluster.as_ref().is_some_and(|c| c.service_with_ip(req.dst).is_some());
-    let mut service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, port, api_service, &mut states.rules_before));
+    let proto = if matches!(req.probe, ProbeKind::Udp(_)) { "udp" } else { "tcp" };
+    let mut service = req.dst_port.and_then(|port| crate::service::find(&resolver, &src, &dst, (port, proto), api_service, &mut states.rules_before));
     if let Some(sp) = service.as_mut() {
         if let Some(n) = states.names.get(&sp.nat_node) {
             sp.nat_node_name = n.clone();

@@ -102,7 +102,7 @@ fn rules_in<'a>(resolver: &HostResolver, inode: u32, read: &'a mut BTreeMap<u32,
 /// it, it is not in a Service range kube-proxy names, the API (`api`: it has a Service at that address)
 /// does not say so, and it is not a node's own address (then it is just an address and port). The rule
 /// sets it reads are kept in `read` (by namespace inode) and not read again when already there.
-pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, api: bool, read: &mut BTreeMap<u32, RuleSets>) -> Option<ServicePath> {
+pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, (port, proto): (u16, &str), api: bool, read: &mut BTreeMap<u32, RuleSets>) -> Option<ServicePath> {
     let dst_ip = dst.ip();
     // An address of this host: a NodePort if the namespace holding it has kube-proxy's rules (a pod's
     // address and port is just that); translated where it is held.
@@ -116,10 +116,10 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
     let ns = resolver.namespace(nat_node)?;
     let rules = rules_in(resolver, nat_node, read)?.clone();
     let all = services::from_rules(&rules);
-    let mut service = services::lookup(&all, dst_ip, port, node_port).cloned();
+    let mut service = services::lookup(&all, dst_ip, port, proto, node_port).cloned();
     // A Service whose chain nothing leads to any more is not in effect: its rules are half gone.
     let left = services::left_overs(&rules);
-    let left_over = services::lookup_left_over(&left, dst_ip, port, node_port).filter(|l| service.as_ref().is_none_or(|s| s.chain == l.chain && s.backend == l.backend)).cloned();
+    let left_over = services::lookup_left_over(&left, dst_ip, port, proto, node_port).filter(|l| service.as_ref().is_none_or(|s| s.chain == l.chain && s.backend == l.backend)).cloned();
     if left_over.is_some() {
         service = None;
     }
@@ -148,7 +148,7 @@ pub fn find(resolver: &HostResolver, src: &Endpoint, dst: &Endpoint, port: u16, 
         for inode in nodes.into_iter().filter(|i| *i != nat_node) {
             let Some(r) = rules_in(resolver, inode, read) else { continue };
             let local = node_port && resolver.spaces().iter().any(|(n, st)| n.inode == inode && st.has_addr(dst_ip).is_some());
-            if let Some(s) = services::lookup(&services::from_rules(r), dst_ip, port, local || node_port) {
+            if let Some(s) = services::lookup(&services::from_rules(r), dst_ip, port, proto, local || node_port) {
                 let name = resolver.namespace(inode).map(display_ns).unwrap_or_default();
                 path.elsewhere.push((name, s.clone()));
             }

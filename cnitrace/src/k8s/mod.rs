@@ -336,7 +336,21 @@ impl Cluster {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &s.namespace);
         let lp = ListParams::default().labels(&s.selector_text());
         let list = self.call(&format!("list the pods service {} selects", s.full_name()), async move { api.list(&lp).await })?;
-        Ok(list.items.iter().map(PodFacts::of).collect())
+        let mut pods: Vec<PodFacts> = list.items.iter().map(PodFacts::of).collect();
+        // Those that crashed, why (their last line), for the first few: a Service whose pods crash
+        // has no endpoints because of what they wrote. Best effort: a log refused leaves the state.
+        for p in pods.iter_mut().filter(|p| !p.ready && (p.restarts > 0 || p.waiting.as_deref() == Some("CrashLoopBackOff"))).take(MAX_LOGS) {
+            let _ = self.read_last_log(p);
+        }
+        Ok(pods)
+    }
+
+    /// The last line `p`'s first container wrote (the crashed one's, when it restarted).
+    pub fn read_last_log(&mut self, p: &mut PodFacts) -> Result<(), ApiError> {
+        let Some(c) = p.containers.first().cloned() else { return Ok(()) };
+        let log = self.logs(&p.namespace, &p.name, &c, p.restarts > 0, 20)?;
+        p.last_log = log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string());
+        Ok(())
     }
 
     /// The pods with this address (a pod IP, or every host-network pod of a node for a node address).
@@ -385,6 +399,9 @@ impl Cluster {
     }
 }
 
+/// How many crashed pods of one Service have their logs read.
+const MAX_LOGS: usize = 3;
+
 /// What one command learns from the API for a trace: the nodes, the pods with the pair's addresses,
 /// flannel's configuration; and what it could not learn, each with its reason. Within [`API_BUDGET`].
 pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
@@ -410,11 +427,8 @@ pub fn gather(cluster: &mut Cluster, pair: &[Ipv4Addr]) -> ClusterFacts {
                 for mut p in p.into_iter().filter(|p| matches!(p.app.as_deref(), Some("flannel") | Some("kube-proxy"))) {
                     // A daemon that is not Ready: the last line its container wrote (the crashed one's).
                     if !p.ready {
-                        if let Some(c) = p.containers.first().cloned() {
-                            match cluster.logs(&p.namespace, &p.name, &c, p.restarts > 0, 20) {
-                                Ok(log) => p.last_log = log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()),
-                                Err(e) => f.missing.push(e.to_string()),
-                            }
+                        if let Err(e) = cluster.read_last_log(&mut p) {
+                            f.missing.push(e.to_string());
                         }
                     }
                     f.pods.push(p);

@@ -478,17 +478,17 @@ pub fn left_overs(rules: &RuleSets) -> Vec<LeftOver> {
 }
 
 /// The left-over Service a destination names: its ClusterIP and port, or (`local`) its NodePort.
-pub fn lookup_left_over(left: &[LeftOver], dst: Ipv4Addr, port: u16, local: bool) -> Option<&LeftOver> {
-    left.iter().find(|s| s.cluster_ip == dst && s.port == port).or_else(|| if local { left.iter().find(|s| s.node_port == Some(port)) } else { None })
+pub fn lookup_left_over<'a>(left: &'a [LeftOver], dst: Ipv4Addr, port: u16, proto: &str, local: bool) -> Option<&'a LeftOver> {
+    let left = || left.iter().filter(|s| s.proto.is_empty() || s.proto == proto);
+    left().find(|s| s.cluster_ip == dst && s.port == port).or_else(|| if local { left().find(|s| s.node_port == Some(port)) } else { None })
 }
 
 /// The Service a destination names on this node: a ClusterIP and port, or (`local`: an address of the
-/// node itself) a NodePort.
-pub fn lookup(services: &[Service], dst: Ipv4Addr, port: u16, local: bool) -> Option<&Service> {
-    services
-        .iter()
-        .find(|s| s.cluster_ip == dst && s.port == port)
-        .or_else(|| if local { services.iter().find(|s| s.node_port == Some(port)) } else { None })
+/// node itself) a NodePort — of protocol `proto` ("tcp", "udp"): a Service's UDP and TCP ports of the
+/// same number (kube-dns's dns and dns-tcp) are two, with endpoints each of their own.
+pub fn lookup<'a>(services: &'a [Service], dst: Ipv4Addr, port: u16, proto: &str, local: bool) -> Option<&'a Service> {
+    let services = || services.iter().filter(|s| s.proto.is_empty() || s.proto == proto);
+    services().find(|s| s.cluster_ip == dst && s.port == port).or_else(|| if local { services().find(|s| s.node_port == Some(port)) } else { None })
 }
 
 #[cfg(test)]
@@ -513,19 +513,19 @@ mod tests {
     fn the_labs_services_read_back_in_every_mode() {
         for mode in lab::ProxyMode::ALL {
             let svcs = from_rules(&mode_dump(mode, &[]));
-            let jf = lookup(&svcs, topology::SERVICES[0].cluster_ip, 8096, false).unwrap_or_else(|| panic!("{mode:?}: {svcs:?}"));
+            let jf = lookup(&svcs, topology::SERVICES[0].cluster_ip, 8096, "tcp", false).unwrap_or_else(|| panic!("{mode:?}: {svcs:?}"));
             assert_eq!(jf.name, "default/jellyfin:http", "{mode:?}");
             assert_eq!(jf.node_port, Some(30896), "{mode:?}");
             assert_eq!(jf.endpoints.len(), 1, "{mode:?}");
             assert_eq!(jf.endpoints[0].addr, "10.244.0.19:8096".parse().unwrap(), "{mode:?}");
-            assert_eq!(lookup(&svcs, "198.51.100.1".parse().unwrap(), 30896, true).map(|s| s.name.as_str()), Some("default/jellyfin:http"));
-            assert!(lookup(&svcs, "198.51.100.1".parse().unwrap(), 30896, false).is_none());
+            assert_eq!(lookup(&svcs, "198.51.100.1".parse().unwrap(), 30896, "tcp", true).map(|s| s.name.as_str()), Some("default/jellyfin:http"));
+            assert!(lookup(&svcs, "198.51.100.1".parse().unwrap(), 30896, "tcp", false).is_none());
             let none = from_rules(&mode_dump(mode, &["jellyfin".to_string()]));
-            let jf = lookup(&none, topology::SERVICES[0].cluster_ip, 8096, false).unwrap_or_else(|| panic!("{mode:?}: {none:?}"));
+            let jf = lookup(&none, topology::SERVICES[0].cluster_ip, 8096, "tcp", false).unwrap_or_else(|| panic!("{mode:?}: {none:?}"));
             assert_eq!(jf.name, "default/jellyfin:http", "{mode:?}");
             assert!(jf.endpoints.is_empty() && jf.no_endpoints_rule.is_some(), "{mode:?}: {jf:?}");
             assert_eq!(jf.node_port, Some(30896), "{mode:?}");
-            assert_eq!(lookup(&none, topology::SERVICES[1].cluster_ip, 8096, false).map(|s| s.endpoints.len()), Some(1), "{mode:?}");
+            assert_eq!(lookup(&none, topology::SERVICES[1].cluster_ip, 8096, "tcp", false).map(|s| s.endpoints.len()), Some(1), "{mode:?}");
         }
     }
 
@@ -540,16 +540,16 @@ mod tests {
             let flush = |d: &String| d.lines().filter(|l| !l.starts_with("-A KUBE-SERVICES ")).collect::<Vec<_>>().join("\n") + "\n";
             let half = RuleSets { iptables_nft: full.iptables_nft.as_ref().map(flush), iptables_legacy: full.iptables_legacy.as_ref().map(flush), nft: None };
             // Read as before, nothing is found; the left-overs name it.
-            assert!(lookup(&from_rules(&half), jf, 8096, false).is_none(), "{mode:?}");
+            assert!(lookup(&from_rules(&half), jf, 8096, "tcp", false).is_none(), "{mode:?}");
             let left = left_overs(&half);
-            let lo = lookup_left_over(&left, jf, 8096, false).unwrap_or_else(|| panic!("{mode:?}: {left:?}"));
+            let lo = lookup_left_over(&left, jf, 8096, "tcp", false).unwrap_or_else(|| panic!("{mode:?}: {left:?}"));
             assert_eq!((lo.name.as_str(), lo.node_port, lo.backend.as_str()), ("default/jellyfin:http", Some(30896), mode.name()), "{mode:?}");
             assert!(lo.chain.starts_with("KUBE-SVC-") && lo.unreachable.starts_with("KUBE-SERVICES has no rule for it"), "{lo:?}");
-            assert_eq!(lookup_left_over(&left, "198.51.100.1".parse().unwrap(), 30896, true).map(|l| l.name.as_str()), Some("default/jellyfin:http"));
+            assert_eq!(lookup_left_over(&left, "198.51.100.1".parse().unwrap(), 30896, "tcp", true).map(|l| l.name.as_str()), Some("default/jellyfin:http"));
             // The jumps into KUBE-SERVICES removed, its rules kept: the same, said as such.
             let unhooked = full.iptables_nft.as_ref().or(full.iptables_legacy.as_ref()).unwrap().lines().filter(|l| !l.contains("-j KUBE-SERVICES")).collect::<Vec<_>>().join("\n");
             let left = left_overs(&RuleSets { iptables_nft: Some(unhooked), ..Default::default() });
-            assert!(lookup_left_over(&left, jf, 8096, false).is_some_and(|l| l.unreachable.contains("no longer jump to KUBE-SERVICES")), "{left:?}");
+            assert!(lookup_left_over(&left, jf, 8096, "tcp", false).is_some_and(|l| l.unreachable.contains("no longer jump to KUBE-SERVICES")), "{left:?}");
         }
         let nft = include_str!("testdata/kube-proxy-nft.txt");
         assert!(left_overs(&RuleSets { nft: Some(nft.into()), ..Default::default() }).is_empty());
@@ -557,7 +557,7 @@ mod tests {
         let end = start + nft[start..].find("\n\t}").unwrap();
         let emptied = format!("{}\tmap service-ips {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n{}", &nft[..start], &nft[end..]);
         let left = left_overs(&RuleSets { nft: Some(emptied), ..Default::default() });
-        let lo = lookup_left_over(&left, jf, 8096, false).unwrap_or_else(|| panic!("{left:?}"));
+        let lo = lookup_left_over(&left, jf, 8096, "tcp", false).unwrap_or_else(|| panic!("{left:?}"));
         assert_eq!((lo.name.as_str(), lo.proto.as_str(), lo.backend.as_str()), ("default/jellyfin:http", "tcp", "nft"));
         assert!(lo.unreachable.contains("service-ips map"), "{lo:?}");
     }
@@ -578,5 +578,19 @@ mod tests {
         // nftables mode names its Service range.
         let nft = RuleSets { nft: Some(include_str!("testdata/kube-proxy-nft.txt").into()), ..Default::default() };
         assert_eq!(service_ranges(&nft), vec![(Ipv4Addr::new(10, 96, 0, 0), 12)]);
+    }
+
+    /// The real kube-proxy's rules for kube-dns: a UDP and a TCP port both numbered 53, each a Service
+    /// port of its own (named by the probe's protocol), beside flanneld's masquerade.
+    #[test]
+    fn a_udp_and_a_tcp_port_of_one_number_are_two_service_ports() {
+        let r = RuleSets { iptables_nft: Some(include_str!("testdata/kube-proxy-1.34-iptables.txt").into()), ..Default::default() };
+        let all = from_rules(&r);
+        let dns = Ipv4Addr::new(10, 96, 0, 10);
+        let udp = lookup(&all, dns, 53, "udp", false).expect("kube-dns:dns");
+        let tcp = lookup(&all, dns, 53, "tcp", false).expect("kube-dns:dns-tcp");
+        assert_eq!((udp.name.as_str(), udp.proto.as_str(), udp.endpoints.len()), ("kube-system/kube-dns:dns", "udp", 2));
+        assert_eq!((tcp.name.as_str(), tcp.proto.as_str(), tcp.endpoints.len()), ("kube-system/kube-dns:dns-tcp", "tcp", 2));
+        assert!(lookup(&all, dns, 9153, "udp", false).is_none(), "metrics is TCP only");
     }
 }

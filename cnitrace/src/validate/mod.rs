@@ -324,9 +324,10 @@ fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<T
     let f = FollowRequest {
         src: req.src,
         dst,
-        // A TCP check to a Service's address is followed through kube-proxy's NAT.
+        // A TCP or DNS check to a Service's address (the kube-dns Service) is followed through
+        // kube-proxy's NAT, as `follow --probe` follows it.
         dst_port: match kind {
-            ProbeKind::Tcp(p) => Some(p),
+            ProbeKind::Tcp(p) | ProbeKind::Udp(p) => Some(p),
             _ => None,
         },
         probe: kind,
@@ -340,6 +341,14 @@ fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<T
         Ok(r) => Ok(Traced { probe: format!("{kind} {} → {dst}", req.src), verdict: r.verdict }),
         Err(e) => Err(format!("{e:#}")),
     }
+}
+
+/// The nameservers the source pod's DNS checks will ask: its resolv.conf's, or `nameserver` (none when
+/// the pod's resolver cannot be read). The caller looks their Services up with the pod's (the kube-dns
+/// Service a failed DNS check is followed through).
+pub fn nameservers_of(src: Ipv4Addr, nameserver: Option<Ipv4Addr>) -> Vec<Ipv4Addr> {
+    let found = HostResolver::scan().and_then(|r| source(&r, src)).and_then(|(_, ns)| dns::pod_resolver_with(&ns, nameserver));
+    found.map(|c| c.nameservers).unwrap_or_default()
 }
 
 /// The source pod on this host and its network namespace: where every check starts.

@@ -33,8 +33,17 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
                 .map(|p| format!("{} ({}{}{})", p.full_name(), p.phase, p.waiting.as_ref().map(|w| format!(", waiting: {w}")).unwrap_or_default(), if p.restarts > 0 { format!(", {} restarts", p.restarts) } else { String::new() }))
                 .collect();
             why = format!("its selector {} matches {} pod(s), none Ready: {}", s.selector_text(), s.selected.len(), not_ready.join(", "));
-            // The kubelet probes each from its node: that path, traced, says where a probe dies.
-            for p in s.selected.iter().filter(|p| !p.ready && p.ip.is_some()) {
+            // A pod that crashed says why in its log; one that runs but is not Ready fails its
+            // readiness probe, which the kubelet sends from its node: that path, traced, says where.
+            for p in s.selected.iter().filter(|p| !p.ready) {
+                if let Some(line) = &p.last_log {
+                    let previous = if p.restarts > 0 { " --previous" } else { "" };
+                    facts.push(format!("{} crashed; its last line (kubectl -n {} logs {}{previous}): {line}", p.full_name(), p.namespace, p.name));
+                    continue;
+                }
+                if p.waiting.is_some() || p.ip.is_none() {
+                    continue;
+                }
                 if let Some(node) = &p.node {
                     facts.push(format!("{}'s readiness probe comes from its node: `cnitrace follow node/{node} {}` traces that path", p.full_name(), p.full_name()));
                 }
