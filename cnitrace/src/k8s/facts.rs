@@ -41,6 +41,10 @@ pub struct PodFacts {
     /// not Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_log: Option<String>,
+    /// A node daemon's (hostNetwork pod's) first container's command line, command then args, as its
+    /// spec gives them: the flags flanneld runs with (`--ip-masq`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
 }
 
 impl PodFacts {
@@ -69,7 +73,30 @@ impl PodFacts {
                 .and_then(|o| o.iter().find(|r| r.controller == Some(true)).or(o.first()))
                 .map(|r| format!("{}/{}", r.kind, r.name)),
             last_log: None,
+            command: spec
+                .filter(|s| s.host_network == Some(true))
+                .and_then(|s| s.containers.first())
+                .map(|c| c.command.iter().flatten().chain(c.args.iter().flatten()).cloned().collect())
+                .unwrap_or_default(),
         }
+    }
+
+    /// Does its command line set the boolean flag `flag` (Go's flag syntax: `-f`, `--f`, `--f=true`)?
+    /// None when the command line is not known.
+    pub fn flag_set(&self, flag: &str) -> Option<bool> {
+        if self.command.is_empty() {
+            return None;
+        }
+        let mut set = false;
+        for a in &self.command {
+            let a = a.trim_start_matches('-');
+            match a.split_once('=') {
+                None if a == flag => set = true,
+                Some((f, v)) if f == flag => set = matches!(v, "true" | "1" | "t" | "T" | "TRUE" | "True"),
+                _ => {}
+            }
+        }
+        Some(set)
     }
 
     /// Its state in the words `kubectl get pods` uses: the waiting reason, else the phase, and Ready or not.

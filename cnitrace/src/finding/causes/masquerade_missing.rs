@@ -101,23 +101,42 @@ fn detect(ctx: &Ctx) -> Option<Diagnosis> {
         return None;
     }
     let name = ctx.node_name(node);
+    let mut facts = vec![
+        format!("no MASQUERADE or SNAT rule in {name}'s nat rules (iptables-nft, iptables-legacy, nft) covers {src} → {dst}"),
+        "flannel masquerades pod traffic leaving the pod network (its FLANNEL-POSTRTG chain, --ip-masq)".into(),
+    ];
+    if let Some(pod) = flannel_without_ip_masq(ctx, node) {
+        facts.push(format!("flanneld on {name} ({}) runs without --ip-masq: `{}`", pod.full_name(), pod.command.join(" ")));
+    }
     Some(Diagnosis {
         explanation: format!(
             "{} leaves {name} by {} with the pod's own address {src} as source: no masquerade (SNAT) rule on {name} applies to it, so {dst}'s answer has no way back to a pod address",
             out.packet.as_ref().map(|p| p.what.as_str()).unwrap_or("the pod's packet"),
             out.ifname
         ),
-        facts: vec![
-            format!("no MASQUERADE or SNAT rule in {name}'s nat rules (iptables-nft, iptables-legacy, nft) covers {src} → {dst}"),
-            "flannel masquerades pod traffic leaving the pod network (its FLANNEL-POSTRTG chain, --ip-masq)".into(),
-        ],
+        facts,
         hop: Some((name, out.ifname.clone())),
     })
+}
+
+/// flannel's Running pod on `node`, when its command line is known and does not ask for masquerading.
+fn flannel_without_ip_masq<'a>(ctx: &'a Ctx, node: &NsState) -> Option<&'a crate::k8s::PodFacts> {
+    super::daemon_pod(ctx, node, "flannel").filter(|p| p.flag_set("ip-masq") == Some(false))
 }
 
 fn fix(ctx: &Ctx) -> Remedy {
     let Some(node) = ctx.src_node() else { return Remedy::NoSafeFix("the source's node is unknown".into()) };
     let name = ctx.node_name(node);
+    if let Some(pod) = flannel_without_ip_masq(ctx, node) {
+        // Restarted, it would come back without the rule again: the repair is flannel's configuration,
+        // which is the cluster's, not this node's.
+        let owner = pod.owner.clone().map(|o| o.replace("DaemonSet/", "daemonset/")).unwrap_or_else(|| format!("pod/{}", pod.name));
+        return Remedy::NoSafeFix(format!(
+            "flanneld on {name} runs without --ip-masq, so it does not write the masquerade rule and a restart would not bring it back: \
+             add --ip-masq to its args (kubectl -n {} edit {owner}); cnitrace changes neither flannel's configuration nor NAT rules by hand",
+            pod.namespace
+        ));
+    }
     if let Some(r) = super::restart_flannel(ctx, node, &format!("flannel's masquerade rule for the pod network is missing on {name}")) {
         return r;
     }

@@ -86,13 +86,19 @@ pub fn restart_flannel(ctx: &Ctx, node: &crate::state::NsState, why: &str) -> Op
 pub fn restart_daemon(ctx: &Ctx, node: &crate::state::NsState, app: &str, why: &str) -> Option<Remedy> {
     use crate::plan::{Action, Step, Target};
     let name = ctx.node_name(node);
-    let pod = ctx.states.cluster.as_ref()?.pods.iter().find(|p| p.app.as_deref() == Some(app) && p.node.as_deref() == Some(name.as_str()) && p.phase == "Running")?;
+    let pod = daemon_pod(ctx, node, app)?;
     let ns = Target::of(node);
     Some(Remedy::Steps(vec![Step {
         action: Action::RestartPod { ns: ns.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone(), node: name, app: app.into() },
         undo: Action::NoUndo { ns, what: format!("{} was restarted; the DaemonSet's new pod replaced it", pod.full_name()) },
         why: format!("{why}: {app}, restarted, writes it again (no undo: a restart cannot be taken back)"),
     }]))
+}
+
+/// The Running pod of the node DaemonSet `app` (flannel, kube-proxy) on `node`, as the API has it.
+pub fn daemon_pod<'a>(ctx: &'a Ctx, node: &crate::state::NsState, app: &str) -> Option<&'a crate::k8s::PodFacts> {
+    let name = ctx.node_name(node);
+    ctx.states.cluster.as_ref()?.pods.iter().find(|p| p.app.as_deref() == Some(app) && p.node.as_deref() == Some(name.as_str()) && p.phase == "Running")
 }
 
 pub fn find(id: &str) -> Option<&'static Cause> {
