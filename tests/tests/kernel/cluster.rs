@@ -77,8 +77,24 @@ fn delivers(c: &ClusterGuard, src: &str, dst: &str) -> Value {
     last
 }
 
+/// Every pod (`namespace/name`) and its uid, but those being deleted.
+fn pods(c: &ClusterGuard) -> std::collections::BTreeMap<String, String> {
+    let all = c.get(&["pods", "-A"]);
+    all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| (format!("{}/{}", p["metadata"]["namespace"].as_str().unwrap(), p["metadata"]["name"].as_str().unwrap()), p["metadata"]["uid"].as_str().unwrap().to_string()))
+        .collect()
+}
+
 fn cluster_ip(c: &ClusterGuard, svc: &str) -> String {
-    c.get(&["service", svc])["spec"]["clusterIP"].as_str().expect("a ClusterIP").to_string()
+    cluster_ip_in(c, "default", svc)
+}
+
+fn cluster_ip_in(c: &ClusterGuard, namespace: &str, svc: &str) -> String {
+    c.get(&["-n", namespace, "service", svc])["spec"]["clusterIP"].as_str().expect("a ClusterIP").to_string()
 }
 
 /// What the cluster's programs wrote is theirs: the podCIDRs the controller manager allocated, the
@@ -114,15 +130,28 @@ fn the_real_cluster_comes_up_as_its_programs_make_it_and_goes_down_leaving_nothi
         assert_eq!(addrs.len(), 1, "{svc}'s EndpointSlice: {addrs:?}");
     }
     let pods = c.get(&["pods", "-A"]);
+    let mut dns = 0;
     for p in pods["items"].as_array().unwrap() {
         let (ns, name) = (p["metadata"]["namespace"].as_str().unwrap(), p["metadata"]["name"].as_str().unwrap());
-        if ns == "default" {
-            continue;
+        match p["metadata"]["ownerReferences"][0]["kind"].as_str() {
+            // flanneld's and kube-proxy's: hostNetwork, with their node's address.
+            Some("DaemonSet") => {
+                assert_eq!(p["spec"]["hostNetwork"], true, "{ns}/{name}");
+                assert_eq!(p["status"]["podIP"], p["status"]["hostIP"], "{ns}/{name}: a hostNetwork pod has its node's address");
+            }
+            // CoreDNS's (kubeadm's Deployment): on the pod network, made by flannel's CNI plugin.
+            Some("ReplicaSet") => {
+                assert_eq!((ns, p["metadata"]["labels"]["k8s-app"].as_str()), ("kube-system", Some("kube-dns")), "{name}");
+                assert!(p["status"]["podIP"].as_str().is_some_and(|ip| ip.starts_with("10.244.")) && p["spec"]["hostNetwork"].is_null(), "{name}: {p}");
+                dns += 1;
+            }
+            _ => assert_eq!(ns, "default", "{ns}/{name}: the workload's pods are the only ones of their own"),
         }
-        assert_eq!(p["spec"]["hostNetwork"], true, "{ns}/{name}");
-        assert_eq!(p["status"]["podIP"], p["status"]["hostIP"], "{ns}/{name}: a hostNetwork pod has its node's address");
-        assert!(p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet", "{ns}/{name} is its DaemonSet's");
     }
+    assert_eq!(dns, 2, "CoreDNS's two replicas");
+    let slices = c.get(&["endpointslices", "-n", "kube-system", "-l", "kubernetes.io/service-name=kube-dns"]);
+    let ready = slices["items"].as_array().unwrap().iter().flat_map(|s| s["endpoints"].as_array().into_iter().flatten()).filter(|e| e["conditions"]["ready"] == true).count();
+    assert_eq!(ready, 2, "kube-dns's EndpointSlice: {slices}");
     // Every process of the cluster: those naming its state folder (the control plane, the lab's kubelet,
     // flanneld and kube-proxy by their files), and those in its namespaces (the pods' containers).
     let state = c.state.display().to_string();
@@ -200,10 +229,25 @@ fn the_incident_by_pod_name_on_the_real_cluster_is_traced_fixed_and_survives_a_r
     let (code, v) = follow(&c, "default/debug", "default/web");
     assert_eq!(code, 1, "{v:#}");
     assert_eq!(v["cause"], "vxlan-config-mismatch", "{v:#}");
+    assert!(v["facts"].to_string().contains(&format!("{NODE0} is the node that differs")), "{v:#}");
+    // A dry run: the plan (flannel's pod on the node that differs deleted), and no pod replaced.
+    let flannel0 = daemon_pod(&c, "flannel", NODE0).expect("flannel on the node");
+    let before = pods(&c);
+    let (_, out) = c.cnitrace(&["fix", "default/debug", "default/web"]);
+    assert!(out.contains(&format!("kubectl -n kube-flannel delete pod {}", flannel0.split_once('/').unwrap().1)), "{out}");
+    assert_eq!(pods(&c), before, "a dry run changed the cluster");
     let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", "default/web"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("kubectl -n kube-flannel delete pod kube-flannel-ds-") && out.contains(&format!("new pod on {NODE0}")) && out.contains("verified"), "{out}");
     assert_eq!(port_of(NODE0), Some(4789), "flanneld wrote its device again from the ConfigMap");
+    // Exactly that one pod replaced; the rollback of a restart has nothing to undo.
+    let after = pods(&c);
+    let gone: Vec<&String> = before.keys().filter(|k| after.get(*k) != before.get(*k)).collect();
+    assert_eq!(gone, [&flannel0], "the one pod the repair deleted: {after:?}");
+    assert_eq!(after.len(), before.len(), "{after:?}");
+    let (_, out) = c.cnitrace(&["fix", "--rollback"]);
+    assert!(out.contains("nothing to undo"), "{out}");
+    assert_eq!(pods(&c).len(), before.len());
     resync(&c);
     delivers(&c, "default/debug", "default/web");
     delivers(&c, "default/debug", "default/jellyfin");
@@ -296,6 +340,21 @@ fn node_faults_on_what_the_real_flanneld_wrote_are_repaired_and_the_repair_survi
         resync(&c);
         delivers(&c, "default/debug", dst);
     }
+    // The seed's symptom, flannel.1 holding 0.0.0.0/32: flanneld owns that address, so the repair is
+    // its restart there (the real flanneld writes its address again), not an address edited under it.
+    let vtep0 = c.get(&["node", NODE0])["spec"]["podCIDR"].as_str().unwrap().split('/').next().unwrap().to_string();
+    for change in [vec!["addr", "flush", "dev", "flannel.1"], vec!["addr", "add", "0.0.0.0/32", "dev", "flannel.1"]] {
+        assert!(cnitrace_tools::IP.command().args(["-n", &n0]).args(&change).status().unwrap().success(), "{change:?}");
+    }
+    let (code, v) = follow(&c, "default/debug", "default/web");
+    assert_eq!((code, v["cause"].as_str()), (1, Some("vxlan-address-invalid")), "{v:#}");
+    let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", "default/web"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("kubectl -n kube-flannel delete pod kube-flannel-ds-") && !out.contains("ip addr"), "flannel's restart, no address by hand: {out}");
+    let addrs = cnitrace_tools::IP.command().args(["-n", &n0, "-j", "addr", "show", "flannel.1"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&addrs.stdout).contains(&format!("\"local\":\"{vtep0}\"")), "flanneld wrote {vtep0} again: {}", String::from_utf8_lossy(&addrs.stdout));
+    resync(&c);
+    delivers(&c, "default/debug", "default/web");
     // ip_forward off: the node's own sysctl, which no daemon writes.
     cnitrace::netns::in_netns(&cnitrace::netns::named(&n0), || Ok(std::fs::write("/proc/sys/net/ipv4/ip_forward", "0")?)).unwrap();
     let (_, v) = follow(&c, "default/debug", "default/web");
@@ -373,4 +432,133 @@ fn check_and_watch_name_the_real_clusters_nodes_and_pods() {
     assert!(drop["total"].as_u64().unwrap_or(0) >= 5, "{drop}");
     let (code, out) = c.cnitrace(&["check"]);
     assert_eq!(code, 0, "a rule someone wrote is no node check's: {out}");
+}
+
+/// `cnitrace validate` JSON from `default/debug`: (exit code, report).
+fn validate(c: &ClusterGuard, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["validate", "default/debug", "--json"];
+    all.extend(args);
+    let (code, out) = c.cnitrace(&all);
+    let report = out.lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v.get("checks").is_some()));
+    (code, report.unwrap_or_else(|| panic!("validate {args:?} gave no report:\n{out}")))
+}
+
+/// The kube-system pods of `app` (k8s-app label) and whether each is in CrashLoopBackOff.
+fn crash_looping(c: &ClusterGuard, app: &str) -> Vec<bool> {
+    let pods = c.get(&["pods", "-n", "kube-system", "-l", &format!("k8s-app={app}")]);
+    let pods = pods["items"].as_array().cloned().unwrap_or_default();
+    pods.iter().filter(|p| p["metadata"]["deletionTimestamp"].is_null()).map(|p| p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "CrashLoopBackOff").collect()
+}
+
+/// CoreDNS's pods replaced, as `kubectl rollout restart` replaces them (their Corefile read again).
+fn restart_coredns(c: &ClusterGuard) {
+    let (code, out) = c.kubectl(&["-n", "kube-system", "rollout", "restart", "deployment/coredns"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// `validate` on the real cluster, by pod name: ping, TCP and HTTP to jellyfin, and DNS through the
+/// pod's resolv.conf as kubelet writes it (ClusterFirst: the kube-dns Service) to the real CoreDNS,
+/// reached through the real kube-proxy's NAT and answering from the real API. Then the classic CoreDNS
+/// incident made the real way (its Corefile forwards to itself: the `loop` plugin stops it, its pods
+/// crash-loop): the DNS check fails, and its trace names the kube-dns Service without endpoints and
+/// why — the pods its selector matches, crashing, and the line CoreDNS wrote. Put back, DNS answers.
+#[test]
+fn validate_asks_the_real_coredns_and_names_its_crash_loop() {
+    let Some(c) = up("validate_asks_the_real_coredns_and_names_its_crash_loop", &[]) else { return };
+    let dns_ip = cluster_ip_in(&c, "kube-system", "kube-dns");
+    let checks = ["jellyfin", "--dns", "jellyfin", "--dns", "kubernetes.default"];
+    let mut last = Value::Null;
+    // CoreDNS answers once its kubernetes plugin has read the API.
+    let healthy = |last: &mut Value| {
+        eventually(Duration::from_secs(30), || {
+            let (code, r) = validate(&c, &checks);
+            *last = r;
+            code == 0
+        })
+    };
+    assert!(healthy(&mut last), "{last:#}");
+    assert_eq!(last["resolver"]["nameservers"][0], dns_ip.as_str(), "the pod's resolv.conf names the kube-dns Service: {last:#}");
+    assert_eq!(last["checks"].as_array().unwrap().len(), 5, "{last:#}");
+    let jellyfin = cluster_ip(&c, "jellyfin");
+    let answer = last["checks"][3]["detail"].as_str().unwrap_or_default();
+    assert!(answer.contains(&jellyfin), "jellyfin's Service address, as CoreDNS read it from the API: {answer}");
+
+    // The Corefile forwards to the pod itself: CoreDNS's loop plugin stops it, again and again.
+    let cm = c.get(&["-n", "kube-system", "configmap", "coredns"]);
+    let kubeadm = cm["data"]["Corefile"].as_str().unwrap().to_string();
+    let looping = kubeadm.replace("forward . /etc/resolv.conf", "forward . 127.0.0.1");
+    assert_ne!(looping, kubeadm, "kubeadm's Corefile forwards to the pod's resolv.conf");
+    let patch = |corefile: &str| {
+        let p = serde_json::json!({"data": {"Corefile": corefile}}).to_string();
+        let (code, out) = c.kubectl(&["-n", "kube-system", "patch", "configmap", "coredns", "--type", "merge", "-p", &p]);
+        assert_eq!(code, 0, "{out}");
+    };
+    patch(&looping);
+    restart_coredns(&c);
+    assert!(eventually(Duration::from_secs(60), || { let l = crash_looping(&c, "kube-dns"); l.len() == 2 && l.iter().all(|x| *x) }), "CoreDNS is not crash-looping");
+    let (code, r) = validate(&c, &["--dns", "jellyfin"]);
+    assert_eq!(code, 1, "{r:#}");
+    let dns = &r["checks"][0];
+    assert_eq!((dns["check"].as_str(), dns["ok"].as_bool()), (Some("dns"), Some(false)), "{r:#}");
+    let v = &dns["trace"]["verdict"];
+    assert_eq!(v["cause"], "service-no-endpoints", "{r:#}");
+    let text = format!("{} {}", v["explanation"], v["facts"]);
+    assert!(text.contains("kube-system/kube-dns") && text.contains("CrashLoopBackOff"), "the DNS Service and its crashing pods: {text}");
+    assert!(text.contains("plugin/loop") && text.contains("kubectl -n kube-system logs coredns-"), "what CoreDNS wrote as it stopped, and where to read it: {text}");
+    assert!(v["service"]["service"]["name"] == "kube-system/kube-dns:dns" || text.contains("kube-system/kube-dns:dns "), "the DNS probe is UDP: the Service's port dns, not dns-tcp: {text}");
+
+    patch(&kubeadm);
+    restart_coredns(&c);
+    assert!(healthy(&mut last), "DNS does not answer again: {last:#}");
+}
+
+/// A pod's way out of the cluster (to the API server's address, outside the pod network) through the
+/// real flanneld's masquerade rule (`--ip-masq`). A rule deleted under a running flanneld comes back by
+/// itself (its iptables resync). A flanneld run without `--ip-masq` (its DaemonSet's args edited) on a
+/// node whose rules are gone (a reboot): masquerade-missing, said as such, and no repair — restarting
+/// flannel would not bring the rule back, and flannel's configuration is the cluster's; the args put back
+/// by hand, the pod gets out again.
+#[test]
+fn a_pods_way_out_through_the_real_flannels_masquerade() {
+    let Some(c) = up("a_pods_way_out_through_the_real_flannels_masquerade", &[]) else { return };
+    let slices = c.get(&["endpointslices", "-n", "default", "-l", "kubernetes.io/service-name=kubernetes"]);
+    let outside = slices["items"][0]["endpoints"][0]["addresses"][0].as_str().expect("the API server's address").to_string();
+    delivers(&c, "default/debug", &outside);
+    let n0 = c.node_ns(NODE0);
+    let chain = || {
+        let out = cnitrace_tools::IPTABLES_NFT.in_netns(&n0).args(["-t", "nat", "-S", "FLANNEL-POSTRTG"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("MASQUERADE")).count()
+    };
+    let flush = || assert!(cnitrace_tools::IPTABLES_NFT.in_netns(&n0).args(["-t", "nat", "-F", "FLANNEL-POSTRTG"]).status().unwrap().success());
+    assert!(chain() > 0, "flanneld's masquerade rules");
+    flush();
+    assert!(eventually(Duration::from_secs(15), || chain() > 0), "flanneld (--ip-masq) writes its rules again by itself");
+
+    // flannel's DaemonSet without --ip-masq, rolled out; then node 0's rules gone.
+    let args = |c: &ClusterGuard| -> Vec<String> {
+        let ds = c.get(&["-n", "kube-flannel", "daemonset", "kube-flannel-ds"]);
+        ds["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+    };
+    let at = args(&c).iter().position(|a| a == "--ip-masq").expect("kube-flannel.yml runs flanneld with --ip-masq");
+    let rollout = |p: String| {
+        let (code, out) = c.kubectl(&["-n", "kube-flannel", "patch", "daemonset", "kube-flannel-ds", "--type", "json", "-p", &p]);
+        assert_eq!(code, 0, "{out}");
+        let (code, out) = c.kubectl(&["-n", "kube-flannel", "rollout", "status", "daemonset/kube-flannel-ds", "--timeout=90s"]);
+        assert_eq!(code, 0, "{out}");
+    };
+    rollout(format!(r#"[{{"op":"remove","path":"/spec/template/spec/containers/0/args/{at}"}}]"#));
+    flush();
+    let flannel = daemon_pod(&c, "flannel", NODE0).expect("flannel on the node");
+    let (code, v) = follow(&c, "default/debug", &outside);
+    assert_eq!((code, v["cause"].as_str()), (1, Some("masquerade-missing")), "{v:#}");
+    assert!(v["facts"].to_string().contains("runs without --ip-masq"), "{v:#}");
+    let (code, out) = c.cnitrace(&["fix", "--auto", "default/debug", &outside]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("no safe fix") && out.contains("add --ip-masq"), "{out}");
+    assert_eq!(daemon_pod(&c, "flannel", NODE0).as_deref(), Some(flannel.as_str()), "flannel not restarted: it would not help");
+    assert_eq!(chain(), 0, "no NAT rule written by hand");
+
+    // Put back by hand, as the verdict says.
+    rollout(format!(r#"[{{"op":"add","path":"/spec/template/spec/containers/0/args/{at}","value":"--ip-masq"}}]"#));
+    delivers(&c, "default/debug", &outside);
 }

@@ -240,88 +240,6 @@ fn check_finds_what_flannel_should_have_written_from_the_node_objects() {
     assert!(api.writes().is_empty());
 }
 
-/// vxlan-config-mismatch with flannel's ConfigMap: the node that differs is the one repaired, the way
-/// flannel repairs it — its flannel pod restarted through the API (DELETE, then its DaemonSet's new pod
-/// Ready). The test's stand-in for flanneld recreates the VXLAN device from the ConfigMap when its pod
-/// restarts. A dry run writes nothing to the API; `--auto` sends exactly one DELETE, of the right pod,
-/// and verifies; the rollback says the restart has no undo.
-#[test]
-fn a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs() {
-    if !can_run_kernel_tests("a_vxlan_mismatch_is_repaired_by_restarting_flannel_on_the_node_that_differs") {
-        return;
-    }
-    let _lab = LabGuard::up(&["vxlan-vni-mismatch"]);
-    let mut o = Objects::default();
-    lab_nodes(&mut o);
-    for (i, n) in topology::NODES.iter().enumerate() {
-        o.flannel_pod(&rack(i), n.underlay);
-    }
-    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
-    o.pod("default", "debug-shell", "rack4-node", pod("debug"), json!({"run": "debug-shell"}))
-        .pod("shop", "web-0", "rack5-node", pod("web"), json!({"app": "web"}))
-        .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
-    let flannel_on_5 = pod_on(&o, &rack(1), "kube-flannel");
-    // flanneld on rack5-node, restarted: recreates flannel.1 from the ConfigMap (VNI 1, port 8472).
-    let hook = on_restart(1, |lab| lab.rebuild_vxlan(1, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1"));
-    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
-    let dir = scratch("restart");
-    let k = api.kubeconfig(&dir, None);
-    let k = k.to_str().expect("utf-8 path");
-
-    let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k]);
-    assert_eq!((code, v["cause"].as_str()), (1, Some("vxlan-config-mismatch")), "{v}");
-    assert!(v["facts"].to_string().contains("kube-flannel/kube-flannel-cfg says VNI 1 port 8472: rack5-node is the node that differs"), "{v}");
-
-    // Dry run (no terminal, no --auto): the plan, and nothing written.
-    let dry = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&dry.stdout);
-    assert!(text.contains(&format!("kubectl -n kube-flannel delete pod {flannel_on_5}")), "{text}");
-    assert!(api.writes().is_empty(), "a dry run wrote: {:?}", api.writes());
-
-    let out = cnitrace(&["fix", "default/debug-shell", "shop/web-0", "--auto", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("verified"), "{text}");
-    println!("{text}");
-    let writes: Vec<String> = api.writes().iter().map(|w| format!("{} {}", w.method, w.path)).collect();
-    assert_eq!(writes, [format!("DELETE /api/v1/namespaces/kube-flannel/pods/{flannel_on_5}")]);
-
-    let rb = cnitrace(&["fix", "--rollback", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&rb.stdout);
-    assert!(text.contains("nothing to undo"), "{text}");
-    assert_eq!(api.writes().len(), 1, "a rollback of a restart asks the API nothing");
-}
-
-/// The seed's symptom, flannel.1 holding 0.0.0.0/32, on a node where flannel runs: the repair is
-/// flannel's restart there (flanneld writes the address again), not an address edited under it; without
-/// the API the same fault is repaired by hand (fix:: covers that).
-#[test]
-fn a_vxlan_address_flannel_owns_is_repaired_by_restarting_flannel_where_it_runs() {
-    if !can_run_kernel_tests("a_vxlan_address_flannel_owns_is_repaired_by_restarting_flannel_where_it_runs") {
-        return;
-    }
-    let _lab = LabGuard::up(&["vxlan-address-zero"]);
-    let mut o = Objects::default();
-    lab_nodes(&mut o);
-    for (i, n) in topology::NODES.iter().enumerate() {
-        o.flannel_pod(&rack(i), n.underlay);
-    }
-    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
-    o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
-        .pod("shop", "web-0", &rack(1), pod("web"), json!({"app": "web"}))
-        .flannel_config("kube-flannel", r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#);
-    let flannel_on_4 = pod_on(&o, &rack(0), "kube-flannel");
-    // flanneld on rack4-node, restarted: writes flannel.1 again (its address, routes, neighbours, FDB).
-    let hook = on_restart(0, |lab| lab.rebuild_vxlan(0, topology::VXLAN_PORT, topology::VXLAN_VNI).expect("flanneld's flannel.1"));
-    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
-    let dir = scratch("address");
-    let k = api.kubeconfig(&dir, None);
-    let k = k.to_str().expect("utf-8 path");
-    let (code, v) = cnitrace_tests::follow("default/debug-shell", "shop/web-0", &["--kubeconfig", k]);
-    assert_eq!((code, v["cause"].as_str()), (1, Some("vxlan-address-invalid")), "{v}");
-    restart_repairs(&api, k, ("default/debug-shell", "shop/web-0"), ("kube-flannel", &flannel_on_4), "ip addr");
-}
-
 /// `fix` of the pair, as a dry run then `--auto`: the plan is the restart of `pod` (namespace, name) with
 /// nothing by hand (no line holding `by_hand`) and no undo, the dry run writes nothing, the repair is
 /// verified, and the one write to the API is that pod's deletion. Returns what `--auto` printed.
@@ -442,39 +360,11 @@ fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node()
     assert!(text.contains("verified: ") && text.contains("Service default/jellyfin:http"), "{text}");
 }
 
-/// kube-proxy crashing on the node whose rules are missing: the verdict quotes its log, and `fix` does not
-/// restart what would crash again.
-#[test]
-fn a_crashing_kube_proxy_is_named_with_its_log_and_not_restarted() {
-    if !can_run_kernel_tests("a_crashing_kube_proxy_is_named_with_its_log_and_not_restarted") {
-        return;
-    }
-    let _lab = LabGuard::up(&["kube-proxy-rules-missing"]);
-    let mut o = Objects::default();
-    lab_nodes(&mut o);
-    let log = "E1201 03:58:12.000000 1 proxier.go:1504] \"Failed to execute iptables-restore\" err=\"exit status 2: iptables-restore: unable to initialize table 'nat'\"";
-    o.pod_not_ready("kube-system", "kube-proxy-crash1", &rack(0), topology::NODES[0].underlay, json!({"k8s-app": "kube-proxy"}), Some("CrashLoopBackOff"), 9, log);
-    o.by_kind.get_mut("pods").unwrap().last_mut().unwrap()["spec"]["hostNetwork"] = json!(true);
-    o.pod("default", "debug-shell", &rack(0), topology::pod("debug").unwrap().ip, json!({"run": "debug-shell"}))
-        .service("default", "jellyfin", topology::service("jellyfin").unwrap().cluster_ip, "http", 8096, Some(30896), json!({"app": "jellyfin"}));
-    let api = FakeApi::start(o, Behaviour::Normal);
-    let dir = scratch("kube-proxy-crash");
-    let k = api.kubeconfig(&dir, None);
-    let k = k.to_str().expect("utf-8 path");
-    let (code, v) = cnitrace_tests::follow("default/debug-shell", "svc/jellyfin", &["--kubeconfig", k, "--timeout", "2"]);
-    assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{v}");
-    let facts = v["facts"].to_string();
-    assert!(facts.contains("kube-system/kube-proxy-crash1 (Running, not Ready, waiting: CrashLoopBackOff, 9 restarts); its log: E1201"), "{facts}");
-    let out = cnitrace(&["fix", "default/debug-shell", "svc/jellyfin", "--auto", "--kubeconfig", k]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("no safe fix") && text.contains("unable to initialize table 'nat'"), "{text}");
-    assert!(api.writes().is_empty(), "nothing restarted: {:?}", api.writes());
-}
-
 /// flannel's masquerade rule gone on the pod's node while flannel runs there: the repair is flannel's own
 /// restart through the API (flanneld writes its FLANNEL-POSTRTG chain again), verified by the pod reaching
-/// the outside.
+/// the outside. A stand-in kept on purpose: the real flanneld (--ip-masq) puts a deleted rule back by
+/// itself within its 5 s iptables resync (cluster.rs shows it), so only a stand-in holds the state a stuck
+/// resync would leave; the real cluster shows the other case, flanneld without --ip-masq.
 #[test]
 fn a_missing_masquerade_is_repaired_by_restarting_flannel() {
     if !can_run_kernel_tests("a_missing_masquerade_is_repaired_by_restarting_flannel") {

@@ -1,12 +1,15 @@
 //! What the lab applies to its real cluster, as the installers write it: flannel's kube-flannel.yml
 //! (namespace, RBAC, the `kube-flannel-cfg` ConfigMap, the `kube-flannel-ds` DaemonSet), kubeadm's
-//! kube-proxy (its ConfigMap and DaemonSet, bound to `system:node-proxier`), cnitrace's own user, and the
-//! incident's workload: the debug pod, jellyfin and web, with their Services.
+//! kube-proxy (its ConfigMap and DaemonSet, bound to `system:node-proxier`), kubeadm's CoreDNS (its RBAC,
+//! Corefile, Deployment and the `kube-dns` Service), cnitrace's own user, and the incident's workload:
+//! the debug pod, jellyfin and web, with their Services.
 //!
-//! Two deliberate differences from the upstream files, both because the lab's kubelet has no container
+//! Deliberate differences from the upstream files, all because the lab's kubelet has no container
 //! runtime (ARCHITECTURE.md, "the real cluster"): flanneld is given its defaults as flags
 //! (`--net-config-path`, `--subnet-file`) and flannel's CNI config its default paths (`subnetFile`,
-//! `dataDir`, host-local's `dataDir`), so that the kubelet can point them into the node's folder.
+//! `dataDir`, host-local's `dataDir`), so that the kubelet can point them into the node's folder. The
+//! kubelet itself gives CoreDNS what it would find at fixed paths in its container (`kubelet::lab_corefile`:
+//! its service account's kubeconfig, the pod's resolv.conf); the Corefile in the API is kubeadm's.
 
 use serde_json::{json, Value};
 
