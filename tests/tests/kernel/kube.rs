@@ -1,6 +1,11 @@
 //! Pods by name through the test Kubernetes API, on real namespaces: the names the API gives (not the
 //! namespaces') in the timeline, the verdict, its facts and the fix; on the lab and on a generated
 //! layout whose names and networks the lab does not have.
+//!
+//! What the real cluster (`cluster.rs`) can show is shown there, against the real programs; what stays
+//! here is what it cannot: API names that are not the namespaces' (`rack4-node`), generated layouts,
+//! pods in other namespaces, the iptables backends split under a crashing kube-proxy, a pod that is not
+//! Ready without crashing, and a masquerade rule that stays gone under a running flanneld.
 
 use cnitrace_tests::{
     apiserver::{Behaviour, FakeApi, Objects},
@@ -325,39 +330,6 @@ fn a_service_by_name_is_followed_and_an_empty_one_names_the_pods_that_are_not_re
     assert!(String::from_utf8_lossy(&out.stderr).contains("is a Service"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cnitrace(&["follow", "default/debug-shell", "svc/web:grpc", "--kubeconfig", k]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no port grpc (it has http=8096)"), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// kube-proxy's rules gone from one node while its pod runs: the repair is kube-proxy's own restart
-/// through the API (never NAT rules written by hand), verified by the trace through the Service.
-#[test]
-fn missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node() {
-    if !can_run_kernel_tests("missing_kube_proxy_rules_are_repaired_by_restarting_kube_proxy_on_that_node") {
-        return;
-    }
-    let _lab = LabGuard::up(&["kube-proxy-rules-missing"]);
-    let mut o = Objects::default();
-    lab_nodes(&mut o);
-    for (i, n) in topology::NODES.iter().enumerate() {
-        o.kube_proxy_pod(&rack(i), n.underlay);
-    }
-    let pod = |name: &str| topology::pod(name).expect("lab pod").ip;
-    o.pod("default", "debug-shell", &rack(0), pod("debug"), json!({"run": "debug-shell"}))
-        .pod("default", "jellyfin-6c9f7-qx2lp", &rack(0), pod("jellyfin"), json!({"app": "jellyfin"}))
-        .service("default", "jellyfin", topology::service("jellyfin").unwrap().cluster_ip, "http", 8096, Some(30896), json!({"app": "jellyfin"}));
-    let proxy_on_4 = pod_on(&o, &rack(0), "kube-system");
-    // kube-proxy on rack4-node, restarted: syncs every Service's rules again.
-    let hook = on_restart(0, |lab| cnitrace::lab::services::program(lab, 0, lab.state.proxy_mode, &[]).expect("kube-proxy's rules"));
-    let api = FakeApi::start_with(o, Behaviour::Normal, Some(hook));
-    let dir = scratch("kube-proxy");
-    let k = api.kubeconfig(&dir, None);
-    let k = k.to_str().expect("utf-8 path");
-    let (code, v) = cnitrace_tests::follow("default/debug-shell", "svc/jellyfin", &["--kubeconfig", k, "--timeout", "2"]);
-    assert_eq!((code, v["cause"].as_str()), (1, Some("kube-proxy-rules-missing")), "{v}");
-    let facts = v["facts"].to_string();
-    assert!(facts.contains(&format!("kube-proxy's pod on rack4-node: kube-system/{proxy_on_4} (Running, Ready)")), "{facts}");
-    // kube-proxy's restart, never a NAT rule written by hand.
-    let text = restart_repairs(&api, k, ("default/debug-shell", "svc/jellyfin"), ("kube-system", &proxy_on_4), "iptables");
-    assert!(text.contains("verified: ") && text.contains("Service default/jellyfin:http"), "{text}");
 }
 
 /// flannel's masquerade rule gone on the pod's node while flannel runs there: the repair is flannel's own
