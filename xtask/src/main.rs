@@ -62,6 +62,10 @@ enum Task {
         /// default one is up for the whole run, as on a developer's host).
         #[arg(long)]
         alone: bool,
+        /// Run without the real cluster's tests (`cluster::`): for a machine without Go, which builds its
+        /// programs. Without this flag a missing program is an error, never a silent skip.
+        #[arg(long)]
+        no_cluster: bool,
         /// Instead of the suite: N generated layouts (seeds 1000..1000+N, 1–3 nodes, each with every
         /// fault it can hold) on the host kernel, with the figures per fault. Not in CI.
         #[arg(long, value_name = "N")]
@@ -121,11 +125,11 @@ fn main() {
         }),
         Task::Build => setup::run(true).and_then(|_| build()).map(|_| ()),
         Task::Test { soak: Some(n), .. } => test::soak(n),
-        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_cpus, alone, soak: None } => {
+        Task::Test { filter, mut kernels, all, no_host, vm_timeout, jobs, vm_cpus, alone, no_cluster, soak: None } => {
             if all.is_some() {
                 kernels.push("all".into());
             }
-            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_cpus, alone })
+            test::run(test::Options { filter, kernels, no_host, vm_timeout_min: vm_timeout, jobs, vm_cpus, alone, no_cluster })
         }
         Task::Install { prefix, destdir } => setup::run(true).and_then(|_| build()).and_then(|bin| {
             for f in install::install(&bin, &prefix, destdir.as_deref())? {

@@ -21,10 +21,22 @@ pub struct Options {
     pub vm_cpus: Option<usize>,
     /// The host's suite without another cluster beside it.
     pub alone: bool,
+    /// Without the real cluster's tests.
+    pub no_cluster: bool,
 }
 
 pub fn run(o: Options) -> Result<()> {
     crate::setup::run(true)?;
+    // The real cluster's tests run on every machine that can build its programs: a missing one (no Go)
+    // stops the run here rather than let those tests skip unseen in a green CI.
+    let missing = cnitrace_tools::cluster_missing();
+    if !o.no_host && !o.no_cluster && !missing.is_empty() {
+        bail!(
+            "the real cluster's programs are not built ({}): `cargo xtask setup` builds them with Go (on PATH or in /usr/local/go/bin); \
+             `cargo xtask test --no-cluster` runs without the real cluster's tests",
+            missing.join(", ")
+        );
+    }
     let kernels: Vec<String> = if o.kernels.is_empty() {
         vm::DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect()
     } else if o.kernels.iter().any(|k| k == "all") {
@@ -54,6 +66,9 @@ pub fn run(o: Options) -> Result<()> {
     std::fs::create_dir_all(&snap.0)?;
     let (bin, test_bin) = (snapshot(&bin, &snap.0)?, snapshot(&kernel_test_binary()?, &snap.0)?);
     let mut args: Vec<String> = o.filter.clone();
+    if o.no_cluster {
+        args.extend(["--skip".into(), "cluster::".into()]);
+    }
     // --show-output: the reason of every skipped kernel test (they print nothing else).
     args.extend(["--test-threads=1".into(), "--show-output".into()]);
     // Without --kernel (CI): the VM runs the tests whose outcome depends on the kernel; the rest of the

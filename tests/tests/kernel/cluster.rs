@@ -269,6 +269,10 @@ fn services_through_the_real_kube_proxy(test: &str, mode: &str, backend: &str) {
     let node1 = c.get(&["node", NODE1])["status"]["addresses"][0]["address"].as_str().unwrap().to_string();
     let v = delivers(&c, "default/debug", &format!("{node1}:30810"));
     assert!(v["facts"].to_string().contains("Service default/web"), "{v:#}");
+    // kube-proxy's masquerade: NodePort traffic is marked for it (KUBE-MARK-MASQ, or nftables mode's
+    // mark), so the endpoint's node rewrites the source too, and the answer comes back through it.
+    let masqueraded = v["facts"].as_array().unwrap().iter().filter_map(|f| f.as_str()).any(|f| f.starts_with(&format!("translated on {NODE1}")) && f.contains(", src "));
+    assert!(masqueraded, "the NodePort's source translated on {NODE1}: {v:#}");
 
     if mode == "iptables" {
         // `iptables -t nat -F` on a node, as the incident's scripts ran it, under a running kube-proxy: its
