@@ -34,43 +34,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-/// Where an agent listens: a Unix socket, or a loopback TCP port — in a cluster the agent's pod has its
-/// own network namespace, so its loopback is reached only through the API server's port-forward to that
-/// pod (who may trace a node is who may port-forward to its agent), never from the pod network.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Addr {
-    Unix(PathBuf),
-    Tcp(std::net::SocketAddr),
-    /// An agent's pod reached through the API server's port-forward: `local` is this process's end of
-    /// the tunnel (see [`crate::k8s::agents`]); `pod` is `NAMESPACE/NAME`, for messages.
-    Forwarded { local: std::net::SocketAddr, pod: String },
-}
-
-impl std::fmt::Display for Addr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
-            Addr::Tcp(a) => write!(f, "tcp:{a}"),
-            Addr::Forwarded { pod, .. } => write!(f, "pod {pod} (port-forward)"),
-        }
-    }
-}
-
-/// `unix:PATH` (or a path alone), or `tcp:127.0.0.1:PORT` (loopback only).
-pub fn parse_addr(s: &str) -> Result<Addr> {
-    if let Some(a) = s.strip_prefix("tcp:") {
-        let a: std::net::SocketAddr = a.parse().with_context(|| format!("{s:?} is not an agent address: tcp:127.0.0.1:PORT"))?;
-        if !a.ip().is_loopback() {
-            bail!("{s:?}: an agent listens on loopback only (tcp:127.0.0.1:PORT; reached through port-forward), never on an address the pod network reaches");
-        }
-        return Ok(Addr::Tcp(a));
-    }
-    let path = s.strip_prefix("unix:").unwrap_or(s);
-    if path.is_empty() || !path.starts_with('/') {
-        bail!("{s:?} is not an agent address: unix:/PATH (an absolute socket path) or tcp:127.0.0.1:PORT");
-    }
-    Ok(Addr::Unix(PathBuf::from(path)))
-}
+pub use crate::transport::{parse_addr, Addr};
 
 /// One connection to or from an agent.
 pub enum Conn {
@@ -386,7 +350,7 @@ pub fn serve(addr: &Addr, node: &str, state_dir: &Path, kube: &crate::k8s::KubeA
     }
     // The node is checked once before anything listens: an agent for a node it cannot see is a mistake.
     // It answers to the name it was given, the node's display name and its namespace's name.
-    let first = crate::cli::check::report(Some(node), true, kube).with_context(|| format!("agent for node {node}"))?;
+    let first = crate::check::report(Some(node), true, kube).with_context(|| format!("agent for node {node}"))?;
     let mut names = vec![node.to_string()];
     for n in &first.nodes {
         names.extend([n.node.clone(), n.netns.clone()].into_iter().filter(|x| !x.is_empty()));
@@ -465,7 +429,7 @@ fn handle(mut conn: Conn, node: &Node, kube: &crate::k8s::KubeArgs) -> Result<()
         };
         return follow_stream(conn, node, req);
     }
-    let (code, body) = route(&method, &path, names, |n| crate::cli::check::report(Some(n), true, kube).and_then(|r| Ok(serde_json::to_value(r)?)), || {
+    let (code, body) = route(&method, &path, names, |n| crate::check::report(Some(n), true, kube).and_then(|r| Ok(serde_json::to_value(r)?)), || {
         let (_, pods) = scope_of(&node.netns)?;
         Ok(json!({
             "node": names[0],

@@ -284,7 +284,7 @@ pub struct Report {
     /// Traced by the nodes' agents and stitched: each node's share and clock, the agents that did not
     /// answer, the node where the packet died.
     #[serde(skip)]
-    pub stitched: Option<crate::stitch::Stitched>,
+    pub stitched: Option<Stitched>,
 }
 
 /// The wall-clock time (ns since 1970) of a CLOCK_MONOTONIC reading (the kernel's `bpf_ktime_get_ns`).
@@ -324,7 +324,7 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     if req.src == req.dst {
         return Err(FollowError::SameAddress(req.src).into());
     }
-    let mut progress = crate::render::Progress::new(req.opts.progress);
+    let mut progress = crate::progress::Progress::new(req.opts.progress);
     progress.say(&format!("resolving {} and {}…", req.src, req.dst));
     let resolver = HostResolver::scan()?;
     let mut src = resolver.resolve(req.src)?;
@@ -887,11 +887,12 @@ impl Recording {
     }
 
     /// The fix plan for the recorded verdict (nothing is applied).
-    pub fn plan(&self) -> Option<(String, crate::fix::Remedy)> {
+    pub fn plan(&self) -> Option<(String, crate::plan::Remedy)> {
         let verdict = self.replay();
         let trace = Trace::build(self.events.clone());
         let ctx = Ctx { trace: &trace, probe: &self.probe, states: &self.states };
-        crate::fix::plan(&ctx, verdict.cause.as_deref()?).map(|(c, r)| (c.id.to_string(), r))
+        let cause = crate::finding::causes::find(verdict.cause.as_deref()?)?;
+        Some((cause.id.to_string(), (cause.fix)(&ctx)))
     }
 }
 
@@ -927,6 +928,40 @@ fn decoder_names(r: &HostResolver) -> event::Names {
     n
 }
 
+
+/// How the stitched trace came together: each node's share, its clock, and who did not answer.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stitched {
+    pub nodes: Vec<NodeShare>,
+    /// Nodes whose agent did not answer or stopped answering: the trace has nothing of them.
+    pub missing: Vec<MissingAgent>,
+    /// The node where the pair's packet died (the verdict's drop), when one did.
+    pub died_on: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeShare {
+    pub node: String,
+    pub agent: String,
+    /// Sent the probe (its pod is the source) or watched.
+    pub role: &'static str,
+    pub events: usize,
+    /// Where this node's first event sits on the source node's clock (ns; negative: before it).
+    pub offset_ns: i64,
+    /// What placed it: "one kernel with NODE", "wall clock", "wall clock, moved N ns by causality".
+    pub clock: String,
+    /// The namespaces it answers for (inodes of the stitched trace): a fix's action in one of them is
+    /// this node's to apply.
+    #[serde(skip)]
+    pub inodes: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MissingAgent {
+    pub node: String,
+    pub agent: String,
+    pub error: String,
+}
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@
 //! pods and namespaces, `k8s` asks the Kubernetes API (when there is one) for names and flannel's record, `inject` sends the probe traffic, `lab` builds the broken node in namespaces.
 
 pub mod agent;
+pub mod check;
 pub mod cli;
 pub mod deploy;
 pub mod event;
@@ -23,12 +24,14 @@ pub mod path;
 pub mod pcapng;
 pub mod plan;
 pub mod probe;
+pub mod progress;
 pub mod render;
 pub mod resolve;
 pub mod service;
 pub mod state;
 pub mod stitch;
 pub mod sys;
+pub mod transport;
 pub mod validate;
 pub mod watch;
 

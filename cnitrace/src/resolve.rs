@@ -2,7 +2,7 @@
 //! end of its veth). Works the same on a real node (pods under the root namespace) and on the lab (nodes
 //! in namespaces of their own). Behind one trait: Kubernetes pod names come later as another resolver.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -34,7 +34,7 @@ pub struct LocalEndpoint {
     pub node: Option<NodeSide>,
     /// The pod the Kubernetes API says holds this address.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<crate::k8s::PodFacts>,
+    pub pod: Option<crate::k8s::facts::PodFacts>,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -205,21 +205,34 @@ impl HostResolver {
     }
 }
 
-/// What people call a namespace: the pod name for the lab's `<prefix>-pod-<name>`, the node name for
-/// the lab's `<prefix>-<node>`, else the namespace's own name.
+/// Where whoever makes network namespaces names them for people: one file per namespace, named as `ip
+/// netns` names it, holding the name cnitrace shows for it (the lab writes `debug` for
+/// `cnitrace-pod-debug`, `storagenodet3500` for `cnitrace-storagenodet3500`). With the Kubernetes API the
+/// API's names come first; without a file, a namespace is shown by its own name.
+pub const NAMES_DIR: &str = "/run/cnitrace/names";
+
+/// Gives the namespace `ns` (its `ip netns` name) the name `shown` in everything cnitrace prints.
+pub fn name_namespace(ns: &str, shown: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(NAMES_DIR)?;
+    std::fs::write(Path::new(NAMES_DIR).join(ns), shown)
+}
+
+/// Takes back the name given to `ns` (gone with the namespace).
+pub fn forget_namespace_name(ns: &str) {
+    let _ = std::fs::remove_file(Path::new(NAMES_DIR).join(ns));
+    // The folder too once empty (nothing is left behind); fails while another namespace has a name.
+    let _ = std::fs::remove_dir(NAMES_DIR);
+}
+
+/// What people call a namespace: the root one by the host's name; one named in [`NAMES_DIR`] by that
+/// name; else by its own name.
 pub fn display_ns(ns: &NetNs) -> String {
     if ns.is_root {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         return if host.trim().is_empty() { "root".into() } else { host.trim().to_string() };
     }
-    if let Some((_, pod)) = ns.name.split_once("-pod-") {
-        return pod.to_string();
-    }
-    crate::lab::topology::NODES
-        .iter()
-        .find(|n| ns.name.ends_with(&format!("-{}", n.name)))
-        .map(|n| n.name.to_string())
-        .unwrap_or_else(|| ns.name.clone())
+    let given = (!ns.name.is_empty() && !ns.name.contains('/')).then(|| std::fs::read_to_string(Path::new(NAMES_DIR).join(&ns.name)).ok()).flatten();
+    given.map(|g| g.trim().to_string()).filter(|g| !g.is_empty()).unwrap_or_else(|| ns.name.clone())
 }
 
 fn nsref(ns: &NetNs) -> NsRef {
@@ -312,7 +325,7 @@ mod tests {
             ids(&[((2, 1), 0), ((3, 1), 0)]),
         );
         let Endpoint::Local(l) = r.resolve("10.244.0.19".parse().unwrap()).unwrap() else { panic!("local") };
-        assert_eq!(l.display, "jellyfin");
+        assert_eq!(l.display, "x-pod-jellyfin", "no name given it: its own");
         let node = l.node.expect("its node");
         assert_eq!((node.netns.name.as_str(), node.host_veth.as_str()), ("node", "veth5678"));
         assert!(matches!(r.resolve("10.244.1.10".parse().unwrap()).unwrap(), Endpoint::Remote(_)));
@@ -345,10 +358,21 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_is_named_by_its_whole_name_unless_it_is_the_labs() {
+    fn a_namespace_is_named_by_its_own_name_unless_its_maker_gave_it_one() {
         assert_eq!(display_name_of("kind-worker"), "kind-worker");
         assert_eq!(display_name_of("k3d-dev-agent-0"), "k3d-dev-agent-0");
-        assert_eq!(display_name_of("cnitrace-storagenodet3501"), "storagenodet3501");
+        assert_eq!(display_name_of("cnitrace-pod-debug"), "cnitrace-pod-debug", "no lab convention is read from a name");
+        let ns = format!("cnitrace-unit-{}-node", std::process::id());
+        match name_namespace(&ns, "rack4") {
+            // Giving names needs root (/run): the rest of the suite runs as root.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            other => {
+                other.unwrap();
+                assert_eq!(display_name_of(&ns), "rack4");
+                forget_namespace_name(&ns);
+                assert_eq!(display_name_of(&ns), ns);
+            }
+        }
     }
 
     #[test]

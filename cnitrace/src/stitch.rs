@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
@@ -61,39 +61,7 @@ struct PartReport {
     ring_peak: crate::follow::RingPeak,
 }
 
-/// How the stitched trace came together: each node's share, its clock, and who did not answer.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Stitched {
-    pub nodes: Vec<NodeShare>,
-    /// Nodes whose agent did not answer or stopped answering: the trace has nothing of them.
-    pub missing: Vec<MissingAgent>,
-    /// The node where the pair's packet died (the verdict's drop), when one did.
-    pub died_on: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeShare {
-    pub node: String,
-    pub agent: String,
-    /// Sent the probe (its pod is the source) or watched.
-    pub role: &'static str,
-    pub events: usize,
-    /// Where this node's first event sits on the source node's clock (ns; negative: before it).
-    pub offset_ns: i64,
-    /// What placed it: "one kernel with NODE", "wall clock", "wall clock, moved N ns by causality".
-    pub clock: String,
-    /// The namespaces it answers for (inodes of the stitched trace): a fix's action in one of them is
-    /// this node's to apply.
-    #[serde(skip)]
-    pub inodes: Vec<u32>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct MissingAgent {
-    pub node: String,
-    pub agent: String,
-    pub error: String,
-}
+pub use crate::follow::{MissingAgent, NodeShare, Stitched};
 
 /// A message from one agent's stream.
 enum Msg {

@@ -52,9 +52,19 @@ pub const PIP_INSTALLS: &[(&str, &str)] = &[("virtme-ng", "1.42"), ("kubernetes-
 /// Of PIP_INSTALLS, what the host's tests need (the rest: the VMs).
 pub const HOST_PIP: &[&str] = &["kubernetes-validate"];
 
+/// Where setup keeps what it fetched for the VMs and its Python tools (`CNITRACE_VM_CACHE`, else
+/// `~/.cache/cnitrace/vm`).
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CNITRACE_VM_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cache"));
+    base.join("cnitrace/vm")
+}
+
 /// Setup's Python venv: its `bin` holds the programs of PIP_INSTALLS.
 pub fn venv() -> std::path::PathBuf {
-    crate::vm::cache_dir().join("venv")
+    cache_dir().join("venv")
 }
 
 /// pip-installs each of `pkgs` (of PIP_INSTALLS) whose program is not in the venv yet; true if any was.
@@ -66,7 +76,7 @@ pub fn ensure_pip(pkgs: &[&str]) -> Result<bool> {
         if venv().join("bin").join(program).exists() {
             continue;
         }
-        std::fs::create_dir_all(crate::vm::cache_dir())?;
+        std::fs::create_dir_all(cache_dir())?;
         if !venv().join("bin/pip").exists() {
             // Debian's python3 (python3-venv is in HOST_PACKAGES): the same on every machine of this kind.
             if !tools::PYTHON3.command().args(["-m", "venv"]).arg(venv()).status().context("python3 -m venv")?.success() {

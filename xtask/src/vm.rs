@@ -110,13 +110,7 @@ pub fn spec(name: &str) -> Result<&'static KernelSpec> {
     })
 }
 
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CNITRACE_VM_CACHE") {
-        return PathBuf::from(d);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| crate::setup::home().join(".cache"));
-    base.join("cnitrace/vm")
-}
+pub use crate::setup::cache_dir;
 
 /// A kernel ready to boot.
 pub struct Kernel {

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Result};
 
-use crate::k8s::{self, ApiError, ClusterFacts, KubeArgs, NoApi, PodFacts, Target};
+use crate::k8s::{self, ApiError, ClusterFacts, KubeArgs, PodFacts, Target};
 
 pub struct Pair {
     pub src: Ipv4Addr,
@@ -40,7 +40,7 @@ fn resolve_ends(targets: &[(&str, &str)], kube: &KubeArgs) -> Result<(Vec<(Ipv4A
             if let Some(named) = parsed.iter().find(|t| t.is_name()) {
                 bail!("{named} needs the Kubernetes API to find the pod: {e}");
             }
-            note_no_api(&e);
+            k8s::note_no_api(&e);
             None
         }
     };
@@ -134,13 +134,3 @@ fn pod_ip(p: &PodFacts) -> Result<Ipv4Addr> {
     }
 }
 
-/// The one line a command says when there is no API to ask. None configured at all is the normal state
-/// of a node without a kubeconfig (and of the lab): said to a person at a terminal, not to every script.
-pub fn note_no_api(e: &NoApi) {
-    use std::io::IsTerminal;
-    match e {
-        NoApi::NotConfigured if std::io::stderr().is_terminal() => eprintln!("cnitrace: {e}: pods are named by their network namespaces"),
-        NoApi::NotConfigured => {}
-        _ => eprintln!("cnitrace: {e}; pods are named by their network namespaces, the local diagnosis goes on"),
-    }
-}

@@ -85,7 +85,7 @@ pub fn run(args: WatchArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
         Ok(c) => Some(c),
         Err(e) => {
             if !args.json || matches!(e, crate::k8s::NoApi::BadConfig { .. }) {
-                super::pair::note_no_api(&e);
+                crate::k8s::note_no_api(&e);
             }
             None
         }

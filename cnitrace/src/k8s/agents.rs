@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
 use super::{ApiError, Cluster, KubeArgs, PodFacts};
-use crate::agent::Addr;
+use crate::transport::Addr;
 
 /// The labels of the agents' pods (see [`crate::deploy`]).
 pub const SELECTOR: &str = "app.kubernetes.io/name=cnitrace,app.kubernetes.io/component=agent";

@@ -8,7 +8,7 @@
 //! account when running in a cluster.
 
 pub mod agents;
-mod facts;
+pub mod facts;
 pub mod kubeconfig;
 pub mod manifests;
 mod target;
@@ -396,6 +396,17 @@ impl Cluster {
             }
         }
         Ok(None)
+    }
+}
+
+/// The one line a command says when there is no API to ask. None configured at all is the normal state
+/// of a node without a kubeconfig (and of the lab): said to a person at a terminal, not to every script.
+pub fn note_no_api(e: &NoApi) {
+    use std::io::IsTerminal;
+    match e {
+        NoApi::NotConfigured if std::io::stderr().is_terminal() => eprintln!("cnitrace: {e}: pods are named by their network namespaces"),
+        NoApi::NotConfigured => {}
+        _ => eprintln!("cnitrace: {e}; pods are named by their network namespaces, the local diagnosis goes on"),
     }
 }
 

@@ -153,6 +153,7 @@ impl Lab {
         }
         let pod_ns = self.pod_ns(name);
         sys::run(&tools::IP, &["netns", "add", &pod_ns])?;
+        crate::resolve::name_namespace(&pod_ns, name)?;
         let container_id = format!("{}-{}", self.names.prefix, name);
         let config = self.cni_config(node);
         let call = cni::Call { node_ns: &self.node_ns(node), pod_ns: &pod_ns, container_id: &container_id, ip: addr, config: &config };
@@ -160,6 +161,7 @@ impl Lab {
             Ok(v) => v,
             Err(e) => {
                 let _ = sys::run(&tools::IP, &["netns", "del", &pod_ns]);
+                crate::resolve::forget_namespace_name(&pod_ns);
                 return Err(e);
             }
         };
@@ -184,6 +186,7 @@ impl Lab {
         let call = cni::Call { node_ns: &self.node_ns(pod.node), pod_ns: &pod_ns, container_id: &pod.container_id, ip: pod.ip, config: &config };
         let del = cni::del(&call);
         sys::run(&tools::IP, &["netns", "del", &pod_ns])?;
+        crate::resolve::forget_namespace_name(&pod_ns);
         self.state.pods.remove(name);
         self.save()?;
         del
@@ -529,6 +532,9 @@ fn build(lab: &mut Lab, faults: &[&faults::Fault]) -> Result<()> {
     root.add(&["link", "add", "cnt-ul2", "netns", &n0, "type", "veth", "peer", "name", "cnt-ul3", "netns", &n1]);
     root.add(&["link", "add", "cnt-up0", "netns", &n0, "type", "veth", "peer", "name", "cnt-up1", "netns", &ext]);
     root.run()?;
+    for (i, n) in NODES.iter().enumerate() {
+        crate::resolve::name_namespace(&lab.node_ns(i), n.name)?;
+    }
     for (i, ns) in [&n0, &n1].into_iter().enumerate() {
         let mut b = Batch::ip(Some(ns));
         b.add(&["link", "set", "lo", "up"]);
@@ -628,6 +634,7 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
     let mut all = Batch::ip(None).force();
     for ns in &namespaces {
         all.add(&["netns", "del", ns]);
+        crate::resolve::forget_namespace_name(ns);
     }
     let _ = all.run();
     let mut errors = Vec::new();

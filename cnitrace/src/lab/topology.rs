@@ -180,8 +180,8 @@ impl Names {
         (0..NODES.len()).any(|i| ns == self.node(i))
             || ns == self.external()
             || self.owns_pod(ns)
-            || ns == super::cluster::control_plane_ns(&self.prefix)
-            || ns == super::cluster::underlay_ns(&self.prefix)
+            || ns == control_plane_ns(&self.prefix)
+            || ns == underlay_ns(&self.prefix)
     }
     /// Is this namespace one of this lab's pods (`<prefix>-pod-NAME`)? Unambiguous because no prefix
     /// holds `-pod-` ([`check_prefix`]).
@@ -191,6 +191,16 @@ impl Names {
     pub fn state_dir(&self) -> std::path::PathBuf {
         std::path::Path::new(super::STATE_ROOT).join(&self.prefix)
     }
+}
+
+/// The real cluster's control-plane namespace (`lab up --kubernetes`): etcd and the API server.
+pub fn control_plane_ns(prefix: &str) -> String {
+    format!("{prefix}-control-plane")
+}
+
+/// The real cluster's underlay switch namespace.
+pub fn underlay_ns(prefix: &str) -> String {
+    format!("{prefix}-underlay")
 }
 
 #[cfg(test)]
@@ -214,3 +224,4 @@ mod tests {
         assert!(check_prefix("cnitrace-t19").is_ok());
     }
 }
+

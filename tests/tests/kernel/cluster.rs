@@ -179,6 +179,11 @@ fn the_real_cluster_comes_up_as_its_programs_make_it_and_goes_down_leaving_nothi
     for (p, before) in outside.iter().zip(existed) {
         assert_eq!(std::path::Path::new(p).exists(), before, "{p}: the cluster wrote outside its state folder");
     }
+    // The names it gave its namespaces (nodes and pods, shown without the API) went with them.
+    let names: Vec<String> = std::fs::read_dir(cnitrace::resolve::NAMES_DIR)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&format!("{PREFIX}-"))).collect())
+        .unwrap_or_default();
+    assert!(names.is_empty(), "namespace names left: {names:?}");
 }
 
 fn all_pids() -> Vec<u32> {

@@ -436,12 +436,14 @@ impl Kubelet {
             let conflist = self.conflist()?;
             let netns = format!("{}-pod-{name}", self.prefix);
             crate::sys::run(&tools::IP, &["netns", "add", &netns])?;
+            crate::resolve::name_namespace(&netns, &name)?;
             crate::sys::run(&tools::IP, &["-n", &netns, "link", "set", "lo", "up"])?;
             let cni = Cni { kubelet: self, netns: &netns, sandbox: &sandbox, namespace: &ns, name: &name, uid: &uid };
             match cni.add(&conflist) {
                 Ok((ip, result)) => (Some(netns), ip, Some(result)),
                 Err(e) => {
                     let _ = crate::sys::run(&tools::IP, &["netns", "del", &netns]);
+                    crate::resolve::forget_namespace_name(&netns);
                     return Err(e);
                 }
             }
@@ -618,9 +620,15 @@ impl Kubelet {
                         std::fs::write(folder.join("namespace"), &ns)?;
                     }
                 }
-                // What rest.InClusterConfig would build from this folder, for programs given a kubeconfig.
+                // What rest.InClusterConfig would build from this folder, for programs given a kubeconfig:
+                // the kubernetes Service's address — but for a hostNetwork pod (flanneld), the API server's
+                // own, as kubeadm's kube-proxy kubeconfig names it. Started beside kube-proxy, flanneld's
+                // first SYN to the Service could leave before kube-proxy's rules exist; its conntrack
+                // entry then keeps every retry un-translated until the 30 s dial timeout, and the lab's
+                // start took 54 s instead of 13 (measured 2026-12-08).
                 if folder.join("token").exists() {
-                    let server = format!("https://{}:443", self.layout.kubernetes_service_ip()?);
+                    let host_network = spec.host_network.unwrap_or(false);
+                    let server = if host_network { self.layout.api_server.clone() } else { format!("https://{}:443", self.layout.kubernetes_service_ip()?) };
                     let cfg = pki::kubeconfig(&server, &folder.join("ca.crt"), pki::Credentials::TokenFile(&folder.join("token")), "in-cluster");
                     std::fs::write(folder.join("kubeconfig"), serde_json::to_vec_pretty(&cfg)?)?;
                 }
@@ -696,6 +704,7 @@ impl Kubelet {
                 }
             }
             let _ = crate::sys::run(&tools::IP, &["netns", "del", netns]);
+            crate::resolve::forget_namespace_name(netns);
         }
     }
 }

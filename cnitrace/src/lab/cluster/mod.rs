@@ -146,12 +146,7 @@ impl Files {
 }
 
 /// Namespace names of the cluster's own parts.
-pub fn control_plane_ns(prefix: &str) -> String {
-    format!("{prefix}-control-plane")
-}
-pub fn underlay_ns(prefix: &str) -> String {
-    format!("{prefix}-underlay")
-}
+pub use super::topology::{control_plane_ns, underlay_ns};
 
 /// Builds the cluster into `lab` (its state folder exists, nothing else yet).
 pub fn build(lab: &mut Lab, layout: Layout) -> Result<()> {
@@ -196,6 +191,10 @@ fn network(lab: &Lab, layout: &Layout) -> Result<()> {
         root.add(&["link", "add", &format!("cnt-k{i}"), "netns", ns, "type", "veth", "peer", "name", &format!("port{i}"), "netns", &ul]);
     }
     root.run()?;
+    // Without the API, each node is shown by its name (with it, the API names them).
+    for n in &layout.nodes {
+        crate::resolve::name_namespace(&format!("{prefix}-{}", n.name), &n.name)?;
+    }
     let mut sw = Batch::ip(Some(&ul));
     sw.add(&["link", "set", "lo", "up"]);
     sw.add(&["link", "add", "switch", "type", "bridge"]);
