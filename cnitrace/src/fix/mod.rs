@@ -126,46 +126,17 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
     let mut report = report;
     let started = Instant::now();
     for round in 1..=MAX_ROUNDS {
-        let Some((cause, remedy)) = remedy(&report) else {
-            writeln!(out, "\nno catalog cause explains this drop: nothing to apply")?;
-            return finish_unfixed(journal, out, "the drop has no known cause");
-        };
-        if seen_causes.iter().any(|c| c == cause.id) {
-            writeln!(out, "\n{} is still there after its fix: the fix did not help", cause.id)?;
-            return finish_unfixed(journal, out, &format!("{} came back after its fix", cause.id));
-        }
-        seen_causes.push(cause.id.to_string());
-        let steps = match remedy {
-            Remedy::Steps(s) => s,
-            Remedy::RuleRemoval(s) if req.allow_rule_removal => s,
-            Remedy::RuleRemoval(s) => {
-                writeln!(out, "\nthe drop comes from a rule someone wrote; cnitrace removes it only with --allow-rule-removal:")?;
-                for st in &s {
-                    writeln!(out, "{}", st.action.command_lines("  ", "  "))?;
-                }
-                return finish_unfixed(journal, out, "rule removal not allowed");
-            }
-            Remedy::NoSafeFix(why) => {
-                writeln!(out, "\nno safe fix for {}: {why}", cause.id)?;
-                return finish_unfixed(journal, out, &format!("no safe fix for {}", cause.id));
-            }
+        let (cause, steps) = match next_round(&report, &mut seen_causes, req.allow_rule_removal, out)? {
+            Next::Apply(cause, steps) => (cause, steps),
+            Next::Stop(why) => return finish_unfixed(journal, out, &why),
         };
         let restarts = steps.iter().any(|s| s.action.through_api());
         writeln!(out, "\nplan (round {round}, cause {}):", cause.id)?;
         for st in &steps {
             writeln!(out, "{}\n      # {}", st.action.command_lines("  ", "  "), st.why)?;
         }
-        match req.mode {
-            Mode::DryRun => {
-                writeln!(out, "\ndry run: nothing was changed (run with --auto to apply, or on a terminal to be asked)")?;
-                return Ok(crate::exit::DROPPED);
-            }
-            Mode::Ask if round == 1 => {
-                if !confirmed(out, "apply?")? {
-                    return Ok(crate::exit::DROPPED);
-                }
-            }
-            _ => {}
+        if let Some(code) = consent(req.mode, round, out)? {
+            return Ok(code);
         }
         let before = before.get_or_insert_with(|| verify::check(&paths));
         let j = match journal.as_mut() {
@@ -208,6 +179,58 @@ pub fn run(req: &FixRequest, out: &mut dyn Write) -> Result<u8> {
         crate::render::verdict(&report.verdict, out)?;
     }
     finish_unfixed(journal, out, "too many rounds")
+}
+
+/// What a round of a fix does next, decided from the trace.
+pub(crate) enum Next {
+    /// Apply these steps, the remedy of this cause.
+    Apply(&'static causes::Cause, Vec<Step>),
+    /// The fix ends here, unfixed (what it applied is rolled back), for this reason.
+    Stop(String),
+}
+
+/// The rules that decide a round, the same whatever carries the fix out (this host, or the nodes'
+/// agents): a drop no catalog cause explains, a cause that is still there after its own fix, a rule
+/// someone wrote without --allow-rule-removal, and a cause with no safe fix each end the fix (and what it
+/// applied is rolled back); otherwise the cause's steps are applied. Says why on `out`.
+pub(crate) fn next_round(report: &Report, seen: &mut Vec<String>, allow_rule_removal: bool, out: &mut dyn Write) -> Result<Next> {
+    let Some((cause, remedy)) = remedy(report) else {
+        writeln!(out, "\nno catalog cause explains this drop: nothing to apply")?;
+        return Ok(Next::Stop("the drop has no known cause".into()));
+    };
+    if seen.iter().any(|c| c == cause.id) {
+        writeln!(out, "\n{} is still there after its fix: the fix did not help", cause.id)?;
+        return Ok(Next::Stop(format!("{} came back after its fix", cause.id)));
+    }
+    seen.push(cause.id.to_string());
+    match remedy {
+        Remedy::Steps(s) => Ok(Next::Apply(cause, s)),
+        Remedy::RuleRemoval(s) if allow_rule_removal => Ok(Next::Apply(cause, s)),
+        Remedy::RuleRemoval(s) => {
+            writeln!(out, "\nthe drop comes from a rule someone wrote; cnitrace removes it only with --allow-rule-removal:")?;
+            for st in &s {
+                writeln!(out, "{}", st.action.command_lines("  ", "  "))?;
+            }
+            Ok(Next::Stop("rule removal not allowed".into()))
+        }
+        Remedy::NoSafeFix(why) => {
+            writeln!(out, "\nno safe fix for {}: {why}", cause.id)?;
+            Ok(Next::Stop(format!("no safe fix for {}", cause.id)))
+        }
+    }
+}
+
+/// Whether the plan just printed may be applied: a dry run ends here, and so does a "no" to the
+/// question a terminal is asked before the first round (`Some`: the exit code the fix ends with).
+pub(crate) fn consent(mode: Mode, round: usize, out: &mut dyn Write) -> Result<Option<u8>> {
+    match mode {
+        Mode::DryRun => {
+            writeln!(out, "\ndry run: nothing was changed (run with --auto to apply, or on a terminal to be asked)")?;
+            Ok(Some(crate::exit::DROPPED))
+        }
+        Mode::Ask if round == 1 && !confirmed(out, "apply?")? => Ok(Some(crate::exit::DROPPED)),
+        _ => Ok(None),
+    }
 }
 
 /// How long a restarted daemon may take to write again what it owns, after its pod is Ready: flannel's

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{remedy, FixRequest, Mode, Remedy, Step, MAX_ROUNDS};
+use super::{FixRequest, Step, MAX_ROUNDS};
 use crate::{
     agent::{Addr, Conn},
     finding::{Ctx, Outcome as Verdict},
@@ -154,29 +154,9 @@ pub fn run(req: &FixRequest, agents: &[(String, Addr)], agent_timeout: Duration,
     let mut sessions: BTreeMap<String, Session> = BTreeMap::new();
     let mut seen: Vec<String> = Vec::new();
     for round in 1..=MAX_ROUNDS {
-        let Some((cause, remedy)) = remedy(&report) else {
-            writeln!(out, "\nno catalog cause explains this drop: nothing to apply")?;
-            return roll_back_all(&mut sessions, "the drop has no known cause", out);
-        };
-        if seen.iter().any(|c| c == cause.id) {
-            writeln!(out, "\n{} is still there after its fix: the fix did not help", cause.id)?;
-            return roll_back_all(&mut sessions, &format!("{} came back after its fix", cause.id), out);
-        }
-        seen.push(cause.id.to_string());
-        let steps = match remedy {
-            Remedy::Steps(s) => s,
-            Remedy::RuleRemoval(s) if req.allow_rule_removal => s,
-            Remedy::RuleRemoval(s) => {
-                writeln!(out, "\nthe drop comes from a rule someone wrote; cnitrace removes it only with --allow-rule-removal:")?;
-                for st in &s {
-                    writeln!(out, "{}", st.action.command_lines("  ", "  "))?;
-                }
-                return roll_back_all(&mut sessions, "rule removal not allowed", out);
-            }
-            Remedy::NoSafeFix(why) => {
-                writeln!(out, "\nno safe fix for {}: {why}", cause.id)?;
-                return roll_back_all(&mut sessions, &format!("no safe fix for {}", cause.id), out);
-            }
+        let (cause, steps) = match super::next_round(&report, &mut seen, req.allow_rule_removal, out)? {
+            super::Next::Apply(cause, steps) => (cause, steps),
+            super::Next::Stop(why) => return roll_back_all(&mut sessions, &why, out),
         };
         // Each step goes to the node whose namespace it changes; one that is no node's is not applied.
         let mut by_node: BTreeMap<String, Vec<Step>> = BTreeMap::new();
@@ -196,17 +176,8 @@ pub fn run(req: &FixRequest, agents: &[(String, Addr)], agent_timeout: Duration,
                 writeln!(out, "{}\n        # {}", st.action.command_lines("    ", "    "), st.why)?;
             }
         }
-        match req.mode {
-            Mode::DryRun => {
-                writeln!(out, "\ndry run: nothing was changed (run with --auto to apply, or on a terminal to be asked)")?;
-                return Ok(crate::exit::DROPPED);
-            }
-            Mode::Ask if round == 1 => {
-                if !super::confirmed(out, "apply?")? {
-                    return Ok(crate::exit::DROPPED);
-                }
-            }
-            _ => {}
+        if let Some(code) = super::consent(req.mode, round, out)? {
+            return Ok(code);
         }
         for (node, steps) in by_node {
             let addr = agents.iter().find(|(n, _)| *n == node).map(|(_, a)| a.clone()).ok_or_else(|| anyhow!("no agent for {node}"))?;
