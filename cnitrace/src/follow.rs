@@ -350,6 +350,14 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
         cluster: req.cluster.clone(),
         ..Default::default()
     };
+    // The names the namespaces' makers gave them, beside the API's: a recording says every place as it
+    // was shown when traced.
+    for (ns, _) in resolver.spaces() {
+        let shown = resolve::display_ns(ns);
+        if !ns.is_root && shown != ns.name {
+            states.names.entry(ns.inode).or_insert(shown);
+        }
+    }
     if let Some(l) = src.local().filter(|l| in_scope(l.netns.inode)) {
         states.src_pod = l.netns.inode;
         states.src_node = l.node.as_ref().map(|n| n.netns.inode);

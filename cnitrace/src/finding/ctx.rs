@@ -30,7 +30,8 @@ pub struct States {
     /// Display names (pod names) of the pair.
     pub src_name: String,
     pub dst_name: String,
-    /// netns inode → Kubernetes name (`namespace/pod`, or the node's), where the API gave one.
+    /// netns inode → the name shown for it: the Kubernetes name (`namespace/pod`, or the node's) where the
+    /// API gave one, else the name its maker gave it (`resolve::NAMES_DIR`), as it was when traced.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub names: BTreeMap<u32, String>,
     /// What the Kubernetes API said (nodes, the pair's pods, flannel's configuration).

@@ -314,7 +314,7 @@ fn unanswered_arp(ctx: &Ctx) -> Option<Verdict> {
             last,
             format!(
                 "the ARP request for {target} from {} {} never reached {} (namespace {} holds {target}): it was last seen on {} {}",
-                asker.where_, asker.ifname, crate::resolve::display_name_of(&o.name), o.name, last.where_, last.ifname
+                asker.where_, asker.ifname, ctx.node_name(o), o.name, last.where_, last.ifname
             ),
         ),
         (None, _) => (last, format!("the ARP request for {target} from {} {} was not answered: nobody on {} {} owns {target}", asker.where_, asker.ifname, last.where_, last.ifname)),
