@@ -192,18 +192,6 @@ pub fn parse_agent(s: &str) -> Result<(String, Addr)> {
     Ok((node.to_string(), parse_addr(addr)?))
 }
 
-/// `--agents`: find the agents through the Kubernetes API instead of (or besides) naming each.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct Discovery {
-    /// Find every node's agent through the Kubernetes API (the pods of `cnitrace deploy`) and reach each
-    /// through the API server's port-forward to its pod; an `--agent NODE=ADDR` replaces its node's.
-    #[arg(long = "agents")]
-    pub discover: bool,
-    /// The namespace of the agents' pods.
-    #[arg(long, default_value = "cnitrace", value_name = "NAMESPACE")]
-    pub agents_namespace: String,
-}
-
 /// The agents a command asks: those found through the API when `discover` (every Ready agent pod of
 /// `namespace`, through port-forward; `all_nodes`: every node expected to have one), then each
 /// `--agent NODE=ADDR` given, which replaces the found one of its node. Also the nodes that have no

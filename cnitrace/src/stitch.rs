@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -106,16 +106,8 @@ impl Stream {
 /// Reads one agent's answer: the HTTP head, then a JSON object a line.
 fn read_stream(conn: Conn, addr: &Addr, mut send: impl FnMut(Msg)) -> Result<()> {
     let mut r = BufReader::new(conn);
-    let mut status = String::new();
-    r.read_line(&mut status).with_context(|| format!("read from {addr}"))?;
-    let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("{addr} did not answer in HTTP"))?;
+    let code = crate::transport::read_head(&mut r, addr)?;
     let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
-        }
-    }
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {

@@ -15,16 +15,8 @@ pub struct CheckArgs {
     /// One JSON object.
     #[arg(long)]
     json: bool,
-    /// Ask the agent of NODE (`cnitrace agent`) at ADDR (unix:PATH) for that node's findings instead of
-    /// looking here; repeat for every node. Asked in parallel, each within --agent-timeout; a node whose
-    /// agent does not answer is reported as such.
-    #[arg(long = "agent", value_name = "NODE=ADDR")]
-    agents: Vec<String>,
-    /// Seconds one agent may take to answer.
-    #[arg(long, default_value = "10", value_name = "SECS")]
-    agent_timeout: f64,
     #[command(flatten)]
-    discovery: crate::agent::Discovery,
+    agent: super::AgentArgs,
     /// Every node of the cluster, each through its agent (found through the API, as --agents): a node
     /// whose agent pod is missing or not Ready is reported as such, not waited on.
     #[arg(long)]
@@ -32,7 +24,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
-    if !args.agents.is_empty() || args.discovery.discover || args.all_nodes {
+    if args.agent.any() || args.all_nodes {
         return through_agents(&args, kube);
     }
     if !crate::sys::is_root() {
@@ -52,8 +44,8 @@ pub fn run(args: CheckArgs, kube: &KubeArgs) -> Result<u8> {
 /// `check --agent NODE=ADDR …`: each node's findings from its agent, asked in parallel.
 /// `--agents` / `--all-nodes`: the agents found through the API too, each through port-forward.
 fn through_agents(args: &CheckArgs, kube: &KubeArgs) -> Result<u8> {
-    let timeout = std::time::Duration::from_secs_f64(args.agent_timeout.max(0.1));
-    let (agents, no_agent) = crate::agent::resolve_agents(&args.agents, args.discovery.discover, args.all_nodes, &args.discovery.agents_namespace, kube)?;
+    let timeout = args.agent.timeout();
+    let (agents, no_agent) = args.agent.resolve(args.all_nodes, kube)?;
     // Each agent is asked for the node it was named for: an agent that serves another refuses.
     let answers = crate::agent::ask_each(&agents, |node| format!("/v1/check?node={node}"), timeout);
     let mut nodes = Vec::new();

@@ -33,16 +33,8 @@ pub struct FixArgs {
     /// Where the journal lives (default /var/lib/cnitrace, or $CNITRACE_STATE_DIR).
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
-    /// Fix through the agent of NODE (`cnitrace agent`) at ADDR; repeat for every node. The pair is traced
-    /// across the nodes, each step is applied and journaled on the node whose namespace it changes, and
-    /// --history / --rollback reach those journals.
-    #[arg(long = "agent", value_name = "NODE=ADDR")]
-    agents: Vec<String>,
-    /// Seconds an agent may take to answer and to attach its probes.
-    #[arg(long, default_value = "10", value_name = "SECS")]
-    agent_timeout: f64,
     #[command(flatten)]
-    discovery: crate::agent::Discovery,
+    agent: super::AgentArgs,
     /// Seconds each trace waits for an answer or a drop.
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = super::trace_timeout)]
     timeout: Duration,
@@ -51,7 +43,7 @@ pub struct FixArgs {
 pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     let state_dir = journal::state_dir(args.journal_dir.as_deref());
     let mut out = std::io::stdout().lock();
-    let (agents, no_agent) = crate::agent::resolve_agents(&args.agents, args.discovery.discover, false, &args.discovery.agents_namespace, kube)?;
+    let (agents, no_agent) = args.agent.resolve(false, kube)?;
     for (node, why) in &no_agent {
         std::io::Write::write_fmt(&mut out, format_args!("{node}: no agent to ask: {why}\n"))?;
     }
@@ -113,7 +105,7 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
 
 /// `fix … --agent NODE=ADDR…`: the agents need root on their nodes; this CLI only reaches their sockets.
 fn through_agents(args: FixArgs, agents: &[(String, crate::agent::Addr)], kube: &crate::k8s::KubeArgs, out: &mut dyn std::io::Write) -> Result<u8> {
-    let timeout = Duration::from_secs_f64(args.agent_timeout.max(0.1));
+    let timeout = args.agent.timeout();
     if args.journal_dir.is_some() || args.cluster || args.confirm_timeout.is_some() {
         bail!("--journal-dir, --cluster and --confirm-timeout are for a fix on this host, not through agents (each node journals its own part)");
     }

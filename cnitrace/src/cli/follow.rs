@@ -79,16 +79,8 @@ pub struct FollowArgs {
     /// Bytes of each packet to capture (from its network header) for --write and --record.
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=cnitrace_common::MAX_SNAPLEN as i64))]
     snaplen: Option<u32>,
-    /// Trace through the agent of NODE (`cnitrace agent`) at ADDR (unix:PATH); repeat for every node.
-    /// Each node's agent traces what its own kernel sees, the source's sends the probe, and the timeline
-    /// is stitched from all of them (the verdict names the node where the packet died).
-    #[arg(long = "agent", value_name = "NODE=ADDR")]
-    agents: Vec<String>,
-    /// Seconds an agent may take to answer and to attach its probes.
-    #[arg(long, default_value = "10", value_name = "SECS")]
-    agent_timeout: f64,
     #[command(flatten)]
-    discovery: crate::agent::Discovery,
+    agent: super::AgentArgs,
 }
 
 impl FollowArgs {
@@ -146,7 +138,7 @@ impl FollowArgs {
 pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     // Options and root first: neither waits for the API.
     args.request(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, None)?;
-    let (agents, no_agent) = crate::agent::resolve_agents(&args.agents, args.discovery.discover, false, &args.discovery.agents_namespace, kube)?;
+    let (agents, no_agent) = args.agent.resolve(false, kube)?;
     for (node, why) in &no_agent {
         eprintln!("cnitrace: {node} is not traced: {why}");
     }
@@ -172,7 +164,7 @@ pub fn run(args: FollowArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
         crate::fix::remember_pair(&crate::fix::journal::state_dir(None), req.src, req.dst, req.dst_port);
         r
     } else {
-        crate::stitch::follow(&agents, &req, Duration::from_secs_f64(args.agent_timeout.max(0.1)))?
+        crate::stitch::follow(&agents, &req, args.agent.timeout())?
     };
     if let Some(path) = &args.record {
         let rec = follow::Recording::of(&report);

@@ -394,3 +394,43 @@ mod tests {
         }
     }
 }
+
+/// How `check`, `follow` and `fix` reach the nodes' agents (`cnitrace agent`) instead of working on this
+/// host: each named, or found through the Kubernetes API.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Through the agent of NODE (`cnitrace agent`) at ADDR (unix:PATH, or tcp:127.0.0.1:PORT); repeat for
+    /// every node. Each works on its own node: `check` reads it, `follow` traces what its kernel sees (the
+    /// source's agent sends the probe; the timeline is stitched), `fix` applies and journals there the steps
+    /// that change its namespaces (`--history` and `--rollback` reach those journals). Asked in parallel;
+    /// a node whose agent does not answer is reported as such.
+    #[arg(long = "agent", value_name = "NODE=ADDR")]
+    pub agents: Vec<String>,
+    /// Seconds an agent may take to answer and to attach its probes.
+    #[arg(long, default_value = "10", value_name = "SECS")]
+    pub agent_timeout: f64,
+    /// Find every node's agent through the Kubernetes API (the pods of `cnitrace deploy`) and reach each
+    /// through the API server's port-forward to its pod; an `--agent NODE=ADDR` replaces its node's.
+    #[arg(long = "agents")]
+    pub discover: bool,
+    /// The namespace of the agents' pods.
+    #[arg(long, default_value = "cnitrace", value_name = "NAMESPACE")]
+    pub agents_namespace: String,
+}
+
+impl AgentArgs {
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.agent_timeout.max(0.1))
+    }
+
+    /// Are agents asked at all (named or to be found)?
+    pub fn any(&self) -> bool {
+        !self.agents.is_empty() || self.discover
+    }
+
+    /// The agents to ask, and the nodes that have none to ask, with why (`all_nodes`: every node of the
+    /// cluster is expected to have one).
+    pub fn resolve(&self, all_nodes: bool, kube: &crate::k8s::KubeArgs) -> anyhow::Result<(Vec<(String, crate::agent::Addr)>, Vec<(String, String)>)> {
+        crate::agent::resolve_agents(&self.agents, self.discover, all_nodes, &self.agents_namespace, kube)
+    }
+}

@@ -42,16 +42,7 @@ impl Session {
         conn.write_all(format!("POST /v1/fix?node={node} HTTP/1.1\r\nHost: cnitrace-agent\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n").as_bytes())?;
         let mut r = BufReader::new(conn.try_clone()?);
         conn.set_read_timeout(Some(ANSWER))?;
-        let mut status = String::new();
-        r.read_line(&mut status).with_context(|| format!("read from {addr}"))?;
-        let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("{addr} did not answer in HTTP"))?;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if r.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                break;
-            }
-        }
+        let code = crate::transport::read_head(&mut r, addr)?;
         if code != 200 {
             let mut body = String::new();
             let _ = std::io::Read::read_to_string(&mut r, &mut body);
