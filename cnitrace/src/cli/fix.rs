@@ -59,13 +59,7 @@ pub fn run(args: FixArgs, kube: &crate::k8s::KubeArgs) -> Result<u8> {
     if !crate::sys::is_root() {
         bail!("`cnitrace fix` needs root");
     }
-    let mode = if args.auto {
-        Mode::Auto
-    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
-        Mode::Ask
-    } else {
-        Mode::DryRun
-    };
+    let mode = mode_of(args.auto);
     if args.cluster {
         let req = FixRequest { pair: None, dst_port: None, mode, allow_rule_removal: false, confirm_timeout: None, state_dir, trace_timeout: args.timeout, cluster: None };
         return fix::cluster::run(&req, &mut out);
@@ -121,13 +115,7 @@ fn through_agents(args: FixArgs, agents: &[(String, crate::agent::Addr)], kube: 
     if p.src == p.dst {
         bail!("source and destination are the same address ({})", p.src);
     }
-    let mode = if args.auto {
-        Mode::Auto
-    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
-        Mode::Ask
-    } else {
-        Mode::DryRun
-    };
+    let mode = mode_of(args.auto);
     let req = FixRequest {
         pair: Some((p.src, p.dst)),
         dst_port: port.or(p.dst_port),
@@ -139,4 +127,15 @@ fn through_agents(args: FixArgs, agents: &[(String, crate::agent::Addr)], kube: 
         cluster: p.cluster,
     };
     crate::fix::remote::run(&req, agents, timeout, out)
+}
+
+/// `--auto` applies; a terminal is asked; anything else (a pipe, a script) gets the plan only.
+fn mode_of(auto: bool) -> Mode {
+    if auto {
+        Mode::Auto
+    } else if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        Mode::Ask
+    } else {
+        Mode::DryRun
+    }
 }
