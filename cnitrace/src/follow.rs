@@ -352,10 +352,9 @@ pub fn run(req: &FollowRequest) -> Result<Report> {
     };
     // The names the namespaces' makers gave them, beside the API's: a recording says every place as it
     // was shown when traced.
-    for (ns, _) in resolver.spaces() {
-        let shown = resolve::display_ns(ns);
-        if !ns.is_root && shown != ns.name {
-            states.names.entry(ns.inode).or_insert(shown);
+    for (ns, _) in resolver.spaces().iter().filter(|(ns, _)| !ns.is_root) {
+        if let Some(shown) = names.netns.get(&ns.inode).filter(|shown| **shown != ns.name) {
+            states.names.entry(ns.inode).or_insert_with(|| shown.clone());
         }
     }
     if let Some(l) = src.local().filter(|l| in_scope(l.netns.inode)) {

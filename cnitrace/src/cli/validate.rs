@@ -76,10 +76,6 @@ pub fn run(args: ValidateArgs, kube: &k8s::KubeArgs) -> Result<u8> {
             (ips[0], None, cluster)
         }
     };
-    let mut cluster = cluster;
-    if let Some(facts) = cluster.as_mut() {
-        add_dns_services(facts, src_ip, args.nameserver, kube);
-    }
     let req = validate::Request {
         src: src_ip,
         dst,
@@ -91,6 +87,7 @@ pub fn run(args: ValidateArgs, kube: &k8s::KubeArgs) -> Result<u8> {
         timeout: args.timeout,
         trace: !args.no_trace,
         cluster,
+        kube: kube.clone(),
     };
     let report = validate::run(&req)?;
     let mut out = std::io::stdout().lock();
@@ -101,23 +98,6 @@ pub fn run(args: ValidateArgs, kube: &k8s::KubeArgs) -> Result<u8> {
         text(&report, &mut out)?;
     }
     Ok(if report.failed() == 0 { crate::exit::OK } else { crate::exit::DROPPED })
-}
-
-/// The Services behind the pod's nameservers (the kube-dns Service), beside the pair's: a DNS check
-/// that fails is followed through kube-proxy's NAT to them, and its verdict says what the API says of
-/// them. Best effort: without them the verdict still names the rule.
-fn add_dns_services(facts: &mut k8s::ClusterFacts, src: std::net::Ipv4Addr, nameserver: Option<std::net::Ipv4Addr>, kube: &k8s::KubeArgs) {
-    let unknown: Vec<_> = validate::nameservers_of(src, nameserver).into_iter().filter(|ip| facts.service_with_ip(*ip).is_none() && facts.pod_with_ip(*ip).is_none()).collect();
-    if unknown.is_empty() {
-        return;
-    }
-    let Ok(mut c) = k8s::connect(kube) else { return };
-    for ip in unknown {
-        match c.services_with_ip(ip) {
-            Ok(s) => facts.services.extend(s),
-            Err(e) => facts.missing.push(e.to_string()),
-        }
-    }
 }
 
 fn text(r: &validate::Report, out: &mut impl Write) -> Result<()> {

@@ -152,16 +152,14 @@ impl Lab {
             bail!("pod {name} exists already");
         }
         let pod_ns = self.pod_ns(name);
-        sys::run(&tools::IP, &["netns", "add", &pod_ns])?;
-        crate::resolve::name_namespace(&pod_ns, name)?;
+        add_netns(&pod_ns, name)?;
         let container_id = format!("{}-{}", self.names.prefix, name);
         let config = self.cni_config(node);
         let call = cni::Call { node_ns: &self.node_ns(node), pod_ns: &pod_ns, container_id: &container_id, ip: addr, config: &config };
         let host_veth = match cni::add(&call) {
             Ok(v) => v,
             Err(e) => {
-                let _ = sys::run(&tools::IP, &["netns", "del", &pod_ns]);
-                crate::resolve::forget_namespace_name(&pod_ns);
+                let _ = del_netns(&pod_ns);
                 return Err(e);
             }
         };
@@ -185,8 +183,7 @@ impl Lab {
         let config = self.cni_config(pod.node);
         let call = cni::Call { node_ns: &self.node_ns(pod.node), pod_ns: &pod_ns, container_id: &pod.container_id, ip: pod.ip, config: &config };
         let del = cni::del(&call);
-        sys::run(&tools::IP, &["netns", "del", &pod_ns])?;
-        crate::resolve::forget_namespace_name(&pod_ns);
+        del_netns(&pod_ns)?;
         self.state.pods.remove(name);
         self.save()?;
         del
@@ -504,6 +501,23 @@ fn kept_or_torn_down(lab: Lab, built: Result<()>, what: &str) -> Result<Lab> {
     }
     let _ = down(&lab.names.prefix);
     Err(e.context(format!("building {what} failed; it was torn down again")))
+}
+
+/// One namespace of a lab's pods, made as `ip netns add` makes it, with the name cnitrace shows for it
+/// (`resolve::NAMES_DIR`).
+pub(crate) fn add_netns(ns: &str, shown: &str) -> Result<()> {
+    sys::run(&tools::IP, &["netns", "add", ns])?;
+    if let Err(e) = crate::resolve::name_namespace(ns, shown) {
+        let _ = sys::run(&tools::IP, &["netns", "del", ns]);
+        return Err(anyhow::Error::from(e).context(format!("name namespace {ns}")));
+    }
+    Ok(())
+}
+
+/// The namespace gone, and its name with it.
+pub(crate) fn del_netns(ns: &str) -> Result<()> {
+    crate::resolve::forget_namespace_name(ns);
+    sys::run(&tools::IP, &["netns", "del", ns]).map(|_| ())
 }
 
 /// kubeadm's first prerequisite: bridged pod traffic through iptables. Built into some kernels (this

@@ -479,16 +479,25 @@ pub fn left_overs(rules: &RuleSets) -> Vec<LeftOver> {
 
 /// The left-over Service a destination names: its ClusterIP and port, or (`local`) its NodePort.
 pub fn lookup_left_over<'a>(left: &'a [LeftOver], dst: Ipv4Addr, port: u16, proto: &str, local: bool) -> Option<&'a LeftOver> {
-    let left = || left.iter().filter(|s| s.proto.is_empty() || s.proto == proto);
-    left().find(|s| s.cluster_ip == dst && s.port == port).or_else(|| if local { left().find(|s| s.node_port == Some(port)) } else { None })
+    find_port(left, |s| (s.cluster_ip, s.port, s.proto.as_str(), s.node_port), (dst, port, proto), local)
+}
+
+/// The first of `items` (each seen as ClusterIP, port, protocol, NodePort through `key`) that
+/// `dst:port/proto` names, or (`local`) whose NodePort is `port`. A protocol the rules did not say
+/// matches any.
+fn find_port<'a, T>(items: &'a [T], key: impl Fn(&T) -> (Ipv4Addr, u16, &str, Option<u16>), (dst, port, proto): (Ipv4Addr, u16, &str), local: bool) -> Option<&'a T> {
+    let of = |p: &str| p.is_empty() || p == proto;
+    items
+        .iter()
+        .find(|s| matches!(key(s), (ip, p, pr, _) if ip == dst && p == port && of(pr)))
+        .or_else(|| if local { items.iter().find(|s| matches!(key(s), (_, _, pr, np) if np == Some(port) && of(pr))) } else { None })
 }
 
 /// The Service a destination names on this node: a ClusterIP and port, or (`local`: an address of the
 /// node itself) a NodePort — of protocol `proto` ("tcp", "udp"): a Service's UDP and TCP ports of the
 /// same number (kube-dns's dns and dns-tcp) are two, with endpoints each of their own.
 pub fn lookup<'a>(services: &'a [Service], dst: Ipv4Addr, port: u16, proto: &str, local: bool) -> Option<&'a Service> {
-    let services = || services.iter().filter(|s| s.proto.is_empty() || s.proto == proto);
-    services().find(|s| s.cluster_ip == dst && s.port == port).or_else(|| if local { services().find(|s| s.node_port == Some(port)) } else { None })
+    find_port(services, |s| (s.cluster_ip, s.port, s.proto.as_str(), s.node_port), (dst, port, proto), local)
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ pub struct Request {
     /// Follow the failed checks (off: the checks alone, no eBPF).
     pub trace: bool,
     pub cluster: Option<crate::k8s::ClusterFacts>,
+    /// How the API was reached for `cluster`: asked again for the Services behind the pod's nameservers.
+    pub kube: crate::k8s::KubeArgs,
 }
 
 /// The destination of the ping, TCP and HTTP checks.
@@ -144,6 +146,11 @@ pub fn run(req: &Request) -> Result<Report> {
         Ok(c) => (Some(c), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
+    let mut req = req.clone();
+    if let (Some(facts), Some(c)) = (req.cluster.as_mut(), &conf) {
+        add_dns_services(facts, &c.nameservers, &req.kube);
+    }
+    let req = &req;
     let path = ns.path.clone();
     let mut checks: Vec<(Check, Follow)> = Vec::new();
 
@@ -343,12 +350,21 @@ fn trace(req: &Request, dst: Ipv4Addr, kind: ProbeKind) -> std::result::Result<T
     }
 }
 
-/// The nameservers the source pod's DNS checks will ask: its resolv.conf's, or `nameserver` (none when
-/// the pod's resolver cannot be read). The caller looks their Services up with the pod's (the kube-dns
-/// Service a failed DNS check is followed through).
-pub fn nameservers_of(src: Ipv4Addr, nameserver: Option<Ipv4Addr>) -> Vec<Ipv4Addr> {
-    let found = HostResolver::scan().and_then(|r| source(&r, src)).and_then(|(_, ns)| dns::pod_resolver_with(&ns, nameserver));
-    found.map(|c| c.nameservers).unwrap_or_default()
+/// The Services behind the pod's nameservers (the kube-dns Service), beside the pair's: a DNS check
+/// that fails is followed through kube-proxy's NAT to them, and its verdict says what the API says of
+/// them. Best effort: without them the verdict still names the rule.
+fn add_dns_services(facts: &mut crate::k8s::ClusterFacts, nameservers: &[Ipv4Addr], kube: &crate::k8s::KubeArgs) {
+    let unknown: Vec<Ipv4Addr> = nameservers.iter().copied().filter(|ip| facts.service_with_ip(*ip).is_none() && facts.pod_with_ip(*ip).is_none()).collect();
+    if unknown.is_empty() {
+        return;
+    }
+    let Ok(mut c) = crate::k8s::connect(kube) else { return };
+    for ip in unknown {
+        match c.services_with_ip(ip) {
+            Ok(s) => facts.services.extend(s),
+            Err(e) => facts.missing.push(e.to_string()),
+        }
+    }
 }
 
 /// The source pod on this host and its network namespace: where every check starts.

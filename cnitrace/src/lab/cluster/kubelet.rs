@@ -239,6 +239,11 @@ impl Kubelet {
     }
 
     async fn run(mut self) -> Result<()> {
+        // The node's upstream resolver: the underlay's router, which serves no DNS (names outside the
+        // cluster resolve nowhere in the lab, and no query leaves it).
+        let node = self.node_resolv_conf();
+        std::fs::create_dir_all(node.parent().expect("a folder"))?;
+        std::fs::write(&node, format!("nameserver {CONTROL_PLANE_IP}\n"))?;
         self.register().await.with_context(|| format!("register node {}", self.node))?;
         let mut lease_at = Instant::now() - Duration::from_secs(60);
         loop {
@@ -435,15 +440,13 @@ impl Kubelet {
         } else {
             let conflist = self.conflist()?;
             let netns = format!("{}-pod-{name}", self.prefix);
-            crate::sys::run(&tools::IP, &["netns", "add", &netns])?;
-            crate::resolve::name_namespace(&netns, &name)?;
+            crate::lab::add_netns(&netns, &name)?;
             crate::sys::run(&tools::IP, &["-n", &netns, "link", "set", "lo", "up"])?;
             let cni = Cni { kubelet: self, netns: &netns, sandbox: &sandbox, namespace: &ns, name: &name, uid: &uid };
             match cni.add(&conflist) {
                 Ok((ip, result)) => (Some(netns), ip, Some(result)),
                 Err(e) => {
-                    let _ = crate::sys::run(&tools::IP, &["netns", "del", &netns]);
-                    crate::resolve::forget_namespace_name(&netns);
+                    let _ = crate::lab::del_netns(&netns);
                     return Err(e);
                 }
             }
@@ -493,22 +496,21 @@ impl Kubelet {
             "coredns" => Some(&tools::COREDNS),
             _ => None,
         };
+        // In-cluster credentials, which flanneld and CoreDNS would read from the fixed token path: the
+        // kubeconfig the kubelet wrote into the pod's service account folder.
+        let sa = translate(SA_DIR, mounts);
+        let in_cluster = (sa != SA_DIR).then(|| Path::new(&sa).join("kubeconfig"));
         if first == "coredns" {
             if let Some(conf) = argv.windows(2).find(|w| w[0].trim_start_matches('-') == "conf").map(|w| PathBuf::from(&w[1])) {
-                let sa = translate(SA_DIR, mounts);
                 let text = std::fs::read_to_string(&conf).with_context(|| format!("CoreDNS's Corefile {}", conf.display()))?;
-                std::fs::write(&conf, lab_corefile(&text, resolv_conf, (sa != SA_DIR).then(|| Path::new(&sa).join("kubeconfig")).as_deref()))?;
+                std::fs::write(&conf, lab_corefile(&text, resolv_conf, in_cluster.as_deref()))?;
             }
         }
         if let Some(t) = tool {
             let mut cmd = vec![t.path().display().to_string()];
             cmd.extend(argv.into_iter().skip(1));
-            if first == "flanneld" {
-                // In-cluster credentials, which flanneld would read from the fixed token path.
-                let sa = translate(SA_DIR, mounts);
-                if sa != SA_DIR {
-                    cmd.push(format!("--kubeconfig-file={sa}/kubeconfig"));
-                }
+            if let (Some(k), "flanneld") = (&in_cluster, first.as_str()) {
+                cmd.push(format!("--kubeconfig-file={}", k.display()));
             }
             return Ok(cmd);
         }
@@ -526,13 +528,7 @@ impl Kubelet {
     /// for a hostNetwork pod, the node's own.
     fn resolv_conf(&self, pod: &Pod, dir: &Path) -> Result<PathBuf> {
         let spec = pod.spec.as_ref().context("spec")?;
-        let node = self.root.join("etc/resolv.conf");
-        if !node.exists() {
-            std::fs::create_dir_all(node.parent().expect("a folder"))?;
-            // The node's upstream: the underlay's router, which serves no DNS (names outside the
-            // cluster resolve nowhere in the lab, and no query leaves it).
-            std::fs::write(&node, format!("nameserver {CONTROL_PLANE_IP}\n"))?;
-        }
+        let node = self.node_resolv_conf();
         let cluster_first = spec.dns_policy.as_deref().unwrap_or("ClusterFirst") == "ClusterFirst" && !spec.host_network.unwrap_or(false);
         if !cluster_first {
             return Ok(node);
@@ -542,6 +538,11 @@ impl Kubelet {
         let d = manifests::CLUSTER_DOMAIN;
         std::fs::write(&file, format!("search {ns}.svc.{d} svc.{d} {d}\nnameserver {}\noptions ndots:5\n", self.layout.dns_service_ip()?))?;
         Ok(file)
+    }
+
+    /// The node's own /etc/resolv.conf (written at the kubelet's start).
+    fn node_resolv_conf(&self) -> PathBuf {
+        self.root.join("etc/resolv.conf")
     }
 
     /// The environment every container of the pod gets: the downward API's fields, the `kubernetes`
@@ -703,8 +704,7 @@ impl Kubelet {
                     eprintln!("kubelet {}: CNI DEL of {}/{}: {e:#}", self.node, l.namespace, l.name);
                 }
             }
-            let _ = crate::sys::run(&tools::IP, &["netns", "del", netns]);
-            crate::resolve::forget_namespace_name(netns);
+            let _ = crate::lab::del_netns(netns);
         }
     }
 }
